@@ -25,7 +25,7 @@ pub fn for_range(
     b.switch_to_block(body_block);
     b.seal_block(body_block);
     body(b, i);
-    let next = b.ins().iadd_imm(i, 1);
+    let next = b.ins().iadd_imm_s(i, 1);
     b.ins().jump(header, &[next.into()]);
     b.seal_block(header);
 
