@@ -1,0 +1,49 @@
+//! Every ONNX backend-test model under /work/shared decodes and loads without panicking.
+//! Skipped (with a message) when /work/shared is absent.
+
+use std::path::{Path, PathBuf};
+
+use cnnc_onnx::{FrontendError, LoadOptions, decode_model, load_model};
+
+const SUITES: &[&str] = &["/work/shared/onnx-node", "/work/shared/onnx-pytorch", "/work/shared/onnx-light"];
+
+fn cases(suite: &str) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(suite) else { return Vec::new() };
+    let mut dirs: Vec<PathBuf> =
+        entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.join("model.onnx").is_file()).collect();
+    dirs.sort();
+    dirs
+}
+
+#[test]
+fn every_shared_model_decodes_and_loads_without_panicking() {
+    if !Path::new("/work/shared").is_dir() {
+        eprintln!("SKIP: /work/shared is absent");
+        return;
+    }
+    let (mut loaded, mut unsupported, mut invalid) = (0, 0, Vec::new());
+    for suite in SUITES {
+        for case in cases(suite) {
+            let bytes = std::fs::read(case.join("model.onnx")).unwrap();
+            let model = decode_model(&bytes).unwrap_or_else(|e| panic!("{}: {e}", case.display()));
+            assert!(model.graph.is_some(), "{}: no graph", case.display());
+            match load_model(case.join("model.onnx"), &LoadOptions::default()) {
+                Ok(_) => loaded += 1,
+                Err(e) if e.is_unsupported() => {
+                    unsupported += 1;
+                    if std::env::var_os("CNNC_SHOW").is_some() {
+                        eprintln!("UNSUPPORTED {}: {e}", case.display());
+                    }
+                }
+                Err(e @ (FrontendError::Invalid(_) | FrontendError::Decode(_) | FrontendError::Io { .. })) => {
+                    invalid.push(format!("{}: {e}", case.display()))
+                }
+                Err(e) => invalid.push(format!("{}: {e}", case.display())),
+            }
+        }
+    }
+    eprintln!("loaded {loaded}, unsupported {unsupported}, invalid {}", invalid.len());
+    for line in &invalid {
+        eprintln!("INVALID {line}");
+    }
+}
