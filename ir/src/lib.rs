@@ -12,10 +12,16 @@
 pub mod graph;
 pub mod infer;
 pub mod op;
+pub mod parse;
+pub mod print;
 pub mod schedule;
 pub mod types;
+pub mod verify;
 
 pub use graph::{ConstId, ConstValue, Constant, Graph, Node, Value, ValueId};
 pub use op::*;
+pub use parse::{ParseError, parse};
+pub use print::{PrintOptions, print, print_with};
 pub use schedule::{Layout, Schedule};
 pub use types::{DType, Scalar, Tensor, TensorData, TensorType, broadcast_shapes, strides};
+pub use verify::{VerifyError, verify};
