@@ -42,3 +42,35 @@ pub fn for_count(b: &mut FunctionBuilder, n: usize, body: impl FnMut(&mut Functi
     let end = b.ins().iconst(I64, n as i64);
     for_range(b, start, end, body);
 }
+
+/// Nested loops over `dims` (outermost first), advancing one pointer per buffer by its
+/// byte stride per axis (`byte_strides[buffer][axis]`, compile-time constants), and
+/// calling `body` with the pointers of each iteration. Emits nothing if an extent is 0;
+/// calls `body` once for an empty `dims`.
+pub fn for_nest(
+    b: &mut FunctionBuilder,
+    dims: &[usize],
+    byte_strides: &[Vec<i64>],
+    bases: &[Value],
+    body: &mut dyn FnMut(&mut FunctionBuilder, &[Value]),
+) {
+    if dims.is_empty() {
+        body(b, bases);
+        return;
+    }
+    for_count(b, dims[0], |b, i| {
+        let next: Vec<Value> = bases
+            .iter()
+            .zip(byte_strides)
+            .map(|(&p, s)| match s[0] {
+                0 => p,
+                stride => {
+                    let off = b.ins().imul_imm_s(i, stride);
+                    b.ins().iadd(p, off)
+                }
+            })
+            .collect();
+        let rest: Vec<Vec<i64>> = byte_strides.iter().map(|s| s[1..].to_vec()).collect();
+        for_nest(b, &dims[1..], &rest, &next, body);
+    });
+}

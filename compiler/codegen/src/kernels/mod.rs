@@ -1,15 +1,26 @@
 //! One emitter per op family. Each writes the body of a node's kernel into an open
 //! block of a Cranelift function; shapes are compile-time constants.
+//!
+//! `emit_node` is the dispatcher: it runs the op's emitter, then applies the node's
+//! epilogue in place (emitters ignore `node.epilogue`). Ops that need read-only
+//! tables besides their inputs (Resample) get them from `node_tables`, passed to the
+//! kernel after its outputs.
 
-use cnnc_ir::{Graph, Node};
+use cnnc_ir::{ConstValue, Graph, Node, Op};
 use cranelift_codegen::ir::Value;
 use cranelift_frontend::FunctionBuilder;
 
+pub mod compute;
 pub mod conv;
 pub mod conv_transpose;
+pub mod elementwise;
+pub mod gather;
+pub mod map;
 pub mod matmul;
+pub mod movement;
 pub mod pool;
 pub mod reduce;
+pub mod resample;
 
 /// What a kernel emitter gets: the node, its graph (for types and constants), and the
 /// base addresses (i64 pointers) of its input and output buffers, in node order.
@@ -34,3 +45,71 @@ impl std::fmt::Display for CodegenError {
 }
 
 impl std::error::Error for CodegenError {}
+
+/// Whether the node runs code at all: dense constants are data, nothing else.
+pub fn needs_kernel(g: &Graph, node: &Node) -> bool {
+    match node.op {
+        Op::Constant(c) => !matches!(g.constants.get(c.index()).map(|k| &k.value), Some(ConstValue::Dense(_))),
+        _ => true,
+    }
+}
+
+/// Read-only tables the node's kernel reads besides its inputs, in the order
+/// `emit_node` expects their addresses.
+pub fn node_tables(g: &Graph, node: &Node) -> Vec<Vec<u8>> {
+    match node.op {
+        Op::Resample { .. } => resample::tables(g, node).into_iter().collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Emits the node's whole computation (op, then epilogue). `tables` are the addresses
+/// of `node_tables(graph, node)`.
+pub fn emit_node(k: &mut KernelCtx, tables: &[Value]) -> Result<(), CodegenError> {
+    let expected_inputs = k.node.inputs.len();
+    if k.inputs.len() != expected_inputs || k.outputs.len() != k.node.outputs.len() || k.outputs.is_empty() {
+        return Err(CodegenError(format!(
+            "node '{}': kernel got {} inputs / {} outputs for {} / {}",
+            k.node.name,
+            k.inputs.len(),
+            k.outputs.len(),
+            expected_inputs,
+            k.node.outputs.len()
+        )));
+    }
+    let not_yet = |what: &str| Err(CodegenError(format!("{what} is not yet implemented in the code generator")));
+    match k.node.op.clone() {
+        Op::Constant(c) => match k.graph.constants.get(c.index()).map(|x| x.value.clone()) {
+            Some(ConstValue::Splat(v)) => {
+                let n = k.graph.ty(k.node.outputs[0]).numel();
+                movement::emit_fill(k.b, k.outputs[0], n, v);
+                Ok(())
+            }
+            Some(ConstValue::Dense(_)) => Err(CodegenError(format!(
+                "constant node '{}' is data and has no kernel",
+                k.node.name
+            ))),
+            None => Err(CodegenError(format!("node '{}' names missing constant {c}", k.node.name))),
+        },
+        Op::Unary(f) => elementwise::emit_unary(k, f),
+        Op::Binary(f) => elementwise::emit_binary(k, f),
+        Op::Where => elementwise::emit_where(k),
+        Op::Cast { to } => elementwise::emit_cast(k, to),
+        Op::MatMul => matmul::emit(k),
+        Op::Conv(_) => conv::emit(k),
+        Op::ConvTranspose(_) => not_yet("conv_transpose"),
+        Op::Pool(_) => not_yet("pool"),
+        Op::Reduce { .. } => not_yet("reduce"),
+        Op::ArgReduce { .. } => not_yet("arg_reduce"),
+        Op::Reshape | Op::Transpose { .. } | Op::Slice { .. } | Op::Pad { .. } | Op::Concat { .. } | Op::Broadcast => {
+            movement::emit(k)
+        }
+        Op::Gather { axis } => gather::emit_gather(k, axis),
+        Op::GatherElements { axis } => gather::emit_gather_elements(k, axis),
+        Op::Resample { .. } => match tables.first() {
+            Some(&t) => resample::emit(k, t),
+            None => Err(CodegenError(format!("resample '{}' got no table", k.node.name))),
+        },
+    }?;
+    elementwise::emit_epilogue(k)
+}

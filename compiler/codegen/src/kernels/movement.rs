@@ -1,0 +1,415 @@
+//! Data movement: Reshape (a copy), Transpose, Slice, Pad (every mode), Concat,
+//! Broadcast, and the fill used for splat constants. All of them reduce to
+//! `copy_nd`, a strided n-dimensional copy whose innermost contiguous runs become
+//! block copies.
+
+use cnnc_ir::{DType, Op, PadMode, Scalar};
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::types::{F32X4, I8X16, I32X4, I64, I64X2};
+use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Value};
+use cranelift_codegen::isa::TargetFrontendConfig;
+use cranelift_frontend::FunctionBuilder;
+use target_lexicon::PointerWidth;
+
+use super::elementwise::scalar_const;
+use super::map::{advance, collapse, readonly_flags, rw_flags};
+use super::{CodegenError, KernelCtx};
+use crate::loops::{for_count, for_range};
+
+fn err<T>(msg: String) -> Result<T, CodegenError> {
+    Err(CodegenError(msg))
+}
+
+/// Runs of at least this many bytes are copied by calling `memcpy`.
+const MEMCPY_THRESHOLD: usize = 512;
+
+fn frontend_config(b: &FunctionBuilder) -> TargetFrontendConfig {
+    TargetFrontendConfig {
+        default_call_conv: b.func.signature.call_conv,
+        pointer_width: PointerWidth::U64,
+        page_size_align_log2: 12,
+    }
+}
+
+/// Copies `bytes` contiguous bytes (a compile-time size) from `src` to `dst`; the
+/// ranges do not overlap.
+pub fn copy_bytes(b: &mut FunctionBuilder, dst: Value, src: Value, bytes: usize, src_flags: MemFlagsData) {
+    if bytes == 0 {
+        return;
+    }
+    if bytes >= MEMCPY_THRESHOLD {
+        let size = b.ins().iconst(I64, bytes as i64);
+        let cfg = frontend_config(b);
+        b.call_memcpy(cfg, dst, src, size);
+        return;
+    }
+    let chunks = bytes / 16;
+    if chunks > 4 {
+        for_count(b, chunks, |b, i| {
+            let off = b.ins().imul_imm_s(i, 16);
+            let s = b.ins().iadd(src, off);
+            let d = b.ins().iadd(dst, off);
+            let v = b.ins().load(I8X16, src_flags, s, 0);
+            b.ins().store(rw_flags(), v, d, 0);
+        });
+    } else {
+        for c in 0..chunks {
+            let v = b.ins().load(I8X16, src_flags, src, (c * 16) as i32);
+            b.ins().store(rw_flags(), v, dst, (c * 16) as i32);
+        }
+    }
+    let mut at = chunks * 16;
+    for (size, ty) in [(8, I64), (4, cranelift_codegen::ir::types::I32), (2, cranelift_codegen::ir::types::I16), (1, cranelift_codegen::ir::types::I8)] {
+        while bytes - at >= size {
+            let v = b.ins().load(ty, src_flags, src, at as i32);
+            b.ins().store(rw_flags(), v, dst, at as i32);
+            at += size;
+        }
+    }
+}
+
+/// `dst[Σ iₖ·dst_strides[k]] = src[Σ iₖ·src_strides[k]]` over `shape`, strides in
+/// elements of `esize` bytes (may be zero or negative for the source).
+#[allow(clippy::too_many_arguments)]
+pub fn copy_nd(
+    b: &mut FunctionBuilder,
+    shape: &[usize],
+    esize: usize,
+    dst: Value,
+    dst_strides: &[i64],
+    src: Value,
+    src_strides: &[i64],
+    src_flags: MemFlagsData,
+) {
+    if shape.contains(&0) {
+        return;
+    }
+    let (dims, strides) = collapse(shape, &[dst_strides.to_vec(), src_strides.to_vec()]);
+    let e = esize as i64;
+    let ds: Vec<i64> = strides[0].iter().map(|s| s * e).collect();
+    let ss: Vec<i64> = strides[1].iter().map(|s| s * e).collect();
+    copy_level(b, &dims, &ds, &ss, esize, 0, dst, src, src_flags);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn copy_level(
+    b: &mut FunctionBuilder,
+    dims: &[usize],
+    ds: &[i64],
+    ss: &[i64],
+    esize: usize,
+    d: usize,
+    dst: Value,
+    src: Value,
+    flags: MemFlagsData,
+) {
+    let last = dims.len() - 1;
+    if d == last {
+        let n = dims[d];
+        if ds[d] == esize as i64 && ss[d] == esize as i64 {
+            copy_bytes(b, dst, src, n * esize, flags);
+            return;
+        }
+        let ty = elem_type_of_size(esize);
+        for_count(b, n, |b, i| {
+            let s = advance(b, src, i, ss[d]);
+            let t = advance(b, dst, i, ds[d]);
+            let v = b.ins().load(ty, flags, s, 0);
+            b.ins().store(rw_flags(), v, t, 0);
+        });
+        return;
+    }
+    for_count(b, dims[d], |b, i| {
+        let s = advance(b, src, i, ss[d]);
+        let t = advance(b, dst, i, ds[d]);
+        copy_level(b, dims, ds, ss, esize, d + 1, t, s, flags);
+    });
+}
+
+fn elem_type_of_size(esize: usize) -> cranelift_codegen::ir::Type {
+    match esize {
+        8 => I64,
+        4 => cranelift_codegen::ir::types::I32,
+        2 => cranelift_codegen::ir::types::I16,
+        _ => cranelift_codegen::ir::types::I8,
+    }
+}
+
+/// Fills `count` elements at `out` with `value`: 16 bytes per store, then the tail.
+pub fn emit_fill(b: &mut FunctionBuilder, out: Value, count: usize, value: Scalar) {
+    let esize = value.dtype().size();
+    let bytes = count * esize;
+    if bytes == 0 {
+        return;
+    }
+    let lanes_ty = match value.dtype() {
+        DType::F32 => F32X4,
+        DType::I32 => I32X4,
+        DType::I64 => I64X2,
+        DType::Bool => I8X16,
+    };
+    let chunks = bytes / 16;
+    if chunks > 0 {
+        let s = scalar_const(b, value);
+        let v = b.ins().splat(lanes_ty, s);
+        for_count(b, chunks, |b, i| {
+            let off = b.ins().imul_imm_s(i, 16);
+            let p = b.ins().iadd(out, off);
+            b.ins().store(rw_flags(), v, p, 0);
+        });
+    }
+    let done = chunks * 16 / esize;
+    if done < count {
+        let s = scalar_const(b, value);
+        for k in done..count {
+            b.ins().store(rw_flags(), s, out, (k * esize) as i32);
+        }
+    }
+}
+
+fn natural_strides(shape: &[usize]) -> Vec<i64> {
+    cnnc_ir::strides(shape).iter().map(|&s| s as i64).collect()
+}
+
+pub fn emit_reshape(k: &mut KernelCtx) -> Result<(), CodegenError> {
+    let bytes = k.graph.ty(k.node.outputs[0]).byte_size();
+    if k.graph.ty(k.node.inputs[0]).byte_size() != bytes {
+        return err(format!("reshape '{}': element counts differ", k.node.name));
+    }
+    copy_bytes(k.b, k.outputs[0], k.inputs[0], bytes, readonly_flags());
+    Ok(())
+}
+
+pub fn emit_transpose(k: &mut KernelCtx, perm: &[usize]) -> Result<(), CodegenError> {
+    let x = k.graph.ty(k.node.inputs[0]).clone();
+    let out = k.graph.ty(k.node.outputs[0]).clone();
+    if perm.len() != x.rank() || perm.iter().any(|&p| p >= x.rank()) {
+        return err(format!("transpose '{}': bad permutation {perm:?}", k.node.name));
+    }
+    let in_strides = natural_strides(&x.shape);
+    let src_strides: Vec<i64> = perm.iter().map(|&p| in_strides[p]).collect();
+    let dst_strides = natural_strides(&out.shape);
+    copy_nd(k.b, &out.shape, x.dtype.size(), k.outputs[0], &dst_strides, k.inputs[0], &src_strides, readonly_flags());
+    Ok(())
+}
+
+pub fn emit_slice(k: &mut KernelCtx, starts: &[usize], steps: &[i64]) -> Result<(), CodegenError> {
+    let x = k.graph.ty(k.node.inputs[0]).clone();
+    let out = k.graph.ty(k.node.outputs[0]).clone();
+    if starts.len() != x.rank() || steps.len() != x.rank() || out.rank() != x.rank() {
+        return err(format!("slice '{}': attributes do not fit {x}", k.node.name));
+    }
+    if out.numel() == 0 {
+        return Ok(());
+    }
+    let in_strides = natural_strides(&x.shape);
+    let mut base = 0i64;
+    for d in 0..x.rank() {
+        let last = starts[d] as i64 + (out.shape[d] as i64 - 1) * steps[d];
+        if starts[d] >= x.shape[d] || last < 0 || last >= x.shape[d] as i64 {
+            return err(format!("slice '{}': axis {d} reads outside {x}", k.node.name));
+        }
+        base += starts[d] as i64 * in_strides[d];
+    }
+    let src_strides: Vec<i64> = (0..x.rank()).map(|d| steps[d] * in_strides[d]).collect();
+    let esize = x.dtype.size();
+    let src = k.b.ins().iadd_imm_s(k.inputs[0], base * esize as i64);
+    copy_nd(k.b, &out.shape, esize, k.outputs[0], &natural_strides(&out.shape), src, &src_strides, readonly_flags());
+    Ok(())
+}
+
+pub fn emit_broadcast(k: &mut KernelCtx) -> Result<(), CodegenError> {
+    let x = k.graph.ty(k.node.inputs[0]).clone();
+    let out = k.graph.ty(k.node.outputs[0]).clone();
+    let src_strides = super::map::broadcast_strides(&x.shape, &out.shape)?;
+    copy_nd(k.b, &out.shape, x.dtype.size(), k.outputs[0], &natural_strides(&out.shape), k.inputs[0], &src_strides, readonly_flags());
+    Ok(())
+}
+
+pub fn emit_concat(k: &mut KernelCtx, axis: usize) -> Result<(), CodegenError> {
+    let out = k.graph.ty(k.node.outputs[0]).clone();
+    if axis >= out.rank() {
+        return err(format!("concat '{}': axis {axis} out of range", k.node.name));
+    }
+    let out_strides = natural_strides(&out.shape);
+    let esize = out.dtype.size();
+    let mut offset = 0usize;
+    for i in 0..k.inputs.len() {
+        let x = k.graph.ty(k.node.inputs[i]).clone();
+        if x.rank() != out.rank() {
+            return err(format!("concat '{}': input {i} has rank {}", k.node.name, x.rank()));
+        }
+        let dst = k.b.ins().iadd_imm_s(k.outputs[0], (offset * out_strides[axis] as usize * esize) as i64);
+        copy_nd(k.b, &x.shape, esize, dst, &out_strides, k.inputs[i], &natural_strides(&x.shape), readonly_flags());
+        offset += x.shape[axis];
+    }
+    if offset != out.shape[axis] {
+        return err(format!("concat '{}': inputs cover {offset} of {} along axis {axis}", k.node.name, out.shape[axis]));
+    }
+    Ok(())
+}
+
+/// One axis of a pad: negative pads crop first, positive pads then extend the kept
+/// range (the interpreter's order).
+#[derive(Clone, Copy, Debug)]
+struct PadAxis {
+    crop_begin: usize,
+    kept: usize,
+    pad_begin: usize,
+    out: usize,
+}
+
+fn pad_axes(k: &KernelCtx, begins: &[i64], ends: &[i64]) -> Result<Vec<PadAxis>, CodegenError> {
+    let x = k.graph.ty(k.node.inputs[0]);
+    if begins.len() != x.rank() || ends.len() != x.rank() {
+        return err(format!("pad '{}': one begin and end per axis of {x}", k.node.name));
+    }
+    let mut axes = Vec::new();
+    for d in 0..x.rank() {
+        let crop_begin = (-begins[d]).max(0) as usize;
+        let crop_end = (-ends[d]).max(0) as usize;
+        if crop_begin + crop_end > x.shape[d] {
+            return err(format!("pad '{}': crops {crop_begin}+{crop_end} exceed axis {d} of {x}", k.node.name));
+        }
+        let kept = x.shape[d] - crop_begin - crop_end;
+        let pad_begin = begins[d].max(0) as usize;
+        let out = kept + pad_begin + ends[d].max(0) as usize;
+        axes.push(PadAxis { crop_begin, kept, pad_begin, out });
+    }
+    Ok(axes)
+}
+
+pub fn emit_pad(k: &mut KernelCtx, begins: &[i64], ends: &[i64], mode: PadMode) -> Result<(), CodegenError> {
+    let x = k.graph.ty(k.node.inputs[0]).clone();
+    let out = k.graph.ty(k.node.outputs[0]).clone();
+    let axes = pad_axes(k, begins, ends)?;
+    if axes.iter().map(|a| a.out).collect::<Vec<_>>() != out.shape {
+        return err(format!("pad '{}': output {out} does not match the pads", k.node.name));
+    }
+    if out.numel() == 0 {
+        return Ok(());
+    }
+    let esize = x.dtype.size();
+    let in_strides = natural_strides(&x.shape);
+    let out_strides = natural_strides(&out.shape);
+    if let PadMode::Constant(value) = mode {
+        if value.dtype() != x.dtype {
+            return err(format!("pad '{}': pad value {value:?} is not {}", k.node.name, x.dtype));
+        }
+        let interior: Vec<usize> = axes.iter().map(|a| a.kept).collect();
+        if interior != out.shape {
+            emit_fill(k.b, k.outputs[0], out.numel(), value);
+        }
+        let src_off: i64 = axes.iter().zip(&in_strides).map(|(a, s)| a.crop_begin as i64 * s).sum();
+        let dst_off: i64 = axes.iter().zip(&out_strides).map(|(a, s)| a.pad_begin as i64 * s).sum();
+        let src = k.b.ins().iadd_imm_s(k.inputs[0], src_off * esize as i64);
+        let dst = k.b.ins().iadd_imm_s(k.outputs[0], dst_off * esize as i64);
+        copy_nd(k.b, &interior, esize, dst, &out_strides, src, &in_strides, readonly_flags());
+        return Ok(());
+    }
+    if axes.iter().any(|a| a.kept == 0) {
+        return err(format!("pad '{}': cannot {mode:?}-pad an axis with no elements", k.node.name));
+    }
+    let ctx = PadLoops { axes: &axes, mode, in_strides: &in_strides, out_strides: &out_strides, esize };
+    ctx.level(k.b, 0, k.outputs[0], k.inputs[0]);
+    Ok(())
+}
+
+struct PadLoops<'p> {
+    axes: &'p [PadAxis],
+    mode: PadMode,
+    in_strides: &'p [i64],
+    out_strides: &'p [i64],
+    esize: usize,
+}
+
+impl PadLoops<'_> {
+    /// Source index along an axis for output position `j` (a runtime value).
+    fn source(&self, b: &mut FunctionBuilder, a: PadAxis, j: Value) -> Value {
+        let t = b.ins().iadd_imm_s(j, -(a.pad_begin as i64));
+        let kept = a.kept as i64;
+        let inside = match self.mode {
+            PadMode::Edge => {
+                let zero = b.ins().iconst(I64, 0);
+                let top = b.ins().iconst(I64, kept - 1);
+                let lo = b.ins().smax(t, zero);
+                b.ins().smin(lo, top)
+            }
+            PadMode::Wrap => {
+                // t >= −pad_begin, so adding a multiple of kept past that makes it positive.
+                let lift = (a.pad_begin as i64 + kept - 1) / kept * kept;
+                let pos = b.ins().iadd_imm_s(t, lift);
+                b.ins().urem_imm_u(pos, kept)
+            }
+            PadMode::Reflect if kept == 1 => b.ins().iconst(I64, 0),
+            PadMode::Reflect => {
+                let period = 2 * (kept - 1);
+                let lift = (a.pad_begin as i64 + period - 1) / period * period;
+                let pos = b.ins().iadd_imm_s(t, lift);
+                let r = b.ins().urem_imm_u(pos, period);
+                let p = b.ins().iconst(I64, period);
+                let mirrored = b.ins().isub(p, r);
+                let inside = b.ins().icmp_imm_s(IntCC::SignedLessThan, r, kept);
+                b.ins().select(inside, r, mirrored)
+            }
+            PadMode::Constant(_) => t,
+        };
+        b.ins().iadd_imm_s(inside, a.crop_begin as i64)
+    }
+
+    fn level(&self, b: &mut FunctionBuilder, d: usize, dst: Value, src: Value) {
+        let a = self.axes[d];
+        let e = self.esize as i64;
+        let (os, is) = (self.out_strides[d] * e, self.in_strides[d] * e);
+        let last = d + 1 == self.axes.len();
+        // Positions in the kept range map linearly; the pads go through `source`.
+        let interior = |b: &mut FunctionBuilder, this: &Self| {
+            let dst0 = b.ins().iadd_imm_s(dst, a.pad_begin as i64 * os);
+            let src0 = b.ins().iadd_imm_s(src, a.crop_begin as i64 * is);
+            if last {
+                copy_bytes(b, dst0, src0, a.kept * this.esize, readonly_flags());
+            } else {
+                for_count(b, a.kept, |b, i| {
+                    let t = advance(b, dst0, i, os);
+                    let s = advance(b, src0, i, is);
+                    this.level(b, d + 1, t, s);
+                });
+            }
+        };
+        let padded = |b: &mut FunctionBuilder, this: &Self, from: usize, to: usize| {
+            if from >= to {
+                return;
+            }
+            let start = b.ins().iconst(I64, from as i64);
+            let end = b.ins().iconst(I64, to as i64);
+            for_range(b, start, end, |b, j| {
+                let s_idx = this.source(b, a, j);
+                let t = advance(b, dst, j, os);
+                let s = advance(b, src, s_idx, is);
+                if last {
+                    let ty = elem_type_of_size(this.esize);
+                    let v = b.ins().load(ty, readonly_flags(), s, 0);
+                    b.ins().store(rw_flags(), v, t, 0);
+                } else {
+                    this.level(b, d + 1, t, s);
+                }
+            });
+        };
+        padded(b, self, 0, a.pad_begin);
+        interior(b, self);
+        padded(b, self, a.pad_begin + a.kept, a.out);
+    }
+}
+
+/// Dispatches the movement ops.
+pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
+    match k.node.op.clone() {
+        Op::Reshape => emit_reshape(k),
+        Op::Transpose { perm } => emit_transpose(k, &perm),
+        Op::Slice { starts, steps } => emit_slice(k, &starts, &steps),
+        Op::Pad { begins, ends, mode } => emit_pad(k, &begins, &ends, mode),
+        Op::Concat { axis } => emit_concat(k, axis),
+        Op::Broadcast => emit_broadcast(k),
+        other => err(format!("movement: {} is not a movement op", other.mnemonic())),
+    }
+}

@@ -1,0 +1,407 @@
+//! A whole graph as one Cranelift module: a local function per node kernel, constants
+//! as read-only data, and the two exported symbols of the C ABI (`runtime/src/abi.rs`):
+//!
+//! - `cnnc_infer(host, inputs, outputs, workspace) -> i32` calls the kernels in node
+//!   order, then fills the outputs that are copies (see `plan.rs`), and returns 0.
+//! - `cnnc_model_info() -> *const ModelInfo` returns a data object laid out exactly as
+//!   `abi::ModelInfo`, whose strings, shapes and tensor descriptors are further data
+//!   objects linked by relocations.
+//!
+//! Every kernel has the signature `fn(host: *const Host, buffers: *const *mut u8)`
+//! where `buffers` lists the node's input then output addresses; the entry point
+//! builds that array in a stack slot. `host` is threaded through unused for now, so
+//! kernels can later split work with `host->parallel_for`.
+
+use cnnc_ir::{ConstValue, Graph, Op};
+use cnnc_runtime::abi;
+use cranelift_codegen::Context;
+use cranelift_codegen::ir::types::{I32, I64};
+use cranelift_codegen::ir::{AbiParam, Function, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, UserFuncName, Value};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
+use cranelift_module::{DataDescription, DataId, FuncId, Linkage, Module};
+
+use crate::kernels::{self, CodegenError, KernelCtx};
+use crate::plan::{Location, MemoryPlan, WORKSPACE_ALIGN};
+use crate::target::TargetSpec;
+
+/// What `compile_graph` declared and decided.
+#[derive(Clone, Debug)]
+pub struct CompiledInfo {
+    pub infer: FuncId,
+    pub model_info: FuncId,
+    pub plan: MemoryPlan,
+    pub workspace_size: usize,
+    /// Kernel functions emitted (one per node that runs code).
+    pub kernels: usize,
+}
+
+fn module_err(what: &str) -> impl Fn(cranelift_module::ModuleError) -> CodegenError + '_ {
+    move |e| CodegenError(format!("{what}: {e}"))
+}
+
+fn dtype_code(d: cnnc_ir::DType) -> u32 {
+    match d {
+        cnnc_ir::DType::F32 => abi::DTYPE_F32,
+        cnnc_ir::DType::I32 => abi::DTYPE_I32,
+        cnnc_ir::DType::I64 => abi::DTYPE_I64,
+        cnnc_ir::DType::Bool => abi::DTYPE_BOOL,
+    }
+}
+
+/// Compiles `g` into `module`; the caller finishes the module (object file or JIT).
+pub fn compile_graph<M: Module>(module: &mut M, g: &Graph, target: &TargetSpec) -> Result<CompiledInfo, CodegenError> {
+    let plan = MemoryPlan::new(g).map_err(|e| CodegenError(format!("memory plan: {e}")))?;
+    if module.target_config().pointer_type() != I64 {
+        return Err(CodegenError("cnnc generates code for 64-bit targets only".into()));
+    }
+    let call_conv = module.isa().default_call_conv();
+
+    // Constants referenced by Constant nodes with dense data.
+    let mut const_data: Vec<Option<DataId>> = vec![None; g.constants.len()];
+    for node in &g.nodes {
+        let Op::Constant(c) = node.op else { continue };
+        let Some(constant) = g.constants.get(c.index()) else {
+            return Err(CodegenError(format!("node '{}' names missing constant {c}", node.name)));
+        };
+        let ConstValue::Dense(data) = &constant.value else { continue };
+        if const_data[c.index()].is_some() || data.is_empty() {
+            continue;
+        }
+        if data.len() != constant.ty.numel() || data.dtype() != constant.ty.dtype {
+            return Err(CodegenError(format!("constant '{}' holds {} {} values for {}", constant.name, data.len(), data.dtype(), constant.ty)));
+        }
+        let id = define_bytes(module, &format!("cnnc_const{}", c.index()), data.to_le_bytes())?;
+        const_data[c.index()] = Some(id);
+    }
+
+    let mut kernel_sig = Signature::new(call_conv);
+    kernel_sig.params.push(AbiParam::new(I64));
+    kernel_sig.params.push(AbiParam::new(I64));
+
+    let mut ctx = module.make_context();
+    let mut fb_ctx = FunctionBuilderContext::new();
+    let mut kernels_of_nodes: Vec<Option<FuncId>> = vec![None; g.nodes.len()];
+    for (ni, node) in g.nodes.iter().enumerate() {
+        if !kernels::needs_kernel(g, node) {
+            continue;
+        }
+        let name = format!("cnnc_k{ni}_{}", node.op.mnemonic());
+        let id = module.declare_function(&name, Linkage::Local, &kernel_sig).map_err(module_err(&name))?;
+        let table_ids = kernels::node_tables(g, node)
+            .into_iter()
+            .enumerate()
+            .map(|(t, bytes)| define_bytes(module, &format!("cnnc_t{ni}_{t}"), bytes))
+            .collect::<Result<Vec<_>, _>>()?;
+        module.clear_context(&mut ctx);
+        ctx.func.signature = kernel_sig.clone();
+        ctx.func.name = UserFuncName::user(0, id.as_u32());
+        {
+            let mut b = FunctionBuilder::new(&mut ctx.func, &mut fb_ctx);
+            let entry = b.create_block();
+            b.append_block_params_for_function_params(entry);
+            b.switch_to_block(entry);
+            b.seal_block(entry);
+            let bufs = b.block_params(entry)[1];
+            let flags = MemFlagsData::trusted().with_readonly().with_can_move();
+            let mut ptrs = Vec::new();
+            for i in 0..node.inputs.len() + node.outputs.len() {
+                ptrs.push(b.ins().load(I64, flags, bufs, (8 * i) as i32));
+            }
+            let outputs = ptrs.split_off(node.inputs.len());
+            let mut tables = Vec::new();
+            for &t in &table_ids {
+                let gv = module.declare_data_in_func(t, b.func);
+                tables.push(b.ins().symbol_value(I64, gv));
+            }
+            let mut k = KernelCtx { b: &mut b, graph: g, node, inputs: ptrs, outputs };
+            kernels::emit_node(&mut k, &tables)
+                .map_err(|e| CodegenError(format!("node '{}' ({}): {e}", node.name, node.op.mnemonic())))?;
+            b.ins().return_(&[]);
+            b.finalize(module.target_config());
+        }
+        define(module, id, &mut ctx, &format!("kernel of node '{}' ({})", node.name, node.op.mnemonic()))?;
+        kernels_of_nodes[ni] = Some(id);
+    }
+
+    let infer = emit_infer(module, g, &plan, &const_data, &kernels_of_nodes, &kernel_sig, &mut ctx, &mut fb_ctx)?;
+    let info_data = emit_model_info_data(module, g, target, &plan)?;
+    let model_info = emit_model_info_fn(module, info_data, &mut ctx, &mut fb_ctx)?;
+    let kernels = kernels_of_nodes.iter().flatten().count();
+    Ok(CompiledInfo { infer, model_info, workspace_size: plan.workspace_size, plan, kernels })
+}
+
+fn define<M: Module>(module: &mut M, id: FuncId, ctx: &mut Context, what: &str) -> Result<(), CodegenError> {
+    if cfg!(debug_assertions) {
+        if let Err(errors) = cranelift_codegen::verify_function(&ctx.func, module.isa()) {
+            let pretty = cranelift_codegen::print_errors::pretty_verifier_error(&ctx.func, None, errors);
+            return Err(CodegenError(format!("{what}: invalid IR (a code generator bug):\n{pretty}")));
+        }
+    }
+    module.define_function(id, ctx).map_err(|e| match e {
+        cranelift_module::ModuleError::Compilation(inner) => CodegenError(format!(
+            "{what}: {}",
+            cranelift_codegen::print_errors::pretty_error(&ctx.func, inner)
+        )),
+        other => CodegenError(format!("{what}: {other}")),
+    })
+}
+
+/// A local read-only data object holding `bytes`, 64-byte aligned.
+fn define_bytes<M: Module>(module: &mut M, name: &str, bytes: Vec<u8>) -> Result<DataId, CodegenError> {
+    let id = module.declare_data(name, Linkage::Local, false, false).map_err(module_err(name))?;
+    let mut d = DataDescription::new();
+    d.define(bytes.into_boxed_slice());
+    d.set_align(WORKSPACE_ALIGN as u64);
+    module.define_data(id, &d).map_err(module_err(name))?;
+    Ok(id)
+}
+
+/// The address of a value during a call.
+fn location_addr<M: Module>(
+    module: &M,
+    b: &mut FunctionBuilder,
+    loc: Location,
+    params: &[Value; 4],
+    const_data: &[Option<DataId>],
+) -> Value {
+    let [_, inputs, outputs, workspace] = *params;
+    let flags = MemFlagsData::trusted().with_readonly().with_can_move();
+    match loc {
+        Location::Input(i) => b.ins().load(I64, flags, inputs, (8 * i) as i32),
+        Location::Output(j) => b.ins().load(I64, flags, outputs, (8 * j) as i32),
+        Location::Workspace(off) => b.ins().iadd_imm_s(workspace, off as i64),
+        Location::Constant(c) => match const_data.get(c).copied().flatten() {
+            Some(id) => {
+                let gv = module.declare_data_in_func(id, b.func);
+                b.ins().symbol_value(I64, gv)
+            }
+            // An empty constant: nothing is ever read through the address.
+            None => b.ins().iconst(I64, 0),
+        },
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn emit_infer<M: Module>(
+    module: &mut M,
+    g: &Graph,
+    plan: &MemoryPlan,
+    const_data: &[Option<DataId>],
+    kernels_of_nodes: &[Option<FuncId>],
+    kernel_sig: &Signature,
+    ctx: &mut Context,
+    fb_ctx: &mut FunctionBuilderContext,
+) -> Result<FuncId, CodegenError> {
+    let call_conv = kernel_sig.call_conv;
+    let mut sig = Signature::new(call_conv);
+    for _ in 0..4 {
+        sig.params.push(AbiParam::new(I64));
+    }
+    sig.returns.push(AbiParam::new(I32));
+    let id = module.declare_function(abi::SYM_INFER, Linkage::Export, &sig).map_err(module_err(abi::SYM_INFER))?;
+    module.clear_context(ctx);
+    ctx.func.signature = sig;
+    ctx.func.name = UserFuncName::user(0, id.as_u32());
+    {
+        let mut b = FunctionBuilder::new(&mut ctx.func, fb_ctx);
+        let entry = b.create_block();
+        b.append_block_params_for_function_params(entry);
+        b.switch_to_block(entry);
+        b.seal_block(entry);
+        let p = b.block_params(entry);
+        let params = [p[0], p[1], p[2], p[3]];
+        let max_buffers = g.nodes.iter().map(|n| n.inputs.len() + n.outputs.len()).max().unwrap_or(0).max(1);
+        let slot = b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, (8 * max_buffers) as u32, 3));
+        for (ni, node) in g.nodes.iter().enumerate() {
+            let Some(kernel) = kernels_of_nodes[ni] else { continue };
+            for (i, &v) in node.inputs.iter().chain(&node.outputs).enumerate() {
+                let loc = plan
+                    .location(v)
+                    .ok_or_else(|| CodegenError(format!("node '{}': value {v} has no storage", node.name)))?;
+                let addr = location_addr(module, &mut b, loc, &params, const_data);
+                b.ins().stack_store(I64, addr, slot, (8 * i) as i32);
+            }
+            let bufs = b.ins().stack_addr(I64, slot, 0);
+            let fref = module.declare_func_in_func(kernel, b.func);
+            b.ins().call(fref, &[params[0], bufs]);
+        }
+        for copy in &plan.output_copies {
+            if copy.bytes == 0 {
+                continue;
+            }
+            let dst = location_addr(module, &mut b, Location::Output(copy.output), &params, const_data);
+            let src = location_addr(module, &mut b, copy.from, &params, const_data);
+            kernels::movement::copy_bytes(&mut b, dst, src, copy.bytes, MemFlagsData::trusted());
+        }
+        let ok = b.ins().iconst(I32, abi::STATUS_OK as i64);
+        b.ins().return_(&[ok]);
+        b.finalize(module.target_config());
+    }
+    define(module, id, ctx, abi::SYM_INFER)?;
+    Ok(id)
+}
+
+/// Builds the `ModelInfo` data object and everything it points to.
+fn emit_model_info_data<M: Module>(module: &mut M, g: &Graph, target: &TargetSpec, plan: &MemoryPlan) -> Result<DataId, CodegenError> {
+    let mut counter = 0usize;
+    let mut next_name = |what: &str| {
+        counter += 1;
+        format!("cnnc_info_{what}{counter}")
+    };
+    let cstring = |module: &mut M, name: String, s: &str| -> Result<DataId, CodegenError> {
+        let mut bytes: Vec<u8> = s.bytes().filter(|&c| c != 0).collect();
+        bytes.push(0);
+        let id = module.declare_data(&name, Linkage::Local, false, false).map_err(module_err(&name))?;
+        let mut d = DataDescription::new();
+        d.define(bytes.into_boxed_slice());
+        module.define_data(id, &d).map_err(module_err(&name))?;
+        Ok(id)
+    };
+
+    // Tensor descriptor arrays for inputs and outputs.
+    let mut desc_arrays = Vec::new();
+    for (kind, values) in [("in", &g.inputs), ("out", &g.outputs)] {
+        if values.is_empty() {
+            desc_arrays.push(None);
+            continue;
+        }
+        let mut relocs: Vec<(usize, DataId)> = Vec::new();
+        let mut bytes = vec![0u8; values.len() * DESC_SIZE];
+        for (i, &v) in values.iter().enumerate() {
+            let value = g.value(v);
+            let base = i * DESC_SIZE;
+            let name_id = cstring(module, next_name(&format!("{kind}name")), &value.name)?;
+            relocs.push((base + DESC_NAME, name_id));
+            bytes[base + DESC_DTYPE..][..4].copy_from_slice(&dtype_code(value.ty.dtype).to_le_bytes());
+            bytes[base + DESC_RANK..][..4].copy_from_slice(&(value.ty.rank() as u32).to_le_bytes());
+            if value.ty.rank() > 0 {
+                let shape: Vec<u8> = value.ty.shape.iter().flat_map(|&d| (d as u64).to_le_bytes()).collect();
+                let shape_id = define_plain(module, &next_name(&format!("{kind}shape")), shape, 8)?;
+                relocs.push((base + DESC_SHAPE, shape_id));
+            }
+        }
+        let id = define_with_relocs(module, &next_name(&format!("{kind}desc")), bytes, &relocs)?;
+        desc_arrays.push(Some(id));
+    }
+
+    let features = target.cpu_features().join(",");
+    let target_id = cstring(module, next_name("target"), &target.triple.to_string())?;
+    let features_id = cstring(module, next_name("features"), &features)?;
+    let name_id = cstring(module, next_name("model"), &g.name)?;
+
+    let mut bytes = vec![0u8; INFO_SIZE];
+    let put32 = |b: &mut Vec<u8>, off: usize, v: u32| b[off..off + 4].copy_from_slice(&v.to_le_bytes());
+    let put64 = |b: &mut Vec<u8>, off: usize, v: u64| b[off..off + 8].copy_from_slice(&v.to_le_bytes());
+    put32(&mut bytes, INFO_ABI_VERSION, abi::ABI_VERSION);
+    put32(&mut bytes, INFO_NUM_INPUTS, g.inputs.len() as u32);
+    put32(&mut bytes, INFO_NUM_OUTPUTS, g.outputs.len() as u32);
+    put32(&mut bytes, INFO_NUM_STATE, 0);
+    put64(&mut bytes, INFO_WORKSPACE_SIZE, plan.workspace_size as u64);
+    put64(&mut bytes, INFO_WORKSPACE_ALIGN, WORKSPACE_ALIGN as u64);
+    put64(&mut bytes, INFO_ENTRY_FLAGS, abi::ENTRY_INFER);
+    put64(&mut bytes, INFO_STATE_SIZE, 0);
+    let mut relocs = vec![(INFO_TARGET, target_id), (INFO_CPU_FEATURES, features_id), (INFO_MODEL_NAME, name_id)];
+    if let Some(id) = desc_arrays[0] {
+        relocs.push((INFO_INPUTS, id));
+    }
+    if let Some(id) = desc_arrays[1] {
+        relocs.push((INFO_OUTPUTS, id));
+    }
+    define_with_relocs(module, "cnnc_info", bytes, &relocs)
+}
+
+fn define_plain<M: Module>(module: &mut M, name: &str, bytes: Vec<u8>, align: u64) -> Result<DataId, CodegenError> {
+    let id = module.declare_data(name, Linkage::Local, false, false).map_err(module_err(name))?;
+    let mut d = DataDescription::new();
+    d.define(bytes.into_boxed_slice());
+    d.set_align(align);
+    module.define_data(id, &d).map_err(module_err(name))?;
+    Ok(id)
+}
+
+/// A read-only data object with the addresses of other data objects at given offsets.
+fn define_with_relocs<M: Module>(module: &mut M, name: &str, bytes: Vec<u8>, relocs: &[(usize, DataId)]) -> Result<DataId, CodegenError> {
+    let id = module.declare_data(name, Linkage::Local, false, false).map_err(module_err(name))?;
+    let mut d = DataDescription::new();
+    d.define(bytes.into_boxed_slice());
+    d.set_align(8);
+    for &(offset, target) in relocs {
+        let gv = module.declare_data_in_data(target, &mut d);
+        d.write_data_addr(offset as u32, gv, 0);
+    }
+    module.define_data(id, &d).map_err(module_err(name))?;
+    Ok(id)
+}
+
+fn emit_model_info_fn<M: Module>(module: &mut M, info: DataId, ctx: &mut Context, fb_ctx: &mut FunctionBuilderContext) -> Result<FuncId, CodegenError> {
+    let mut sig = Signature::new(module.isa().default_call_conv());
+    sig.returns.push(AbiParam::new(I64));
+    let id = module.declare_function(abi::SYM_MODEL_INFO, Linkage::Export, &sig).map_err(module_err(abi::SYM_MODEL_INFO))?;
+    module.clear_context(ctx);
+    ctx.func = Function::with_name_signature(UserFuncName::user(0, id.as_u32()), sig);
+    {
+        let mut b = FunctionBuilder::new(&mut ctx.func, fb_ctx);
+        let entry = b.create_block();
+        b.switch_to_block(entry);
+        b.seal_block(entry);
+        let gv = module.declare_data_in_func(info, b.func);
+        let addr = b.ins().symbol_value(I64, gv);
+        b.ins().return_(&[addr]);
+        b.finalize(module.target_config());
+    }
+    define(module, id, ctx, abi::SYM_MODEL_INFO)?;
+    Ok(id)
+}
+
+// Layout of abi::TensorDesc and abi::ModelInfo on 64-bit targets (checked against the
+// host's layout of the Rust declarations in the tests below).
+const DESC_SIZE: usize = 32;
+const DESC_NAME: usize = 0;
+const DESC_DTYPE: usize = 8;
+const DESC_RANK: usize = 12;
+const DESC_SHAPE: usize = 16;
+const INFO_SIZE: usize = 96;
+const INFO_ABI_VERSION: usize = 0;
+const INFO_NUM_INPUTS: usize = 4;
+const INFO_NUM_OUTPUTS: usize = 8;
+const INFO_NUM_STATE: usize = 12;
+const INFO_INPUTS: usize = 16;
+const INFO_OUTPUTS: usize = 24;
+const INFO_WORKSPACE_SIZE: usize = 32;
+const INFO_WORKSPACE_ALIGN: usize = 40;
+const INFO_TARGET: usize = 48;
+const INFO_CPU_FEATURES: usize = 56;
+const INFO_MODEL_NAME: usize = 64;
+const INFO_ENTRY_FLAGS: usize = 72;
+const INFO_STATE_SIZE: usize = 80;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::{offset_of, size_of};
+
+    #[test]
+    fn layout_matches_the_abi_declarations() {
+        assert_eq!(size_of::<abi::TensorDesc>(), DESC_SIZE);
+        assert_eq!(offset_of!(abi::TensorDesc, name), DESC_NAME);
+        assert_eq!(offset_of!(abi::TensorDesc, dtype), DESC_DTYPE);
+        assert_eq!(offset_of!(abi::TensorDesc, rank), DESC_RANK);
+        assert_eq!(offset_of!(abi::TensorDesc, shape), DESC_SHAPE);
+        assert_eq!(offset_of!(abi::TensorDesc, offset), 24);
+        assert_eq!(size_of::<abi::ModelInfo>(), INFO_SIZE);
+        assert_eq!(offset_of!(abi::ModelInfo, abi_version), INFO_ABI_VERSION);
+        assert_eq!(offset_of!(abi::ModelInfo, num_inputs), INFO_NUM_INPUTS);
+        assert_eq!(offset_of!(abi::ModelInfo, num_outputs), INFO_NUM_OUTPUTS);
+        assert_eq!(offset_of!(abi::ModelInfo, num_state_tensors), INFO_NUM_STATE);
+        assert_eq!(offset_of!(abi::ModelInfo, inputs), INFO_INPUTS);
+        assert_eq!(offset_of!(abi::ModelInfo, outputs), INFO_OUTPUTS);
+        assert_eq!(offset_of!(abi::ModelInfo, workspace_size), INFO_WORKSPACE_SIZE);
+        assert_eq!(offset_of!(abi::ModelInfo, workspace_align), INFO_WORKSPACE_ALIGN);
+        assert_eq!(offset_of!(abi::ModelInfo, target), INFO_TARGET);
+        assert_eq!(offset_of!(abi::ModelInfo, cpu_features), INFO_CPU_FEATURES);
+        assert_eq!(offset_of!(abi::ModelInfo, model_name), INFO_MODEL_NAME);
+        assert_eq!(offset_of!(abi::ModelInfo, entry_flags), INFO_ENTRY_FLAGS);
+        assert_eq!(offset_of!(abi::ModelInfo, state_size), INFO_STATE_SIZE);
+        assert_eq!(offset_of!(abi::ModelInfo, state_tensors), 88);
+    }
+}

@@ -1,0 +1,239 @@
+//! The memory plan: where every value lives during one call of `cnnc_infer`.
+//!
+//! - Graph inputs stay in the caller's input buffers.
+//! - A value that is a graph output is computed straight into the caller's output
+//!   buffer, unless it is a graph input, a dense constant or an output already placed
+//!   for an earlier output position: those are copied at the end of the call.
+//! - Dense constants live in read-only data objects.
+//! - Everything else (intermediates and splat constants, which are filled by a loop
+//!   when their node runs) gets a 64-byte aligned workspace slot. A slot is busy from
+//!   the node defining the value to the last node reading it, and is reused afterwards
+//!   (greedy first-fit in definition order).
+
+use cnnc_ir::{ConstValue, Graph, Op, ValueId};
+
+/// Alignment of every workspace slot and of the workspace itself.
+pub const WORKSPACE_ALIGN: usize = 64;
+
+/// Where a value's bytes are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Location {
+    /// The caller's `inputs[i]`.
+    Input(usize),
+    /// The caller's `outputs[j]`.
+    Output(usize),
+    /// `workspace + offset`.
+    Workspace(usize),
+    /// The read-only data object of graph constant `index`.
+    Constant(usize),
+}
+
+/// An output buffer filled by copying after every node has run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OutputCopy {
+    pub output: usize,
+    pub from: Location,
+    pub bytes: usize,
+}
+
+/// A busy interval of a workspace slot, in node indices, both ends inclusive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Interval {
+    pub start: usize,
+    pub end: usize,
+    pub bytes: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct MemoryPlan {
+    /// Per value; `None` for values nothing defines (unused value slots).
+    pub locations: Vec<Option<Location>>,
+    /// Per value placed in the workspace, its busy interval (for tests and dumps).
+    pub intervals: Vec<Option<Interval>>,
+    pub output_copies: Vec<OutputCopy>,
+    /// Bytes of workspace a call needs (a multiple of `WORKSPACE_ALIGN`).
+    pub workspace_size: usize,
+}
+
+impl MemoryPlan {
+    pub fn new(g: &Graph) -> Result<MemoryPlan, String> {
+        let n_values = g.values.len();
+        let mut locations: Vec<Option<Location>> = vec![None; n_values];
+        for (i, &v) in g.inputs.iter().enumerate() {
+            check_id(g, v)?;
+            if locations[v.index()].is_none() {
+                locations[v.index()] = Some(Location::Input(i));
+            }
+        }
+        let producers = g.producers();
+        for (ni, node) in g.nodes.iter().enumerate() {
+            for &v in node.inputs.iter().chain(&node.outputs) {
+                check_id(g, v)?;
+            }
+            for &v in &node.inputs {
+                if locations[v.index()].is_none() && producers[v.index()].is_none_or(|p| p >= ni) {
+                    return Err(format!("node '{}' reads {v} before it is defined", node.name));
+                }
+            }
+            if let Op::Constant(c) = node.op {
+                let constant = g.constants.get(c.index()).ok_or_else(|| format!("node '{}' names missing constant {c}", node.name))?;
+                if matches!(constant.value, ConstValue::Dense(_)) {
+                    locations[node.outputs[0].index()] = Some(Location::Constant(c.index()));
+                }
+            }
+        }
+
+        let mut output_copies = Vec::new();
+        for (j, &v) in g.outputs.iter().enumerate() {
+            check_id(g, v)?;
+            let bytes = g.ty(v).byte_size();
+            match locations[v.index()] {
+                Some(from) => output_copies.push(OutputCopy { output: j, from, bytes }),
+                None if producers[v.index()].is_none() => {
+                    return Err(format!("graph output {v} is neither an input nor defined by a node"));
+                }
+                None => locations[v.index()] = Some(Location::Output(j)),
+            }
+        }
+
+        // Everything still unplaced is a node output that needs a workspace slot.
+        let mut last_use: Vec<usize> = vec![0; n_values];
+        for (ni, node) in g.nodes.iter().enumerate() {
+            for &v in &node.inputs {
+                last_use[v.index()] = ni;
+            }
+        }
+        let mut order = Vec::new();
+        let mut intervals: Vec<Option<Interval>> = vec![None; n_values];
+        for (ni, node) in g.nodes.iter().enumerate() {
+            for &v in &node.outputs {
+                if locations[v.index()].is_some() {
+                    continue;
+                }
+                let bytes = g.ty(v).byte_size();
+                if bytes == 0 {
+                    // Nothing is read or written; any address will do.
+                    locations[v.index()] = Some(Location::Workspace(0));
+                    continue;
+                }
+                let iv = Interval { start: ni, end: last_use[v.index()].max(ni), bytes };
+                intervals[v.index()] = Some(iv);
+                order.push((v, iv));
+            }
+        }
+        let ivs: Vec<Interval> = order.iter().map(|&(_, iv)| iv).collect();
+        let (offsets, workspace_size) = assign_offsets(&ivs);
+        for (&(v, _), off) in order.iter().zip(offsets) {
+            locations[v.index()] = Some(Location::Workspace(off));
+        }
+        Ok(MemoryPlan { locations, intervals, output_copies, workspace_size })
+    }
+
+    pub fn location(&self, v: ValueId) -> Option<Location> {
+        self.locations.get(v.index()).copied().flatten()
+    }
+}
+
+fn check_id(g: &Graph, v: ValueId) -> Result<(), String> {
+    if v.index() >= g.values.len() {
+        return Err(format!("value {v} does not exist (graph has {} values)", g.values.len()));
+    }
+    Ok(())
+}
+
+fn align_up(x: usize) -> usize {
+    x.div_ceil(WORKSPACE_ALIGN) * WORKSPACE_ALIGN
+}
+
+/// Greedy first-fit: intervals in order of their start; each takes the lowest
+/// aligned offset that overlaps no slot still busy at its start. Returns the offsets
+/// and the total size.
+pub fn assign_offsets(intervals: &[Interval]) -> (Vec<usize>, usize) {
+    let mut order: Vec<usize> = (0..intervals.len()).collect();
+    order.sort_by_key(|&i| (intervals[i].start, i));
+    let mut offsets = vec![0; intervals.len()];
+    // Busy slots as (offset, size, end), kept sorted by offset.
+    let mut busy: Vec<(usize, usize, usize)> = Vec::new();
+    let mut total = 0;
+    for i in order {
+        let iv = intervals[i];
+        busy.retain(|&(_, _, end)| end >= iv.start);
+        let size = align_up(iv.bytes);
+        let mut candidate = 0;
+        for &(off, sz, _) in &busy {
+            if candidate + size <= off {
+                break;
+            }
+            candidate = candidate.max(off + sz);
+        }
+        offsets[i] = candidate;
+        let at = busy.partition_point(|&(off, _, _)| off < candidate);
+        busy.insert(at, (candidate, size, iv.end));
+        total = total.max(candidate + size);
+    }
+    (offsets, total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cnnc_ir::{BinaryFn, Op, Tensor, TensorType, UnaryFn};
+
+    #[test]
+    fn chain_reuses_slots() {
+        let mut g = Graph::new("chain");
+        let x = g.add_input(TensorType::f32([256]), "x");
+        let mut v = x;
+        for i in 0..6 {
+            v = g.push1(format!("n{i}"), Op::Unary(UnaryFn::Relu), &[v]).unwrap();
+        }
+        g.outputs.push(v);
+        let p = MemoryPlan::new(&g).unwrap();
+        // Five intermediates of 1 KiB but at most two are alive at once.
+        assert_eq!(p.workspace_size, 2 * 1024);
+        assert_eq!(p.location(v), Some(Location::Output(0)));
+        assert_eq!(p.location(x), Some(Location::Input(0)));
+    }
+
+    #[test]
+    fn outputs_that_need_copies() {
+        let mut g = Graph::new("copies");
+        let x = g.add_input(TensorType::f32([4]), "x");
+        let c = g.add_constant("c", Tensor::f32([4], vec![1.0, 2.0, 3.0, 4.0]));
+        let s = g.add_constant("s", Tensor::f32([4], vec![7.0; 4]));
+        let y = g.push1("add", Op::Binary(BinaryFn::Add), &[x, c]).unwrap();
+        g.outputs = vec![x, c, y, y, s];
+        let p = MemoryPlan::new(&g).unwrap();
+        let from: Vec<(usize, Location)> = p.output_copies.iter().map(|c| (c.output, c.from)).collect();
+        assert_eq!(from, vec![(0, Location::Input(0)), (1, Location::Constant(0)), (3, Location::Output(2))]);
+        assert_eq!(p.location(y), Some(Location::Output(2)));
+        assert_eq!(p.location(s), Some(Location::Output(4)), "a splat output is filled in place");
+    }
+
+    #[test]
+    fn bad_graphs_are_errors() {
+        let mut g = Graph::new("bad");
+        let x = g.add_input(TensorType::f32([4]), "x");
+        g.outputs.push(ValueId(9));
+        assert!(MemoryPlan::new(&g).unwrap_err().contains("does not exist"));
+        g.outputs = vec![x];
+        let y = g.add_value(TensorType::f32([4]), "y");
+        g.nodes.push(cnnc_ir::Node {
+            name: "early".into(),
+            op: Op::Unary(UnaryFn::Relu),
+            inputs: vec![y],
+            outputs: vec![y],
+            epilogue: vec![],
+            schedule: Default::default(),
+        });
+        assert!(MemoryPlan::new(&g).unwrap_err().contains("before it is defined"));
+    }
+
+    #[test]
+    fn first_fit_fills_gaps() {
+        let iv = |start, end, bytes| Interval { start, end, bytes };
+        let (off, total) = assign_offsets(&[iv(0, 1, 64), iv(0, 3, 64), iv(2, 3, 64)]);
+        assert_eq!(off, vec![0, 64, 0]);
+        assert_eq!(total, 128);
+    }
+}

@@ -1,0 +1,80 @@
+//! Shared helpers of the codegen integration tests: the DESIGN.md tolerance, running a
+//! graph both ways, and random data.
+#![allow(dead_code)]
+
+use cnnc_codegen::JitModel;
+use cnnc_ir::{DType, Graph, Tensor, TensorData, interp};
+
+/// DESIGN.md: |y − ref| <= 1e-3·|ref| + 1e-4·max|ref|; NaN where the reference has
+/// NaN, equal infinities; integers and bools exact; shapes equal.
+pub fn check_close(got: &Tensor, want: &Tensor) -> Result<(), String> {
+    if got.shape != want.shape {
+        return Err(format!("shape {:?} != reference {:?}", got.shape, want.shape));
+    }
+    match (&got.data, &want.data) {
+        (TensorData::F32(y), TensorData::F32(r)) => {
+            let max = r.iter().filter(|v| v.is_finite()).fold(0f32, |m, v| m.max(v.abs()));
+            for (i, (&a, &b)) in y.iter().zip(r).enumerate() {
+                let ok = if b.is_nan() {
+                    a.is_nan()
+                } else if b.is_infinite() {
+                    a == b
+                } else {
+                    (a - b).abs() <= 1e-3 * b.abs() + 1e-4 * max
+                };
+                if !ok {
+                    return Err(format!("element {i}: got {a:e}, reference {b:e} (max|ref| {max:e})"));
+                }
+            }
+            Ok(())
+        }
+        (a, b) if a == b => Ok(()),
+        (a, b) => {
+            let n = a.len().min(b.len());
+            let first = (0..n).find(|&i| a.get(i) != b.get(i));
+            Err(format!("{} data differs (first at {first:?}: {:?} vs {:?})", a.dtype(), first.map(|i| a.get(i)), first.map(|i| b.get(i))))
+        }
+    }
+}
+
+/// Compiles `g`, runs it and the interpreter on `inputs`, compares every output.
+pub fn check_graph(g: &Graph, inputs: &[Tensor]) -> Result<(), String> {
+    let want = interp::run(g, inputs).map_err(|e| format!("interpreter: {e}"))?;
+    let model = JitModel::compile(g).map_err(|e| format!("compile: {e}"))?;
+    let got = model.run(inputs).map_err(|e| format!("run: {e}"))?;
+    for (k, (a, b)) in got.iter().zip(&want).enumerate() {
+        check_close(a, b).map_err(|e| format!("output {k}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Deterministic pseudo-random numbers (xorshift), so failures reproduce.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub fn f32_in(&mut self, lo: f32, hi: f32) -> f32 {
+        let u = (self.next() >> 40) as f32 / (1u64 << 24) as f32;
+        lo + (hi - lo) * u
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// Random tensor data of `dtype` (floats in [lo, hi), ints in [-20, 20], bools).
+pub fn random_tensor(rng: &mut Rng, dtype: DType, shape: &[usize], lo: f32, hi: f32) -> Tensor {
+    let n: usize = shape.iter().product();
+    let data = match dtype {
+        DType::F32 => TensorData::F32((0..n).map(|_| rng.f32_in(lo, hi)).collect()),
+        DType::I64 => TensorData::I64((0..n).map(|_| rng.below(41) as i64 - 20).collect()),
+        DType::I32 => TensorData::I32((0..n).map(|_| rng.below(41) as i32 - 20).collect()),
+        DType::Bool => TensorData::Bool((0..n).map(|_| rng.below(2) == 1).collect()),
+    };
+    Tensor::new(shape.to_vec(), data)
+}
