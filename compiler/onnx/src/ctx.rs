@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use cnnc_ir::infer::output_types;
-use cnnc_ir::{ConstId, DType, Graph, Op, Tensor, TensorType, ValueId};
+use cnnc_ir::{ConstId, ConstValue, Constant, DType, Graph, Node, Op, Scalar, Schedule, Tensor, TensorData, TensorType, ValueId};
 
 use crate::fold;
 use crate::proto::{AttributeProto, AttributeType, NodeProto};
@@ -55,8 +55,35 @@ impl GraphBuilder {
         v
     }
 
+    /// A constant every element of which is `value`, without materializing it.
+    pub fn splat_constant(&mut self, name: impl Into<String>, ty: TensorType, value: Scalar) -> ValueId {
+        let name = name.into();
+        // An empty constant has no element to repeat: stored dense, as `Constant::from_tensor` does.
+        let value = if ty.numel() == 0 { ConstValue::Dense(TensorData::zeros(ty.dtype, 0)) } else { ConstValue::Splat(value) };
+        self.graph.constants.push(Constant { name: name.clone(), ty: ty.clone(), value });
+        let id = ConstId((self.graph.constants.len() - 1) as u32);
+        let v = self.graph.add_value(ty, name.clone());
+        self.graph.nodes.push(Node {
+            name,
+            op: Op::Constant(id),
+            inputs: vec![],
+            outputs: vec![v],
+            epilogue: vec![],
+            schedule: Schedule::default(),
+        });
+        self.constants.insert(v, id);
+        v
+    }
+
     pub fn is_constant(&self, v: ValueId) -> bool {
         self.constants.contains_key(&v)
+    }
+
+    fn splat_of(&self, v: ValueId) -> Option<Scalar> {
+        match self.graph.constant(*self.constants.get(&v)?).value {
+            ConstValue::Splat(s) => Some(s),
+            ConstValue::Dense(_) => None,
+        }
     }
 
     pub fn constant_tensor(&self, v: ValueId) -> Option<Tensor> {
@@ -75,7 +102,15 @@ impl GraphBuilder {
         let types: Vec<&TensorType> = inputs.iter().map(|&v| self.graph.ty(v)).collect();
         let declared = declared.map(|t| vec![t]);
         let out_types = output_types(&op, &types, &self.graph.constants, declared.as_deref())?;
-        if !inputs.is_empty() && inputs.iter().all(|v| self.is_constant(*v)) {
+        for ty in &out_types {
+            check_size(ty)?;
+        }
+        if let Some(value) = self.moved_splat(&op, inputs) {
+            let ty = out_types[0].clone();
+            return Ok(vec![self.splat_constant(name, ty, value)]);
+        }
+        let folded_size: usize = out_types.iter().map(TensorType::numel).sum();
+        if !inputs.is_empty() && folded_size <= MAX_FOLDED_ELEMENTS && inputs.iter().all(|v| self.is_constant(*v)) {
             let tensors: Vec<Tensor> = inputs.iter().filter_map(|&v| self.constant_tensor(v)).collect();
             let refs: Vec<&Tensor> = tensors.iter().collect();
             // A fold that fails leaves the node in place: the error then surfaces where the
@@ -87,6 +122,31 @@ impl GraphBuilder {
             }
         }
         Ok(self.graph.add_node_typed(name, op, inputs.to_vec(), out_types))
+    }
+}
+
+impl GraphBuilder {
+    /// The value of a data-movement op applied to one splat constant: the same splat, in
+    /// the output's type, without materializing either.
+    fn moved_splat(&self, op: &Op, inputs: &[ValueId]) -> Option<Scalar> {
+        let moves_data = matches!(op, Op::Reshape | Op::Broadcast | Op::Transpose { .. } | Op::Slice { .. });
+        match (op, inputs) {
+            (Op::Cast { to }, [x]) => Some(self.splat_of(*x)?.cast(*to)),
+            (_, [x]) if moves_data => self.splat_of(*x),
+            _ => None,
+        }
+    }
+}
+
+/// Folding evaluates in memory; a larger result stays a node (and is computed at run time).
+const MAX_FOLDED_ELEMENTS: usize = 1 << 24;
+
+/// Refuses a type whose byte size does not fit in memory (a malformed or hostile model).
+fn check_size(ty: &TensorType) -> Result<(), String> {
+    let bytes = ty.shape.iter().try_fold(ty.dtype.size(), |acc, &d| acc.checked_mul(d));
+    match bytes {
+        Some(b) if b <= isize::MAX as usize => Ok(()),
+        _ => Err(format!("a tensor of shape {:?} is too large", ty.shape)),
     }
 }
 
@@ -189,6 +249,13 @@ impl<'a> NodeCtx<'a> {
 
     pub fn constant(&mut self, tensor: Tensor) -> ValueId {
         self.builder.constant(self.name.clone(), tensor)
+    }
+
+    /// A constant filled with `value`, stored as a splat.
+    pub fn splat(&mut self, shape: Vec<usize>, value: Scalar) -> LowerResult<ValueId> {
+        let ty = TensorType::new(value.dtype(), shape);
+        check_size(&ty)?;
+        Ok(self.builder.splat_constant(self.name.clone(), ty, value))
     }
 
     /// `x` with a new shape of the same element count; `x` itself when the shape is unchanged.

@@ -434,5 +434,9 @@ fn input_type(input: &crate::proto::ValueInfoProto, options: &LoadOptions) -> Re
         };
         dims.push(dim);
     }
+    let fits = dims.iter().try_fold(dtype.size(), |acc, &d| acc.checked_mul(d)).is_some_and(|b| b <= isize::MAX as usize);
+    if !fits {
+        return Err(invalid(format!("graph input '{name}' of shape {dims:?} is too large")));
+    }
     Ok(cnnc_ir::TensorType::new(dtype, dims))
 }

@@ -370,3 +370,49 @@ fn tensor_pb_round_trip_through_the_writer_types() {
     assert_eq!(proto.data_type, data_type::BOOL);
     assert_eq!(cnnc_onnx::tensor_from_proto(&proto, None).unwrap(), t);
 }
+
+mod robustness {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample_model() -> Vec<u8> {
+        let mut m = ModelBuilder::new("sample", 17);
+        m.input("x", DType::F32, &[1, 2, 4, 4])
+            .initializer("shape", &i64s(&[2], &[1, -1]))
+            .initializer("pads", &i64s(&[8], &[0, 0, 1, 1, 0, 0, 1, 1]))
+            .initializer("w", &f32s(&[2], &[0.5, -0.5]))
+            .node("Pad", &["x", "pads"], &["p"], vec![attr::string("mode", "reflect")])
+            .node("Transpose", &["p"], &["t"], vec![attr::ints("perm", &[0, 2, 3, 1])])
+            .node("Mul", &["t", "w"], &["m"], vec![])
+            .node("Reshape", &["m", "shape"], &["r"], vec![])
+            .node("Split", &["r"], &["a", "b"], vec![attr::int("axis", 1)])
+            .node("Concat", &["b", "a"], &["y"], vec![attr::int("axis", 1)])
+            .output("y", DType::F32, &[1, 72]);
+        m.to_bytes()
+    }
+
+    #[test]
+    fn the_sample_model_loads() {
+        load_model_bytes(&sample_model(), &LoadOptions::default()).unwrap();
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+        /// Corrupted models are errors (or, by luck, still models), never panics.
+        #[test]
+        fn corrupted_models_do_not_panic(edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6)) {
+            let mut bytes = sample_model();
+            for (at, value) in edits {
+                let i = at.index(bytes.len());
+                bytes[i] = value;
+            }
+            let _ = load_model_bytes(&bytes, &LoadOptions::default());
+        }
+
+        #[test]
+        fn truncated_models_do_not_panic(len in 0usize..400) {
+            let bytes = sample_model();
+            let _ = load_model_bytes(&bytes[..len.min(bytes.len())], &LoadOptions::default());
+        }
+    }
+}

@@ -1,7 +1,7 @@
 //! Ops that pass values through or produce constants: Identity, Dropout, Constant, Shape,
 //! Size, ConstantOfShape, Cast, CastLike.
 
-use cnnc_ir::{DType, Tensor, TensorData, ValueId};
+use cnnc_ir::{DType, Scalar, Tensor, TensorData, ValueId};
 
 use crate::ctx::{LowerResult, NodeCtx, invalid, to_sizes, unsupported};
 use crate::tensor::dtype_from_onnx;
@@ -26,8 +26,7 @@ pub fn dropout(ctx: &mut NodeCtx) -> LowerResult<Vec<ValueId>> {
     let mut outputs = vec![x];
     if ctx.node.output.get(1).is_some_and(|m| !m.is_empty()) {
         let shape = ctx.shape(x);
-        let n = shape.iter().product();
-        outputs.push(ctx.constant(Tensor::new(shape, TensorData::Bool(vec![true; n]))));
+        outputs.push(ctx.splat(shape, Scalar::Bool(true))?);
     }
     Ok(outputs)
 }
@@ -78,10 +77,9 @@ pub fn constant_of_shape(ctx: &mut NodeCtx) -> LowerResult<Vec<ValueId>> {
     let value = match ctx.attr_tensor("value")? {
         Some(t) if t.numel() == 1 => t.data.get(0),
         Some(t) => return Err(invalid(format!("attribute 'value' must hold one element, has {}", t.numel()))),
-        None => cnnc_ir::Scalar::F32(0.0),
+        None => Scalar::F32(0.0),
     };
-    let n = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(|| invalid("shape overflows"))?;
-    Ok(vec![ctx.constant(Tensor::new(shape, TensorData::splat(value, n)))])
+    Ok(vec![ctx.splat(shape, value)?])
 }
 
 fn cast_target(elem_type: i64) -> LowerResult<DType> {

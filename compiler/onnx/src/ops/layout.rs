@@ -150,7 +150,11 @@ pub fn tile(ctx: &mut NodeCtx) -> LowerResult<Vec<ValueId>> {
     }
     let interleaved: Vec<usize> = shape.iter().flat_map(|&d| [1, d]).collect();
     let broadcast: Vec<usize> = shape.iter().zip(&repeats).flat_map(|(&d, &r)| [r, d]).collect();
-    let out: Vec<usize> = shape.iter().zip(&repeats).map(|(&d, &r)| d * r).collect();
+    let out = shape
+        .iter()
+        .zip(&repeats)
+        .map(|(&d, &r)| d.checked_mul(r).ok_or_else(|| invalid(format!("repeats {repeats:?} overflow the shape {shape:?}"))))
+        .collect::<LowerResult<Vec<usize>>>()?;
     let spread = ctx.reshape(x, interleaved)?;
     let repeated = broadcast_to(ctx, spread, broadcast)?;
     Ok(vec![ctx.reshape(repeated, out)?])
@@ -171,8 +175,9 @@ fn nchw_and_block(ctx: &NodeCtx, x: ValueId) -> LowerResult<([usize; 4], usize)>
         .map_err(|_| invalid(format!("input must be 4-D [N, C, H, W], got {shape:?}")))?;
     let block = ctx.attr_int_opt("blocksize")?;
     let block = ctx.required("blocksize", block)?;
-    if block < 1 {
-        return Err(invalid(format!("blocksize must be positive, got {block}")));
+    // A block wider than the input could never divide it; the bound also keeps block² exact.
+    if block < 1 || block > dims[1].max(dims[2]).max(dims[3]).max(1) as i64 {
+        return Err(invalid(format!("blocksize {block} must be positive and at most the input's extents {shape:?}")));
     }
     Ok((dims, block as usize))
 }

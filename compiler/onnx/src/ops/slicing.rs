@@ -133,6 +133,9 @@ pub fn split(ctx: &mut NodeCtx) -> LowerResult<Vec<ValueId>> {
     Ok(results)
 }
 
+/// Pads larger than this cannot describe a tensor that fits in memory.
+const MAX_PAD: u64 = 1 << 48;
+
 /// Pad: `pads`/`value` attributes before opset 11; constant inputs pads, constant_value and
 /// (opset 18) axes after. Pads list all begins, then all ends.
 pub fn pad(ctx: &mut NodeCtx) -> LowerResult<Vec<ValueId>> {
@@ -155,6 +158,9 @@ pub fn pad(ctx: &mut NodeCtx) -> LowerResult<Vec<ValueId>> {
         Some(axes) => normalize_axes(&axes, rank)?,
         None => (0..rank).collect(),
     };
+    if let Some(p) = pads.iter().find(|p| p.unsigned_abs() > MAX_PAD) {
+        return Err(invalid(format!("pad {p} is beyond any tensor size")));
+    }
     if pads.len() != 2 * axes.len() {
         return Err(invalid(format!("pads {pads:?} must have 2 entries per padded axis ({})", axes.len())));
     }
