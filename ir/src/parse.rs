@@ -37,6 +37,15 @@ impl fmt::Display for ParseError {
 impl std::error::Error for ParseError {}
 
 /// Reads a graph printed by `crate::print::print` (or written by hand in that form).
+///
+/// ```
+/// let text = "graph \"g\"\ninputs:\n  %0 \"x\": f32[2]\nnodes:\n  %1: f32[2] = unary relu %0 \"r\"\noutputs: %1\n";
+/// let g = cnnc_ir::parse(text).unwrap();
+/// assert_eq!(g.nodes[0].op, cnnc_ir::Op::Unary(cnnc_ir::UnaryFn::Relu));
+/// assert_eq!(cnnc_ir::print(&g), text);
+/// let e = cnnc_ir::parse("graph \"g\"\nnodes:\n  %0: f32[2] = relu\n").unwrap_err();
+/// assert_eq!(e.to_string(), "line 3, column 16: unknown op `relu`");
+/// ```
 pub fn parse(text: &str) -> Result<Graph, ParseError> {
     let mut parser = Parser { text, lexer: Lexer::new(text), lookahead: Vec::new() };
     parser.graph().map_err(|e| {

@@ -163,7 +163,7 @@ fn write_dense(out: &mut String, data: &TensorData) {
             out.push(',');
             out.push_str(if i % ELEMENTS_PER_LINE == 0 { "\n      " } else { " " });
         }
-        out.push_str(&scalar_literal(data.get(i)));
+        write_scalar(out, data.get(i));
     }
     out.push(']');
 }
@@ -417,25 +417,30 @@ pub(crate) fn arg_name(kind: ArgKind) -> &'static str {
 
 /// A scalar in its own dtype's notation: `0.5`, `-3`, `true`.
 pub(crate) fn scalar_literal(s: Scalar) -> String {
-    match s {
-        Scalar::F32(v) => f32_literal(v),
-        Scalar::I64(v) => v.to_string(),
-        Scalar::I32(v) => v.to_string(),
-        Scalar::Bool(v) => v.to_string(),
-    }
+    let mut out = String::new();
+    write_scalar(&mut out, s);
+    out
 }
 
-/// The bit pattern of the NaN Rust's float parser returns for `NaN`.
+/// Floats are exact: Rust's `{:?}` prints the shortest decimal that parses back to the
+/// same bits and covers `inf`/`-inf`/`-0.0`; only NaN payloads and signs need the bit
+/// pattern. Appends without a temporary string: a full print writes every weight here.
+fn write_scalar(out: &mut String, s: Scalar) {
+    match s {
+        Scalar::F32(v) if v.is_nan() && v.to_bits() != CANONICAL_NAN_BITS => write!(out, "0x{:08x}", v.to_bits()),
+        Scalar::F32(v) => write!(out, "{v:?}"),
+        Scalar::I64(v) => write!(out, "{v}"),
+        Scalar::I32(v) => write!(out, "{v}"),
+        Scalar::Bool(v) => write!(out, "{v}"),
+    }
+    .unwrap()
+}
+
+/// The one NaN written `NaN` (`f32::NAN`); every other NaN is written as its bit pattern.
 pub(crate) const CANONICAL_NAN_BITS: u32 = 0x7fc0_0000;
 
-/// Exact: Rust's `{:?}` prints the shortest decimal that parses back to the same bits,
-/// and covers `inf`/`-inf`/`-0.0`; only NaN payloads and signs need the bit pattern.
 pub(crate) fn f32_literal(v: f32) -> String {
-    if v.is_nan() && v.to_bits() != CANONICAL_NAN_BITS {
-        format!("0x{:08x}", v.to_bits())
-    } else {
-        format!("{v:?}")
-    }
+    scalar_literal(Scalar::F32(v))
 }
 
 pub(crate) fn quote(s: &str) -> String {
