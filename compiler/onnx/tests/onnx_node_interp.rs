@@ -121,6 +121,9 @@ fn run_case(case: &Path) -> Outcome {
             }
         }
     };
+    if let Err(e) = cnnc_ir::verify::verify(&graph) {
+        return Outcome::Fail(format!("verifier: {e}"));
+    }
     if inputs.len() != input_names.len() {
         return Outcome::Fail(format!("{} input files for {} graph inputs", inputs.len(), input_names.len()));
     }

@@ -4,8 +4,13 @@
 use cnnc_ir::{DType, Graph, Op, Tensor, TensorData};
 use cnnc_onnx::{FrontendError, LoadOptions, ModelBuilder, load_model_bytes};
 
+/// Loads a model and checks the IR verifier accepts what the frontend produced.
 pub fn load(m: &ModelBuilder) -> Graph {
-    load_model_bytes(&m.to_bytes(), &LoadOptions::default()).unwrap_or_else(|e| panic!("load failed: {e}"))
+    let g = load_model_bytes(&m.to_bytes(), &LoadOptions::default()).unwrap_or_else(|e| panic!("load failed: {e}"));
+    if let Err(e) = cnnc_ir::verify::verify(&g) {
+        panic!("the frontend produced IR the verifier rejects: {e}");
+    }
+    g
 }
 
 pub fn load_err(m: &ModelBuilder) -> FrontendError {
