@@ -32,8 +32,9 @@ fn same_dtype(a: &TensorType, b: &TensorType, what: &str) -> Result<(), String> 
 }
 
 fn conv_out_dim(input: usize, k: usize, s: usize, d: usize, pb: usize, pe: usize) -> Result<usize, String> {
-    let span = d * (k - 1) + 1;
-    let padded = input + pb + pe;
+    // Checked: attributes come from files and must not overflow into a panic.
+    let span = d.checked_mul(k - 1).and_then(|x| x.checked_add(1)).ok_or("window extent overflows")?;
+    let padded = input.checked_add(pb).and_then(|x| x.checked_add(pe)).ok_or("padded extent overflows")?;
     if padded < span {
         return err(format!("window of extent {span} does not fit padded input {padded}"));
     }
@@ -212,8 +213,8 @@ pub fn output_types(
                 if out.shape[i] == 0 {
                     continue;
                 }
-                let last = starts[i] as i64 + (out.shape[i] as i64 - 1) * steps[i];
-                if steps[i] == 0 || starts[i] >= x.shape[i] || last < 0 || last >= x.shape[i] as i64 {
+                let last = starts[i] as i128 + (out.shape[i] as i128 - 1) * steps[i] as i128;
+                if steps[i] == 0 || starts[i] >= x.shape[i] || last < 0 || last >= x.shape[i] as i128 {
                     return err(format!("slice: axis {i} reads outside {x}"));
                 }
             }
@@ -232,8 +233,8 @@ pub fn output_types(
             }
             let mut s = Vec::new();
             for i in 0..x.rank() {
-                let n = x.shape[i] as i64 + begins[i] + ends[i];
-                if n < 0 {
+                let n = x.shape[i] as i128 + begins[i] as i128 + ends[i] as i128;
+                if n < 0 || n > isize::MAX as i128 {
                     return err(format!("pad: axis {i} would have negative extent"));
                 }
                 if !matches!(mode, PadMode::Constant(_)) && x.shape[i] == 0 && n > 0 {
