@@ -1,1 +1,371 @@
-//! (being written)
+//! Direct convolution (`Op::Conv`) over any number of spatial axes, f32.
+//!
+//! Loop nest: batch, group, blocks of up to 4 output channels, then the output
+//! positions axis by axis. Each axis is split into window segments (see
+//! `compute::window`) so that every tap range is a compile-time constant and no
+//! bounds are tested. Along the innermost axis a tile holds, per output channel of
+//! the block, up to four f32x4 accumulators over consecutive output positions; the
+//! accumulators stay in registers across the whole reduction (input channels, then
+//! kernel taps, the innermost kernel axis unrolled). Leftover positions use one-vector
+//! and then scalar tiles. 1x1 convolutions without stride or padding are run as one
+//! flat spatial axis, which makes them a plain matrix product.
+
+use cnnc_ir::{ConvGeometry, DType, Op};
+use cranelift_codegen::ir::{InstBuilder, Value, types::F32};
+use cranelift_frontend::FunctionBuilder;
+
+use super::compute::window::{AxisWindow, Segment};
+use super::compute::{
+    F32_BYTES, LANES, counted_loop, index_ptr, load, load_f32x4_strided, mul_add, offset_ptr, require_buffers, require_dtype,
+    require_plain_layout, scalar_flags, splat_f32, store, tiled_loop, vector_flags, weight,
+};
+use super::{CodegenError, KernelCtx};
+
+/// Output channels computed together: each tap's input vectors are reused this often.
+const CHANNEL_BLOCK: usize = 4;
+
+/// Innermost kernel axes up to this many taps are unrolled; longer ones loop.
+const UNROLL_TAPS: usize = 8;
+
+/// Vector accumulators per output channel for a block of `channels`, chosen to keep
+/// accumulators + input vectors + one weight splat within x86's 16 xmm registers.
+fn vectors_per_channel(channels: usize) -> usize {
+    match channels {
+        4 => 2,
+        3 => 3,
+        _ => 4,
+    }
+}
+
+pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
+    let Op::Conv(geometry) = &k.node.op else {
+        return Err(CodegenError(format!("conv::emit called on a {} node '{}'", k.node.op.mnemonic(), k.node.name)));
+    };
+    require_plain_layout(k)?;
+    require_buffers(k, 2, 3, 1)?;
+    let x_ty = k.graph.ty(k.node.inputs[0]);
+    let w_ty = k.graph.ty(k.node.inputs[1]);
+    let y_ty = k.graph.ty(k.node.outputs[0]);
+    require_dtype(k, "input", x_ty, DType::F32)?;
+    require_dtype(k, "weight", w_ty, DType::F32)?;
+    require_dtype(k, "output", y_ty, DType::F32)?;
+    if let Some(&bias) = k.node.inputs.get(2) {
+        require_dtype(k, "bias", k.graph.ty(bias), DType::F32)?;
+    }
+    let plan = ConvPlan::new(&x_ty.shape, &w_ty.shape, &y_ty.shape, geometry)
+        .map_err(|e| CodegenError(format!("conv node '{}': {e}", k.node.name)))?;
+    let bias = k.inputs.get(2).copied();
+    plan.emit(k.b, k.inputs[0], k.inputs[1], bias, k.outputs[0]);
+    Ok(())
+}
+
+/// Sizes and strides of one convolution, in elements.
+struct ConvPlan {
+    batch: usize,
+    groups: usize,
+    in_per_group: usize,
+    out_per_group: usize,
+    axes: Vec<AxisWindow>,
+    segments: Vec<Vec<Segment>>,
+    in_strides: Vec<usize>,
+    out_strides: Vec<usize>,
+    kernel_strides: Vec<usize>,
+    in_plane: usize,
+    out_plane: usize,
+    kernel_size: usize,
+}
+
+/// The output channels a tile computes and where their data lives.
+#[derive(Clone, Copy)]
+struct ChannelBlock {
+    channels: usize,
+    /// Weights of the block's first output channel.
+    w: Value,
+    bias: Option<Value>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Width {
+    Vectors(usize),
+    Scalar,
+}
+
+impl Width {
+    fn positions(self) -> usize {
+        match self {
+            Width::Vectors(n) => n * LANES,
+            Width::Scalar => 1,
+        }
+    }
+}
+
+fn row_major_strides(shape: &[usize]) -> Vec<usize> {
+    cnnc_ir::strides(shape)
+}
+
+impl ConvPlan {
+    fn new(x: &[usize], w: &[usize], y: &[usize], g: &ConvGeometry) -> Result<ConvPlan, String> {
+        let rank = x.len();
+        if rank < 3 || w.len() != rank || y.len() != rank {
+            return Err(format!("input {x:?}, weight {w:?} and output {y:?} must share a rank >= 3"));
+        }
+        let spatial = rank - 2;
+        if [g.strides.len(), g.dilations.len(), g.pads_begin.len(), g.pads_end.len()] != [spatial; 4] {
+            return Err(format!("geometry needs {spatial} strides, dilations and pads"));
+        }
+        let groups = g.groups;
+        if groups == 0 || x[1] % groups != 0 || w[0] % groups != 0 || w[1] * groups != x[1] || y[1] != w[0] || y[0] != x[0] {
+            return Err(format!("input {x:?}, weight {w:?}, output {y:?} disagree for groups={groups}"));
+        }
+        let mut axes = Vec::with_capacity(spatial);
+        for i in 0..spatial {
+            let axis = AxisWindow {
+                input: x[2 + i],
+                output: y[2 + i],
+                kernel: w[2 + i],
+                stride: g.strides[i],
+                dilation: g.dilations[i],
+                pad_begin: g.pads_begin[i],
+                pad_end: g.pads_end[i],
+            };
+            if axis.kernel == 0 || axis.stride == 0 || axis.dilation == 0 {
+                return Err(format!("axis {i}: zero kernel size, stride or dilation"));
+            }
+            axes.push(axis);
+        }
+        let pointwise = axes.iter().all(|a| a.kernel == 1 && a.stride == 1 && a.pad_begin == 0 && a.pad_end == 0 && a.input == a.output);
+        let (in_sp, out_sp, k_sp): (Vec<usize>, Vec<usize>, Vec<usize>) = if pointwise && spatial > 1 {
+            let plane: usize = x[2..].iter().product();
+            axes = vec![AxisWindow { input: plane, output: plane, kernel: 1, stride: 1, dilation: 1, pad_begin: 0, pad_end: 0 }];
+            (vec![plane], vec![plane], vec![1])
+        } else {
+            (x[2..].to_vec(), y[2..].to_vec(), w[2..].to_vec())
+        };
+        let segments = axes.iter().map(AxisWindow::segments).collect();
+        Ok(ConvPlan {
+            batch: x[0],
+            groups,
+            in_per_group: w[1],
+            out_per_group: w[0] / groups,
+            axes,
+            segments,
+            in_strides: row_major_strides(&in_sp),
+            out_strides: row_major_strides(&out_sp),
+            kernel_strides: row_major_strides(&k_sp),
+            in_plane: in_sp.iter().product(),
+            out_plane: out_sp.iter().product(),
+            kernel_size: k_sp.iter().product(),
+        })
+    }
+
+    fn bytes(elements: usize) -> i64 {
+        elements as i64 * F32_BYTES
+    }
+
+    fn emit(&self, b: &mut FunctionBuilder, x: Value, w: Value, bias: Option<Value>, y: Value) {
+        let channels = self.groups * self.in_per_group;
+        let out_channels = self.groups * self.out_per_group;
+        let x_batch = Self::bytes(channels * self.in_plane);
+        let y_batch = Self::bytes(out_channels * self.out_plane);
+        counted_loop(b, self.batch, vec![], |b, n, _| {
+            let x_n = index_ptr(b, x, n, x_batch);
+            let y_n = index_ptr(b, y, n, y_batch);
+            counted_loop(b, self.groups, vec![], |b, g, _| {
+                let x_g = index_ptr(b, x_n, g, Self::bytes(self.in_per_group * self.in_plane));
+                let w_g = index_ptr(b, w, g, Self::bytes(self.out_per_group * self.in_per_group * self.kernel_size));
+                let y_g = index_ptr(b, y_n, g, Self::bytes(self.out_per_group * self.out_plane));
+                let bias_g = bias.map(|p| index_ptr(b, p, g, Self::bytes(self.out_per_group)));
+                self.emit_group(b, x_g, w_g, bias_g, y_g);
+                vec![]
+            });
+            vec![]
+        });
+    }
+
+    fn emit_group(&self, b: &mut FunctionBuilder, x: Value, w: Value, bias: Option<Value>, y: Value) {
+        let block = CHANNEL_BLOCK.min(self.out_per_group.max(1));
+        let w_step = Self::bytes(block * self.in_per_group * self.kernel_size);
+        let y_step = Self::bytes(block * self.out_plane);
+        let (_, rest) = tiled_loop(b, self.out_per_group, block, vec![], |b, i, _| {
+            let cb = ChannelBlock {
+                channels: block,
+                w: index_ptr(b, w, i, w_step),
+                bias: bias.map(|p| index_ptr(b, p, i, Self::bytes(block))),
+            };
+            let y_block = index_ptr(b, y, i, y_step);
+            self.emit_positions(b, &cb, 0, x, y_block, &mut Vec::new());
+            vec![]
+        });
+        if rest > 0 {
+            let first = self.out_per_group - rest;
+            let cb = ChannelBlock {
+                channels: rest,
+                w: offset_ptr(b, w, Self::bytes(first * self.in_per_group * self.kernel_size)),
+                bias: bias.map(|p| offset_ptr(b, p, Self::bytes(first))),
+            };
+            let y_block = offset_ptr(b, y, Self::bytes(first * self.out_plane));
+            self.emit_positions(b, &cb, 0, x, y_block, &mut Vec::new());
+        }
+    }
+
+    /// Output positions of axis `axis` and the axes inside it. `x_origin` points at the
+    /// window origin of the enclosing axes' positions (it may lie outside the buffer,
+    /// never dereferenced there); `taps` holds the tap ranges fixed by those axes.
+    fn emit_positions(&self, b: &mut FunctionBuilder, cb: &ChannelBlock, axis: usize, x_origin: Value, y: Value, taps: &mut Vec<(usize, usize)>) {
+        let a = self.axes[axis];
+        let in_stride = Self::bytes(self.in_strides[axis]);
+        let out_stride = Self::bytes(self.out_strides[axis]);
+        let innermost = axis + 1 == self.axes.len();
+        for seg in &self.segments[axis] {
+            let x0 = offset_ptr(b, x_origin, a.origin(seg.start) * in_stride);
+            let y0 = offset_ptr(b, y, seg.start as i64 * out_stride);
+            taps.push((seg.tap_begin, seg.tap_end));
+            if !innermost {
+                counted_loop(b, seg.count, vec![x0, y0], |b, _, c| {
+                    self.emit_positions(b, cb, axis + 1, c[0], c[1], taps);
+                    vec![b.ins().iadd_imm_s(c[0], a.stride as i64 * in_stride), b.ins().iadd_imm_s(c[1], out_stride)]
+                });
+            } else {
+                let vectors = vectors_per_channel(cb.channels);
+                let mut widths = vec![Width::Vectors(vectors)];
+                if vectors > 1 {
+                    widths.push(Width::Vectors(1));
+                }
+                widths.push(Width::Scalar);
+                let mut cursors = vec![x0, y0];
+                let mut left = seg.count;
+                for width in widths {
+                    let step = width.positions();
+                    let (c, rest) = tiled_loop(b, left, step, cursors, |b, _, c| {
+                        self.emit_tile(b, cb, width, c[0], c[1], taps);
+                        vec![
+                            b.ins().iadd_imm_s(c[0], (step * a.stride) as i64 * F32_BYTES),
+                            b.ins().iadd_imm_s(c[1], step as i64 * F32_BYTES),
+                        ]
+                    });
+                    cursors = c;
+                    left = rest;
+                }
+            }
+            taps.pop();
+        }
+    }
+
+    /// One register tile: `cb.channels` output channels × `width` positions.
+    fn emit_tile(&self, b: &mut FunctionBuilder, cb: &ChannelBlock, width: Width, x_origin: Value, y: Value, taps: &[(usize, usize)]) {
+        let lanes_per_channel = match width {
+            Width::Vectors(n) => n,
+            Width::Scalar => 1,
+        };
+        let mut accs = Vec::with_capacity(cb.channels * lanes_per_channel);
+        for r in 0..cb.channels {
+            let init = match cb.bias {
+                Some(p) => {
+                    let v = load(b, F32, weight(scalar_flags()), p, Self::bytes(r));
+                    if width == Width::Scalar { v } else { b.ins().splat(cranelift_codegen::ir::types::F32X4, v) }
+                }
+                None if width == Width::Scalar => b.ins().f32const(0.0),
+                None => splat_f32(b, 0.0),
+            };
+            accs.extend(std::iter::repeat_n(init, lanes_per_channel));
+        }
+        let mut carried = vec![x_origin, cb.w];
+        carried.extend(accs);
+        let in_channel_step = Self::bytes(self.in_plane);
+        let w_channel_step = Self::bytes(self.kernel_size);
+        let done = counted_loop(b, self.in_per_group, carried, |b, _, c| {
+            let accs = self.emit_taps(b, cb, width, 0, c[0], c[1], c[2..].to_vec(), taps);
+            let mut next = vec![b.ins().iadd_imm_s(c[0], in_channel_step), b.ins().iadd_imm_s(c[1], w_channel_step)];
+            next.extend(accs);
+            next
+        });
+        let accs = &done[2..];
+        for r in 0..cb.channels {
+            for v in 0..lanes_per_channel {
+                let acc = accs[r * lanes_per_channel + v];
+                let offset = Self::bytes(r * self.out_plane + v * LANES);
+                match width {
+                    Width::Vectors(_) => store(b, vector_flags(), acc, y, offset),
+                    Width::Scalar => store(b, scalar_flags(), acc, y, offset),
+                }
+            }
+        }
+    }
+
+    /// Accumulates the taps of kernel axes `axis..` for one input channel.
+    #[allow(clippy::too_many_arguments)]
+    fn emit_taps(
+        &self,
+        b: &mut FunctionBuilder,
+        cb: &ChannelBlock,
+        width: Width,
+        axis: usize,
+        x: Value,
+        w: Value,
+        accs: Vec<Value>,
+        taps: &[(usize, usize)],
+    ) -> Vec<Value> {
+        let a = self.axes[axis];
+        let (begin, end) = taps[axis];
+        let x_tap = Self::bytes(a.dilation * self.in_strides[axis]);
+        let w_tap = Self::bytes(self.kernel_strides[axis]);
+        let innermost = axis + 1 == self.axes.len();
+        if innermost && end - begin <= UNROLL_TAPS {
+            let mut accs = accs;
+            for t in begin..end {
+                accs = self.emit_tap(b, cb, width, x, t as i64 * x_tap, w, t as i64 * w_tap, accs);
+            }
+            return accs;
+        }
+        let x0 = offset_ptr(b, x, begin as i64 * x_tap);
+        let w0 = offset_ptr(b, w, begin as i64 * w_tap);
+        let mut carried = vec![x0, w0];
+        carried.extend(accs);
+        let done = counted_loop(b, end - begin, carried, |b, _, c| {
+            let accs = if innermost {
+                self.emit_tap(b, cb, width, c[0], 0, c[1], 0, c[2..].to_vec())
+            } else {
+                self.emit_taps(b, cb, width, axis + 1, c[0], c[1], c[2..].to_vec(), taps)
+            };
+            let mut next = vec![b.ins().iadd_imm_s(c[0], x_tap), b.ins().iadd_imm_s(c[1], w_tap)];
+            next.extend(accs);
+            next
+        });
+        done[2..].to_vec()
+    }
+
+    /// One kernel tap: loads the tile's inputs once and each channel's weight once.
+    #[allow(clippy::too_many_arguments)]
+    fn emit_tap(
+        &self,
+        b: &mut FunctionBuilder,
+        cb: &ChannelBlock,
+        width: Width,
+        x: Value,
+        x_offset: i64,
+        w: Value,
+        w_offset: i64,
+        mut accs: Vec<Value>,
+    ) -> Vec<Value> {
+        let stride = self.axes[self.axes.len() - 1].stride;
+        let inputs: Vec<Value> = match width {
+            Width::Vectors(n) => (0..n)
+                .map(|v| load_f32x4_strided(b, vector_flags(), x, x_offset + Self::bytes(v * LANES * stride), stride))
+                .collect(),
+            Width::Scalar => vec![load(b, F32, scalar_flags(), x, x_offset)],
+        };
+        let w_channel = Self::bytes(self.in_per_group * self.kernel_size);
+        for r in 0..cb.channels {
+            let scalar = load(b, F32, weight(scalar_flags()), w, w_offset + r as i64 * w_channel);
+            let wv = match width {
+                Width::Vectors(_) => b.ins().splat(cranelift_codegen::ir::types::F32X4, scalar),
+                Width::Scalar => scalar,
+            };
+            for (v, &input) in inputs.iter().enumerate() {
+                let i = r * inputs.len() + v;
+                accs[i] = mul_add(b, accs[i], input, wv);
+            }
+        }
+        accs
+    }
+}

@@ -1,0 +1,296 @@
+//! Compute kernels (conv, conv_transpose, matmul, pool, reduce, arg_reduce) run
+//! through a one-node JIT and compared against naive references.
+//!
+//! Throughput: `cargo test -p cnnc-codegen --release --test compute_kernels -- --ignored --nocapture`.
+
+#[path = "compute_kernels/harness.rs"]
+mod harness;
+#[path = "compute_kernels/reference.rs"]
+mod reference;
+
+use cnnc_codegen::kernels::{conv, matmul};
+use cnnc_ir::{ConvGeometry, DType, Op, Tensor, TensorType};
+use harness::{assert_close, random_f32, random_int};
+use proptest::prelude::*;
+
+fn config(cases: u32) -> ProptestConfig {
+    ProptestConfig { cases, max_shrink_iters: 200, ..ProptestConfig::default() }
+}
+
+// ---------------------------------------------------------------- conv
+
+#[derive(Clone, Debug)]
+struct ConvCase {
+    batch: usize,
+    groups: usize,
+    in_per_group: usize,
+    out_per_group: usize,
+    input: Vec<usize>,
+    kernel: Vec<usize>,
+    strides: Vec<usize>,
+    dilations: Vec<usize>,
+    pads_begin: Vec<usize>,
+    pads_end: Vec<usize>,
+    bias: bool,
+    seed: u64,
+}
+
+impl ConvCase {
+    fn geometry(&self) -> ConvGeometry {
+        ConvGeometry {
+            strides: self.strides.clone(),
+            dilations: self.dilations.clone(),
+            pads_begin: self.pads_begin.clone(),
+            pads_end: self.pads_end.clone(),
+            groups: self.groups,
+        }
+    }
+
+    fn x_shape(&self) -> Vec<usize> {
+        let mut s = vec![self.batch, self.groups * self.in_per_group];
+        s.extend(&self.input);
+        s
+    }
+
+    /// Makes every axis's padded input at least one window long.
+    fn fit_pads(mut self) -> Self {
+        for d in 0..self.input.len() {
+            let span = self.dilations[d] * (self.kernel[d] - 1) + 1;
+            let padded = self.input[d] + self.pads_begin[d] + self.pads_end[d];
+            if padded < span {
+                self.pads_end[d] += span - padded;
+            }
+        }
+        self
+    }
+}
+
+/// (groups, in channels per group, out channels per group): dense, grouped, depthwise.
+fn channel_layout() -> impl Strategy<Value = (usize, usize, usize)> {
+    prop_oneof![
+        (Just(1usize), 1usize..7, 1usize..10),
+        (2usize..4, 1usize..4, 1usize..6),
+        (1usize..9, Just(1usize), 1usize..3),
+    ]
+}
+
+fn conv_case() -> impl Strategy<Value = ConvCase> {
+    (1usize..4).prop_flat_map(|rank| {
+        let max_in = [0, 14, 10, 6][rank];
+        let max_k = [0, 5, 4, 3][rank];
+        (
+            1usize..3,
+            channel_layout(),
+            prop::collection::vec(1usize..max_in, rank),
+            prop::collection::vec(1usize..max_k, rank),
+            prop::collection::vec(1usize..4, rank),
+            prop::collection::vec(1usize..3, rank),
+            prop::collection::vec(0usize..4, rank),
+            prop::collection::vec(0usize..4, rank),
+            any::<bool>(),
+            any::<u64>(),
+        )
+            .prop_map(|(batch, (groups, cg, mg), input, kernel, strides, dilations, pb, pe, bias, seed)| {
+                ConvCase {
+                    batch,
+                    groups,
+                    in_per_group: cg,
+                    out_per_group: mg,
+                    input,
+                    kernel,
+                    strides,
+                    dilations,
+                    pads_begin: pb,
+                    pads_end: pe,
+                    bias,
+                    seed,
+                }
+                .fit_pads()
+            })
+    })
+}
+
+fn check_conv(case: &ConvCase) {
+    let x = random_f32(&case.x_shape(), case.seed, false);
+    let mut w_shape = vec![case.groups * case.out_per_group, case.in_per_group];
+    w_shape.extend(&case.kernel);
+    let w = random_f32(&w_shape, case.seed ^ 1, false);
+    let bias = case.bias.then(|| random_f32(&[w_shape[0]], case.seed ^ 2, false));
+    let mut inputs = vec![&x, &w];
+    inputs.extend(bias.as_ref());
+    let got = harness::run(Op::Conv(case.geometry()), &inputs, None, conv::emit).expect("conv compiles");
+    let want = reference::conv(&x, &w, bias.as_ref(), &case.geometry(), &got[0].shape);
+    assert_close(&got[0], &want, &format!("{case:?}"));
+}
+
+proptest! {
+    #![proptest_config(config(96))]
+    #[test]
+    fn conv_matches_reference(case in conv_case()) {
+        check_conv(&case);
+    }
+}
+
+fn conv2d(c: usize, m: usize, hw: usize, k: usize, stride: usize, pad: (usize, usize), groups: usize) -> ConvCase {
+    ConvCase {
+        batch: 1,
+        groups,
+        in_per_group: c / groups,
+        out_per_group: m / groups,
+        input: vec![hw, hw + 3],
+        kernel: vec![k, k],
+        strides: vec![stride; 2],
+        dilations: vec![1; 2],
+        pads_begin: vec![pad.0; 2],
+        pads_end: vec![pad.1; 2],
+        bias: true,
+        seed: 7,
+    }
+}
+
+#[test]
+fn conv_named_paddings() {
+    // valid, same, full, asymmetric
+    for pad in [(0, 0), (1, 1), (2, 2), (0, 2), (2, 1)] {
+        check_conv(&conv2d(5, 9, 11, 3, 1, pad, 1));
+        check_conv(&conv2d(5, 9, 11, 3, 2, pad, 1));
+    }
+}
+
+#[test]
+fn conv_pointwise_and_depthwise() {
+    check_conv(&conv2d(16, 24, 7, 1, 1, (0, 0), 1));
+    check_conv(&conv2d(16, 16, 9, 3, 1, (1, 1), 16));
+    check_conv(&conv2d(16, 32, 9, 3, 2, (1, 1), 16));
+    check_conv(&conv2d(12, 12, 17, 5, 1, (2, 2), 12));
+}
+
+#[test]
+fn conv_without_bias_and_large_kernel() {
+    let mut c = conv2d(3, 5, 20, 11, 4, (2, 2), 1);
+    c.bias = false;
+    check_conv(&c);
+    let mut c = conv2d(3, 5, 6, 3, 1, (0, 0), 1);
+    c.kernel = vec![1, 12];
+    c.pads_end = vec![0, 4];
+    check_conv(&c);
+}
+
+#[test]
+fn conv_rejects_integer_input() {
+    let x = Tensor::new(vec![1, 1, 3], cnnc_ir::TensorData::I64(vec![1, 2, 3]));
+    let w = Tensor::new(vec![1, 1, 1], cnnc_ir::TensorData::I64(vec![1]));
+    let g = ConvGeometry { strides: vec![1], dilations: vec![1], pads_begin: vec![0], pads_end: vec![0], groups: 1 };
+    let err = harness::run(Op::Conv(g), &[&x, &w], None, conv::emit).unwrap_err();
+    assert!(err.contains("i64"), "{err}");
+}
+
+// ---------------------------------------------------------------- matmul
+
+fn check_matmul(a_shape: &[usize], b_shape: &[usize], dtype: DType, seed: u64) {
+    let (a, b) = match dtype {
+        DType::F32 => (random_f32(a_shape, seed, false), random_f32(b_shape, seed ^ 5, false)),
+        _ => (random_int(a_shape, seed, dtype), random_int(b_shape, seed ^ 5, dtype)),
+    };
+    let got = harness::run(Op::MatMul, &[&a, &b], None, matmul::emit).expect("matmul compiles");
+    let want = reference::matmul(&a, &b);
+    assert_close(&got[0], &want, &format!("{a_shape:?} x {b_shape:?} {dtype}"));
+}
+
+/// Operand shapes with batch axes that broadcast against each other.
+fn matmul_shapes() -> impl Strategy<Value = (Vec<usize>, Vec<usize>)> {
+    (
+        1usize..14,
+        0usize..12,
+        1usize..21,
+        prop::collection::vec((1usize..4, 0usize..3), 0..3),
+        0usize..3,
+        0usize..3,
+    )
+        .prop_map(|(m, k, n, batch, drop_a, drop_b)| {
+            // Each batch axis: extent e; operands see e or 1 (broadcast) by the flag.
+            let mut a: Vec<usize> = batch.iter().map(|&(e, f)| if f == 1 { 1 } else { e }).collect();
+            let mut b: Vec<usize> = batch.iter().map(|&(e, f)| if f == 2 { 1 } else { e }).collect();
+            a.drain(..drop_a.min(a.len()));
+            b.drain(..drop_b.min(b.len()));
+            a.extend([m, k]);
+            b.extend([k, n]);
+            (a, b)
+        })
+}
+
+proptest! {
+    #![proptest_config(config(96))]
+    #[test]
+    fn matmul_f32_matches_reference((a, b) in matmul_shapes(), seed in any::<u64>()) {
+        check_matmul(&a, &b, DType::F32, seed);
+    }
+
+    #[test]
+    fn matmul_int_matches_reference((a, b) in matmul_shapes(), seed in any::<u64>(), wide in any::<bool>()) {
+        check_matmul(&a, &b, if wide { DType::I64 } else { DType::I32 }, seed);
+    }
+}
+
+#[test]
+fn matmul_batch_folding_and_edges() {
+    check_matmul(&[3, 5, 7], &[7, 9], DType::F32, 1);
+    check_matmul(&[2, 3, 5, 7], &[1, 7, 9], DType::F32, 2);
+    check_matmul(&[1, 4, 7], &[3, 7, 9], DType::F32, 3);
+    check_matmul(&[33, 65], &[65, 17], DType::F32, 4);
+    check_matmul(&[4, 0], &[0, 8], DType::F32, 5);
+    check_matmul(&[0, 3], &[3, 8], DType::F32, 6);
+}
+
+#[test]
+fn matmul_rejects_bool() {
+    let a = Tensor::new(vec![1, 1], cnnc_ir::TensorData::Bool(vec![true]));
+    let types = [a.ty(), a.ty()];
+    let declared = Some(vec![TensorType::new(DType::Bool, vec![1, 1])]);
+    match harness::compile(Op::MatMul, &types, declared, matmul::emit) {
+        Err(e) => assert!(e.contains("bool"), "{e}"),
+        Ok(_) => panic!("bool matmul compiled"),
+    }
+}
+
+// ---------------------------------------------------------------- throughput
+
+fn time_best(kernel: &harness::Kernel, table: &[*mut u8], reps: usize) -> f64 {
+    kernel.call(table);
+    (0..reps)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            kernel.call(table);
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn buffers(types: &[TensorType]) -> Vec<Vec<u8>> {
+    types.iter().map(|t| random_f32(&t.shape, 9, false).data.to_le_bytes()).collect()
+}
+
+#[test]
+#[ignore]
+fn throughput() {
+    let conv_case = conv2d(64, 64, 56, 3, 1, (1, 1), 1);
+    let x = TensorType::f32(vec![1, 64, 56, 56]);
+    let w = TensorType::f32(vec![64, 64, 3, 3]);
+    let b = TensorType::f32(vec![64]);
+    let kernel = harness::compile(Op::Conv(conv_case.geometry()), &[x.clone(), w.clone(), b.clone()], None, conv::emit).unwrap();
+    let mut types = vec![x, w, b];
+    types.extend(kernel.output_types.clone());
+    let mut bufs = buffers(&types);
+    let table: Vec<*mut u8> = bufs.iter_mut().map(|v| v.as_mut_ptr()).collect();
+    let secs = time_best(&kernel, &table, 20);
+    let flops = 2.0 * 64.0 * 64.0 * 9.0 * 56.0 * 56.0;
+    println!("conv 3x3 64->64 56x56: {:.3} ms, {:.1} GFLOP/s", secs * 1e3, flops / secs / 1e9);
+
+    let a = TensorType::f32(vec![256, 256]);
+    let kernel = harness::compile(Op::MatMul, &[a.clone(), a.clone()], None, matmul::emit).unwrap();
+    let mut bufs = buffers(&[a.clone(), a.clone(), a]);
+    let table: Vec<*mut u8> = bufs.iter_mut().map(|v| v.as_mut_ptr()).collect();
+    let secs = time_best(&kernel, &table, 20);
+    let flops = 2.0 * 256f64.powi(3);
+    println!("matmul 256x256x256: {:.3} ms, {:.1} GFLOP/s", secs * 1e3, flops / secs / 1e9);
+}
