@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 
 use cnnc_ir::infer::output_types;
-use cnnc_ir::{ConstId, ConstValue, Constant, DType, Graph, Node, Op, Scalar, Schedule, Tensor, TensorData, TensorType, ValueId};
+use cnnc_ir::{
+    ConstId, ConstValue, Constant, DType, Graph, Node, Op, Scalar, Schedule, Tensor, TensorData, TensorType, ValueId,
+};
 
 use crate::fold;
 use crate::proto::{AttributeProto, AttributeType, NodeProto};
@@ -59,7 +61,8 @@ impl GraphBuilder {
     pub fn splat_constant(&mut self, name: impl Into<String>, ty: TensorType, value: Scalar) -> ValueId {
         let name = name.into();
         // An empty constant has no element to repeat: stored dense, as `Constant::from_tensor` does.
-        let value = if ty.numel() == 0 { ConstValue::Dense(TensorData::zeros(ty.dtype, 0)) } else { ConstValue::Splat(value) };
+        let value =
+            if ty.numel() == 0 { ConstValue::Dense(TensorData::zeros(ty.dtype, 0)) } else { ConstValue::Splat(value) };
         self.graph.constants.push(Constant { name: name.clone(), ty: ty.clone(), value });
         let id = ConstId((self.graph.constants.len() - 1) as u32);
         let v = self.graph.add_value(ty, name.clone());
@@ -115,10 +118,11 @@ impl GraphBuilder {
             let refs: Vec<&Tensor> = tensors.iter().collect();
             // A fold that fails leaves the node in place: the error then surfaces where the
             // node is compiled or run, with the node's name on it.
-            if let Some(Ok(values)) = fold::evaluate(&op, &refs, &out_types, &self.graph.constants) {
-                if values.len() == out_types.len() && values.iter().zip(&out_types).all(|(t, ty)| t.ty() == *ty) {
-                    return Ok(values.into_iter().map(|t| self.constant(name, t)).collect());
-                }
+            if let Some(Ok(values)) = fold::evaluate(&op, &refs, &out_types, &self.graph.constants)
+                && values.len() == out_types.len()
+                && values.iter().zip(&out_types).all(|(t, ty)| t.ty() == *ty)
+            {
+                return Ok(values.into_iter().map(|t| self.constant(name, t)).collect());
             }
         }
         Ok(self.graph.add_node_typed(name, op, inputs.to_vec(), out_types))
@@ -204,10 +208,9 @@ impl<'a> NodeCtx<'a> {
     /// A constant integer input (shapes, axes, pads...), widened to i64.
     pub fn const_ints(&self, i: usize) -> LowerResult<Option<Vec<i64>>> {
         let Some(t) = self.const_input(i)? else { return Ok(None) };
-        t.data
-            .to_i64_vec()
-            .map(Some)
-            .ok_or_else(|| invalid(format!("input {i} ('{}') must be int64 or int32, got {}", self.input_name(i), t.data.dtype())))
+        t.data.to_i64_vec().map(Some).ok_or_else(|| {
+            invalid(format!("input {i} ('{}') must be int64 or int32, got {}", self.input_name(i), t.data.dtype()))
+        })
     }
 
     pub fn is_constant(&self, v: ValueId) -> bool {
@@ -352,10 +355,10 @@ impl<'a> NodeCtx<'a> {
 /// The attribute's declared type, or for old writers that leave `type` unset, the one its
 /// populated field implies.
 pub fn attribute_kind(a: &AttributeProto) -> AttributeType {
-    if let Ok(t) = AttributeType::try_from(a.r#type) {
-        if t != AttributeType::Undefined {
-            return t;
-        }
+    if let Ok(t) = AttributeType::try_from(a.r#type)
+        && t != AttributeType::Undefined
+    {
+        return t;
     }
     if a.t.is_some() {
         AttributeType::Tensor

@@ -15,6 +15,9 @@ pub mod tensor;
 pub mod writer;
 
 pub use error::{FrontendError, UnsupportedNode};
-pub use load::{LoadOptions, SUPPORTED_OPSETS, decode_model, load_model, load_model_bytes, load_model_with_constant_inputs, lower_model};
+pub use load::{
+    LoadOptions, SUPPORTED_OPSETS, decode_model, load_model, load_model_bytes, load_model_with_constant_inputs,
+    lower_model,
+};
 pub use tensor::{read_tensor_pb, tensor_from_proto, tensor_to_proto, write_tensor_pb};
 pub use writer::{Dim, ModelBuilder, attr, node};

@@ -9,12 +9,12 @@ use std::collections::{HashMap, HashSet};
 
 use cnnc_ir::{Op, ValueId};
 
+use crate::LoadOptions;
 use crate::ctx::{GraphBuilder, LowerError, NodeCtx};
 use crate::error::{FrontendError, UnsupportedNode};
 use crate::ops;
-use crate::proto::{FunctionProto, GraphProto, NodeProto, OperatorSetIdProto, TypeValue, DimensionValue};
+use crate::proto::{DimensionValue, FunctionProto, GraphProto, NodeProto, OperatorSetIdProto, TypeValue};
 use crate::tensor::{dtype_from_onnx, tensor_from_proto};
-use crate::LoadOptions;
 
 /// Function nesting beyond this is taken to be recursion, which ONNX forbids.
 const MAX_FUNCTION_DEPTH: usize = 64;
@@ -66,7 +66,11 @@ pub(crate) struct Lowerer<'m> {
 }
 
 impl<'m> Lowerer<'m> {
-    pub(crate) fn new(name: &str, functions: &'m [FunctionProto], base_dir: Option<&'m std::path::Path>) -> Lowerer<'m> {
+    pub(crate) fn new(
+        name: &str,
+        functions: &'m [FunctionProto],
+        base_dir: Option<&'m std::path::Path>,
+    ) -> Lowerer<'m> {
         Lowerer {
             builder: GraphBuilder::new(name),
             functions: functions
@@ -131,7 +135,10 @@ impl<'m> Lowerer<'m> {
                 Some(Slot::Value(v)) => outputs.push((out.name.clone(), *v)),
                 Some(Slot::Missing(_)) => {}
                 Some(Slot::Absent) | None => {
-                    return Err(FrontendError::Invalid(format!("graph output '{}' is not produced by any node", out.name)));
+                    return Err(FrontendError::Invalid(format!(
+                        "graph output '{}' is not produced by any node",
+                        out.name
+                    )));
                 }
             }
         }
@@ -147,8 +154,7 @@ impl<'m> Lowerer<'m> {
     fn finish_outputs(mut self, outputs: Vec<(String, ValueId)>) -> Result<cnnc_ir::Graph, FrontendError> {
         let mut used: HashSet<ValueId> = HashSet::new();
         for (name, v) in outputs {
-            let needs_copy =
-                self.builder.graph.inputs.contains(&v) || self.builder.is_constant(v) || used.contains(&v);
+            let needs_copy = self.builder.graph.inputs.contains(&v) || self.builder.is_constant(v) || used.contains(&v);
             let v = if needs_copy {
                 let ty = self.builder.graph.ty(v).clone();
                 // Added directly, not through the folding builder: a copy of a constant must stay a node.
@@ -194,7 +200,8 @@ impl<'m> Lowerer<'m> {
         let name = format!("{name_prefix}{local_name}");
         let domain = canonical_domain(&node.domain);
         let opset = opsets.get(domain).unwrap_or(0);
-        let report = |reason: String| UnsupportedNode { name: name.clone(), op_type: node.op_type.clone(), opset, reason };
+        let report =
+            |reason: String| UnsupportedNode { name: name.clone(), op_type: node.op_type.clone(), opset, reason };
 
         let mut inputs = Vec::with_capacity(node.input.len());
         let mut missing: Option<Option<String>> = None;
@@ -392,7 +399,10 @@ enum InputTypeError {
 /// The static type of a graph input: element type from the declaration; the leading dim
 /// becomes `options.batch` when that is given, and 1 when it is symbolic or unknown; other
 /// dims must be concrete.
-fn input_type(input: &crate::proto::ValueInfoProto, options: &LoadOptions) -> Result<cnnc_ir::TensorType, InputTypeError> {
+fn input_type(
+    input: &crate::proto::ValueInfoProto,
+    options: &LoadOptions,
+) -> Result<cnnc_ir::TensorType, InputTypeError> {
     let name = &input.name;
     let invalid = |m: String| InputTypeError::Other(FrontendError::Invalid(m));
     let tensor_type = match input.r#type.as_ref().and_then(|t| t.value.as_ref()) {
@@ -412,7 +422,11 @@ fn input_type(input: &crate::proto::ValueInfoProto, options: &LoadOptions) -> Re
     let mut dims = Vec::with_capacity(shape.dim.len());
     for (i, d) in shape.dim.iter().enumerate() {
         let dim = match &d.value {
-            _ if i == 0 && let Some(batch) = options.batch => batch,
+            _ if i == 0
+                && let Some(batch) = options.batch =>
+            {
+                batch
+            }
             Some(DimensionValue::DimValue(v)) if *v > 0 => *v as usize,
             Some(DimensionValue::DimValue(v)) if *v < 0 => {
                 return Err(invalid(format!("graph input '{name}' dim {i} is negative ({v})")));
@@ -434,7 +448,8 @@ fn input_type(input: &crate::proto::ValueInfoProto, options: &LoadOptions) -> Re
         };
         dims.push(dim);
     }
-    let fits = dims.iter().try_fold(dtype.size(), |acc, &d| acc.checked_mul(d)).is_some_and(|b| b <= isize::MAX as usize);
+    let fits =
+        dims.iter().try_fold(dtype.size(), |acc, &d| acc.checked_mul(d)).is_some_and(|b| b <= isize::MAX as usize);
     if !fits {
         return Err(invalid(format!("graph input '{name}' of shape {dims:?} is too large")));
     }

@@ -50,13 +50,12 @@ fn shape_of(tensor: &TensorProto) -> Result<(Vec<usize>, usize), FrontendError> 
 /// Converts a TensorProto. `base_dir` is where external data paths are relative to (the
 /// model's directory); without it, external data is an error.
 pub fn tensor_from_proto(tensor: &TensorProto, base_dir: Option<&Path>) -> Result<Tensor, FrontendError> {
-    let dtype = dtype_from_onnx(tensor.data_type)
-        .map_err(|e| match e {
-            FrontendError::UnsupportedFeature(m) => {
-                FrontendError::UnsupportedFeature(format!("tensor '{}': {m}", tensor.name))
-            }
-            other => other,
-        })?;
+    let dtype = dtype_from_onnx(tensor.data_type).map_err(|e| match e {
+        FrontendError::UnsupportedFeature(m) => {
+            FrontendError::UnsupportedFeature(format!("tensor '{}': {m}", tensor.name))
+        }
+        other => other,
+    })?;
     if tensor.segment.is_some() {
         return Err(FrontendError::UnsupportedFeature(format!("tensor '{}': segmented tensors", tensor.name)));
     }
@@ -123,7 +122,10 @@ fn read_external(tensor: &TensorProto, base_dir: Option<&Path>) -> Result<Vec<u8
     let location = location.ok_or_else(|| invalid(tensor, "external data has no location"))?;
     let relative = Path::new(location);
     if relative.is_absolute() || relative.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
-        return Err(invalid(tensor, format!("external data location '{location}' must stay inside the model's directory")));
+        return Err(invalid(
+            tensor,
+            format!("external data location '{location}' must stay inside the model's directory"),
+        ));
     }
     let base = base_dir.ok_or_else(|| {
         FrontendError::UnsupportedFeature(format!(
@@ -134,12 +136,17 @@ fn read_external(tensor: &TensorProto, base_dir: Option<&Path>) -> Result<Vec<u8
     let path: PathBuf = base.join(relative);
     let bytes = std::fs::read(&path).map_err(|e| FrontendError::io(&path, e))?;
     let start = usize::try_from(offset).ok().filter(|&s| s <= bytes.len()).ok_or_else(|| {
-        invalid(tensor, format!("external data offset {offset} is past the end of {} ({} bytes)", path.display(), bytes.len()))
+        invalid(
+            tensor,
+            format!("external data offset {offset} is past the end of {} ({} bytes)", path.display(), bytes.len()),
+        )
     })?;
     let end = match length {
-        Some(len) => usize::try_from(len).ok().and_then(|l| start.checked_add(l)).filter(|&e| e <= bytes.len()).ok_or_else(
-            || invalid(tensor, format!("external data [{offset}, +{len}) is past the end of {}", path.display())),
-        )?,
+        Some(len) => {
+            usize::try_from(len).ok().and_then(|l| start.checked_add(l)).filter(|&e| e <= bytes.len()).ok_or_else(
+                || invalid(tensor, format!("external data [{offset}, +{len}) is past the end of {}", path.display())),
+            )?
+        }
         None => bytes.len(),
     };
     Ok(bytes[start..end].to_vec())
@@ -161,8 +168,8 @@ pub fn tensor_to_proto(name: &str, tensor: &Tensor) -> TensorProto {
 pub fn read_tensor_pb(path: impl AsRef<Path>) -> Result<(String, Tensor), FrontendError> {
     let path = path.as_ref();
     let bytes = std::fs::read(path).map_err(|e| FrontendError::io(path, e))?;
-    let proto = TensorProto::decode(bytes.as_slice())
-        .map_err(|e| FrontendError::Decode(format!("{}: {e}", path.display())))?;
+    let proto =
+        TensorProto::decode(bytes.as_slice()).map_err(|e| FrontendError::Decode(format!("{}: {e}", path.display())))?;
     let tensor = tensor_from_proto(&proto, path.parent())?;
     Ok((proto.name, tensor))
 }
@@ -195,15 +202,27 @@ mod tests {
 
     #[test]
     fn reads_typed_fields() {
-        let p = TensorProto { dims: vec![2], data_type: data_type::FLOAT, float_data: vec![1.0, 2.0], ..Default::default() };
+        let p = TensorProto {
+            dims: vec![2],
+            data_type: data_type::FLOAT,
+            float_data: vec![1.0, 2.0],
+            ..Default::default()
+        };
         assert_eq!(tensor_from_proto(&p, None).unwrap(), Tensor::f32([2], vec![1.0, 2.0]));
-        let p = TensorProto { dims: vec![3], data_type: data_type::BOOL, int32_data: vec![1, 0, 1], ..Default::default() };
+        let p =
+            TensorProto { dims: vec![3], data_type: data_type::BOOL, int32_data: vec![1, 0, 1], ..Default::default() };
         assert_eq!(tensor_from_proto(&p, None).unwrap().data, TensorData::Bool(vec![true, false, true]));
     }
 
     #[test]
     fn refuses_unsupported_and_malformed_tensors() {
-        let p = TensorProto { name: "w".into(), dims: vec![1], data_type: data_type::DOUBLE, double_data: vec![1.0], ..Default::default() };
+        let p = TensorProto {
+            name: "w".into(),
+            dims: vec![1],
+            data_type: data_type::DOUBLE,
+            double_data: vec![1.0],
+            ..Default::default()
+        };
         let e = tensor_from_proto(&p, None).unwrap_err();
         assert!(e.is_unsupported(), "{e}");
         assert!(e.to_string().contains("double"), "{e}");

@@ -90,7 +90,13 @@ impl ModelBuilder {
     }
 
     /// Appends a node named `n<index>_<op_type>`; "" in `inputs` is an omitted optional input.
-    pub fn node(&mut self, op_type: &str, inputs: &[&str], outputs: &[&str], attributes: Vec<AttributeProto>) -> &mut Self {
+    pub fn node(
+        &mut self,
+        op_type: &str,
+        inputs: &[&str],
+        outputs: &[&str],
+        attributes: Vec<AttributeProto>,
+    ) -> &mut Self {
         let name = format!("n{}_{op_type}", self.node_count);
         self.node_count += 1;
         self.push_node(node(&name, op_type, inputs, outputs, attributes))
@@ -136,7 +142,13 @@ impl ModelBuilder {
 }
 
 /// A NodeProto; "" in `inputs` is an omitted optional input.
-pub fn node(name: &str, op_type: &str, inputs: &[&str], outputs: &[&str], attributes: Vec<AttributeProto>) -> NodeProto {
+pub fn node(
+    name: &str,
+    op_type: &str,
+    inputs: &[&str],
+    outputs: &[&str],
+    attributes: Vec<AttributeProto>,
+) -> NodeProto {
     NodeProto {
         name: name.into(),
         op_type: op_type.into(),
@@ -163,7 +175,10 @@ fn value_info(name: &str, elem_type: i32, dims: Option<&[Dim]>) -> ValueInfoProt
     });
     ValueInfoProto {
         name: name.into(),
-        r#type: Some(TypeProto { value: Some(TypeValue::TensorType(TypeProtoTensor { elem_type, shape })), denotation: String::new() }),
+        r#type: Some(TypeProto {
+            value: Some(TypeValue::TensorType(TypeProtoTensor { elem_type, shape })),
+            denotation: String::new(),
+        }),
         ..Default::default()
     }
 }

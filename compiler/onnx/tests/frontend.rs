@@ -124,7 +124,10 @@ fn custom_domains_and_unsupported_element_types_are_listed() {
         .input_with_dims("q", data_type::INT8, &[Dim::Fixed(2)])
         .input("x", DType::F32, &[2])
         .initializer("d", &f32s(&[2], &[1.0, 2.0]))
-        .push_node(cnnc_onnx::proto::NodeProto { domain: "com.example".into(), ..node("custom", "Magic", &["x"], &["m"], vec![]) })
+        .push_node(cnnc_onnx::proto::NodeProto {
+            domain: "com.example".into(),
+            ..node("custom", "Magic", &["x"], &["m"], vec![])
+        })
         .node("Cast", &["x"], &["c"], vec![attr::int("to", data_type::DOUBLE as i64)])
         .output("m", DType::F32, &[2])
         .output("c", DType::F32, &[2]);
@@ -144,7 +147,11 @@ fn run_time_shape_operands_are_unsupported_with_the_reason() {
         .node("Reshape", &["x", "shape"], &["y"], vec![])
         .output("y", DType::F32, &[3, 2]);
     let FrontendError::Unsupported(nodes) = load_err(&m) else { panic!() };
-    assert!(nodes[0].reason.contains("'shape'") && nodes[0].reason.contains("compile-time constant"), "{}", nodes[0].reason);
+    assert!(
+        nodes[0].reason.contains("'shape'") && nodes[0].reason.contains("compile-time constant"),
+        "{}",
+        nodes[0].reason
+    );
 }
 
 #[test]
@@ -160,7 +167,11 @@ fn malformed_models_are_errors_not_panics() {
     m.node("Relu", &["x"], &["y"], vec![]).output("z", DType::F32, &[2]);
     assert!(load_err(&m).to_string().contains("'z'"));
     let mut m = single_input("x", DType::F32, &[2, 3], 17);
-    m.initializer("y", &f32s(&[2], &[1.0, 2.0])).node("Add", &["x", "y"], &["z"], vec![]).output("z", DType::F32, &[2, 3]);
+    m.initializer("y", &f32s(&[2], &[1.0, 2.0])).node("Add", &["x", "y"], &["z"], vec![]).output(
+        "z",
+        DType::F32,
+        &[2, 3],
+    );
     let e = load_err(&m);
     assert!(matches!(e, FrontendError::Invalid(_)) && e.to_string().contains("broadcast"), "{e}");
     let mut m = single_input("x", DType::F32, &[2], 17);
@@ -187,8 +198,13 @@ fn shape_computations_fold_to_constants() {
 
 #[test]
 fn shape_start_and_end() {
-    let cases: [(Option<i64>, Option<i64>, &[i64]); 5] =
-        [(None, None, &[2, 3, 4, 5]), (Some(1), None, &[3, 4, 5]), (None, Some(-1), &[2, 3, 4]), (Some(-10), Some(10), &[2, 3, 4, 5]), (Some(3), Some(1), &[])];
+    let cases: [(Option<i64>, Option<i64>, &[i64]); 5] = [
+        (None, None, &[2, 3, 4, 5]),
+        (Some(1), None, &[3, 4, 5]),
+        (None, Some(-1), &[2, 3, 4]),
+        (Some(-10), Some(10), &[2, 3, 4, 5]),
+        (Some(3), Some(1), &[]),
+    ];
     for (start, end, want) in cases {
         let mut attrs = vec![];
         attrs.extend(start.map(|s| attr::int("start", s)));
@@ -225,7 +241,8 @@ fn constant_node_forms() {
         .node("Constant", &[], &["c"], vec![attr::floats("value_floats", &[1.0, -1.0])])
         .node("Constant", &[], &["d"], vec![attr::int("value_int", 3)])
         .node("Constant", &[], &["e"], vec![attr::ints("value_ints", &[4, 5, 6])]);
-    for (name, dtype) in [("a", DType::F32), ("b", DType::F32), ("c", DType::F32), ("d", DType::I64), ("e", DType::I64)] {
+    for (name, dtype) in [("a", DType::F32), ("b", DType::F32), ("c", DType::F32), ("d", DType::I64), ("e", DType::I64)]
+    {
         m.output_untyped(name, dtype);
     }
     let out = eval(&m, &[]);
@@ -241,21 +258,28 @@ fn constant_node_forms() {
 
 #[test]
 fn reshape_zero_minus_one_and_allowzero() {
-    let cases: [(i64, &[i64], &[usize]); 3] = [(13, &[0, -1], &[2, 12]), (13, &[4, 0, -1], &[4, 3, 2]), (14, &[-1, 2], &[12, 2])];
+    let cases: [(i64, &[i64], &[usize]); 3] =
+        [(13, &[0, -1], &[2, 12]), (13, &[4, 0, -1], &[4, 3, 2]), (14, &[-1, 2], &[12, 2])];
     for (opset, target, want) in cases {
         let mut m = single_input("x", DType::F32, &[2, 3, 4], opset);
-        m.initializer("s", &i64s(&[target.len()], target)).node("Reshape", &["x", "s"], &["y"], vec![]).output_untyped("y", DType::F32);
+        m.initializer("s", &i64s(&[target.len()], target))
+            .node("Reshape", &["x", "s"], &["y"], vec![])
+            .output_untyped("y", DType::F32);
         let y = eval(&m, &[iota(&[2, 3, 4])]);
         assert_eq!(y[0].shape, want);
         assert_eq!(y[0].data, iota(&[2, 3, 4]).data);
     }
     // allowzero=1: a 0 is a real zero extent.
     let mut m = single_input("x", DType::F32, &[0, 3], 14);
-    m.initializer("s", &i64s(&[2], &[3, 0])).node("Reshape", &["x", "s"], &["y"], vec![attr::int("allowzero", 1)]).output_untyped("y", DType::F32);
+    m.initializer("s", &i64s(&[2], &[3, 0]))
+        .node("Reshape", &["x", "s"], &["y"], vec![attr::int("allowzero", 1)])
+        .output_untyped("y", DType::F32);
     assert_eq!(eval(&m, &[f32s(&[0, 3], &[])])[0].shape, vec![3, 0]);
     // Without allowzero, 0 copies the input dim: [0, 3] -> [3, 0] is impossible.
     let mut m = single_input("x", DType::F32, &[2, 3], 14);
-    m.initializer("s", &i64s(&[2], &[3, 0])).node("Reshape", &["x", "s"], &["y"], vec![]).output_untyped("y", DType::F32);
+    m.initializer("s", &i64s(&[2], &[3, 0]))
+        .node("Reshape", &["x", "s"], &["y"], vec![])
+        .output_untyped("y", DType::F32);
     assert!(matches!(load_err(&m), FrontendError::Invalid(_)));
 }
 
@@ -263,7 +287,9 @@ fn reshape_zero_minus_one_and_allowzero() {
 fn dropout_is_the_identity_with_an_all_true_mask() {
     for opset in [7, 12, 13] {
         let mut m = single_input("x", DType::F32, &[2, 2], opset);
-        m.node("Dropout", &["x"], &["y", "mask"], vec![]).output("y", DType::F32, &[2, 2]).output_untyped("mask", DType::Bool);
+        m.node("Dropout", &["x"], &["y", "mask"], vec![])
+            .output("y", DType::F32, &[2, 2])
+            .output_untyped("mask", DType::Bool);
         let out = eval(&m, &[iota(&[2, 2])]);
         assert_eq!(out[0], iota(&[2, 2]));
         assert_eq!(out[1], bools(&[2, 2], &[true; 4]));
@@ -329,7 +355,10 @@ fn model_local_functions_expand_inline() {
     let mut m = single_input("x", DType::F32, &[3], 17);
     m.opset("local", 1)
         .function(scaled_relu_function())
-        .push_node(cnnc_onnx::proto::NodeProto { domain: "local".into(), ..node("a", "ScaledRelu", &["x"], &["y1"], vec![]) })
+        .push_node(cnnc_onnx::proto::NodeProto {
+            domain: "local".into(),
+            ..node("a", "ScaledRelu", &["x"], &["y1"], vec![])
+        })
         .push_node(cnnc_onnx::proto::NodeProto {
             domain: "local".into(),
             ..node("b", "ScaledRelu", &["y1"], &["y2"], vec![attr::float("scale", -1.0)])
@@ -345,11 +374,15 @@ fn model_local_functions_expand_inline() {
 #[test]
 fn recursive_functions_are_refused() {
     let mut f = scaled_relu_function();
-    f.node[0] = cnnc_onnx::proto::NodeProto { domain: "local".into(), ..node("again", "ScaledRelu", &["X"], &["r"], vec![]) };
+    f.node[0] =
+        cnnc_onnx::proto::NodeProto { domain: "local".into(), ..node("again", "ScaledRelu", &["X"], &["r"], vec![]) };
     let mut m = single_input("x", DType::F32, &[3], 17);
     m.opset("local", 1)
         .function(f)
-        .push_node(cnnc_onnx::proto::NodeProto { domain: "local".into(), ..node("a", "ScaledRelu", &["x"], &["y"], vec![]) })
+        .push_node(cnnc_onnx::proto::NodeProto {
+            domain: "local".into(),
+            ..node("a", "ScaledRelu", &["x"], &["y"], vec![])
+        })
         .output("y", DType::F32, &[3]);
     assert!(load_err(&m).to_string().contains("recursive"));
 }

@@ -30,7 +30,9 @@ fn activations() {
     check_unary("LeakyRelu", 6, vec![attr::float("alpha", 0.1)], |x| if x < 0.0 { 0.1 * x } else { x });
     check_unary("Sigmoid", 13, vec![], sigmoid);
     check_unary("HardSigmoid", 6, vec![], |x| (0.2 * x + 0.5).clamp(0.0, 1.0));
-    check_unary("HardSigmoid", 22, vec![attr::float("alpha", 0.5), attr::float("beta", 0.25)], |x| (0.5 * x + 0.25).clamp(0.0, 1.0));
+    check_unary("HardSigmoid", 22, vec![attr::float("alpha", 0.5), attr::float("beta", 0.25)], |x| {
+        (0.5 * x + 0.25).clamp(0.0, 1.0)
+    });
     check_unary("HardSwish", 14, vec![], |x| x * (x / 6.0 + 0.5).clamp(0.0, 1.0));
     check_unary("Swish", 24, vec![], |x| x * sigmoid(x));
     check_unary("Swish", 24, vec![attr::float("alpha", 2.0)], |x| x * sigmoid(2.0 * x));
@@ -39,7 +41,9 @@ fn activations() {
     check_unary("Elu", 22, vec![attr::float("alpha", 0.5)], |x| if x < 0.0 { 0.5 * (x.exp() - 1.0) } else { x });
     let (alpha, gamma) = (1.673_263_242_354_377_3, 1.050_700_987_355_480_5);
     check_unary("Selu", 6, vec![], |x| gamma * if x <= 0.0 { alpha * (x.exp() - 1.0) } else { x });
-    check_unary("Selu", 6, vec![attr::float("alpha", 2.0), attr::float("gamma", 3.0)], |x| 3.0 * if x <= 0.0 { 2.0 * (x.exp() - 1.0) } else { x });
+    check_unary("Selu", 6, vec![attr::float("alpha", 2.0), attr::float("gamma", 3.0)], |x| {
+        3.0 * if x <= 0.0 { 2.0 * (x.exp() - 1.0) } else { x }
+    });
     check_unary("Celu", 12, vec![attr::float("alpha", 2.0)], |x| x.max(0.0) + (2.0 * ((x / 2.0).exp() - 1.0)).min(0.0));
     check_unary("Softplus", 6, vec![], |x| (1.0 + x.exp()).ln());
     check_unary("Softsign", 6, vec![], |x| x / (1.0 + x.abs()));
@@ -92,7 +96,11 @@ fn gelu_rejects_unknown_approximations() {
 fn clip_bounds_are_attributes_before_opset_11_and_inputs_after() {
     let x = f32s(&[4], &[-3.0, -1.0, 1.0, 3.0]);
     let mut m = single_input("x", DType::F32, &[4], 6);
-    m.node("Clip", &["x"], &["y"], vec![attr::float("min", -2.0), attr::float("max", 2.0)]).output("y", DType::F32, &[4]);
+    m.node("Clip", &["x"], &["y"], vec![attr::float("min", -2.0), attr::float("max", 2.0)]).output(
+        "y",
+        DType::F32,
+        &[4],
+    );
     assert_close(&eval(&m, &[x.clone()])[0], &f32s(&[4], &[-2.0, -1.0, 1.0, 2.0]));
     let mut m = single_input("x", DType::F32, &[4], 6);
     m.node("Clip", &["x"], &["y"], vec![attr::float("max", 0.0)]).output("y", DType::F32, &[4]);
@@ -102,7 +110,11 @@ fn clip_bounds_are_attributes_before_opset_11_and_inputs_after() {
     m.initializer("lo", &f32s(&[], &[-2.0])).node("Clip", &["x", "lo"], &["y"], vec![]).output("y", DType::F32, &[4]);
     assert_close(&eval(&m, &[x.clone()])[0], &f32s(&[4], &[-2.0, -1.0, 1.0, 3.0]));
     let mut m = single_input("x", DType::F32, &[4], 11);
-    m.initializer("hi", &f32s(&[], &[0.5])).node("Clip", &["x", "", "hi"], &["y"], vec![]).output("y", DType::F32, &[4]);
+    m.initializer("hi", &f32s(&[], &[0.5])).node("Clip", &["x", "", "hi"], &["y"], vec![]).output(
+        "y",
+        DType::F32,
+        &[4],
+    );
     assert_close(&eval(&m, &[x.clone()])[0], &f32s(&[4], &[-3.0, -1.0, 0.5, 0.5]));
     let mut m = single_input("x", DType::F32, &[4], 13);
     m.node("Clip", &["x"], &["y"], vec![]).output("y", DType::F32, &[4]);
@@ -128,20 +140,39 @@ fn integer_clip_is_exact() {
 fn prelu_broadcasts_the_slope_and_opset_6_slopes_are_per_channel() {
     let x = f32s(&[1, 2, 2], &[-1.0, 1.0, -2.0, 2.0]);
     let mut m = single_input("x", DType::F32, &[1, 2, 2], 16);
-    m.initializer("s", &f32s(&[2, 1], &[0.5, 0.25])).node("PRelu", &["x", "s"], &["y"], vec![]).output("y", DType::F32, &[1, 2, 2]);
+    m.initializer("s", &f32s(&[2, 1], &[0.5, 0.25])).node("PRelu", &["x", "s"], &["y"], vec![]).output(
+        "y",
+        DType::F32,
+        &[1, 2, 2],
+    );
     assert_close(&eval(&m, &[x.clone()])[0], &f32s(&[1, 2, 2], &[-0.5, 1.0, -0.5, 2.0]));
     let mut m = single_input("x", DType::F32, &[1, 2, 2], 6);
-    m.initializer("s", &f32s(&[2], &[0.5, 0.25])).node("PRelu", &["x", "s"], &["y"], vec![]).output("y", DType::F32, &[1, 2, 2]);
+    m.initializer("s", &f32s(&[2], &[0.5, 0.25])).node("PRelu", &["x", "s"], &["y"], vec![]).output(
+        "y",
+        DType::F32,
+        &[1, 2, 2],
+    );
     assert_close(&eval(&m, &[x])[0], &f32s(&[1, 2, 2], &[-0.5, 1.0, -0.5, 2.0]));
     // A slope that would widen the output is not unidirectional.
     let mut m = single_input("x", DType::F32, &[2], 16);
-    m.initializer("s", &f32s(&[3, 1], &[1.0; 3])).node("PRelu", &["x", "s"], &["y"], vec![]).output_untyped("y", DType::F32);
+    m.initializer("s", &f32s(&[3, 1], &[1.0; 3]))
+        .node("PRelu", &["x", "s"], &["y"], vec![])
+        .output_untyped("y", DType::F32);
     assert!(matches!(load_err(&m), FrontendError::Invalid(_)));
 }
 
-fn binary_model(op_type: &str, opset: i64, a: &Tensor, b: &Tensor, attrs: Vec<cnnc_onnx::proto::AttributeProto>) -> ModelBuilder {
+fn binary_model(
+    op_type: &str,
+    opset: i64,
+    a: &Tensor,
+    b: &Tensor,
+    attrs: Vec<cnnc_onnx::proto::AttributeProto>,
+) -> ModelBuilder {
     let mut m = ModelBuilder::new("t", opset);
-    m.input("a", a.data.dtype(), &a.shape).input("b", b.data.dtype(), &b.shape).node(op_type, &["a", "b"], &["y"], attrs).output_untyped("y", DType::F32);
+    m.input("a", a.data.dtype(), &a.shape)
+        .input("b", b.data.dtype(), &b.shape)
+        .node(op_type, &["a", "b"], &["y"], attrs)
+        .output_untyped("y", DType::F32);
     m
 }
 
@@ -175,23 +206,38 @@ fn integer_division_truncates() {
 fn opset_6_broadcast_aligns_b_at_axis() {
     let a = iota(&[2, 3, 2]);
     let b = f32s(&[3], &[100.0, 200.0, 300.0]);
-    let out = eval(&binary_model("Add", 6, &a, &b, vec![attr::int("broadcast", 1), attr::int("axis", 1)]), &[a.clone(), b.clone()]);
-    assert_close(&out[0], &f32s(&[2, 3, 2], &[100.0, 101.0, 202.0, 203.0, 304.0, 305.0, 106.0, 107.0, 208.0, 209.0, 310.0, 311.0]));
+    let out = eval(
+        &binary_model("Add", 6, &a, &b, vec![attr::int("broadcast", 1), attr::int("axis", 1)]),
+        &[a.clone(), b.clone()],
+    );
+    assert_close(
+        &out[0],
+        &f32s(&[2, 3, 2], &[100.0, 101.0, 202.0, 203.0, 304.0, 305.0, 106.0, 107.0, 208.0, 209.0, 310.0, 311.0]),
+    );
     // Without axis, B lines up with A's trailing dims.
     let b = f32s(&[2], &[10.0, 20.0]);
     let out = eval(&binary_model("Mul", 6, &a, &b, vec![attr::int("broadcast", 1)]), &[a.clone(), b.clone()]);
-    assert_close(&out[0], &f32s(&[2, 3, 2], &[0.0, 20.0, 20.0, 60.0, 40.0, 100.0, 60.0, 140.0, 80.0, 180.0, 100.0, 220.0]));
+    assert_close(
+        &out[0],
+        &f32s(&[2, 3, 2], &[0.0, 20.0, 20.0, 60.0, 40.0, 100.0, 60.0, 140.0, 80.0, 180.0, 100.0, 220.0]),
+    );
     // Opset 7 has no broadcast attribute: numpy rules apply.
     let b = f32s(&[2], &[10.0, 20.0]);
     let out = eval(&binary_model("Sub", 7, &a, &b, vec![]), &[a.clone(), b.clone()]);
-    assert_close(&out[0], &f32s(&[2, 3, 2], &[-10.0, -19.0, -8.0, -17.0, -6.0, -15.0, -4.0, -13.0, -2.0, -11.0, 0.0, -9.0]));
+    assert_close(
+        &out[0],
+        &f32s(&[2, 3, 2], &[-10.0, -19.0, -8.0, -17.0, -6.0, -15.0, -4.0, -13.0, -2.0, -11.0, 0.0, -9.0]),
+    );
 }
 
 #[test]
 fn pow_with_mixed_types() {
     let a = f32s(&[3], &[2.0, 3.0, 4.0]);
     let b = f32s(&[3], &[3.0, 0.5, -1.0]);
-    assert_close(&eval(&binary_model("Pow", 15, &a, &b, vec![]), &[a.clone(), b])[0], &f32s(&[3], &[8.0, 3f32.sqrt(), 0.25]));
+    assert_close(
+        &eval(&binary_model("Pow", 15, &a, &b, vec![]), &[a.clone(), b])[0],
+        &f32s(&[3], &[8.0, 3f32.sqrt(), 0.25]),
+    );
     // f32 base, int exponent: the exponent is converted.
     let e = i64s(&[3], &[2, 3, 0]);
     assert_close(&eval(&binary_model("Pow", 15, &a, &e, vec![]), &[a.clone(), e])[0], &f32s(&[3], &[4.0, 27.0, 1.0]));
@@ -231,15 +277,21 @@ fn comparisons_logic_and_where() {
     }
     let p = bools(&[4], &[true, true, false, false]);
     let q = bools(&[4], &[true, false, true, false]);
-    for (op, want) in [("And", [true, false, false, false]), ("Or", [true, true, true, false]), ("Xor", [false, true, true, false])] {
+    for (op, want) in
+        [("And", [true, false, false, false]), ("Or", [true, true, true, false]), ("Xor", [false, true, true, false])]
+    {
         assert_eq!(eval(&binary_model(op, 7, &p, &q, vec![]), &[p.clone(), q.clone()])[0], bools(&[4], &want), "{op}");
     }
     let mut m = single_input("p", DType::Bool, &[4], 13);
     m.node("Not", &["p"], &["y"], vec![]).output("y", DType::Bool, &[4]);
     assert_eq!(eval(&m, &[p.clone()])[0], bools(&[4], &[false, false, true, true]));
     let mut m = single_input("c", DType::Bool, &[2, 1], 16);
-    m.input("x", DType::F32, &[2]).input("y", DType::F32, &[2, 2]).node("Where", &["c", "x", "y"], &["z"], vec![]).output("z", DType::F32, &[2, 2]);
-    let out = eval(&m, &[bools(&[2, 1], &[true, false]), f32s(&[2], &[1.0, 2.0]), f32s(&[2, 2], &[5.0, 6.0, 7.0, 8.0])]);
+    m.input("x", DType::F32, &[2])
+        .input("y", DType::F32, &[2, 2])
+        .node("Where", &["c", "x", "y"], &["z"], vec![])
+        .output("z", DType::F32, &[2, 2]);
+    let out =
+        eval(&m, &[bools(&[2, 1], &[true, false]), f32s(&[2], &[1.0, 2.0]), f32s(&[2, 2], &[5.0, 6.0, 7.0, 8.0])]);
     assert_close(&out[0], &f32s(&[2, 2], &[1.0, 2.0, 7.0, 8.0]));
 }
 

@@ -8,7 +8,13 @@ use cnnc_ir::{DType, Tensor};
 use cnnc_onnx::{FrontendError, ModelBuilder, attr};
 use common::*;
 
-fn shape_after(op_type: &str, opset: i64, shape: &[usize], extra: &[(&str, Tensor)], attrs: Vec<cnnc_onnx::proto::AttributeProto>) -> Vec<usize> {
+fn shape_after(
+    op_type: &str,
+    opset: i64,
+    shape: &[usize],
+    extra: &[(&str, Tensor)],
+    attrs: Vec<cnnc_onnx::proto::AttributeProto>,
+) -> Vec<usize> {
     let mut m = single_input("x", DType::F32, shape, opset);
     let mut inputs = vec!["x"];
     for (name, t) in extra {
@@ -36,7 +42,9 @@ fn flatten_squeeze_unsqueeze() {
     assert_eq!(shape_after("Unsqueeze", 13, &[3, 2], &[("axes", i64s(&[2], &[3, 1]))], vec![]), [3, 1, 2, 1]);
 
     let mut m = single_input("x", DType::F32, &[2, 3], 13);
-    m.initializer("axes", &i64s(&[1], &[1])).node("Squeeze", &["x", "axes"], &["y"], vec![]).output_untyped("y", DType::F32);
+    m.initializer("axes", &i64s(&[1], &[1]))
+        .node("Squeeze", &["x", "axes"], &["y"], vec![])
+        .output_untyped("y", DType::F32);
     assert!(load_err(&m).to_string().contains("axis 1 of extent 3"));
 }
 
@@ -60,7 +68,9 @@ fn transpose_default_reverses() {
 #[test]
 fn expand_broadcasts_both_ways_and_tile_repeats() {
     let mut m = single_input("x", DType::F32, &[3, 1], 13);
-    m.initializer("s", &i64s(&[3], &[2, 1, 2])).node("Expand", &["x", "s"], &["y"], vec![]).output_untyped("y", DType::F32);
+    m.initializer("s", &i64s(&[3], &[2, 1, 2]))
+        .node("Expand", &["x", "s"], &["y"], vec![])
+        .output_untyped("y", DType::F32);
     let y = &eval(&m, &[f32s(&[3, 1], &[1.0, 2.0, 3.0])])[0];
     assert_eq!(*y, f32s(&[2, 3, 2], &[1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0]));
 
@@ -114,7 +124,14 @@ fn concat_along_a_negative_axis() {
     assert_eq!(y[0], f32s(&[2, 3], &[1.0, 3.0, 4.0, 2.0, 5.0, 6.0]));
 }
 
-fn split(opset: i64, extent: usize, outputs: usize, sizes_attr: Option<&[i64]>, sizes_input: Option<&[i64]>, num_outputs: Option<i64>) -> Result<Vec<Tensor>, FrontendError> {
+fn split(
+    opset: i64,
+    extent: usize,
+    outputs: usize,
+    sizes_attr: Option<&[i64]>,
+    sizes_input: Option<&[i64]>,
+    num_outputs: Option<i64>,
+) -> Result<Vec<Tensor>, FrontendError> {
     let mut m = single_input("x", DType::F32, &[extent], opset);
     let mut attrs = vec![];
     attrs.extend(sizes_attr.map(|s| attr::ints("split", s)));
@@ -144,11 +161,21 @@ fn split_forms_by_opset() {
     assert_eq!(parts(split(13, 5, 2, None, Some(&[3, 2]), None)), vec![vec![0.0, 1.0, 2.0], vec![3.0, 4.0]]);
     assert_eq!(parts(split(18, 5, 3, None, None, Some(3))), vec![vec![0.0, 1.0], vec![2.0, 3.0], vec![4.0]]);
     assert_eq!(parts(split(13, 4, 3, None, Some(&[2, 0, 2]), None)), vec![vec![0.0, 1.0], vec![], vec![2.0, 3.0]]);
-    assert!(matches!(split(13, 5, 2, None, None, None), Err(FrontendError::Invalid(_))), "5 does not split in 2 before opset 18");
+    assert!(
+        matches!(split(13, 5, 2, None, None, None), Err(FrontendError::Invalid(_))),
+        "5 does not split in 2 before opset 18"
+    );
     assert!(matches!(split(13, 5, 2, None, Some(&[1, 1]), None), Err(FrontendError::Invalid(_))));
 }
 
-fn slice_1d(opset: i64, extent: usize, starts: &[i64], ends: &[i64], axes: Option<&[i64]>, steps: Option<&[i64]>) -> Vec<f64> {
+fn slice_1d(
+    opset: i64,
+    extent: usize,
+    starts: &[i64],
+    ends: &[i64],
+    axes: Option<&[i64]>,
+    steps: Option<&[i64]>,
+) -> Vec<f64> {
     let mut m = single_input("x", DType::F32, &[extent], opset);
     if opset < 10 {
         let mut attrs = vec![attr::ints("starts", starts), attr::ints("ends", ends)];
@@ -189,20 +216,31 @@ fn slice_forms_by_opset() {
 #[test]
 fn slice_two_axes() {
     let mut m = single_input("x", DType::F32, &[3, 4], 13);
-    m.initializer("s", &i64s(&[2], &[1, 0])).initializer("e", &i64s(&[2], &[3, 4])).initializer("a", &i64s(&[2], &[1, 0]));
+    m.initializer("s", &i64s(&[2], &[1, 0]))
+        .initializer("e", &i64s(&[2], &[3, 4]))
+        .initializer("a", &i64s(&[2], &[1, 0]));
     m.initializer("st", &i64s(&[2], &[2, -1]));
     m.node("Slice", &["x", "s", "e", "a", "st"], &["y"], vec![]).output_untyped("y", DType::F32);
     // axis 1: from 1 to 3 by 2 -> col 1; axis 0: from 0 down to 4 (clamped to 2) -> nothing.
     let y = &eval(&m, &[iota(&[3, 4])])[0];
     assert_eq!(y.shape, vec![0, 1]);
     let mut m = single_input("x", DType::F32, &[3, 4], 13);
-    m.initializer("s", &i64s(&[2], &[1, 2])).initializer("e", &i64s(&[2], &[3, -10])).initializer("st", &i64s(&[2], &[2, -1]));
+    m.initializer("s", &i64s(&[2], &[1, 2]))
+        .initializer("e", &i64s(&[2], &[3, -10]))
+        .initializer("st", &i64s(&[2], &[2, -1]));
     m.node("Slice", &["x", "s", "e", "", "st"], &["y"], vec![]).output_untyped("y", DType::F32);
     // axis 0: row 1; axis 1: cols 2, 1, 0 -> x[1][2], x[1][1], x[1][0] = 6, 5, 4.
     assert_eq!(eval(&m, &[iota(&[3, 4])])[0], f32s(&[1, 3], &[6.0, 5.0, 4.0]));
 }
 
-fn pad(opset: i64, shape: &[usize], pads: &[i64], mode: Option<&str>, value: Option<f32>, axes: Option<&[i64]>) -> Tensor {
+fn pad(
+    opset: i64,
+    shape: &[usize],
+    pads: &[i64],
+    mode: Option<&str>,
+    value: Option<f32>,
+    axes: Option<&[i64]>,
+) -> Tensor {
     let mut m = single_input("x", DType::F32, shape, opset);
     let mut attrs: Vec<_> = mode.map(|md| attr::string("mode", md)).into_iter().collect();
     if opset < 11 {
@@ -248,13 +286,17 @@ fn pad_forms_and_modes() {
 #[test]
 fn gather_with_negative_and_2d_indices() {
     let mut m = single_input("x", DType::F32, &[2, 3], 13);
-    m.initializer("i", &i64s(&[2, 2], &[0, -1, 2, 1])).node("Gather", &["x", "i"], &["y"], vec![attr::int("axis", 1)]).output_untyped("y", DType::F32);
+    m.initializer("i", &i64s(&[2, 2], &[0, -1, 2, 1]))
+        .node("Gather", &["x", "i"], &["y"], vec![attr::int("axis", 1)])
+        .output_untyped("y", DType::F32);
     let y = &eval(&m, &[iota(&[2, 3])])[0];
     assert_eq!(*y, f32s(&[2, 2, 2], &[0.0, 2.0, 2.0, 1.0, 3.0, 5.0, 5.0, 4.0]));
     let mut m = single_input("x", DType::F32, &[2, 3], 13);
     m.initializer("i", &i32s(&[], &[1])).node("Gather", &["x", "i"], &["y"], vec![]).output_untyped("y", DType::F32);
     assert_eq!(eval(&m, &[iota(&[2, 3])])[0], f32s(&[3], &[3.0, 4.0, 5.0]));
     let mut m = single_input("x", DType::F32, &[2, 3], 13);
-    m.initializer("i", &i64s(&[1], &[3])).node("Gather", &["x", "i"], &["y"], vec![attr::int("axis", 1)]).output_untyped("y", DType::F32);
+    m.initializer("i", &i64s(&[1], &[3]))
+        .node("Gather", &["x", "i"], &["y"], vec![attr::int("axis", 1)])
+        .output_untyped("y", DType::F32);
     assert!(load_err(&m).to_string().contains("out of range"));
 }

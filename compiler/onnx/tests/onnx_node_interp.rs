@@ -14,12 +14,72 @@ const SUITES: &[&str] = &["/work/shared/onnx-node", "/work/shared/onnx-pytorch"]
 
 /// The ops this test covers: a case runs when all its nodes are among them.
 const OPS: &[&str] = &[
-    "Identity", "Dropout", "Constant", "Shape", "Size", "ConstantOfShape", "Cast", "CastLike", "Relu", "Sigmoid",
-    "Tanh", "Erf", "Softplus", "Softsign", "Mish", "HardSwish", "Sqrt", "Exp", "Log", "Neg", "Abs", "Reciprocal",
-    "Floor", "Ceil", "Not", "LeakyRelu", "Elu", "Selu", "Celu", "HardSigmoid", "Swish", "Gelu", "Clip", "PRelu", "Add",
-    "Sub", "Mul", "Div", "Pow", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Equal", "And", "Or", "Xor", "Sum",
-    "Mean", "Max", "Min", "Where", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Expand", "Tile",
-    "DepthToSpace", "SpaceToDepth", "Concat", "Split", "Slice", "Pad", "Gather",
+    "Identity",
+    "Dropout",
+    "Constant",
+    "Shape",
+    "Size",
+    "ConstantOfShape",
+    "Cast",
+    "CastLike",
+    "Relu",
+    "Sigmoid",
+    "Tanh",
+    "Erf",
+    "Softplus",
+    "Softsign",
+    "Mish",
+    "HardSwish",
+    "Sqrt",
+    "Exp",
+    "Log",
+    "Neg",
+    "Abs",
+    "Reciprocal",
+    "Floor",
+    "Ceil",
+    "Not",
+    "LeakyRelu",
+    "Elu",
+    "Selu",
+    "Celu",
+    "HardSigmoid",
+    "Swish",
+    "Gelu",
+    "Clip",
+    "PRelu",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Pow",
+    "Less",
+    "LessOrEqual",
+    "Greater",
+    "GreaterOrEqual",
+    "Equal",
+    "And",
+    "Or",
+    "Xor",
+    "Sum",
+    "Mean",
+    "Max",
+    "Min",
+    "Where",
+    "Reshape",
+    "Flatten",
+    "Squeeze",
+    "Unsqueeze",
+    "Transpose",
+    "Expand",
+    "Tile",
+    "DepthToSpace",
+    "SpaceToDepth",
+    "Concat",
+    "Split",
+    "Slice",
+    "Pad",
+    "Gather",
 ];
 
 /// Cases known to fail, with the reason (none at the moment).
@@ -63,7 +123,11 @@ fn compare(got: &Tensor, want: &Tensor) -> Result<(), String> {
             Ok(())
         }
         (g, w) if g.dtype() == w.dtype() => {
-            if g == w { Ok(()) } else { Err("integer/boolean elements differ".into()) }
+            if g == w {
+                Ok(())
+            } else {
+                Err("integer/boolean elements differ".into())
+            }
         }
         (g, w) => Err(format!("dtype {}, expected {}", g.dtype(), w.dtype())),
     }
@@ -84,7 +148,10 @@ fn names_needed_constant(e: &FrontendError) -> Vec<String> {
 
 fn run_case(case: &Path) -> Outcome {
     let model_path = case.join("model.onnx");
-    let model = match std::fs::read(&model_path).map_err(|e| e.to_string()).and_then(|b| decode_model(&b).map_err(|e| e.to_string())) {
+    let model = match std::fs::read(&model_path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| decode_model(&b).map_err(|e| e.to_string()))
+    {
         Ok(m) => m,
         Err(e) => return Outcome::Fail(e),
     };
@@ -110,7 +177,11 @@ fn run_case(case: &Path) -> Outcome {
                     .filter(|n| input_names.contains(n) && !bound.iter().any(|(b, _)| b == n))
                     .collect();
                 if needed.is_empty() {
-                    return if e.is_unsupported() { Outcome::Skip(e.to_string()) } else { Outcome::Fail(e.to_string()) };
+                    return if e.is_unsupported() {
+                        Outcome::Skip(e.to_string())
+                    } else {
+                        Outcome::Fail(e.to_string())
+                    };
                 }
                 for name in needed {
                     let Some(value) = input_names.iter().position(|n| *n == name).and_then(|i| inputs.get(i)) else {
@@ -174,7 +245,9 @@ fn onnx_backend_cases_of_group_a_ops_match_under_the_interpreter() {
             let name = case.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             match run_case(&case) {
                 Outcome::Pass => passed.push(name),
-                Outcome::Skip(why) => skipped.push(format!("{name}: {}", why.lines().take(2).collect::<Vec<_>>().join(" "))),
+                Outcome::Skip(why) => {
+                    skipped.push(format!("{name}: {}", why.lines().take(2).collect::<Vec<_>>().join(" ")))
+                }
                 Outcome::Fail(why) if KNOWN_FAILURES.iter().any(|(k, _)| *k == name) => {
                     skipped.push(format!("{name}: known failure: {why}"))
                 }

@@ -16,12 +16,11 @@ pub fn dropout(ctx: &mut NodeCtx) -> LowerResult<Vec<ValueId>> {
     if ctx.opset < 7 && ctx.attr_int("is_test", 0)? == 0 {
         return Err(unsupported("training-mode dropout (is_test=0) is random; cnnc compiles inference"));
     }
-    if ctx.opset >= 12 {
-        if let Some(training) = ctx.const_input(2)? {
-            if training.data.get(0).as_f64() != 0.0 {
-                return Err(unsupported("training-mode dropout (training_mode=true) is random; cnnc compiles inference"));
-            }
-        }
+    if ctx.opset >= 12
+        && let Some(training) = ctx.const_input(2)?
+        && training.data.get(0).as_f64() != 0.0
+    {
+        return Err(unsupported("training-mode dropout (training_mode=true) is random; cnnc compiles inference"));
     }
     let mut outputs = vec![x];
     if ctx.node.output.get(1).is_some_and(|m| !m.is_empty()) {
@@ -83,7 +82,8 @@ pub fn constant_of_shape(ctx: &mut NodeCtx) -> LowerResult<Vec<ValueId>> {
 }
 
 fn cast_target(elem_type: i64) -> LowerResult<DType> {
-    let elem_type = i32::try_from(elem_type).map_err(|_| invalid(format!("'to' {elem_type} is not an element type")))?;
+    let elem_type =
+        i32::try_from(elem_type).map_err(|_| invalid(format!("'to' {elem_type} is not an element type")))?;
     dtype_from_onnx(elem_type).map_err(|e| unsupported(format!("cast to {e}")))
 }
 

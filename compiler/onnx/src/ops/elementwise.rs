@@ -209,12 +209,12 @@ pub fn pow(ctx: &mut NodeCtx) -> LowerResult<Vec<ValueId>> {
         return Ok(vec![ctx.cast(y, base_type)?]);
     }
     let exponent = ctx.cast(exponent, base_type)?;
-    if base_type == DType::F32 {
-        if let Some(Scalar::F32(e)) = ctx.constant_value(exponent).and_then(|t| t.data.as_splat()) {
-            let base_shape = ctx.shape(base);
-            if cnnc_ir::broadcast_shapes(&base_shape, &ctx.shape(exponent)).as_ref() == Some(&base_shape) {
-                return Ok(vec![ctx.push(Op::Unary(UnaryFn::PowConst { exponent: e }), &[base])?]);
-            }
+    if base_type == DType::F32
+        && let Some(Scalar::F32(e)) = ctx.constant_value(exponent).and_then(|t| t.data.as_splat())
+    {
+        let base_shape = ctx.shape(base);
+        if cnnc_ir::broadcast_shapes(&base_shape, &ctx.shape(exponent)).as_ref() == Some(&base_shape) {
+            return Ok(vec![ctx.push(Op::Unary(UnaryFn::PowConst { exponent: e }), &[base])?]);
         }
     }
     Ok(vec![ctx.push(Op::Binary(BinaryFn::Pow), &[base, exponent])?])

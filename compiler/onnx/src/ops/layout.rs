@@ -30,7 +30,7 @@ pub fn reshape_target(input: &[usize], target: &[i64], allow_zero: bool) -> Lowe
     let known = out.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(|| invalid("shape overflows"))?;
     match inferred {
         Some(i) => {
-            if known == 0 || total % known != 0 {
+            if known == 0 || !total.is_multiple_of(known) {
                 return Err(invalid(format!("cannot infer the -1 in {target:?} for {total} elements")));
             }
             out[i] = total / known;
@@ -153,7 +153,9 @@ pub fn tile(ctx: &mut NodeCtx) -> LowerResult<Vec<ValueId>> {
     let out = shape
         .iter()
         .zip(&repeats)
-        .map(|(&d, &r)| d.checked_mul(r).ok_or_else(|| invalid(format!("repeats {repeats:?} overflow the shape {shape:?}"))))
+        .map(|(&d, &r)| {
+            d.checked_mul(r).ok_or_else(|| invalid(format!("repeats {repeats:?} overflow the shape {shape:?}")))
+        })
         .collect::<LowerResult<Vec<usize>>>()?;
     let spread = ctx.reshape(x, interleaved)?;
     let repeated = broadcast_to(ctx, spread, broadcast)?;
@@ -161,7 +163,13 @@ pub fn tile(ctx: &mut NodeCtx) -> LowerResult<Vec<ValueId>> {
 }
 
 /// Reshape to `split`, permute, reshape to `out`.
-fn rearrange(ctx: &mut NodeCtx, x: ValueId, split: Vec<usize>, perm: Vec<usize>, out: Vec<usize>) -> LowerResult<ValueId> {
+fn rearrange(
+    ctx: &mut NodeCtx,
+    x: ValueId,
+    split: Vec<usize>,
+    perm: Vec<usize>,
+    out: Vec<usize>,
+) -> LowerResult<ValueId> {
     let split_value = ctx.reshape(x, split)?;
     let permuted = ctx.push(Op::Transpose { perm }, &[split_value])?;
     ctx.reshape(permuted, out)
@@ -169,10 +177,8 @@ fn rearrange(ctx: &mut NodeCtx, x: ValueId, split: Vec<usize>, perm: Vec<usize>,
 
 fn nchw_and_block(ctx: &NodeCtx, x: ValueId) -> LowerResult<([usize; 4], usize)> {
     let shape = ctx.shape(x);
-    let dims: [usize; 4] = shape
-        .as_slice()
-        .try_into()
-        .map_err(|_| invalid(format!("input must be 4-D [N, C, H, W], got {shape:?}")))?;
+    let dims: [usize; 4] =
+        shape.as_slice().try_into().map_err(|_| invalid(format!("input must be 4-D [N, C, H, W], got {shape:?}")))?;
     let block = ctx.attr_int_opt("blocksize")?;
     let block = ctx.required("blocksize", block)?;
     // A block wider than the input could never divide it; the bound also keeps block² exact.

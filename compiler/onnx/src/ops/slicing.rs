@@ -43,7 +43,14 @@ pub fn slice_axis(extent: usize, start: i64, end: i64, step: i64) -> (usize, usi
 }
 
 /// Slices `x` along the given axes; other axes are kept whole.
-pub fn slice_axes(ctx: &mut NodeCtx, x: ValueId, axes: &[usize], starts: &[i64], ends: &[i64], steps: &[i64]) -> LowerResult<ValueId> {
+pub fn slice_axes(
+    ctx: &mut NodeCtx,
+    x: ValueId,
+    axes: &[usize],
+    starts: &[i64],
+    ends: &[i64],
+    steps: &[i64],
+) -> LowerResult<ValueId> {
     let ty = ctx.ty(x);
     let rank = ty.rank();
     let mut first = vec![0usize; rank];
@@ -105,16 +112,18 @@ pub fn split(ctx: &mut NodeCtx) -> LowerResult<Vec<ValueId>> {
         Some(sizes) => to_sizes(&sizes, "split sizes")?,
         None => {
             let parts = match ctx.attr_int_opt("num_outputs")? {
-                Some(n) if ctx.opset >= 18 => usize::try_from(n).ok().filter(|&n| n > 0 && n == outputs).ok_or_else(|| {
-                    invalid(format!("num_outputs {n} must be positive and match the {outputs} outputs"))
-                })?,
+                Some(n) if ctx.opset >= 18 => {
+                    usize::try_from(n).ok().filter(|&n| n > 0 && n == outputs).ok_or_else(|| {
+                        invalid(format!("num_outputs {n} must be positive and match the {outputs} outputs"))
+                    })?
+                }
                 _ => outputs,
             };
             if parts == 0 {
                 return Err(invalid("Split has no outputs"));
             }
             let chunk = extent.div_ceil(parts);
-            if ctx.opset < 18 && extent % parts != 0 {
+            if ctx.opset < 18 && !extent.is_multiple_of(parts) {
                 return Err(invalid(format!("axis extent {extent} does not split into {parts} equal parts")));
             }
             (0..parts).map(|i| chunk.min(extent.saturating_sub(i * chunk))).collect()
@@ -177,10 +186,11 @@ pub fn pad(ctx: &mut NodeCtx) -> LowerResult<Vec<ValueId>> {
         "wrap" => PadMode::Wrap,
         other => return Err(unsupported(format!("pad mode '{other}'"))),
     };
-    if matches!(mode, PadMode::Reflect) {
-        if let Some(axis) = (0..rank).find(|&a| begins[a].max(ends[a]) >= ty.shape[a] as i64 && (begins[a] > 0 || ends[a] > 0)) {
-            return Err(invalid(format!("reflect pads of axis {axis} must be smaller than its extent {}", ty.shape[axis])));
-        }
+    if matches!(mode, PadMode::Reflect)
+        && let Some(axis) =
+            (0..rank).find(|&a| begins[a].max(ends[a]) >= ty.shape[a] as i64 && (begins[a] > 0 || ends[a] > 0))
+    {
+        return Err(invalid(format!("reflect pads of axis {axis} must be smaller than its extent {}", ty.shape[axis])));
     }
     if begins.iter().chain(&ends).all(|&p| p == 0) {
         return Ok(vec![x]);
@@ -193,10 +203,10 @@ pub fn gather(ctx: &mut NodeCtx) -> LowerResult<Vec<ValueId>> {
     let indices = ctx.input(1)?;
     let axis = normalize_axis(ctx.attr_int("axis", 0)?, ctx.shape(data).len())?;
     let extent = ctx.shape(data)[axis] as i64;
-    if let Some(t) = ctx.constant_value(indices) {
-        if let Some(bad) = t.data.to_i64_vec().and_then(|v| v.into_iter().find(|&i| i < -extent || i >= extent)) {
-            return Err(invalid(format!("index {bad} is out of range for axis {axis} of extent {extent}")));
-        }
+    if let Some(t) = ctx.constant_value(indices)
+        && let Some(bad) = t.data.to_i64_vec().and_then(|v| v.into_iter().find(|&i| i < -extent || i >= extent))
+    {
+        return Err(invalid(format!("index {bad} is out of range for axis {axis} of extent {extent}")));
     }
     Ok(vec![ctx.push(Op::Gather { axis }, &[data, indices])?])
 }
