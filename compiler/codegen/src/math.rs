@@ -313,12 +313,18 @@ impl<'a, 'f> Fx<'a, 'f> {
         self.sel(inf, lu, r)
     }
 
+    /// 1/(1 + e^−x), as e^x/(1 + e^x) for negative x so that tiny results keep
+    /// their digits (down into the denormals) instead of flushing through 1/inf.
     pub fn sigmoid(&mut self, x: Value) -> Value {
-        let nx = self.neg(x);
-        let e = self.exp(nx);
+        let ax = self.abs(x);
+        let nax = self.neg(ax);
+        let e = self.exp(nax);
         let one = self.c(1.0);
         let d = self.add(one, e);
-        self.div(one, d)
+        let s = self.div(one, d);
+        let es = self.mul(e, s);
+        let negative = self.cmpc(FloatCC::LessThan, x, 0.0);
+        self.sel(negative, es, s)
     }
 
     pub fn tanh(&mut self, x: Value) -> Value {

@@ -277,9 +277,12 @@ fn unary_f32(m: &mut Fx, f: UnaryFn, x: Value) -> Value {
             m.sel(neg, scaled, x)
         }
         UnaryFn::Selu { alpha, gamma } => {
+            // α·eˣ − α as ONNX writes it (and the interpreter computes it), not
+            // α·expm1(x): tiny negative inputs give 0 like every reference does.
             let pos = m.cmpc(FloatCC::GreaterThan, x, 0.0);
-            let e = m.expm1(x);
+            let e = m.exp(x);
             let scaled = m.mulc(e, alpha);
+            let scaled = m.addc(scaled, -alpha);
             let y = m.sel(pos, x, scaled);
             m.mulc(y, gamma)
         }
