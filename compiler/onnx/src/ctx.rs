@@ -188,6 +188,11 @@ impl<'a> NodeCtx<'a> {
         (0..self.inputs.len()).map(|i| self.input(i)).collect()
     }
 
+    /// Whether the node asks for output `i` (present and not "").
+    pub fn wants_output(&self, i: usize) -> bool {
+        self.node.output.get(i).is_some_and(|o| !o.is_empty())
+    }
+
     fn input_name(&self, i: usize) -> &str {
         self.node.input.get(i).map(String::as_str).unwrap_or("")
     }

@@ -23,7 +23,7 @@ pub fn dropout(ctx: &mut NodeCtx) -> LowerResult<Vec<ValueId>> {
         return Err(unsupported("training-mode dropout (training_mode=true) is random; cnnc compiles inference"));
     }
     let mut outputs = vec![x];
-    if ctx.node.output.get(1).is_some_and(|m| !m.is_empty()) {
+    if ctx.wants_output(1) {
         let shape = ctx.shape(x);
         outputs.push(ctx.splat(shape, Scalar::Bool(true))?);
     }
