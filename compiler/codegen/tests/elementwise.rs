@@ -8,7 +8,7 @@ use common::{Rng, check_close, check_graph, random_tensor};
 use proptest::prelude::*;
 
 fn config() -> ProptestConfig {
-    ProptestConfig { cases: 48, ..ProptestConfig::default() }
+    ProptestConfig { cases: common::cases(48), ..ProptestConfig::default() }
 }
 
 /// Floats spanning many magnitudes, with zeros, infinities, NaN and denormals mixed in.

@@ -78,3 +78,8 @@ pub fn random_tensor(rng: &mut Rng, dtype: DType, shape: &[usize], lo: f32, hi: 
     };
     Tensor::new(shape.to_vec(), data)
 }
+
+/// Proptest case count: `PROPTEST_CASES` if set, else `default`.
+pub fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
