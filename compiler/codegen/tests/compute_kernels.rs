@@ -8,13 +8,23 @@ mod harness;
 #[path = "compute_kernels/reference.rs"]
 mod reference;
 
-use cnnc_codegen::kernels::{conv, matmul};
-use cnnc_ir::{ConvGeometry, DType, Op, Tensor, TensorType};
+use cnnc_codegen::kernels::{conv, conv_transpose, matmul, pool, reduce};
+use cnnc_ir::{ArgKind, ConvGeometry, DType, Op, PoolAttrs, PoolKind, ReduceKind, Tensor, TensorType};
 use harness::{assert_close, random_f32, random_int};
 use proptest::prelude::*;
 
 fn config(cases: u32) -> ProptestConfig {
     ProptestConfig { cases, max_shrink_iters: 200, ..ProptestConfig::default() }
+}
+
+/// Runs `op` through the kernel and checks it against both the naive reference of
+/// this file and the IR interpreter.
+fn check(op: Op, inputs: &[&Tensor], declared: Option<Vec<TensorType>>, emitter: harness::Emitter, naive: &Tensor, what: &str) {
+    let got = harness::run(op.clone(), inputs, declared, emitter).unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_close(&got[0], naive, &format!("{what} (naive reference)"));
+    let types: Vec<TensorType> = got.iter().map(Tensor::ty).collect();
+    let interp = cnnc_ir::interp::eval(&op, inputs, &types, &[]).unwrap_or_else(|e| panic!("{what}: interpreter: {e}"));
+    assert_close(&got[0], &interp[0], &format!("{what} (interpreter)"));
 }
 
 // ---------------------------------------------------------------- conv
@@ -118,9 +128,9 @@ fn check_conv(case: &ConvCase) {
     let bias = case.bias.then(|| random_f32(&[w_shape[0]], case.seed ^ 2, false));
     let mut inputs = vec![&x, &w];
     inputs.extend(bias.as_ref());
-    let got = harness::run(Op::Conv(case.geometry()), &inputs, None, conv::emit).expect("conv compiles");
-    let want = reference::conv(&x, &w, bias.as_ref(), &case.geometry(), &got[0].shape);
-    assert_close(&got[0], &want, &format!("{case:?}"));
+    let out = cnnc_ir::infer::output_types(&Op::Conv(case.geometry()), &[&x.ty(), &w.ty()], &[], None).expect("conv types");
+    let want = reference::conv(&x, &w, bias.as_ref(), &case.geometry(), &out[0].shape);
+    check(Op::Conv(case.geometry()), &inputs, None, conv::emit, &want, &format!("{case:?}"));
 }
 
 proptest! {
@@ -192,9 +202,8 @@ fn check_matmul(a_shape: &[usize], b_shape: &[usize], dtype: DType, seed: u64) {
         DType::F32 => (random_f32(a_shape, seed, false), random_f32(b_shape, seed ^ 5, false)),
         _ => (random_int(a_shape, seed, dtype), random_int(b_shape, seed ^ 5, dtype)),
     };
-    let got = harness::run(Op::MatMul, &[&a, &b], None, matmul::emit).expect("matmul compiles");
     let want = reference::matmul(&a, &b);
-    assert_close(&got[0], &want, &format!("{a_shape:?} x {b_shape:?} {dtype}"));
+    check(Op::MatMul, &[&a, &b], None, matmul::emit, &want, &format!("{a_shape:?} x {b_shape:?} {dtype}"));
 }
 
 /// Operand shapes with batch axes that broadcast against each other.
@@ -250,6 +259,290 @@ fn matmul_rejects_bool() {
     match harness::compile(Op::MatMul, &types, declared, matmul::emit) {
         Err(e) => assert!(e.contains("bool"), "{e}"),
         Ok(_) => panic!("bool matmul compiled"),
+    }
+}
+
+// ---------------------------------------------------------------- conv_transpose
+
+#[derive(Clone, Debug)]
+struct TransposeCase {
+    conv: ConvCase,
+    output_padding: Vec<usize>,
+}
+
+impl TransposeCase {
+    fn out_shape(&self) -> Option<Vec<usize>> {
+        let c = &self.conv;
+        let mut s = vec![c.batch, c.groups * c.out_per_group];
+        for d in 0..c.input.len() {
+            let full = (c.input[d] - 1) * c.strides[d] + c.dilations[d] * (c.kernel[d] - 1) + 1 + self.output_padding[d];
+            let out = full.checked_sub(c.pads_begin[d] + c.pads_end[d]).filter(|&o| o > 0)?;
+            s.push(out);
+        }
+        Some(s)
+    }
+}
+
+fn transpose_case() -> impl Strategy<Value = TransposeCase> {
+    (conv_case(), prop::collection::vec(0usize..3, 3)).prop_map(|(mut conv, pad)| {
+        let rank = conv.input.len();
+        let output_padding: Vec<usize> = (0..rank).map(|d| pad[d] % conv.strides[d].max(conv.dilations[d])).collect();
+        let mut case = TransposeCase { conv: conv.clone(), output_padding };
+        if case.out_shape().is_none() {
+            conv.pads_begin = vec![0; rank];
+            conv.pads_end = vec![0; rank];
+            case.conv = conv;
+        }
+        case
+    })
+}
+
+fn check_conv_transpose(case: &TransposeCase) {
+    let c = &case.conv;
+    let x = random_f32(&c.x_shape(), c.seed, false);
+    let mut w_shape = vec![c.groups * c.in_per_group, c.out_per_group];
+    w_shape.extend(&c.kernel);
+    let w = random_f32(&w_shape, c.seed ^ 1, false);
+    let bias = c.bias.then(|| random_f32(&[c.groups * c.out_per_group], c.seed ^ 2, false));
+    let mut inputs = vec![&x, &w];
+    inputs.extend(bias.as_ref());
+    let out = case.out_shape().expect("positive output extent");
+    let want = reference::conv_transpose(&x, &w, bias.as_ref(), &c.geometry(), &out);
+    let op = Op::ConvTranspose(c.geometry());
+    check(op, &inputs, Some(vec![TensorType::f32(out)]), conv_transpose::emit, &want, &format!("{case:?}"));
+}
+
+proptest! {
+    #![proptest_config(config(64))]
+    #[test]
+    fn conv_transpose_matches_reference(case in transpose_case()) {
+        check_conv_transpose(&case);
+    }
+}
+
+#[test]
+fn conv_transpose_upsampling() {
+    let mut conv = conv2d(8, 6, 7, 4, 2, (1, 1), 1);
+    conv.in_per_group = 8;
+    conv.out_per_group = 6;
+    check_conv_transpose(&TransposeCase { conv: conv.clone(), output_padding: vec![0, 1] });
+    conv.groups = 2;
+    conv.in_per_group = 4;
+    conv.out_per_group = 3;
+    conv.kernel = vec![3, 3];
+    conv.strides = vec![3, 1];
+    check_conv_transpose(&TransposeCase { conv, output_padding: vec![2, 0] });
+}
+
+// ---------------------------------------------------------------- pool
+
+#[derive(Clone, Debug)]
+struct PoolCase {
+    shape: Vec<usize>,
+    attrs: PoolAttrs,
+    ceil: bool,
+    seed: u64,
+}
+
+impl PoolCase {
+    fn out_shape(&self) -> Vec<usize> {
+        let a = &self.attrs;
+        let mut s = self.shape[..2].to_vec();
+        for d in 0..a.kernel.len() {
+            let input = self.shape[2 + d];
+            let span = a.dilations[d] * (a.kernel[d] - 1) + 1;
+            let room = input + a.pads_begin[d] + a.pads_end[d] - span;
+            let mut out = if self.ceil { room.div_ceil(a.strides[d]) + 1 } else { room / a.strides[d] + 1 };
+            // Ceil mode: the last window must start inside the input or the begin padding.
+            if self.ceil && (out - 1) * a.strides[d] >= input + a.pads_begin[d] {
+                out -= 1;
+            }
+            s.push(out);
+        }
+        s
+    }
+}
+
+fn pool_case() -> impl Strategy<Value = PoolCase> {
+    (1usize..4).prop_flat_map(|rank| {
+        let max_in = [0, 20, 12, 7][rank];
+        (
+            (1usize..3, 1usize..4),
+            prop::collection::vec((1usize..max_in, 1usize..5, 1usize..4, 1usize..3, 0usize..3, 0usize..3), rank),
+            prop_oneof![Just(PoolKind::Max), any::<bool>().prop_map(|c| PoolKind::Avg { count_include_pad: c })],
+            any::<bool>(),
+            any::<u64>(),
+        )
+            .prop_map(|((n, c), axes, kind, ceil, seed)| {
+                let mut shape = vec![n, c];
+                let mut attrs = PoolAttrs { kind, kernel: vec![], strides: vec![], dilations: vec![], pads_begin: vec![], pads_end: vec![] };
+                for (input, k, s, d, pb, pe) in axes {
+                    let span = d * (k - 1) + 1;
+                    let pe = if input + pb + pe < span { span - input - pb } else { pe };
+                    shape.push(input);
+                    attrs.kernel.push(k);
+                    attrs.strides.push(s);
+                    attrs.dilations.push(d);
+                    attrs.pads_begin.push(pb);
+                    attrs.pads_end.push(pe);
+                }
+                PoolCase { shape, attrs, ceil, seed }
+            })
+    })
+}
+
+fn check_pool(case: &PoolCase) {
+    let x = random_f32(&case.shape, case.seed, false);
+    let out = case.out_shape();
+    let want = reference::pool(&x, &case.attrs, &out);
+    check(Op::Pool(case.attrs.clone()), &[&x], Some(vec![TensorType::f32(out)]), pool::emit, &want, &format!("{case:?}"));
+}
+
+proptest! {
+    #![proptest_config(config(96))]
+    #[test]
+    fn pool_matches_reference(case in pool_case()) {
+        check_pool(&case);
+    }
+}
+
+fn pool2d(kind: PoolKind, hw: usize, k: usize, s: usize, pad: (usize, usize), ceil: bool) -> PoolCase {
+    PoolCase {
+        shape: vec![1, 3, hw, hw + 5],
+        attrs: PoolAttrs { kind, kernel: vec![k; 2], strides: vec![s; 2], dilations: vec![1; 2], pads_begin: vec![pad.0; 2], pads_end: vec![pad.1; 2] },
+        ceil,
+        seed: 3,
+    }
+}
+
+#[test]
+fn pool_common_shapes() {
+    for kind in [PoolKind::Max, PoolKind::Avg { count_include_pad: false }, PoolKind::Avg { count_include_pad: true }] {
+        check_pool(&pool2d(kind, 112, 3, 2, (1, 1), false));
+        check_pool(&pool2d(kind, 13, 3, 2, (0, 0), true));
+        check_pool(&pool2d(kind, 14, 2, 2, (0, 0), false));
+        check_pool(&pool2d(kind, 7, 7, 1, (0, 0), false));
+        check_pool(&pool2d(kind, 9, 3, 1, (1, 1), false));
+        check_pool(&pool2d(kind, 10, 3, 2, (0, 1), true));
+    }
+}
+
+#[test]
+fn max_pool_propagates_nan() {
+    let mut x = random_f32(&[1, 1, 6, 9], 4, false);
+    if let cnnc_ir::TensorData::F32(v) = &mut x.data {
+        v[10] = f32::NAN;
+        v[40] = f32::NAN;
+    }
+    let case = pool2d(PoolKind::Max, 6, 3, 1, (1, 1), false);
+    let mut case = case;
+    case.shape = vec![1, 1, 6, 9];
+    let out = case.out_shape();
+    let want = reference::pool(&x, &case.attrs, &out);
+    check(Op::Pool(case.attrs.clone()), &[&x], Some(vec![TensorType::f32(out)]), pool::emit, &want, "nan pool");
+}
+
+// ---------------------------------------------------------------- reduce
+
+fn reduce_kind() -> impl Strategy<Value = ReduceKind> {
+    prop_oneof![Just(ReduceKind::Sum), Just(ReduceKind::Mean), Just(ReduceKind::Max), Just(ReduceKind::Min), Just(ReduceKind::Prod)]
+}
+
+fn data(shape: &[usize], dtype: DType, seed: u64, ties: bool) -> Tensor {
+    match dtype {
+        DType::F32 => random_f32(shape, seed, ties),
+        _ => random_int(shape, seed, dtype),
+    }
+}
+
+fn check_reduce(shape: &[usize], axes: &[usize], kind: ReduceKind, dtype: DType, seed: u64) {
+    let x = data(shape, dtype, seed, false);
+    let want = reference::reduce(&x, kind, axes);
+    let op = Op::Reduce { kind, axes: axes.to_vec() };
+    check(op, &[&x], None, reduce::emit_reduce, &want, &format!("{kind:?} {dtype} {shape:?} over {axes:?}"));
+}
+
+proptest! {
+    #![proptest_config(config(128))]
+    #[test]
+    fn reduce_matches_reference(
+        shape in prop::collection::vec(0usize..7, 1..5),
+        mask in any::<u8>(),
+        kind in reduce_kind(),
+        dtype in prop_oneof![Just(DType::F32), Just(DType::F32), Just(DType::I32), Just(DType::I64)],
+        seed in any::<u64>(),
+    ) {
+        let axes: Vec<usize> = (0..shape.len()).filter(|d| mask >> d & 1 == 1).collect();
+        check_reduce(&shape, &axes, kind, dtype, seed);
+    }
+}
+
+#[test]
+fn reduce_common_shapes() {
+    for kind in [ReduceKind::Sum, ReduceKind::Mean, ReduceKind::Max, ReduceKind::Min] {
+        check_reduce(&[2, 64, 7, 7], &[2, 3], kind, DType::F32, 1);
+        check_reduce(&[3, 10, 37], &[2], kind, DType::F32, 2);
+        check_reduce(&[3, 10, 37], &[1], kind, DType::F32, 3);
+        check_reduce(&[3, 10, 37], &[0, 2], kind, DType::F32, 4);
+        check_reduce(&[3, 10, 37], &[], kind, DType::F32, 5);
+        check_reduce(&[4, 0, 5], &[1], kind, DType::F32, 6);
+        check_reduce(&[4, 0, 5], &[1], kind, DType::I64, 6);
+        check_reduce(&[1, 1, 1], &[0, 2], kind, DType::I32, 7);
+    }
+}
+
+#[test]
+fn reduce_max_propagates_nan() {
+    let mut x = random_f32(&[3, 13], 4, false);
+    if let cnnc_ir::TensorData::F32(v) = &mut x.data {
+        v[5] = f32::NAN;
+        v[13 + 12] = f32::NAN;
+    }
+    for axes in [vec![1], vec![0]] {
+        for kind in [ReduceKind::Max, ReduceKind::Min] {
+            let want = reference::reduce(&x, kind, &axes);
+            check(Op::Reduce { kind, axes: axes.clone() }, &[&x], None, reduce::emit_reduce, &want, "nan reduce");
+        }
+    }
+}
+
+fn check_arg(x: &Tensor, axis: usize, kind: ArgKind, last: bool) {
+    let want = reference::arg_reduce(x, kind, axis, last);
+    let op = Op::ArgReduce { kind, axis, select_last_index: last };
+    check(op, &[x], None, reduce::emit_arg_reduce, &want, &format!("{kind:?} last={last} {:?} axis {axis}", x.shape));
+}
+
+proptest! {
+    #![proptest_config(config(128))]
+    #[test]
+    fn arg_reduce_matches_reference(
+        shape in prop::collection::vec(1usize..7, 1..5),
+        axis_pick in any::<usize>(),
+        max in any::<bool>(),
+        last in any::<bool>(),
+        ties in any::<bool>(),
+        dtype in prop_oneof![Just(DType::F32), Just(DType::F32), Just(DType::I32), Just(DType::I64)],
+        seed in any::<u64>(),
+    ) {
+        let axis = axis_pick % shape.len();
+        let x = if dtype == DType::F32 { random_f32(&shape, seed, ties) } else { data(&shape, dtype, seed, ties) };
+        check_arg(&x, axis, if max { ArgKind::Max } else { ArgKind::Min }, last);
+    }
+}
+
+#[test]
+fn arg_reduce_nan_and_ties() {
+    let mut x = random_f32(&[5, 9], 8, true);
+    if let cnnc_ir::TensorData::F32(v) = &mut x.data {
+        v[9 + 2] = f32::NAN;
+        v[27 + 2] = f32::NAN;
+        v[4] = f32::NAN;
+    }
+    for kind in [ArgKind::Max, ArgKind::Min] {
+        for last in [false, true] {
+            check_arg(&x, 0, kind, last);
+            check_arg(&x, 1, kind, last);
+        }
     }
 }
 

@@ -132,7 +132,7 @@ pub fn pool(x: &Tensor, p: &PoolAttrs, out_shape: &[usize]) -> Tensor {
                 padded += inside_padded as usize;
                 if let Some(i) = window_input(&o, &kk, &p.strides, &p.dilations, &p.pads_begin, in_sp) {
                     let v = f32s(x)[plane * in_plane + ravel(&i, in_sp)];
-                    max = max.max(v);
+                    max = if v.is_nan() || max.is_nan() { f32::NAN } else { max.max(v) };
                     sum += v;
                     valid += 1;
                 }
@@ -203,8 +203,8 @@ pub fn reduce(x: &Tensor, kind: ReduceKind, axes: &[usize]) -> Tensor {
                     match kind {
                         ReduceKind::Sum => it.sum(),
                         ReduceKind::Mean => it.sum::<f32>() / g.len() as f32,
-                        ReduceKind::Max => it.fold(f32::NEG_INFINITY, f32::max),
-                        ReduceKind::Min => it.fold(f32::INFINITY, f32::min),
+                        ReduceKind::Max => it.fold(f32::NEG_INFINITY, |a, b| if a.is_nan() || b.is_nan() { f32::NAN } else { a.max(b) }),
+                        ReduceKind::Min => it.fold(f32::INFINITY, |a, b| if a.is_nan() || b.is_nan() { f32::NAN } else { a.min(b) }),
                         ReduceKind::Prod => it.product(),
                     }
                 })
@@ -222,6 +222,7 @@ pub fn reduce(x: &Tensor, kind: ReduceKind, axes: &[usize]) -> Tensor {
 fn reduce_int(it: impl Iterator<Item = i64>, kind: ReduceKind, n: usize) -> i64 {
     match kind {
         ReduceKind::Sum => it.fold(0i64, i64::wrapping_add),
+        ReduceKind::Mean if n == 0 => 0,
         ReduceKind::Mean => it.fold(0i64, i64::wrapping_add) / n as i64,
         ReduceKind::Max => it.max().unwrap_or(i64::MIN),
         ReduceKind::Min => it.min().unwrap_or(i64::MAX),
@@ -242,10 +243,13 @@ pub fn arg_reduce(x: &Tensor, kind: ArgKind, axis: usize, select_last_index: boo
             let mut best = 0;
             for j in 1..len {
                 let (v, bv) = (value(j), value(best));
-                let better = match kind {
+                // NaN beats every number, and an earlier NaN only with select_last_index.
+                let better = if v.is_nan() || bv.is_nan() {
+                    v.is_nan() && (!bv.is_nan() || select_last_index)
+                } else { match kind {
                     ArgKind::Max => v > bv || (select_last_index && v == bv),
                     ArgKind::Min => v < bv || (select_last_index && v == bv),
-                };
+                } };
                 if better {
                     best = j;
                 }

@@ -269,23 +269,18 @@ fn pseudo_minmax(b: &mut FunctionBuilder, x: Value, y: Value, is_max: bool) -> V
     }
 }
 
-/// NaN-propagating max/min: the result is NaN when either operand is. Costs a
-/// compare and a blend over the pseudo version.
+/// NaN-propagating max/min of an accumulator and a new element: NaN when either is
+/// NaN (the pseudo version already keeps a NaN accumulator; a NaN element is patched
+/// in with one compare and blend).
 pub fn float_minmax_nan(b: &mut FunctionBuilder, acc: Value, x: Value, is_max: bool) -> Value {
     let ty = b.func.dfg.value_type(x);
     let m = pseudo_minmax(b, x, acc, is_max);
-    // Unordered(acc, acc) is true where acc is NaN: keep it.
-    let acc_nan = b.ins().fcmp(FloatCC::Unordered, acc, acc);
+    let x_nan = b.ins().fcmp(FloatCC::Unordered, x, x);
     if ty.is_vector() {
-        let mask = b.ins().bitcast(ty, MemFlagsData::new(), acc_nan);
-        let x_nan = b.ins().fcmp(FloatCC::Unordered, x, x);
-        let x_mask = b.ins().bitcast(ty, MemFlagsData::new(), x_nan);
-        let with_x = b.ins().bitselect(x_mask, x, m);
-        b.ins().bitselect(mask, acc, with_x)
+        let mask = b.ins().bitcast(ty, MemFlagsData::new(), x_nan);
+        b.ins().bitselect(mask, x, m)
     } else {
-        let x_nan = b.ins().fcmp(FloatCC::Unordered, x, x);
-        let with_x = b.ins().select(x_nan, x, m);
-        b.ins().select(acc_nan, acc, with_x)
+        b.ins().select(x_nan, x, m)
     }
 }
 
