@@ -1,0 +1,133 @@
+//! The memory plan: slots are reused, simultaneously live values never overlap, and
+//! random graphs computed with the plan agree with the interpreter.
+
+mod common;
+
+use cnnc_codegen::plan::{Interval, Location, MemoryPlan, WORKSPACE_ALIGN, assign_offsets};
+use cnnc_ir::{BinaryFn, Graph, Op, TensorType, UnaryFn, ValueId};
+use common::{Rng, check_graph, random_tensor};
+use proptest::prelude::*;
+
+/// A random DAG of 1-D f32 values: unary maps, adds of equal-length values, concats and
+/// slices (so sizes vary), with random outputs (inputs and repeats included).
+fn random_graph(rng: &mut Rng, nodes: usize) -> Graph {
+    let mut g = Graph::new("random");
+    let mut values: Vec<ValueId> = Vec::new();
+    for i in 0..2 {
+        values.push(g.add_input(TensorType::f32([rng.below(40) as usize + 1]), format!("in{i}")));
+    }
+    let len = |g: &Graph, v: ValueId| g.ty(v).shape[0];
+    for n in 0..nodes {
+        let pick = |rng: &mut Rng, values: &[ValueId]| values[rng.below(values.len() as u64) as usize];
+        let a = pick(rng, &values);
+        let v = match rng.below(4) {
+            0 => g.push1(format!("n{n}"), Op::Unary(UnaryFn::Affine { scale: 0.5, shift: 1.0 }), &[a]).unwrap(),
+            1 => {
+                let same: Vec<ValueId> = values.iter().copied().filter(|&v| len(&g, v) == len(&g, a)).collect();
+                let b = pick(rng, &same);
+                g.push1(format!("n{n}"), Op::Binary(BinaryFn::Add), &[a, b]).unwrap()
+            }
+            2 if len(&g, a) < 200 => {
+                let b = pick(rng, &values);
+                g.push1(format!("n{n}"), Op::Concat { axis: 0 }, &[a, b]).unwrap()
+            }
+            _ => {
+                let keep = rng.below(len(&g, a) as u64) as usize + 1;
+                g.push_typed(format!("n{n}"), Op::Slice { starts: vec![0], steps: vec![1] }, &[a], TensorType::f32([keep]))
+                    .unwrap()
+            }
+        };
+        values.push(v);
+    }
+    let outputs = rng.below(3) as usize + 1;
+    for _ in 0..outputs {
+        g.outputs.push(values[rng.below(values.len() as u64) as usize]);
+    }
+    g.outputs.push(*values.last().unwrap());
+    g
+}
+
+/// Independent check of the plan's invariants.
+fn check_plan(g: &Graph, plan: &MemoryPlan) -> Result<(), String> {
+    let users = g.users();
+    let producers = g.producers();
+    let mut slots: Vec<(ValueId, Interval, usize)> = Vec::new();
+    for v in 0..g.values.len() {
+        let id = ValueId(v as u32);
+        let loc = plan.location(id).ok_or(format!("{id} has no location"))?;
+        if let Location::Workspace(off) = loc {
+            let bytes = g.ty(id).byte_size();
+            if bytes == 0 {
+                continue;
+            }
+            if off % WORKSPACE_ALIGN != 0 || off + bytes > plan.workspace_size {
+                return Err(format!("{id} at {off}+{bytes} outside the {} byte workspace or misaligned", plan.workspace_size));
+            }
+            let iv = plan.intervals[v].ok_or(format!("{id} in the workspace without an interval"))?;
+            let def = producers[v].ok_or(format!("{id} in the workspace but not defined by a node"))?;
+            if iv.start != def || users[v].iter().any(|&u| u > iv.end) {
+                return Err(format!("{id}: interval {iv:?} misses its definition {def} or a use {:?}", users[v]));
+            }
+            slots.push((id, iv, off));
+        }
+    }
+    for (i, &(a, ia, oa)) in slots.iter().enumerate() {
+        for &(b, ib, ob) in &slots[i + 1..] {
+            let live_together = ia.start <= ib.end && ib.start <= ia.end;
+            let overlap = oa < ob + ib.bytes && ob < oa + ia.bytes;
+            if live_together && overlap {
+                return Err(format!("{a} {ia:?}@{oa} and {b} {ib:?}@{ob} share memory while both live"));
+            }
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: common::cases(64), ..ProptestConfig::default() })]
+
+    #[test]
+    fn live_values_never_overlap(nodes in 1usize..40, seed in 1u64..u64::MAX) {
+        let mut rng = Rng(seed);
+        let g = random_graph(&mut rng, nodes);
+        let plan = MemoryPlan::new(&g).map_err(TestCaseError::fail)?;
+        check_plan(&g, &plan).map_err(TestCaseError::fail)?;
+        let inputs: Vec<_> = g.inputs.iter().map(|&v| random_tensor(&mut rng, cnnc_ir::DType::F32, &g.ty(v).shape, -2.0, 2.0)).collect();
+        check_graph(&g, &inputs).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn first_fit_intervals_are_disjoint(spec in prop::collection::vec((0usize..30, 0usize..10, 1usize..500), 1..60)) {
+        let ivs: Vec<Interval> = spec.iter().map(|&(s, len, bytes)| Interval { start: s, end: s + len, bytes }).collect();
+        let (offsets, total) = assign_offsets(&ivs);
+        let peak: usize = (0..40)
+            .map(|t| ivs.iter().filter(|iv| iv.start <= t && t <= iv.end).map(|iv| iv.bytes.div_ceil(64) * 64).sum::<usize>())
+            .max()
+            .unwrap_or(0);
+        prop_assert!(total >= peak, "total {total} below the peak live size {peak}");
+        for i in 0..ivs.len() {
+            prop_assert!(offsets[i] % 64 == 0 && offsets[i] + ivs[i].bytes <= total);
+            for j in i + 1..ivs.len() {
+                let (a, b) = (ivs[i], ivs[j]);
+                let live = a.start <= b.end && b.start <= a.end;
+                let overlap = offsets[i] < offsets[j] + b.bytes && offsets[j] < offsets[i] + a.bytes;
+                prop_assert!(!(live && overlap), "{a:?}@{} and {b:?}@{} overlap", offsets[i], offsets[j]);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_long_chain_needs_two_slots() {
+    let mut g = Graph::new("chain");
+    let x = g.add_input(TensorType::f32([1000]), "x");
+    let mut v = x;
+    for i in 0..50 {
+        v = g.push1(format!("n{i}"), Op::Unary(UnaryFn::Tanh), &[v]).unwrap();
+    }
+    g.outputs.push(v);
+    let plan = MemoryPlan::new(&g).unwrap();
+    assert_eq!(plan.workspace_size, 2 * 4032, "49 intermediates of 4000 bytes fit in two 64-aligned slots");
+    let model = cnnc_codegen::JitModel::compile(&g).unwrap();
+    assert_eq!(model.model_info().workspace_size, 2 * 4032);
+}
