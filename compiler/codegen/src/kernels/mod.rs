@@ -77,7 +77,6 @@ pub fn emit_node(k: &mut KernelCtx, tables: &[Value]) -> Result<(), CodegenError
             k.node.outputs.len()
         )));
     }
-    let not_yet = |what: &str| Err(CodegenError(format!("{what} is not yet implemented in the code generator")));
     match k.node.op.clone() {
         Op::Constant(c) => match k.graph.constants.get(c.index()).map(|x| x.value.clone()) {
             Some(ConstValue::Splat(v)) => {
@@ -97,10 +96,10 @@ pub fn emit_node(k: &mut KernelCtx, tables: &[Value]) -> Result<(), CodegenError
         Op::Cast { to } => elementwise::emit_cast(k, to),
         Op::MatMul => matmul::emit(k),
         Op::Conv(_) => conv::emit(k),
-        Op::ConvTranspose(_) => not_yet("conv_transpose"),
-        Op::Pool(_) => not_yet("pool"),
-        Op::Reduce { .. } => not_yet("reduce"),
-        Op::ArgReduce { .. } => not_yet("arg_reduce"),
+        Op::ConvTranspose(_) => conv_transpose::emit(k),
+        Op::Pool(_) => pool::emit(k),
+        Op::Reduce { .. } => reduce::emit_reduce(k),
+        Op::ArgReduce { .. } => reduce::emit_arg_reduce(k),
         Op::Reshape | Op::Transpose { .. } | Op::Slice { .. } | Op::Pad { .. } | Op::Concat { .. } | Op::Broadcast => {
             movement::emit(k)
         }
