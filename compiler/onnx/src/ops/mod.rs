@@ -10,6 +10,18 @@ pub mod basic;
 pub mod elementwise;
 pub mod layout;
 pub mod slicing;
+// Group B families.
+pub mod compose;
+pub mod conv;
+pub mod indexing;
+pub mod linalg;
+pub mod loss;
+pub mod norm;
+pub mod pool;
+pub mod reduce;
+pub mod resize;
+pub mod softmax;
+pub mod window;
 
 /// Lowers one node; returns the IR value of each ONNX output, by position (trailing optional
 /// outputs the node does not ask for may be left out).
@@ -88,6 +100,45 @@ pub fn lookup(op_type: &str) -> Option<Lowering> {
         "Slice" => slicing::slice,
         "Pad" => slicing::pad,
         "Gather" => slicing::gather,
+        // conv.rs
+        "Conv" => conv::conv,
+        "ConvTranspose" => conv::conv_transpose,
+        // pool.rs
+        "MaxPool" => pool::max_pool,
+        "AveragePool" => pool::average_pool,
+        "GlobalAveragePool" => pool::global_average_pool,
+        "GlobalMaxPool" => pool::global_max_pool,
+        // norm.rs
+        "BatchNormalization" => norm::batch_normalization,
+        "InstanceNormalization" => norm::instance_normalization,
+        "LRN" => norm::lrn,
+        // linalg.rs
+        "Gemm" => linalg::gemm,
+        "MatMul" => linalg::matmul,
+        // softmax.rs
+        "Softmax" => softmax::softmax,
+        "LogSoftmax" => softmax::log_softmax,
+        // reduce.rs
+        "ReduceSum" => reduce::reduce_sum,
+        "ReduceMean" => reduce::reduce_mean,
+        "ReduceMax" => reduce::reduce_max,
+        "ReduceMin" => reduce::reduce_min,
+        "ReduceProd" => reduce::reduce_prod,
+        "ReduceL1" => reduce::reduce_l1,
+        "ReduceL2" => reduce::reduce_l2,
+        "ReduceSumSquare" => reduce::reduce_sum_square,
+        "ReduceLogSum" => reduce::reduce_log_sum,
+        "ReduceLogSumExp" => reduce::reduce_log_sum_exp,
+        "ArgMax" => reduce::arg_max,
+        "ArgMin" => reduce::arg_min,
+        // resize.rs
+        "Resize" => resize::resize,
+        "Upsample" => resize::upsample,
+        // loss.rs
+        "NegativeLogLikelihoodLoss" => loss::negative_log_likelihood_loss,
+        "SoftmaxCrossEntropyLoss" => loss::softmax_cross_entropy_loss,
+        // indexing.rs
+        "GatherElements" => indexing::gather_elements,
         _ => return None,
     };
     Some(lowering)
