@@ -33,7 +33,12 @@ use crate::types::{Tensor, TensorType};
 fn check_consistent(t: &Tensor, what: &dyn Fn() -> String) -> Result<(), String> {
     let count: usize = t.shape.iter().product();
     if count != t.data.len() {
-        return Err(format!("{}: shape {:?} holds {count} elements but the data has {}", what(), t.shape, t.data.len()));
+        return Err(format!(
+            "{}: shape {:?} holds {count} elements but the data has {}",
+            what(),
+            t.shape,
+            t.data.len()
+        ));
     }
     Ok(())
 }
@@ -42,7 +47,12 @@ fn check_consistent(t: &Tensor, what: &dyn Fn() -> String) -> Result<(), String>
 /// empty for ops whose output type follows from the inputs. The op and inputs are
 /// type-checked with `infer::output_types` first, so a malformed node is an error,
 /// never a panic.
-pub fn eval(op: &Op, inputs: &[&Tensor], output_types: &[TensorType], constants: &[Constant]) -> Result<Vec<Tensor>, String> {
+pub fn eval(
+    op: &Op,
+    inputs: &[&Tensor],
+    output_types: &[TensorType],
+    constants: &[Constant],
+) -> Result<Vec<Tensor>, String> {
     for (i, t) in inputs.iter().enumerate() {
         check_consistent(t, &|| format!("{} input {i}", op.mnemonic()))?;
     }
@@ -52,10 +62,9 @@ pub fn eval(op: &Op, inputs: &[&Tensor], output_types: &[TensorType], constants:
     let types = infer::output_types(op, &type_refs, constants, declared)?;
     let out_shape = &types[0].shape;
     let result = match op {
-        Op::Constant(c) => constants
-            .get(c.index())
-            .map(Constant::to_tensor)
-            .ok_or_else(|| format!("constant {c} does not exist"))?,
+        Op::Constant(c) => {
+            constants.get(c.index()).map(Constant::to_tensor).ok_or_else(|| format!("constant {c} does not exist"))?
+        }
         Op::Unary(f) => elementwise::unary(*f, inputs[0])?,
         Op::Binary(f) => elementwise::binary(*f, inputs[0], inputs[1])?,
         Op::Where => elementwise::where_(inputs[0], inputs[1], inputs[2])?,
@@ -105,10 +114,7 @@ pub fn apply_epilogue(out: &mut Tensor, steps: &[EpilogueStep], node_inputs: &[&
         };
         let next = next.into_iter().next().ok_or("epilogue step produced no value")?;
         if next.shape != out.shape {
-            return Err(format!(
-                "epilogue step {i} ({step:?}) turns shape {:?} into {:?}",
-                out.shape, next.shape
-            ));
+            return Err(format!("epilogue step {i} ({step:?}) turns shape {:?} into {:?}", out.shape, next.shape));
         }
         *out = next;
     }
@@ -195,10 +201,14 @@ fn execute(g: &Graph, inputs: &[Tensor], keep_all: bool) -> Result<Vec<Option<Te
                 })
                 .collect::<Result<_, _>>()?;
             let out_types: Vec<TensorType> = node.outputs.iter().map(|&v| g.ty(v).clone()).collect();
-            let mut outs =
-                eval(&node.op, &ins, &out_types, &g.constants).map_err(|e| format!("{}: {e}", context()))?;
+            let mut outs = eval(&node.op, &ins, &out_types, &g.constants).map_err(|e| format!("{}: {e}", context()))?;
             if outs.len() != node.outputs.len() {
-                return Err(format!("{}: produced {} outputs, the node has {}", context(), outs.len(), node.outputs.len()));
+                return Err(format!(
+                    "{}: produced {} outputs, the node has {}",
+                    context(),
+                    outs.len(),
+                    node.outputs.len()
+                ));
             }
             if !node.epilogue.is_empty() {
                 apply_epilogue(&mut outs[0], &node.epilogue, &ins).map_err(|e| format!("{}: {e}", context()))?;

@@ -467,7 +467,11 @@ fn unary_activations() {
     assert_unary(Selu { alpha, gamma }, &[-1., 1., 0.], &[selu_neg, gamma as f64, 0.]);
     assert_unary(Celu { alpha: 1. }, &[-1., 2.], &[e1, 2.]);
     assert_unary(Celu { alpha: 2. }, &[-2.], &[2. * e1]);
-    assert_unary(Softplus, &[0., 100., -100., 1.], &[std::f64::consts::LN_2, 100., (-100f64).exp(), 1.3132616875182228]);
+    assert_unary(
+        Softplus,
+        &[0., 100., -100., 1.],
+        &[std::f64::consts::LN_2, 100., (-100f64).exp(), 1.3132616875182228],
+    );
     assert_unary(Mish, &[1., -100.], &[0.8650983882673103, -100. * (-100f64).exp()]);
     assert_unary(HardSwish, &[1., -3., 3., -1., 4.], &[2. / 3., 0., 3., -1. / 3., 4.]);
     assert_unary(HardSigmoid { alpha: 0.2, beta: 0.5 }, &[1., 3., -3.], &[0.7, 1., 0.]);
@@ -572,7 +576,10 @@ fn arg_reduce_ties_and_nan() {
     assert_eq!(arg(ArgKind::Min, 1, false), ti64(&[2, 1], &[1, 0]));
     // ONNX ArgMax example.
     let x = t(&[2, 2], &[2., 1., 3., 10.]);
-    assert_eq!(ev(Op::ArgReduce { kind: ArgKind::Max, axis: 1, select_last_index: false }, &[&x]), ti64(&[2, 1], &[0, 1]));
+    assert_eq!(
+        ev(Op::ArgReduce { kind: ArgKind::Max, axis: 1, select_last_index: false }, &[&x]),
+        ti64(&[2, 1], &[0, 1])
+    );
     let x = t(&[4], &[1., f32::NAN, 5., f32::NAN]);
     let first = ev(Op::ArgReduce { kind: ArgKind::Max, axis: 0, select_last_index: false }, &[&x]);
     assert_eq!(first, ti64(&[1], &[1]));

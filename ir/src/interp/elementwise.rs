@@ -42,7 +42,6 @@ pub(crate) fn unary(f: UnaryFn, x: &Tensor) -> Result<Tensor, String> {
     Ok(Tensor { shape: x.shape.clone(), data })
 }
 
-
 pub(crate) fn binary(f: BinaryFn, a: &Tensor, b: &Tensor) -> Result<Tensor, String> {
     let shape = broadcast_shapes(&a.shape, &b.shape)
         .ok_or_else(|| format!("binary {f:?}: shapes {:?} and {:?} do not broadcast", a.shape, b.shape))?;
@@ -65,17 +64,20 @@ pub(crate) fn binary(f: BinaryFn, a: &Tensor, b: &Tensor) -> Result<Tensor, Stri
             })
         }
         _ => {
-            return Err(format!(
-                "binary {f:?}: operand dtypes differ ({} vs {})",
-                a.data.dtype(),
-                b.data.dtype()
-            ));
+            return Err(format!("binary {f:?}: operand dtypes differ ({} vs {})", a.data.dtype(), b.data.dtype()));
         }
     };
     Ok(Tensor { shape, data })
 }
 
-fn map2<T: Copy, R>(x: &[T], ia: Option<&[usize]>, y: &[T], ib: Option<&[usize]>, count: usize, op: impl Fn(T, T) -> R) -> Vec<R> {
+fn map2<T: Copy, R>(
+    x: &[T],
+    ia: Option<&[usize]>,
+    y: &[T],
+    ib: Option<&[usize]>,
+    count: usize,
+    op: impl Fn(T, T) -> R,
+) -> Vec<R> {
     (0..count).map(|i| op(at(x, ia, i), at(y, ib, i))).collect()
 }
 

@@ -8,7 +8,12 @@ use crate::types::{Tensor, TensorData, strides};
 
 pub(crate) fn reshape(x: &Tensor, out_shape: &[usize]) -> Result<Tensor, String> {
     if out_shape.iter().product::<usize>() != x.numel() {
-        return Err(format!("reshape: {:?} has {} elements, {:?} needs a different count", x.shape, x.numel(), out_shape));
+        return Err(format!(
+            "reshape: {:?} has {} elements, {:?} needs a different count",
+            x.shape,
+            x.numel(),
+            out_shape
+        ));
     }
     Ok(Tensor { shape: out_shape.to_vec(), data: x.data.clone() })
 }
@@ -115,8 +120,8 @@ pub(crate) fn concat(axis: usize, parts: &[&Tensor]) -> Result<Tensor, String> {
     let mut shape = first.shape.clone();
     shape[axis] = 0;
     for p in parts {
-        let matches = p.shape.len() == first.shape.len()
-            && (0..shape.len()).all(|d| d == axis || p.shape[d] == first.shape[d]);
+        let matches =
+            p.shape.len() == first.shape.len() && (0..shape.len()).all(|d| d == axis || p.shape[d] == first.shape[d]);
         if !matches {
             return Err(format!("concat: {:?} does not match {:?} off axis {axis}", p.shape, first.shape));
         }
@@ -156,10 +161,7 @@ fn resolve_index(what: &str, index: i64, extent: usize, axis: usize) -> Result<u
 }
 
 fn index_values(indices: &Tensor, what: &str) -> Result<Vec<i64>, String> {
-    indices
-        .data
-        .to_i64_vec()
-        .ok_or_else(|| format!("{what}: indices must be i64 or i32, got {}", indices.data.dtype()))
+    indices.data.to_i64_vec().ok_or_else(|| format!("{what}: indices must be i64 or i32, got {}", indices.data.dtype()))
 }
 
 /// out = data[..axis] ++ indices ++ data[axis+1..].
@@ -191,17 +193,16 @@ pub(crate) fn gather(axis: usize, data: &Tensor, indices: &Tensor) -> Result<Ten
 pub(crate) fn gather_elements(axis: usize, data: &Tensor, indices: &Tensor) -> Result<Tensor, String> {
     let rank = data.shape.len();
     if axis >= rank || indices.shape.len() != rank {
-        return Err(format!("gather_elements: axis {axis} or indices {:?} do not fit data {:?}", indices.shape, data.shape));
-    }
-    if let Some(d) = (0..rank).find(|&d| d != axis && indices.shape[d] > data.shape[d]) {
         return Err(format!(
-            "gather_elements: indices {:?} exceed data {:?} on axis {d}",
+            "gather_elements: axis {axis} or indices {:?} do not fit data {:?}",
             indices.shape, data.shape
         ));
     }
+    if let Some(d) = (0..rank).find(|&d| d != axis && indices.shape[d] > data.shape[d]) {
+        return Err(format!("gather_elements: indices {:?} exceed data {:?} on axis {d}", indices.shape, data.shape));
+    }
     let data_strides = strides(&data.shape);
-    let steps: Vec<isize> =
-        (0..rank).map(|d| if d == axis { 0 } else { data_strides[d] as isize }).collect();
+    let steps: Vec<isize> = (0..rank).map(|d| if d == axis { 0 } else { data_strides[d] as isize }).collect();
     let mut offsets = strided_offsets(&indices.shape, 0, &steps);
     for (offset, index) in offsets.iter_mut().zip(index_values(indices, "gather_elements")?) {
         *offset += resolve_index("gather_elements", index, data.shape[axis], axis)? * data_strides[axis];
@@ -211,7 +212,13 @@ pub(crate) fn gather_elements(axis: usize, data: &Tensor, indices: &Tensor) -> R
 
 /// out[..i..] = x[..lo[i]..]·(1 − w[i]) + x[..hi[i]..]·w[i]. A weight of exactly 0 or 1
 /// copies one tap, so an infinity in the unused tap cannot turn the result into NaN.
-pub(crate) fn resample(axis: usize, lo: &[usize], hi: &[usize], weight_hi: &[f32], x: &Tensor) -> Result<Tensor, String> {
+pub(crate) fn resample(
+    axis: usize,
+    lo: &[usize],
+    hi: &[usize],
+    weight_hi: &[f32],
+    x: &Tensor,
+) -> Result<Tensor, String> {
     let values = typed::<f32>(&x.data, "resample")?;
     if axis >= x.shape.len() || lo.len() != hi.len() || lo.len() != weight_hi.len() {
         return Err(format!("resample: axis {axis} or table lengths do not fit {:?}", x.shape));

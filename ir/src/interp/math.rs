@@ -60,11 +60,7 @@ pub fn erfc(x: f64) -> f64 {
     if x < 0.0 {
         return 2.0 - erfc(-x);
     }
-    if x < SERIES_LIMIT {
-        1.0 - erf(x)
-    } else {
-        erfc_continued_fraction(x)
-    }
+    if x < SERIES_LIMIT { 1.0 - erf(x) } else { erfc_continued_fraction(x) }
 }
 
 fn sigmoid(x: f64) -> f64 {
@@ -106,7 +102,7 @@ pub(crate) fn unary_f32(f: UnaryFn, x: f32) -> f32 {
         UnaryFn::Softplus => rounded(softplus(wide)),
         UnaryFn::Softsign => x / (1.0 + x.abs()),
         UnaryFn::Mish => rounded(wide * softplus(wide).tanh()),
-        UnaryFn::HardSwish => x * (x / 6.0 + 0.5).min(1.0).max(0.0),
+        UnaryFn::HardSwish => x * (x / 6.0 + 0.5).clamp(0.0, 1.0),
         // 0.5·x·(1 + erf(x/√2)) = 0.5·x·erfc(−x/√2), which keeps relative accuracy for x < 0.
         UnaryFn::GeluErf => rounded(0.5 * wide * erfc(-wide * std::f64::consts::FRAC_1_SQRT_2)),
         UnaryFn::GeluTanh => {
@@ -139,7 +135,7 @@ pub(crate) fn unary_f32(f: UnaryFn, x: f32) -> f32 {
             let a = alpha as f64;
             rounded(wide.max(0.0) + (a * (wide / a).exp_m1()).min(0.0))
         }
-        UnaryFn::HardSigmoid { alpha, beta } => (alpha * x + beta).min(1.0).max(0.0),
+        UnaryFn::HardSigmoid { alpha, beta } => (alpha * x + beta).clamp(0.0, 1.0),
         UnaryFn::Swish { alpha } => rounded(wide * sigmoid(alpha as f64 * wide)),
         UnaryFn::Clip { min, max } => x.max(min).min(max),
         UnaryFn::Affine { scale, shift } => x * scale + shift,

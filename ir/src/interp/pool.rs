@@ -23,7 +23,8 @@ fn axis_windows(p: &PoolAttrs, axis: usize, in_extent: usize, out_extent: usize)
             let start = (o * stride) as isize - pad_begin;
             let position = |t: usize| start + (t * dilation) as isize;
             let inside: Vec<usize> = (0..kernel).filter(|&t| (0..in_extent as isize).contains(&position(t))).collect();
-            let padded = (0..kernel).filter(|&t| (-pad_begin..in_extent as isize + pad_end).contains(&position(t))).count();
+            let padded =
+                (0..kernel).filter(|&t| (-pad_begin..in_extent as isize + pad_end).contains(&position(t))).count();
             match (inside.first(), inside.last()) {
                 (Some(&first), Some(&last)) => AxisWindow { start, first, end: last + 1, padded },
                 _ => AxisWindow { start, first: 0, end: 0, padded },
@@ -39,13 +40,15 @@ pub(crate) fn pool(p: &PoolAttrs, x: &Tensor, out_shape: &[usize]) -> Result<Ten
     let values = typed::<f32>(&x.data, "pool input")?;
     let rank = x.shape.len() - 2;
     if [&p.kernel, &p.strides, &p.dilations].iter().any(|v| v.contains(&0)) {
-        return Err(format!("pool: kernel {:?}, strides {:?} and dilations {:?} must be positive", p.kernel, p.strides, p.dilations));
+        return Err(format!(
+            "pool: kernel {:?}, strides {:?} and dilations {:?} must be positive",
+            p.kernel, p.strides, p.dilations
+        ));
     }
     let in_spatial = &x.shape[2..];
     let out_spatial = &out_shape[2..];
     let in_strides = strides(in_spatial);
-    let windows: Vec<Vec<AxisWindow>> =
-        (0..rank).map(|d| axis_windows(p, d, in_spatial[d], out_spatial[d])).collect();
+    let windows: Vec<Vec<AxisWindow>> = (0..rank).map(|d| axis_windows(p, d, in_spatial[d], out_spatial[d])).collect();
     let in_plane: usize = in_spatial.iter().product();
     let out_plane: usize = out_spatial.iter().product();
     let planes = x.shape[0] * x.shape[1];
@@ -66,17 +69,20 @@ pub(crate) fn pool(p: &PoolAttrs, x: &Tensor, out_shape: &[usize]) -> Result<Ten
                 PoolKind::Max => f32::NEG_INFINITY,
                 PoolKind::Avg { .. } => 0.0,
             };
-            while !empty {
-                let offset: isize =
-                    (0..rank).map(|d| (axis[d].start + (tap[d] * p.dilations[d]) as isize) * in_strides[d] as isize).sum();
-                let v = src[offset as usize];
-                acc = match p.kind {
-                    PoolKind::Max if v.is_nan() || acc.is_nan() => f32::NAN,
-                    PoolKind::Max => acc.max(v),
-                    PoolKind::Avg { .. } => acc + v,
-                };
-                if !next_tap(&mut tap, &axis) {
-                    break;
+            if !empty {
+                loop {
+                    let offset: isize = (0..rank)
+                        .map(|d| (axis[d].start + (tap[d] * p.dilations[d]) as isize) * in_strides[d] as isize)
+                        .sum();
+                    let v = src[offset as usize];
+                    acc = match p.kind {
+                        PoolKind::Max if v.is_nan() || acc.is_nan() => f32::NAN,
+                        PoolKind::Max => acc.max(v),
+                        PoolKind::Avg { .. } => acc + v,
+                    };
+                    if !next_tap(&mut tap, &axis) {
+                        break;
+                    }
                 }
             }
             out.push(match p.kind {
