@@ -112,17 +112,28 @@ impl ThreadPool {
         }
     }
 
-    /// Runs `f(i)` for every `i` in `0..n` on the pool; returns when all are done.
+    /// Runs `f(i)` for every `i` in `0..n` on the pool; returns when all are done. If
+    /// `f` panics, the other indices still run and the first panic is resumed here.
     pub fn for_each<F: Fn(u64) + Sync>(&self, n: u64, f: F) {
-        unsafe extern "C" fn trampoline<F: Fn(u64) + Sync>(ctx: *mut c_void, index: u64) {
-            // SAFETY: ctx is the `&F` passed below, alive for the whole call.
-            let f = unsafe { &*(ctx as *const F) };
-            f(index);
+        struct Context<F> {
+            f: F,
+            first_panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
         }
-        let ctx = &f as *const F as *mut c_void;
+        unsafe extern "C" fn trampoline<F: Fn(u64) + Sync>(ctx: *mut c_void, index: u64) {
+            // SAFETY: ctx is the `Context` below, alive for the whole loop.
+            let ctx = unsafe { &*(ctx as *const Context<F>) };
+            // Unwinding out of an `extern "C"` function aborts; carry the panic over.
+            if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (ctx.f)(index))) {
+                ctx.first_panic.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(payload);
+            }
+        }
+        let ctx = Context { f, first_panic: Mutex::new(None) };
         // SAFETY: `F: Sync` makes calling it from several threads sound, and
         // `parallel_loop` returns only after every call has finished.
-        unsafe { self.shared.parallel_loop(n, trampoline::<F>, ctx) }
+        unsafe { self.shared.parallel_loop(n, trampoline::<F>, &ctx as *const Context<F> as *mut c_void) };
+        if let Some(payload) = ctx.first_panic.into_inner().unwrap_or_else(PoisonError::into_inner) {
+            std::panic::resume_unwind(payload);
+        }
     }
 }
 
@@ -306,6 +317,22 @@ mod tests {
             });
         });
         assert_eq!(total.into_inner(), 8 * (1 + 2 + 3 + 4 + 5));
+    }
+
+    #[test]
+    fn a_panicking_task_reaches_the_caller_after_the_loop() {
+        let pool = ThreadPool::new(2).expect("spawning workers");
+        let ran = AtomicU64::new(0);
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pool.for_each(10, |i| {
+                ran.fetch_add(1, Ordering::Relaxed);
+                assert_ne!(i, 3, "task 3 fails");
+            })
+        }));
+        assert!(result.is_err());
+        assert_eq!(ran.into_inner(), 10);
+        // The pool is still usable.
+        assert_eq!(counts_after(&pool, 5), vec![1; 5]);
     }
 
     #[test]

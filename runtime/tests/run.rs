@@ -209,3 +209,12 @@ fn sessions_run_concurrently_and_outlive_the_model_handle() {
         }
     });
 }
+
+#[test]
+fn handles_can_move_between_threads() {
+    fn send_and_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_and_sync::<Model>();
+    send::<Session>();
+    send_and_sync::<cnnc_runtime::ThreadPool>();
+}
