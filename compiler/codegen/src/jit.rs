@@ -91,15 +91,26 @@ impl JitModel {
     /// Runs inference on the calling thread. Inputs must match the graph's input types.
     pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, CodegenError> {
         if inputs.len() != self.input_types.len() {
-            return Err(CodegenError(format!("model takes {} inputs, got {}", self.input_types.len(), inputs.len())));
+            return Err(CodegenError(format!(
+                "model takes {} inputs, got {}",
+                self.input_types.len(),
+                inputs.len()
+            )));
         }
         let mut in_bufs = Vec::with_capacity(inputs.len());
         for (i, (t, want)) in inputs.iter().zip(&self.input_types).enumerate() {
             if t.ty() != *want {
-                return Err(CodegenError(format!("input {i} has type {}, the model expects {want}", t.ty())));
+                return Err(CodegenError(format!(
+                    "input {i} has type {}, the model expects {want}",
+                    t.ty()
+                )));
             }
             if t.data.len() != want.numel() {
-                return Err(CodegenError(format!("input {i}: shape {:?} but {} values", t.shape, t.data.len())));
+                return Err(CodegenError(format!(
+                    "input {i}: shape {:?} but {} values",
+                    t.shape,
+                    t.data.len()
+                )));
             }
             let bytes = t.data.to_le_bytes();
             let mut buf = aligned(bytes.len());
@@ -113,7 +124,12 @@ impl JitModel {
         // SAFETY: buffers have the sizes the model declares, the workspace is 64-byte
         // aligned and large enough, and the pointer arrays outlive the call.
         let status = unsafe {
-            (self.infer)(std::ptr::null(), in_ptrs.as_ptr(), out_ptrs.as_ptr(), workspace.as_mut_ptr() as *mut c_void)
+            (self.infer)(
+                std::ptr::null(),
+                in_ptrs.as_ptr(),
+                out_ptrs.as_ptr(),
+                workspace.as_mut_ptr() as *mut c_void,
+            )
         };
         if status != abi::STATUS_OK {
             return Err(CodegenError(format!("cnnc_infer returned status {status}")));
@@ -124,7 +140,10 @@ impl JitModel {
             .zip(&out_bufs)
             .map(|(t, buf)| {
                 let bytes = &as_bytes(buf)[..t.byte_size()];
-                Tensor { shape: t.shape.clone(), data: TensorData::from_le_bytes(t.dtype, bytes) }
+                Tensor {
+                    shape: t.shape.clone(),
+                    data: TensorData::from_le_bytes(t.dtype, bytes),
+                }
             })
             .collect())
     }

@@ -20,7 +20,10 @@ pub fn linker_for(target: &TargetSpec) -> String {
     if target.triple.architecture == host.architecture && target.triple.operating_system == host.operating_system {
         return "cc".to_string();
     }
-    format!("{}-{}-gnu-gcc", target.triple.architecture, target.triple.operating_system)
+    format!(
+        "{}-{}-gnu-gcc",
+        target.triple.architecture, target.triple.operating_system
+    )
 }
 
 /// Links `object` into the shared library `out` (`cc -shared -o out obj.o -lm`).

@@ -5,12 +5,7 @@ use cranelift_frontend::FunctionBuilder;
 
 /// Emits `for i in start..end { body(i) }` over i64 counters and leaves the builder
 /// positioned after the loop. `body` may emit nested loops.
-pub fn for_range(
-    b: &mut FunctionBuilder,
-    start: Value,
-    end: Value,
-    mut body: impl FnMut(&mut FunctionBuilder, Value),
-) {
+pub fn for_range(b: &mut FunctionBuilder, start: Value, end: Value, mut body: impl FnMut(&mut FunctionBuilder, Value)) {
     let header = b.create_block();
     let body_block = b.create_block();
     let exit = b.create_block();

@@ -44,12 +44,20 @@ impl<'a, 'f> Fx<'a, 'f> {
 
     pub fn c(&mut self, v: f32) -> Value {
         let s = self.b.ins().f32const(v);
-        if self.is_vector() { self.b.ins().splat(self.ty, s) } else { s }
+        if self.is_vector() {
+            self.b.ins().splat(self.ty, s)
+        } else {
+            s
+        }
     }
 
     pub fn ci(&mut self, v: i32) -> Value {
         let s = self.b.ins().iconst(I32, v as i64);
-        if self.is_vector() { self.b.ins().splat(I32X4, s) } else { s }
+        if self.is_vector() {
+            self.b.ins().splat(I32X4, s)
+        } else {
+            s
+        }
     }
 
     pub fn add(&mut self, x: Value, y: Value) -> Value {
@@ -192,7 +200,17 @@ impl<'a, 'f> Fx<'a, 'f> {
         let lo = self.mulc(n, -2.121_944_4e-4);
         let r = self.sub(r, lo);
         let r2 = self.mul(r, r);
-        let p = self.poly(r, &[5.000_000_1e-1, 1.666_666_5e-1, 4.166_579_6e-2, 8.333_452e-3, 1.398_2e-3, 1.987_569_1e-4]);
+        let p = self.poly(
+            r,
+            &[
+                5.000_000_1e-1,
+                1.666_666_5e-1,
+                4.166_579_6e-2,
+                8.333_452e-3,
+                1.398_2e-3,
+                1.987_569_1e-4,
+            ],
+        );
         let p = self.mul(p, r2);
         let p = self.add(p, r);
         let p = self.addc(p, 1.0);
@@ -331,7 +349,16 @@ impl<'a, 'f> Fx<'a, 'f> {
         // Small |x|: odd polynomial (Cephes tanhf), no cancellation.
         let ax = self.abs(x);
         let z = self.mul(x, x);
-        let p = self.poly(z, &[-3.333_328_2e-1, 1.333_144_2e-1, -5.373_971_6e-2, 2.063_908_9e-2, -5.704_988_7e-3]);
+        let p = self.poly(
+            z,
+            &[
+                -3.333_328_2e-1,
+                1.333_144_2e-1,
+                -5.373_971_6e-2,
+                2.063_908_9e-2,
+                -5.704_988_7e-3,
+            ],
+        );
         let p = self.mul(p, z);
         let p = self.mul(p, x);
         let small = self.add(p, x);

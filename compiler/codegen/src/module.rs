@@ -16,7 +16,9 @@ use cnnc_ir::{ConstValue, Graph, Op};
 use cnnc_runtime::abi;
 use cranelift_codegen::Context;
 use cranelift_codegen::ir::types::{I32, I64};
-use cranelift_codegen::ir::{AbiParam, Function, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, UserFuncName, Value};
+use cranelift_codegen::ir::{
+    AbiParam, Function, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, UserFuncName, Value,
+};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_module::{DataDescription, DataId, FuncId, Linkage, Module};
 
@@ -63,12 +65,20 @@ pub fn compile_graph<M: Module>(module: &mut M, g: &Graph, target: &TargetSpec) 
         let Some(constant) = g.constants.get(c.index()) else {
             return Err(CodegenError(format!("node '{}' names missing constant {c}", node.name)));
         };
-        let ConstValue::Dense(data) = &constant.value else { continue };
+        let ConstValue::Dense(data) = &constant.value else {
+            continue;
+        };
         if const_data[c.index()].is_some() || data.is_empty() {
             continue;
         }
         if data.len() != constant.ty.numel() || data.dtype() != constant.ty.dtype {
-            return Err(CodegenError(format!("constant '{}' holds {} {} values for {}", constant.name, data.len(), data.dtype(), constant.ty)));
+            return Err(CodegenError(format!(
+                "constant '{}' holds {} {} values for {}",
+                constant.name,
+                data.len(),
+                data.dtype(),
+                constant.ty
+            )));
         }
         let id = define_bytes(module, &format!("cnnc_const{}", c.index()), data.to_le_bytes())?;
         const_data[c.index()] = Some(id);
@@ -86,7 +96,9 @@ pub fn compile_graph<M: Module>(module: &mut M, g: &Graph, target: &TargetSpec) 
             continue;
         }
         let name = format!("cnnc_k{ni}_{}", node.op.mnemonic());
-        let id = module.declare_function(&name, Linkage::Local, &kernel_sig).map_err(module_err(&name))?;
+        let id = module
+            .declare_function(&name, Linkage::Local, &kernel_sig)
+            .map_err(module_err(&name))?;
         let table_ids = kernels::node_tables(g, node)
             .into_iter()
             .enumerate()
@@ -113,28 +125,56 @@ pub fn compile_graph<M: Module>(module: &mut M, g: &Graph, target: &TargetSpec) 
                 let gv = module.declare_data_in_func(t, b.func);
                 tables.push(b.ins().symbol_value(I64, gv));
             }
-            let mut k = KernelCtx { b: &mut b, graph: g, node, inputs: ptrs, outputs };
+            let mut k = KernelCtx {
+                b: &mut b,
+                graph: g,
+                node,
+                inputs: ptrs,
+                outputs,
+            };
             kernels::emit_node(&mut k, &tables)
                 .map_err(|e| CodegenError(format!("node '{}' ({}): {e}", node.name, node.op.mnemonic())))?;
             b.ins().return_(&[]);
             b.finalize(module.target_config());
         }
-        define(module, id, &mut ctx, &format!("kernel of node '{}' ({})", node.name, node.op.mnemonic()))?;
+        define(
+            module,
+            id,
+            &mut ctx,
+            &format!("kernel of node '{}' ({})", node.name, node.op.mnemonic()),
+        )?;
         kernels_of_nodes[ni] = Some(id);
     }
 
-    let infer = emit_infer(module, g, &plan, &const_data, &kernels_of_nodes, &kernel_sig, &mut ctx, &mut fb_ctx)?;
+    let infer = emit_infer(
+        module,
+        g,
+        &plan,
+        &const_data,
+        &kernels_of_nodes,
+        &kernel_sig,
+        &mut ctx,
+        &mut fb_ctx,
+    )?;
     let info_data = emit_model_info_data(module, g, target, &plan)?;
     let model_info = emit_model_info_fn(module, info_data, &mut ctx, &mut fb_ctx)?;
     let kernels = kernels_of_nodes.iter().flatten().count();
-    Ok(CompiledInfo { infer, model_info, workspace_size: plan.workspace_size, plan, kernels })
+    Ok(CompiledInfo {
+        infer,
+        model_info,
+        workspace_size: plan.workspace_size,
+        plan,
+        kernels,
+    })
 }
 
 fn define<M: Module>(module: &mut M, id: FuncId, ctx: &mut Context, what: &str) -> Result<(), CodegenError> {
     if cfg!(debug_assertions) {
         if let Err(errors) = cranelift_codegen::verify_function(&ctx.func, module.isa()) {
             let pretty = cranelift_codegen::print_errors::pretty_verifier_error(&ctx.func, None, errors);
-            return Err(CodegenError(format!("{what}: invalid IR (a code generator bug):\n{pretty}")));
+            return Err(CodegenError(format!(
+                "{what}: invalid IR (a code generator bug):\n{pretty}"
+            )));
         }
     }
     module.define_function(id, ctx).map_err(|e| match e {
@@ -148,7 +188,9 @@ fn define<M: Module>(module: &mut M, id: FuncId, ctx: &mut Context, what: &str) 
 
 /// A local read-only data object holding `bytes`, 64-byte aligned.
 fn define_bytes<M: Module>(module: &mut M, name: &str, bytes: Vec<u8>) -> Result<DataId, CodegenError> {
-    let id = module.declare_data(name, Linkage::Local, false, false).map_err(module_err(name))?;
+    let id = module
+        .declare_data(name, Linkage::Local, false, false)
+        .map_err(module_err(name))?;
     let mut d = DataDescription::new();
     d.define(bytes.into_boxed_slice());
     d.set_align(WORKSPACE_ALIGN as u64);
@@ -198,7 +240,9 @@ fn emit_infer<M: Module>(
         sig.params.push(AbiParam::new(I64));
     }
     sig.returns.push(AbiParam::new(I32));
-    let id = module.declare_function(abi::SYM_INFER, Linkage::Export, &sig).map_err(module_err(abi::SYM_INFER))?;
+    let id = module
+        .declare_function(abi::SYM_INFER, Linkage::Export, &sig)
+        .map_err(module_err(abi::SYM_INFER))?;
     module.clear_context(ctx);
     ctx.func.signature = sig;
     ctx.func.name = UserFuncName::user(0, id.as_u32());
@@ -210,8 +254,18 @@ fn emit_infer<M: Module>(
         b.seal_block(entry);
         let p = b.block_params(entry);
         let params = [p[0], p[1], p[2], p[3]];
-        let max_buffers = g.nodes.iter().map(|n| n.inputs.len() + n.outputs.len()).max().unwrap_or(0).max(1);
-        let slot = b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, (8 * max_buffers) as u32, 3));
+        let max_buffers = g
+            .nodes
+            .iter()
+            .map(|n| n.inputs.len() + n.outputs.len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let slot = b.create_sized_stack_slot(StackSlotData::new(
+            StackSlotKind::ExplicitSlot,
+            (8 * max_buffers) as u32,
+            3,
+        ));
         for (ni, node) in g.nodes.iter().enumerate() {
             let Some(kernel) = kernels_of_nodes[ni] else { continue };
             for (i, &v) in node.inputs.iter().chain(&node.outputs).enumerate() {
@@ -242,7 +296,12 @@ fn emit_infer<M: Module>(
 }
 
 /// Builds the `ModelInfo` data object and everything it points to.
-fn emit_model_info_data<M: Module>(module: &mut M, g: &Graph, target: &TargetSpec, plan: &MemoryPlan) -> Result<DataId, CodegenError> {
+fn emit_model_info_data<M: Module>(
+    module: &mut M,
+    g: &Graph,
+    target: &TargetSpec,
+    plan: &MemoryPlan,
+) -> Result<DataId, CodegenError> {
     let mut counter = 0usize;
     let mut next_name = |what: &str| {
         counter += 1;
@@ -251,7 +310,9 @@ fn emit_model_info_data<M: Module>(module: &mut M, g: &Graph, target: &TargetSpe
     let cstring = |module: &mut M, name: String, s: &str| -> Result<DataId, CodegenError> {
         let mut bytes: Vec<u8> = s.bytes().filter(|&c| c != 0).collect();
         bytes.push(0);
-        let id = module.declare_data(&name, Linkage::Local, false, false).map_err(module_err(&name))?;
+        let id = module
+            .declare_data(&name, Linkage::Local, false, false)
+            .map_err(module_err(&name))?;
         let mut d = DataDescription::new();
         d.define(bytes.into_boxed_slice());
         module.define_data(id, &d).map_err(module_err(&name))?;
@@ -300,7 +361,11 @@ fn emit_model_info_data<M: Module>(module: &mut M, g: &Graph, target: &TargetSpe
     put64(&mut bytes, INFO_WORKSPACE_ALIGN, WORKSPACE_ALIGN as u64);
     put64(&mut bytes, INFO_ENTRY_FLAGS, abi::ENTRY_INFER);
     put64(&mut bytes, INFO_STATE_SIZE, 0);
-    let mut relocs = vec![(INFO_TARGET, target_id), (INFO_CPU_FEATURES, features_id), (INFO_MODEL_NAME, name_id)];
+    let mut relocs = vec![
+        (INFO_TARGET, target_id),
+        (INFO_CPU_FEATURES, features_id),
+        (INFO_MODEL_NAME, name_id),
+    ];
     if let Some(id) = desc_arrays[0] {
         relocs.push((INFO_INPUTS, id));
     }
@@ -311,7 +376,9 @@ fn emit_model_info_data<M: Module>(module: &mut M, g: &Graph, target: &TargetSpe
 }
 
 fn define_plain<M: Module>(module: &mut M, name: &str, bytes: Vec<u8>, align: u64) -> Result<DataId, CodegenError> {
-    let id = module.declare_data(name, Linkage::Local, false, false).map_err(module_err(name))?;
+    let id = module
+        .declare_data(name, Linkage::Local, false, false)
+        .map_err(module_err(name))?;
     let mut d = DataDescription::new();
     d.define(bytes.into_boxed_slice());
     d.set_align(align);
@@ -320,8 +387,15 @@ fn define_plain<M: Module>(module: &mut M, name: &str, bytes: Vec<u8>, align: u6
 }
 
 /// A read-only data object with the addresses of other data objects at given offsets.
-fn define_with_relocs<M: Module>(module: &mut M, name: &str, bytes: Vec<u8>, relocs: &[(usize, DataId)]) -> Result<DataId, CodegenError> {
-    let id = module.declare_data(name, Linkage::Local, false, false).map_err(module_err(name))?;
+fn define_with_relocs<M: Module>(
+    module: &mut M,
+    name: &str,
+    bytes: Vec<u8>,
+    relocs: &[(usize, DataId)],
+) -> Result<DataId, CodegenError> {
+    let id = module
+        .declare_data(name, Linkage::Local, false, false)
+        .map_err(module_err(name))?;
     let mut d = DataDescription::new();
     d.define(bytes.into_boxed_slice());
     d.set_align(8);
@@ -333,10 +407,17 @@ fn define_with_relocs<M: Module>(module: &mut M, name: &str, bytes: Vec<u8>, rel
     Ok(id)
 }
 
-fn emit_model_info_fn<M: Module>(module: &mut M, info: DataId, ctx: &mut Context, fb_ctx: &mut FunctionBuilderContext) -> Result<FuncId, CodegenError> {
+fn emit_model_info_fn<M: Module>(
+    module: &mut M,
+    info: DataId,
+    ctx: &mut Context,
+    fb_ctx: &mut FunctionBuilderContext,
+) -> Result<FuncId, CodegenError> {
     let mut sig = Signature::new(module.isa().default_call_conv());
     sig.returns.push(AbiParam::new(I64));
-    let id = module.declare_function(abi::SYM_MODEL_INFO, Linkage::Export, &sig).map_err(module_err(abi::SYM_MODEL_INFO))?;
+    let id = module
+        .declare_function(abi::SYM_MODEL_INFO, Linkage::Export, &sig)
+        .map_err(module_err(abi::SYM_MODEL_INFO))?;
     module.clear_context(ctx);
     ctx.func = Function::with_name_signature(UserFuncName::user(0, id.as_u32()), sig);
     {

@@ -16,7 +16,11 @@ pub fn compile_object(g: &Graph, target: &TargetSpec) -> Result<Vec<u8>, Codegen
 /// `compile_object`, also returning what was compiled (memory plan, kernel count).
 pub fn compile_object_with_info(g: &Graph, target: &TargetSpec) -> Result<(Vec<u8>, CompiledInfo), CodegenError> {
     let isa = target.isa(true)?;
-    let name = if g.name.is_empty() { "cnnc_model".to_string() } else { g.name.clone() };
+    let name = if g.name.is_empty() {
+        "cnnc_model".to_string()
+    } else {
+        g.name.clone()
+    };
     let builder = ObjectBuilder::new(isa, name, cranelift_module::default_libcall_names())
         .map_err(|e| CodegenError(format!("cannot create an object file for {}: {e}", target.triple)))?;
     let mut module = ObjectModule::new(builder);

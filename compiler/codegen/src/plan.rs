@@ -76,7 +76,10 @@ impl MemoryPlan {
                 }
             }
             if let Op::Constant(c) = node.op {
-                let constant = g.constants.get(c.index()).ok_or_else(|| format!("node '{}' names missing constant {c}", node.name))?;
+                let constant = g
+                    .constants
+                    .get(c.index())
+                    .ok_or_else(|| format!("node '{}' names missing constant {c}", node.name))?;
                 if matches!(constant.value, ConstValue::Dense(_)) {
                     locations[node.outputs[0].index()] = Some(Location::Constant(c.index()));
                 }
@@ -116,7 +119,11 @@ impl MemoryPlan {
                     locations[v.index()] = Some(Location::Workspace(0));
                     continue;
                 }
-                let iv = Interval { start: ni, end: last_use[v.index()].max(ni), bytes };
+                let iv = Interval {
+                    start: ni,
+                    end: last_use[v.index()].max(ni),
+                    bytes,
+                };
                 intervals[v.index()] = Some(iv);
                 order.push((v, iv));
             }
@@ -126,7 +133,12 @@ impl MemoryPlan {
         for (&(v, _), off) in order.iter().zip(offsets) {
             locations[v.index()] = Some(Location::Workspace(off));
         }
-        Ok(MemoryPlan { locations, intervals, output_copies, workspace_size })
+        Ok(MemoryPlan {
+            locations,
+            intervals,
+            output_copies,
+            workspace_size,
+        })
     }
 
     pub fn location(&self, v: ValueId) -> Option<Location> {
@@ -136,7 +148,10 @@ impl MemoryPlan {
 
 fn check_id(g: &Graph, v: ValueId) -> Result<(), String> {
     if v.index() >= g.values.len() {
-        return Err(format!("value {v} does not exist (graph has {} values)", g.values.len()));
+        return Err(format!(
+            "value {v} does not exist (graph has {} values)",
+            g.values.len()
+        ));
     }
     Ok(())
 }
@@ -205,9 +220,20 @@ mod tests {
         g.outputs = vec![x, c, y, y, s];
         let p = MemoryPlan::new(&g).unwrap();
         let from: Vec<(usize, Location)> = p.output_copies.iter().map(|c| (c.output, c.from)).collect();
-        assert_eq!(from, vec![(0, Location::Input(0)), (1, Location::Constant(0)), (3, Location::Output(2))]);
+        assert_eq!(
+            from,
+            vec![
+                (0, Location::Input(0)),
+                (1, Location::Constant(0)),
+                (3, Location::Output(2))
+            ]
+        );
         assert_eq!(p.location(y), Some(Location::Output(2)));
-        assert_eq!(p.location(s), Some(Location::Output(4)), "a splat output is filled in place");
+        assert_eq!(
+            p.location(s),
+            Some(Location::Output(4)),
+            "a splat output is filled in place"
+        );
     }
 
     #[test]

@@ -32,7 +32,14 @@ const X86_LEVELS: [(&str, &[&str], &[&str]); 4] = [
     ("x86-64", &[], &[]),
     (
         "x86-64-v2",
-        &["has_sse3", "has_ssse3", "has_sse41", "has_sse42", "has_popcnt", "has_cmpxchg16b"],
+        &[
+            "has_sse3",
+            "has_ssse3",
+            "has_sse41",
+            "has_sse42",
+            "has_popcnt",
+            "has_cmpxchg16b",
+        ],
         &["sse3", "ssse3", "sse4.1", "sse4.2", "popcnt", "cmpxchg16b"],
     ),
     (
@@ -62,8 +69,25 @@ fn host_x86_features() -> Vec<&'static str> {
         };
     }
     probe!(
-        "sse3", "ssse3", "sse4.1", "sse4.2", "popcnt", "cmpxchg16b", "avx", "avx2", "fma", "bmi1",
-        "bmi2", "lzcnt", "f16c", "movbe", "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"
+        "sse3",
+        "ssse3",
+        "sse4.1",
+        "sse4.2",
+        "popcnt",
+        "cmpxchg16b",
+        "avx",
+        "avx2",
+        "fma",
+        "bmi1",
+        "bmi2",
+        "lzcnt",
+        "f16c",
+        "movbe",
+        "avx512f",
+        "avx512bw",
+        "avx512cd",
+        "avx512dq",
+        "avx512vl"
     );
     found
 }
@@ -76,7 +100,10 @@ fn host_x86_features() -> Vec<&'static str> {
 impl TargetSpec {
     /// The machine running the compiler, with all of its features.
     pub fn host() -> TargetSpec {
-        TargetSpec { triple: Triple::host(), cpu: CpuChoice::Host }
+        TargetSpec {
+            triple: Triple::host(),
+            cpu: CpuChoice::Host,
+        }
     }
 
     /// Parses a `--target` / `--cpu` pair. No triple means the host's; no CPU means
@@ -85,8 +112,7 @@ impl TargetSpec {
     pub fn parse(triple: Option<&str>, cpu: Option<&str>) -> Result<TargetSpec, CodegenError> {
         let triple = match triple {
             None => Triple::host(),
-            Some(t) => Triple::from_str(t)
-                .map_err(|e| CodegenError(format!("invalid target triple '{t}': {e}")))?,
+            Some(t) => Triple::from_str(t).map_err(|e| CodegenError(format!("invalid target triple '{t}': {e}")))?,
         };
         let is_host_arch = triple.architecture == Triple::host().architecture;
         let cpu = match cpu {
@@ -108,7 +134,9 @@ impl TargetSpec {
             )));
         }
         if t.pointer_width() != Ok(PointerWidth::U64) || t.endianness() != Ok(Endianness::Little) {
-            return Err(CodegenError(format!("unsupported target '{t}': needs 64-bit little-endian")));
+            return Err(CodegenError(format!(
+                "unsupported target '{t}': needs 64-bit little-endian"
+            )));
         }
         match &self.cpu {
             CpuChoice::Host if t.architecture != Triple::host().architecture => Err(CodegenError(format!(
@@ -139,7 +167,10 @@ impl TargetSpec {
                 Ok((flags, features))
             }
             Architecture::Aarch64(_) if name == "generic" => Ok((vec![], vec!["neon"])),
-            _ => Err(CodegenError(format!("unknown CPU '{name}' for {}; known: generic", self.triple))),
+            _ => Err(CodegenError(format!(
+                "unknown CPU '{name}' for {}; known: generic",
+                self.triple
+            ))),
         }
     }
 
@@ -169,16 +200,22 @@ impl TargetSpec {
         self.check()?;
         let mut shared = settings::builder();
         let set = |b: &mut settings::Builder, k: &str, v: &str| {
-            b.set(k, v).map_err(|e| CodegenError(format!("cranelift setting {k}={v}: {e}")))
+            b.set(k, v)
+                .map_err(|e| CodegenError(format!("cranelift setting {k}={v}: {e}")))
         };
         set(&mut shared, "opt_level", "speed")?;
         set(&mut shared, "is_pic", if pic { "true" } else { "false" })?;
-        set(&mut shared, "enable_verifier", if cfg!(debug_assertions) { "true" } else { "false" })?;
+        set(
+            &mut shared,
+            "enable_verifier",
+            if cfg!(debug_assertions) { "true" } else { "false" },
+        )?;
         let flags = settings::Flags::new(shared);
 
         let builder = match &self.cpu {
-            CpuChoice::Host => cranelift_native::builder()
-                .map_err(|e| CodegenError(format!("cannot target the host CPU: {e}")))?,
+            CpuChoice::Host => {
+                cranelift_native::builder().map_err(|e| CodegenError(format!("cannot target the host CPU: {e}")))?
+            }
             CpuChoice::Named(name) => {
                 let mut b = isa::lookup(self.triple.clone())
                     .map_err(|e| CodegenError(format!("unsupported target '{}': {e}", self.triple)))?;
@@ -200,7 +237,9 @@ fn baseline_cpu(triple: &Triple) -> Result<&'static str, CodegenError> {
     match triple.architecture {
         Architecture::X86_64 => Ok("x86-64"),
         Architecture::Aarch64(_) => Ok("generic"),
-        _ => Err(CodegenError(format!("unsupported target '{triple}': cnnc targets x86_64 and aarch64"))),
+        _ => Err(CodegenError(format!(
+            "unsupported target '{triple}': cnnc targets x86_64 and aarch64"
+        ))),
     }
 }
 
@@ -224,7 +263,12 @@ mod tests {
     fn v3_enables_avx_and_fma_in_cranelift() {
         let v3 = TargetSpec::parse(Some("x86_64-unknown-linux-gnu"), Some("x86-64-v3")).unwrap();
         let isa = v3.isa(true).unwrap();
-        let flags: Vec<String> = isa.isa_flags().iter().filter(|v| v.as_bool() == Some(true)).map(|v| v.name.to_string()).collect();
+        let flags: Vec<String> = isa
+            .isa_flags()
+            .iter()
+            .filter(|v| v.as_bool() == Some(true))
+            .map(|v| v.name.to_string())
+            .collect();
         for want in ["has_avx", "has_fma", "has_avx2", "has_sse41"] {
             assert!(flags.iter().any(|f| f == want), "{want} not set: {flags:?}");
         }

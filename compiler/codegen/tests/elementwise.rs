@@ -8,7 +8,10 @@ use common::{Rng, check_close, check_graph, random_tensor};
 use proptest::prelude::*;
 
 fn config() -> ProptestConfig {
-    ProptestConfig { cases: common::cases(48), ..ProptestConfig::default() }
+    ProptestConfig {
+        cases: common::cases(48),
+        ..ProptestConfig::default()
+    }
 }
 
 /// Floats spanning many magnitudes, with zeros, infinities, NaN and denormals mixed in.
@@ -36,24 +39,52 @@ fn shape_strategy(max_rank: usize) -> impl Strategy<Value = Vec<usize>> {
 /// A shape `other` broadcasts with: some axes set to 1, some leading axes dropped.
 fn broadcast_partner(rng: &mut Rng, shape: &[usize]) -> Vec<usize> {
     let drop = rng.below(shape.len() as u64 + 1) as usize;
-    shape[drop..].iter().map(|&d| if rng.below(3) == 0 { 1 } else { d }).collect()
+    shape[drop..]
+        .iter()
+        .map(|&d| if rng.below(3) == 0 { 1 } else { d })
+        .collect()
 }
 
 fn all_unary(rng: &mut Rng) -> Vec<UnaryFn> {
     let mut a = || rng.f32_in(0.1, 2.0);
     use UnaryFn::*;
     vec![
-        Neg, Abs, Sqrt, Exp, Log, Reciprocal, Floor, Ceil, Relu, Sigmoid, Tanh, Erf, Softplus, Softsign, Mish,
-        HardSwish, GeluErf, GeluTanh,
+        Neg,
+        Abs,
+        Sqrt,
+        Exp,
+        Log,
+        Reciprocal,
+        Floor,
+        Ceil,
+        Relu,
+        Sigmoid,
+        Tanh,
+        Erf,
+        Softplus,
+        Softsign,
+        Mish,
+        HardSwish,
+        GeluErf,
+        GeluTanh,
         LeakyRelu { alpha: a() },
         Elu { alpha: a() },
-        Selu { alpha: 1.673_263_2, gamma: 1.050_701 },
+        Selu {
+            alpha: 1.673_263_2,
+            gamma: 1.050_701,
+        },
         Celu { alpha: a() },
         HardSigmoid { alpha: 0.2, beta: 0.5 },
         Swish { alpha: a() },
         Clip { min: -a(), max: a() },
-        Clip { min: f32::NEG_INFINITY, max: 6.0 },
-        Affine { scale: a(), shift: -a() },
+        Clip {
+            min: f32::NEG_INFINITY,
+            max: 6.0,
+        },
+        Affine {
+            scale: a(),
+            shift: -a(),
+        },
         PowConst { exponent: 2.0 },
         PowConst { exponent: 3.0 },
         PowConst { exponent: -2.0 },
@@ -215,7 +246,18 @@ fn math_functions_sweep() {
         let m = 10f32.powi(e);
         v.extend([m, -m, 1.7 * m, -3.1 * m]);
     }
-    v.extend([f32::MIN_POSITIVE, 1e-45, -1e-45, f32::MAX, f32::MIN, 88.72, 88.73, -87.3, -103.9, -104.5]);
+    v.extend([
+        f32::MIN_POSITIVE,
+        1e-45,
+        -1e-45,
+        f32::MAX,
+        f32::MIN,
+        88.72,
+        88.73,
+        -87.3,
+        -103.9,
+        -104.5,
+    ]);
     let n = v.len();
     let input = Tensor::f32([n], v);
     let mut rng = Rng(3);
@@ -223,8 +265,13 @@ fn math_functions_sweep() {
         let g = unary_graph(f, TensorType::f32([n]));
         // Each element alone, so max|ref| does not hide relative errors.
         let want = cnnc_ir::interp::run(&g, std::slice::from_ref(&input)).unwrap();
-        let got = cnnc_codegen::JitModel::compile(&g).unwrap().run(std::slice::from_ref(&input)).unwrap();
-        let (TensorData::F32(a), TensorData::F32(b)) = (&got[0].data, &want[0].data) else { panic!() };
+        let got = cnnc_codegen::JitModel::compile(&g)
+            .unwrap()
+            .run(std::slice::from_ref(&input))
+            .unwrap();
+        let (TensorData::F32(a), TensorData::F32(b)) = (&got[0].data, &want[0].data) else {
+            panic!()
+        };
         for i in 0..n {
             let one = |x: f32| Tensor::f32([1], vec![x]);
             // Exp and Log must be right down to one unit of the denormals. Functions
@@ -248,8 +295,40 @@ fn math_functions_sweep() {
 /// element by element against C pow semantics.
 #[test]
 fn pow_special_cases() {
-    let bases = [0.0f32, -0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5, 10.0, -3.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 1e-30, 1e30];
-    let exps = [0.0f32, -0.0, 1.0, -1.0, 2.0, 3.0, -3.0, 0.5, -0.5, 2.5, 40.0, -40.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN];
+    let bases = [
+        0.0f32,
+        -0.0,
+        1.0,
+        -1.0,
+        2.0,
+        -2.0,
+        0.5,
+        -0.5,
+        10.0,
+        -3.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        1e-30,
+        1e30,
+    ];
+    let exps = [
+        0.0f32,
+        -0.0,
+        1.0,
+        -1.0,
+        2.0,
+        3.0,
+        -3.0,
+        0.5,
+        -0.5,
+        2.5,
+        40.0,
+        -40.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+    ];
     let mut a = Vec::new();
     let mut b = Vec::new();
     for &x in &bases {
@@ -285,8 +364,14 @@ fn integer_division_never_traps() {
     let y = g.add_input(TensorType::new(DType::I64, [8]), "b");
     let z = g.push1("div", Op::Binary(BinaryFn::Div), &[x, y]).unwrap();
     g.outputs.push(z);
-    let inputs = [Tensor::new([8], TensorData::I64(a)), Tensor::new([8], TensorData::I64(b))];
+    let inputs = [
+        Tensor::new([8], TensorData::I64(a)),
+        Tensor::new([8], TensorData::I64(b)),
+    ];
     let got = cnnc_codegen::JitModel::compile(&g).unwrap().run(&inputs).unwrap();
-    assert_eq!(got[0].data, TensorData::I64(vec![3, -3, -3, 3, i64::MIN, i64::MIN, 0, 0]));
+    assert_eq!(
+        got[0].data,
+        TensorData::I64(vec![3, -3, -3, 3, i64::MIN, i64::MIN, 0, 0])
+    );
     check_graph(&g, &inputs).unwrap();
 }

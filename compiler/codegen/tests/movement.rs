@@ -8,7 +8,10 @@ use common::{Rng, check_graph, random_tensor};
 use proptest::prelude::*;
 
 fn config() -> ProptestConfig {
-    ProptestConfig { cases: common::cases(64), ..ProptestConfig::default() }
+    ProptestConfig {
+        cases: common::cases(64),
+        ..ProptestConfig::default()
+    }
 }
 
 fn dtype_strategy() -> impl Strategy<Value = DType> {
@@ -17,7 +20,11 @@ fn dtype_strategy() -> impl Strategy<Value = DType> {
 
 fn shape_strategy(min_rank: usize, max_rank: usize, max_dim: usize) -> impl Strategy<Value = Vec<usize>> {
     // Mostly non-empty tensors; now and then one axis of extent 0.
-    (prop::collection::vec(1usize..=max_dim, min_rank..=max_rank), prop::bool::weighted(0.08), any::<prop::sample::Index>())
+    (
+        prop::collection::vec(1usize..=max_dim, min_rank..=max_rank),
+        prop::bool::weighted(0.08),
+        any::<prop::sample::Index>(),
+    )
         .prop_map(|(mut s, empty, at)| {
             if empty && !s.is_empty() {
                 let i = at.index(s.len());

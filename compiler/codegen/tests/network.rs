@@ -3,7 +3,9 @@
 
 mod common;
 
-use cnnc_ir::{BinaryFn, ConvGeometry, DType, EpilogueStep, Graph, Op, PoolAttrs, PoolKind, ReduceKind, TensorType, UnaryFn};
+use cnnc_ir::{
+    BinaryFn, ConvGeometry, DType, EpilogueStep, Graph, Op, PoolAttrs, PoolKind, ReduceKind, TensorType, UnaryFn,
+};
 use common::{Rng, check_graph, random_tensor};
 
 fn constant(g: &mut Graph, rng: &mut Rng, name: &str, shape: &[usize]) -> cnnc_ir::ValueId {
@@ -35,23 +37,55 @@ fn small_cnn_matches_interpreter() {
         pads_begin: vec![0, 0],
         pads_end: vec![0, 0],
     };
-    let p1 = g.push_typed("pool1", Op::Pool(pool), &[c1], TensorType::f32([2, 8, 6, 6])).unwrap();
+    let p1 = g
+        .push_typed("pool1", Op::Pool(pool), &[c1], TensorType::f32([2, 8, 6, 6]))
+        .unwrap();
     let w2 = constant(&mut g, &mut rng, "w2", &[8, 1, 3, 3]);
     let c2 = g.push1("dw", Op::Conv(geo(1, 8)), &[p1, w2]).unwrap();
     g.nodes.last_mut().unwrap().epilogue = vec![EpilogueStep::Unary(UnaryFn::Clip { min: 0.0, max: 6.0 })];
     let res = g.push1("residual", Op::Binary(BinaryFn::Add), &[c2, p1]).unwrap();
-    let flat = g.push_typed("flatten", Op::Reshape, &[res], TensorType::f32([2, 288])).unwrap();
+    let flat = g
+        .push_typed("flatten", Op::Reshape, &[res], TensorType::f32([2, 288]))
+        .unwrap();
     let fc = constant(&mut g, &mut rng, "fc", &[288, 10]);
     let fc_b = constant(&mut g, &mut rng, "fc_b", &[10]);
     let logits = g.push1("fc", Op::MatMul, &[flat, fc]).unwrap();
     let logits = g.push1("fc_bias", Op::Binary(BinaryFn::Add), &[logits, fc_b]).unwrap();
     // Softmax from primitives.
-    let m = g.push1("max", Op::Reduce { kind: ReduceKind::Max, axes: vec![1] }, &[logits]).unwrap();
+    let m = g
+        .push1(
+            "max",
+            Op::Reduce {
+                kind: ReduceKind::Max,
+                axes: vec![1],
+            },
+            &[logits],
+        )
+        .unwrap();
     let shifted = g.push1("shift", Op::Binary(BinaryFn::Sub), &[logits, m]).unwrap();
     let e = g.push1("exp", Op::Unary(UnaryFn::Exp), &[shifted]).unwrap();
-    let s = g.push1("sum", Op::Reduce { kind: ReduceKind::Sum, axes: vec![1] }, &[e]).unwrap();
+    let s = g
+        .push1(
+            "sum",
+            Op::Reduce {
+                kind: ReduceKind::Sum,
+                axes: vec![1],
+            },
+            &[e],
+        )
+        .unwrap();
     let probs = g.push1("softmax", Op::Binary(BinaryFn::Div), &[e, s]).unwrap();
-    let arg = g.push1("argmax", Op::ArgReduce { kind: cnnc_ir::ArgKind::Max, axis: 1, select_last_index: false }, &[probs]).unwrap();
+    let arg = g
+        .push1(
+            "argmax",
+            Op::ArgReduce {
+                kind: cnnc_ir::ArgKind::Max,
+                axis: 1,
+                select_last_index: false,
+            },
+            &[probs],
+        )
+        .unwrap();
     g.outputs = vec![probs, arg, c1];
     let input = random_tensor(&mut rng, DType::F32, &[2, 3, 12, 12], -1.0, 1.0);
     check_graph(&g, &[input]).unwrap();

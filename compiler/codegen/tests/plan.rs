@@ -21,7 +21,13 @@ fn random_graph(rng: &mut Rng, nodes: usize) -> Graph {
         let pick = |rng: &mut Rng, values: &[ValueId]| values[rng.below(values.len() as u64) as usize];
         let a = pick(rng, &values);
         let v = match rng.below(4) {
-            0 => g.push1(format!("n{n}"), Op::Unary(UnaryFn::Affine { scale: 0.5, shift: 1.0 }), &[a]).unwrap(),
+            0 => g
+                .push1(
+                    format!("n{n}"),
+                    Op::Unary(UnaryFn::Affine { scale: 0.5, shift: 1.0 }),
+                    &[a],
+                )
+                .unwrap(),
             1 => {
                 let same: Vec<ValueId> = values.iter().copied().filter(|&v| len(&g, v) == len(&g, a)).collect();
                 let b = pick(rng, &same);
@@ -33,8 +39,16 @@ fn random_graph(rng: &mut Rng, nodes: usize) -> Graph {
             }
             _ => {
                 let keep = rng.below(len(&g, a) as u64) as usize + 1;
-                g.push_typed(format!("n{n}"), Op::Slice { starts: vec![0], steps: vec![1] }, &[a], TensorType::f32([keep]))
-                    .unwrap()
+                g.push_typed(
+                    format!("n{n}"),
+                    Op::Slice {
+                        starts: vec![0],
+                        steps: vec![1],
+                    },
+                    &[a],
+                    TensorType::f32([keep]),
+                )
+                .unwrap()
             }
         };
         values.push(v);
@@ -61,12 +75,18 @@ fn check_plan(g: &Graph, plan: &MemoryPlan) -> Result<(), String> {
                 continue;
             }
             if off % WORKSPACE_ALIGN != 0 || off + bytes > plan.workspace_size {
-                return Err(format!("{id} at {off}+{bytes} outside the {} byte workspace or misaligned", plan.workspace_size));
+                return Err(format!(
+                    "{id} at {off}+{bytes} outside the {} byte workspace or misaligned",
+                    plan.workspace_size
+                ));
             }
             let iv = plan.intervals[v].ok_or(format!("{id} in the workspace without an interval"))?;
             let def = producers[v].ok_or(format!("{id} in the workspace but not defined by a node"))?;
             if iv.start != def || users[v].iter().any(|&u| u > iv.end) {
-                return Err(format!("{id}: interval {iv:?} misses its definition {def} or a use {:?}", users[v]));
+                return Err(format!(
+                    "{id}: interval {iv:?} misses its definition {def} or a use {:?}",
+                    users[v]
+                ));
             }
             slots.push((id, iv, off));
         }
@@ -76,7 +96,9 @@ fn check_plan(g: &Graph, plan: &MemoryPlan) -> Result<(), String> {
             let live_together = ia.start <= ib.end && ib.start <= ia.end;
             let overlap = oa < ob + ib.bytes && ob < oa + ia.bytes;
             if live_together && overlap {
-                return Err(format!("{a} {ia:?}@{oa} and {b} {ib:?}@{ob} share memory while both live"));
+                return Err(format!(
+                    "{a} {ia:?}@{oa} and {b} {ib:?}@{ob} share memory while both live"
+                ));
             }
         }
     }
@@ -127,7 +149,11 @@ fn a_long_chain_needs_two_slots() {
     }
     g.outputs.push(v);
     let plan = MemoryPlan::new(&g).unwrap();
-    assert_eq!(plan.workspace_size, 2 * 4032, "49 intermediates of 4000 bytes fit in two 64-aligned slots");
+    assert_eq!(
+        plan.workspace_size,
+        2 * 4032,
+        "49 intermediates of 4000 bytes fit in two 64-aligned slots"
+    );
     let model = cnnc_codegen::JitModel::compile(&g).unwrap();
     assert_eq!(model.model_info().workspace_size, 2 * 4032);
 }

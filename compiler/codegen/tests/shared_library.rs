@@ -41,7 +41,6 @@ fn cstr(p: *const std::ffi::c_char) -> String {
     unsafe { CStr::from_ptr(p) }.to_str().unwrap().to_string()
 }
 
-
 /// Runs the library's `cnnc_infer` on random inputs (null host, then a host without
 /// parallel_for) and compares with the interpreter.
 fn run_and_compare(g: &Graph, lib: &libloading::Library, workspace_size: usize) {
@@ -50,7 +49,12 @@ fn run_and_compare(g: &Graph, lib: &libloading::Library, workspace_size: usize) 
     let x = random_tensor(&mut rng, DType::F32, &[2, 3, 4], -3.0, 3.0);
     let idx = Tensor::new([5], TensorData::I64(vec![0, 23, -1, 7, -24]));
     let want = interp::run(g, &[x.clone(), idx.clone()]).unwrap();
-    let host = abi::Host { user: std::ptr::null_mut(), parallel_for: None, num_threads: 1, reserved: 0 };
+    let host = abi::Host {
+        user: std::ptr::null_mut(),
+        parallel_for: None,
+        num_threads: 1,
+        reserved: 0,
+    };
     for host_ptr in [std::ptr::null(), &host as *const abi::Host] {
         let xb = x.data.to_le_bytes();
         let ib = idx.data.to_le_bytes();
@@ -60,7 +64,11 @@ fn run_and_compare(g: &Graph, lib: &libloading::Library, workspace_size: usize) 
         let mut ws = vec![0u64; workspace_size.div_ceil(8) + 8];
         let ws_ptr = ((ws.as_mut_ptr() as usize + 63) & !63) as *mut c_void;
         let inputs = [xb.as_ptr() as *const c_void, ib.as_ptr() as *const c_void];
-        let outputs = [o0.as_mut_ptr() as *mut c_void, o1.as_mut_ptr() as *mut c_void, o2.as_mut_ptr() as *mut c_void];
+        let outputs = [
+            o0.as_mut_ptr() as *mut c_void,
+            o1.as_mut_ptr() as *mut c_void,
+            o2.as_mut_ptr() as *mut c_void,
+        ];
         let status = unsafe { infer(host_ptr, inputs.as_ptr(), outputs.as_ptr(), ws_ptr) };
         assert_eq!(status, abi::STATUS_OK);
         let got = [
@@ -72,7 +80,10 @@ fn run_and_compare(g: &Graph, lib: &libloading::Library, workspace_size: usize) 
             check_close(a, b).unwrap();
         }
         assert!(o2.iter().all(|&b| b <= 1), "bools are stored as 0 or 1");
-        assert!(o2.contains(&1) && o2.contains(&0), "the sample should pick both signs: {o2:?}");
+        assert!(
+            o2.contains(&1) && o2.contains(&0),
+            "the sample should pick both signs: {o2:?}"
+        );
     }
 }
 
@@ -105,7 +116,11 @@ fn shared_library_reports_and_runs() {
         assert_eq!(cstr(d.name), name);
         assert_eq!(d.dtype, dtype, "{name}");
         assert_eq!(d.rank as usize, shape.len(), "{name}");
-        assert_eq!(unsafe { std::slice::from_raw_parts(d.shape, d.rank as usize) }, shape, "{name}");
+        assert_eq!(
+            unsafe { std::slice::from_raw_parts(d.shape, d.rank as usize) },
+            shape,
+            "{name}"
+        );
         assert_eq!(d.offset, 0);
     };
     let ins = descs(mi.inputs, mi.num_inputs);
@@ -135,7 +150,8 @@ fn named_cpu_levels_link_and_run() {
         let so = dir.join("model.so");
         link_shared(&object, &so, &target).unwrap();
         let lib = unsafe { libloading::Library::new(&so) }.unwrap();
-        let model_info: libloading::Symbol<abi::ModelInfoFn> = unsafe { lib.get(abi::SYM_MODEL_INFO.as_bytes()) }.unwrap();
+        let model_info: libloading::Symbol<abi::ModelInfoFn> =
+            unsafe { lib.get(abi::SYM_MODEL_INFO.as_bytes()) }.unwrap();
         let mi = unsafe { &*model_info() };
         assert_eq!(cstr(mi.cpu_features), target.cpu_features().join(","), "{cpu}");
         run_and_compare(&g, &lib, mi.workspace_size as usize);
@@ -167,7 +183,9 @@ fn cross_compiling_makes_an_object_and_linking_explains_a_missing_toolchain() {
 fn link_errors_show_the_compiler_output() {
     let target = TargetSpec::host();
     let dir = temp_dir("bad");
-    let err = link_shared(b"not an object file", &dir.join("x.so"), &target).unwrap_err().to_string();
+    let err = link_shared(b"not an object file", &dir.join("x.so"), &target)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("failed"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }

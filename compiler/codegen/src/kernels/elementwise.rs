@@ -39,7 +39,9 @@ pub fn emit_unary(k: &mut KernelCtx, f: UnaryFn) -> Result<(), CodegenError> {
     let x = input_operand(k, 0, &out.shape)?;
     let dtype = x.dtype;
     check_unary(f, dtype)?;
-    emit_map(k.b, &out.shape, k.outputs[0], out.dtype, &[x], true, &|b, v| unary_lane(b, f, dtype, v[0]))
+    emit_map(k.b, &out.shape, k.outputs[0], out.dtype, &[x], true, &|b, v| {
+        unary_lane(b, f, dtype, v[0])
+    })
 }
 
 pub fn emit_binary(k: &mut KernelCtx, f: BinaryFn) -> Result<(), CodegenError> {
@@ -49,12 +51,16 @@ pub fn emit_binary(k: &mut KernelCtx, f: BinaryFn) -> Result<(), CodegenError> {
     let dtype = a.dtype;
     check_binary(f, dtype)?;
     let vector = !f.is_comparison();
-    emit_map(k.b, &out.shape, k.outputs[0], out.dtype, &[a, c], vector, &|b, v| binary_lane(b, f, dtype, v[0], v[1]))
+    emit_map(k.b, &out.shape, k.outputs[0], out.dtype, &[a, c], vector, &|b, v| {
+        binary_lane(b, f, dtype, v[0], v[1])
+    })
 }
 
 pub fn emit_where(k: &mut KernelCtx) -> Result<(), CodegenError> {
     let out = out_type(k);
-    let ops = (0..3).map(|i| input_operand(k, i, &out.shape)).collect::<Result<Vec<_>, _>>()?;
+    let ops = (0..3)
+        .map(|i| input_operand(k, i, &out.shape))
+        .collect::<Result<Vec<_>, _>>()?;
     if ops[0].dtype != DType::Bool {
         return err("where: the condition must be bool".into());
     }
@@ -67,7 +73,9 @@ pub fn emit_cast(k: &mut KernelCtx, to: DType) -> Result<(), CodegenError> {
     let out = out_type(k);
     let x = input_operand(k, 0, &out.shape)?;
     let from = x.dtype;
-    emit_map(k.b, &out.shape, k.outputs[0], to, &[x], from == to, &|b, v| Ok(cast_lane(b, v[0], from, to)))
+    emit_map(k.b, &out.shape, k.outputs[0], to, &[x], from == to, &|b, v| {
+        Ok(cast_lane(b, v[0], from, to))
+    })
 }
 
 /// Applies the node's epilogue to output 0 in place, in one pass over the output.
@@ -93,7 +101,10 @@ pub fn emit_epilogue(k: &mut KernelCtx) -> Result<(), CodegenError> {
             }
             EpilogueStep::Binary { func, operand } => {
                 if operand >= k.inputs.len() {
-                    return err(format!("epilogue operand {operand} of node '{}' does not exist", k.node.name));
+                    return err(format!(
+                        "epilogue operand {operand} of node '{}' does not exist",
+                        k.node.name
+                    ));
                 }
                 let o = input_operand(k, operand, &out.shape)?;
                 if o.dtype != out.dtype || func.is_comparison() {
@@ -127,7 +138,11 @@ pub fn check_unary(f: UnaryFn, dtype: DType) -> Result<(), CodegenError> {
         UnaryFn::Neg | UnaryFn::Abs | UnaryFn::Relu | UnaryFn::Clip { .. } => dtype != DType::Bool,
         _ => dtype == DType::F32,
     };
-    if ok { Ok(()) } else { err(format!("unary {f:?} is not defined on {dtype}")) }
+    if ok {
+        Ok(())
+    } else {
+        err(format!("unary {f:?} is not defined on {dtype}"))
+    }
 }
 
 pub fn check_binary(f: BinaryFn, dtype: DType) -> Result<(), CodegenError> {
@@ -135,7 +150,11 @@ pub fn check_binary(f: BinaryFn, dtype: DType) -> Result<(), CodegenError> {
         DType::Bool => f.is_logical() || f == BinaryFn::Equal,
         _ => !f.is_logical(),
     };
-    if ok { Ok(()) } else { err(format!("binary {f:?} is not defined on {dtype}")) }
+    if ok {
+        Ok(())
+    } else {
+        err(format!("binary {f:?} is not defined on {dtype}"))
+    }
 }
 
 pub fn scalar_const(b: &mut FunctionBuilder, v: cnnc_ir::Scalar) -> Value {
@@ -356,7 +375,13 @@ fn pow_const(m: &mut Fx, x: Value, e: f32) -> Value {
 }
 
 /// One lane of a binary function (both operands of `dtype`; comparisons give I8).
-pub fn binary_lane(b: &mut FunctionBuilder, f: BinaryFn, dtype: DType, x: Value, y: Value) -> Result<Value, CodegenError> {
+pub fn binary_lane(
+    b: &mut FunctionBuilder,
+    f: BinaryFn,
+    dtype: DType,
+    x: Value,
+    y: Value,
+) -> Result<Value, CodegenError> {
     match dtype {
         DType::F32 => Ok(binary_f32(&mut Fx::of(b, x), f, x, y)),
         DType::Bool => Ok(match f {

@@ -27,7 +27,11 @@ fn zero_of(dtype: DType) -> Scalar {
 /// Loads an index (i64 or i32) as i64 and wraps a negative one by `extent`.
 fn load_index(b: &mut FunctionBuilder, p: Value, dtype: DType, extent: usize) -> Value {
     let raw = b.ins().load(elem_type(dtype), readonly_flags(), p, 0);
-    let idx = if dtype == DType::I32 { b.ins().sextend(I64, raw) } else { raw };
+    let idx = if dtype == DType::I32 {
+        b.ins().sextend(I64, raw)
+    } else {
+        raw
+    };
     let wrapped = b.ins().iadd_imm_s(idx, extent as i64);
     let negative = b.ins().icmp_imm_s(IntCC::SignedLessThan, idx, 0);
     b.ins().select(negative, wrapped, idx)
@@ -36,7 +40,11 @@ fn load_index(b: &mut FunctionBuilder, p: Value, dtype: DType, extent: usize) ->
 fn index_dtype(k: &KernelCtx) -> Result<DType, CodegenError> {
     let t = k.graph.ty(k.node.inputs[1]).dtype;
     if !t.is_int() {
-        return err(format!("{} '{}': indices must be i64 or i32, not {t}", k.node.op.mnemonic(), k.node.name));
+        return err(format!(
+            "{} '{}': indices must be i64 or i32, not {t}",
+            k.node.op.mnemonic(),
+            k.node.name
+        ));
     }
     Ok(t)
 }
@@ -96,7 +104,10 @@ pub fn emit_gather_elements(k: &mut KernelCtx, axis: usize) -> Result<(), Codege
     let indices = k.graph.ty(k.node.inputs[1]).clone();
     let idx_dtype = index_dtype(k)?;
     if axis >= data.rank() || indices.rank() != data.rank() {
-        return err(format!("gather_elements '{}': axis {axis} or indices {indices} do not fit {data}", k.node.name));
+        return err(format!(
+            "gather_elements '{}': axis {axis} or indices {indices} do not fit {data}",
+            k.node.name
+        ));
     }
     for d in 0..data.rank() {
         if d != axis && indices.shape[d] > data.shape[d] {
@@ -127,18 +138,24 @@ pub fn emit_gather_elements(k: &mut KernelCtx, axis: usize) -> Result<(), Codege
     let strides = vec![bytes(&s[0], esize), bytes(&s[0], idx_dtype.size()), bytes(&s[1], esize)];
     let ty = elem_type(data.dtype);
     let zero = zero_of(data.dtype);
-    for_nest(k.b, &dims, &strides, &[k.outputs[0], k.inputs[1], k.inputs[0]], &mut |b, p| {
-        let (dst, idx_ptr, base) = (p[0], p[1], p[2]);
-        let idx = load_index(b, idx_ptr, idx_dtype, extent);
-        let in_range = b.ins().icmp_imm_s(IntCC::UnsignedLessThan, idx, extent as i64);
-        let zero_idx = b.ins().iconst(I64, 0);
-        let safe = b.ins().select(in_range, idx, zero_idx);
-        let off = b.ins().imul_imm_s(safe, axis_stride);
-        let addr = b.ins().iadd(base, off);
-        let v = b.ins().load(ty, readonly_flags(), addr, 0);
-        let z = super::elementwise::scalar_const(b, zero);
-        let v = b.ins().select(in_range, v, z);
-        b.ins().store(rw_flags(), v, dst, 0);
-    });
+    for_nest(
+        k.b,
+        &dims,
+        &strides,
+        &[k.outputs[0], k.inputs[1], k.inputs[0]],
+        &mut |b, p| {
+            let (dst, idx_ptr, base) = (p[0], p[1], p[2]);
+            let idx = load_index(b, idx_ptr, idx_dtype, extent);
+            let in_range = b.ins().icmp_imm_s(IntCC::UnsignedLessThan, idx, extent as i64);
+            let zero_idx = b.ins().iconst(I64, 0);
+            let safe = b.ins().select(in_range, idx, zero_idx);
+            let off = b.ins().imul_imm_s(safe, axis_stride);
+            let addr = b.ins().iadd(base, off);
+            let v = b.ins().load(ty, readonly_flags(), addr, 0);
+            let z = super::elementwise::scalar_const(b, zero);
+            let v = b.ins().select(in_range, v, z);
+            b.ins().store(rw_flags(), v, dst, 0);
+        },
+    );
     Ok(())
 }

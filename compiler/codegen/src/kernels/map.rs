@@ -93,11 +93,19 @@ pub fn emit_map(
         .map(|d| d.size() as i64)
         .collect();
     // Byte strides per buffer (output first) per collapsed axis.
-    let byte_strides: Vec<Vec<i64>> =
-        strides.iter().zip(&sizes).map(|(s, &sz)| s.iter().map(|&x| x * sz).collect()).collect();
+    let byte_strides: Vec<Vec<i64>> = strides
+        .iter()
+        .zip(&sizes)
+        .map(|(s, &sz)| s.iter().map(|&x| x * sz).collect())
+        .collect();
     let mut bases: Vec<Value> = vec![out];
     bases.extend(operands.iter().map(|o| o.ptr));
-    let plan = MapPlan { dims: &dims, byte_strides: &byte_strides, operands, vectorize };
+    let plan = MapPlan {
+        dims: &dims,
+        byte_strides: &byte_strides,
+        operands,
+        vectorize,
+    };
     let mut err = None;
     plan.level(b, 0, &bases, f, &mut err);
     err.map_or(Ok(()), Err)
@@ -113,7 +121,10 @@ pub fn collapse(shape: &[usize], strides: &[Vec<i64>]) -> (Vec<usize>, Vec<Vec<i
             continue;
         }
         let mergeable = !dims.is_empty()
-            && strides.iter().zip(&out).all(|(s, o)| o[o.len() - 1] == s[d] * extent as i64);
+            && strides
+                .iter()
+                .zip(&out)
+                .all(|(s, o)| o[o.len() - 1] == s[d] * extent as i64);
         if mergeable {
             let last = dims.len() - 1;
             dims[last] *= extent;

@@ -88,7 +88,10 @@ pub fn emit_node(k: &mut KernelCtx, tables: &[Value]) -> Result<(), CodegenError
                 "constant node '{}' is data and has no kernel",
                 k.node.name
             ))),
-            None => Err(CodegenError(format!("node '{}' names missing constant {c}", k.node.name))),
+            None => Err(CodegenError(format!(
+                "node '{}' names missing constant {c}",
+                k.node.name
+            ))),
         },
         Op::Unary(f) => elementwise::emit_unary(k, f),
         Op::Binary(f) => elementwise::emit_binary(k, f),

@@ -59,7 +59,12 @@ pub fn copy_bytes(b: &mut FunctionBuilder, dst: Value, src: Value, bytes: usize,
         }
     }
     let mut at = chunks * 16;
-    for (size, ty) in [(8, I64), (4, cranelift_codegen::ir::types::I32), (2, cranelift_codegen::ir::types::I16), (1, cranelift_codegen::ir::types::I8)] {
+    for (size, ty) in [
+        (8, I64),
+        (4, cranelift_codegen::ir::types::I32),
+        (2, cranelift_codegen::ir::types::I16),
+        (1, cranelift_codegen::ir::types::I8),
+    ] {
         while bytes - at >= size {
             let v = b.ins().load(ty, src_flags, src, at as i32);
             b.ins().store(rw_flags(), v, dst, at as i32);
@@ -189,7 +194,16 @@ pub fn emit_transpose(k: &mut KernelCtx, perm: &[usize]) -> Result<(), CodegenEr
     let in_strides = natural_strides(&x.shape);
     let src_strides: Vec<i64> = perm.iter().map(|&p| in_strides[p]).collect();
     let dst_strides = natural_strides(&out.shape);
-    copy_nd(k.b, &out.shape, x.dtype.size(), k.outputs[0], &dst_strides, k.inputs[0], &src_strides, readonly_flags());
+    copy_nd(
+        k.b,
+        &out.shape,
+        x.dtype.size(),
+        k.outputs[0],
+        &dst_strides,
+        k.inputs[0],
+        &src_strides,
+        readonly_flags(),
+    );
     Ok(())
 }
 
@@ -214,7 +228,16 @@ pub fn emit_slice(k: &mut KernelCtx, starts: &[usize], steps: &[i64]) -> Result<
     let src_strides: Vec<i64> = (0..x.rank()).map(|d| steps[d] * in_strides[d]).collect();
     let esize = x.dtype.size();
     let src = k.b.ins().iadd_imm_s(k.inputs[0], base * esize as i64);
-    copy_nd(k.b, &out.shape, esize, k.outputs[0], &natural_strides(&out.shape), src, &src_strides, readonly_flags());
+    copy_nd(
+        k.b,
+        &out.shape,
+        esize,
+        k.outputs[0],
+        &natural_strides(&out.shape),
+        src,
+        &src_strides,
+        readonly_flags(),
+    );
     Ok(())
 }
 
@@ -222,7 +245,16 @@ pub fn emit_broadcast(k: &mut KernelCtx) -> Result<(), CodegenError> {
     let x = k.graph.ty(k.node.inputs[0]).clone();
     let out = k.graph.ty(k.node.outputs[0]).clone();
     let src_strides = super::map::broadcast_strides(&x.shape, &out.shape)?;
-    copy_nd(k.b, &out.shape, x.dtype.size(), k.outputs[0], &natural_strides(&out.shape), k.inputs[0], &src_strides, readonly_flags());
+    copy_nd(
+        k.b,
+        &out.shape,
+        x.dtype.size(),
+        k.outputs[0],
+        &natural_strides(&out.shape),
+        k.inputs[0],
+        &src_strides,
+        readonly_flags(),
+    );
     Ok(())
 }
 
@@ -239,12 +271,26 @@ pub fn emit_concat(k: &mut KernelCtx, axis: usize) -> Result<(), CodegenError> {
         if x.rank() != out.rank() {
             return err(format!("concat '{}': input {i} has rank {}", k.node.name, x.rank()));
         }
-        let dst = k.b.ins().iadd_imm_s(k.outputs[0], (offset * out_strides[axis] as usize * esize) as i64);
-        copy_nd(k.b, &x.shape, esize, dst, &out_strides, k.inputs[i], &natural_strides(&x.shape), readonly_flags());
+        let dst =
+            k.b.ins()
+                .iadd_imm_s(k.outputs[0], (offset * out_strides[axis] as usize * esize) as i64);
+        copy_nd(
+            k.b,
+            &x.shape,
+            esize,
+            dst,
+            &out_strides,
+            k.inputs[i],
+            &natural_strides(&x.shape),
+            readonly_flags(),
+        );
         offset += x.shape[axis];
     }
     if offset != out.shape[axis] {
-        return err(format!("concat '{}': inputs cover {offset} of {} along axis {axis}", k.node.name, out.shape[axis]));
+        return err(format!(
+            "concat '{}': inputs cover {offset} of {} along axis {axis}",
+            k.node.name, out.shape[axis]
+        ));
     }
     Ok(())
 }
@@ -269,12 +315,20 @@ fn pad_axes(k: &KernelCtx, begins: &[i64], ends: &[i64]) -> Result<Vec<PadAxis>,
         let crop_begin = (-begins[d]).max(0) as usize;
         let crop_end = (-ends[d]).max(0) as usize;
         if crop_begin + crop_end > x.shape[d] {
-            return err(format!("pad '{}': crops {crop_begin}+{crop_end} exceed axis {d} of {x}", k.node.name));
+            return err(format!(
+                "pad '{}': crops {crop_begin}+{crop_end} exceed axis {d} of {x}",
+                k.node.name
+            ));
         }
         let kept = x.shape[d] - crop_begin - crop_end;
         let pad_begin = begins[d].max(0) as usize;
         let out = kept + pad_begin + ends[d].max(0) as usize;
-        axes.push(PadAxis { crop_begin, kept, pad_begin, out });
+        axes.push(PadAxis {
+            crop_begin,
+            kept,
+            pad_begin,
+            out,
+        });
     }
     Ok(axes)
 }
@@ -304,13 +358,31 @@ pub fn emit_pad(k: &mut KernelCtx, begins: &[i64], ends: &[i64], mode: PadMode) 
         let dst_off: i64 = axes.iter().zip(&out_strides).map(|(a, s)| a.pad_begin as i64 * s).sum();
         let src = k.b.ins().iadd_imm_s(k.inputs[0], src_off * esize as i64);
         let dst = k.b.ins().iadd_imm_s(k.outputs[0], dst_off * esize as i64);
-        copy_nd(k.b, &interior, esize, dst, &out_strides, src, &in_strides, readonly_flags());
+        copy_nd(
+            k.b,
+            &interior,
+            esize,
+            dst,
+            &out_strides,
+            src,
+            &in_strides,
+            readonly_flags(),
+        );
         return Ok(());
     }
     if axes.iter().any(|a| a.kept == 0) {
-        return err(format!("pad '{}': cannot {mode:?}-pad an axis with no elements", k.node.name));
+        return err(format!(
+            "pad '{}': cannot {mode:?}-pad an axis with no elements",
+            k.node.name
+        ));
     }
-    let ctx = PadLoops { axes: &axes, mode, in_strides: &in_strides, out_strides: &out_strides, esize };
+    let ctx = PadLoops {
+        axes: &axes,
+        mode,
+        in_strides: &in_strides,
+        out_strides: &out_strides,
+        esize,
+    };
     ctx.level(k.b, 0, k.outputs[0], k.inputs[0]);
     Ok(())
 }

@@ -23,16 +23,31 @@ struct Geometry {
 }
 
 fn geometry(k: &KernelCtx) -> Result<(Geometry, Vec<usize>, Vec<usize>, Vec<f32>), CodegenError> {
-    let Op::Resample { axis, lo, hi, weight_hi } = &k.node.op else {
-        return Err(CodegenError(format!("resample: node '{}' is not a resample", k.node.name)));
+    let Op::Resample {
+        axis,
+        lo,
+        hi,
+        weight_hi,
+    } = &k.node.op
+    else {
+        return Err(CodegenError(format!(
+            "resample: node '{}' is not a resample",
+            k.node.name
+        )));
     };
     let x = k.graph.ty(k.node.inputs[0]);
     if x.dtype != DType::F32 || *axis >= x.rank() || lo.len() != hi.len() || lo.len() != weight_hi.len() {
-        return Err(CodegenError(format!("resample '{}': bad axis, tables or dtype for {x}", k.node.name)));
+        return Err(CodegenError(format!(
+            "resample '{}': bad axis, tables or dtype for {x}",
+            k.node.name
+        )));
     }
     let extent = x.shape[*axis];
     if let Some(bad) = lo.iter().chain(hi).find(|&&i| i >= extent) {
-        return Err(CodegenError(format!("resample '{}': table index {bad} outside extent {extent}", k.node.name)));
+        return Err(CodegenError(format!(
+            "resample '{}': table index {bad} outside extent {extent}",
+            k.node.name
+        )));
     }
     let g = Geometry {
         outer: x.shape[..*axis].iter().product(),
@@ -46,7 +61,15 @@ fn geometry(k: &KernelCtx) -> Result<(Geometry, Vec<usize>, Vec<usize>, Vec<f32>
 /// The table blob: byte offsets of the lo rows (i64 each), of the hi rows, then the
 /// f32 weights.
 pub fn tables(k_graph: &cnnc_ir::Graph, node: &cnnc_ir::Node) -> Option<Vec<u8>> {
-    let Op::Resample { axis, lo, hi, weight_hi } = &node.op else { return None };
+    let Op::Resample {
+        axis,
+        lo,
+        hi,
+        weight_hi,
+    } = &node.op
+    else {
+        return None;
+    };
     let x = k_graph.ty(*node.inputs.first()?);
     let inner: usize = x.shape.get(axis + 1..)?.iter().product();
     let row = (inner * 4) as i64;
@@ -90,15 +113,21 @@ pub fn emit(k: &mut KernelCtx, table: Value) -> Result<(), CodegenError> {
     ];
     let inner = g.inner;
     let weights = k.b.ins().iadd_imm_s(table, 16 * n);
-    for_nest(k.b, &dims, &strides, &[k.outputs[0], k.inputs[0], table, weights], &mut |b, p| {
-        let (dst, src, entry, w_ptr) = (p[0], p[1], p[2], p[3]);
-        let lo_off = b.ins().load(I64, readonly_flags(), entry, 0);
-        let hi_off = b.ins().load(I64, readonly_flags(), entry, (n * 8) as i32);
-        let w = b.ins().load(F32, readonly_flags(), w_ptr, 0);
-        let a_row = b.ins().iadd(src, lo_off);
-        let b_row = b.ins().iadd(src, hi_off);
-        row_blend(b, dst, a_row, b_row, w, inner);
-    });
+    for_nest(
+        k.b,
+        &dims,
+        &strides,
+        &[k.outputs[0], k.inputs[0], table, weights],
+        &mut |b, p| {
+            let (dst, src, entry, w_ptr) = (p[0], p[1], p[2], p[3]);
+            let lo_off = b.ins().load(I64, readonly_flags(), entry, 0);
+            let hi_off = b.ins().load(I64, readonly_flags(), entry, (n * 8) as i32);
+            let w = b.ins().load(F32, readonly_flags(), w_ptr, 0);
+            let a_row = b.ins().iadd(src, lo_off);
+            let b_row = b.ins().iadd(src, hi_off);
+            row_blend(b, dst, a_row, b_row, w, inner);
+        },
+    );
     Ok(())
 }
 

@@ -32,7 +32,12 @@ pub fn check_close(got: &Tensor, want: &Tensor) -> Result<(), String> {
         (a, b) => {
             let n = a.len().min(b.len());
             let first = (0..n).find(|&i| a.get(i) != b.get(i));
-            Err(format!("{} data differs (first at {first:?}: {:?} vs {:?})", a.dtype(), first.map(|i| a.get(i)), first.map(|i| b.get(i))))
+            Err(format!(
+                "{} data differs (first at {first:?}: {:?} vs {:?})",
+                a.dtype(),
+                first.map(|i| a.get(i)),
+                first.map(|i| b.get(i))
+            ))
         }
     }
 }
@@ -81,5 +86,8 @@ pub fn random_tensor(rng: &mut Rng, dtype: DType, shape: &[usize], lo: f32, hi: 
 
 /// Proptest case count: `PROPTEST_CASES` if set, else `default`.
 pub fn cases(default: u32) -> u32 {
-    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
