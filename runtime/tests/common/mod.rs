@@ -167,16 +167,34 @@ pub fn patch_header(header: &str) -> String {
         .replace("const cnnc_model_info* cnnc_model_info(void);", "const struct cnnc_model_info* cnnc_model_info(void);")
 }
 
-/// Compiles a translation unit including `header` with warnings as errors.
+/// Compiles a C translation unit including `header` with warnings as errors.
 pub fn header_compiles(dir: &Path, header: &str) -> Result<(), String> {
-    let probe_dir = dir.join("header-probe");
+    header_compiles_with(dir, header, "cc", "c", &["-std=c11"])
+}
+
+/// Whether a C++ compiler `c++` is available.
+pub fn have_cxx() -> bool {
+    Command::new("c++").arg("--version").output().is_ok_and(|o| o.status.success())
+}
+
+/// Compiles a C++ translation unit including `header` with warnings as errors.
+pub fn header_compiles_as_cxx(dir: &Path, header: &str) -> Result<(), String> {
+    header_compiles_with(dir, header, "c++", "cpp", &["-std=c++17"])
+}
+
+fn header_compiles_with(dir: &Path, header: &str, compiler: &str, ext: &str, std_flag: &[&str]) -> Result<(), String> {
+    let probe_dir = dir.join(format!("header-probe-{ext}"));
     std::fs::create_dir_all(&probe_dir).map_err(|e| e.to_string())?;
     std::fs::write(probe_dir.join(HEADER_NAME), header).map_err(|e| e.to_string())?;
-    let source = probe_dir.join("probe.c");
-    std::fs::write(&source, format!("#include \"{HEADER_NAME}\"\nint probe(void) {{ return CNNC_ABI_VERSION; }}\n"))
-        .map_err(|e| e.to_string())?;
-    let output = Command::new("cc")
-        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-c"])
+    let source = probe_dir.join(format!("probe.{ext}"));
+    // Uses the entry-point declarations, not only the types.
+    let probe = format!(
+        "#include \"{HEADER_NAME}\"\nint probe(void) {{ return CNNC_ABI_VERSION + (cnnc_model_info() != 0) + cnnc_infer(0, 0, 0, 0); }}\n"
+    );
+    std::fs::write(&source, probe).map_err(|e| e.to_string())?;
+    let output = Command::new(compiler)
+        .args(std_flag)
+        .args(["-Wall", "-Wextra", "-Werror", "-c"])
         .arg(&source)
         .arg("-o")
         .arg(probe_dir.join("probe.o"))
