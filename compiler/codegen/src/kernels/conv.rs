@@ -27,6 +27,9 @@ const CHANNEL_BLOCK: usize = 4;
 /// Innermost kernel axes up to this many taps are unrolled; longer ones loop.
 const UNROLL_TAPS: usize = 8;
 
+/// Input vectors one loop body may load at once without spilling accumulators.
+const MAX_LIVE_INPUTS: usize = 4;
+
 /// Vector accumulators per output channel for a block of `channels`, chosen to keep
 /// accumulators + input vectors + one weight splat within x86's 16 xmm registers.
 fn vectors_per_channel(channels: usize) -> usize {
@@ -269,17 +272,8 @@ impl ConvPlan {
             };
             accs.extend(std::iter::repeat_n(init, lanes_per_channel));
         }
-        let mut carried = vec![x_origin, cb.w];
-        carried.extend(accs);
-        let in_channel_step = Self::bytes(self.in_plane);
-        let w_channel_step = Self::bytes(self.kernel_size);
-        let done = counted_loop(b, self.in_per_group, carried, |b, _, c| {
-            let accs = self.emit_taps(b, cb, width, 0, c[0], c[1], c[2..].to_vec(), taps);
-            let mut next = vec![b.ins().iadd_imm_s(c[0], in_channel_step), b.ins().iadd_imm_s(c[1], w_channel_step)];
-            next.extend(accs);
-            next
-        });
-        let accs = &done[2..];
+        let done = self.emit_taps(b, cb, width, 0, x_origin, cb.w, accs, taps);
+        let accs = &done;
         for r in 0..cb.channels {
             for v in 0..lanes_per_channel {
                 let acc = accs[r * lanes_per_channel + v];
@@ -292,7 +286,10 @@ impl ConvPlan {
         }
     }
 
-    /// Accumulates the taps of kernel axes `axis..` for one input channel.
+    /// Accumulates the taps of kernel axes `axis..`, each over all input channels of
+    /// the group. The channel loop is innermost: one tap per loop body keeps only that
+    /// tap's input vectors live (Cranelift issues a block's loads before its arithmetic),
+    /// and its long trip count amortises the loop overhead.
     #[allow(clippy::too_many_arguments)]
     fn emit_taps(
         &self,
@@ -310,10 +307,20 @@ impl ConvPlan {
         let x_tap = Self::bytes(a.dilation * self.in_strides[axis]);
         let w_tap = Self::bytes(self.kernel_strides[axis]);
         let innermost = axis + 1 == self.axes.len();
-        if innermost && end - begin <= UNROLL_TAPS {
+        let inputs_per_tap = match width {
+            Width::Vectors(n) => n,
+            Width::Scalar => 1,
+        };
+        // Unrolled taps share a block when there is no channel loop to separate them.
+        let unroll = innermost
+            && end - begin <= UNROLL_TAPS
+            && (self.in_per_group > 1 || (end - begin) * inputs_per_tap <= MAX_LIVE_INPUTS);
+        if unroll {
             let mut accs = accs;
             for t in begin..end {
-                accs = self.emit_tap(b, cb, width, x, t as i64 * x_tap, w, t as i64 * w_tap, accs);
+                let xt = offset_ptr(b, x, t as i64 * x_tap);
+                let wt = offset_ptr(b, w, t as i64 * w_tap);
+                accs = self.emit_channels(b, cb, width, xt, wt, accs);
             }
             return accs;
         }
@@ -323,11 +330,34 @@ impl ConvPlan {
         carried.extend(accs);
         let done = counted_loop(b, end - begin, carried, |b, _, c| {
             let accs = if innermost {
-                self.emit_tap(b, cb, width, c[0], 0, c[1], 0, c[2..].to_vec())
+                self.emit_channels(b, cb, width, c[0], c[1], c[2..].to_vec())
             } else {
                 self.emit_taps(b, cb, width, axis + 1, c[0], c[1], c[2..].to_vec(), taps)
             };
             let mut next = vec![b.ins().iadd_imm_s(c[0], x_tap), b.ins().iadd_imm_s(c[1], w_tap)];
+            next.extend(accs);
+            next
+        });
+        done[2..].to_vec()
+    }
+
+    /// One tap over every input channel of the group.
+    fn emit_channels(
+        &self,
+        b: &mut FunctionBuilder,
+        cb: &ChannelBlock,
+        width: Width,
+        x: Value,
+        w: Value,
+        accs: Vec<Value>,
+    ) -> Vec<Value> {
+        let in_channel_step = Self::bytes(self.in_plane);
+        let w_channel_step = Self::bytes(self.kernel_size);
+        let mut carried = vec![x, w];
+        carried.extend(accs);
+        let done = counted_loop(b, self.in_per_group, carried, |b, _, c| {
+            let accs = self.emit_tap(b, cb, width, c[0], 0, c[1], 0, c[2..].to_vec());
+            let mut next = vec![b.ins().iadd_imm_s(c[0], in_channel_step), b.ins().iadd_imm_s(c[1], w_channel_step)];
             next.extend(accs);
             next
         });

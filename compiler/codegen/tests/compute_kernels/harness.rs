@@ -139,7 +139,14 @@ pub fn compile(op: Op, inputs: &[TensorType], declared: Option<Vec<TensorType>>,
         b.finalize(frontend_config);
     }
     let id = module.declare_function("kernel", Linkage::Export, &ctx.func.signature).map_err(|e| e.to_string())?;
+    let disasm = std::env::var_os("CNNC_DISASM").is_some();
+    ctx.set_disasm(disasm);
     module.define_function(id, &mut ctx).map_err(|e| format!("{e:?}"))?;
+    if disasm {
+        if let Some(code) = ctx.compiled_code().and_then(|c| c.vcode.as_ref()) {
+            eprintln!("{code}");
+        }
+    }
     module.clear_context(&mut ctx);
     module.finalize_definitions().map_err(|e| e.to_string())?;
     let code = module.get_finalized_function(id);

@@ -210,22 +210,27 @@ pub fn reduce(x: &Tensor, kind: ReduceKind, axes: &[usize]) -> Tensor {
                 })
                 .collect(),
         ),
-        TensorData::I64(v) => TensorData::I64(groups.iter().map(|g| reduce_int(g.iter().map(|&i| v[i]), kind, g.len())).collect()),
+        TensorData::I64(v) => TensorData::I64(
+            groups.iter().map(|g| reduce_int(g.iter().map(|&i| v[i]), kind, g.len(), (i64::MIN, i64::MAX))).collect(),
+        ),
         TensorData::I32(v) => TensorData::I32(
-            groups.iter().map(|g| reduce_int(g.iter().map(|&i| v[i] as i64), kind, g.len()) as i32).collect(),
+            groups
+                .iter()
+                .map(|g| reduce_int(g.iter().map(|&i| v[i] as i64), kind, g.len(), (i32::MIN as i64, i32::MAX as i64)) as i32)
+                .collect(),
         ),
         TensorData::Bool(_) => panic!("bool reduce"),
     };
     Tensor::new(out_shape, data)
 }
 
-fn reduce_int(it: impl Iterator<Item = i64>, kind: ReduceKind, n: usize) -> i64 {
+fn reduce_int(it: impl Iterator<Item = i64>, kind: ReduceKind, n: usize, (lowest, highest): (i64, i64)) -> i64 {
     match kind {
         ReduceKind::Sum => it.fold(0i64, i64::wrapping_add),
         ReduceKind::Mean if n == 0 => 0,
         ReduceKind::Mean => it.fold(0i64, i64::wrapping_add) / n as i64,
-        ReduceKind::Max => it.max().unwrap_or(i64::MIN),
-        ReduceKind::Min => it.min().unwrap_or(i64::MAX),
+        ReduceKind::Max => it.max().unwrap_or(lowest),
+        ReduceKind::Min => it.min().unwrap_or(highest),
         ReduceKind::Prod => it.fold(1i64, i64::wrapping_mul),
     }
 }
