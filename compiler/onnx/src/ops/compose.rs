@@ -17,11 +17,6 @@ pub fn scalar(ctx: &mut NodeCtx, dtype: DType, value: f64) -> ValueId {
     ctx.constant(Tensor::new(Vec::<usize>::new(), TensorData::splat(value, 1)))
 }
 
-/// A rank-1 f32 constant.
-pub fn f32_vector(ctx: &mut NodeCtx, values: Vec<f32>) -> ValueId {
-    ctx.constant(Tensor::f32(vec![values.len()], values))
-}
-
 pub fn unary(ctx: &mut NodeCtx, f: UnaryFn, x: ValueId) -> LowerResult<ValueId> {
     ctx.push(Op::Unary(f), &[x])
 }

@@ -16,10 +16,10 @@ pub fn gather_elements(ctx: &mut NodeCtx) -> LowerResult<Vec<ValueId>> {
         return Err(invalid(format!("indices {index_shape:?} exceed data {data_shape:?} on axis {d}")));
     }
     let extent = data_shape[axis] as i64;
-    if let Some(t) = ctx.constant_value(indices) {
-        if let Some(bad) = t.data.to_i64_vec().and_then(|v| v.into_iter().find(|&i| i < -extent || i >= extent)) {
-            return Err(invalid(format!("index {bad} is out of range for axis {axis} of extent {extent}")));
-        }
+    if let Some(t) = ctx.constant_value(indices)
+        && let Some(bad) = t.data.to_i64_vec().and_then(|v| v.into_iter().find(|&i| i < -extent || i >= extent))
+    {
+        return Err(invalid(format!("index {bad} is out of range for axis {axis} of extent {extent}")));
     }
     Ok(vec![ctx.push(Op::GatherElements { axis }, &[data, indices])?])
 }

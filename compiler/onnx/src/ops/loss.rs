@@ -46,10 +46,10 @@ fn negative_log_likelihood(ctx: &mut NodeCtx, log_prob: ValueId, target: ValueId
     if !label_type.is_int() {
         return Err(invalid(format!("target must hold integer labels, got {label_type}")));
     }
-    if let Some(w) = weight {
-        if ctx.shape(w) != [scores[1]] {
-            return Err(invalid(format!("weight has shape {:?}; expected [{}]", ctx.shape(w), scores[1])));
-        }
+    if let Some(w) = weight
+        && ctx.shape(w) != [scores[1]]
+    {
+        return Err(invalid(format!("weight has shape {:?}; expected [{}]", ctx.shape(w), scores[1])));
     }
     let reduction = reduction(ctx)?;
     let keep = match ctx.attr_int_opt("ignore_index")? {

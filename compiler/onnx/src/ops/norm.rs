@@ -45,15 +45,15 @@ pub fn batch_normalization(ctx: &mut NodeCtx) -> LowerResult<Vec<ValueId>> {
     }
     let [s, b, mean, var] = [ctx.input(1)?, ctx.input(2)?, ctx.input(3)?, ctx.input(4)?];
     let folded = [s, b, mean, var].map(|v| ctx.constant_value(v));
-    if let [Some(s), Some(b), Some(mean), Some(var)] = &folded {
-        if let Some((scale, shift)) = folded_affine(s, b, mean, var, epsilon) {
-            let scale = ctx.constant(scale);
-            let shift = ctx.constant(shift);
-            let scale = channel_param(ctx, scale, &x_shape, "scale")?;
-            let shift = channel_param(ctx, shift, &x_shape, "B")?;
-            let scaled = binary(ctx, BinaryFn::Mul, x, scale)?;
-            return Ok(vec![binary(ctx, BinaryFn::Add, scaled, shift)?]);
-        }
+    if let [Some(s), Some(b), Some(mean), Some(var)] = &folded
+        && let Some((scale, shift)) = folded_affine(s, b, mean, var, epsilon)
+    {
+        let scale = ctx.constant(scale);
+        let shift = ctx.constant(shift);
+        let scale = channel_param(ctx, scale, &x_shape, "scale")?;
+        let shift = channel_param(ctx, shift, &x_shape, "B")?;
+        let scaled = binary(ctx, BinaryFn::Mul, x, scale)?;
+        return Ok(vec![binary(ctx, BinaryFn::Add, scaled, shift)?]);
     }
     let s = channel_param(ctx, s, &x_shape, "scale")?;
     let b = channel_param(ctx, b, &x_shape, "B")?;

@@ -45,10 +45,10 @@ pub fn axis_ints(ctx: &NodeCtx, name: &str, spatial: usize, default: usize) -> L
 
 /// The `kernel_shape` attribute, checked against the kernel extents the weight implies.
 pub fn check_kernel_shape(ctx: &NodeCtx, kernel: &[usize]) -> LowerResult<()> {
-    if let Some(attr) = ctx.attr_ints("kernel_shape")? {
-        if attr.len() != kernel.len() || attr.iter().zip(kernel).any(|(&a, &k)| a != k as i64) {
-            return Err(invalid(format!("kernel_shape {attr:?} disagrees with the weight's kernel extents {kernel:?}")));
-        }
+    if let Some(attr) = ctx.attr_ints("kernel_shape")?
+        && (attr.len() != kernel.len() || attr.iter().zip(kernel).any(|(&a, &k)| a != k as i64))
+    {
+        return Err(invalid(format!("kernel_shape {attr:?} disagrees with the weight's kernel extents {kernel:?}")));
     }
     Ok(())
 }
