@@ -107,7 +107,7 @@ pub struct ModelInfo {
     pub state_tensors: *const TensorDesc,
 }
 
-/// `const cnnc_model_info* cnnc_model_info(void)`
+/// `const cnnc_model_desc* cnnc_model_info(void)`
 pub type ModelInfoFn = unsafe extern "C" fn() -> *const ModelInfo;
 
 /// `int32_t cnnc_infer(const cnnc_host*, const void* const* inputs, void* const* outputs, void* workspace)`
@@ -161,7 +161,7 @@ typedef struct cnnc_hyper {
     uint64_t step;
 } cnnc_hyper;
 
-typedef struct cnnc_model_info {
+typedef struct cnnc_model_desc {
     uint32_t abi_version;
     uint32_t num_inputs, num_outputs, num_state_tensors;
     const cnnc_tensor_desc* inputs;
@@ -173,10 +173,10 @@ typedef struct cnnc_model_info {
     uint64_t entry_flags;      /* CNNC_ENTRY_* */
     uint64_t state_size;
     const cnnc_tensor_desc* state_tensors;
-} cnnc_model_info;
+} cnnc_model_desc;
 
 /* Metadata. Check abi_version == CNNC_ABI_VERSION and the CPU features first. */
-const cnnc_model_info* cnnc_model_info(void);
+const cnnc_model_desc* cnnc_model_info(void);
 
 /* Inference. Buffers are caller-owned, dense row-major; the workspace holds
  * workspace_size bytes aligned to workspace_align. Returns CNNC_STATUS_OK.

@@ -76,7 +76,7 @@ int main(void) {
     printf("host %zu %zu %zu %zu\n", sizeof(cnnc_host), offsetof(cnnc_host, parallel_for), offsetof(cnnc_host, num_threads), offsetof(cnnc_host, reserved));
     printf("desc %zu %zu %zu %zu %zu\n", sizeof(cnnc_tensor_desc), offsetof(cnnc_tensor_desc, dtype), offsetof(cnnc_tensor_desc, rank), offsetof(cnnc_tensor_desc, shape), offsetof(cnnc_tensor_desc, offset));
     printf("hyper %zu %zu\n", sizeof(cnnc_hyper), offsetof(cnnc_hyper, step));
-    printf("info %zu %zu %zu %zu %zu %zu %zu\n", sizeof(struct cnnc_model_info), offsetof(struct cnnc_model_info, inputs), offsetof(struct cnnc_model_info, workspace_size), offsetof(struct cnnc_model_info, target), offsetof(struct cnnc_model_info, entry_flags), offsetof(struct cnnc_model_info, state_size), offsetof(struct cnnc_model_info, state_tensors));
+    printf("info %zu %zu %zu %zu %zu %zu %zu\n", sizeof(struct cnnc_model_desc), offsetof(struct cnnc_model_desc, inputs), offsetof(struct cnnc_model_desc, workspace_size), offsetof(struct cnnc_model_desc, target), offsetof(struct cnnc_model_desc, entry_flags), offsetof(struct cnnc_model_desc, state_size), offsetof(struct cnnc_model_desc, state_tensors));
     return 0;
 }
 "#;

@@ -34,14 +34,14 @@ static const uint64_t state_shape[1] = {4};
 static const cnnc_tensor_desc model_state[1] = {
     {"w", CNNC_DTYPE_F32, 1, state_shape, @STATE_OFFSET@},
 };
-static const struct cnnc_model_info model_info = {
+static const struct cnnc_model_desc model_info = {
     @ABI_VERSION@, 2, 1, 1, model_inputs, model_outputs,
     @WORKSPACE_SIZE@, @WORKSPACE_ALIGN@,
     "@TARGET@", "@CPU_FEATURES@", "fake_add", @ENTRY_FLAGS@,
     32, model_state,
 };
 
-const struct cnnc_model_info* cnnc_model_info(void) { return &model_info; }
+const struct cnnc_model_desc* cnnc_model_info(void) { return &model_info; }
 
 struct add_ctx { const float* a; float b; float* out; float* scratch; };
 
@@ -162,9 +162,9 @@ pub fn write_header(dir: &Path) {
 /// the function `cnnc_model_info` share C's ordinary identifier namespace.
 pub fn patch_header(header: &str) -> String {
     header
-        .replace("typedef struct cnnc_model_info {", "struct cnnc_model_info {")
+        .replace("typedef struct cnnc_model_desc {", "struct cnnc_model_desc {")
         .replace("} cnnc_model_info;", "};")
-        .replace("const cnnc_model_info* cnnc_model_info(void);", "const struct cnnc_model_info* cnnc_model_info(void);")
+        .replace("const cnnc_model_info* cnnc_model_info(void);", "const struct cnnc_model_desc* cnnc_model_info(void);")
 }
 
 /// Compiles a C translation unit including `header` with warnings as errors.

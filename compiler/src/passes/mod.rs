@@ -1,0 +1,52 @@
+//! Graph-to-graph passes. A pipeline is a plain list of passes; the verifier runs
+//! after every one, so a pass that breaks an invariant is named at once.
+
+use cnnc_ir::Graph;
+
+pub mod eliminate_dead_code;
+pub mod fold_constants;
+pub mod merge_reshapes;
+
+/// One named rewrite of the whole graph.
+pub struct Pass {
+    pub name: &'static str,
+    /// What the pass does, for `cnnc dump --list-passes`.
+    pub summary: &'static str,
+    pub run: fn(&mut Graph) -> Result<(), String>,
+}
+
+/// The inference pipeline, in order.
+pub fn inference_pipeline() -> Vec<Pass> {
+    vec![fold_constants::PASS, merge_reshapes::PASS, eliminate_dead_code::PASS]
+}
+
+/// A pass failed or left the graph invalid.
+#[derive(Debug)]
+pub struct PassError {
+    pub pass: &'static str,
+    pub message: String,
+}
+
+impl std::fmt::Display for PassError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "internal error in pass `{}`: {}", self.pass, self.message)
+    }
+}
+
+impl std::error::Error for PassError {}
+
+/// Runs `passes` in order, verifying after each and calling `observe(pass name, graph)`
+/// after it (dumps use this; the verifier has already accepted the graph by then).
+pub fn run_pipeline(
+    g: &mut Graph,
+    passes: &[Pass],
+    mut observe: impl FnMut(&str, &Graph),
+) -> Result<(), PassError> {
+    cnnc_ir::verify::verify(g).map_err(|e| PassError { pass: "frontend", message: e.to_string() })?;
+    for p in passes {
+        (p.run)(g).map_err(|message| PassError { pass: p.name, message })?;
+        cnnc_ir::verify::verify(g).map_err(|e| PassError { pass: p.name, message: e.to_string() })?;
+        observe(p.name, g);
+    }
+    Ok(())
+}
