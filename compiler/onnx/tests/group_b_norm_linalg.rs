@@ -240,3 +240,56 @@ fn matmul_and_gemm_refusals() {
         .load_error(&[("y", DType::F32)]);
     assert_invalid(&e, "A must be a matrix");
 }
+
+#[test]
+fn layer_normalization_with_statistics_outputs() {
+    let out = Case::new(17)
+        .input("x", wave(&[2, 3, 4], 0))
+        .init("s", wave(&[3, 4], 1))
+        .init("b", wave(&[3, 4], 2))
+        .node("LayerNormalization", &["x", "s", "b"], &["y", "mean", "inv_std"], vec![attr::int("axis", 1), attr::float("epsilon", 1e-3)])
+        .run(&[("y", DType::F32), ("mean", DType::F32), ("inv_std", DType::F32)]);
+    let y = [
+        1.949038, 4.3243, 1.313626, 0.2286525, 0.08737969, 0.8898075, 2.635936, 1.075765, 0.8471124, 0.07670593, 0.25, 1.366995,
+        2.218846, 4.766312, 0.7308965, -0.08710504, 0.01274798, 1.030456, 2.966018, -5.365467, 0.3562455, -0.1558045, 0.25,
+        1.573659,
+    ];
+    assert_close(&out[0], &f32s(&[2, 3, 4], &y));
+    assert_close(&out[1], &f32s(&[2, 1, 1], &[-0.08333334, 0.0625]));
+    assert_close(&out[2], &f32s(&[2, 1, 1], &[0.838845, 0.8158707]));
+}
+
+fn group_norm(opset: i64, scale: Tensor, bias: Tensor) -> Tensor {
+    Case::new(opset)
+        .input("x", wave(&[2, 4, 3], 0))
+        .init("s", scale)
+        .init("b", bias)
+        .node("GroupNormalization", &["x", "s", "b"], &["y"], vec![attr::int("num_groups", 2), attr::float("epsilon", 1e-2)])
+        .run_y()
+}
+
+#[test]
+fn group_normalization_per_channel_and_per_group_parameters() {
+    let per_channel = group_norm(21, f32s(&[4], &[1.0, 2.0, 3.0, 4.0]), f32s(&[4], &[0.0, 0.5, -0.5, 1.0]));
+    let want = [
+        0.8057735, 1.436379, -1.506446, -1.251682, 0.009529167, 1.27074, 1.91732, 3.809137, -5.019339, -2.503363, 0.01905833,
+        2.54148, 0.8057735, 1.436379, -1.506446, -1.251682, 0.009529167, 1.27074, 3.578331, -4.986164, -3.150915, -0.08755498,
+        2.359444, 4.806442,
+    ];
+    assert_close(&per_channel, &f32s(&[2, 4, 3], &want));
+    // Opset 18: one scale and bias per group.
+    let per_group = group_norm(18, f32s(&[2], &[2.0, -1.0]), f32s(&[2], &[0.25, 0.75]));
+    let want = [
+        1.861547, 3.122758, -2.762892, -1.501682, -0.2404708, 1.02074, -0.05577351, -0.6863789, 2.256446, 1.625841, 0.9952354,
+        0.3646301, 1.861547, 3.122758, -2.762892, -1.501682, -0.2404708, 1.02074, -0.6094437, 2.245388, 1.633638, 1.021889,
+        0.4101391, -0.2016106,
+    ];
+    assert_close(&per_group, &f32s(&[2, 4, 3], &want));
+    let e = Case::new(21)
+        .input("x", wave(&[2, 4, 3], 0))
+        .init("s", f32s(&[4], &[1.0; 4]))
+        .init("b", f32s(&[4], &[0.0; 4]))
+        .node("GroupNormalization", &["x", "s", "b"], &["y"], vec![attr::int("num_groups", 3)])
+        .load_error(&[("y", DType::F32)]);
+    assert_invalid(&e, "num_groups 3");
+}

@@ -18,7 +18,7 @@ const SUITES: &[&str] = &["/work/shared/onnx-node", "/work/shared/onnx-pytorch"]
 /// A case runs when one of its nodes is one of these.
 const OPS: &[&str] = &[
     "Conv", "ConvTranspose", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "BatchNormalization",
-    "InstanceNormalization", "LRN", "Gemm", "MatMul", "Softmax", "LogSoftmax", "ReduceSum", "ReduceMean", "ReduceMax",
+    "InstanceNormalization", "LayerNormalization", "GroupNormalization", "LRN", "Gemm", "MatMul", "Softmax", "LogSoftmax", "ReduceSum", "ReduceMean", "ReduceMax",
     "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp", "ArgMax",
     "ArgMin", "Resize", "Upsample", "NegativeLogLikelihoodLoss", "SoftmaxCrossEntropyLoss", "GatherElements",
 ];

@@ -111,6 +111,8 @@ pub fn lookup(op_type: &str) -> Option<Lowering> {
         // norm.rs
         "BatchNormalization" => norm::batch_normalization,
         "InstanceNormalization" => norm::instance_normalization,
+        "LayerNormalization" => norm::layer_normalization,
+        "GroupNormalization" => norm::group_normalization,
         "LRN" => norm::lrn,
         // linalg.rs
         "Gemm" => linalg::gemm,

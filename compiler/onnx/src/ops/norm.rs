@@ -1,9 +1,9 @@
-//! BatchNormalization, InstanceNormalization, LRN.
+//! BatchNormalization, InstanceNormalization, LayerNormalization, GroupNormalization, LRN.
 
 use cnnc_ir::{BinaryFn, Op, PoolAttrs, PoolKind, ReduceKind, Tensor, TensorType, UnaryFn, ValueId};
 
 use super::compose::{binary, drop_axes, reduce_keep, require_f32, unary};
-use crate::ctx::{LowerResult, NodeCtx, invalid, unsupported};
+use crate::ctx::{LowerResult, NodeCtx, invalid, normalize_axis, unsupported};
 
 /// A BatchNormalization parameter laid out to broadcast against x [N, C, *spatial]: a [C]
 /// vector becomes [C, 1, ..., 1]; opset 6-8's per-activation form (spatial=0) already has
@@ -94,13 +94,7 @@ fn batch_normalization_training(ctx: &mut NodeCtx, x: ValueId, x_shape: &[usize]
         }
     }
     let axes: Vec<usize> = (0..x_shape.len()).filter(|&a| a != 1).collect();
-    let mean = reduce_keep(ctx, ReduceKind::Mean, x, &axes)?;
-    let centered = binary(ctx, BinaryFn::Sub, x, mean)?;
-    let squared = binary(ctx, BinaryFn::Mul, centered, centered)?;
-    let var = reduce_keep(ctx, ReduceKind::Mean, squared, &axes)?;
-    let var_eps = unary(ctx, UnaryFn::Affine { scale: 1.0, shift: epsilon as f32 }, var)?;
-    let std = unary(ctx, UnaryFn::Sqrt, var_eps)?;
-    let normalized = binary(ctx, BinaryFn::Div, centered, std)?;
+    let Standardized { normalized, mean, var, .. } = standardize(ctx, x, &axes, epsilon as f32)?;
     let s = channel_param(ctx, s, x_shape, "scale")?;
     let b = channel_param(ctx, b, x_shape, "B")?;
     let scaled = binary(ctx, BinaryFn::Mul, normalized, s)?;
@@ -116,6 +110,26 @@ fn batch_normalization_training(ctx: &mut NodeCtx, x: ValueId, x_shape: &[usize]
         }
     }
     Ok(outputs)
+}
+
+/// x standardised over `axes`: (x − mean) / sqrt(var + ε), with the (biased) statistics
+/// kept as extent-1 axes.
+struct Standardized {
+    normalized: ValueId,
+    mean: ValueId,
+    var: ValueId,
+    std: ValueId,
+}
+
+fn standardize(ctx: &mut NodeCtx, x: ValueId, axes: &[usize], epsilon: f32) -> LowerResult<Standardized> {
+    let mean = reduce_keep(ctx, ReduceKind::Mean, x, axes)?;
+    let centered = binary(ctx, BinaryFn::Sub, x, mean)?;
+    let squared = binary(ctx, BinaryFn::Mul, centered, centered)?;
+    let var = reduce_keep(ctx, ReduceKind::Mean, squared, axes)?;
+    let var_eps = unary(ctx, UnaryFn::Affine { scale: 1.0, shift: epsilon }, var)?;
+    let std = unary(ctx, UnaryFn::Sqrt, var_eps)?;
+    let normalized = binary(ctx, BinaryFn::Div, centered, std)?;
+    Ok(Standardized { normalized, mean, var, std })
 }
 
 /// y = s·(x − mean) / sqrt(var + ε) + b with mean and (biased) variance over the spatial
@@ -135,13 +149,7 @@ pub fn instance_normalization(ctx: &mut NodeCtx) -> LowerResult<Vec<ValueId>> {
         }
     }
     let axes: Vec<usize> = (2..x_shape.len()).collect();
-    let mean = reduce_keep(ctx, ReduceKind::Mean, x, &axes)?;
-    let centered = binary(ctx, BinaryFn::Sub, x, mean)?;
-    let squared = binary(ctx, BinaryFn::Mul, centered, centered)?;
-    let var = reduce_keep(ctx, ReduceKind::Mean, squared, &axes)?;
-    let var_eps = unary(ctx, UnaryFn::Affine { scale: 1.0, shift: epsilon }, var)?;
-    let std = unary(ctx, UnaryFn::Sqrt, var_eps)?;
-    let normalized = binary(ctx, BinaryFn::Div, centered, std)?;
+    let normalized = standardize(ctx, x, &axes, epsilon)?.normalized;
     let s = channel_param(ctx, s, &x_shape, "scale")?;
     let b = channel_param(ctx, b, &x_shape, "B")?;
     let scaled = binary(ctx, BinaryFn::Mul, normalized, s)?;
@@ -182,4 +190,72 @@ pub fn lrn(ctx: &mut NodeCtx) -> LowerResult<Vec<ValueId>> {
     let base = unary(ctx, UnaryFn::Affine { scale: alpha, shift: bias }, averaged)?;
     let denominator = if beta == 1.0 { base } else { unary(ctx, UnaryFn::PowConst { exponent: beta }, base)? };
     Ok(vec![binary(ctx, BinaryFn::Div, x, denominator)?])
+}
+
+/// LayerNormalization (opset 17): x standardised over axes [axis, rank), times Scale, plus B
+/// (both broadcast against those axes); optional outputs Mean and InvStdDev with the
+/// normalised axes kept as 1.
+pub fn layer_normalization(ctx: &mut NodeCtx) -> LowerResult<Vec<ValueId>> {
+    let x = ctx.input(0)?;
+    let x_shape = ctx.shape(x);
+    require_f32(ctx, x, "LayerNormalization")?;
+    let axis = normalize_axis(ctx.attr_int("axis", -1)?, x_shape.len())?;
+    let epsilon = ctx.attr_float("epsilon", 1e-5)?;
+    let axes: Vec<usize> = (axis..x_shape.len()).collect();
+    let Standardized { normalized, mean, std, .. } = standardize(ctx, x, &axes, epsilon)?;
+    let scale = ctx.input(1)?;
+    let mut y = binary(ctx, BinaryFn::Mul, normalized, scale)?;
+    if let Some(b) = ctx.opt_input(2) {
+        y = binary(ctx, BinaryFn::Add, y, b)?;
+    }
+    if ctx.shape(y) != x_shape {
+        return Err(invalid(format!("Scale/B do not broadcast to the normalised axes of {x_shape:?} without changing its shape")));
+    }
+    let mut outputs = vec![y, mean];
+    if ctx.node.output.len() > 2 {
+        outputs.push(unary(ctx, UnaryFn::Reciprocal, std)?);
+    }
+    Ok(outputs)
+}
+
+/// GroupNormalization: x [N, C, *spatial] standardised over each group of C/num_groups
+/// channels (and all spatial positions), then scaled and shifted per channel. Opset 18-20
+/// gave scale and bias one entry per group, opset 21 one per channel; either shape is
+/// accepted.
+pub fn group_normalization(ctx: &mut NodeCtx) -> LowerResult<Vec<ValueId>> {
+    let x = ctx.input(0)?;
+    let x_shape = ctx.shape(x);
+    if x_shape.len() < 2 {
+        return Err(invalid(format!("input must be [N, C, ...], got {x_shape:?}")));
+    }
+    require_f32(ctx, x, "GroupNormalization")?;
+    let epsilon = ctx.attr_float("epsilon", 1e-5)?;
+    let groups = ctx.attr_int_opt("num_groups")?;
+    let groups = ctx.required("num_groups", groups)?;
+    let (n, c) = (x_shape[0], x_shape[1]);
+    let groups = usize::try_from(groups)
+        .ok()
+        .filter(|&g| g > 0 && c % g == 0)
+        .ok_or_else(|| invalid(format!("num_groups {groups} must be a positive divisor of the {c} channels")))?;
+    let per_group: usize = x_shape[2..].iter().product::<usize>() * (c / groups);
+    let grouped = ctx.reshape(x, vec![n, groups, per_group])?;
+    let normalized = standardize(ctx, grouped, &[2], epsilon)?.normalized;
+    let normalized = ctx.reshape(normalized, x_shape.clone())?;
+    let mut y = normalized;
+    for (i, what, op) in [(1, "scale", BinaryFn::Mul), (2, "bias", BinaryFn::Add)] {
+        let param = ctx.input(i)?;
+        let per_channel = match ctx.shape(param).as_slice() {
+            [len] if *len == c => param,
+            [len] if *len == groups => {
+                // One value per group: repeat it for each of the group's channels.
+                let column = ctx.reshape(param, vec![groups, 1])?;
+                let spread = super::layout::broadcast_to(ctx, column, vec![groups, c / groups])?;
+                ctx.reshape(spread, vec![c])?
+            }
+            other => return Err(invalid(format!("{what} has shape {other:?}; expected [{c}] or [{groups}]"))),
+        };
+        let per_channel = channel_param(ctx, per_channel, &x_shape, what)?;
+        y = binary(ctx, op, y, per_channel)?;
+    }
+    Ok(vec![y])
 }
