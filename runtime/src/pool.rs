@@ -261,18 +261,24 @@ fn worker_loop(shared: &Shared) {
     }
 }
 
-/// Polls `done` for up to `budget`; returns its last answer.
+/// Polls `done` for up to `budget`; returns its last answer. After a short busy spin it
+/// yields between polls: when the machine is oversubscribed the thread being waited
+/// for may need this core.
 fn spin_until(budget: Duration, mut done: impl FnMut() -> bool) -> bool {
+    const BUSY_POLLS: u32 = 256;
     let start = Instant::now();
     let mut polls: u32 = 0;
     loop {
         if done() {
             return true;
         }
-        std::hint::spin_loop();
-        polls = polls.wrapping_add(1);
-        // Reading the clock costs more than a poll; check it now and then.
-        if polls.is_multiple_of(64) && start.elapsed() >= budget {
+        polls = polls.saturating_add(1);
+        if polls < BUSY_POLLS {
+            std::hint::spin_loop();
+            continue;
+        }
+        std::thread::yield_now();
+        if start.elapsed() >= budget {
             return done();
         }
     }
