@@ -13,7 +13,9 @@ use cnnc_ir::{ArgKind, ConvGeometry, DType, Op, PoolAttrs, PoolKind, ReduceKind,
 use harness::{assert_close, random_f32, random_int};
 use proptest::prelude::*;
 
+/// `cases` per property unless PROPTEST_CASES asks for another number (soak runs).
 fn config(cases: u32) -> ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(cases);
     ProptestConfig { cases, max_shrink_iters: 200, ..ProptestConfig::default() }
 }
 

@@ -1,17 +1,22 @@
 //! Direct convolution (`Op::Conv`) over any number of spatial axes, f32.
 //!
 //! Loop nest: batch, group, blocks of up to 4 output channels, then the output
-//! positions axis by axis. Each axis is split into window segments (see
-//! `compute::window`) so that every tap range is a compile-time constant and no
-//! bounds are tested. Along the innermost axis a tile holds, per output channel of
-//! the block, up to four f32x4 accumulators over consecutive output positions; the
-//! accumulators stay in registers across the whole reduction (input channels, then
-//! kernel taps, the innermost kernel axis unrolled). Leftover positions use one-vector
-//! and then scalar tiles. 1x1 convolutions without stride or padding are run as one
+//! positions axis by axis. Outer axes are split into window segments (see
+//! `compute::window`) so their tap ranges are compile-time constants. Along the
+//! innermost axis a tile holds, per output channel of the block, up to four f32x4
+//! accumulators over consecutive output positions, kept in registers across the
+//! whole reduction: kernel taps outside, the group's input channels innermost (one
+//! tap per loop body). Interior tiles run in a loop without bounds checks; the few
+//! tiles at the row's edges are emitted at known positions, where each lane's tap
+//! validity is decided at compile time (invalid lanes read as zero) and stores past
+//! the row end are dropped. 1x1 convolutions without stride or padding run as one
 //! flat spatial axis, which makes them a plain matrix product.
 
 use cnnc_ir::{ConvGeometry, DType, Op};
-use cranelift_codegen::ir::{InstBuilder, Value, types::F32};
+use cranelift_codegen::ir::{
+    InstBuilder, Value,
+    types::{F32, F32X4},
+};
 use cranelift_frontend::FunctionBuilder;
 
 use super::compute::window::{AxisWindow, Segment};
@@ -87,19 +92,13 @@ struct ChannelBlock {
     bias: Option<Value>,
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Width {
-    Vectors(usize),
-    Scalar,
-}
-
-impl Width {
-    fn positions(self) -> usize {
-        match self {
-            Width::Vectors(n) => n * LANES,
-            Width::Scalar => 1,
-        }
-    }
+/// A register tile along the innermost axis.
+#[derive(Clone, Copy)]
+struct Tile {
+    vectors: usize,
+    /// First position of an edge tile (emitted at a known position, lanes checked at
+    /// compile time); None for interior tiles, whose lanes all read inside the input.
+    edge: Option<usize>,
 }
 
 fn row_major_strides(shape: &[usize]) -> Vec<usize> {
@@ -215,72 +214,99 @@ impl ConvPlan {
     /// window origin of the enclosing axes' positions (it may lie outside the buffer,
     /// never dereferenced there); `taps` holds the tap ranges fixed by those axes.
     fn emit_positions(&self, b: &mut FunctionBuilder, cb: &ChannelBlock, axis: usize, x_origin: Value, y: Value, taps: &mut Vec<(usize, usize)>) {
+        if axis + 1 == self.axes.len() {
+            self.emit_row(b, cb, x_origin, y, taps);
+            return;
+        }
         let a = self.axes[axis];
         let in_stride = Self::bytes(self.in_strides[axis]);
         let out_stride = Self::bytes(self.out_strides[axis]);
-        let innermost = axis + 1 == self.axes.len();
         for seg in &self.segments[axis] {
             let x0 = offset_ptr(b, x_origin, a.origin(seg.start) * in_stride);
             let y0 = offset_ptr(b, y, seg.start as i64 * out_stride);
             taps.push((seg.tap_begin, seg.tap_end));
-            if !innermost {
-                counted_loop(b, seg.count, vec![x0, y0], |b, _, c| {
-                    self.emit_positions(b, cb, axis + 1, c[0], c[1], taps);
-                    vec![b.ins().iadd_imm_s(c[0], a.stride as i64 * in_stride), b.ins().iadd_imm_s(c[1], out_stride)]
-                });
-            } else {
-                let vectors = vectors_per_channel(cb.channels);
-                let mut widths = vec![Width::Vectors(vectors)];
-                if vectors > 1 {
-                    widths.push(Width::Vectors(1));
-                }
-                widths.push(Width::Scalar);
-                let mut cursors = vec![x0, y0];
-                let mut left = seg.count;
-                for width in widths {
-                    let step = width.positions();
-                    let (c, rest) = tiled_loop(b, left, step, cursors, |b, _, c| {
-                        self.emit_tile(b, cb, width, c[0], c[1], taps);
-                        vec![
-                            b.ins().iadd_imm_s(c[0], (step * a.stride) as i64 * F32_BYTES),
-                            b.ins().iadd_imm_s(c[1], step as i64 * F32_BYTES),
-                        ]
-                    });
-                    cursors = c;
-                    left = rest;
-                }
-            }
+            counted_loop(b, seg.count, vec![x0, y0], |b, _, c| {
+                self.emit_positions(b, cb, axis + 1, c[0], c[1], taps);
+                vec![b.ins().iadd_imm_s(c[0], a.stride as i64 * in_stride), b.ins().iadd_imm_s(c[1], out_stride)]
+            });
             taps.pop();
         }
     }
 
-    /// One register tile: `cb.channels` output channels × `width` positions.
-    fn emit_tile(&self, b: &mut FunctionBuilder, cb: &ChannelBlock, width: Width, x_origin: Value, y: Value, taps: &[(usize, usize)]) {
-        let lanes_per_channel = match width {
-            Width::Vectors(n) => n,
-            Width::Scalar => 1,
+    /// The innermost axis: edge tiles at compile-time positions (per-lane tap
+    /// validity, partial stores) around a loop of interior tiles that need no checks.
+    fn emit_row(&self, b: &mut FunctionBuilder, cb: &ChannelBlock, x_origin: Value, y: Value, taps: &[(usize, usize)]) {
+        let a = self.axes[self.axes.len() - 1];
+        let out = a.output;
+        let vectors = vectors_per_channel(cb.channels);
+        let width = vectors * LANES;
+        let (lo, hi) = self.segments[self.axes.len() - 1]
+            .iter()
+            .find(|s| s.tap_begin == 0 && s.tap_end == a.kernel)
+            .map_or((0, 0), |s| (s.start, s.start + s.count));
+        let at = |b: &mut FunctionBuilder, p: usize| {
+            (offset_ptr(b, x_origin, a.origin(p) * F32_BYTES), offset_ptr(b, y, Self::bytes(p)))
         };
-        let mut accs = Vec::with_capacity(cb.channels * lanes_per_channel);
+        let mut p = 0;
+        while p < lo.min(out) {
+            let (xp, yp) = at(b, p);
+            self.emit_tile(b, cb, Tile { vectors: 1, edge: Some(p) }, xp, yp, taps);
+            p += LANES;
+        }
+        if hi > p {
+            let (xp, yp) = at(b, p);
+            let tiles = (hi - p) / width;
+            counted_loop(b, tiles, vec![xp, yp], |b, _, c| {
+                self.emit_tile(b, cb, Tile { vectors, edge: None }, c[0], c[1], taps);
+                vec![b.ins().iadd_imm_s(c[0], Self::bytes(width * a.stride)), b.ins().iadd_imm_s(c[1], Self::bytes(width))]
+            });
+            p += tiles * width;
+        }
+        while p < out {
+            let tile_vectors = ((out - p) / LANES).clamp(1, vectors);
+            let (xp, yp) = at(b, p);
+            self.emit_tile(b, cb, Tile { vectors: tile_vectors, edge: Some(p) }, xp, yp, taps);
+            p += tile_vectors * LANES;
+        }
+    }
+
+    /// Lane `e` of vector `v` of an edge tile at `p0`: whether it is an output and tap
+    /// `t` reads inside the input.
+    fn lane_valid(&self, p0: usize, lane: usize, t: usize) -> bool {
+        let a = self.axes[self.axes.len() - 1];
+        let q = p0 + lane;
+        let i = a.origin(q) + (t * a.dilation) as i64;
+        q < a.output && i >= 0 && i < a.input as i64
+    }
+
+    /// One register tile: `cb.channels` output channels × `tile.vectors` f32x4 of
+    /// consecutive positions.
+    fn emit_tile(&self, b: &mut FunctionBuilder, cb: &ChannelBlock, tile: Tile, x_origin: Value, y: Value, taps: &[(usize, usize)]) {
+        let mut accs = Vec::with_capacity(cb.channels * tile.vectors);
         for r in 0..cb.channels {
             let init = match cb.bias {
                 Some(p) => {
                     let v = load(b, F32, weight(scalar_flags()), p, Self::bytes(r));
-                    if width == Width::Scalar { v } else { b.ins().splat(cranelift_codegen::ir::types::F32X4, v) }
+                    b.ins().splat(F32X4, v)
                 }
-                None if width == Width::Scalar => b.ins().f32const(0.0),
                 None => splat_f32(b, 0.0),
             };
-            accs.extend(std::iter::repeat_n(init, lanes_per_channel));
+            accs.extend(std::iter::repeat_n(init, tile.vectors));
         }
-        let done = self.emit_taps(b, cb, width, 0, x_origin, cb.w, accs, taps);
-        let accs = &done;
+        let accs = self.emit_taps(b, cb, tile, 0, x_origin, cb.w, accs, taps);
+        let out = self.axes[self.axes.len() - 1].output;
         for r in 0..cb.channels {
-            for v in 0..lanes_per_channel {
-                let acc = accs[r * lanes_per_channel + v];
+            for v in 0..tile.vectors {
+                let acc = accs[r * tile.vectors + v];
                 let offset = Self::bytes(r * self.out_plane + v * LANES);
-                match width {
-                    Width::Vectors(_) => store(b, vector_flags(), acc, y, offset),
-                    Width::Scalar => store(b, scalar_flags(), acc, y, offset),
+                let lanes = tile.edge.map_or(LANES, |p0| out.saturating_sub(p0 + v * LANES).min(LANES));
+                if lanes == LANES {
+                    store(b, vector_flags(), acc, y, offset);
+                } else {
+                    for e in 0..lanes {
+                        let x = b.ins().extractlane(acc, e as u8);
+                        store(b, scalar_flags(), x, y, offset + Self::bytes(e));
+                    }
                 }
             }
         }
@@ -295,7 +321,7 @@ impl ConvPlan {
         &self,
         b: &mut FunctionBuilder,
         cb: &ChannelBlock,
-        width: Width,
+        tile: Tile,
         axis: usize,
         x: Value,
         w: Value,
@@ -303,24 +329,35 @@ impl ConvPlan {
         taps: &[(usize, usize)],
     ) -> Vec<Value> {
         let a = self.axes[axis];
-        let (begin, end) = taps[axis];
         let x_tap = Self::bytes(a.dilation * self.in_strides[axis]);
         let w_tap = Self::bytes(self.kernel_strides[axis]);
         let innermost = axis + 1 == self.axes.len();
-        let inputs_per_tap = match width {
-            Width::Vectors(n) => n,
-            Width::Scalar => 1,
-        };
+        if innermost {
+            if let Some(p0) = tile.edge {
+                // Every tap some lane reads, with its per-lane validity.
+                let mut accs = accs;
+                for t in 0..a.kernel {
+                    let valid: Vec<bool> = (0..tile.vectors * LANES).map(|lane| self.lane_valid(p0, lane, t)).collect();
+                    if valid.iter().any(|&v| v) {
+                        let xt = offset_ptr(b, x, t as i64 * x_tap);
+                        let wt = offset_ptr(b, w, t as i64 * w_tap);
+                        accs = self.emit_channels(b, cb, tile, xt, wt, accs, Some(&valid));
+                    }
+                }
+                return accs;
+            }
+        }
+        let (begin, end) = if innermost { (0, a.kernel) } else { taps[axis] };
         // Unrolled taps share a block when there is no channel loop to separate them.
         let unroll = innermost
             && end - begin <= UNROLL_TAPS
-            && (self.in_per_group > 1 || (end - begin) * inputs_per_tap <= MAX_LIVE_INPUTS);
+            && (self.in_per_group > 1 || (end - begin) * tile.vectors <= MAX_LIVE_INPUTS);
         if unroll {
             let mut accs = accs;
             for t in begin..end {
                 let xt = offset_ptr(b, x, t as i64 * x_tap);
                 let wt = offset_ptr(b, w, t as i64 * w_tap);
-                accs = self.emit_channels(b, cb, width, xt, wt, accs);
+                accs = self.emit_channels(b, cb, tile, xt, wt, accs, None);
             }
             return accs;
         }
@@ -330,9 +367,9 @@ impl ConvPlan {
         carried.extend(accs);
         let done = counted_loop(b, end - begin, carried, |b, _, c| {
             let accs = if innermost {
-                self.emit_channels(b, cb, width, c[0], c[1], c[2..].to_vec())
+                self.emit_channels(b, cb, tile, c[0], c[1], c[2..].to_vec(), None)
             } else {
-                self.emit_taps(b, cb, width, axis + 1, c[0], c[1], c[2..].to_vec(), taps)
+                self.emit_taps(b, cb, tile, axis + 1, c[0], c[1], c[2..].to_vec(), taps)
             };
             let mut next = vec![b.ins().iadd_imm_s(c[0], x_tap), b.ins().iadd_imm_s(c[1], w_tap)];
             next.extend(accs);
@@ -341,22 +378,25 @@ impl ConvPlan {
         done[2..].to_vec()
     }
 
-    /// One tap over every input channel of the group.
+    /// One tap over every input channel of the group; `valid` marks the lanes that read
+    /// inside the input (None: all).
+    #[allow(clippy::too_many_arguments)]
     fn emit_channels(
         &self,
         b: &mut FunctionBuilder,
         cb: &ChannelBlock,
-        width: Width,
+        tile: Tile,
         x: Value,
         w: Value,
         accs: Vec<Value>,
+        valid: Option<&[bool]>,
     ) -> Vec<Value> {
         let in_channel_step = Self::bytes(self.in_plane);
         let w_channel_step = Self::bytes(self.kernel_size);
         let mut carried = vec![x, w];
         carried.extend(accs);
         let done = counted_loop(b, self.in_per_group, carried, |b, _, c| {
-            let accs = self.emit_tap(b, cb, width, c[0], 0, c[1], 0, c[2..].to_vec());
+            let accs = self.emit_tap(b, cb, tile, c[0], c[1], c[2..].to_vec(), valid);
             let mut next = vec![b.ins().iadd_imm_s(c[0], in_channel_step), b.ins().iadd_imm_s(c[1], w_channel_step)];
             next.extend(accs);
             next
@@ -364,36 +404,47 @@ impl ConvPlan {
         done[2..].to_vec()
     }
 
-    /// One kernel tap: loads the tile's inputs once and each channel's weight once.
+    /// One tap of one input channel: loads the tile's inputs once and each output
+    /// channel's weight once. Lanes outside the input read as zero.
     #[allow(clippy::too_many_arguments)]
     fn emit_tap(
         &self,
         b: &mut FunctionBuilder,
         cb: &ChannelBlock,
-        width: Width,
+        tile: Tile,
         x: Value,
-        x_offset: i64,
         w: Value,
-        w_offset: i64,
         mut accs: Vec<Value>,
+        valid: Option<&[bool]>,
     ) -> Vec<Value> {
         let stride = self.axes[self.axes.len() - 1].stride;
-        let inputs: Vec<Value> = match width {
-            Width::Vectors(n) => (0..n)
-                .map(|v| load_f32x4_strided(b, vector_flags(), x, x_offset + Self::bytes(v * LANES * stride), stride))
-                .collect(),
-            Width::Scalar => vec![load(b, F32, scalar_flags(), x, x_offset)],
-        };
+        let inputs: Vec<Option<Value>> = (0..tile.vectors)
+            .map(|v| {
+                let offset = Self::bytes(v * LANES * stride);
+                let lanes = valid.map_or([true; LANES], |m| [m[v * LANES], m[v * LANES + 1], m[v * LANES + 2], m[v * LANES + 3]]);
+                if lanes.iter().all(|&l| l) {
+                    Some(load_f32x4_strided(b, vector_flags(), x, offset, stride))
+                } else if lanes.iter().any(|&l| l) {
+                    let mut vec = splat_f32(b, 0.0);
+                    for (e, _) in lanes.iter().enumerate().filter(|(_, l)| **l) {
+                        let s = load(b, F32, scalar_flags(), x, offset + Self::bytes(e * stride));
+                        vec = b.ins().insertlane(vec, s, e as u8);
+                    }
+                    Some(vec)
+                } else {
+                    None
+                }
+            })
+            .collect();
         let w_channel = Self::bytes(self.in_per_group * self.kernel_size);
         for r in 0..cb.channels {
-            let scalar = load(b, F32, weight(scalar_flags()), w, w_offset + r as i64 * w_channel);
-            let wv = match width {
-                Width::Vectors(_) => b.ins().splat(cranelift_codegen::ir::types::F32X4, scalar),
-                Width::Scalar => scalar,
-            };
-            for (v, &input) in inputs.iter().enumerate() {
-                let i = r * inputs.len() + v;
-                accs[i] = mul_add(b, accs[i], input, wv);
+            let scalar = load(b, F32, weight(scalar_flags()), w, r as i64 * w_channel);
+            let wv = b.ins().splat(F32X4, scalar);
+            for (v, input) in inputs.iter().enumerate() {
+                if let Some(input) = *input {
+                    let i = r * tile.vectors + v;
+                    accs[i] = mul_add(b, accs[i], input, wv);
+                }
             }
         }
         accs
