@@ -28,20 +28,6 @@ fn c_header_compiles_as_cxx() {
     }
 }
 
-/// The workaround the fake models use is itself valid C and C++.
-#[test]
-fn patched_header_compiles() {
-    if !have_cc("patched_header_compiles") {
-        return;
-    }
-    let dir = TempDir::new("header-patched");
-    let patched = common::patch_header(abi::C_HEADER);
-    common::header_compiles(dir.path(), &patched).unwrap_or_else(|e| panic!("{e}"));
-    if common::have_cxx() {
-        common::header_compiles_as_cxx(dir.path(), &patched).unwrap_or_else(|e| panic!("{e}"));
-    }
-}
-
 #[test]
 fn header_constants_match_the_rust_declarations() {
     let expect = [
