@@ -88,6 +88,17 @@ impl JitModel {
         unsafe { &*(self.model_info)() }
     }
 
+    /// Calls `cnnc_infer` on caller-prepared buffers (benchmarks: no conversion).
+    ///
+    /// # Safety
+    /// One pointer per graph input and output, each to a buffer of the value's byte
+    /// size; `workspace` 64-byte aligned with `workspace_size()` bytes.
+    pub unsafe fn infer_raw(&self, inputs: &[*const c_void], outputs: &[*mut c_void], workspace: *mut c_void) -> i32 {
+        assert!(inputs.len() == self.input_types.len() && outputs.len() == self.output_types.len());
+        // SAFETY: the caller upholds the buffer contract.
+        unsafe { (self.infer)(std::ptr::null(), inputs.as_ptr(), outputs.as_ptr(), workspace) }
+    }
+
     /// Runs inference on the calling thread. Inputs must match the graph's input types.
     pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, CodegenError> {
         if inputs.len() != self.input_types.len() {

@@ -177,7 +177,16 @@ fn define<M: Module>(module: &mut M, id: FuncId, ctx: &mut Context, what: &str) 
             )));
         }
     }
-    module.define_function(id, ctx).map_err(|e| match e {
+    // CNNC_DISASM=1 prints every function's machine code (for kernel tuning).
+    let disasm = std::env::var_os("CNNC_DISASM").is_some();
+    ctx.set_disasm(disasm);
+    let result = module.define_function(id, ctx);
+    if disasm {
+        if let Some(code) = ctx.compiled_code().and_then(|c| c.vcode.as_ref()) {
+            eprintln!("; {what}\n{code}");
+        }
+    }
+    result.map_err(|e| match e {
         cranelift_module::ModuleError::Compilation(inner) => CodegenError(format!(
             "{what}: {}",
             cranelift_codegen::print_errors::pretty_error(&ctx.func, inner)
