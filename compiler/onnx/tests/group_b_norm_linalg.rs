@@ -293,3 +293,29 @@ fn group_normalization_per_channel_and_per_group_parameters() {
         .load_error(&[("y", DType::F32)]);
     assert_invalid(&e, "num_groups 3");
 }
+
+#[test]
+fn batch_norm_training_mode_can_be_lowered_with_running_statistics() {
+    use cnnc_onnx::ctx::{GraphBuilder, NodeCtx};
+    use cnnc_onnx::ops::norm::{BatchStatistics, batch_normalization_with};
+    let mut builder = GraphBuilder::new("t");
+    let x = builder.graph.add_input(cnnc_ir::TensorType::f32(vec![2, 3, 2, 2]), "x");
+    let params: Vec<_> = bn_params().into_iter().map(|t| Some(builder.constant("p", t))).collect();
+    let node = cnnc_onnx::node(
+        "bn",
+        "BatchNormalization",
+        &["x", "s", "b", "m", "v"],
+        &["y", "running_mean", "running_var"],
+        vec![attr::float("epsilon", 1e-3), attr::int("training_mode", 1)],
+    );
+    let mut inputs = vec![Some(x)];
+    inputs.extend(params.iter().copied());
+    let mut ctx = NodeCtx { builder: &mut builder, node: &node, inputs, opset: 15, name: "bn".into() };
+    let outputs = batch_normalization_with(&mut ctx, BatchStatistics::Running).unwrap();
+    assert_eq!(outputs.len(), 3);
+    assert_eq!(&outputs[1..], &[params[2].unwrap(), params[3].unwrap()]);
+    let mut graph = builder.graph;
+    graph.outputs.push(outputs[0]);
+    let y = cnnc_ir::interp::run(&graph, &[wave(&[2, 3, 2, 2], 0)]).unwrap();
+    assert_close(&y[0], &f32s(&[2, 3, 2, 2], &BN_INFERENCE));
+}

@@ -22,10 +22,28 @@ fn channel_param(ctx: &mut NodeCtx, v: ValueId, x_shape: &[usize], what: &str) -
     Err(invalid(format!("{what} has shape {shape:?}; expected [{channels}] for input {x_shape:?}")))
 }
 
+/// Which statistics a BatchNormalization in training mode (opset 14+, training_mode=1)
+/// normalises with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchStatistics {
+    /// The operator's own semantics: the batch's mean and variance, with updated running
+    /// statistics as outputs 1 and 2 (what the ONNX backend tests check).
+    AsTheOperatorSays,
+    /// Always the running statistics, as an inference compile of a model exported in
+    /// training mode wants; outputs 1 and 2 pass the running statistics through unchanged.
+    Running,
+}
+
 /// y = x·scale' + shift' with scale' = s / sqrt(var + ε) and shift' = b − mean·scale'. With
 /// `training_mode` (opset 14+) the batch's own mean and biased variance normalise instead,
 /// and the running statistics come out as outputs 1 and 2.
 pub fn batch_normalization(ctx: &mut NodeCtx) -> LowerResult<Vec<ValueId>> {
+    batch_normalization_with(ctx, BatchStatistics::AsTheOperatorSays)
+}
+
+/// BatchNormalization with the choice of statistics for training-mode nodes made by the
+/// caller (the dispatch has no load option to make it from yet).
+pub fn batch_normalization_with(ctx: &mut NodeCtx, statistics: BatchStatistics) -> LowerResult<Vec<ValueId>> {
     let x = ctx.input(0)?;
     let x_shape = ctx.shape(x);
     if x_shape.len() < 2 {
@@ -33,16 +51,26 @@ pub fn batch_normalization(ctx: &mut NodeCtx) -> LowerResult<Vec<ValueId>> {
     }
     require_f32(ctx, x, "BatchNormalization")?;
     let epsilon = ctx.attr_float("epsilon", 1e-5)? as f64;
-    if ctx.opset >= 14 && ctx.attr_int("training_mode", 0)? != 0 {
+    let training = ctx.opset >= 14 && ctx.attr_int("training_mode", 0)? != 0;
+    if training && statistics == BatchStatistics::AsTheOperatorSays {
         return batch_normalization_training(ctx, x, &x_shape, epsilon);
     }
     // Opset 6-13 list optional batch-statistics outputs used only in training; inference has none.
-    if let Some(i) = (1..ctx.node.output.len()).find(|&i| !ctx.node.output[i].is_empty()) {
+    if !training && let Some(i) = (1..ctx.node.output.len()).find(|&i| !ctx.node.output[i].is_empty()) {
         return Err(unsupported(format!(
             "output {i} ('{}'): the training-only statistics outputs of BatchNormalization opset {} are not supported",
             ctx.node.output[i], ctx.opset
         )));
     }
+    let mut outputs = vec![batch_normalization_inference(ctx, x, &x_shape, epsilon)?];
+    if training {
+        outputs.extend([ctx.input(3)?, ctx.input(4)?]);
+    }
+    Ok(outputs)
+}
+
+/// Normalisation with the running statistics (inputs 3 and 4).
+fn batch_normalization_inference(ctx: &mut NodeCtx, x: ValueId, x_shape: &[usize], epsilon: f64) -> LowerResult<ValueId> {
     let [s, b, mean, var] = [ctx.input(1)?, ctx.input(2)?, ctx.input(3)?, ctx.input(4)?];
     let folded = [s, b, mean, var].map(|v| ctx.constant_value(v));
     if let [Some(s), Some(b), Some(mean), Some(var)] = &folded
@@ -50,22 +78,22 @@ pub fn batch_normalization(ctx: &mut NodeCtx) -> LowerResult<Vec<ValueId>> {
     {
         let scale = ctx.constant(scale);
         let shift = ctx.constant(shift);
-        let scale = channel_param(ctx, scale, &x_shape, "scale")?;
-        let shift = channel_param(ctx, shift, &x_shape, "B")?;
+        let scale = channel_param(ctx, scale, x_shape, "scale")?;
+        let shift = channel_param(ctx, shift, x_shape, "B")?;
         let scaled = binary(ctx, BinaryFn::Mul, x, scale)?;
-        return Ok(vec![binary(ctx, BinaryFn::Add, scaled, shift)?]);
+        return binary(ctx, BinaryFn::Add, scaled, shift);
     }
-    let s = channel_param(ctx, s, &x_shape, "scale")?;
-    let b = channel_param(ctx, b, &x_shape, "B")?;
-    let mean = channel_param(ctx, mean, &x_shape, "mean")?;
-    let var = channel_param(ctx, var, &x_shape, "var")?;
+    let s = channel_param(ctx, s, x_shape, "scale")?;
+    let b = channel_param(ctx, b, x_shape, "B")?;
+    let mean = channel_param(ctx, mean, x_shape, "mean")?;
+    let var = channel_param(ctx, var, x_shape, "var")?;
     let var_eps = unary(ctx, UnaryFn::Affine { scale: 1.0, shift: epsilon as f32 }, var)?;
     let std = unary(ctx, UnaryFn::Sqrt, var_eps)?;
     let scale = binary(ctx, BinaryFn::Div, s, std)?;
     let mean_scaled = binary(ctx, BinaryFn::Mul, mean, scale)?;
     let shift = binary(ctx, BinaryFn::Sub, b, mean_scaled)?;
     let scaled = binary(ctx, BinaryFn::Mul, x, scale)?;
-    Ok(vec![binary(ctx, BinaryFn::Add, scaled, shift)?])
+    binary(ctx, BinaryFn::Add, scaled, shift)
 }
 
 /// scale' and shift' computed in f64 from constant parameters of equal shape; None when
