@@ -289,3 +289,21 @@ fn conv_lowers_to_one_conv_node_with_bias_operand() {
     assert_eq!(convs[0].inputs.len(), 3);
     assert_eq!(g.ty(g.outputs[0]).shape, vec![1, 3, 4, 4]);
 }
+
+#[test]
+fn empty_spatial_axes_are_refused_not_panicked_on() {
+    for op in ["Conv", "ConvTranspose"] {
+        let e = Case::new(17)
+            .input("x", wave(&[1, 1, 0, 3], 0))
+            .init("w", wave(&[1, 1, 2, 2], 1))
+            .node(op, &["x", "w"], &["y"], vec![])
+            .load_error(&[("y", DType::F32)]);
+        assert_invalid(&e, "non-empty spatial axes");
+    }
+    let e = Case::new(17)
+        .input("x", wave(&[1, 1, 3, 3], 0))
+        .init("w", f32s(&[1, 1, 0, 2], &[]))
+        .node("Conv", &["x", "w"], &["y"], vec![])
+        .load_error(&[("y", DType::F32)]);
+    assert_invalid(&e, "non-empty spatial axes");
+}

@@ -217,6 +217,12 @@ fn resize_refusals() {
         .node("Resize", &["x", "", "scales", "sizes"], &["y"], vec![])
         .load_error(&outputs);
     assert_invalid(&both, "only one of scales and sizes");
+    let huge = Case::new(13)
+        .input("x", x())
+        .init("scales", f32s(&[4], &[1.0, 1.0, 1e30, 1.0]))
+        .node("Resize", &["x", "", "scales"], &["y"], vec![])
+        .load_error(&outputs);
+    assert_unsupported(&huge, "output extent");
     let linear_ints = Case::new(13)
         .input("x", Tensor::new(vec![1, 4], TensorData::I64(vec![1, 2, 3, 4])))
         .init("scales", f32s(&[2], &[1.0, 2.0]))

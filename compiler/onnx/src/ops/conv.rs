@@ -18,6 +18,9 @@ fn operands(ctx: &NodeCtx) -> LowerResult<(ValueId, ValueId, Option<ValueId>, us
     if w_shape.len() != x_shape.len() {
         return Err(invalid(format!("weight {w_shape:?} must have the input's rank {}", x_shape.len())));
     }
+    if x_shape[2..].contains(&0) || w_shape[2..].contains(&0) {
+        return Err(invalid(format!("input {x_shape:?} and weight {w_shape:?} must have non-empty spatial axes")));
+    }
     require_f32(ctx, x, &ctx.node.op_type)?;
     Ok((x, w, bias, x_shape.len() - 2))
 }

@@ -171,9 +171,15 @@ fn from_sizes(shape: &[usize], axes: &[usize], sizes: &[i64], policy: &str) -> L
     Ok(plans)
 }
 
-/// Drops axes that stay as they are (scale 1, same extent).
-fn resized_only(plans: Vec<AxisResize>) -> Vec<AxisResize> {
-    plans.into_iter().filter(|p| !((p.scale - 1.0).abs() <= 1e-9 && p.output == p.input)).collect()
+/// Tables larger than this (per axis) are refused: they come from absurd scales or sizes.
+const MAX_EXTENT: usize = 1 << 28;
+
+/// Drops axes that stay as they are (scale 1, same extent); refuses absurd extents.
+fn resized_only(plans: Vec<AxisResize>) -> LowerResult<Vec<AxisResize>> {
+    if let Some(p) = plans.iter().find(|p| p.output > MAX_EXTENT) {
+        return Err(unsupported(format!("an output extent of {} on axis {} (at most {MAX_EXTENT})", p.output, p.axis)));
+    }
+    Ok(plans.into_iter().filter(|p| !((p.scale - 1.0).abs() <= 1e-9 && p.output == p.input)).collect())
 }
 
 fn coordinates(name: &str) -> LowerResult<Coordinates> {
@@ -257,7 +263,7 @@ pub fn resize(ctx: &mut NodeCtx) -> LowerResult<Vec<ValueId>> {
         (Some(_), Some(_)) => return Err(invalid("only one of scales and sizes may be given")),
         (None, None) => return Err(invalid("one of scales and sizes must be given")),
     };
-    let plans = resized_only(plans);
+    let plans = resized_only(plans)?;
     if ctx.attr_int("antialias", 0)? != 0 && plans.iter().any(|p| p.scale < 1.0) {
         return Err(unsupported("antialias=1 when downsampling (an antialiasing filter wider than the interpolation)"));
     }
@@ -277,7 +283,7 @@ pub fn upsample(ctx: &mut NodeCtx) -> LowerResult<Vec<ValueId>> {
     };
     let interpolation = interpolation(&ctx.attr_string("mode", "nearest")?, Nearest::Legacy)?;
     let axes: Vec<usize> = (0..shape.len()).collect();
-    let plans = resized_only(from_scales(&shape, &axes, &scales)?);
+    let plans = resized_only(from_scales(&shape, &axes, &scales)?)?;
     Ok(vec![resample(ctx, x, interpolation, Coordinates::Asymmetric, &plans)?])
 }
 
