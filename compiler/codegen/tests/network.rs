@@ -92,3 +92,54 @@ fn small_cnn_matches_interpreter() {
     let model = cnnc_codegen::JitModel::compile(&g).unwrap();
     assert_eq!(model.info().kernels, 13, "one kernel per non-constant node");
 }
+
+/// A residual operand that only the epilogue reads (an input past the op's own) gives
+/// the same result as the unfused Conv → Add → Relu.
+#[test]
+fn residual_epilogue_operand_matches_unfused_graph() {
+    let mut rng = Rng(5);
+    let geo = ConvGeometry { strides: vec![1, 1], dilations: vec![1, 1], pads_begin: vec![1, 1], pads_end: vec![1, 1], groups: 1 };
+    let build = |fused: bool, rng: &mut Rng| {
+        let mut g = Graph::new(if fused { "fused" } else { "unfused" });
+        let x = g.add_input(TensorType::f32([1, 4, 7, 7]), "x");
+        let skip = g.add_input(TensorType::f32([1, 6, 7, 7]), "skip");
+        let w = constant(&mut g, rng, "w", &[6, 4, 3, 3]);
+        let b = constant(&mut g, rng, "b", &[6]);
+        let y = if fused {
+            let y = g.push1("conv", Op::Conv(geo.clone()), &[x, w, b]).unwrap();
+            let node = g.nodes.last_mut().unwrap();
+            node.inputs.push(skip);
+            node.epilogue =
+                vec![EpilogueStep::Binary { func: BinaryFn::Add, operand: 3 }, EpilogueStep::Unary(UnaryFn::Relu)];
+            y
+        } else {
+            let c = g.push1("conv", Op::Conv(geo.clone()), &[x, w, b]).unwrap();
+            let s = g.push1("add", Op::Binary(BinaryFn::Add), &[c, skip]).unwrap();
+            g.push1("relu", Op::Unary(UnaryFn::Relu), &[s]).unwrap()
+        };
+        g.outputs.push(y);
+        g
+    };
+    let fused = build(true, &mut Rng(5));
+    let unfused = build(false, &mut Rng(5));
+    cnnc_ir::verify::verify(&fused).unwrap();
+    let inputs = [
+        random_tensor(&mut rng, DType::F32, &[1, 4, 7, 7], -1.0, 1.0),
+        random_tensor(&mut rng, DType::F32, &[1, 6, 7, 7], -1.0, 1.0),
+    ];
+    let want = cnnc_ir::interp::run(&unfused, &inputs).unwrap();
+    let got = cnnc_codegen::JitModel::compile(&fused).unwrap().run(&inputs).unwrap();
+    common::check_close(&got[0], &want[0]).unwrap();
+}
+
+/// A node whose declared output disagrees with the typing rules is refused with a
+/// message, never compiled into out-of-bounds writes.
+#[test]
+fn inconsistent_nodes_are_errors() {
+    let mut g = Graph::new("bad");
+    let x = g.add_input(TensorType::f32([2, 3]), "x");
+    let y = g.add_node_typed("t", Op::Transpose { perm: vec![1, 0] }, vec![x], vec![TensorType::f32([4, 4])])[0];
+    g.outputs.push(y);
+    let err = cnnc_codegen::JitModel::compile(&g).err().expect("must be refused").to_string();
+    assert!(err.contains("node 't'") && err.contains("inconsistent"), "{err}");
+}

@@ -281,7 +281,14 @@ fn unary_f32(m: &mut Fx, f: UnaryFn, x: Value) -> Value {
             let inner = m.add(inner, x);
             let two_u = m.mulc(inner, 2.0 * (2.0 / std::f32::consts::PI).sqrt());
             let s = m.sigmoid(two_u);
-            m.mul(x, s)
+            let y = m.mul(x, s);
+            // The formula as written (and every reference) loses 1 + tanh u below the
+            // f64 epsilon, giving exactly 0 where this would give |x|·1e-17.
+            let negligible = m.cmpc(FloatCC::LessThan, two_u, -36.7);
+            let ax = m.abs(x);
+            let finite = m.cmpc(FloatCC::LessThan, ax, f32::INFINITY);
+            let flush = m.and(negligible, finite);
+            m.selc(flush, 0.0, y)
         }
         UnaryFn::Not => x,
         UnaryFn::LeakyRelu { alpha } => {

@@ -65,18 +65,46 @@ pub fn node_tables(g: &Graph, node: &Node) -> Vec<Vec<u8>> {
 
 /// Emits the node's whole computation (op, then epilogue). `tables` are the addresses
 /// of `node_tables(graph, node)`.
+///
+/// Inputs past `cnnc_ir::verify::op_input_count` are operands only the epilogue reads
+/// (a residual added after a convolution): the op's emitter sees a node without them.
+/// The node's declared output type is checked against the typing rules first, so no
+/// emitter ever trusts an inconsistent graph with its buffer sizes.
 pub fn emit_node(k: &mut KernelCtx, tables: &[Value]) -> Result<(), CodegenError> {
-    let expected_inputs = k.node.inputs.len();
-    if k.inputs.len() != expected_inputs || k.outputs.len() != k.node.outputs.len() || k.outputs.is_empty() {
+    if k.inputs.len() != k.node.inputs.len() || k.outputs.len() != k.node.outputs.len() || k.outputs.is_empty() {
         return Err(CodegenError(format!(
             "node '{}': kernel got {} inputs / {} outputs for {} / {}",
             k.node.name,
             k.inputs.len(),
             k.outputs.len(),
-            expected_inputs,
+            k.node.inputs.len(),
             k.node.outputs.len()
         )));
     }
+    let op_inputs = cnnc_ir::verify::op_input_count(k.node);
+    let in_types: Vec<&cnnc_ir::TensorType> = k.node.inputs[..op_inputs].iter().map(|&v| k.graph.ty(v)).collect();
+    let declared: Vec<cnnc_ir::TensorType> = k.node.outputs.iter().map(|&v| k.graph.ty(v).clone()).collect();
+    cnnc_ir::infer::output_types(&k.node.op, &in_types, &k.graph.constants, Some(&declared))
+        .map_err(|e| CodegenError(format!("node '{}' is inconsistent: {e}", k.node.name)))?;
+    if op_inputs < k.node.inputs.len() {
+        let mut op_node = k.node.clone();
+        op_node.inputs.truncate(op_inputs);
+        let mut op_ctx = KernelCtx {
+            b: &mut *k.b,
+            graph: k.graph,
+            node: &op_node,
+            inputs: k.inputs[..op_inputs].to_vec(),
+            outputs: k.outputs.clone(),
+        };
+        emit_op(&mut op_ctx, tables)?;
+    } else {
+        emit_op(k, tables)?;
+    }
+    elementwise::emit_epilogue(k)
+}
+
+/// The op alone, by family.
+fn emit_op(k: &mut KernelCtx, tables: &[Value]) -> Result<(), CodegenError> {
     match k.node.op.clone() {
         Op::Constant(c) => match k.graph.constants.get(c.index()).map(|x| x.value.clone()) {
             Some(ConstValue::Splat(v)) => {
@@ -112,6 +140,5 @@ pub fn emit_node(k: &mut KernelCtx, tables: &[Value]) -> Result<(), CodegenError
             Some(&t) => resample::emit(k, t),
             None => Err(CodegenError(format!("resample '{}' got no table", k.node.name))),
         },
-    }?;
-    elementwise::emit_epilogue(k)
+    }
 }
