@@ -184,3 +184,39 @@ fn bench_prints_a_median() {
     let ms: f64 = last.strip_prefix("median_ms=").expect("last line median_ms=X").parse().unwrap();
     assert!(ms > 0.0);
 }
+
+/// A model exported in training mode (BatchNormalization training_mode=1, Dropout
+/// training_mode=true) compiled for inference normalises with the running statistics
+/// and drops nothing.
+#[test]
+fn training_mode_export_compiles_with_inference_semantics() {
+    let dir = common::scratch("trainmode");
+    let mut m = ModelBuilder::new("trainmode", 15);
+    m.input("x", DType::F32, &[2, 2, 1, 3])
+        .initializer("s", &Tensor::f32(vec![2], vec![2.0, 0.5]))
+        .initializer("b", &Tensor::f32(vec![2], vec![1.0, -1.0]))
+        .initializer("mean", &Tensor::f32(vec![2], vec![0.5, -0.5]))
+        .initializer("var", &Tensor::f32(vec![2], vec![4.0, 0.25]))
+        .initializer("ratio", &Tensor::f32(vec![], vec![0.5]))
+        .initializer("training", &Tensor::new(vec![], cnnc_ir::TensorData::Bool(vec![true])))
+        .node("BatchNormalization", &["x", "s", "b", "mean", "var"], &["y", "rm", "rv"], vec![attr::int("training_mode", 1), attr::float("epsilon", 0.0)])
+        .node("Dropout", &["y", "ratio", "training"], &["z"], vec![attr::int("seed", 1)])
+        .output("z", DType::F32, &[2, 2, 1, 3]);
+    let model = dir.join("trainmode.onnx");
+    m.write(&model).unwrap();
+    let so = dir.join("trainmode.so");
+    let out = common::run_cnnc(&["compile", model.to_str().unwrap(), "-o", so.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let xs: Vec<f32> = (0..12).map(|i| i as f32 - 5.0).collect();
+    let input = dir.join("x.pb");
+    cnnc_onnx::write_tensor_pb(&input, "x", &Tensor::f32(vec![2, 2, 1, 3], xs.clone())).unwrap();
+    let out = common::run_cnnc(&["run", so.to_str().unwrap(), "--input", input.to_str().unwrap(), "--out", dir.join("r").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (_, z) = cnnc_onnx::read_tensor_pb(dir.join("r/output_0.pb")).unwrap();
+    let (s, b, mean, var) = ([2.0f32, 0.5], [1.0f32, -1.0], [0.5f32, -0.5], [4.0f32, 0.25]);
+    let want: Vec<f32> = xs.iter().enumerate().map(|(i, &x)| {
+        let c = (i / 3) % 2;
+        (x - mean[c]) / var[c].sqrt() * s[c] + b[c]
+    }).collect();
+    cnnc::compare::compare(&z, &Tensor::f32(vec![2, 2, 1, 3], want)).unwrap();
+}

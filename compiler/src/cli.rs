@@ -160,7 +160,7 @@ fn run(a: &Args) -> Result<(), Error> {
     let so = a.one_positional("OUT.so")?;
     let out_dir = PathBuf::from(a.value("--out").ok_or_else(|| usage("run needs --out DIR"))?);
     let threads = a.number("--threads")?.unwrap_or(1);
-    let model = cnnc_runtime::Model::load(&so).map_err(|e| Error::Input(format!("{}: {e}", so.display())))?;
+    let model = cnnc_runtime::Model::load(&so).map_err(|e| Error::Input(e.to_string()))?;
     let info = model.info().clone();
     let input_files = a.values("--input");
     if input_files.len() != info.inputs.len() {
@@ -304,7 +304,7 @@ fn dump(a: &Args) -> Result<(), Error> {
     if all {
         println!("# after frontend\n{}", print_with(&g, &opts));
     }
-    driver::optimize(&mut g, |name, g| {
+    driver::optimize(&mut g, &passes::TargetDesc::from_target(&TargetSpec::host()), |name, g| {
         if all {
             println!("# after {name}\n{}", print_with(g, &opts));
         } else if after == Some(name) {

@@ -37,15 +37,17 @@ impl std::fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
-/// Reads an ONNX model into IR (shapes inferred, constants folded by the frontend).
+/// Reads an ONNX model into IR for inference (shapes inferred, constants folded by the
+/// frontend; training-mode nodes take inference semantics).
 pub fn load_onnx(path: &Path, batch: Option<usize>) -> Result<Graph, Error> {
-    let opts = cnnc_onnx::LoadOptions { batch };
+    let opts = cnnc_onnx::LoadOptions { batch, inference: true };
     cnnc_onnx::load_model(path, &opts).map_err(|e| Error::Input(format!("{}: {e}", path.display())))
 }
 
-/// Runs the inference pipeline, calling `observe` after each pass.
-pub fn optimize(g: &mut Graph, observe: impl FnMut(&str, &Graph)) -> Result<(), Error> {
-    passes::run_pipeline(g, &passes::inference_pipeline(), observe).map_err(|e| Error::Failed(e.to_string()))
+/// Runs the inference pipeline for `target`, calling `observe` after each pass.
+pub fn optimize(g: &mut Graph, target: &passes::TargetDesc, observe: impl FnMut(&str, &Graph)) -> Result<(), Error> {
+    let ctx = passes::PassContext { target: target.clone() };
+    passes::run_pipeline(g, &passes::inference_pipeline(), &ctx, observe).map_err(|e| Error::Failed(e.to_string()))
 }
 
 /// What `compile_to_shared_object` did, for the one-line summary.
@@ -74,7 +76,7 @@ pub fn compile_to_shared_object(g: &Graph, target: &TargetSpec, out: &Path) -> R
 pub fn compile_file(model: &Path, batch: Option<usize>, target: &TargetSpec, out: &Path) -> Result<(Graph, CompileReport), Error> {
     let start = Instant::now();
     let mut g = load_onnx(model, batch)?;
-    optimize(&mut g, |_, _| {})?;
+    optimize(&mut g, &passes::TargetDesc::from_target(target), |_, _| {})?;
     let mut report = compile_to_shared_object(&g, target, out)?;
     report.seconds = start.elapsed().as_secs_f64();
     Ok((g, report))

@@ -176,7 +176,7 @@ pub fn verify_case(dir: &Path, target: &TargetSpec) -> Outcome {
         Ok(n) => n,
         Err(e) => return Outcome::Fail(e),
     };
-    let options = cnnc_onnx::LoadOptions { batch: None };
+    let options = cnnc_onnx::LoadOptions::default();
     let mut shared_graph = None;
     let mut bind: Vec<String> = Vec::new();
     match cnnc_onnx::load_model(&model, &options) {
@@ -293,7 +293,7 @@ fn compile_and_run(
     scratch: &Path,
     inputs: &[cnnc_ir::Tensor],
 ) -> Result<(Vec<cnnc_ir::Tensor>, Vec<String>), String> {
-    driver::optimize(&mut g, |_, _| {}).map_err(|e| one_line(&e.to_string()))?;
+    driver::optimize(&mut g, &crate::passes::TargetDesc::from_target(target), |_, _| {}).map_err(|e| one_line(&e.to_string()))?;
     let so = scratch.join(format!("model{}.so", COMPILED.fetch_add(1, Ordering::SeqCst)));
     driver::compile_to_shared_object(&g, target, &so).map_err(|e| one_line(&e.to_string()))?;
     let loaded = cnnc_runtime::Model::load(&so).map_err(|e| format!("loading the compiled model: {e}"))?;

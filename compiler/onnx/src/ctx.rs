@@ -164,6 +164,8 @@ pub struct NodeCtx<'a> {
     pub opset: i64,
     /// The name given to the IR nodes and constants this node becomes.
     pub name: String,
+    /// `LoadOptions::inference`: training-mode nodes take inference semantics.
+    pub inference: bool,
 }
 
 impl<'a> NodeCtx<'a> {

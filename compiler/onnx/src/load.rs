@@ -18,6 +18,11 @@ pub struct LoadOptions {
     /// The leading (batch) dim of every graph input. Without it, a symbolic or unknown
     /// leading dim is 1 and a concrete one (even 0: an empty tensor) is kept.
     pub batch: Option<usize>,
+    /// Compile for inference: nodes that a training-mode export leaves in training mode
+    /// (BatchNormalization with training_mode=1, Dropout with training_mode=true) take
+    /// their inference semantics (running statistics; identity). Off, every node keeps
+    /// the ONNX operator's own semantics, as the backend tests check them.
+    pub inference: bool,
 }
 
 /// Loads and lowers an ONNX model file; external tensor data is read relative to its directory.

@@ -63,6 +63,7 @@ pub(crate) struct Lowerer<'m> {
     functions: HashMap<(String, String), &'m FunctionProto>,
     unsupported: Vec<UnsupportedNode>,
     base_dir: Option<&'m std::path::Path>,
+    inference: bool,
 }
 
 impl<'m> Lowerer<'m> {
@@ -79,6 +80,7 @@ impl<'m> Lowerer<'m> {
                 .collect(),
             unsupported: Vec::new(),
             base_dir,
+            inference: false,
         }
     }
 
@@ -88,6 +90,7 @@ impl<'m> Lowerer<'m> {
         opsets: &Opsets,
         options: &LoadOptions,
     ) -> Result<cnnc_ir::Graph, FrontendError> {
+        self.inference = options.inference;
         let default_opset = opsets.get("").unwrap_or(0);
         let mut scope = Scope::new();
         let initializer_names: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
@@ -249,7 +252,7 @@ impl<'m> Lowerer<'m> {
             mark_missing(node, scope);
             return Ok(());
         };
-        let mut ctx = NodeCtx { builder: &mut self.builder, node, inputs, opset, name: name.clone() };
+        let mut ctx = NodeCtx { builder: &mut self.builder, node, inputs, opset, name: name.clone(), inference: self.inference };
         match lowering(&mut ctx) {
             Ok(outputs) => {
                 for (i, out_name) in node.output.iter().enumerate() {

@@ -53,7 +53,7 @@ fn symbolic_batch_takes_the_batch_option() {
         .output_untyped("y", DType::F32);
     let g = load(&m);
     assert_eq!(g.ty(g.inputs[0]).shape, vec![1, 3]);
-    let g = load_model_bytes(&m.to_bytes(), &LoadOptions { batch: Some(5) }).unwrap();
+    let g = load_model_bytes(&m.to_bytes(), &LoadOptions { batch: Some(5), ..Default::default() }).unwrap();
     assert_eq!(g.ty(g.inputs[0]).shape, vec![5, 3]);
     assert_eq!(g.ty(g.outputs[0]).shape, vec![5, 3]);
 }
@@ -62,7 +62,7 @@ fn symbolic_batch_takes_the_batch_option() {
 fn the_batch_option_overrides_a_fixed_leading_dim() {
     let mut m = single_input("x", DType::F32, &[1, 3], 13);
     m.node("Flatten", &["x"], &["y"], vec![]).output("y", DType::F32, &[1, 3]);
-    let g = load_model_bytes(&m.to_bytes(), &LoadOptions { batch: Some(4) }).unwrap();
+    let g = load_model_bytes(&m.to_bytes(), &LoadOptions { batch: Some(4), ..Default::default() }).unwrap();
     assert_eq!(g.ty(g.outputs[0]).shape, vec![4, 3]);
 }
 

@@ -28,7 +28,7 @@ fn write_case(dir: &std::path::Path) -> Result<(), String> {
     let model = dir.join("model.onnx");
     std::fs::write(&model, &bytes).map_err(|e| format!("writing {}: {e}", model.display()))?;
     let image = sample_image(1);
-    let graph = cnnc_onnx::load_model_bytes(&bytes, &cnnc_onnx::LoadOptions { batch: None }).map_err(|e| e.to_string())?;
+    let graph = cnnc_onnx::load_model_bytes(&bytes, &cnnc_onnx::LoadOptions::default()).map_err(|e| e.to_string())?;
     let expected = cnnc_ir::interp::run(&graph, std::slice::from_ref(&image))?;
     cnnc_onnx::write_tensor_pb(data.join("input_0.pb"), "image", &image).map_err(|e| e.to_string())?;
     cnnc_onnx::write_tensor_pb(data.join("output_0.pb"), "logits", &expected[0]).map_err(|e| e.to_string())?;

@@ -13,10 +13,11 @@ pub fn identity(ctx: &mut NodeCtx) -> LowerResult<Vec<ValueId>> {
 /// Inference-mode dropout: the identity, and an all-true mask when one is asked for.
 pub fn dropout(ctx: &mut NodeCtx) -> LowerResult<Vec<ValueId>> {
     let x = ctx.input(0)?;
-    if ctx.opset < 7 && ctx.attr_int("is_test", 0)? == 0 {
+    if ctx.opset < 7 && ctx.attr_int("is_test", 0)? == 0 && !ctx.inference {
         return Err(unsupported("training-mode dropout (is_test=0) is random; cnnc compiles inference"));
     }
     if ctx.opset >= 12
+        && !ctx.inference
         && let Some(training) = ctx.const_input(2)?
         && training.data.get(0).as_f64() != 0.0
     {

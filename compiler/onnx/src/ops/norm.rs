@@ -38,7 +38,8 @@ pub enum BatchStatistics {
 /// `training_mode` (opset 14+) the batch's own mean and biased variance normalise instead,
 /// and the running statistics come out as outputs 1 and 2.
 pub fn batch_normalization(ctx: &mut NodeCtx) -> LowerResult<Vec<ValueId>> {
-    batch_normalization_with(ctx, BatchStatistics::AsTheOperatorSays)
+    let statistics = if ctx.inference { BatchStatistics::Running } else { BatchStatistics::AsTheOperatorSays };
+    batch_normalization_with(ctx, statistics)
 }
 
 /// BatchNormalization with the choice of statistics for training-mode nodes made by the
