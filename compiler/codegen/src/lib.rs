@@ -22,6 +22,7 @@ pub mod kernels;
 pub mod link;
 pub mod loops;
 pub mod math;
+pub mod microkernel;
 pub mod module;
 pub mod object;
 pub mod plan;
