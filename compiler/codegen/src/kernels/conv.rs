@@ -22,7 +22,7 @@ use cranelift_frontend::FunctionBuilder;
 use super::compute::window::{AxisWindow, Segment};
 use super::compute::{
     F32_BYTES, LANES, counted_loop, index_ptr, load, load_f32x4_strided, mul_add, offset_ptr, require_buffers, require_dtype,
-    require_plain_layout, scalar_flags, splat_f32, store, tiled_loop, vector_flags, weight,
+    require_plain_layout, scalar_flags, shuffle_f32x4, splat_f32, store, tiled_loop, vector_flags, weight,
 };
 use super::{CodegenError, KernelCtx};
 
@@ -96,9 +96,33 @@ struct ChannelBlock {
 #[derive(Clone, Copy)]
 struct Tile {
     vectors: usize,
+    /// Input channels the tile's channel loops cover (a slice of the group; set by
+    /// `emit_tile`).
+    in_channels: usize,
     /// First position of an edge tile (emitted at a known position, lanes checked at
     /// compile time); None for interior tiles, whose lanes all read inside the input.
     edge: Option<usize>,
+}
+
+/// What one lane of an edge tile needs from one tap.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Lane {
+    /// An output whose tap reads inside the input.
+    Load,
+    /// An output whose tap falls on padding: contributes zero.
+    Zero,
+    /// Past the row's last output (result dropped); `readable` when its tap still
+    /// lies inside the input row, so a whole-vector load may cover it.
+    Ignored { readable: bool },
+}
+
+/// Input channels per slice: a divisor of the group's count in 8..=32 when there is
+/// one (no remainder copy of the tap loops), the whole group when small, else 16.
+fn channel_slice(channels: usize) -> usize {
+    if channels <= 32 {
+        return channels.max(1);
+    }
+    (8..=32).rev().find(|d| channels % d == 0).unwrap_or(16)
 }
 
 fn row_major_strides(shape: &[usize]) -> Vec<usize> {
@@ -250,14 +274,14 @@ impl ConvPlan {
         let mut p = 0;
         while p < lo.min(out) {
             let (xp, yp) = at(b, p);
-            self.emit_tile(b, cb, Tile { vectors: 1, edge: Some(p) }, xp, yp, taps);
+            self.emit_tile(b, cb, Tile { vectors: 1, in_channels: 0, edge: Some(p) }, xp, yp, taps);
             p += LANES;
         }
         if hi > p {
             let (xp, yp) = at(b, p);
             let tiles = (hi - p) / width;
             counted_loop(b, tiles, vec![xp, yp], |b, _, c| {
-                self.emit_tile(b, cb, Tile { vectors, edge: None }, c[0], c[1], taps);
+                self.emit_tile(b, cb, Tile { vectors, in_channels: 0, edge: None }, c[0], c[1], taps);
                 vec![b.ins().iadd_imm_s(c[0], Self::bytes(width * a.stride)), b.ins().iadd_imm_s(c[1], Self::bytes(width))]
             });
             p += tiles * width;
@@ -265,18 +289,24 @@ impl ConvPlan {
         while p < out {
             let tile_vectors = ((out - p) / LANES).clamp(1, vectors);
             let (xp, yp) = at(b, p);
-            self.emit_tile(b, cb, Tile { vectors: tile_vectors, edge: Some(p) }, xp, yp, taps);
+            self.emit_tile(b, cb, Tile { vectors: tile_vectors, in_channels: 0, edge: Some(p) }, xp, yp, taps);
             p += tile_vectors * LANES;
         }
     }
 
-    /// Lane `e` of vector `v` of an edge tile at `p0`: whether it is an output and tap
-    /// `t` reads inside the input.
-    fn lane_valid(&self, p0: usize, lane: usize, t: usize) -> bool {
+    /// What lane `lane` of an edge tile at `p0` needs for tap `t`, and the input
+    /// index (within the row) it reads.
+    fn lane_state(&self, p0: usize, lane: usize, t: usize) -> (Lane, i64) {
         let a = self.axes[self.axes.len() - 1];
         let q = p0 + lane;
         let i = a.origin(q) + (t * a.dilation) as i64;
-        q < a.output && i >= 0 && i < a.input as i64
+        let inside = i >= 0 && i < a.input as i64;
+        let state = match (q < a.output, inside) {
+            (true, true) => Lane::Load,
+            (true, false) => Lane::Zero,
+            (false, readable) => Lane::Ignored { readable },
+        };
+        (state, i)
     }
 
     /// One register tile: `cb.channels` output channels × `tile.vectors` f32x4 of
@@ -293,7 +323,28 @@ impl ConvPlan {
             };
             accs.extend(std::iter::repeat_n(init, tile.vectors));
         }
-        let accs = self.emit_taps(b, cb, tile, 0, x_origin, cb.w, accs, taps);
+        // Input channels in slices, taps inside each slice: a slice's weights (4 output
+        // channels × slice × kernel) stay in L1 across its tap loops, which a single
+        // channel loop per tap would stream from L2 again for every tap.
+        let slice = channel_slice(self.in_per_group);
+        let slices = self.in_per_group / slice;
+        let rest = self.in_per_group - slices * slice;
+        let mut carried = vec![x_origin, cb.w];
+        carried.extend(accs);
+        let x_slice = Self::bytes(slice * self.in_plane);
+        let w_slice = Self::bytes(slice * self.kernel_size);
+        let done = counted_loop(b, slices, carried, |b, _, c| {
+            let tile = Tile { in_channels: slice, ..tile };
+            let accs = self.emit_taps(b, cb, tile, 0, c[0], c[1], c[2..].to_vec(), taps);
+            let mut next = vec![b.ins().iadd_imm_s(c[0], x_slice), b.ins().iadd_imm_s(c[1], w_slice)];
+            next.extend(accs);
+            next
+        });
+        let mut accs = done[2..].to_vec();
+        if rest > 0 {
+            let tile = Tile { in_channels: rest, ..tile };
+            accs = self.emit_taps(b, cb, tile, 0, done[0], done[1], accs, taps);
+        }
         let out = self.axes[self.axes.len() - 1].output;
         for r in 0..cb.channels {
             for v in 0..tile.vectors {
@@ -337,8 +388,8 @@ impl ConvPlan {
                 // Every tap some lane reads, with its per-lane validity.
                 let mut accs = accs;
                 for t in 0..a.kernel {
-                    let valid: Vec<bool> = (0..tile.vectors * LANES).map(|lane| self.lane_valid(p0, lane, t)).collect();
-                    if valid.iter().any(|&v| v) {
+                    let valid: Vec<(Lane, i64)> = (0..tile.vectors * LANES).map(|lane| self.lane_state(p0, lane, t)).collect();
+                    if valid.iter().any(|&(l, _)| l == Lane::Load) {
                         let xt = offset_ptr(b, x, t as i64 * x_tap);
                         let wt = offset_ptr(b, w, t as i64 * w_tap);
                         accs = self.emit_channels(b, cb, tile, xt, wt, accs, Some(&valid));
@@ -351,7 +402,7 @@ impl ConvPlan {
         // Unrolled taps share a block when there is no channel loop to separate them.
         let unroll = innermost
             && end - begin <= UNROLL_TAPS
-            && (self.in_per_group > 1 || (end - begin) * tile.vectors <= MAX_LIVE_INPUTS);
+            && (tile.in_channels > 1 || (end - begin) * tile.vectors <= MAX_LIVE_INPUTS);
         if unroll {
             let mut accs = accs;
             for t in begin..end {
@@ -378,8 +429,8 @@ impl ConvPlan {
         done[2..].to_vec()
     }
 
-    /// One tap over every input channel of the group; `valid` marks the lanes that read
-    /// inside the input (None: all).
+    /// One tap over every input channel of the group; `valid` gives each lane's needs
+    /// in an edge tile (None: every lane loads).
     #[allow(clippy::too_many_arguments)]
     fn emit_channels(
         &self,
@@ -389,13 +440,13 @@ impl ConvPlan {
         x: Value,
         w: Value,
         accs: Vec<Value>,
-        valid: Option<&[bool]>,
+        valid: Option<&[(Lane, i64)]>,
     ) -> Vec<Value> {
         let in_channel_step = Self::bytes(self.in_plane);
         let w_channel_step = Self::bytes(self.kernel_size);
         let mut carried = vec![x, w];
         carried.extend(accs);
-        let done = counted_loop(b, self.in_per_group, carried, |b, _, c| {
+        let done = counted_loop(b, tile.in_channels, carried, |b, _, c| {
             let accs = self.emit_tap(b, cb, tile, c[0], c[1], c[2..].to_vec(), valid);
             let mut next = vec![b.ins().iadd_imm_s(c[0], in_channel_step), b.ins().iadd_imm_s(c[1], w_channel_step)];
             next.extend(accs);
@@ -405,7 +456,7 @@ impl ConvPlan {
     }
 
     /// One tap of one input channel: loads the tile's inputs once and each output
-    /// channel's weight once. Lanes outside the input read as zero.
+    /// channel's weight once. Lanes reading padding are zero.
     #[allow(clippy::too_many_arguments)]
     fn emit_tap(
         &self,
@@ -415,24 +466,15 @@ impl ConvPlan {
         x: Value,
         w: Value,
         mut accs: Vec<Value>,
-        valid: Option<&[bool]>,
+        valid: Option<&[(Lane, i64)]>,
     ) -> Vec<Value> {
         let stride = self.axes[self.axes.len() - 1].stride;
         let inputs: Vec<Option<Value>> = (0..tile.vectors)
             .map(|v| {
                 let offset = Self::bytes(v * LANES * stride);
-                let lanes = valid.map_or([true; LANES], |m| [m[v * LANES], m[v * LANES + 1], m[v * LANES + 2], m[v * LANES + 3]]);
-                if lanes.iter().all(|&l| l) {
-                    Some(load_f32x4_strided(b, vector_flags(), x, offset, stride))
-                } else if lanes.iter().any(|&l| l) {
-                    let mut vec = splat_f32(b, 0.0);
-                    for (e, _) in lanes.iter().enumerate().filter(|(_, l)| **l) {
-                        let s = load(b, F32, scalar_flags(), x, offset + Self::bytes(e * stride));
-                        vec = b.ins().insertlane(vec, s, e as u8);
-                    }
-                    Some(vec)
-                } else {
-                    None
+                match valid {
+                    None => Some(load_f32x4_strided(b, vector_flags(), x, offset, stride)),
+                    Some(lanes) => self.edge_input(b, x, offset, &lanes[v * LANES..(v + 1) * LANES]),
                 }
             })
             .collect();
@@ -448,5 +490,45 @@ impl ConvPlan {
             }
         }
         accs
+    }
+
+    /// One input vector of an edge tile (None when no lane needs data). Prefers one
+    /// vector load: whole when every lane may read, or shifted in from a neighbouring
+    /// in-row window with zeros filling the padding lanes (one `palignr`); otherwise
+    /// gathers the lanes that load into a zero vector.
+    fn edge_input(&self, b: &mut FunctionBuilder, x: Value, offset: i64, lanes: &[(Lane, i64)]) -> Option<Value> {
+        let a = self.axes[self.axes.len() - 1];
+        let stride = a.stride;
+        let loads: Vec<usize> = (0..LANES).filter(|&e| lanes[e].0 == Lane::Load).collect();
+        let (&first, &last) = (loads.first()?, loads.last()?);
+        let readable = |e: usize| matches!(lanes[e].0, Lane::Load | Lane::Ignored { readable: true });
+        if (0..LANES).all(readable) {
+            return Some(load_f32x4_strided(b, vector_flags(), x, offset, stride));
+        }
+        let in_row = |start: i64| start >= 0 && start + LANES as i64 <= a.input as i64;
+        let ignored = |e: usize| matches!(lanes[e].0, Lane::Ignored { .. });
+        if stride == 1 && loads.len() == last - first + 1 {
+            let end = last + 1;
+            // Window starting at the first loading lane, shifted up by `first` lanes.
+            if in_row(lanes[first].1) && (end..LANES).all(ignored) {
+                let window = load(b, F32X4, vector_flags(), x, offset + Self::bytes(first));
+                let zero = splat_f32(b, 0.0);
+                let sel = |e: usize| (LANES - first + e) as u8;
+                return Some(shuffle_f32x4(b, zero, window, [sel(0), sel(1), sel(2), sel(3)]));
+            }
+            // Window ending at the last loading lane, shifted down.
+            if in_row(lanes[last].1 + 1 - LANES as i64) && (0..first).all(ignored) {
+                let window = load(b, F32X4, vector_flags(), x, offset + Self::bytes(end) - Self::bytes(LANES));
+                let zero = splat_f32(b, 0.0);
+                let sel = |e: usize| (LANES - end + e) as u8;
+                return Some(shuffle_f32x4(b, window, zero, [sel(0), sel(1), sel(2), sel(3)]));
+            }
+        }
+        let mut vec = splat_f32(b, 0.0);
+        for &e in &loads {
+            let s = load(b, F32, scalar_flags(), x, offset + Self::bytes(e * stride));
+            vec = b.ins().insertlane(vec, s, e as u8);
+        }
+        Some(vec)
     }
 }
