@@ -11,10 +11,10 @@ use crate::target::TargetSpec;
 /// The C compiler driver that links for `target`: `cc` for the host, otherwise the
 /// usual cross prefix (`aarch64-linux-gnu-gcc`). `CNNC_CC` overrides it.
 pub fn linker_for(target: &TargetSpec) -> String {
-    if let Ok(cc) = std::env::var("CNNC_CC") {
-        if !cc.is_empty() {
-            return cc;
-        }
+    if let Ok(cc) = std::env::var("CNNC_CC")
+        && !cc.is_empty()
+    {
+        return cc;
     }
     let host = Triple::host();
     if target.triple.architecture == host.architecture && target.triple.operating_system == host.operating_system {

@@ -6,6 +6,10 @@
 //! built from them. Only plain arithmetic, compares, selects and integer bit tricks
 //! are used, so no instruction needs SSE4.1 or FMA and nothing calls out of the code.
 
+// Coefficients are quoted as published (Cephes, Numerical Recipes), with more digits
+// than an f32 keeps.
+#![allow(clippy::excessive_precision)]
+
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4};
 use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Type, Value};

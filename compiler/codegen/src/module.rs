@@ -169,22 +169,20 @@ pub fn compile_graph<M: Module>(module: &mut M, g: &Graph, target: &TargetSpec) 
 }
 
 fn define<M: Module>(module: &mut M, id: FuncId, ctx: &mut Context, what: &str) -> Result<(), CodegenError> {
-    if cfg!(debug_assertions) {
-        if let Err(errors) = cranelift_codegen::verify_function(&ctx.func, module.isa()) {
-            let pretty = cranelift_codegen::print_errors::pretty_verifier_error(&ctx.func, None, errors);
-            return Err(CodegenError(format!(
-                "{what}: invalid IR (a code generator bug):\n{pretty}"
-            )));
-        }
+    if cfg!(debug_assertions)
+        && let Err(errors) = cranelift_codegen::verify_function(&ctx.func, module.isa())
+    {
+        let pretty = cranelift_codegen::print_errors::pretty_verifier_error(&ctx.func, None, errors);
+        return Err(CodegenError(format!(
+            "{what}: invalid IR (a code generator bug):\n{pretty}"
+        )));
     }
     // CNNC_DISASM=1 prints every function's machine code (for kernel tuning).
     let disasm = std::env::var_os("CNNC_DISASM").is_some();
     ctx.set_disasm(disasm);
     let result = module.define_function(id, ctx);
-    if disasm {
-        if let Some(code) = ctx.compiled_code().and_then(|c| c.vcode.as_ref()) {
-            eprintln!("; {what}\n{code}");
-        }
+    if disasm && let Some(code) = ctx.compiled_code().and_then(|c| c.vcode.as_ref()) {
+        eprintln!("; {what}\n{code}");
     }
     result.map_err(|e| match e {
         cranelift_module::ModuleError::Compilation(inner) => CodegenError(format!(

@@ -290,7 +290,11 @@ fn math_functions_sweep() {
             } else {
                 (y - r).abs() <= 1e-3 * r.abs() + slack
             };
-            assert!(ok, "{f:?}({:e}): got {y:e}, reference {r:e}", input.data.get(i).as_f64());
+            assert!(
+                ok,
+                "{f:?}({:e}): got {y:e}, reference {r:e}",
+                input.data.get(i).as_f64()
+            );
         }
     }
 }

@@ -98,7 +98,13 @@ fn small_cnn_matches_interpreter() {
 #[test]
 fn residual_epilogue_operand_matches_unfused_graph() {
     let mut rng = Rng(5);
-    let geo = ConvGeometry { strides: vec![1, 1], dilations: vec![1, 1], pads_begin: vec![1, 1], pads_end: vec![1, 1], groups: 1 };
+    let geo = ConvGeometry {
+        strides: vec![1, 1],
+        dilations: vec![1, 1],
+        pads_begin: vec![1, 1],
+        pads_end: vec![1, 1],
+        groups: 1,
+    };
     let build = |fused: bool, rng: &mut Rng| {
         let mut g = Graph::new(if fused { "fused" } else { "unfused" });
         let x = g.add_input(TensorType::f32([1, 4, 7, 7]), "x");
@@ -109,8 +115,13 @@ fn residual_epilogue_operand_matches_unfused_graph() {
             let y = g.push1("conv", Op::Conv(geo.clone()), &[x, w, b]).unwrap();
             let node = g.nodes.last_mut().unwrap();
             node.inputs.push(skip);
-            node.epilogue =
-                vec![EpilogueStep::Binary { func: BinaryFn::Add, operand: 3 }, EpilogueStep::Unary(UnaryFn::Relu)];
+            node.epilogue = vec![
+                EpilogueStep::Binary {
+                    func: BinaryFn::Add,
+                    operand: 3,
+                },
+                EpilogueStep::Unary(UnaryFn::Relu),
+            ];
             y
         } else {
             let c = g.push1("conv", Op::Conv(geo.clone()), &[x, w, b]).unwrap();
@@ -138,8 +149,16 @@ fn residual_epilogue_operand_matches_unfused_graph() {
 fn inconsistent_nodes_are_errors() {
     let mut g = Graph::new("bad");
     let x = g.add_input(TensorType::f32([2, 3]), "x");
-    let y = g.add_node_typed("t", Op::Transpose { perm: vec![1, 0] }, vec![x], vec![TensorType::f32([4, 4])])[0];
+    let y = g.add_node_typed(
+        "t",
+        Op::Transpose { perm: vec![1, 0] },
+        vec![x],
+        vec![TensorType::f32([4, 4])],
+    )[0];
     g.outputs.push(y);
-    let err = cnnc_codegen::JitModel::compile(&g).err().expect("must be refused").to_string();
+    let err = cnnc_codegen::JitModel::compile(&g)
+        .err()
+        .expect("must be refused")
+        .to_string();
     assert!(err.contains("node 't'") && err.contains("inconsistent"), "{err}");
 }

@@ -20,28 +20,73 @@ fn everything_graph() -> Graph {
     let mut outs = Vec::new();
     use UnaryFn::*;
     for f in [
-        Neg, Abs, Sqrt, Exp, Log, Reciprocal, Floor, Ceil, Relu, Sigmoid, Tanh, Erf, Softplus, Softsign, Mish, HardSwish, GeluErf,
-        GeluTanh, LeakyRelu { alpha: 0.1 }, Elu { alpha: 1.0 }, Celu { alpha: 0.7 }, HardSigmoid { alpha: 0.2, beta: 0.5 },
-        Swish { alpha: 1.0 }, Clip { min: -1.0, max: 1.0 }, PowConst { exponent: 1.7 },
+        Neg,
+        Abs,
+        Sqrt,
+        Exp,
+        Log,
+        Reciprocal,
+        Floor,
+        Ceil,
+        Relu,
+        Sigmoid,
+        Tanh,
+        Erf,
+        Softplus,
+        Softsign,
+        Mish,
+        HardSwish,
+        GeluErf,
+        GeluTanh,
+        LeakyRelu { alpha: 0.1 },
+        Elu { alpha: 1.0 },
+        Celu { alpha: 0.7 },
+        HardSigmoid { alpha: 0.2, beta: 0.5 },
+        Swish { alpha: 1.0 },
+        Clip { min: -1.0, max: 1.0 },
+        PowConst { exponent: 1.7 },
     ] {
         outs.push(g.push1(format!("{f:?}"), Op::Unary(f), &[x]).unwrap());
     }
-    for f in [BinaryFn::Add, BinaryFn::Div, BinaryFn::Pow, BinaryFn::Max, BinaryFn::PRelu, BinaryFn::Less] {
+    for f in [
+        BinaryFn::Add,
+        BinaryFn::Div,
+        BinaryFn::Pow,
+        BinaryFn::Max,
+        BinaryFn::PRelu,
+        BinaryFn::Less,
+    ] {
         outs.push(g.push1(format!("{f:?}"), Op::Binary(f), &[x, y]).unwrap());
     }
     let as_int = g.push1("cast_i64", Op::Cast { to: DType::I64 }, &[x]).unwrap();
     outs.push(as_int);
-    outs.push(g.push1("int_div", Op::Binary(BinaryFn::Div), &[as_int, as_int]).unwrap());
+    outs.push(
+        g.push1("int_div", Op::Binary(BinaryFn::Div), &[as_int, as_int])
+            .unwrap(),
+    );
     outs.push(g.push1("cast_back", Op::Cast { to: DType::F32 }, &[as_int]).unwrap());
     let t = g.push1("transpose", Op::Transpose { perm: vec![1, 0] }, &[x]).unwrap();
     outs.push(t);
     outs.push(
-        g.push1("pad", Op::Pad { begins: vec![1, 2], ends: vec![0, 3], mode: PadMode::Reflect }, &[x]).unwrap(),
+        g.push1(
+            "pad",
+            Op::Pad {
+                begins: vec![1, 2],
+                ends: vec![0, 3],
+                mode: PadMode::Reflect,
+            },
+            &[x],
+        )
+        .unwrap(),
     );
     outs.push(
         g.push1(
             "pad_c",
-            Op::Pad { begins: vec![0, -2], ends: vec![2, 1], mode: PadMode::Constant(Scalar::F32(0.5)) },
+            Op::Pad {
+                begins: vec![0, -2],
+                ends: vec![2, 1],
+                mode: PadMode::Constant(Scalar::F32(0.5)),
+            },
             &[x],
         )
         .unwrap(),
@@ -51,7 +96,12 @@ fn everything_graph() -> Graph {
     outs.push(
         g.push1(
             "resample",
-            Op::Resample { axis: 1, lo: vec![0, 3, 12], hi: vec![1, 4, 12], weight_hi: vec![0.25, 0.0, 1.0] },
+            Op::Resample {
+                axis: 1,
+                lo: vec![0, 3, 12],
+                hi: vec![1, 4, 12],
+                weight_hi: vec![0.25, 0.0, 1.0],
+            },
             &[x],
         )
         .unwrap(),
@@ -87,7 +137,10 @@ fn run_shared(g: &Graph, target: &TargetSpec, inputs: &[Tensor]) -> Vec<Tensor> 
     let ws_ptr = ((ws.as_mut_ptr() as usize + 63) & !63) as *mut c_void;
     let in_ptrs: Vec<*const c_void> = in_bytes.iter().map(|b| b.as_ptr() as *const c_void).collect();
     let out_ptrs: Vec<*mut c_void> = out_bytes.iter_mut().map(|b| b.as_mut_ptr() as *mut c_void).collect();
-    assert_eq!(unsafe { infer(std::ptr::null(), in_ptrs.as_ptr(), out_ptrs.as_ptr(), ws_ptr) }, abi::STATUS_OK);
+    assert_eq!(
+        unsafe { infer(std::ptr::null(), in_ptrs.as_ptr(), out_ptrs.as_ptr(), ws_ptr) },
+        abi::STATUS_OK
+    );
     drop(lib);
     let _ = std::fs::remove_dir_all(&dir);
     types
@@ -106,8 +159,14 @@ fn every_x86_level_computes_the_same() {
     let levels = [
         ("x86-64", true),
         ("x86-64-v2", std::is_x86_feature_detected!("sse4.2")),
-        ("x86-64-v3", std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")),
-        ("x86-64-v4", std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vl")),
+        (
+            "x86-64-v3",
+            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"),
+        ),
+        (
+            "x86-64-v4",
+            std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vl"),
+        ),
     ];
     for (cpu, runnable) in levels {
         let target = TargetSpec::parse(None, Some(cpu)).unwrap();
@@ -126,5 +185,9 @@ fn every_x86_level_computes_the_same() {
 fn aarch64_compiles_every_family() {
     let target = TargetSpec::parse(Some("aarch64-unknown-linux-gnu"), None).unwrap();
     let object = compile_object(&everything_graph(), &target).unwrap();
-    assert_eq!(u16::from_le_bytes([object[18], object[19]]), 183, "an aarch64 ELF object");
+    assert_eq!(
+        u16::from_le_bytes([object[18], object[19]]),
+        183,
+        "an aarch64 ELF object"
+    );
 }

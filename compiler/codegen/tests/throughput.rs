@@ -32,7 +32,14 @@ fn elementwise_throughput() {
     let n = 1 << 20;
     let x = Tensor::f32([64, n / 64], (0..n).map(|i| (i % 1000) as f32 * 0.01 - 5.0).collect());
     let b = Tensor::f32([64, 1], (0..64).map(|i| i as f32).collect());
-    for (name, f) in [("relu", UnaryFn::Relu), ("exp", UnaryFn::Exp), ("tanh", UnaryFn::Tanh), ("erf", UnaryFn::Erf), ("sigmoid", UnaryFn::Sigmoid), ("gelu", UnaryFn::GeluErf)] {
+    for (name, f) in [
+        ("relu", UnaryFn::Relu),
+        ("exp", UnaryFn::Exp),
+        ("tanh", UnaryFn::Tanh),
+        ("erf", UnaryFn::Erf),
+        ("sigmoid", UnaryFn::Sigmoid),
+        ("gelu", UnaryFn::GeluErf),
+    ] {
         let mut g = Graph::new(name);
         let v = g.add_input(x.ty(), "x");
         let y = g.push1(name, Op::Unary(f), &[v]).unwrap();

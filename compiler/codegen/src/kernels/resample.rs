@@ -22,7 +22,7 @@ struct Geometry {
     out_extent: usize,
 }
 
-fn geometry(k: &KernelCtx) -> Result<(Geometry, Vec<usize>, Vec<usize>, Vec<f32>), CodegenError> {
+fn geometry(k: &KernelCtx) -> Result<Geometry, CodegenError> {
     let Op::Resample {
         axis,
         lo,
@@ -55,7 +55,7 @@ fn geometry(k: &KernelCtx) -> Result<(Geometry, Vec<usize>, Vec<usize>, Vec<f32>
         inner: x.shape[axis + 1..].iter().product(),
         out_extent: lo.len(),
     };
-    Ok((g, lo.clone(), hi.clone(), weight_hi.clone()))
+    Ok(g)
 }
 
 /// The table blob: byte offsets of the lo rows (i64 each), of the hi rows, then the
@@ -98,7 +98,7 @@ fn blend(m: &mut Fx, a: Value, b: Value, w: Value, one_minus_w: Value) -> Value 
 }
 
 pub fn emit(k: &mut KernelCtx, table: Value) -> Result<(), CodegenError> {
-    let (g, _, _, _) = geometry(k)?;
+    let g = geometry(k)?;
     if g.outer * g.out_extent * g.inner == 0 {
         return Ok(());
     }
