@@ -11,6 +11,9 @@ use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{Linkage, Module};
 
+#[path = "microkernel/emulator.rs"]
+mod emulator;
+
 type KernelFn = unsafe extern "sysv64" fn(i64, *const f32, *const f32, *mut f32, i64, i64);
 
 const DEPTHS: [usize; 7] = [1, 2, 3, 5, 16, 100, 257];
@@ -99,38 +102,32 @@ fn assert_close(got: &[f32], want: &[f64], what: &str) {
     }
 }
 
-/// Runs the kernel for every depth, with and without accumulation, C rows misaligned
+/// Floats in front of the C tile, so rows start off any vector boundary.
+const C_LEAD: usize = 1;
+
+/// Runs a kernel through `run(k, a, b, c, ldc, accumulate)` (with `c` starting
+/// [`C_LEAD`] floats before the tile) for every depth, with and without accumulation
 /// and `ldc > nr`, and checks the tile and every float around it.
-fn check_against_reference(j: &Jitted, what: &str) {
-    let (mr, nr) = (j.kernel.mr, j.kernel.nr);
+fn check_against_reference(
+    (mr, nr): (usize, usize),
+    what: &str,
+    mut run: impl FnMut(usize, &[f32], &[f32], &mut [f32], usize, i64),
+) {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (mr * 131 + nr) as u64);
     for &k in &DEPTHS {
         for accumulate in [0i64, 7] {
             let a = rng.fill(mr * k);
             let b = rng.fill(nr * k);
-            let b_panel = Aligned::from(&b);
             let ldc = nr + 5;
-            // One float of lead so rows start off any vector boundary, and a tail guard.
-            let lead = 1;
-            let mut c = rng.fill(lead + mr * ldc + 9);
+            let mut c = rng.fill(C_LEAD + mr * ldc + 9);
             let before = c.clone();
-            // SAFETY: panels have k*mr and k*nr floats, B is aligned, C covers mr rows of ldc.
-            unsafe {
-                (j.call)(
-                    k as i64,
-                    a.as_ptr(),
-                    b_panel.ptr(),
-                    c.as_mut_ptr().add(lead),
-                    ldc as i64,
-                    accumulate,
-                )
-            };
+            run(k, &a, &b, &mut c, ldc, accumulate);
             let mut got = Vec::new();
             let mut want = Vec::new();
             for i in 0..mr {
                 for jj in 0..nr {
                     let mut sum: f64 = (0..k).map(|kk| a[kk * mr + i] as f64 * b[kk * nr + jj] as f64).sum();
-                    let at = lead + i * ldc + jj;
+                    let at = C_LEAD + i * ldc + jj;
                     if accumulate != 0 {
                         sum += before[at] as f64;
                     }
@@ -141,13 +138,76 @@ fn check_against_reference(j: &Jitted, what: &str) {
             let case = format!("{what} k={k} accumulate={accumulate}");
             assert_close(&got, &want, &case);
             for (at, (&now, &was)) in c.iter().zip(&before).enumerate() {
-                let inside = at >= lead && (at - lead) / ldc < mr && (at - lead) % ldc < nr;
+                let inside = at >= C_LEAD && (at - C_LEAD) / ldc < mr && (at - C_LEAD) % ldc < nr;
                 assert!(
                     inside || now.to_bits() == was.to_bits(),
                     "{case}: wrote outside the tile at float {at}"
                 );
             }
         }
+    }
+}
+
+/// Calls the JIT-compiled kernel natively.
+fn run_native(j: &Jitted) -> impl FnMut(usize, &[f32], &[f32], &mut [f32], usize, i64) + '_ {
+    move |k, a, b, c, ldc, accumulate| {
+        let b_panel = Aligned::from(b);
+        // SAFETY: panels have k*mr and k*nr floats, B is aligned, C covers mr rows of ldc.
+        unsafe {
+            (j.call)(
+                k as i64,
+                a.as_ptr(),
+                b_panel.ptr(),
+                c.as_mut_ptr().add(C_LEAD),
+                ldc as i64,
+                accumulate,
+            )
+        };
+    }
+}
+
+/// Runs machine code in the emulator; also checks that rbx, rbp, r12-r15 and rsp
+/// come back unchanged.
+fn run_emulated(code: &[u8]) -> impl FnMut(usize, &[f32], &[f32], &mut [f32], usize, i64) + '_ {
+    use iced_x86::Register;
+    move |k, a, b, c, ldc, accumulate| {
+        let (a_base, b_base, c_base) = (0x1_0000_0000u64, 0x2_0000_0000u64, 0x3_0000_0000u64);
+        let region = |name, base, data: &[f32], writable| emulator::Region {
+            name,
+            base,
+            data: data.to_vec(),
+            writable,
+        };
+        let mut machine = emulator::Machine::new(vec![
+            region("A", a_base, a, false),
+            region("B", b_base, b, false),
+            region("C", c_base, c, true),
+        ]);
+        for (reg, value) in [
+            (Register::RDI, k as u64),
+            (Register::RSI, a_base),
+            (Register::RDX, b_base),
+            (Register::RCX, c_base + 4 * C_LEAD as u64),
+            (Register::R8, ldc as u64),
+            (Register::R9, accumulate as u64),
+        ] {
+            machine.set_gpr(reg, value);
+        }
+        let preserved = [
+            Register::RBX,
+            Register::RBP,
+            Register::RSP,
+            Register::R12,
+            Register::R13,
+            Register::R14,
+            Register::R15,
+        ];
+        let before: Vec<u64> = preserved.iter().map(|&r| machine.gpr(r)).collect();
+        machine.run(code).unwrap_or_else(|e| panic!("k={k}: {e}"));
+        for (&reg, &was) in preserved.iter().zip(&before) {
+            assert_eq!(machine.gpr(reg), was, "k={k}: {reg:?} not preserved");
+        }
+        c.copy_from_slice(&machine.regions[2].data);
     }
 }
 
@@ -159,7 +219,8 @@ fn host_has_avx2_fma() -> bool {
 fn host_kernel_matches_reference() {
     let target = TargetSpec::host();
     let j = jit(&target, None);
-    check_against_reference(&j, &format!("{:?}", GemmKernelKind::for_target(&target)));
+    let what = format!("{:?}", GemmKernelKind::for_target(&target));
+    check_against_reference((j.kernel.mr, j.kernel.nr), &what, run_native(&j));
 }
 
 #[test]
@@ -170,7 +231,7 @@ fn avx2_kernel_matches_reference() {
     }
     let j = jit(&TargetSpec::host(), Some(GemmKernelKind::Avx2Fma));
     assert_eq!((j.kernel.mr, j.kernel.nr), (6, 16));
-    check_against_reference(&j, "avx2");
+    check_against_reference((6, 16), "avx2", run_native(&j));
 }
 
 #[test]
@@ -182,7 +243,7 @@ fn portable_kernel_matches_reference_on_x86_64_v2() {
     );
     let j = jit(&target, None);
     assert_eq!((j.kernel.mr, j.kernel.nr), (4, 8));
-    check_against_reference(&j, "portable x86-64-v2");
+    check_against_reference((4, 8), "portable x86-64-v2", run_native(&j));
 }
 
 #[test]
@@ -192,7 +253,7 @@ fn portable_fma_kernel_matches_reference() {
         return;
     }
     let j = jit(&TargetSpec::host(), Some(GemmKernelKind::Portable { fma: true }));
-    check_against_reference(&j, "portable fma");
+    check_against_reference((j.kernel.mr, j.kernel.nr), "portable fma", run_native(&j));
 }
 
 /// A trampoline that loads patterns into rbx, rbp and r12-r15, calls the kernel with
@@ -473,6 +534,45 @@ fn avx512_kernel_encoding() {
         .filter(|w| evex(w, 0xB8) && w[5] >> 6 == 3)
         .count();
     assert_eq!((broadcasts, fmas), (14 * 5, 28 * 5));
+}
+
+/// The AVX-512 kernel cannot run here: its decoded bytes run in the emulator.
+#[test]
+fn avx512_kernel_matches_reference_in_emulator() {
+    let kernel = x86::assemble_avx512_gemm().unwrap();
+    check_against_reference((kernel.mr, kernel.nr), "avx512 (emulated)", run_emulated(&kernel.code));
+}
+
+#[test]
+fn avx2_kernel_matches_reference_in_emulator() {
+    let kernel = x86::assemble_avx2_gemm().unwrap();
+    check_against_reference((kernel.mr, kernel.nr), "avx2 (emulated)", run_emulated(&kernel.code));
+}
+
+/// Trust in the emulator: it must reproduce the hardware bit for bit on AVX2.
+#[test]
+fn emulator_agrees_bitwise_with_native_avx2() {
+    if !host_has_avx2_fma() {
+        eprintln!("skipped: host has no AVX2+FMA");
+        return;
+    }
+    let kernel = x86::assemble_avx2_gemm().unwrap();
+    let j = jit(&TargetSpec::host(), Some(GemmKernelKind::Avx2Fma));
+    let mut native = run_native(&j);
+    let mut emulated = run_emulated(&kernel.code);
+    let mut rng = Rng(7);
+    for &k in &DEPTHS {
+        for accumulate in [0, 1] {
+            let a = rng.fill(6 * k);
+            let b = rng.fill(16 * k);
+            let c = rng.fill(C_LEAD + 6 * 20);
+            let (mut on_cpu, mut in_emulator) = (c.clone(), c);
+            native(k, &a, &b, &mut on_cpu, 20, accumulate);
+            emulated(k, &a, &b, &mut in_emulator, 20, accumulate);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&on_cpu), bits(&in_emulator), "k={k} accumulate={accumulate}");
+        }
+    }
 }
 
 #[test]
