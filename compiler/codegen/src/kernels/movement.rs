@@ -165,9 +165,12 @@ pub fn emit_fill(b: &mut FunctionBuilder, out: Value, count: usize, value: Scala
     }
     let done = chunks * 16 / esize;
     if done < count {
+        // The tail is under 16 bytes; address it from its own base so offsets stay
+        // small whatever the tensor size.
         let s = scalar_const(b, value);
-        for k in done..count {
-            b.ins().store(rw_flags(), s, out, (k * esize) as i32);
+        let tail = b.ins().iadd_imm_s(out, (done * esize) as i64);
+        for k in 0..count - done {
+            b.ins().store(rw_flags(), s, tail, (k * esize) as i32);
         }
     }
 }
