@@ -122,7 +122,7 @@ fn channel_slice(channels: usize) -> usize {
     if channels <= 32 {
         return channels.max(1);
     }
-    (8..=32).rev().find(|d| channels % d == 0).unwrap_or(16)
+    (8..=32).rev().find(|&d| channels.is_multiple_of(d)).unwrap_or(16)
 }
 
 fn row_major_strides(shape: &[usize]) -> Vec<usize> {
@@ -140,7 +140,7 @@ impl ConvPlan {
             return Err(format!("geometry needs {spatial} strides, dilations and pads"));
         }
         let groups = g.groups;
-        if groups == 0 || x[1] % groups != 0 || w[0] % groups != 0 || w[1] * groups != x[1] || y[1] != w[0] || y[0] != x[0] {
+        if groups == 0 || !x[1].is_multiple_of(groups) || !w[0].is_multiple_of(groups) || w[1] * groups != x[1] || y[1] != w[0] || y[0] != x[0] {
             return Err(format!("input {x:?}, weight {w:?}, output {y:?} disagree for groups={groups}"));
         }
         let mut axes = Vec::with_capacity(spatial);
@@ -383,20 +383,18 @@ impl ConvPlan {
         let x_tap = Self::bytes(a.dilation * self.in_strides[axis]);
         let w_tap = Self::bytes(self.kernel_strides[axis]);
         let innermost = axis + 1 == self.axes.len();
-        if innermost {
-            if let Some(p0) = tile.edge {
-                // Every tap some lane reads, with its per-lane validity.
-                let mut accs = accs;
-                for t in 0..a.kernel {
-                    let valid: Vec<(Lane, i64)> = (0..tile.vectors * LANES).map(|lane| self.lane_state(p0, lane, t)).collect();
-                    if valid.iter().any(|&(l, _)| l == Lane::Load) {
-                        let xt = offset_ptr(b, x, t as i64 * x_tap);
-                        let wt = offset_ptr(b, w, t as i64 * w_tap);
-                        accs = self.emit_channels(b, cb, tile, xt, wt, accs, Some(&valid));
-                    }
+        if let (true, Some(p0)) = (innermost, tile.edge) {
+            // Every tap some lane reads, with its per-lane validity.
+            let mut accs = accs;
+            for t in 0..a.kernel {
+                let valid: Vec<(Lane, i64)> = (0..tile.vectors * LANES).map(|lane| self.lane_state(p0, lane, t)).collect();
+                if valid.iter().any(|&(l, _)| l == Lane::Load) {
+                    let xt = offset_ptr(b, x, t as i64 * x_tap);
+                    let wt = offset_ptr(b, w, t as i64 * w_tap);
+                    accs = self.emit_channels(b, cb, tile, xt, wt, accs, Some(&valid));
                 }
-                return accs;
             }
+            return accs;
         }
         let (begin, end) = if innermost { (0, a.kernel) } else { taps[axis] };
         // Unrolled taps share a block when there is no channel loop to separate them.

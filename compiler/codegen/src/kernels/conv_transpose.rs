@@ -98,7 +98,7 @@ impl Plan {
             return Err(format!("geometry needs {spatial} strides, dilations and pads"));
         }
         let groups = g.groups;
-        if groups == 0 || x[1] != w[0] || x[1] % groups != 0 || y[1] != w[1] * groups || y[0] != x[0] {
+        if groups == 0 || x[1] != w[0] || !x[1].is_multiple_of(groups) || y[1] != w[1] * groups || y[0] != x[0] {
             return Err(format!("input {x:?}, weight {w:?}, output {y:?} disagree for groups={groups}"));
         }
         if g.strides.contains(&0) || g.dilations.contains(&0) || w[2..].contains(&0) {

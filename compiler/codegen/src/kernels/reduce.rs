@@ -119,6 +119,9 @@ struct ReducePlan {
 
 type PtrBody<'a> = dyn FnMut(&mut FunctionBuilder, Value, Value) + 'a;
 
+/// Per element position of a reduction: (builder, address, accumulators) -> accumulators.
+type StepBody<'a> = dyn FnMut(&mut FunctionBuilder, Value, Vec<Value>) -> Vec<Value> + 'a;
+
 impl ReducePlan {
     fn size(&self) -> i64 {
         self.elem.bytes() as i64
@@ -228,7 +231,7 @@ impl ReducePlan {
         reduced: &[Axis],
         x: Value,
         accs: Vec<Value>,
-        step: &mut dyn FnMut(&mut FunctionBuilder, Value, Vec<Value>) -> Vec<Value>,
+        step: &mut StepBody,
     ) -> Vec<Value> {
         let Some((axis, rest)) = reduced.split_first() else {
             return step(b, x, accs);

@@ -142,10 +142,8 @@ pub fn compile(op: Op, inputs: &[TensorType], declared: Option<Vec<TensorType>>,
     let disasm = std::env::var_os("CNNC_DISASM").is_some();
     ctx.set_disasm(disasm);
     module.define_function(id, &mut ctx).map_err(|e| format!("{e:?}"))?;
-    if disasm {
-        if let Some(code) = ctx.compiled_code().and_then(|c| c.vcode.as_ref()) {
-            eprintln!("{code}");
-        }
+    if let Some(code) = ctx.compiled_code().and_then(|c| c.vcode.as_ref()).filter(|_| disasm) {
+        eprintln!("{code}");
     }
     module.clear_context(&mut ctx);
     module.finalize_definitions().map_err(|e| e.to_string())?;
