@@ -1,7 +1,8 @@
 //! IR dumps after every pass for small models built in code, kept as insta
 //! snapshots (re-bless with `INSTA_UPDATE=always cargo test --test ir_snapshots`).
-//! The dumps do not depend on the machine: no pass of the pipeline reads the host.
+//! The dumps do not depend on the machine: the pipeline runs for `TargetDesc::fixed_for_tests`.
 
+use cnnc::passes::TargetDesc;
 use cnnc_ir::print::{PrintOptions, print_with};
 use cnnc_ir::{DType, Tensor};
 use cnnc_onnx::{ModelBuilder, attr};
@@ -55,7 +56,7 @@ fn snapshot_pipeline(name: &str, bytes: &[u8]) {
     insta::assert_snapshot!(format!("{name}__0_frontend"), print_with(&g, &opts));
     let mut step = 0;
     let mut dumps = Vec::new();
-    cnnc::driver::optimize(&mut g, |pass, g| {
+    cnnc::driver::optimize(&mut g, &TargetDesc::fixed_for_tests(), |pass, g| {
         step += 1;
         dumps.push((format!("{name}__{step}_{pass}"), print_with(g, &opts)));
     })
@@ -78,7 +79,7 @@ fn shape_arithmetic_after_each_pass() {
 #[test]
 fn shape_arithmetic_folds_to_a_single_reshape() {
     let mut g = cnnc_onnx::load_model_bytes(&shape_arithmetic(), &Default::default()).unwrap();
-    cnnc::driver::optimize(&mut g, |_, _| {}).unwrap();
+    cnnc::driver::optimize(&mut g, &TargetDesc::fixed_for_tests(), |_, _| {}).unwrap();
     let compute: Vec<&str> = g.nodes.iter().filter(|n| !matches!(n.op, cnnc_ir::Op::Constant(_))).map(|n| n.op.mnemonic()).collect();
     assert_eq!(compute, ["reshape"]);
     assert!(g.constants.is_empty(), "no constant survives: {:?}", g.constants);

@@ -2,7 +2,7 @@
 
 use cnnc_ir::Graph;
 
-use super::Pass;
+use super::{Pass, PassContext};
 
 pub const PASS: Pass = Pass {
     name: "eliminate-dead-code",
@@ -10,7 +10,7 @@ pub const PASS: Pass = Pass {
     run,
 };
 
-fn run(g: &mut Graph) -> Result<(), String> {
+fn run(g: &mut Graph, _: &PassContext) -> Result<(), String> {
     g.remove_dead();
     Ok(())
 }

@@ -3,7 +3,7 @@
 
 use cnnc_ir::{Graph, Node, Op, Tensor, interp};
 
-use super::Pass;
+use super::{Pass, PassContext};
 
 pub const PASS: Pass = Pass {
     name: "fold-constants",
@@ -16,7 +16,7 @@ pub const PASS: Pass = Pass {
 /// kept only when they stay splats or small.
 const MAX_FOLDED_DENSE_ELEMENTS: usize = 1 << 20;
 
-fn run(g: &mut Graph) -> Result<(), String> {
+fn run(g: &mut Graph, _: &PassContext) -> Result<(), String> {
     let mut const_value: Vec<Option<Tensor>> = vec![None; g.values.len()];
     let mut rewritten = Vec::with_capacity(g.nodes.len());
     let nodes = std::mem::take(&mut g.nodes);

@@ -3,7 +3,7 @@
 
 use cnnc_ir::{Graph, Op};
 
-use super::Pass;
+use super::{Pass, PassContext};
 
 pub const PASS: Pass = Pass {
     name: "merge-reshapes",
@@ -11,7 +11,7 @@ pub const PASS: Pass = Pass {
     run,
 };
 
-fn run(g: &mut Graph) -> Result<(), String> {
+fn run(g: &mut Graph, _: &PassContext) -> Result<(), String> {
     let producers = g.producers();
     for i in 0..g.nodes.len() {
         if g.nodes[i].op != Op::Reshape || !g.nodes[i].epilogue.is_empty() {

@@ -3,21 +3,44 @@
 
 use cnnc_ir::Graph;
 
+pub mod choose_schedule;
+mod edit;
 pub mod eliminate_dead_code;
+pub mod fold_batchnorm;
 pub mod fold_constants;
+pub mod fuse_epilogue;
 pub mod merge_reshapes;
+pub mod target;
+
+pub use target::TargetDesc;
+
+/// What every pass may read besides the graph. Passes must not look at the host
+/// directly: everything machine-dependent comes through here, so tests can pin it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PassContext {
+    pub target: TargetDesc,
+}
 
 /// One named rewrite of the whole graph.
 pub struct Pass {
     pub name: &'static str,
     /// What the pass does, for `cnnc dump --list-passes`.
     pub summary: &'static str,
-    pub run: fn(&mut Graph) -> Result<(), String>,
+    pub run: fn(&mut Graph, &PassContext) -> Result<(), String>,
 }
 
-/// The inference pipeline, in order.
+/// The inference pipeline, in order. Batch normalisation folds before fusion (a folded
+/// mul/add costs nothing, a fused one costs a step), fusion before scheduling (the
+/// schedule is chosen for the final node), dead code last.
 pub fn inference_pipeline() -> Vec<Pass> {
-    vec![fold_constants::PASS, merge_reshapes::PASS, eliminate_dead_code::PASS]
+    vec![
+        fold_constants::PASS,
+        merge_reshapes::PASS,
+        fold_batchnorm::PASS,
+        fuse_epilogue::PASS,
+        choose_schedule::PASS,
+        eliminate_dead_code::PASS,
+    ]
 }
 
 /// A pass failed or left the graph invalid.
@@ -40,11 +63,12 @@ impl std::error::Error for PassError {}
 pub fn run_pipeline(
     g: &mut Graph,
     passes: &[Pass],
+    ctx: &PassContext,
     mut observe: impl FnMut(&str, &Graph),
 ) -> Result<(), PassError> {
     cnnc_ir::verify::verify(g).map_err(|e| PassError { pass: "frontend", message: e.to_string() })?;
     for p in passes {
-        (p.run)(g).map_err(|message| PassError { pass: p.name, message })?;
+        (p.run)(g, ctx).map_err(|message| PassError { pass: p.name, message })?;
         cnnc_ir::verify::verify(g).map_err(|e| PassError { pass: p.name, message: e.to_string() })?;
         observe(p.name, g);
     }
