@@ -201,7 +201,9 @@ fn execute(g: &Graph, inputs: &[Tensor], keep_all: bool) -> Result<Vec<Option<Te
                 })
                 .collect::<Result<_, _>>()?;
             let out_types: Vec<TensorType> = node.outputs.iter().map(|&v| g.ty(v).clone()).collect();
-            let mut outs = eval(&node.op, &ins, &out_types, &g.constants).map_err(|e| format!("{}: {e}", context()))?;
+            // Inputs past the op's own are operands only the epilogue reads.
+            let own = crate::verify::op_input_count(node);
+            let mut outs = eval(&node.op, &ins[..own], &out_types, &g.constants).map_err(|e| format!("{}: {e}", context()))?;
             if outs.len() != node.outputs.len() {
                 return Err(format!(
                     "{}: produced {} outputs, the node has {}",
