@@ -189,6 +189,21 @@ fn conv_without_bias_and_large_kernel() {
 }
 
 #[test]
+fn conv_refuses_pathological_padding() {
+    // Every output of a 600-tap kernel over 599 padding on both sides has its own tap
+    // range: the kernel must refuse (an error, not minutes of compilation).
+    let x = TensorType::f32(vec![1, 1, 600]);
+    let w = TensorType::f32(vec![1, 1, 600]);
+    let g = ConvGeometry { strides: vec![1], dilations: vec![1], pads_begin: vec![599], pads_end: vec![599], groups: 1 };
+    let started = std::time::Instant::now();
+    match harness::compile(Op::Conv(g), &[x, w], None, conv::emit) {
+        Err(e) => assert!(e.contains("not supported"), "{e}"),
+        Ok(_) => panic!("pathological conv compiled"),
+    }
+    assert!(started.elapsed().as_secs() < 20, "refusal took {:?}", started.elapsed());
+}
+
+#[test]
 fn conv_rejects_integer_input() {
     let x = Tensor::new(vec![1, 1, 3], cnnc_ir::TensorData::I64(vec![1, 2, 3]));
     let w = Tensor::new(vec![1, 1, 1], cnnc_ir::TensorData::I64(vec![1]));

@@ -14,15 +14,15 @@
 
 use cnnc_ir::{ConvGeometry, DType, Op};
 use cranelift_codegen::ir::{
-    InstBuilder, Value,
+    InstBuilder, MemFlagsData, Value,
     types::{F32, F32X4},
 };
 use cranelift_frontend::FunctionBuilder;
 
 use super::compute::window::{AxisWindow, Segment};
 use super::compute::{
-    F32_BYTES, LANES, counted_loop, index_ptr, load, load_f32x4_strided, mul_add, offset_ptr, require_buffers, require_dtype,
-    require_plain_layout, scalar_flags, shuffle_f32x4, splat_f32, store, tiled_loop, vector_flags, weight,
+    F32_BYTES, LANES, counted_loop, index_ptr, input_flags, load, load_f32x4_strided, mul_add, offset_ptr, require_buffers, require_dtype,
+    require_plain_layout, scalar_flags, shuffle_f32x4, splat_f32, store, tiled_loop, vector_flags,
 };
 use super::{CodegenError, KernelCtx};
 
@@ -31,6 +31,9 @@ const CHANNEL_BLOCK: usize = 4;
 
 /// Innermost kernel axes up to this many taps are unrolled; longer ones loop.
 const UNROLL_TAPS: usize = 8;
+
+/// Code-size bound: channel loops one conv may emit (ordinary layers need < 500).
+const MAX_TAP_BODIES: usize = 20_000;
 
 /// Input vectors one loop body may load at once without spilling accumulators.
 const MAX_LIVE_INPUTS: usize = 4;
@@ -62,6 +65,19 @@ pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
     }
     let plan = ConvPlan::new(&x_ty.shape, &w_ty.shape, &y_ty.shape, geometry)
         .map_err(|e| CodegenError(format!("conv node '{}': {e}", k.node.name)))?;
+    let bodies = plan.emitted_tap_bodies();
+    if bodies > MAX_TAP_BODIES {
+        return Err(CodegenError(format!(
+            "conv node '{}': padding and kernel size ({x_ty} * {w_ty}) would need {bodies} specialised tap loops \
+             (limit {MAX_TAP_BODIES}); this geometry is not supported",
+            k.node.name
+        )));
+    }
+    let plan = ConvPlan {
+        weight_flags: input_flags(k, 1, scalar_flags()),
+        bias_flags: input_flags(k, 2, scalar_flags()),
+        ..plan
+    };
     let bias = k.inputs.get(2).copied();
     plan.emit(k.b, k.inputs[0], k.inputs[1], bias, k.outputs[0]);
     Ok(())
@@ -81,6 +97,9 @@ struct ConvPlan {
     in_plane: usize,
     out_plane: usize,
     kernel_size: usize,
+    /// Load flags of the weight and bias (movable when immutable during the call).
+    weight_flags: MemFlagsData,
+    bias_flags: MemFlagsData,
 }
 
 /// The output channels a tile computes and where their data lives.
@@ -102,6 +121,15 @@ struct Tile {
     /// First position of an edge tile (emitted at a known position, lanes checked at
     /// compile time); None for interior tiles, whose lanes all read inside the input.
     edge: Option<usize>,
+}
+
+/// A run of tiles along the innermost axis.
+#[derive(Clone, Copy, Debug)]
+enum RowPiece {
+    /// One tile at a known position.
+    Edge { start: usize, vectors: usize },
+    /// `tiles` full tiles from `start`, in a loop.
+    Interior { start: usize, vectors: usize, tiles: usize },
 }
 
 /// What one lane of an edge tile needs from one tap.
@@ -181,6 +209,8 @@ impl ConvPlan {
             in_plane: in_sp.iter().product(),
             out_plane: out_sp.iter().product(),
             kernel_size: k_sp.iter().product(),
+            weight_flags: scalar_flags(),
+            bias_flags: scalar_flags(),
         })
     }
 
@@ -257,40 +287,83 @@ impl ConvPlan {
         }
     }
 
-    /// The innermost axis: edge tiles at compile-time positions (per-lane tap
-    /// validity, partial stores) around a loop of interior tiles that need no checks.
-    fn emit_row(&self, b: &mut FunctionBuilder, cb: &ChannelBlock, x_origin: Value, y: Value, taps: &[(usize, usize)]) {
+    /// How the innermost axis is covered for a block of `channels` output channels:
+    /// edge tiles at compile-time positions (per-lane tap validity, partial stores)
+    /// around one loop of interior tiles that need no checks.
+    fn row_tiles(&self, channels: usize) -> Vec<RowPiece> {
         let a = self.axes[self.axes.len() - 1];
         let out = a.output;
-        let vectors = vectors_per_channel(cb.channels);
+        let vectors = vectors_per_channel(channels);
         let width = vectors * LANES;
         let (lo, hi) = self.segments[self.axes.len() - 1]
             .iter()
             .find(|s| s.tap_begin == 0 && s.tap_end == a.kernel)
             .map_or((0, 0), |s| (s.start, s.start + s.count));
-        let at = |b: &mut FunctionBuilder, p: usize| {
-            (offset_ptr(b, x_origin, a.origin(p) * F32_BYTES), offset_ptr(b, y, Self::bytes(p)))
-        };
+        let mut pieces = Vec::new();
         let mut p = 0;
         while p < lo.min(out) {
-            let (xp, yp) = at(b, p);
-            self.emit_tile(b, cb, Tile { vectors: 1, in_channels: 0, edge: Some(p) }, xp, yp, taps);
+            pieces.push(RowPiece::Edge { start: p, vectors: 1 });
             p += LANES;
         }
-        if hi > p {
-            let (xp, yp) = at(b, p);
+        if hi > p && (hi - p) / width > 0 {
             let tiles = (hi - p) / width;
-            counted_loop(b, tiles, vec![xp, yp], |b, _, c| {
-                self.emit_tile(b, cb, Tile { vectors, in_channels: 0, edge: None }, c[0], c[1], taps);
-                vec![b.ins().iadd_imm_s(c[0], Self::bytes(width * a.stride)), b.ins().iadd_imm_s(c[1], Self::bytes(width))]
-            });
+            pieces.push(RowPiece::Interior { start: p, vectors, tiles });
             p += tiles * width;
         }
         while p < out {
             let tile_vectors = ((out - p) / LANES).clamp(1, vectors);
-            let (xp, yp) = at(b, p);
-            self.emit_tile(b, cb, Tile { vectors: tile_vectors, in_channels: 0, edge: Some(p) }, xp, yp, taps);
+            pieces.push(RowPiece::Edge { start: p, vectors: tile_vectors });
             p += tile_vectors * LANES;
+        }
+        pieces
+    }
+
+    /// Channel loops (tap × input-channel slice bodies) the kernel would emit: a bound
+    /// on code size for pathological geometries (huge kernels over huge padding).
+    fn emitted_tap_bodies(&self) -> usize {
+        let block = CHANNEL_BLOCK.min(self.out_per_group.max(1));
+        let mut blocks = vec![block];
+        if self.out_per_group % block != 0 {
+            blocks.push(self.out_per_group % block);
+        }
+        let slices = if self.in_per_group % channel_slice(self.in_per_group) != 0 { 2 } else { 1 };
+        let outer: usize = self.segments[..self.axes.len() - 1].iter().map(Vec::len).product();
+        let last = self.axes.len() - 1;
+        let row = |channels: usize| -> usize {
+            self.row_tiles(channels)
+                .iter()
+                .map(|piece| match *piece {
+                    RowPiece::Interior { .. } => self.axes[last].kernel,
+                    RowPiece::Edge { start, vectors } => (0..self.axes[last].kernel)
+                        .filter(|&t| (0..vectors * LANES).any(|lane| self.lane_state(start, lane, t).0 == Lane::Load))
+                        .count(),
+                })
+                .sum()
+        };
+        blocks.iter().map(|&c| row(c)).sum::<usize>().saturating_mul(outer).saturating_mul(slices)
+    }
+
+    /// The innermost axis, tile by tile (see `row_tiles`).
+    fn emit_row(&self, b: &mut FunctionBuilder, cb: &ChannelBlock, x_origin: Value, y: Value, taps: &[(usize, usize)]) {
+        let a = self.axes[self.axes.len() - 1];
+        let at = |b: &mut FunctionBuilder, p: usize| {
+            (offset_ptr(b, x_origin, a.origin(p) * F32_BYTES), offset_ptr(b, y, Self::bytes(p)))
+        };
+        for piece in self.row_tiles(cb.channels) {
+            match piece {
+                RowPiece::Edge { start, vectors } => {
+                    let (xp, yp) = at(b, start);
+                    self.emit_tile(b, cb, Tile { vectors, in_channels: 0, edge: Some(start) }, xp, yp, taps);
+                }
+                RowPiece::Interior { start, vectors, tiles } => {
+                    let (xp, yp) = at(b, start);
+                    let width = vectors * LANES;
+                    counted_loop(b, tiles, vec![xp, yp], |b, _, c| {
+                        self.emit_tile(b, cb, Tile { vectors, in_channels: 0, edge: None }, c[0], c[1], taps);
+                        vec![b.ins().iadd_imm_s(c[0], Self::bytes(width * a.stride)), b.ins().iadd_imm_s(c[1], Self::bytes(width))]
+                    });
+                }
+            }
         }
     }
 
@@ -316,7 +389,7 @@ impl ConvPlan {
         for r in 0..cb.channels {
             let init = match cb.bias {
                 Some(p) => {
-                    let v = load(b, F32, weight(scalar_flags()), p, Self::bytes(r));
+                    let v = load(b, F32, self.bias_flags, p, Self::bytes(r));
                     b.ins().splat(F32X4, v)
                 }
                 None => splat_f32(b, 0.0),
@@ -478,7 +551,7 @@ impl ConvPlan {
             .collect();
         let w_channel = Self::bytes(self.in_per_group * self.kernel_size);
         for r in 0..cb.channels {
-            let scalar = load(b, F32, weight(scalar_flags()), w, r as i64 * w_channel);
+            let scalar = load(b, F32, self.weight_flags, w, r as i64 * w_channel);
             let wv = b.ins().splat(F32X4, scalar);
             for (v, input) in inputs.iter().enumerate() {
                 if let Some(input) = *input {

@@ -10,19 +10,23 @@
 
 use cnnc_ir::{ConvGeometry, DType, Op};
 use cranelift_codegen::ir::{
-    InstBuilder, Value,
+    InstBuilder, MemFlagsData, Value,
     types::{F32, F32X4},
 };
 use cranelift_frontend::FunctionBuilder;
 
 use super::compute::window::transposed_input_range;
 use super::compute::{
-    F32_BYTES, LANES, counted_loop, index_ptr, load, load_f32x4_strided, mul_add, offset_ptr, require_buffers, require_dtype,
-    require_plain_layout, scalar_flags, splat_f32, store, store_f32x4_strided, tiled_loop, vector_flags, weight,
+    F32_BYTES, LANES, counted_loop, index_ptr, input_flags, load, load_f32x4_strided, mul_add, offset_ptr, require_buffers, require_dtype,
+    require_plain_layout, scalar_flags, splat_f32, store, store_f32x4_strided, tiled_loop, vector_flags,
 };
 use super::{CodegenError, KernelCtx};
 
 const CHANNEL_BLOCK: usize = 4;
+
+/// Code-size bound: tiles one transposed convolution may emit (taps × 3 tile widths
+/// × 2 channel-block sizes); ordinary layers need < 200.
+const MAX_TILE_BODIES: usize = 20_000;
 
 fn vectors_per_channel(channels: usize) -> usize {
     match channels {
@@ -53,6 +57,14 @@ pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
     }
     let plan = Plan::new(&x.shape, &w.shape, &y.shape, geometry)
         .map_err(|e| CodegenError(format!("conv_transpose node '{}': {e}", k.node.name)))?;
+    let bodies = plan.kernel_size.saturating_mul(6);
+    if bodies > MAX_TILE_BODIES {
+        return Err(CodegenError(format!(
+            "conv_transpose node '{}': a kernel of {} taps would need {bodies} specialised tiles (limit {MAX_TILE_BODIES})",
+            k.node.name, plan.kernel_size
+        )));
+    }
+    let plan = Plan { weight_flags: input_flags(k, 1, scalar_flags()), bias_flags: input_flags(k, 2, scalar_flags()), ..plan };
     plan.emit(k.b, k.inputs[0], k.inputs[1], k.inputs.get(2).copied(), k.outputs[0]);
     Ok(())
 }
@@ -71,6 +83,9 @@ struct Plan {
     in_plane: usize,
     out_plane: usize,
     kernel_size: usize,
+    /// Load flags of the weight and bias (movable when immutable during the call).
+    weight_flags: MemFlagsData,
+    bias_flags: MemFlagsData,
 }
 
 /// A block of output channels and one kernel tap.
@@ -116,6 +131,8 @@ impl Plan {
             in_plane: in_sp.iter().product(),
             out_plane: out_sp.iter().product(),
             kernel_size: k_sp.iter().product(),
+            weight_flags: scalar_flags(),
+            bias_flags: scalar_flags(),
             in_sp,
             out_sp,
             k_sp,
@@ -163,7 +180,7 @@ impl Plan {
                 let (vector, scalar) = match bias {
                     Some(p) => {
                         let at = index_ptr(b, p, m, F32_BYTES);
-                        let v = load(b, F32, weight(scalar_flags()), at, 0);
+                        let v = load(b, F32, self.bias_flags, at, 0);
                         (b.ins().splat(F32X4, v), v)
                     }
                     None => (splat_f32(b, 0.0), b.ins().f32const(0.0)),
@@ -278,7 +295,7 @@ impl Plan {
                 })
                 .collect();
             for r in 0..block.channels {
-                let s = load(b, F32, weight(scalar_flags()), wc, r as i64 * w_channel);
+                let s = load(b, F32, self.weight_flags, wc, r as i64 * w_channel);
                 let wv = if width == Width::Scalar { s } else { b.ins().splat(F32X4, s) };
                 for (v, &input) in inputs.iter().enumerate() {
                     let i = r * per_channel + v;

@@ -9,14 +9,14 @@
 
 use cnnc_ir::{DType, Op};
 use cranelift_codegen::ir::{
-    InstBuilder, Type, Value,
+    InstBuilder, MemFlagsData, Type, Value,
     types::{F32, F32X4, I32, I64},
 };
 use cranelift_frontend::FunctionBuilder;
 
 use super::compute::{
-    LANES, counted_loop, index_ptr, load, offset_ptr, require_buffers, require_plain_layout, scalar_flags, store, tiled_loop,
-    vector_flags, weight,
+    LANES, counted_loop, index_ptr, input_flags, load, offset_ptr, require_buffers, require_plain_layout, scalar_flags, store, tiled_loop,
+    vector_flags,
 };
 use super::{CodegenError, KernelCtx};
 
@@ -56,7 +56,14 @@ pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
     let batches: usize = out_batch.iter().product();
     let dense = cnnc_ir::strides(out_batch);
     let a_dense = (0..batch_rank).all(|d| out_batch[d] == 1 || a_batch[d] == dense[d] * m * kk);
-    let gemm = Gemm { m, n, k: kk, elem };
+    let gemm = Gemm {
+        m,
+        n,
+        k: kk,
+        elem,
+        b_scalar: input_flags(k, 1, scalar_flags()),
+        b_vector: input_flags(k, 1, vector_flags()),
+    };
     let (x, w, y) = (k.inputs[0], k.inputs[1], k.outputs[0]);
     if batches > 1 && b_batch.iter().all(|&s| s == 0) && a_dense && m * n > 0 {
         Gemm { m: m * batches, ..gemm }.emit(k.b, x, w, y);
@@ -120,6 +127,9 @@ struct Gemm {
     n: usize,
     k: usize,
     elem: Type,
+    /// Load flags for B (movable when immutable during the call).
+    b_scalar: MemFlagsData,
+    b_vector: MemFlagsData,
 }
 
 /// Columns a tile covers: f32x4 vectors or single elements.
@@ -210,8 +220,8 @@ impl Gemm {
             let mut accs = p[2..].to_vec();
             let b_elems: Vec<Value> = (0..per_row)
                 .map(|j| match cols {
-                    Cols::Vectors(_) => load(b, F32X4, weight(vector_flags()), bk, (j * LANES) as i64 * size),
-                    Cols::Scalars(_) => load(b, self.elem, weight(scalar_flags()), bk, j as i64 * size),
+                    Cols::Vectors(_) => load(b, F32X4, self.b_vector, bk, (j * LANES) as i64 * size),
+                    Cols::Scalars(_) => load(b, self.elem, self.b_scalar, bk, j as i64 * size),
                 })
                 .collect();
             for r in 0..rows {

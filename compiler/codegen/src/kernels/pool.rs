@@ -24,6 +24,9 @@ use super::{CodegenError, KernelCtx};
 /// Innermost kernel axes up to this many taps are unrolled; longer ones loop.
 const UNROLL_TAPS: usize = 8;
 
+/// Code-size bound: tiles one pool may emit (ordinary layers need < 50).
+const MAX_TILE_BODIES: usize = 20_000;
+
 /// f32x4 accumulators in the widest tile.
 const TILE_VECTORS: usize = 2;
 
@@ -59,6 +62,13 @@ pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
         .collect();
     if axes.iter().any(|a| a.kernel == 0 || a.stride == 0 || a.dilation == 0) {
         return Err(fail("zero kernel size, stride or dilation".into()));
+    }
+    let bodies = axes.iter().map(|a| a.segments().len()).fold(3usize, usize::saturating_mul);
+    if bodies > MAX_TILE_BODIES {
+        return Err(fail(format!(
+            "padding and window of {x} -> {y} would need {bodies} specialised tiles (limit {MAX_TILE_BODIES}); \
+             this geometry is not supported"
+        )));
     }
     let plan = PoolPlan {
         kind: attrs.kind,

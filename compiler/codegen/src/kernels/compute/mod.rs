@@ -33,9 +33,23 @@ pub fn vector_flags() -> MemFlagsData {
 }
 
 /// Adds the read-only, movable marks that let the optimiser hoist and merge weight
-/// loads (the weight input of conv and matmul is never written during a call).
+/// loads. Only for memory nothing writes during the whole call (see `input_flags`):
+/// a movable load may be merged with an identical load anywhere in the function.
 pub fn weight(flags: MemFlagsData) -> MemFlagsData {
     flags.with_readonly().with_can_move()
+}
+
+/// `base`, marked read-only and movable when node input `input` is immutable for the
+/// whole call: a graph input or a constant. An activation (say MatMul's second
+/// operand in attention) was written earlier in the same function, so its loads must
+/// stay ordered after those stores.
+pub fn input_flags(k: &KernelCtx, input: usize, base: MemFlagsData) -> MemFlagsData {
+    let Some(&value) = k.node.inputs.get(input) else {
+        return base;
+    };
+    let immutable = k.graph.inputs.contains(&value)
+        || k.graph.nodes.iter().any(|n| matches!(n.op, cnnc_ir::Op::Constant(_)) && n.outputs.contains(&value));
+    if immutable { weight(base) } else { base }
 }
 
 /// Fails unless the node runs on dense row-major buffers: blocked layouts are
