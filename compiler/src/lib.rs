@@ -7,4 +7,5 @@ pub mod compare;
 pub mod driver;
 pub mod header;
 pub mod passes;
+pub mod train;
 pub mod verify;

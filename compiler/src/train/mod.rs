@@ -1,0 +1,14 @@
+//! Training: reverse-mode autodiff over the IR (`autodiff`, with the gradient rules split by
+//! op family in `rules_*`), the softmax cross-entropy loss (`loss`) and the training graph of
+//! an ONNX model with its trainable parameters as graph inputs (`model`).
+
+pub mod autodiff;
+pub mod loss;
+pub mod model;
+mod rules_elementwise;
+mod rules_layout;
+mod rules_window;
+
+pub use autodiff::backward;
+pub use loss::softmax_cross_entropy;
+pub use model::{Parameter, TrainingGraph, load_training_graph, trainable_initializers};

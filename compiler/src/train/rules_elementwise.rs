@@ -1,0 +1,212 @@
+//! Gradient rules of elementwise ops, MatMul and reductions.
+
+use cnnc_ir::{BinaryFn, DType, Node, Op, ReduceKind, UnaryFn, ValueId};
+
+use super::autodiff::Builder;
+
+type Grads = Result<Vec<Option<ValueId>>, String>;
+
+/// d/dx of y = f(x). Kinks follow PyTorch: ReLU and Clip pass the gradient only strictly
+/// inside their linear range.
+pub fn grad_unary(b: &mut Builder, f: UnaryFn, node: &Node, gy: ValueId) -> Grads {
+    let (x, y) = (node.inputs[0], node.outputs[0]);
+    let dx = match f {
+        UnaryFn::Neg => b.scale(gy, -1.0)?,
+        UnaryFn::Affine { scale, .. } => b.scale(gy, scale)?,
+        UnaryFn::Relu => {
+            let zero = b.scalar(0.0);
+            let positive = b.binary(BinaryFn::Greater, x, zero)?;
+            b.mask(positive, gy)?
+        }
+        UnaryFn::LeakyRelu { alpha } => {
+            let zero = b.scalar(0.0);
+            let positive = b.binary(BinaryFn::Greater, x, zero)?;
+            let leaked = b.scale(gy, alpha)?;
+            b.select(positive, gy, leaked)?
+        }
+        UnaryFn::Clip { min, max } => {
+            let (lo, hi) = (b.scalar(min), b.scalar(max));
+            let above = b.binary(BinaryFn::Greater, x, lo)?;
+            let below = b.binary(BinaryFn::Less, x, hi)?;
+            let inside = b.binary(BinaryFn::And, above, below)?;
+            b.mask(inside, gy)?
+        }
+        UnaryFn::Sigmoid => {
+            // y·(1 − y)
+            let one_minus = b.unary(UnaryFn::Affine { scale: -1.0, shift: 1.0 }, y)?;
+            let slope = b.binary(BinaryFn::Mul, y, one_minus)?;
+            b.binary(BinaryFn::Mul, gy, slope)?
+        }
+        UnaryFn::Tanh => {
+            // 1 − y²
+            let square = b.binary(BinaryFn::Mul, y, y)?;
+            let slope = b.unary(UnaryFn::Affine { scale: -1.0, shift: 1.0 }, square)?;
+            b.binary(BinaryFn::Mul, gy, slope)?
+        }
+        UnaryFn::Sqrt => {
+            let twice = b.scale(y, 2.0)?;
+            b.binary(BinaryFn::Div, gy, twice)?
+        }
+        UnaryFn::Exp => b.binary(BinaryFn::Mul, gy, y)?,
+        UnaryFn::Log => b.binary(BinaryFn::Div, gy, x)?,
+        UnaryFn::Reciprocal => {
+            let square = b.binary(BinaryFn::Mul, y, y)?;
+            let scaled = b.binary(BinaryFn::Mul, gy, square)?;
+            b.scale(scaled, -1.0)?
+        }
+        UnaryFn::PowConst { exponent } => {
+            let lowered = b.unary(UnaryFn::PowConst { exponent: exponent - 1.0 }, x)?;
+            let slope = b.scale(lowered, exponent)?;
+            b.binary(BinaryFn::Mul, gy, slope)?
+        }
+        UnaryFn::HardSwish => {
+            // y = x·relu6(x + 3)/6: slope 0 below −3, 1 above 3, (2x + 3)/6 between (PyTorch).
+            let (minus3, plus3) = (b.scalar(-3.0), b.scalar(3.0));
+            let low = b.binary(BinaryFn::Less, x, minus3)?;
+            let high = b.binary(BinaryFn::Greater, x, plus3)?;
+            let slope = b.unary(UnaryFn::Affine { scale: 1.0 / 3.0, shift: 0.5 }, x)?;
+            let middle = b.binary(BinaryFn::Mul, gy, slope)?;
+            let upper = b.select(high, gy, middle)?;
+            let zero = b.scalar(0.0);
+            b.select(low, zero, upper)?
+        }
+        other => return Err(format!("no gradient rule for unary {other:?}")),
+    };
+    Ok(vec![Some(dx)])
+}
+
+/// Gradients of broadcasting binary ops, summed back to each operand's shape.
+pub fn grad_binary(b: &mut Builder, f: BinaryFn, node: &Node, gy: ValueId, needs: &[bool]) -> Grads {
+    let (x, w, y) = (node.inputs[0], node.inputs[1], node.outputs[0]);
+    let (da, db) = match f {
+        BinaryFn::Add => (Some(gy), Some(gy)),
+        BinaryFn::Sub => (Some(gy), if needs[1] { Some(b.scale(gy, -1.0)?) } else { None }),
+        BinaryFn::Mul => (
+            if needs[0] { Some(b.binary(BinaryFn::Mul, gy, w)?) } else { None },
+            if needs[1] { Some(b.binary(BinaryFn::Mul, gy, x)?) } else { None },
+        ),
+        BinaryFn::Div => {
+            let da = b.binary(BinaryFn::Div, gy, w)?;
+            // d(x/w)/dw = −y/w, so db = −da·y.
+            let db = if needs[1] {
+                let prod = b.binary(BinaryFn::Mul, da, y)?;
+                Some(b.scale(prod, -1.0)?)
+            } else {
+                None
+            };
+            (Some(da), db)
+        }
+        BinaryFn::Max | BinaryFn::Min => {
+            // Ties go to the first operand.
+            let cmp = if f == BinaryFn::Max { BinaryFn::GreaterOrEqual } else { BinaryFn::LessOrEqual };
+            let first = b.binary(cmp, x, w)?;
+            let zero = b.scalar(0.0);
+            (Some(b.select(first, gy, zero)?), Some(b.select(first, zero, gy)?))
+        }
+        BinaryFn::PRelu => {
+            let zero = b.scalar(0.0);
+            let negative = b.binary(BinaryFn::Less, x, zero)?;
+            let da = if needs[0] {
+                let leaked = b.binary(BinaryFn::Mul, gy, w)?;
+                Some(b.select(negative, leaked, gy)?)
+            } else {
+                None
+            };
+            let db = if needs[1] {
+                let prod = b.binary(BinaryFn::Mul, gy, x)?;
+                Some(b.mask(negative, prod)?)
+            } else {
+                None
+            };
+            (da, db)
+        }
+        other => return Err(format!("no gradient rule for binary {other:?}")),
+    };
+    let out_shape = b.shape(y);
+    let mut grads = Vec::new();
+    for (operand, grad, need) in [(x, da, needs[0]), (w, db, needs[1])] {
+        grads.push(match (grad, need) {
+            (Some(grad), true) => {
+                let target = b.shape(operand);
+                let full = b.broadcast_to(grad, &out_shape)?;
+                Some(b.sum_to_shape(full, &target)?)
+            }
+            _ => None,
+        });
+    }
+    Ok(grads)
+}
+
+pub fn grad_where(b: &mut Builder, node: &Node, gy: ValueId) -> Grads {
+    let (cond, x, y) = (node.inputs[0], node.inputs[1], node.inputs[2]);
+    let out_shape = b.shape(node.outputs[0]);
+    let zero = b.scalar(0.0);
+    let to_x = b.select(cond, gy, zero)?;
+    let to_y = b.select(cond, zero, gy)?;
+    let mut grads = vec![None];
+    for (operand, grad) in [(x, to_x), (y, to_y)] {
+        let target = b.shape(operand);
+        let full = b.broadcast_to(grad, &out_shape)?;
+        grads.push(Some(b.sum_to_shape(full, &target)?));
+    }
+    Ok(grads)
+}
+
+pub fn grad_cast(b: &mut Builder, to: DType, node: &Node, gy: ValueId) -> Grads {
+    let from = b.g.ty(node.inputs[0]).dtype;
+    if from == DType::F32 && to == DType::F32 {
+        return Ok(vec![Some(gy)]);
+    }
+    Ok(vec![None])
+}
+
+/// Y = A·B over the last two axes: dA = dY·Bᵀ, dB = Aᵀ·dY, each summed over broadcast
+/// batch axes.
+pub fn grad_matmul(b: &mut Builder, node: &Node, gy: ValueId, needs: &[bool]) -> Grads {
+    let (a, w) = (node.inputs[0], node.inputs[1]);
+    let swap_last = |rank: usize| -> Vec<usize> {
+        let mut perm: Vec<usize> = (0..rank).collect();
+        perm.swap(rank - 2, rank - 1);
+        perm
+    };
+    let da = if needs[0] {
+        let wt = b.transpose(w, swap_last(b.shape(w).len()))?;
+        let full = b.push(Op::MatMul, &[gy, wt])?;
+        let target = b.shape(a);
+        Some(b.sum_to_shape(full, &target)?)
+    } else {
+        None
+    };
+    let dw = if needs[1] {
+        let at = b.transpose(a, swap_last(b.shape(a).len()))?;
+        let full = b.push(Op::MatMul, &[at, gy])?;
+        let target = b.shape(w);
+        Some(b.sum_to_shape(full, &target)?)
+    } else {
+        None
+    };
+    Ok(vec![da, dw])
+}
+
+/// Sum and Mean spread the gradient over the reduced axes; Max and Min give it to every
+/// element equal to the result (ties share the full gradient each -- PyTorch's
+/// amax/amin divide it instead; global max pooling with ties is the only visible case).
+pub fn grad_reduce(b: &mut Builder, kind: ReduceKind, axes: &[usize], node: &Node, gy: ValueId) -> Grads {
+    let (x, y) = (node.inputs[0], node.outputs[0]);
+    let shape = b.shape(x);
+    let dx = match kind {
+        ReduceKind::Sum => b.broadcast_to(gy, &shape)?,
+        ReduceKind::Mean => {
+            let count: usize = axes.iter().map(|&a| shape[a]).product();
+            let scaled = b.scale(gy, 1.0 / count.max(1) as f32)?;
+            b.broadcast_to(scaled, &shape)?
+        }
+        ReduceKind::Max | ReduceKind::Min => {
+            let hit = b.binary(BinaryFn::Equal, x, y)?;
+            let spread = b.broadcast_to(gy, &shape)?;
+            b.mask(hit, spread)?
+        }
+        ReduceKind::Prod => return Err("no gradient rule for a product reduction".into()),
+    };
+    Ok(vec![Some(dx)])
+}

@@ -1,0 +1,226 @@
+//! Gradient rules of windowed ops: convolution and pooling, expressed with convolutions.
+
+use cnnc_ir::{
+    BinaryFn, ConvGeometry, Node, Op, PadMode, PoolAttrs, PoolKind, Scalar, Tensor, TensorType, UnaryFn, ValueId,
+};
+
+use super::autodiff::Builder;
+
+type Grads = Result<Vec<Option<ValueId>>, String>;
+
+/// Conv (x [N, C, *in], w [M, C/G, *k], bias [M]?) -> y [N, M, *out]:
+/// - dx is the transposed convolution of dy with the same weights and geometry (the
+///   weight layout [M, C/G, *k] is exactly ConvTranspose's [in, out/G, *k]);
+/// - dw[m, c, k] = Σ_{n, o} dy[n, m, o]·x[n, c, o·s − p + k·d] is a convolution of x with
+///   dy in which batch and channels trade places: x as [C/G, G·N, *in], dy as the weight
+///   [M, N, *out] with G groups, stride and dilation swapped; it yields [C/G, M, *k'] with
+///   k' >= k (taps past the last window are cut off);
+/// - dbias sums dy over every axis but 1.
+pub fn grad_conv(b: &mut Builder, geometry: &ConvGeometry, node: &Node, gy: ValueId, needs: &[bool]) -> Grads {
+    let (x, w) = (node.inputs[0], node.inputs[1]);
+    let (x_shape, w_shape, y_shape) = (b.shape(x), b.shape(w), b.shape(gy));
+    let mut grads = vec![None; node.inputs.len()];
+    if needs[0] {
+        let ty = b.g.ty(x).clone();
+        grads[0] = Some(b.push_typed(Op::ConvTranspose(geometry.clone()), &[gy, w], ty)?);
+    }
+    if needs[1] {
+        grads[1] = Some(conv_weight_gradient(b, geometry, x, gy, &x_shape, &w_shape, &y_shape)?);
+    }
+    if needs.get(2).copied().unwrap_or(false) {
+        let axes: Vec<usize> = (0..y_shape.len()).filter(|&a| a != 1).collect();
+        let summed = b.reduce_sum(gy, axes)?;
+        grads[2] = Some(b.reshape(summed, &[y_shape[1]])?);
+    }
+    Ok(grads)
+}
+
+fn conv_weight_gradient(
+    b: &mut Builder,
+    geometry: &ConvGeometry,
+    x: ValueId,
+    gy: ValueId,
+    x_shape: &[usize],
+    w_shape: &[usize],
+    y_shape: &[usize],
+) -> Result<ValueId, String> {
+    let groups = geometry.groups;
+    let (batch, channels, outputs) = (x_shape[0], x_shape[1], y_shape[1]);
+    let (group_in, group_out) = (channels / groups, outputs / groups);
+    let spatial = x_shape.len() - 2;
+    let tail = |from: usize| (from..from + spatial).collect::<Vec<usize>>();
+
+    // x [N, C, *in] -> [N, G, C/G, *in] -> [C/G, G, N, *in] -> [C/G, G·N, *in]
+    let mut split = vec![batch, groups, group_in];
+    split.extend(&x_shape[2..]);
+    let xs = b.reshape(x, &split)?;
+    let mut perm = vec![2, 1, 0];
+    perm.extend(tail(3));
+    let xs = b.transpose(xs, perm)?;
+    let mut merged = vec![group_in, groups * batch];
+    merged.extend(&x_shape[2..]);
+    let xs = b.reshape(xs, &merged)?;
+
+    // dy [N, M, *out] -> [N, G, M/G, *out] -> [G, M/G, N, *out] -> [M, N, *out]
+    let mut split = vec![batch, groups, group_out];
+    split.extend(&y_shape[2..]);
+    let gs = b.reshape(gy, &split)?;
+    let mut perm = vec![1, 2, 0];
+    perm.extend(tail(3));
+    let gs = b.transpose(gs, perm)?;
+    let mut merged = vec![outputs, batch];
+    merged.extend(&y_shape[2..]);
+    let gs = b.reshape(gs, &merged)?;
+
+    let swapped = ConvGeometry {
+        strides: geometry.dilations.clone(),
+        dilations: geometry.strides.clone(),
+        pads_begin: geometry.pads_begin.clone(),
+        pads_end: geometry.pads_end.clone(),
+        groups,
+    };
+    let full = b.push(Op::Conv(swapped), &[xs, gs])?;
+    let full_shape = b.shape(full);
+    let mut cut_shape = vec![group_in, outputs];
+    cut_shape.extend(&w_shape[2..]);
+    let cut = if full_shape == cut_shape {
+        full
+    } else {
+        let dtype = b.g.ty(full).dtype;
+        let op = Op::Slice { starts: vec![0; full_shape.len()], steps: vec![1; full_shape.len()] };
+        b.push_typed(op, &[full], TensorType::new(dtype, cut_shape))?
+    };
+    let mut perm = vec![1, 0];
+    perm.extend(tail(2));
+    b.transpose(cut, perm)
+}
+
+pub fn grad_pool(b: &mut Builder, attrs: &PoolAttrs, node: &Node, gy: ValueId) -> Grads {
+    let dx = match attrs.kind {
+        PoolKind::Avg { count_include_pad } => grad_avg_pool(b, attrs, count_include_pad, node, gy)?,
+        PoolKind::Max => grad_max_pool(b, attrs, node, gy)?,
+    };
+    Ok(vec![Some(dx)])
+}
+
+fn window_geometry(attrs: &PoolAttrs, groups: usize) -> ConvGeometry {
+    ConvGeometry {
+        strides: attrs.strides.clone(),
+        dilations: attrs.dilations.clone(),
+        pads_begin: attrs.pads_begin.clone(),
+        pads_end: attrs.pads_end.clone(),
+        groups,
+    }
+}
+
+/// How many taps of each output position's window a pool's divisor counts along one axis.
+fn taps_counted(input: usize, output: usize, attrs: &PoolAttrs, axis: usize, count_include_pad: bool) -> Vec<f32> {
+    let (k, s, d) = (attrs.kernel[axis], attrs.strides[axis], attrs.dilations[axis]);
+    let (pb, pe) = (attrs.pads_begin[axis] as i64, attrs.pads_end[axis] as i64);
+    let (lo, hi) = if count_include_pad { (-pb, input as i64 + pe) } else { (0, input as i64) };
+    (0..output)
+        .map(|o| {
+            (0..k)
+                .map(|t| (o * s + t * d) as i64 - pb)
+                .filter(|&p| p >= lo && p < hi)
+                .count() as f32
+        })
+        .collect()
+}
+
+/// Average pooling's gradient: dy divided by each window's divisor, spread back over the
+/// window by a depthwise transposed convolution with an all-ones kernel.
+fn grad_avg_pool(b: &mut Builder, attrs: &PoolAttrs, count_include_pad: bool, node: &Node, gy: ValueId) -> Result<ValueId, String> {
+    let x = node.inputs[0];
+    let (x_shape, y_shape) = (b.shape(x), b.shape(gy));
+    let spatial = x_shape.len() - 2;
+    let channels = x_shape[1];
+    // The divisor is a product of per-axis counts.
+    let per_axis: Vec<Vec<f32>> =
+        (0..spatial).map(|a| taps_counted(x_shape[2 + a], y_shape[2 + a], attrs, a, count_include_pad)).collect();
+    let out_extent = &y_shape[2..];
+    let positions: usize = out_extent.iter().product();
+    let strides = cnnc_ir::strides(out_extent);
+    let inverse: Vec<f32> = (0..positions)
+        .map(|flat| {
+            let count: f32 = (0..spatial).map(|a| per_axis[a][(flat / strides[a]) % out_extent[a]]).product();
+            if count > 0.0 { 1.0 / count } else { 0.0 }
+        })
+        .collect();
+    let mut inv_shape = vec![1, 1];
+    inv_shape.extend(out_extent);
+    let inverse = b.constant(Tensor::f32(inv_shape, inverse));
+    let scaled = b.binary(BinaryFn::Mul, gy, inverse)?;
+    let mut w_shape = vec![channels, 1];
+    w_shape.extend(&attrs.kernel);
+    let ones = b.constant(Tensor::f32(w_shape.clone(), vec![1.0; w_shape.iter().product()]));
+    let ty = b.g.ty(x).clone();
+    b.push_typed(Op::ConvTranspose(window_geometry(attrs, channels)), &[scaled, ones], ty)
+}
+
+/// Max pooling's gradient goes to the first maximum of each window in row-major tap order
+/// (PyTorch's choice on ties). For each tap t, the tap's input under every window is a
+/// strided slice of x padded with −inf; it takes the gradient where it equals the window's
+/// maximum and no earlier tap did. The masked gradients, stacked per tap as channels
+/// [N, C·T, *out], are scattered back by one depthwise transposed convolution whose kernel
+/// for channel c·T + t is one-hot at tap t.
+fn grad_max_pool(b: &mut Builder, attrs: &PoolAttrs, node: &Node, gy: ValueId) -> Result<ValueId, String> {
+    let (x, y) = (node.inputs[0], node.outputs[0]);
+    let (x_shape, y_shape) = (b.shape(x), b.shape(y));
+    let spatial = x_shape.len() - 2;
+    let (batch, channels) = (x_shape[0], x_shape[1]);
+    let out_extent = y_shape[2..].to_vec();
+    let mut begins = vec![0i64; 2];
+    let mut ends = vec![0i64; 2];
+    for a in 0..spatial {
+        let reach = (out_extent[a].saturating_sub(1)) * attrs.strides[a] + (attrs.kernel[a] - 1) * attrs.dilations[a] + 1;
+        begins.push(attrs.pads_begin[a] as i64);
+        ends.push((reach as i64 - attrs.pads_begin[a] as i64 - x_shape[2 + a] as i64).max(0));
+    }
+    let padded = b.push(Op::Pad { begins, ends, mode: PadMode::Constant(Scalar::F32(f32::NEG_INFINITY)) }, &[x])?;
+    let taps: usize = attrs.kernel.iter().product();
+    let tap_strides = cnnc_ir::strides(&attrs.kernel);
+    let mut stacked_shape = vec![batch, channels, 1];
+    stacked_shape.extend(&out_extent);
+    let mut found: Option<ValueId> = None;
+    let mut pieces = Vec::with_capacity(taps);
+    for t in 0..taps {
+        let mut starts = vec![0, 0];
+        let mut steps = vec![1i64, 1];
+        for a in 0..spatial {
+            starts.push(((t / tap_strides[a]) % attrs.kernel[a]) * attrs.dilations[a]);
+            steps.push(attrs.strides[a] as i64);
+        }
+        let ty = b.g.ty(y).clone();
+        let under = b.push_typed(Op::Slice { starts, steps }, &[padded], ty)?;
+        let hit = b.binary(BinaryFn::Equal, under, y)?;
+        let first_hit = match found {
+            None => hit,
+            Some(earlier) => {
+                let fresh = b.unary(UnaryFn::Not, earlier)?;
+                b.binary(BinaryFn::And, hit, fresh)?
+            }
+        };
+        found = Some(match found {
+            None => hit,
+            Some(earlier) => b.binary(BinaryFn::Or, earlier, hit)?,
+        });
+        let masked = b.mask(first_hit, gy)?;
+        pieces.push(b.reshape(masked, &stacked_shape)?);
+    }
+    let stacked = if pieces.len() == 1 { pieces[0] } else { b.push(Op::Concat { axis: 2 }, &pieces)? };
+    let mut merged = vec![batch, channels * taps];
+    merged.extend(&out_extent);
+    let stacked = b.reshape(stacked, &merged)?;
+    let mut w_shape = vec![channels * taps, 1];
+    w_shape.extend(&attrs.kernel);
+    let mut one_hot = vec![0f32; channels * taps * taps];
+    for c in 0..channels {
+        for t in 0..taps {
+            one_hot[(c * taps + t) * taps + t] = 1.0;
+        }
+    }
+    let kernel = b.constant(Tensor::f32(w_shape, one_hot));
+    let ty = b.g.ty(x).clone();
+    b.push_typed(Op::ConvTranspose(window_geometry(attrs, channels)), &[stacked, kernel], ty)
+}

@@ -1,0 +1,671 @@
+//! Training: every gradient rule of `cnnc::train::autodiff` against central finite
+//! differences through the reference interpreter, the loss and its gradient, the training
+//! graph of ONNX models, and the PyTorch references in ../shared/zoo/train.
+
+mod common;
+
+use cnnc::compare::compare;
+use cnnc::train::{backward, load_training_graph, softmax_cross_entropy};
+use cnnc_ir::{
+    BinaryFn, ConvGeometry, DType, Graph, Op, PadMode, PoolAttrs, PoolKind, ReduceKind, Scalar, Tensor, TensorData,
+    TensorType, UnaryFn, ValueId, interp,
+};
+use cnnc_onnx::{LoadOptions, ModelBuilder, attr, load_model_bytes};
+use proptest::prelude::*;
+
+// ---------------------------------------------------------------------------------------
+// Finite-difference harness
+
+/// Deterministic pseudo-random numbers (xorshift64*), so failures reproduce from the seed.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in [-1, 1).
+    fn uniform(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    fn tensor(&mut self, shape: &[usize]) -> Tensor {
+        let n = shape.iter().product();
+        Tensor::f32(shape.to_vec(), (0..n).map(|_| self.uniform()).collect())
+    }
+
+    /// Distinct values 0.07 apart, never within 0.035 of a multiple of 0.07 -- so no
+    /// element sits near a kink at 0, ±0.5, ±3 or near a tie with another element, and
+    /// a finite-difference step of 0.01 never crosses one.
+    fn grid_tensor(&mut self, shape: &[usize]) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut values: Vec<f32> = (0..n).map(|i| (i as f32 - (n / 2) as f32) * 0.07 + 0.035).collect();
+        for i in (1..n).rev() {
+            let j = (self.next() % (i as u64 + 1)) as usize;
+            values.swap(i, j);
+        }
+        Tensor::f32(shape.to_vec(), values)
+    }
+}
+
+/// A differentiable function: `graph`'s first `wrt` inputs are the variables (f32), any
+/// further inputs are held fixed; `output` is the value differentiated.
+struct Problem {
+    graph: Graph,
+    output: ValueId,
+    inputs: Vec<Tensor>,
+    wrt: usize,
+}
+
+const STEP: f32 = 1e-2;
+
+fn objective(g: &Graph, inputs: &[Tensor], weights: &[f32]) -> Result<f64, String> {
+    let out = interp::run(g, inputs)?;
+    let y = out[0].data.as_f32().ok_or("output is not f32")?;
+    Ok(y.iter().zip(weights).map(|(&y, &w)| y as f64 * w as f64).sum())
+}
+
+/// Checks d(Σ r·y)/d(input) from autodiff against central differences for a random r.
+fn check_gradients(problem: &Problem, seed: u64) -> Result<(), String> {
+    let mut rng = Rng::new(seed ^ 0x5eed);
+    let mut forward = problem.graph.clone();
+    forward.outputs = vec![problem.output];
+    let out_ty = forward.ty(problem.output).clone();
+    let weights = rng.tensor(&out_ty.shape);
+
+    let mut g = forward.clone();
+    let seed_input = g.add_input(out_ty, "seed");
+    let wrt: Vec<ValueId> = g.inputs[..problem.wrt].to_vec();
+    let grads = backward(&mut g, &[(problem.output, seed_input)], &wrt)?;
+    g.outputs = grads;
+    cnnc_ir::verify(&g).map_err(|e| format!("backward graph does not verify: {e:?}"))?;
+    let mut all_inputs = problem.inputs.clone();
+    all_inputs.push(weights.clone());
+    let analytic = interp::run(&g, &all_inputs)?;
+    let w = weights.data.as_f32().ok_or("weights")?;
+
+    for (k, grad) in analytic.iter().enumerate() {
+        let grad = grad.data.as_f32().ok_or("gradient is not f32")?;
+        let mut numeric = Vec::with_capacity(grad.len());
+        for j in 0..grad.len() {
+            let mut inputs = problem.inputs.clone();
+            let TensorData::F32(x) = &mut inputs[k].data else { return Err("input is not f32".into()) };
+            let original = x[j];
+            x[j] = original + STEP;
+            let plus = objective(&forward, &inputs, w)?;
+            let TensorData::F32(x) = &mut inputs[k].data else { unreachable!() };
+            x[j] = original - STEP;
+            let minus = objective(&forward, &inputs, w)?;
+            numeric.push(((plus - minus) / (2.0 * STEP as f64)) as f32);
+        }
+        let scale = numeric.iter().fold(1f32, |m, v| m.max(v.abs()));
+        for (j, (&a, &n)) in grad.iter().zip(&numeric).enumerate() {
+            if !((a - n).abs() <= 5e-3 * scale + 1e-2 * n.abs()) {
+                return Err(format!(
+                    "input {k} element {j}: autodiff {a}, finite difference {n} (largest |gradient| {scale})"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn assert_gradients(problem: Problem, seed: u64) {
+    if let Err(e) = check_gradients(&problem, seed) {
+        panic!("{e}\ngraph:\n{}", cnnc_ir::print(&problem.graph));
+    }
+}
+
+/// A graph of the given inputs and one node.
+fn single_node(op: Op, input_shapes: &[&[usize]], declared: Option<TensorType>) -> (Graph, ValueId) {
+    let mut g = Graph::new("f");
+    let inputs: Vec<ValueId> =
+        input_shapes.iter().enumerate().map(|(i, s)| g.add_input(TensorType::f32(s.to_vec()), format!("x{i}"))).collect();
+    let out = match declared {
+        Some(ty) => g.push_typed("op", op, &inputs, ty).expect("typed node"),
+        None => g.push1("op", op, &inputs).expect("node"),
+    };
+    (g, out)
+}
+
+fn conv_out(input: usize, k: usize, s: usize, d: usize, pb: usize, pe: usize) -> usize {
+    (input + pb + pe - d * (k - 1) - 1) / s + 1
+}
+
+// ---------------------------------------------------------------------------------------
+// Convolution, matrix products
+
+#[derive(Debug, Clone)]
+struct ConvCase {
+    batch: usize,
+    groups: usize,
+    group_in: usize,
+    group_out: usize,
+    size: [usize; 2],
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    dilation: [usize; 2],
+    pads: [usize; 4],
+    bias: bool,
+}
+
+fn conv_case() -> impl Strategy<Value = ConvCase> {
+    (
+        1usize..=2,
+        prop_oneof![Just(1usize), Just(2), Just(3)],
+        1usize..=2,
+        1usize..=2,
+        [4usize..=7, 4usize..=7],
+        [1usize..=3, 1usize..=3],
+        [1usize..=3, 1usize..=3],
+        [1usize..=2, 1usize..=2],
+        [0usize..=2, 0usize..=2, 0usize..=2, 0usize..=2],
+        any::<bool>(),
+    )
+        .prop_map(|(batch, groups, group_in, group_out, size, kernel, stride, dilation, pads, bias)| ConvCase {
+            batch,
+            groups,
+            group_in,
+            group_out,
+            size,
+            kernel,
+            stride,
+            dilation,
+            pads,
+            bias,
+        })
+        .prop_filter("window fits", |c| {
+            (0..2).all(|a| c.size[a] + c.pads[a] + c.pads[a + 2] > c.dilation[a] * (c.kernel[a] - 1))
+        })
+}
+
+fn conv_problem(c: &ConvCase, seed: u64) -> Problem {
+    let mut rng = Rng::new(seed);
+    let (cin, cout) = (c.groups * c.group_in, c.groups * c.group_out);
+    let x_shape = [c.batch, cin, c.size[0], c.size[1]];
+    let w_shape = [cout, c.group_in, c.kernel[0], c.kernel[1]];
+    let geometry = ConvGeometry {
+        strides: c.stride.to_vec(),
+        dilations: c.dilation.to_vec(),
+        pads_begin: c.pads[..2].to_vec(),
+        pads_end: c.pads[2..].to_vec(),
+        groups: c.groups,
+    };
+    let mut shapes: Vec<&[usize]> = vec![&x_shape, &w_shape];
+    let b_shape = [cout];
+    if c.bias {
+        shapes.push(&b_shape);
+    }
+    let (graph, output) = single_node(Op::Conv(geometry), &shapes, None);
+    let inputs: Vec<Tensor> = shapes.iter().map(|s| rng.tensor(s)).collect();
+    Problem { wrt: inputs.len(), graph, output, inputs }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn conv_gradients_match_finite_differences(case in conv_case(), seed in any::<u64>()) {
+        let problem = conv_problem(&case, seed);
+        prop_assert!(check_gradients(&problem, seed).is_ok(), "{:?}: {:?}", case, check_gradients(&problem, seed));
+    }
+}
+
+#[test]
+fn depthwise_conv_gradients() {
+    let case = ConvCase {
+        batch: 2,
+        groups: 4,
+        group_in: 1,
+        group_out: 1,
+        size: [5, 6],
+        kernel: [3, 3],
+        stride: [2, 1],
+        dilation: [1, 2],
+        pads: [1, 2, 1, 2],
+        bias: true,
+    };
+    assert_gradients(conv_problem(&case, 7), 7);
+}
+
+#[test]
+fn one_dimensional_conv_gradients() {
+    let geometry = ConvGeometry { strides: vec![2], dilations: vec![1], pads_begin: vec![1], pads_end: vec![0], groups: 1 };
+    let (graph, output) = single_node(Op::Conv(geometry), &[&[2, 3, 9], &[4, 3, 3]], None);
+    let mut rng = Rng::new(3);
+    let inputs = vec![rng.tensor(&[2, 3, 9]), rng.tensor(&[4, 3, 3])];
+    assert_gradients(Problem { graph, output, inputs, wrt: 2 }, 3);
+}
+
+/// Gemm as the frontend lowers it: x·wᵀ + b.
+#[test]
+fn gemm_gradients() {
+    let mut g = Graph::new("gemm");
+    let x = g.add_input(TensorType::f32([3, 5]), "x");
+    let w = g.add_input(TensorType::f32([4, 5]), "w");
+    let b = g.add_input(TensorType::f32([4]), "b");
+    let wt = g.push1("t", Op::Transpose { perm: vec![1, 0] }, &[w]).unwrap();
+    let product = g.push1("mm", Op::MatMul, &[x, wt]).unwrap();
+    let output = g.push1("add", Op::Binary(BinaryFn::Add), &[product, b]).unwrap();
+    let mut rng = Rng::new(11);
+    let inputs = vec![rng.tensor(&[3, 5]), rng.tensor(&[4, 5]), rng.tensor(&[4])];
+    assert_gradients(Problem { graph: g, output, inputs, wrt: 3 }, 11);
+}
+
+#[test]
+fn batched_matmul_gradients_sum_over_broadcast_batches() {
+    let (graph, output) = single_node(Op::MatMul, &[&[2, 3, 4], &[4, 2]], None);
+    let mut rng = Rng::new(5);
+    let inputs = vec![rng.tensor(&[2, 3, 4]), rng.tensor(&[4, 2])];
+    assert_gradients(Problem { graph, output, inputs, wrt: 2 }, 5);
+}
+
+// ---------------------------------------------------------------------------------------
+// Elementwise
+
+fn unary_problem(f: UnaryFn, shape: &[usize], seed: u64, positive: bool) -> Problem {
+    let (graph, output) = single_node(Op::Unary(f), &[shape], None);
+    let mut rng = Rng::new(seed);
+    let mut x = rng.grid_tensor(shape);
+    if positive {
+        let TensorData::F32(v) = &mut x.data else { unreachable!() };
+        v.iter_mut().for_each(|e| *e = e.abs() + 0.5);
+    }
+    Problem { graph, output, inputs: vec![x], wrt: 1 }
+}
+
+#[test]
+fn unary_gradients() {
+    let smooth_or_kinked = [
+        UnaryFn::Relu,
+        UnaryFn::Sigmoid,
+        UnaryFn::Tanh,
+        UnaryFn::Neg,
+        UnaryFn::Exp,
+        UnaryFn::Clip { min: 0.0, max: 6.0 },
+        UnaryFn::Clip { min: -0.5, max: 0.5 },
+        UnaryFn::LeakyRelu { alpha: 0.1 },
+        UnaryFn::HardSwish,
+        UnaryFn::Affine { scale: -1.5, shift: 0.25 },
+        UnaryFn::PowConst { exponent: 2.0 },
+    ];
+    for (i, f) in smooth_or_kinked.into_iter().enumerate() {
+        // 2·3·5·5 = 150 grid values span about ±5.
+        if let Err(e) = check_gradients(&unary_problem(f, &[2, 3, 5, 5], i as u64, false), i as u64) {
+            panic!("{f:?}: {e}");
+        }
+    }
+    for (i, f) in [UnaryFn::Log, UnaryFn::Sqrt, UnaryFn::Reciprocal, UnaryFn::PowConst { exponent: 0.5 }].into_iter().enumerate() {
+        if let Err(e) = check_gradients(&unary_problem(f, &[3, 4], i as u64, true), i as u64) {
+            panic!("{f:?}: {e}");
+        }
+    }
+}
+
+#[test]
+fn binary_gradients_with_broadcasting() {
+    let shape_pairs: [(&[usize], &[usize]); 4] = [(&[2, 3, 4], &[2, 3, 4]), (&[2, 3, 4], &[3, 1]), (&[4], &[2, 3, 4]), (&[2, 1, 4], &[1, 3, 1])];
+    for (k, f) in [BinaryFn::Add, BinaryFn::Sub, BinaryFn::Mul, BinaryFn::Div, BinaryFn::Max, BinaryFn::Min].into_iter().enumerate() {
+        for (i, (a, b)) in shape_pairs.iter().enumerate() {
+            let seed = (k * 10 + i) as u64;
+            let (graph, output) = single_node(Op::Binary(f), &[a, b], None);
+            let mut rng = Rng::new(seed);
+            let x = rng.grid_tensor(a);
+            let mut y = rng.grid_tensor(b);
+            if f == BinaryFn::Div {
+                let TensorData::F32(v) = &mut y.data else { unreachable!() };
+                v.iter_mut().for_each(|e| *e = e.abs() + 0.5);
+            }
+            if f == BinaryFn::Max || f == BinaryFn::Min {
+                // Keep the operands apart so no step crosses a tie.
+                let TensorData::F32(v) = &mut y.data else { unreachable!() };
+                v.iter_mut().for_each(|e| *e += 0.017);
+            }
+            let problem = Problem { graph, output, inputs: vec![x, y], wrt: 2 };
+            if let Err(e) = check_gradients(&problem, seed) {
+                panic!("{f:?} {a:?} x {b:?}: {e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn where_gradients() {
+    let mut g = Graph::new("where");
+    let x = g.add_input(TensorType::f32([2, 3]), "x");
+    let y = g.add_input(TensorType::f32([3]), "y");
+    let zero = g.add_constant("zero", Tensor::f32(Vec::<usize>::new(), vec![0.0]));
+    let cond = g.push1("gt", Op::Binary(BinaryFn::Greater), &[x, zero]).unwrap();
+    let output = g.push1("where", Op::Where, &[cond, x, y]).unwrap();
+    let mut rng = Rng::new(2);
+    let inputs = vec![rng.grid_tensor(&[2, 3]), rng.tensor(&[3])];
+    assert_gradients(Problem { graph: g, output, inputs, wrt: 2 }, 2);
+}
+
+// ---------------------------------------------------------------------------------------
+// Pooling and reductions
+
+#[derive(Debug, Clone)]
+struct PoolCase {
+    kind: PoolKind,
+    size: [usize; 2],
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    dilation: [usize; 2],
+    pads: [usize; 4],
+}
+
+fn pool_case() -> impl Strategy<Value = PoolCase> {
+    (
+        prop_oneof![Just(PoolKind::Max), Just(PoolKind::Avg { count_include_pad: false }), Just(PoolKind::Avg { count_include_pad: true })],
+        [4usize..=7, 4usize..=7],
+        [1usize..=3, 1usize..=3],
+        [1usize..=3, 1usize..=3],
+        [1usize..=2, 1usize..=2],
+        [0usize..=1, 0usize..=1, 0usize..=1, 0usize..=1],
+    )
+        .prop_map(|(kind, size, kernel, stride, dilation, pads)| PoolCase { kind, size, kernel, stride, dilation, pads })
+        .prop_filter("pads smaller than the window, window fits", |c| {
+            (0..2).all(|a| {
+                c.pads[a] < c.kernel[a] && c.pads[a + 2] < c.kernel[a] && c.size[a] + c.pads[a] + c.pads[a + 2] > c.dilation[a] * (c.kernel[a] - 1)
+            })
+        })
+}
+
+fn pool_problem(c: &PoolCase, seed: u64, ceil: bool) -> Problem {
+    let x_shape = [2, 3, c.size[0], c.size[1]];
+    let mut out_shape = vec![2, 3];
+    for a in 0..2 {
+        let mut extent = conv_out(c.size[a], c.kernel[a], c.stride[a], c.dilation[a], c.pads[a], c.pads[a + 2]);
+        // Ceil mode adds a last window when it starts inside the input or begin padding.
+        let span = c.size[a] + c.pads[a] + c.pads[a + 2] - c.dilation[a] * (c.kernel[a] - 1) - 1;
+        if ceil && span % c.stride[a] != 0 && extent * c.stride[a] < c.size[a] + c.pads[a] {
+            extent += 1;
+        }
+        out_shape.push(extent);
+    }
+    let attrs = PoolAttrs {
+        kind: c.kind,
+        kernel: c.kernel.to_vec(),
+        strides: c.stride.to_vec(),
+        dilations: c.dilation.to_vec(),
+        pads_begin: c.pads[..2].to_vec(),
+        pads_end: c.pads[2..].to_vec(),
+    };
+    let (graph, output) = single_node(Op::Pool(attrs), &[&x_shape], Some(TensorType::f32(out_shape)));
+    let x = Rng::new(seed).grid_tensor(&x_shape);
+    Problem { graph, output, inputs: vec![x], wrt: 1 }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    #[test]
+    fn pool_gradients_match_finite_differences(case in pool_case(), seed in any::<u64>(), ceil in any::<bool>()) {
+        let problem = pool_problem(&case, seed, ceil);
+        let result = check_gradients(&problem, seed);
+        prop_assert!(result.is_ok(), "{:?} ceil={}: {:?}", case, ceil, result);
+    }
+}
+
+/// Overlapping 3x3 windows, stride 1, padding 1 (mobile_tiny's max pool), and equal
+/// elements: the gradient goes to the first maximum of each window in row-major order.
+#[test]
+fn max_pool_gives_ties_to_the_first_maximum() {
+    let case = PoolCase { kind: PoolKind::Max, size: [4, 4], kernel: [3, 3], stride: [1, 1], dilation: [1, 1], pads: [1, 1, 1, 1] };
+    assert_gradients(pool_problem(&case, 1, false), 1);
+
+    let attrs = PoolAttrs {
+        kind: PoolKind::Max,
+        kernel: vec![2, 2],
+        strides: vec![2, 2],
+        dilations: vec![1, 1],
+        pads_begin: vec![0, 0],
+        pads_end: vec![0, 0],
+    };
+    let (mut g, out) = single_node(Op::Pool(attrs), &[&[1, 1, 2, 4]], Some(TensorType::f32([1, 1, 1, 2])));
+    let seed = g.add_input(TensorType::f32([1, 1, 1, 2]), "seed");
+    let x_id = g.inputs[0];
+    g.outputs = backward(&mut g, &[(out, seed)], &[x_id]).unwrap();
+    let x = Tensor::f32([1, 1, 2, 4], vec![5.0, 5.0, 1.0, 2.0, 5.0, 0.0, 2.0, 2.0]);
+    let dx = interp::run(&g, &[x, Tensor::f32([1, 1, 1, 2], vec![1.0, 10.0])]).unwrap();
+    assert_eq!(dx[0], Tensor::f32([1, 1, 2, 4], vec![1.0, 0.0, 0.0, 10.0, 0.0, 0.0, 0.0, 0.0]));
+}
+
+#[test]
+fn reduction_gradients() {
+    for (i, (kind, axes)) in [
+        (ReduceKind::Mean, vec![2, 3]),
+        (ReduceKind::Sum, vec![0, 2]),
+        (ReduceKind::Max, vec![1]),
+        (ReduceKind::Min, vec![3]),
+        (ReduceKind::Mean, vec![0, 1, 2, 3]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (graph, output) = single_node(Op::Reduce { kind, axes: axes.clone() }, &[&[2, 3, 4, 3]], None);
+        let x = Rng::new(i as u64).grid_tensor(&[2, 3, 4, 3]);
+        if let Err(e) = check_gradients(&Problem { graph, output, inputs: vec![x], wrt: 1 }, i as u64) {
+            panic!("{kind:?} over {axes:?}: {e}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Data movement
+
+#[test]
+fn layout_gradients() {
+    let shape: &[usize] = &[2, 3, 4];
+    let cases: Vec<(Op, Option<TensorType>)> = vec![
+        (Op::Reshape, Some(TensorType::f32([6, 4]))),
+        (Op::Transpose { perm: vec![2, 0, 1] }, None),
+        (Op::Slice { starts: vec![0, 1, 1], steps: vec![1, 1, 1] }, Some(TensorType::f32([2, 2, 2]))),
+        (Op::Pad { begins: vec![0, 1, -1], ends: vec![1, 0, 2], mode: PadMode::Constant(Scalar::F32(0.5)) }, None),
+        (Op::Broadcast, Some(TensorType::f32([2, 2, 3, 4]))),
+    ];
+    for (i, (op, declared)) in cases.into_iter().enumerate() {
+        let name = format!("{op:?}");
+        let (graph, output) = single_node(op, &[shape], declared);
+        let x = Rng::new(i as u64).tensor(shape);
+        if let Err(e) = check_gradients(&Problem { graph, output, inputs: vec![x], wrt: 1 }, i as u64) {
+            panic!("{name}: {e}");
+        }
+    }
+}
+
+#[test]
+fn concat_gradients() {
+    let (graph, output) = single_node(Op::Concat { axis: 1 }, &[&[2, 1, 3], &[2, 4, 3], &[2, 2, 3]], None);
+    let mut rng = Rng::new(9);
+    let inputs = vec![rng.tensor(&[2, 1, 3]), rng.tensor(&[2, 4, 3]), rng.tensor(&[2, 2, 3])];
+    assert_gradients(Problem { graph, output, inputs, wrt: 3 }, 9);
+}
+
+/// A value read by several nodes gets the sum of their gradients.
+#[test]
+fn gradients_of_reused_values_are_summed() {
+    let mut g = Graph::new("reuse");
+    let x = g.add_input(TensorType::f32([3, 4]), "x");
+    let square = g.push1("sq", Op::Binary(BinaryFn::Mul), &[x, x]).unwrap();
+    let t = g.push1("tanh", Op::Unary(UnaryFn::Tanh), &[x]).unwrap();
+    let output = g.push1("add", Op::Binary(BinaryFn::Add), &[square, t]).unwrap();
+    let inputs = vec![Rng::new(4).tensor(&[3, 4])];
+    assert_gradients(Problem { graph: g, output, inputs, wrt: 1 }, 4);
+}
+
+// ---------------------------------------------------------------------------------------
+// BatchNormalization in training mode (lowered by the ONNX frontend) and the loss
+
+#[test]
+fn batchnorm_training_gradients() {
+    let mut m = ModelBuilder::new("bn", 17);
+    m.input("x", DType::F32, &[3, 2, 3, 3])
+        .input("scale", DType::F32, &[2])
+        .input("bias", DType::F32, &[2])
+        .initializer("mean", &Tensor::f32([2], vec![0.1, -0.2]))
+        .initializer("var", &Tensor::f32([2], vec![1.5, 0.5]))
+        .node(
+            "BatchNormalization",
+            &["x", "scale", "bias", "mean", "var"],
+            &["y"],
+            vec![attr::int("training_mode", 1), attr::float("epsilon", 1e-5), attr::float("momentum", 0.9)],
+        )
+        .output("y", DType::F32, &[3, 2, 3, 3]);
+    let graph = load_model_bytes(&m.to_bytes(), &LoadOptions::default()).unwrap();
+    let output = graph.outputs[0];
+    let mut rng = Rng::new(8);
+    let inputs = vec![rng.tensor(&[3, 2, 3, 3]), rng.tensor(&[2]), rng.tensor(&[2])];
+    assert_gradients(Problem { graph, output, inputs, wrt: 3 }, 8);
+}
+
+#[test]
+fn softmax_cross_entropy_value_and_gradient() {
+    let mut g = Graph::new("ce");
+    let logits = g.add_input(TensorType::f32([3, 4]), "logits");
+    let labels = g.add_input(TensorType::new(DType::I64, vec![3]), "labels");
+    let ce = softmax_cross_entropy(&mut g, logits, labels).unwrap();
+    g.outputs = vec![ce.loss, ce.dlogits];
+    let z = Tensor::f32([3, 4], vec![1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 0.0, -1.0, 5.0, 2.0, 0.5]);
+    let y = Tensor::new(vec![3], TensorData::I64(vec![3, 1, 0]));
+    let out = interp::run(&g, &[z.clone(), y.clone()]).unwrap();
+
+    // Reference in f64.
+    let zs = z.data.as_f32().unwrap();
+    let mut loss = 0f64;
+    let mut grad = vec![0f32; 12];
+    for n in 0..3 {
+        let row: Vec<f64> = zs[n * 4..n * 4 + 4].iter().map(|&v| v as f64).collect();
+        let max = row.iter().cloned().fold(f64::MIN, f64::max);
+        let total: f64 = row.iter().map(|v| (v - max).exp()).sum();
+        let label = [3, 1, 0][n];
+        loss -= (row[label] - max) - total.ln();
+        for k in 0..4 {
+            let p = (row[k] - max).exp() / total;
+            grad[n * 4 + k] = ((p - if k == label { 1.0 } else { 0.0 }) / 3.0) as f32;
+        }
+    }
+    compare(&out[0], &Tensor::f32(Vec::<usize>::new(), vec![(loss / 3.0) as f32])).unwrap();
+    compare(&out[1], &Tensor::f32([3, 4], grad)).unwrap();
+}
+
+/// A small model through `load_training_graph`: Gemm's transposed weight (which the
+/// frontend would fold if it were a constant) and Conv's bias are parameters, and the
+/// gradients match finite differences of the loss.
+#[test]
+fn training_graph_of_an_onnx_model() {
+    let dir = common::scratch("train-graph");
+    let mut rng = Rng::new(21);
+    let mut m = ModelBuilder::new("tiny", 17);
+    m.input("input", DType::F32, &[2, 1, 5, 5])
+        .initializer("conv.weight", &rng.tensor(&[2, 1, 3, 3]))
+        .initializer("conv.bias", &rng.tensor(&[2]))
+        .initializer("bn.weight", &rng.tensor(&[2]))
+        .initializer("bn.bias", &rng.tensor(&[2]))
+        .initializer("bn.running_mean", &Tensor::f32([2], vec![0.0, 0.0]))
+        .initializer("bn.running_var", &Tensor::f32([2], vec![1.0, 1.0]))
+        .initializer("fc.weight", &rng.tensor(&[3, 18]))
+        .initializer("fc.bias", &rng.tensor(&[3]))
+        .initializer("shape", &Tensor::new(vec![2], TensorData::I64(vec![2, 18])))
+        .node("Conv", &["input", "conv.weight", "conv.bias"], &["c"], vec![attr::ints("strides", &[2, 2]), attr::ints("pads", &[1, 1, 1, 1])])
+        .node("BatchNormalization", &["c", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"], &["b"], vec![attr::int("training_mode", 1)])
+        .node("Relu", &["b"], &["r"], vec![])
+        .node("Reshape", &["r", "shape"], &["f"], vec![])
+        .node("Gemm", &["f", "fc.weight", "fc.bias"], &["logits"], vec![attr::int("transB", 1)])
+        .output("logits", DType::F32, &[2, 3]);
+    let path = dir.join("tiny.onnx");
+    m.write(&path).unwrap();
+    let tg = load_training_graph(&path).unwrap();
+    let names: Vec<&str> = tg.params.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["conv.weight", "conv.bias", "bn.weight", "bn.bias", "fc.weight", "fc.bias"]);
+
+    let x = rng.tensor(&[2, 1, 5, 5]);
+    let labels = Tensor::new(vec![2], TensorData::I64(vec![2, 0]));
+    let params: Vec<Tensor> = tg.params.iter().map(|p| p.initial.clone()).collect();
+    let inputs = tg.assemble_inputs(std::slice::from_ref(&x), &params, &labels).unwrap();
+    let out = interp::run(&tg.graph, &inputs).unwrap();
+
+    let mut loss_only = tg.graph.clone();
+    loss_only.outputs = vec![tg.loss];
+    let loss_at = |params: &[Tensor]| -> f64 {
+        let inputs = tg.assemble_inputs(std::slice::from_ref(&x), params, &labels).unwrap();
+        interp::run(&loss_only, &inputs).unwrap()[0].data.as_f32().unwrap()[0] as f64
+    };
+    for (k, p) in tg.params.iter().enumerate() {
+        let grad = out[1 + k].data.as_f32().unwrap();
+        assert_eq!(out[1 + k].shape, p.initial.shape, "{}", p.name);
+        for j in 0..grad.len() {
+            let mut shifted = params.clone();
+            let TensorData::F32(v) = &mut shifted[k].data else { unreachable!() };
+            v[j] += STEP;
+            let plus = loss_at(&shifted);
+            let TensorData::F32(v) = &mut shifted[k].data else { unreachable!() };
+            v[j] -= 2.0 * STEP;
+            let minus = loss_at(&shifted);
+            let numeric = ((plus - minus) / (2.0 * STEP as f64)) as f32;
+            assert!((grad[j] - numeric).abs() <= 2e-3 + 1e-2 * numeric.abs(), "{}[{j}]: autodiff {}, finite difference {numeric}", p.name, grad[j]);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// PyTorch references
+
+fn check_zoo_step_one(name: &str) {
+    let Some(shared) = common::shared_dir() else { return };
+    let dir = shared.join("zoo/train").join(name);
+    let tg = load_training_graph(dir.join("model.onnx")).unwrap();
+    let step = dir.join("step_1");
+    let read = |path: std::path::PathBuf| cnnc_onnx::read_tensor_pb(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).1;
+    let x = read(step.join("x.pb"));
+    let labels = read(step.join("labels.pb"));
+    let params: Vec<Tensor> = tg.params.iter().map(|p| p.initial.clone()).collect();
+    let inputs = tg.assemble_inputs(&[x], &params, &labels).unwrap();
+    let out = interp::run(&tg.graph, &inputs).unwrap();
+
+    let mut failures = Vec::new();
+    let loss_ref = read(step.join("loss.pb"));
+    if let Err(e) = compare(&out[0], &loss_ref) {
+        failures.push(format!("loss: {e}"));
+    }
+    eprintln!("{name}: loss {:?} (PyTorch {:?})", out[0].data.get(0), loss_ref.data.get(0));
+    for (k, p) in tg.params.iter().enumerate() {
+        let reference = read(step.join("grad").join(format!("{}.pb", p.name)));
+        if let Err(e) = compare(&out[1 + k], &reference) {
+            failures.push(format!("grad {}: {e}", p.name));
+        }
+    }
+    let expected: Vec<String> = std::fs::read_dir(step.join("grad"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().trim_end_matches(".pb").to_string())
+        .collect();
+    for name in expected {
+        if !tg.params.iter().any(|p| p.name == name) {
+            failures.push(format!("PyTorch trains '{name}', cnnc does not"));
+        }
+    }
+    assert!(failures.is_empty(), "{name}:\n{}", failures.join("\n"));
+}
+
+#[test]
+fn zoo_lenet5_step_one_matches_pytorch() {
+    check_zoo_step_one("lenet5");
+}
+
+#[test]
+fn zoo_resnet_tiny_step_one_matches_pytorch() {
+    check_zoo_step_one("resnet_tiny");
+}
+
+#[test]
+fn zoo_mobile_tiny_step_one_matches_pytorch() {
+    check_zoo_step_one("mobile_tiny");
+}
