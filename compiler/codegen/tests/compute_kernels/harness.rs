@@ -23,34 +23,50 @@ const PROT_NONE: i32 = 0;
 const PROT_READ_WRITE: i32 = 3;
 const MAP_PRIVATE_ANONYMOUS: i32 = 0x02 | 0x20;
 
-/// A buffer whose last byte sits just before an inaccessible page, so a kernel that
-/// reads or writes past the end faults instead of passing by luck. Bytes before the
-/// data are filled with a canary and checked afterwards.
+/// A buffer next to an inaccessible page: its last byte just before one (`Guard::End`)
+/// or its first byte just after one (`Guard::Start`), so a kernel that reads or writes
+/// past either end faults instead of passing by luck. The rest of the mapping holds
+/// a canary, checked afterwards.
 pub struct GuardedBuffer {
     base: *mut u8,
     mapped: usize,
     data: *mut u8,
     len: usize,
+    guard: Guard,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Guard {
+    Start,
+    End,
 }
 
 const CANARY: u8 = 0xA5;
 
 impl GuardedBuffer {
-    pub fn new(bytes: &[u8]) -> GuardedBuffer {
+    pub fn new(bytes: &[u8], guard: Guard) -> GuardedBuffer {
         let len = bytes.len();
         let pages = len.div_ceil(PAGE) + 1;
         let mapped = (pages + 1) * PAGE;
-        // SAFETY: anonymous private mapping; the last page is made inaccessible and
-        // the data copied to end exactly at it.
+        // SAFETY: anonymous private mapping; one page at the guarded end is made
+        // inaccessible and the data copied against it.
         unsafe {
             let base = mmap(std::ptr::null_mut(), mapped, PROT_READ_WRITE, MAP_PRIVATE_ANONYMOUS, -1, 0);
             assert!(!base.is_null() && base as isize != -1, "mmap failed");
-            let guard = base.add(pages * PAGE);
-            assert_eq!(mprotect(guard, PAGE, PROT_NONE), 0, "mprotect failed");
-            std::ptr::write_bytes(base, CANARY, pages * PAGE);
-            let data = guard.sub(len);
+            std::ptr::write_bytes(base, CANARY, mapped);
+            let data = match guard {
+                Guard::End => {
+                    let fence = base.add(pages * PAGE);
+                    assert_eq!(mprotect(fence, PAGE, PROT_NONE), 0, "mprotect failed");
+                    fence.sub(len)
+                }
+                Guard::Start => {
+                    assert_eq!(mprotect(base, PAGE, PROT_NONE), 0, "mprotect failed");
+                    base.add(PAGE)
+                }
+            };
             std::ptr::copy_nonoverlapping(bytes.as_ptr(), data, len);
-            GuardedBuffer { base, mapped, data, len }
+            GuardedBuffer { base, mapped, data, len, guard }
         }
     }
 
@@ -63,11 +79,22 @@ impl GuardedBuffer {
         unsafe { std::slice::from_raw_parts(self.data, self.len).to_vec() }
     }
 
-    /// Whether the bytes in front of the data still hold the canary.
-    pub fn front_intact(&self) -> bool {
-        let front = self.data as usize - self.base as usize;
-        // SAFETY: `base..data` is readable.
-        unsafe { std::slice::from_raw_parts(self.base, front).iter().all(|&b| b == CANARY) }
+    /// Whether the readable bytes around the data still hold the canary.
+    pub fn surroundings_intact(&self) -> bool {
+        let start = self.base as usize;
+        let (lo, hi) = (self.data as usize, self.data as usize + self.len);
+        // Everything mapped but the protected page: before the data (End guard) or
+        // after it (Start guard).
+        let (from, to) = match self.guard {
+            Guard::End => (start, hi),
+            Guard::Start => (start + PAGE, start + self.mapped),
+        };
+        // SAFETY: `from..lo` and `hi..to` lie inside the readable part of the mapping.
+        unsafe {
+            let front = std::slice::from_raw_parts(from as *const u8, lo - from);
+            let back = std::slice::from_raw_parts(hi as *const u8, to - hi);
+            front.iter().chain(back).all(|&b| b == CANARY)
+        }
     }
 }
 
@@ -154,27 +181,37 @@ pub fn compile(op: Op, inputs: &[TensorType], declared: Option<Vec<TensorType>>,
 }
 
 impl Kernel {
-    /// Runs once on fresh guarded copies of `inputs`; checks that inputs are unchanged
-    /// and nothing was written in front of any buffer.
+    /// Runs on fresh copies of `inputs` guarded at their ends, then at their starts;
+    /// checks that inputs are unchanged, nothing was written around any buffer and
+    /// both runs agree.
     pub fn run(&self, inputs: &[&Tensor]) -> Vec<Tensor> {
-        let in_bufs: Vec<GuardedBuffer> = inputs.iter().map(|t| GuardedBuffer::new(&t.data.to_le_bytes())).collect();
+        let end = self.run_guarded(inputs, Guard::End);
+        let start = self.run_guarded(inputs, Guard::Start);
+        for (a, b) in end.iter().zip(&start) {
+            assert_eq!(a.data.to_le_bytes(), b.data.to_le_bytes(), "results depend on buffer placement");
+        }
+        end
+    }
+
+    fn run_guarded(&self, inputs: &[&Tensor], guard: Guard) -> Vec<Tensor> {
+        let in_bufs: Vec<GuardedBuffer> = inputs.iter().map(|t| GuardedBuffer::new(&t.data.to_le_bytes(), guard)).collect();
         // Outputs start as NaN (or a pattern for integers) so unwritten elements show.
         let out_bufs: Vec<GuardedBuffer> = self
             .output_types
             .iter()
-            .map(|t| GuardedBuffer::new(&vec![0xFFu8; t.byte_size()]))
+            .map(|t| GuardedBuffer::new(&vec![0xFFu8; t.byte_size()], guard))
             .collect();
         let table: Vec<*mut u8> = in_bufs.iter().chain(&out_bufs).map(GuardedBuffer::ptr).collect();
         (self.entry)(table.as_ptr());
         for (buf, t) in in_bufs.iter().zip(inputs) {
-            assert!(buf.front_intact(), "kernel wrote in front of an input buffer");
+            assert!(buf.surroundings_intact(), "kernel wrote around an input buffer");
             assert_eq!(buf.bytes(), t.data.to_le_bytes(), "kernel modified an input");
         }
         out_bufs
             .iter()
             .zip(&self.output_types)
             .map(|(buf, t)| {
-                assert!(buf.front_intact(), "kernel wrote in front of an output buffer");
+                assert!(buf.surroundings_intact(), "kernel wrote around an output buffer");
                 Tensor::new(t.shape.clone(), TensorData::from_le_bytes(t.dtype, &buf.bytes()))
             })
             .collect()
