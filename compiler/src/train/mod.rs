@@ -5,10 +5,14 @@
 pub mod autodiff;
 pub mod loss;
 pub mod model;
+pub mod step;
+pub mod verify_train;
 mod rules_elementwise;
 mod rules_layout;
 mod rules_window;
 
 pub use autodiff::backward;
 pub use loss::softmax_cross_entropy;
-pub use model::{Parameter, TrainingGraph, load_training_graph, trainable_initializers};
+pub use step::{Sgd, StepResult, TrainState, apply_update, compute_gradients, train_step};
+pub use verify_train::verify_train_case;
+pub use model::{Parameter, RunningStatistics, TrainingGraph, load_training_graph, trainable_initializers};

@@ -42,15 +42,33 @@ pub struct Parameter {
     pub initial: Tensor,
 }
 
+/// A training-mode BatchNormalization's running statistics, which PyTorch updates as
+/// running = (1 − m)·running + m·batch with the batch's mean and its *unbiased* variance,
+/// m = 1 − the ONNX `momentum` attribute.
+#[derive(Clone, Debug)]
+pub struct RunningStatistics {
+    pub mean_name: String,
+    pub var_name: String,
+    /// The ONNX attribute (PyTorch's momentum is 1 − this).
+    pub onnx_momentum: f32,
+    pub initial_mean: Tensor,
+    pub initial_var: Tensor,
+    /// Graph outputs: the batch mean [C] and unbiased batch variance [C].
+    pub batch_mean: ValueId,
+    pub batch_var: ValueId,
+}
+
 /// Inputs: the model's own data inputs, the parameters and `labels` (in `graph.inputs`
 /// order; use `assemble_inputs`). Outputs: the loss (f32, rank 0), then one gradient per
-/// parameter in `params` order.
+/// parameter in `params` order, then the batch mean and unbiased variance of every
+/// training-mode BatchNormalization in `running` order.
 #[derive(Clone, Debug)]
 pub struct TrainingGraph {
     pub graph: Graph,
     pub data_inputs: Vec<ValueId>,
     pub labels: ValueId,
     pub params: Vec<Parameter>,
+    pub running: Vec<RunningStatistics>,
     pub logits: ValueId,
     pub loss: ValueId,
 }
@@ -134,6 +152,7 @@ pub fn load_training_graph(path: impl AsRef<Path>) -> Result<TrainingGraph, Stri
             graph_proto.input.push(tensor_value_info(name, proto.data_type, &proto.dims));
         }
     }
+    let batch_norms = training_batch_norms(&model, base_dir)?;
     let mut graph = lower_model(&model, base_dir, &LoadOptions::default()).map_err(|e| e.to_string())?;
 
     let find_input = |graph: &Graph, name: &str| graph.inputs.iter().copied().find(|&v| graph.value(v).name == name);
@@ -150,6 +169,26 @@ pub fn load_training_graph(path: impl AsRef<Path>) -> Result<TrainingGraph, Stri
     let loss = softmax_cross_entropy(&mut graph, logits, labels)?;
     let grads = backward(&mut graph, &[(logits, loss.dlogits)], &param_inputs)?;
     graph.outputs = std::iter::once(loss.loss).chain(grads.iter().copied()).collect();
+    let mut running = Vec::with_capacity(batch_norms.len());
+    for bn in batch_norms {
+        let x = graph
+            .values
+            .iter()
+            .position(|v| v.name == bn.input_name)
+            .map(|i| ValueId(i as u32))
+            .ok_or_else(|| format!("the input '{}' of a BatchNormalization is not in the lowered graph", bn.input_name))?;
+        let (batch_mean, batch_var) = batch_statistics(&mut graph, x)?;
+        graph.outputs.extend([batch_mean, batch_var]);
+        running.push(RunningStatistics {
+            mean_name: bn.mean_name,
+            var_name: bn.var_name,
+            onnx_momentum: bn.momentum,
+            initial_mean: bn.initial_mean,
+            initial_var: bn.initial_var,
+            batch_mean,
+            batch_var,
+        });
+    }
     let params = trainable
         .into_iter()
         .zip(param_inputs)
@@ -157,5 +196,69 @@ pub fn load_training_graph(path: impl AsRef<Path>) -> Result<TrainingGraph, Stri
         .zip(initial)
         .map(|(((name, input), grad), initial)| Parameter { name, input, grad, initial })
         .collect();
-    Ok(TrainingGraph { graph, data_inputs, labels, params, logits, loss: loss.loss })
+    Ok(TrainingGraph { graph, data_inputs, labels, params, running, logits, loss: loss.loss })
+}
+
+struct BatchNormNode {
+    input_name: String,
+    mean_name: String,
+    var_name: String,
+    momentum: f32,
+    initial_mean: Tensor,
+    initial_var: Tensor,
+}
+
+/// BatchNormalization nodes in training mode (opset 14+, training_mode=1) whose running
+/// statistics are initializers.
+fn training_batch_norms(model: &ModelProto, base_dir: Option<&Path>) -> Result<Vec<BatchNormNode>, String> {
+    let Some(graph) = model.graph.as_ref() else { return Ok(Vec::new()) };
+    let initializer = |name: &str| -> Result<Option<Tensor>, String> {
+        match graph.initializer.iter().find(|t| t.name == name) {
+            Some(t) => tensor_from_proto(t, base_dir).map(Some).map_err(|e| format!("initializer '{name}': {e}")),
+            None => Ok(None),
+        }
+    };
+    let mut found = Vec::new();
+    for node in graph.node.iter().filter(|n| n.op_type == "BatchNormalization") {
+        let attr = |name: &str| node.attribute.iter().find(|a| a.name == name);
+        if attr("training_mode").is_none_or(|a| a.i == 0) {
+            continue;
+        }
+        let [input, _, _, mean, var] = &node.input[..] else {
+            return Err(format!("BatchNormalization '{}' needs 5 inputs, has {}", node.name, node.input.len()));
+        };
+        let (Some(initial_mean), Some(initial_var)) = (initializer(mean)?, initializer(var)?) else {
+            return Err(format!("BatchNormalization '{}': running statistics '{mean}', '{var}' must be initializers", node.name));
+        };
+        found.push(BatchNormNode {
+            input_name: input.clone(),
+            mean_name: mean.clone(),
+            var_name: var.clone(),
+            momentum: attr("momentum").map_or(0.9, |a| a.f),
+            initial_mean,
+            initial_var,
+        });
+    }
+    Ok(found)
+}
+
+/// Per-channel mean and unbiased variance of x [N, C, ...] as [C] values.
+fn batch_statistics(graph: &mut Graph, x: ValueId) -> Result<(ValueId, ValueId), String> {
+    use cnnc_ir::{BinaryFn, Op, ReduceKind, UnaryFn};
+    let shape = graph.ty(x).shape.clone();
+    if shape.len() < 2 {
+        return Err(format!("BatchNormalization input must be [N, C, ...], got {shape:?}"));
+    }
+    let axes: Vec<usize> = (0..shape.len()).filter(|&a| a != 1).collect();
+    let count: usize = axes.iter().map(|&a| shape[a]).product();
+    let mean = graph.push1("bn_stats.mean", Op::Reduce { kind: ReduceKind::Mean, axes: axes.clone() }, &[x])?;
+    let centered = graph.push1("bn_stats.centered", Op::Binary(BinaryFn::Sub), &[x, mean])?;
+    let squared = graph.push1("bn_stats.squared", Op::Binary(BinaryFn::Mul), &[centered, centered])?;
+    let total = graph.push1("bn_stats.total", Op::Reduce { kind: ReduceKind::Sum, axes }, &[squared])?;
+    let bessel = 1.0 / count.saturating_sub(1).max(1) as f32;
+    let var = graph.push1("bn_stats.var", Op::Unary(UnaryFn::Affine { scale: bessel, shift: 0.0 }), &[total])?;
+    let channels = TensorType::f32(vec![shape[1]]);
+    let mean = graph.push_typed("bn_stats.mean_c", Op::Reshape, &[mean], channels.clone())?;
+    let var = graph.push_typed("bn_stats.var_c", Op::Reshape, &[var], channels)?;
+    Ok((mean, var))
 }
