@@ -107,7 +107,9 @@ fn check_gradients(problem: &Problem, seed: u64) -> Result<(), String> {
         }
         let scale = numeric.iter().fold(1f32, |m, v| m.max(v.abs()));
         for (j, (&a, &n)) in grad.iter().zip(&numeric).enumerate() {
-            if !((a - n).abs() <= 5e-3 * scale + 1e-2 * n.abs()) {
+            // Written so that NaN fails.
+            let within = (a - n).abs() <= 5e-3 * scale + 1e-2 * n.abs();
+            if !within {
                 return Err(format!(
                     "input {k} element {j}: autodiff {a}, finite difference {n} (largest |gradient| {scale})"
                 ));
@@ -244,6 +246,33 @@ fn one_dimensional_conv_gradients() {
     assert_gradients(Problem { graph, output, inputs, wrt: 2 }, 3);
 }
 
+/// Transposed convolutions, grouped and strided, one with a declared output larger than
+/// the windows reach (ONNX output_padding).
+#[test]
+fn conv_transpose_gradients() {
+    for (seed, groups, stride, dilation, pads, extra) in
+        [(1u64, 1usize, 2usize, 1usize, [1usize, 0usize], 1usize), (2, 2, 1, 2, [0, 1], 0), (3, 2, 3, 1, [1, 1], 2)]
+    {
+        let (cin, cout_per_group, size, k) = (2 * groups, 2, 4, 3);
+        let geometry = ConvGeometry {
+            strides: vec![stride; 2],
+            dilations: vec![dilation; 2],
+            pads_begin: vec![pads[0]; 2],
+            pads_end: vec![pads[1]; 2],
+            groups,
+        };
+        let out = (size - 1) * stride + dilation * (k - 1) + 1 + extra - pads[0] - pads[1];
+        let x_shape = [2, cin, size, size];
+        let w_shape = [cin, cout_per_group, k, k];
+        let b_shape = [groups * cout_per_group];
+        let declared = TensorType::f32([2, groups * cout_per_group, out, out]);
+        let (graph, output) = single_node(Op::ConvTranspose(geometry), &[&x_shape, &w_shape, &b_shape], Some(declared));
+        let mut rng = Rng::new(seed);
+        let inputs = vec![rng.tensor(&x_shape), rng.tensor(&w_shape), rng.tensor(&b_shape)];
+        assert_gradients(Problem { graph, output, inputs, wrt: 3 }, seed);
+    }
+}
+
 /// Gemm as the frontend lowers it: x·wᵀ + b.
 #[test]
 fn gemm_gradients() {
@@ -295,6 +324,10 @@ fn unary_gradients() {
         UnaryFn::HardSwish,
         UnaryFn::Affine { scale: -1.5, shift: 0.25 },
         UnaryFn::PowConst { exponent: 2.0 },
+        UnaryFn::Swish { alpha: 1.0 },
+        UnaryFn::Swish { alpha: 1.702 },
+        UnaryFn::Softplus,
+        UnaryFn::Elu { alpha: 0.7 },
     ];
     for (i, f) in smooth_or_kinked.into_iter().enumerate() {
         // 2·3·5·5 = 150 grid values span about ±5.
@@ -386,7 +419,7 @@ fn pool_problem(c: &PoolCase, seed: u64, ceil: bool) -> Problem {
         let mut extent = conv_out(c.size[a], c.kernel[a], c.stride[a], c.dilation[a], c.pads[a], c.pads[a + 2]);
         // Ceil mode adds a last window when it starts inside the input or begin padding.
         let span = c.size[a] + c.pads[a] + c.pads[a + 2] - c.dilation[a] * (c.kernel[a] - 1) - 1;
-        if ceil && span % c.stride[a] != 0 && extent * c.stride[a] < c.size[a] + c.pads[a] {
+        if ceil && !span.is_multiple_of(c.stride[a]) && extent * c.stride[a] < c.size[a] + c.pads[a] {
             extent += 1;
         }
         out_shape.push(extent);

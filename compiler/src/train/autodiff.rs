@@ -110,6 +110,7 @@ fn input_gradients(b: &mut Builder, node: &Node, gy: ValueId, needs: &[bool]) ->
         Op::MatMul => rules_elementwise::grad_matmul(b, node, gy, needs),
         Op::Reduce { kind, axes } => rules_elementwise::grad_reduce(b, *kind, axes, node, gy),
         Op::Conv(geometry) => rules_window::grad_conv(b, geometry, node, gy, needs),
+        Op::ConvTranspose(geometry) => rules_window::grad_conv_transpose(b, geometry, node, gy, needs),
         Op::Pool(attrs) => rules_window::grad_pool(b, attrs, node, gy),
         Op::Reshape => rules_layout::grad_reshape(b, node, gy),
         Op::Transpose { perm } => rules_layout::grad_transpose(b, perm, gy),
@@ -118,7 +119,6 @@ fn input_gradients(b: &mut Builder, node: &Node, gy: ValueId, needs: &[bool]) ->
         Op::Concat { axis } => rules_layout::grad_concat(b, *axis, node, gy, needs),
         Op::Broadcast => rules_layout::grad_broadcast(b, node, gy),
         op @ (Op::Constant(_)
-        | Op::ConvTranspose(_)
         | Op::ArgReduce { .. }
         | Op::Gather { .. }
         | Op::GatherElements { .. }

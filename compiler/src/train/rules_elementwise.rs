@@ -70,6 +70,28 @@ pub fn grad_unary(b: &mut Builder, f: UnaryFn, node: &Node, gy: ValueId) -> Grad
             let zero = b.scalar(0.0);
             b.select(low, zero, upper)?
         }
+        UnaryFn::Swish { alpha } => {
+            // y = x·s, s = sigmoid(αx): dy/dx = s + αx·s·(1 − s) = s·(1 + αx·(1 − s)).
+            let scaled = b.scale(x, alpha)?;
+            let s = b.unary(UnaryFn::Sigmoid, scaled)?;
+            let one_minus = b.unary(UnaryFn::Affine { scale: -1.0, shift: 1.0 }, s)?;
+            let inner = b.binary(BinaryFn::Mul, scaled, one_minus)?;
+            let inner = b.unary(UnaryFn::Affine { scale: 1.0, shift: 1.0 }, inner)?;
+            let slope = b.binary(BinaryFn::Mul, s, inner)?;
+            b.binary(BinaryFn::Mul, gy, slope)?
+        }
+        UnaryFn::Softplus => {
+            let slope = b.unary(UnaryFn::Sigmoid, x)?;
+            b.binary(BinaryFn::Mul, gy, slope)?
+        }
+        UnaryFn::Elu { alpha } => {
+            // x > 0: 1; else α·eˣ = y + α.
+            let zero = b.scalar(0.0);
+            let positive = b.binary(BinaryFn::Greater, x, zero)?;
+            let shifted = b.unary(UnaryFn::Affine { scale: 1.0, shift: alpha }, y)?;
+            let negative_part = b.binary(BinaryFn::Mul, gy, shifted)?;
+            b.select(positive, gy, negative_part)?
+        }
         other => return Err(format!("no gradient rule for unary {other:?}")),
     };
     Ok(vec![Some(dx)])

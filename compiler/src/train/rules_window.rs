@@ -35,6 +35,10 @@ pub fn grad_conv(b: &mut Builder, geometry: &ConvGeometry, node: &Node, gy: Valu
     Ok(grads)
 }
 
+/// Σ over the batch of `x` correlated with `gy` at every kernel tap, as a kernel-shaped
+/// [gy channels, x channels / G, *k] tensor: the weight gradient of Conv (x: the input,
+/// gy: the output gradient) and, with the roles swapped, of ConvTranspose (x: the output
+/// gradient, gy: the input), whose weight layout is the transpose of Conv's.
 fn conv_weight_gradient(
     b: &mut Builder,
     geometry: &ConvGeometry,
@@ -46,6 +50,9 @@ fn conv_weight_gradient(
 ) -> Result<ValueId, String> {
     let groups = geometry.groups;
     let (batch, channels, outputs) = (x_shape[0], x_shape[1], y_shape[1]);
+    if channels % groups != 0 || outputs % groups != 0 {
+        return Err(format!("{channels} and {outputs} channels do not split into {groups} groups"));
+    }
     let (group_in, group_out) = (channels / groups, outputs / groups);
     let spatial = x_shape.len() - 2;
     let tail = |from: usize| (from..from + spatial).collect::<Vec<usize>>();
@@ -93,6 +100,37 @@ fn conv_weight_gradient(
     let mut perm = vec![1, 0];
     perm.extend(tail(2));
     b.transpose(cut, perm)
+}
+
+/// ConvTranspose (x [N, C, *in], w [C, M/G, *k], bias [M]?) -> y [N, M, *out]:
+/// - dx is the convolution of dy with the same weights and geometry (cut to x's extent
+///   where the declared output was larger than the windows reach);
+/// - dw is `conv_weight_gradient` with dy as the data and x as the correlated signal;
+/// - dbias sums dy over every axis but 1.
+pub fn grad_conv_transpose(b: &mut Builder, geometry: &ConvGeometry, node: &Node, gy: ValueId, needs: &[bool]) -> Grads {
+    let (x, w) = (node.inputs[0], node.inputs[1]);
+    let (x_shape, w_shape, y_shape) = (b.shape(x), b.shape(w), b.shape(gy));
+    let mut grads = vec![None; node.inputs.len()];
+    if needs[0] {
+        let full = b.push(Op::Conv(geometry.clone()), &[gy, w])?;
+        let full_shape = b.shape(full);
+        grads[0] = Some(if full_shape == x_shape {
+            full
+        } else {
+            let op = Op::Slice { starts: vec![0; x_shape.len()], steps: vec![1; x_shape.len()] };
+            let ty = b.g.ty(x).clone();
+            b.push_typed(op, &[full], ty)?
+        });
+    }
+    if needs[1] {
+        grads[1] = Some(conv_weight_gradient(b, geometry, gy, x, &y_shape, &w_shape, &x_shape)?);
+    }
+    if needs.get(2).copied().unwrap_or(false) {
+        let axes: Vec<usize> = (0..y_shape.len()).filter(|&a| a != 1).collect();
+        let summed = b.reduce_sum(gy, axes)?;
+        grads[2] = Some(b.reshape(summed, &[y_shape[1]])?);
+    }
+    Ok(grads)
 }
 
 pub fn grad_pool(b: &mut Builder, attrs: &PoolAttrs, node: &Node, gy: ValueId) -> Grads {
@@ -187,8 +225,8 @@ fn grad_max_pool(b: &mut Builder, attrs: &PoolAttrs, node: &Node, gy: ValueId) -
     for t in 0..taps {
         let mut starts = vec![0, 0];
         let mut steps = vec![1i64, 1];
-        for a in 0..spatial {
-            starts.push(((t / tap_strides[a]) % attrs.kernel[a]) * attrs.dilations[a]);
+        for (a, &tap_stride) in tap_strides.iter().enumerate() {
+            starts.push(((t / tap_stride) % attrs.kernel[a]) * attrs.dilations[a]);
             steps.push(attrs.strides[a] as i64);
         }
         let ty = b.g.ty(y).clone();
