@@ -266,6 +266,10 @@ fn matmul_batch_folding_and_edges() {
     check_matmul(&[33, 65], &[65, 17], DType::F32, 4);
     check_matmul(&[4, 0], &[0, 8], DType::F32, 5);
     check_matmul(&[0, 3], &[3, 8], DType::F32, 6);
+    // Row remainders of every height, wide column tiles and their leftovers.
+    for m in 1..=7 {
+        check_matmul(&[m, 19], &[19, 61], DType::F32, 7 + m as u64);
+    }
 }
 
 #[test]
@@ -630,6 +634,8 @@ fn throughput() {
     conv_bench("conv 3x3 64->64 56x56", 64, 64, 56, 3, 1, 1);
     let a = TensorType::f32(vec![256, 256]);
     bench("matmul 256x256x256", Op::MatMul, &[a.clone(), a], None, matmul::emit, 2.0 * 256f64.powi(3));
+    let (x, w) = (TensorType::f32(vec![1, 512]), TensorType::f32(vec![512, 1000]));
+    bench("matmul 1x512x1000 (classifier)", Op::MatMul, &[x, w], None, matmul::emit, 2.0 * 512.0 * 1000.0);
     conv_bench("conv 1x1 64->256 56x56", 64, 256, 56, 1, 1, 1);
     conv_bench("conv 3x3 256->256 14x14", 256, 256, 14, 3, 1, 1);
     conv_bench("conv 3x3 512->512 7x7", 512, 512, 7, 3, 1, 1);

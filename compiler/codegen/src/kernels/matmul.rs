@@ -3,8 +3,8 @@
 //! Each batch is a row-major GEMM C[M,N] = A[M,K]·B[K,N]. f32 uses a register tile of
 //! 4 rows × 8 columns (eight f32x4 accumulators, two B vectors and one broadcast A
 //! element: 11 of x86's 16 xmm registers) held across the whole K loop; leftover
-//! columns use a 4-wide and then a scalar tile, leftover rows the same tiles with
-//! fewer rows. i32/i64 run scalar 2×2 tiles. When B has no batch of its own and A's
+//! columns use a 4-wide and then a scalar tile. Leftover rows (and M < 4, as in a
+//! batch-1 classifier) use wider tiles of fewer rows. i32/i64 run scalar 2×2 tiles. When B has no batch of its own and A's
 //! batches are dense, the batches fold into M: one GEMM instead of many.
 
 use cnnc_ir::{DType, Op};
@@ -153,18 +153,31 @@ impl Gemm {
         self.elem.bytes() as i64
     }
 
-    /// Row tile height and the column tiles to try, widest first.
-    fn tiles(&self) -> (usize, Vec<Cols>) {
-        if self.elem == F32 {
-            (4, vec![Cols::Vectors(2), Cols::Vectors(1), Cols::Scalars(1)])
-        } else {
-            (2, vec![Cols::Scalars(2), Cols::Scalars(1)])
+    /// Row tile height.
+    fn rows(&self) -> usize {
+        if self.elem == F32 { 4 } else { 2 }
+    }
+
+    /// Column tiles for `rows` rows, widest first. Fewer rows get wider tiles so that
+    /// enough independent accumulators hide the add latency (a single row, as in a
+    /// batch-1 classifier, would otherwise wait on two dependency chains).
+    fn col_tiles(&self, rows: usize) -> Vec<Cols> {
+        if self.elem != F32 {
+            return vec![Cols::Scalars(2), Cols::Scalars(1)];
         }
+        // Accumulators + B vectors + one broadcast A element within 16 xmm registers.
+        let vectors = match rows {
+            4 => 2,
+            3 => 3,
+            2 => 4,
+            _ => 6,
+        };
+        vec![Cols::Vectors(vectors), Cols::Vectors(1), Cols::Scalars(1)]
     }
 
     fn emit(&self, b: &mut FunctionBuilder, a: Value, w: Value, c: Value) {
         let size = self.size();
-        let (rows, _) = self.tiles();
+        let rows = self.rows();
         let (_, rest) = tiled_loop(b, self.m, rows, vec![], |b, i, _| {
             let a_rows = index_ptr(b, a, i, rows as i64 * self.k as i64 * size);
             let c_rows = index_ptr(b, c, i, rows as i64 * self.n as i64 * size);
@@ -182,7 +195,7 @@ impl Gemm {
     /// All columns of `rows` consecutive rows.
     fn emit_row_block(&self, b: &mut FunctionBuilder, rows: usize, a: Value, w: Value, c: Value) {
         let size = self.size();
-        let (_, col_tiles) = self.tiles();
+        let col_tiles = self.col_tiles(rows);
         let mut cursors = vec![w, c];
         let mut left = self.n;
         for cols in col_tiles {

@@ -170,7 +170,7 @@ pub fn compile(op: Op, inputs: &[TensorType], declared: Option<Vec<TensorType>>,
     ctx.set_disasm(disasm);
     module.define_function(id, &mut ctx).map_err(|e| format!("{e:?}"))?;
     if let Some(code) = ctx.compiled_code().and_then(|c| c.vcode.as_ref()).filter(|_| disasm) {
-        eprintln!("{code}");
+        eprintln!("{}\n{code}", ctx.func.display());
     }
     module.clear_context(&mut ctx);
     module.finalize_definitions().map_err(|e| e.to_string())?;

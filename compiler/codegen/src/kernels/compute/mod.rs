@@ -178,9 +178,9 @@ pub fn counted_loop(
     results
 }
 
-/// Runs `body` for each output of a loop over `count` items in steps of `tile`
-/// items, then once more per leftover item with `tile == 1`-style handling left to
-/// the caller: returns the carried values and the number of items not covered.
+/// A `counted_loop` over the `count / tile` whole tiles of `count` items; returns the
+/// carried values and the number of leftover items (`count % tile`) for the caller's
+/// narrower tiles.
 pub fn tiled_loop(
     b: &mut FunctionBuilder,
     count: usize,
