@@ -834,3 +834,100 @@ fn verify_train_mobile_tiny() {
     let unexpected: Vec<&String> = failures.iter().filter(|f| !f.contains("expand.1.weight")).collect();
     assert!(unexpected.is_empty(), "{unexpected:#?}");
 }
+
+#[test]
+fn freeze_globs_keep_parameters_fixed() {
+    use cnnc::train::{TrainOptions, glob_matches, load_training_graph_with};
+    assert!(glob_matches("fc.*", "fc.weight"));
+    assert!(glob_matches("*.bias", "s1.bn1.bias"));
+    assert!(glob_matches("s?.conv*", "s2.conv1.weight"));
+    assert!(!glob_matches("fc.*", "xfc.weight"));
+    assert!(!glob_matches("s?.conv", "s2.conv1"));
+    assert!(glob_matches("*", ""));
+
+    let dir = common::scratch("train-freeze");
+    let mut rng = Rng::new(31);
+    let mut m = ModelBuilder::new("two_layers", 17);
+    m.input("input", DType::F32, &[2, 3])
+        .initializer("a.weight", &rng.tensor(&[3, 4]))
+        .initializer("b.weight", &rng.tensor(&[4, 2]))
+        .node("MatMul", &["input", "a.weight"], &["h"], vec![])
+        .node("MatMul", &["h", "b.weight"], &["logits"], vec![])
+        .output("logits", DType::F32, &[2, 2]);
+    let path = dir.join("two.onnx");
+    m.write(&path).unwrap();
+    let tg = load_training_graph_with(&path, &TrainOptions { freeze: vec!["a.*".into()] }).unwrap();
+    let names: Vec<&str> = tg.params.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["b.weight"]);
+}
+
+/// A model exported in inference mode trains with batch statistics, like PyTorch's
+/// model.train(): the loss does not depend on the running statistics.
+#[test]
+fn inference_mode_batchnorm_trains_with_batch_statistics() {
+    let dir = common::scratch("train-bn-inference");
+    let build = |running_mean: f32| {
+        let mut m = ModelBuilder::new("bn", 17);
+        m.input("input", DType::F32, &[4, 3])
+            .initializer("w", &Tensor::f32([3, 2], vec![0.5, -1.0, 0.25, 2.0, -0.5, 1.0]))
+            .initializer("bn.weight", &Tensor::f32([2], vec![1.0, 0.5]))
+            .initializer("bn.bias", &Tensor::f32([2], vec![0.1, 0.0]))
+            .initializer("bn.running_mean", &Tensor::f32([2], vec![running_mean, 0.0]))
+            .initializer("bn.running_var", &Tensor::f32([2], vec![1.0, 1.0]))
+            .node("MatMul", &["input", "w"], &["h"], vec![])
+            .node("BatchNormalization", &["h", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"], &["logits"], vec![])
+            .output("logits", DType::F32, &[4, 2]);
+        let path = dir.join(format!("bn{running_mean}.onnx"));
+        m.write(&path).unwrap();
+        load_training_graph(&path).unwrap()
+    };
+    let x = Tensor::f32([4, 3], vec![1.0, 0.0, 2.0, -1.0, 1.0, 0.5, 0.0, 3.0, -2.0, 1.5, 1.0, 1.0]);
+    let labels = Tensor::new(vec![4], TensorData::I64(vec![0, 1, 1, 0]));
+    let losses: Vec<Tensor> = [0.0, 5.0]
+        .into_iter()
+        .map(|mean| {
+            let tg = build(mean);
+            assert_eq!(tg.running.len(), 1);
+            let params: Vec<Tensor> = tg.params.iter().map(|p| p.initial.clone()).collect();
+            let inputs = tg.assemble_inputs(std::slice::from_ref(&x), &params, &labels).unwrap();
+            interp::run(&tg.graph, &inputs).unwrap().remove(0)
+        })
+        .collect();
+    assert_eq!(losses[0], losses[1]);
+}
+
+/// Adam in PyTorch's convention, two steps by hand for one parameter element.
+#[test]
+fn adam_follows_pytorch() {
+    use cnnc::train::{Adam, TrainState, apply_update, compute_gradients};
+    let dir = common::scratch("train-adam");
+    let mut m = ModelBuilder::new("linear", 17);
+    m.input("input", DType::F32, &[2, 2])
+        .initializer("w", &Tensor::f32([2, 3], vec![0.1, -0.2, 0.3, 0.4, 0.5, -0.6]))
+        .node("MatMul", &["input", "w"], &["logits"], vec![])
+        .output("logits", DType::F32, &[2, 3]);
+    let path = dir.join("linear.onnx");
+    m.write(&path).unwrap();
+    let tg = load_training_graph(&path).unwrap();
+    let adam = Adam { lr: 0.01, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 };
+    let x = Tensor::f32([2, 2], vec![1.0, 2.0, -1.0, 0.5]);
+    let labels = Tensor::new(vec![2], TensorData::I64(vec![2, 0]));
+    let mut state = TrainState::initial(&tg);
+    let (mut m1, mut v1) = (vec![0f64; 6], vec![0f64; 6]);
+    for t in 1..=2 {
+        let result = compute_gradients(&tg, &state, std::slice::from_ref(&x), &labels).unwrap();
+        let before: Vec<f64> = state.params[0].data.as_f32().unwrap().iter().map(|&v| v as f64).collect();
+        apply_update(&tg, &mut state, &result, adam).unwrap();
+        let grad = result.grads[0].data.as_f32().unwrap();
+        for j in 0..6 {
+            let g = grad[j] as f64 + 0.1 * before[j];
+            m1[j] = 0.9 * m1[j] + 0.1 * g;
+            v1[j] = 0.99 * v1[j] + 0.01 * g * g;
+            let m_hat = m1[j] / (1.0 - 0.9f64.powi(t));
+            let v_hat = v1[j] / (1.0 - 0.99f64.powi(t));
+            let want = before[j] - 0.01 * m_hat / (v_hat.sqrt() + 1e-8);
+            let got = state.params[0].data.as_f32().unwrap()[j] as f64;
+            assert!((got - want).abs() < 1e-6, "step {t} w[{j}]: {got} vs {want}");
+        }
+    }
+}

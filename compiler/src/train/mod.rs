@@ -13,6 +13,9 @@ mod rules_window;
 
 pub use autodiff::backward;
 pub use loss::softmax_cross_entropy;
-pub use step::{Sgd, StepResult, TrainState, apply_update, compute_gradients, train_step};
+pub use step::{Adam, Optimizer, Sgd, StepResult, TrainState, apply_update, compute_gradients, train_step};
 pub use verify_train::verify_train_case;
-pub use model::{Parameter, RunningStatistics, TrainingGraph, load_training_graph, trainable_initializers};
+pub use model::{
+    Parameter, RunningStatistics, TrainOptions, TrainingGraph, glob_matches, load_training_graph, load_training_graph_with,
+    trainable_initializers,
+};

@@ -128,15 +128,49 @@ fn tensor_value_info(name: &str, elem_type: i32, dims: &[i64]) -> ValueInfoProto
     }
 }
 
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TrainOptions {
+    /// Name globs (`*` any run, `?` one character) of parameters kept fixed: they stay
+    /// constants and get no gradient.
+    pub freeze: Vec<String>,
+}
+
+/// Whether `name` matches `pattern` with `*` (any run of characters) and `?` (one).
+pub fn glob_matches(pattern: &str, name: &str) -> bool {
+    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    // match_from[i][j]: p[i..] matches n[j..]; filled backwards.
+    let mut next = vec![false; n.len() + 1];
+    next[n.len()] = true;
+    for i in (0..p.len()).rev() {
+        let mut current = vec![false; n.len() + 1];
+        for j in (0..=n.len()).rev() {
+            current[j] = match p[i] {
+                '*' => next[j] || (j < n.len() && current[j + 1]),
+                '?' => j < n.len() && next[j + 1],
+                c => j < n.len() && n[j] == c && next[j + 1],
+            };
+        }
+        next = current;
+    }
+    next[0]
+}
+
+/// `load_training_graph_with` and default options (every parameter trained).
+pub fn load_training_graph(path: impl AsRef<Path>) -> Result<TrainingGraph, String> {
+    load_training_graph_with(path, &TrainOptions::default())
+}
+
 /// Loads `path` for training: the trainable initializers become graph inputs, the single
 /// graph output is taken as the logits [N, classes], and the loss and the gradients are
-/// appended. BatchNormalization nodes exported in training mode normalise with batch
-/// statistics (the ONNX operator's semantics, `LoadOptions::default()`).
-pub fn load_training_graph(path: impl AsRef<Path>) -> Result<TrainingGraph, String> {
+/// appended. BatchNormalization normalises with batch statistics as PyTorch's training
+/// mode does: nodes exported in inference mode are switched to training mode (opset 14+).
+pub fn load_training_graph_with(path: impl AsRef<Path>, options: &TrainOptions) -> Result<TrainingGraph, String> {
     let path = path.as_ref();
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut model = decode_model(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
-    let trainable = trainable_initializers(&model);
+    switch_batch_norms_to_training(&mut model)?;
+    let mut trainable = trainable_initializers(&model);
+    trainable.retain(|name| !options.freeze.iter().any(|pattern| glob_matches(pattern, name)));
     let base_dir = path.parent();
     let graph_proto = model.graph.as_mut().ok_or("the model has no graph")?;
     let mut initial = Vec::with_capacity(trainable.len());
@@ -261,4 +295,25 @@ fn batch_statistics(graph: &mut Graph, x: ValueId) -> Result<(ValueId, ValueId),
     let mean = graph.push_typed("bn_stats.mean_c", Op::Reshape, &[mean], channels.clone())?;
     let var = graph.push_typed("bn_stats.var_c", Op::Reshape, &[var], channels)?;
     Ok((mean, var))
+}
+
+/// Sets training_mode=1 on every BatchNormalization (ONNX semantics: batch statistics,
+/// running statistics as outputs 1 and 2).
+fn switch_batch_norms_to_training(model: &mut ModelProto) -> Result<(), String> {
+    let opset = model.opset_import.iter().find(|o| o.domain.is_empty() || o.domain == "ai.onnx").map(|o| o.version);
+    let Some(graph) = model.graph.as_mut() else { return Ok(()) };
+    for node in graph.node.iter_mut().filter(|n| n.op_type == "BatchNormalization") {
+        if node.attribute.iter().any(|a| a.name == "training_mode" && a.i != 0) {
+            continue;
+        }
+        if opset.is_none_or(|v| v < 14) {
+            return Err(format!(
+                "BatchNormalization '{}': training with batch statistics needs a model of opset 14 or later (this one imports {opset:?})",
+                node.name
+            ));
+        }
+        node.attribute.retain(|a| a.name != "training_mode");
+        node.attribute.push(cnnc_onnx::attr::int("training_mode", 1));
+    }
+    Ok(())
 }

@@ -1,5 +1,6 @@
 //! One training step run by the reference interpreter: forward, loss, gradients, then the
-//! optimizer update and the BatchNorm running statistics, both in PyTorch's conventions.
+//! optimizer update (SGD with momentum, Adam) and the BatchNorm running statistics, both
+//! in PyTorch's conventions.
 //! The test oracle for compiled training functions.
 
 use cnnc_ir::{Tensor, interp};
@@ -15,13 +16,54 @@ pub struct Sgd {
     pub weight_decay: f32,
 }
 
+/// Adam as `torch.optim.Adam` (no AMSGrad; weight decay as L2, added to the gradient):
+/// g += wd·p; m = β1·m + (1 − β1)·g; v = β2·v + (1 − β2)·g²;
+/// p −= (lr / (1 − β1ᵗ))·m / (√v / √(1 − β2ᵗ) + ε).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Adam {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+}
+
+impl Default for Adam {
+    /// PyTorch's defaults.
+    fn default() -> Adam {
+        Adam { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Optimizer {
+    Sgd(Sgd),
+    Adam(Adam),
+}
+
+impl From<Sgd> for Optimizer {
+    fn from(sgd: Sgd) -> Optimizer {
+        Optimizer::Sgd(sgd)
+    }
+}
+
+impl From<Adam> for Optimizer {
+    fn from(adam: Adam) -> Optimizer {
+        Optimizer::Adam(adam)
+    }
+}
+
 /// Everything a training step reads and writes besides the batch.
 #[derive(Clone, Debug)]
 pub struct TrainState {
     /// In `TrainingGraph::params` order.
     pub params: Vec<Tensor>,
-    /// Momentum buffers, None before the first step.
+    /// SGD's momentum buffer or Adam's first moment, None before the first step.
     pub velocity: Vec<Option<Vec<f32>>>,
+    /// Adam's second moment, None before the first step (and for SGD).
+    pub second_moment: Vec<Option<Vec<f32>>>,
+    /// Updates applied so far (Adam's bias correction counts them).
+    pub steps: u32,
     /// (mean, var) per `TrainingGraph::running` entry.
     pub running: Vec<(Tensor, Tensor)>,
 }
@@ -32,6 +74,8 @@ impl TrainState {
         TrainState {
             params: tg.params.iter().map(|p| p.initial.clone()).collect(),
             velocity: vec![None; tg.params.len()],
+            second_moment: vec![None; tg.params.len()],
+            steps: 0,
             running: tg.running.iter().map(|r| (r.initial_mean.clone(), r.initial_var.clone())).collect(),
         }
     }
@@ -79,20 +123,54 @@ fn f32s<'t>(t: &'t Tensor, what: &str) -> Result<&'t [f32], String> {
     t.data.as_f32().ok_or_else(|| format!("{what} is not f32"))
 }
 
-/// Applies the SGD update to the parameters and folds the batch statistics into the
-/// running statistics.
-pub fn apply_update(tg: &TrainingGraph, state: &mut TrainState, step: &StepResult, sgd: Sgd) -> Result<(), String> {
+/// Applies the optimizer's update to the parameters and folds the batch statistics into
+/// the running statistics.
+pub fn apply_update(
+    tg: &TrainingGraph,
+    state: &mut TrainState,
+    step: &StepResult,
+    optimizer: impl Into<Optimizer>,
+) -> Result<(), String> {
+    let optimizer = optimizer.into();
+    state.steps += 1;
     for (k, param) in tg.params.iter().enumerate() {
         let grad = f32s(&step.grads[k], &param.name)?;
         let p = f32s(&state.params[k], &param.name)?;
-        let direction: Vec<f32> = grad.iter().zip(p).map(|(&g, &p)| g + sgd.weight_decay * p).collect();
-        let velocity = match state.velocity[k].take() {
-            Some(v) if sgd.momentum != 0.0 => v.iter().zip(&direction).map(|(&v, &d)| sgd.momentum * v + d).collect(),
-            _ => direction,
+        let updated = match optimizer {
+            Optimizer::Sgd(sgd) => {
+                let direction: Vec<f32> = grad.iter().zip(p).map(|(&g, &p)| g + sgd.weight_decay * p).collect();
+                let velocity: Vec<f32> = match state.velocity[k].take() {
+                    Some(v) if sgd.momentum != 0.0 => {
+                        v.iter().zip(&direction).map(|(&v, &d)| sgd.momentum * v + d).collect()
+                    }
+                    _ => direction,
+                };
+                let updated = p.iter().zip(&velocity).map(|(&p, &v)| p - sgd.lr * v).collect();
+                state.velocity[k] = Some(velocity);
+                updated
+            }
+            Optimizer::Adam(adam) => {
+                let g: Vec<f32> = grad.iter().zip(p).map(|(&g, &p)| g + adam.weight_decay * p).collect();
+                let m_prev = state.velocity[k].take().unwrap_or_else(|| vec![0.0; g.len()]);
+                let v_prev = state.second_moment[k].take().unwrap_or_else(|| vec![0.0; g.len()]);
+                let m: Vec<f32> = m_prev.iter().zip(&g).map(|(&m, &g)| adam.beta1 * m + (1.0 - adam.beta1) * g).collect();
+                let v: Vec<f32> =
+                    v_prev.iter().zip(&g).map(|(&v, &g)| adam.beta2 * v + (1.0 - adam.beta2) * g * g).collect();
+                let t = state.steps as i32;
+                let correction1 = 1.0 - (adam.beta1 as f64).powi(t);
+                let correction2_sqrt = (1.0 - (adam.beta2 as f64).powi(t)).sqrt();
+                let step_size = (adam.lr as f64 / correction1) as f32;
+                let updated = p
+                    .iter()
+                    .zip(m.iter().zip(&v))
+                    .map(|(&p, (&m, &v))| p - step_size * m / (v.sqrt() / correction2_sqrt as f32 + adam.eps))
+                    .collect();
+                state.velocity[k] = Some(m);
+                state.second_moment[k] = Some(v);
+                updated
+            }
         };
-        let updated: Vec<f32> = p.iter().zip(&velocity).map(|(&p, &v)| p - sgd.lr * v).collect();
         state.params[k] = Tensor::f32(state.params[k].shape.clone(), updated);
-        state.velocity[k] = Some(velocity);
     }
     for (k, stats) in tg.running.iter().enumerate() {
         let keep = stats.onnx_momentum as f64;
@@ -111,8 +189,14 @@ pub fn apply_update(tg: &TrainingGraph, state: &mut TrainState, step: &StepResul
 }
 
 /// compute_gradients then apply_update.
-pub fn train_step(tg: &TrainingGraph, state: &mut TrainState, data: &[Tensor], labels: &Tensor, sgd: Sgd) -> Result<StepResult, String> {
+pub fn train_step(
+    tg: &TrainingGraph,
+    state: &mut TrainState,
+    data: &[Tensor],
+    labels: &Tensor,
+    optimizer: impl Into<Optimizer>,
+) -> Result<StepResult, String> {
     let step = compute_gradients(tg, state, data, labels)?;
-    apply_update(tg, state, &step, sgd)?;
+    apply_update(tg, state, &step, optimizer)?;
     Ok(step)
 }

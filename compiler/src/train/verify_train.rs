@@ -8,7 +8,7 @@ use std::path::Path;
 use cnnc_ir::{Tensor, TensorData};
 
 use super::model::{TrainingGraph, load_training_graph};
-use super::step::{Sgd, TrainState, train_step};
+use super::step::{Adam, Optimizer, Sgd, TrainState, train_step};
 use crate::compare::compare;
 use crate::verify::Outcome;
 
@@ -17,7 +17,7 @@ const STEPS: usize = 2;
 const LISTED_FAILURES: usize = 4;
 
 /// PASS when every check of every step holds; SKIP for an optimizer cnnc does not run
-/// (only SGD without Nesterov or dampening so far); FAIL otherwise, naming the checks.
+/// (SGD with Nesterov or dampening, AMSGrad, others); FAIL otherwise, naming the checks.
 pub fn verify_train_case(dir: &Path) -> Outcome {
     match train_case_failures(dir) {
         Ok(CaseResult::Unsupported(reason)) => Outcome::Skip(reason),
@@ -43,8 +43,8 @@ pub enum CaseResult {
 pub fn train_case_failures(dir: &Path) -> Result<CaseResult, String> {
     let meta_path = dir.join("meta.json");
     let meta = std::fs::read_to_string(&meta_path).map_err(|e| format!("{}: {e}", meta_path.display()))?;
-    let sgd = match read_sgd(&meta)? {
-        Ok(sgd) => sgd,
+    let optimizer = match read_optimizer(&meta)? {
+        Ok(optimizer) => optimizer,
         Err(reason) => return Ok(CaseResult::Unsupported(reason)),
     };
     let tg = load_training_graph(dir.join("model.onnx"))?;
@@ -59,7 +59,7 @@ pub fn train_case_failures(dir: &Path) -> Result<CaseResult, String> {
         let x = read(&step_dir.join("x.pb"))?;
         let labels = read(&step_dir.join("labels.pb"))?;
         let before = state.clone();
-        let result = train_step(&tg, &mut state, &[x], &labels, sgd)?;
+        let result = train_step(&tg, &mut state, &[x], &labels, optimizer)?;
         let tag = format!("step {step}");
         if let Err(e) = compare(&result.loss, &read(&step_dir.join("loss.pb"))?) {
             failures.push(format!("{tag} loss: {e}"));
@@ -101,33 +101,64 @@ pub fn train_case_failures(dir: &Path) -> Result<CaseResult, String> {
     Ok(CaseResult::Checked(failures))
 }
 
-/// The SGD settings of meta.json, or why the case is not one cnnc runs.
-fn read_sgd(meta: &str) -> Result<Result<Sgd, String>, String> {
+/// The optimizer of meta.json, or why the case is not one cnnc runs.
+fn read_optimizer(meta: &str) -> Result<Result<Optimizer, String>, String> {
     let start = meta.find("\"optimizer\"").ok_or("meta.json has no \"optimizer\"")?;
     let optimizer = &meta[start..];
     let end = optimizer.find('}').ok_or("meta.json: the \"optimizer\" object is not closed")?;
     let optimizer = &optimizer[..end];
     let kind = json_field(optimizer, "kind").ok_or("meta.json: optimizer has no \"kind\"")?;
-    if kind.trim_matches('"') != "sgd" {
-        return Ok(Err(format!("optimizer {kind} is not supported by the reference step yet (only sgd)")));
-    }
     let number = |key: &str, default: Option<f64>| -> Result<f64, String> {
         match json_field(optimizer, key) {
             Some(text) => text.parse::<f64>().map_err(|_| format!("meta.json: optimizer \"{key}\" is not a number: {text}")),
             None => default.ok_or_else(|| format!("meta.json: optimizer has no \"{key}\"")),
         }
     };
-    if json_field(optimizer, "nesterov").is_some_and(|v| v == "true") {
-        return Ok(Err("Nesterov momentum is not supported yet".into()));
+    match kind.trim_matches('"') {
+        "sgd" => {
+            if json_field(optimizer, "nesterov").is_some_and(|v| v == "true") {
+                return Ok(Err("Nesterov momentum is not supported yet".into()));
+            }
+            if number("dampening", Some(0.0))? != 0.0 {
+                return Ok(Err("SGD dampening is not supported yet".into()));
+            }
+            Ok(Ok(Optimizer::Sgd(Sgd {
+                lr: number("lr", None)? as f32,
+                momentum: number("momentum", Some(0.0))? as f32,
+                weight_decay: number("weight_decay", Some(0.0))? as f32,
+            })))
+        }
+        "adam" => {
+            if json_field(optimizer, "amsgrad").is_some_and(|v| v == "true") {
+                return Ok(Err("AMSGrad is not supported yet".into()));
+            }
+            let defaults = Adam::default();
+            let (beta1, beta2) = match json_array(optimizer, "betas") {
+                Some(betas) => match betas[..] {
+                    [b1, b2] => (b1, b2),
+                    _ => return Err(format!("meta.json: optimizer \"betas\" must have two entries, has {}", betas.len())),
+                },
+                None => (number("beta1", Some(defaults.beta1 as f64))?, number("beta2", Some(defaults.beta2 as f64))?),
+            };
+            Ok(Ok(Optimizer::Adam(Adam {
+                lr: number("lr", None)? as f32,
+                beta1: beta1 as f32,
+                beta2: beta2 as f32,
+                eps: number("eps", Some(defaults.eps as f64))? as f32,
+                weight_decay: number("weight_decay", Some(0.0))? as f32,
+            })))
+        }
+        other => Ok(Err(format!("optimizer \"{other}\" is not supported (sgd, adam)"))),
     }
-    if number("dampening", Some(0.0))? != 0.0 {
-        return Ok(Err("SGD dampening is not supported yet".into()));
-    }
-    Ok(Ok(Sgd {
-        lr: number("lr", None)? as f32,
-        momentum: number("momentum", Some(0.0))? as f32,
-        weight_decay: number("weight_decay", Some(0.0))? as f32,
-    }))
+}
+
+/// A flat array of numbers `"key": [a, b, ...]`.
+fn json_array(object: &str, key: &str) -> Option<Vec<f64>> {
+    let quoted = format!("\"{key}\"");
+    let after = &object[object.find(&quoted)? + quoted.len()..];
+    let after = after.trim_start().strip_prefix(':')?.trim_start().strip_prefix('[')?;
+    let body = &after[..after.find(']')?];
+    body.split(',').map(|item| item.trim().parse::<f64>().ok()).collect()
 }
 
 /// The raw text of a scalar field `"key": value` in a flat JSON object.
