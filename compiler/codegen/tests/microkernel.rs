@@ -585,4 +585,15 @@ fn bench_microkernel_against_fma_peak() {
         "second run: peak={peak:.1} kernel={kernel:.1} ratio={:.3}",
         kernel / peak
     );
+    for kind in [
+        GemmKernelKind::Avx512,
+        GemmKernelKind::Avx2Fma,
+        GemmKernelKind::Portable { fma: true },
+        GemmKernelKind::Portable { fma: false },
+    ] {
+        match cnnc_codegen::microkernel::measure_kind_vs_peak(kind) {
+            Ok(bench) => println!("{bench}"),
+            Err(e) => println!("{e}"),
+        }
+    }
 }

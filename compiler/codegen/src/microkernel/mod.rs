@@ -32,7 +32,7 @@ pub mod peak;
 pub mod portable;
 pub mod x86;
 
-pub use peak::{GemmBench, bench_gemm_vs_peak, measure_gemm_vs_peak};
+pub use peak::{GemmBench, bench_gemm_vs_peak, measure_gemm_vs_peak, measure_kind_vs_peak};
 
 /// Shape of the microkernel chosen for a target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,7 +49,9 @@ pub enum GemmKernelKind {
     Avx512,
     /// 6x16 ymm machine code.
     Avx2Fma,
-    /// Cranelift IR over f32x4; `fma` says whether fused multiply-add is available.
+    /// Cranelift IR over f32x4; `fma`: fused multiply-add instead of mul + add (only
+    /// for targets where Cranelift lowers `fma` to an instruction: aarch64, or x86
+    /// with AVX and FMA).
     Portable { fma: bool },
 }
 
@@ -61,10 +63,8 @@ impl GemmKernelKind {
         match target.triple.architecture {
             Architecture::X86_64 if has("avx512f") => GemmKernelKind::Avx512,
             Architecture::X86_64 if has("avx2") && has("fma") => GemmKernelKind::Avx2Fma,
-            // Cranelift turns `fma` into a libcall unless both AVX and FMA are enabled.
-            Architecture::X86_64 => GemmKernelKind::Portable {
-                fma: has("avx") && has("fma"),
-            },
+            // mul + add: see `portable::define` for why not `fma` on x86.
+            Architecture::X86_64 => GemmKernelKind::Portable { fma: false },
             _ => GemmKernelKind::Portable { fma: true },
         }
     }

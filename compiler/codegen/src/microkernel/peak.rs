@@ -69,8 +69,25 @@ pub fn bench_gemm_vs_peak() -> (f64, f64) {
 /// Measures the host's FMA peak and the host microkernel (the kind
 /// [`super::define_gemm_kernel`] picks for `TargetSpec::host()`).
 pub fn measure_gemm_vs_peak() -> Result<GemmBench, CodegenError> {
+    measure_kind_vs_peak(GemmKernelKind::for_target(&TargetSpec::host()))
+}
+
+/// Measures one kernel kind on the host (e.g. the portable kernel on an AVX2
+/// machine) against the FMA peak of its own vector width.
+pub fn measure_kind_vs_peak(kind: GemmKernelKind) -> Result<GemmBench, CodegenError> {
     let target = TargetSpec::host();
-    let kind = GemmKernelKind::for_target(&target);
+    let features = target.cpu_features();
+    let needed: &[&str] = match kind {
+        GemmKernelKind::Avx512 => &["avx512f"],
+        GemmKernelKind::Avx2Fma => &["avx2", "fma"],
+        GemmKernelKind::Portable { fma: true } if cfg!(target_arch = "x86_64") => &["avx", "fma"],
+        GemmKernelKind::Portable { .. } => &[],
+    };
+    if let Some(missing) = needed.iter().find(|f| !features.contains(f)) {
+        return Err(CodegenError(format!(
+            "cannot benchmark the {kind:?} GEMM kernel: this CPU lacks {missing}"
+        )));
+    }
     let isa = target.isa(false)?;
     let builder = JITBuilder::with_isa(isa, cranelift_module::default_libcall_names());
     let mut module = JITModule::new(builder);

@@ -218,7 +218,7 @@ impl Machine {
         for (r, region) in self.regions.iter().enumerate() {
             let end = region.base + 4 * region.data.len() as u64;
             if address >= region.base && address + 4 * floats as u64 <= end {
-                if (address - region.base) % 4 != 0 {
+                if !(address - region.base).is_multiple_of(4) {
                     return Err(format!("access to {} not on a float boundary", region.name));
                 }
                 return Ok((r, ((address - region.base) / 4) as usize));
