@@ -16,7 +16,8 @@ mod emulator;
 
 type KernelFn = unsafe extern "sysv64" fn(i64, *const f32, *const f32, *mut f32, i64, i64);
 
-const DEPTHS: [usize; 7] = [1, 2, 3, 5, 16, 100, 257];
+/// k = 0 is outside the contract but every kernel handles it (C = 0, or C unchanged).
+const DEPTHS: [usize; 8] = [0, 1, 2, 3, 5, 16, 100, 257];
 
 /// A JIT module holding one kernel (freed on drop).
 struct Jitted {
@@ -418,6 +419,75 @@ fn kernel_called_from_cranelift_code() {
     assert_close(&c, &want, "split-k from Cranelift");
     // SAFETY: `run` is not used after this.
     unsafe { module.free_memory() };
+}
+
+/// An exported function that forwards its six arguments to the kernel: what a
+/// shared library built with the kernel inside looks like from C.
+fn define_forwarder<M: Module>(module: &mut M, kernel: &GemmKernel, name: &str) -> cranelift_module::FuncId {
+    let mut sig = module.make_signature();
+    for _ in 0..6 {
+        sig.params.push(AbiParam::new(types::I64));
+    }
+    let id = module.declare_function(name, Linkage::Export, &sig).unwrap();
+    let mut ctx = module.make_context();
+    ctx.func.signature = sig;
+    ctx.func.name = UserFuncName::user(0, id.as_u32());
+    let mut fb = FunctionBuilderContext::new();
+    {
+        let mut b = FunctionBuilder::new(&mut ctx.func, &mut fb);
+        let entry = b.create_block();
+        b.append_block_params_for_function_params(entry);
+        b.switch_to_block(entry);
+        let params = b.block_params(entry).to_vec();
+        let callee = module.declare_func_in_func(kernel.func, b.func);
+        b.ins().call(callee, &params);
+        b.ins().return_(&[]);
+        b.seal_all_blocks();
+        b.finalize(module.target_config());
+    }
+    module.define_function(id, &mut ctx).unwrap();
+    id
+}
+
+/// The kernel in a PIC object, linked into a `.so` by the system C compiler, loaded
+/// and called through an exported forwarder.
+#[test]
+fn kernel_in_a_shared_library() {
+    let target = TargetSpec::host();
+    let isa = target.isa(true).unwrap();
+    let builder = cranelift_object::ObjectBuilder::new(isa, "gemm", cranelift_module::default_libcall_names()).unwrap();
+    let mut module = cranelift_object::ObjectModule::new(builder);
+    let kernel = define_gemm_kernel(&mut module, &target).unwrap();
+    define_forwarder(&mut module, &kernel, "cnnc_test_gemm");
+    let object = module.finish().emit().unwrap();
+    let dir = std::env::temp_dir().join(format!("cnnc-microkernel-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let so = dir.join("gemm.so");
+    cnnc_codegen::link_shared(&object, &so, &target).unwrap();
+    // SAFETY: the library was just built from the object above.
+    let lib = unsafe { libloading::Library::new(&so) }.unwrap();
+    let forwarder: libloading::Symbol<unsafe extern "C" fn(i64, *const f32, *const f32, *mut f32, i64, i64)> =
+        unsafe { lib.get(b"cnnc_test_gemm") }.unwrap();
+    check_against_reference(
+        (kernel.mr, kernel.nr),
+        "shared library",
+        |k, a, b, c, ldc, accumulate| {
+            let b_panel = Aligned::from(b);
+            // SAFETY: as in `run_native`.
+            unsafe {
+                forwarder(
+                    k as i64,
+                    a.as_ptr(),
+                    b_panel.ptr(),
+                    c.as_mut_ptr().add(C_LEAD),
+                    ldc as i64,
+                    accumulate,
+                )
+            };
+        },
+    );
+    drop(lib);
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]

@@ -16,7 +16,9 @@
 //! - `b`: packed B panel, for each `kk` the `nr` values `B[kk][0..nr]`, 32-byte aligned;
 //! - `c`: the C tile, row `i` at `c + i * ldc` floats, `nr` floats per row, any alignment;
 //! - `C[i][j] = sum_kk A[i][kk] * B[kk][j]` for `i < mr`, `j < nr`, added to the old
-//!   `C[i][j]` when `accumulate != 0`; `k >= 1`.
+//!   `C[i][j]` when `accumulate != 0`; callers pass `k >= 1` (every kernel also
+//!   handles `k = 0`: C becomes 0, or stays as it was when accumulating);
+//! - preserves rbx, rbp, r12-r15 (x86-64) and ends AVX code with `vzeroupper`.
 //!
 //! [`bench_gemm_vs_peak`] measures the kernel against the core's FMA peak.
 
