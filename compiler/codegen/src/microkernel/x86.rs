@@ -120,9 +120,15 @@ fn assemble<R: Copy>(shape: &TileShape<R>) -> Result<AssembledKernel, CodegenErr
 where
     CodeAssembler: VectorOps<R>,
 {
-    if shape.registers_needed() > shape.registers.len() || !shape.k_unroll.is_power_of_two() {
+    if !shape.k_unroll.is_power_of_two() {
         return Err(CodegenError(format!(
-            "GEMM tile {}x{} needs {} vector registers, the ISA has {}",
+            "internal: GEMM k unroll {} is not a power of two",
+            shape.k_unroll
+        )));
+    }
+    if shape.registers_needed() > shape.registers.len() {
+        return Err(CodegenError(format!(
+            "internal: GEMM tile {}x{} needs {} vector registers, the ISA has {}",
             shape.mr,
             shape.nr(),
             shape.registers_needed(),
