@@ -8,9 +8,13 @@
 //!   objects linked by relocations.
 //!
 //! Every kernel has the signature `fn(host: *const Host, buffers: *const *mut u8)`
-//! where `buffers` lists the node's input then output addresses; the entry point
-//! builds that array in a stack slot. `host` is threaded through unused for now, so
-//! kernels can later split work with `host->parallel_for`.
+//! where `buffers` lists the node's input then output addresses, then the node's
+//! scratch memory if the plan gave it some; the entry point builds that array in a
+//! stack slot. Kernels that split their work (convolutions run as GEMM,
+//! `kernels::conv_gemm`) hand tasks to `host->parallel_for`.
+//!
+//! On x86-64, GEMM tasks run with flush-to-zero and denormals-are-zero and restore
+//! the MXCSR they found (`kernels::parallel`); the rest of `cnnc_infer` leaves it alone.
 
 use cnnc_ir::{ConstValue, Graph, Op};
 use cnnc_runtime::abi;
@@ -22,7 +26,10 @@ use cranelift_codegen::ir::{
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_module::{DataDescription, DataId, FuncId, Linkage, Module};
 
+use crate::kernels::conv_gemm::{self, ConvGemmPlan, GemmEnv};
+use crate::kernels::parallel::FloatEnv;
 use crate::kernels::{self, CodegenError, KernelCtx};
+use crate::microkernel::{self, GemmKernelKind};
 use crate::plan::{Location, MemoryPlan, WORKSPACE_ALIGN};
 use crate::target::TargetSpec;
 
@@ -35,6 +42,8 @@ pub struct CompiledInfo {
     pub workspace_size: usize,
     /// Kernel functions emitted (one per node that runs code).
     pub kernels: usize,
+    /// Convolutions run as GEMM on the microkernel (the others use the direct kernel).
+    pub gemm_convs: usize,
 }
 
 fn module_err(what: &str) -> impl Fn(cranelift_module::ModuleError) -> CodegenError + '_ {
@@ -52,11 +61,27 @@ fn dtype_code(d: cnnc_ir::DType) -> u32 {
 
 /// Compiles `g` into `module`; the caller finishes the module (object file or JIT).
 pub fn compile_graph<M: Module>(module: &mut M, g: &Graph, target: &TargetSpec) -> Result<CompiledInfo, CodegenError> {
-    let plan = MemoryPlan::new(g).map_err(|e| CodegenError(format!("memory plan: {e}")))?;
     if module.target_config().pointer_type() != I64 {
         return Err(CodegenError("cnnc generates code for 64-bit targets only".into()));
     }
+    let gemm_tile = GemmKernelKind::for_target(target).tile(target);
+    let gemm_plans: Vec<Option<ConvGemmPlan>> = g.nodes.iter().map(|n| conv_gemm::plan(g, n, gemm_tile)).collect();
+    let scratch: Vec<usize> = gemm_plans.iter().map(|p| p.as_ref().map_or(0, ConvGemmPlan::scratch_bytes)).collect();
+    let plan = MemoryPlan::with_scratch(g, &scratch).map_err(|e| CodegenError(format!("memory plan: {e}")))?;
     let call_conv = module.isa().default_call_conv();
+    let gemm_env = if gemm_plans.iter().any(Option::is_some) {
+        let float_env = FloatEnv::define(module, target)?;
+        let kernel = microkernel::define_gemm_kernel(module, target)?;
+        if (kernel.mr, kernel.nr) != gemm_tile {
+            return Err(CodegenError(format!(
+                "internal: GEMM microkernel is {}x{}, convolutions were planned for {}x{}",
+                kernel.mr, kernel.nr, gemm_tile.0, gemm_tile.1
+            )));
+        }
+        Some(GemmEnv { kernel, float_env })
+    } else {
+        None
+    };
 
     // Constants referenced by Constant nodes with dense data.
     let mut const_data: Vec<Option<DataId>> = vec![None; g.constants.len()];
@@ -93,6 +118,13 @@ pub fn compile_graph<M: Module>(module: &mut M, g: &Graph, target: &TargetSpec) 
     let mut kernels_of_nodes: Vec<Option<FuncId>> = vec![None; g.nodes.len()];
     for (ni, node) in g.nodes.iter().enumerate() {
         if !kernels::needs_kernel(g, node) {
+            continue;
+        }
+        if let (Some(gemm_plan), Some(env)) = (&gemm_plans[ni], &gemm_env) {
+            kernels::check_node(g, node)
+                .map_err(|e| CodegenError(format!("node '{}' ({}): {e}", node.name, node.op.mnemonic())))?;
+            let id = conv_gemm::define_node(module, env, g, node, ni, gemm_plan, &kernel_sig, &mut ctx, &mut fb_ctx)?;
+            kernels_of_nodes[ni] = Some(id);
             continue;
         }
         let name = format!("cnnc_k{ni}_{}", node.op.mnemonic());
@@ -165,10 +197,13 @@ pub fn compile_graph<M: Module>(module: &mut M, g: &Graph, target: &TargetSpec) 
         workspace_size: plan.workspace_size,
         plan,
         kernels,
+        gemm_convs: gemm_plans.iter().flatten().count(),
     })
 }
 
-fn define<M: Module>(module: &mut M, id: FuncId, ctx: &mut Context, what: &str) -> Result<(), CodegenError> {
+/// Defines function `id` from `ctx` (verifying it first in debug builds); `what` names
+/// it in errors and in `CNNC_DISASM` output.
+pub(crate) fn define<M: Module>(module: &mut M, id: FuncId, ctx: &mut Context, what: &str) -> Result<(), CodegenError> {
     if cfg!(debug_assertions)
         && let Err(errors) = cranelift_codegen::verify_function(&ctx.func, module.isa())
     {
@@ -194,7 +229,7 @@ fn define<M: Module>(module: &mut M, id: FuncId, ctx: &mut Context, what: &str) 
 }
 
 /// A local read-only data object holding `bytes`, 64-byte aligned.
-fn define_bytes<M: Module>(module: &mut M, name: &str, bytes: Vec<u8>) -> Result<DataId, CodegenError> {
+pub(crate) fn define_bytes<M: Module>(module: &mut M, name: &str, bytes: Vec<u8>) -> Result<DataId, CodegenError> {
     let id = module
         .declare_data(name, Linkage::Local, false, false)
         .map_err(module_err(name))?;
@@ -261,10 +296,11 @@ fn emit_infer<M: Module>(
         b.seal_block(entry);
         let p = b.block_params(entry);
         let params = [p[0], p[1], p[2], p[3]];
+        // Inputs, outputs and one scratch pointer.
         let max_buffers = g
             .nodes
             .iter()
-            .map(|n| n.inputs.len() + n.outputs.len())
+            .map(|n| n.inputs.len() + n.outputs.len() + 1)
             .max()
             .unwrap_or(0)
             .max(1);
@@ -281,6 +317,11 @@ fn emit_infer<M: Module>(
                     .ok_or_else(|| CodegenError(format!("node '{}': value {v} has no storage", node.name)))?;
                 let addr = location_addr(module, &mut b, loc, &params, const_data);
                 b.ins().stack_store(I64, addr, slot, (8 * i) as i32);
+            }
+            if let Some(offset) = plan.scratch.get(ni).copied().flatten() {
+                let at = node.inputs.len() + node.outputs.len();
+                let addr = location_addr(module, &mut b, Location::Workspace(offset), &params, const_data);
+                b.ins().stack_store(I64, addr, slot, (8 * at) as i32);
             }
             let bufs = b.ins().stack_addr(I64, slot, 0);
             let fref = module.declare_func_in_func(kernel, b.func);

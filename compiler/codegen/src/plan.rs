@@ -9,6 +9,8 @@
 //!   when their node runs) gets a 64-byte aligned workspace slot. A slot is busy from
 //!   the node defining the value to the last node reading it, and is reused afterwards
 //!   (greedy first-fit in definition order).
+//! - A node may ask for scratch memory of its own (packing buffers of a convolution
+//!   run as GEMM): a workspace slot busy only while that node runs.
 
 use cnnc_ir::{ConstValue, Graph, Op, ValueId};
 
@@ -51,12 +53,20 @@ pub struct MemoryPlan {
     /// Per value placed in the workspace, its busy interval (for tests and dumps).
     pub intervals: Vec<Option<Interval>>,
     pub output_copies: Vec<OutputCopy>,
+    /// Per node, the workspace offset of its scratch memory (None: it asked for none).
+    pub scratch: Vec<Option<usize>>,
     /// Bytes of workspace a call needs (a multiple of `WORKSPACE_ALIGN`).
     pub workspace_size: usize,
 }
 
 impl MemoryPlan {
     pub fn new(g: &Graph) -> Result<MemoryPlan, String> {
+        MemoryPlan::with_scratch(g, &[])
+    }
+
+    /// The plan with `scratch_bytes[node index]` bytes of scratch for each node (missing
+    /// entries and 0 mean none).
+    pub fn with_scratch(g: &Graph, scratch_bytes: &[usize]) -> Result<MemoryPlan, String> {
         let n_values = g.values.len();
         let mut locations: Vec<Option<Location>> = vec![None; n_values];
         for (i, &v) in g.inputs.iter().enumerate() {
@@ -128,15 +138,24 @@ impl MemoryPlan {
                 order.push((v, iv));
             }
         }
-        let ivs: Vec<Interval> = order.iter().map(|&(_, iv)| iv).collect();
+        let mut ivs: Vec<Interval> = order.iter().map(|&(_, iv)| iv).collect();
+        let scratch_nodes: Vec<usize> = (0..g.nodes.len())
+            .filter(|&ni| scratch_bytes.get(ni).is_some_and(|&b| b > 0))
+            .collect();
+        ivs.extend(scratch_nodes.iter().map(|&ni| Interval { start: ni, end: ni, bytes: scratch_bytes[ni] }));
         let (offsets, workspace_size) = assign_offsets(&ivs);
-        for (&(v, _), off) in order.iter().zip(offsets) {
+        for (&(v, _), &off) in order.iter().zip(&offsets) {
             locations[v.index()] = Some(Location::Workspace(off));
+        }
+        let mut scratch = vec![None; g.nodes.len()];
+        for (&ni, &off) in scratch_nodes.iter().zip(&offsets[order.len()..]) {
+            scratch[ni] = Some(off);
         }
         Ok(MemoryPlan {
             locations,
             intervals,
             output_copies,
+            scratch,
             workspace_size,
         })
     }
@@ -253,6 +272,22 @@ mod tests {
             schedule: Default::default(),
         });
         assert!(MemoryPlan::new(&g).unwrap_err().contains("before it is defined"));
+    }
+
+    #[test]
+    fn scratch_is_busy_only_during_its_node() {
+        let mut g = Graph::new("scratch");
+        let x = g.add_input(TensorType::f32([256]), "x");
+        let a = g.push1("a", Op::Unary(UnaryFn::Relu), &[x]).unwrap();
+        let b = g.push1("b", Op::Unary(UnaryFn::Relu), &[a]).unwrap();
+        let c = g.push1("c", Op::Unary(UnaryFn::Relu), &[b]).unwrap();
+        g.outputs.push(c);
+        let p = MemoryPlan::with_scratch(&g, &[0, 4096, 0]).unwrap();
+        assert_eq!(p.scratch, vec![None, Some(2048), None], "after a (1 KiB) and b (1 KiB), both busy at node 1");
+        assert_eq!(p.workspace_size, 2048 + 4096);
+        // At node 2, a is dead and b (at 1024) still lives: the scratch takes a's slot.
+        let q = MemoryPlan::with_scratch(&g, &[0, 0, 512]).unwrap();
+        assert_eq!(q.scratch[2], Some(0), "a's slot is free again at node 2");
     }
 
     #[test]

@@ -5,6 +5,10 @@
 //! epilogue in place (emitters ignore `node.epilogue`). Ops that need read-only
 //! tables besides their inputs (Resample) get them from `node_tables`, passed to the
 //! kernel after its outputs.
+//!
+//! Convolutions that run as GEMM on the microkernel (`conv_gemm`, with `gemm/` and
+//! the thread split of `parallel`) are more than one function body; `module.rs`
+//! defines them through `conv_gemm::define_node` instead of `emit_node`.
 
 use cnnc_ir::{ConstValue, Graph, Node, Op};
 use cranelift_codegen::ir::Value;
@@ -12,12 +16,15 @@ use cranelift_frontend::FunctionBuilder;
 
 pub mod compute;
 pub mod conv;
+pub mod conv_gemm;
 pub mod conv_transpose;
 pub mod elementwise;
 pub mod gather;
+pub mod gemm;
 pub mod map;
 pub mod matmul;
 pub mod movement;
+pub mod parallel;
 pub mod pool;
 pub mod reduce;
 pub mod resample;
@@ -81,11 +88,8 @@ pub fn emit_node(k: &mut KernelCtx, tables: &[Value]) -> Result<(), CodegenError
             k.node.outputs.len()
         )));
     }
+    check_node(k.graph, k.node)?;
     let op_inputs = cnnc_ir::verify::op_input_count(k.node);
-    let in_types: Vec<&cnnc_ir::TensorType> = k.node.inputs[..op_inputs].iter().map(|&v| k.graph.ty(v)).collect();
-    let declared: Vec<cnnc_ir::TensorType> = k.node.outputs.iter().map(|&v| k.graph.ty(v).clone()).collect();
-    cnnc_ir::infer::output_types(&k.node.op, &in_types, &k.graph.constants, Some(&declared))
-        .map_err(|e| CodegenError(format!("node '{}' is inconsistent: {e}", k.node.name)))?;
     if op_inputs < k.node.inputs.len() {
         let mut op_node = k.node.clone();
         op_node.inputs.truncate(op_inputs);
@@ -101,6 +105,16 @@ pub fn emit_node(k: &mut KernelCtx, tables: &[Value]) -> Result<(), CodegenError
         emit_op(k, tables)?;
     }
     elementwise::emit_epilogue(k)
+}
+
+/// Checks the node's declared output types against the typing rules of its op.
+pub fn check_node(g: &Graph, node: &Node) -> Result<(), CodegenError> {
+    let op_inputs = cnnc_ir::verify::op_input_count(node);
+    let in_types: Vec<&cnnc_ir::TensorType> = node.inputs[..op_inputs].iter().map(|&v| g.ty(v)).collect();
+    let declared: Vec<cnnc_ir::TensorType> = node.outputs.iter().map(|&v| g.ty(v).clone()).collect();
+    cnnc_ir::infer::output_types(&node.op, &in_types, &g.constants, Some(&declared))
+        .map_err(|e| CodegenError(format!("node '{}' is inconsistent: {e}", node.name)))?;
+    Ok(())
 }
 
 /// The op alone, by family.

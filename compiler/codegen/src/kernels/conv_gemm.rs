@@ -1,0 +1,673 @@
+//! Convolution as matrix product on the GEMM microkernel (`crate::microkernel`).
+//!
+//! Per image and group, `out[oc][p] = Σ_kk W[oc][kk] · col[kk][p]` with `kk` running
+//! over (tap, input channel) -- tap-major, so one tap's rows of `col` are consecutive
+//! input channels -- and `p` over output positions.
+//!
+//! - A (weights): re-laid out at compile time into panels of `mr` output channels
+//!   (zero-padded), `mr` floats per `kk`, as read-only data: `[group][panel][kk][mr]`.
+//! - B (`col`): packed at run time (`gemm::pack`) per block of `nc` positions and `kc`
+//!   reduction indices into a slot of the node's scratch: panels of `nr` positions.
+//! - Loop nest of a task: k-block, (pack the B block), oc-panel, p-panel, microkernel
+//!   call. Full tiles go straight to the output (`ldc` = positions); edge tiles go to
+//!   a temporary tile and their valid part is copied or added. After the last k-block
+//!   the epilogue (bias, fused steps) runs on the tile while it is in L1 (`gemm::tile`);
+//!   an epilogue operand broadcast in a way a tile cannot address is applied over the
+//!   whole output after the convolution instead.
+//! - Tasks: one per (image, group, p-block, oc-panel group). The number of oc-panel
+//!   groups is chosen at run time: 1 without threads (no repacking of B), else enough
+//!   for ~4 tasks per thread, limited so a task keeps ~1 M multiply-adds.
+//!
+//! Convolutions this driver does not take (depthwise and thin grouped ones, weights
+//! that are not constants, other dtypes) stay on the direct kernel (`conv.rs`).
+
+use cnnc_ir::{ConstValue, DType, EpilogueStep, Graph, Layout, Node, Op, Scalar, TensorData, ValueId};
+use cranelift_codegen::Context;
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::types::I64;
+use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, UserFuncName, Value};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
+use cranelift_module::{DataId, FuncId, Linkage, Module};
+
+use super::gemm::pack::{PackShape, emit_pack_panel};
+use super::gemm::tile::{TileEpilogue, TileOperand, TileStep, emit_merge};
+use super::gemm::{int, scaled};
+use super::parallel::{self, FloatEnv, MAX_SLOTS, SLOT_FLAGS_BYTES};
+use super::{CodegenError, KernelCtx};
+use crate::microkernel::GemmKernel;
+
+const F32_BYTES: i64 = 4;
+
+/// Multiply-adds below which a task is not split further (~20 µs at ~50 G MAC/s).
+const MIN_TASK_MACS: usize = 1 << 20;
+
+/// Tasks per thread to aim for, so uneven tasks still balance.
+const TASKS_PER_THREAD: i64 = 4;
+
+/// Cache sizes assumed when no schedule chose `kc`/`nc` (see the choose-schedule pass).
+const DEFAULT_L1D_BYTES: usize = 32 * 1024;
+const DEFAULT_L2_BYTES: usize = 512 * 1024;
+
+/// The spatial geometry the packing sees. 1x1 convolutions without stride or padding
+/// are collapsed to one flat axis of all positions.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Spatial {
+    pub input: Vec<usize>,
+    pub output: Vec<usize>,
+    pub kernel: Vec<usize>,
+    pub strides: Vec<usize>,
+    pub dilations: Vec<usize>,
+    /// Padding before each axis.
+    pub pads: Vec<usize>,
+}
+
+/// Everything the driver needs, decided at compile time.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConvGemmPlan {
+    pub batch: usize,
+    pub groups: usize,
+    /// Input / output channels per group.
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub spatial: Spatial,
+    /// Kernel taps (product of the kernel extents).
+    pub taps: usize,
+    /// Reduction depth K = taps · in_channels.
+    pub depth: usize,
+    /// Output positions per image and channel.
+    pub positions: usize,
+    /// Elements of one input channel plane.
+    pub in_plane: usize,
+    pub mr: usize,
+    pub nr: usize,
+    pub kc: usize,
+    pub nc: usize,
+    pub has_bias: bool,
+    /// Fused steps applied per tile; `None`: applied over the whole output afterwards.
+    pub tile_steps: Option<Vec<TileStep>>,
+    pub weight: ValueId,
+}
+
+impl ConvGemmPlan {
+    pub fn panels(&self) -> usize {
+        self.out_channels.div_ceil(self.mr)
+    }
+    pub fn k_blocks(&self) -> usize {
+        self.depth.div_ceil(self.kc)
+    }
+    pub fn p_blocks(&self) -> usize {
+        self.positions.div_ceil(self.nc)
+    }
+    /// Tasks before splitting output channels: images x groups x p-blocks.
+    pub fn outer_tasks(&self) -> usize {
+        self.batch * self.groups * self.p_blocks()
+    }
+    /// The most oc-panel groups worth splitting one outer task into.
+    pub fn max_oc_groups(&self) -> usize {
+        let macs = self.out_channels * self.depth * self.nc.min(self.positions);
+        (macs / MIN_TASK_MACS).clamp(1, self.panels())
+    }
+    pub fn slots(&self) -> usize {
+        (self.outer_tasks() * self.max_oc_groups()).clamp(1, MAX_SLOTS)
+    }
+    /// One slot: the packed B block, then a temporary tile for edge tiles.
+    pub fn slot_bytes(&self) -> usize {
+        ((self.kc * self.nc + self.mr * self.nr) * 4).div_ceil(64) * 64
+    }
+    pub fn scratch_bytes(&self) -> usize {
+        SLOT_FLAGS_BYTES + self.slots() * self.slot_bytes()
+    }
+
+    /// The weights as A panels: `[group][panel][kk][mr]`, `kk = tap · in_channels + ic`,
+    /// rows past the group's channels zero. `w` is the ONNX layout `[M, C/g, *k]`.
+    pub fn pack_weights(&self, w: &[f32]) -> Vec<u8> {
+        let (mr, panels, cin, taps) = (self.mr, self.panels(), self.in_channels, self.taps);
+        let mut out = Vec::with_capacity(self.groups * panels * self.depth * mr * 4);
+        for g in 0..self.groups {
+            for panel in 0..panels {
+                for tap in 0..taps {
+                    for ic in 0..cin {
+                        for r in 0..mr {
+                            let oc_in_group = panel * mr + r;
+                            let v = if oc_in_group < self.out_channels {
+                                let oc = g * self.out_channels + oc_in_group;
+                                w.get((oc * cin + ic) * taps + tap).copied().unwrap_or(0.0)
+                            } else {
+                                0.0
+                            };
+                            out.extend_from_slice(&v.to_le_bytes());
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The weights of a convolution whose weight input is a constant, as dense f32.
+pub fn constant_weights(g: &Graph, node: &Node) -> Option<Vec<f32>> {
+    let w = *node.inputs.get(1)?;
+    let n = g.ty(w).numel();
+    let producer = g.nodes.iter().find(|m| m.outputs.contains(&w))?;
+    let Op::Constant(c) = producer.op else { return None };
+    match &g.constants.get(c.index())?.value {
+        ConstValue::Dense(TensorData::F32(v)) if v.len() == n => Some(v.clone()),
+        ConstValue::Splat(Scalar::F32(x)) => Some(vec![*x; n]),
+        _ => None,
+    }
+}
+
+/// The plan for `node` on a microkernel of `mr` x `nr`, or None when the node is not a
+/// convolution this driver takes (it then runs on the direct kernel).
+pub fn plan(g: &Graph, node: &Node, (mr, nr): (usize, usize)) -> Option<ConvGemmPlan> {
+    let Op::Conv(geometry) = &node.op else { return None };
+    if node.outputs.len() != 1 || node.inputs.len() < 2 || mr == 0 || nr == 0 || !nr.is_multiple_of(4) {
+        return None;
+    }
+    let s = &node.schedule;
+    if s.layout_in != Layout::Plain || s.layout_out != Layout::Plain {
+        return None;
+    }
+    let x = g.ty(node.inputs[0]);
+    let w = g.ty(node.inputs[1]);
+    let y = g.ty(node.outputs[0]);
+    let rank = x.shape.len();
+    if rank < 3 || w.shape.len() != rank || y.shape.len() != rank {
+        return None;
+    }
+    if [x, w, y].iter().any(|t| t.dtype != DType::F32 || t.numel() == 0) {
+        return None;
+    }
+    let op_inputs = cnnc_ir::verify::op_input_count(node);
+    let has_bias = op_inputs == 3;
+    if has_bias && g.ty(node.inputs[2]).dtype != DType::F32 {
+        return None;
+    }
+    let groups = geometry.groups;
+    let (batch, in_total, out_total) = (x.shape[0], x.shape[1], w.shape[0]);
+    if groups == 0 || !in_total.is_multiple_of(groups) || !out_total.is_multiple_of(groups) {
+        return None;
+    }
+    let (in_channels, out_channels) = (in_total / groups, out_total / groups);
+    if w.shape[1] != in_channels || y.shape[1] != out_total || y.shape[0] != batch {
+        return None;
+    }
+    let depthwise = groups > 1 && groups == in_total && groups == out_total;
+    let wanted = match s.kernel.as_str() {
+        "gemm" => true,
+        // Unscheduled graphs (tests, tools): grouped convolutions with a few channels
+        // per group fill a register tile too thinly.
+        "" => !depthwise && (groups == 1 || (out_channels >= mr && in_channels >= 4)),
+        _ => false,
+    };
+    if !wanted || constant_weights(g, node).is_none() {
+        return None;
+    }
+    let axes = rank - 2;
+    let geometry_ok = [&geometry.strides, &geometry.dilations, &geometry.pads_begin, &geometry.pads_end]
+        .iter()
+        .all(|v| v.len() == axes);
+    if !geometry_ok || geometry.strides.contains(&0) || geometry.dilations.contains(&0) {
+        return None;
+    }
+    let kernel = w.shape[2..].to_vec();
+    let pointwise = kernel.iter().all(|&k| k == 1)
+        && geometry.strides.iter().all(|&s| s == 1)
+        && geometry.pads_begin.iter().chain(&geometry.pads_end).all(|&p| p == 0)
+        && x.shape[2..] == y.shape[2..];
+    let spatial = if pointwise {
+        let positions = y.shape[2..].iter().product();
+        Spatial {
+            input: vec![positions],
+            output: vec![positions],
+            kernel: vec![1],
+            strides: vec![1],
+            dilations: vec![1],
+            pads: vec![0],
+        }
+    } else {
+        Spatial {
+            input: x.shape[2..].to_vec(),
+            output: y.shape[2..].to_vec(),
+            kernel,
+            strides: geometry.strides.clone(),
+            dilations: geometry.dilations.clone(),
+            pads: geometry.pads_begin.clone(),
+        }
+    };
+    let taps: usize = spatial.kernel.iter().product();
+    let depth = taps * in_channels;
+    let positions: usize = spatial.output.iter().product();
+    let in_plane: usize = spatial.input.iter().product();
+    let (kc, nc) = blocking(s, depth, positions, mr, nr);
+    let tile_steps = tile_steps(g, node, &y.shape);
+    Some(ConvGemmPlan {
+        batch,
+        groups,
+        in_channels,
+        out_channels,
+        spatial,
+        taps,
+        depth,
+        positions,
+        in_plane,
+        mr,
+        nr,
+        kc,
+        nc,
+        has_bias,
+        tile_steps,
+        weight: node.inputs[1],
+    })
+}
+
+/// (kc, nc): the schedule's tiles when it has them, else the choose-schedule formula
+/// with default cache sizes; then balanced so the last block is not a sliver, nc a
+/// multiple of nr.
+fn blocking(s: &cnnc_ir::Schedule, depth: usize, positions: usize, mr: usize, nr: usize) -> (usize, usize) {
+    let tile = |name: &str| s.tiles.iter().find(|(n, _)| n == name).map(|&(_, v)| v).filter(|&v| v > 0);
+    let kc = tile("kc").unwrap_or_else(|| {
+        let fit = (DEFAULT_L1D_BYTES / 2 / ((mr + nr) * 4)).max(1);
+        if fit >= 8 { fit / 8 * 8 } else { fit }
+    });
+    let kc = kc.clamp(1, depth);
+    let k_blocks = depth.div_ceil(kc);
+    let kc = depth.div_ceil(k_blocks);
+    let nc = tile("nc").unwrap_or_else(|| (DEFAULT_L2_BYTES / 2 / (kc * 4)).max(nr));
+    let nc = nc.div_ceil(nr) * nr;
+    let nc = nc.min(positions.div_ceil(nr) * nr);
+    let p_blocks = positions.div_ceil(nc);
+    let nc = positions.div_ceil(p_blocks).div_ceil(nr) * nr;
+    (kc, nc)
+}
+
+/// The node's epilogue as per-tile steps, or None if an operand cannot be addressed per
+/// tile (or a step is not an f32 function of the output).
+fn tile_steps(g: &Graph, node: &Node, out_shape: &[usize]) -> Option<Vec<TileStep>> {
+    let spatial = &out_shape[2..];
+    let natural = cnnc_ir::strides(spatial);
+    let mut steps = Vec::new();
+    for step in &node.epilogue {
+        steps.push(match *step {
+            EpilogueStep::Unary(f) => {
+                super::elementwise::check_unary(f, DType::F32).ok()?;
+                TileStep::Unary(f)
+            }
+            EpilogueStep::Binary { func, operand } => {
+                let ty = g.ty(*node.inputs.get(operand)?);
+                if ty.dtype != DType::F32 || func.is_comparison() || func.is_logical() {
+                    return None;
+                }
+                let strides = super::map::broadcast_strides(&ty.shape, out_shape).ok()?;
+                let along: Vec<(usize, i64)> = spatial
+                    .iter()
+                    .zip(&strides[2..])
+                    .zip(&natural)
+                    .filter(|((extent, _), _)| **extent > 1)
+                    .map(|((_, &s), &n)| (n, s))
+                    .collect();
+                let position_stride = if along.iter().all(|&(_, s)| s == 0) {
+                    0
+                } else if along.iter().all(|&(n, s)| s == n as i64) {
+                    1
+                } else {
+                    return None;
+                };
+                TileStep::Binary {
+                    func,
+                    operand: TileOperand {
+                        input: operand,
+                        image_stride: strides[0],
+                        channel_stride: strides[1],
+                        position_stride,
+                    },
+                }
+            }
+        });
+    }
+    Some(steps)
+}
+
+/// Functions and data a module shares between its GEMM nodes.
+pub struct GemmEnv {
+    pub kernel: GemmKernel,
+    pub float_env: Option<FloatEnv>,
+}
+
+/// Layout of the context a node's kernel passes to its tasks.
+const CTX_BUFFERS: i32 = 0;
+const CTX_SCRATCH: i32 = 8;
+const CTX_OC_GROUPS: i32 = 16;
+const CTX_PANELS_PER_GROUP: i32 = 24;
+const CTX_BYTES: u32 = 32;
+
+/// Defines the node's packed weights, its task and its kernel (`kernel_sig`: the
+/// module's node-kernel signature); returns the kernel. The kernel's buffer array
+/// lists the node's inputs, its output, then its scratch (`plan.scratch_bytes()`).
+#[allow(clippy::too_many_arguments)]
+pub fn define_node<M: Module>(
+    module: &mut M,
+    env: &GemmEnv,
+    g: &Graph,
+    node: &Node,
+    node_index: usize,
+    plan: &ConvGemmPlan,
+    kernel_sig: &Signature,
+    ctx: &mut Context,
+    fb_ctx: &mut FunctionBuilderContext,
+) -> Result<FuncId, CodegenError> {
+    let weights = constant_weights(g, node)
+        .ok_or_else(|| CodegenError(format!("conv '{}': the weights are not a constant", node.name)))?;
+    let a_data = crate::module::define_bytes(module, &format!("cnnc_w{node_index}"), plan.pack_weights(&weights))?;
+
+    let task_name = format!("cnnc_k{node_index}_conv_gemm_task");
+    let task_sig = parallel::task_signature(module);
+    let task = module
+        .declare_function(&task_name, Linkage::Local, &task_sig)
+        .map_err(|e| CodegenError(format!("{task_name}: {e}")))?;
+    module.clear_context(ctx);
+    ctx.func.signature = task_sig;
+    ctx.func.name = UserFuncName::user(0, task.as_u32());
+    {
+        let mut b = FunctionBuilder::new(&mut ctx.func, fb_ctx);
+        let entry = b.create_block();
+        b.append_block_params_for_function_params(entry);
+        b.switch_to_block(entry);
+        b.seal_block(entry);
+        let (task_ctx, index) = (b.block_params(entry)[0], b.block_params(entry)[1]);
+        emit_task(module, env, &mut b, node, plan, a_data, task_ctx, index)
+            .map_err(|e| CodegenError(format!("conv '{}' as GEMM: {e}", node.name)))?;
+        b.ins().return_(&[]);
+        b.finalize(module.target_config());
+    }
+    crate::module::define(module, task, ctx, &format!("GEMM task of conv '{}'", node.name))?;
+
+    let name = format!("cnnc_k{node_index}_conv_gemm");
+    let kernel = module
+        .declare_function(&name, Linkage::Local, kernel_sig)
+        .map_err(|e| CodegenError(format!("{name}: {e}")))?;
+    module.clear_context(ctx);
+    ctx.func.signature = kernel_sig.clone();
+    ctx.func.name = UserFuncName::user(0, kernel.as_u32());
+    {
+        let mut b = FunctionBuilder::new(&mut ctx.func, fb_ctx);
+        let entry = b.create_block();
+        b.append_block_params_for_function_params(entry);
+        b.switch_to_block(entry);
+        b.seal_block(entry);
+        let (host, bufs) = (b.block_params(entry)[0], b.block_params(entry)[1]);
+        let task_ref = module.declare_func_in_func(task, b.func);
+        let call_conv = module.isa().default_call_conv();
+        emit_kernel(&mut b, g, node, plan, host, bufs, task_ref, call_conv)
+            .map_err(|e| CodegenError(format!("conv '{}' as GEMM: {e}", node.name)))?;
+        b.ins().return_(&[]);
+        b.finalize(module.target_config());
+    }
+    crate::module::define(module, kernel, ctx, &format!("kernel of conv '{}' (GEMM)", node.name))?;
+    Ok(kernel)
+}
+
+fn buffer_flags() -> MemFlagsData {
+    MemFlagsData::trusted().with_readonly().with_can_move()
+}
+
+/// The node kernel: sets up the task context, picks the split, runs the tasks, then
+/// applies an epilogue that could not run per tile.
+#[allow(clippy::too_many_arguments)]
+fn emit_kernel(
+    b: &mut FunctionBuilder,
+    g: &Graph,
+    node: &Node,
+    plan: &ConvGemmPlan,
+    host: Value,
+    bufs: Value,
+    task: cranelift_codegen::ir::FuncRef,
+    call_conv: cranelift_codegen::isa::CallConv,
+) -> Result<(), CodegenError> {
+    let n_buffers = node.inputs.len() + node.outputs.len();
+    let scratch = b.ins().load(I64, buffer_flags(), bufs, (8 * n_buffers) as i32);
+    parallel::emit_reset_slots(b, scratch, plan.slots());
+    let threads = parallel::emit_host_threads(b, host);
+
+    // oc-panel groups: 1 on one thread; else ceil(4·threads / outer), within limits.
+    let outer = plan.outer_tasks() as i64;
+    let one = int(b, 1);
+    let oc_groups = if plan.max_oc_groups() > 1 {
+        let want = b.ins().imul_imm_s(threads, TASKS_PER_THREAD);
+        let want = b.ins().iadd_imm_s(want, outer - 1);
+        let want = b.ins().udiv_imm_u(want, outer);
+        let limit = int(b, plan.max_oc_groups() as i64);
+        let want = b.ins().umin(want, limit);
+        let want = b.ins().umax(want, one);
+        let threaded = b.ins().icmp_imm_u(IntCC::UnsignedGreaterThan, threads, 1);
+        b.ins().select(threaded, want, one)
+    } else {
+        one
+    };
+    // Panels per group, then the groups actually needed (no empty tasks).
+    let panels = plan.panels() as i64;
+    let per_group = ceil_div_value(b, panels, oc_groups);
+    let oc_groups = ceil_div_value(b, panels, per_group);
+    let n_tasks = b.ins().imul_imm_s(oc_groups, outer);
+
+    let slot = b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, CTX_BYTES, 3));
+    b.ins().stack_store(I64, bufs, slot, CTX_BUFFERS);
+    b.ins().stack_store(I64, scratch, slot, CTX_SCRATCH);
+    b.ins().stack_store(I64, oc_groups, slot, CTX_OC_GROUPS);
+    b.ins().stack_store(I64, per_group, slot, CTX_PANELS_PER_GROUP);
+    let task_ctx = b.ins().stack_addr(I64, slot, 0);
+    parallel::emit_dispatch(b, host, threads, n_tasks, task, task_ctx, call_conv);
+
+    if plan.tile_steps.is_none() && !node.epilogue.is_empty() {
+        let inputs: Vec<Value> = (0..node.inputs.len())
+            .map(|i| b.ins().load(I64, buffer_flags(), bufs, (8 * i) as i32))
+            .collect();
+        let output = b.ins().load(I64, buffer_flags(), bufs, (8 * node.inputs.len()) as i32);
+        let mut k = KernelCtx { b, graph: g, node, inputs, outputs: vec![output] };
+        super::elementwise::emit_epilogue(&mut k)?;
+    }
+    Ok(())
+}
+
+/// `ceil(numerator / d)` for a compile-time numerator and a run-time `d >= 1`.
+fn ceil_div_value(b: &mut FunctionBuilder, numerator: i64, d: Value) -> Value {
+    let n = int(b, numerator);
+    let n = b.ins().iadd(n, d);
+    let n = b.ins().iadd_imm_s(n, -1);
+    b.ins().udiv(n, d)
+}
+
+/// One task: (image, group, p-block, oc-panel group) from `index`, then the loop nest.
+#[allow(clippy::too_many_arguments)]
+fn emit_task<M: Module>(
+    module: &mut M,
+    env: &GemmEnv,
+    b: &mut FunctionBuilder,
+    node: &Node,
+    plan: &ConvGemmPlan,
+    a_data: DataId,
+    task_ctx: Value,
+    index: Value,
+) -> Result<(), CodegenError> {
+    let saved_fp = env.float_env.map(|f| f.emit_enter(module, b));
+    let kernel = module.declare_func_in_func(env.kernel.func, b.func);
+    let a_gv = module.declare_data_in_func(a_data, b.func);
+    let a_base = b.ins().symbol_value(I64, a_gv);
+
+    let ctx_flags = MemFlagsData::trusted().with_readonly();
+    let bufs = b.ins().load(I64, ctx_flags, task_ctx, CTX_BUFFERS);
+    let scratch = b.ins().load(I64, ctx_flags, task_ctx, CTX_SCRATCH);
+    let oc_groups = b.ins().load(I64, ctx_flags, task_ctx, CTX_OC_GROUPS);
+    let per_group = b.ins().load(I64, ctx_flags, task_ctx, CTX_PANELS_PER_GROUP);
+    let buffer = |b: &mut FunctionBuilder, i: usize| b.ins().load(I64, buffer_flags(), bufs, (8 * i) as i32);
+    let x = buffer(b, 0);
+    let out = buffer(b, node.inputs.len());
+    let bias = if plan.has_bias { Some(buffer(b, 2)) } else { None };
+    let steps: &[TileStep] = plan.tile_steps.as_deref().unwrap_or(&[]);
+    let operands: Vec<Option<Value>> = steps
+        .iter()
+        .map(|s| match s {
+            TileStep::Unary(_) => None,
+            TileStep::Binary { operand, .. } => Some(buffer(b, operand.input)),
+        })
+        .collect();
+    let epilogue = TileEpilogue { bias, steps, operands, row_stride: plan.positions as i64 };
+
+    let slot = parallel::emit_claim_slot(b, scratch, plan.slots());
+    let slot_base = b.ins().iadd_imm_s(scratch, SLOT_FLAGS_BYTES as i64);
+    let packed = scaled(b, slot_base, slot, plan.slot_bytes() as i64);
+    let tmp_tile = b.ins().iadd_imm_s(packed, (plan.kc * plan.nc * 4) as i64);
+
+    // Which work: index = outer · oc_groups + oc_group; outer = (image · groups + group) · p_blocks + p_block.
+    let outer = b.ins().udiv(index, oc_groups);
+    let outer_part = b.ins().imul(outer, oc_groups);
+    let oc_group = b.ins().isub(index, outer_part);
+    let p_blocks = plan.p_blocks() as i64;
+    let p_block = b.ins().urem_imm_u(outer, p_blocks);
+    let image_group = b.ins().udiv_imm_u(outer, p_blocks);
+    let group = b.ins().urem_imm_u(image_group, plan.groups as i64);
+    let image = b.ins().udiv_imm_u(image_group, plan.groups as i64);
+    let panel_lo = b.ins().imul(oc_group, per_group);
+    let panel_hi = b.ins().iadd(panel_lo, per_group);
+    let panels = int(b, plan.panels() as i64);
+    let panel_hi = b.ins().umin(panel_hi, panels);
+
+    let (mr, nr, kc, nc) = (plan.mr as i64, plan.nr as i64, plan.kc as i64, plan.nc as i64);
+    let positions = plan.positions as i64;
+    let p_start = b.ins().imul_imm_s(p_block, nc);
+    let all_positions = int(b, positions);
+    let left = b.ins().isub(all_positions, p_start);
+    let left_panels = b.ins().iadd_imm_s(left, nr - 1);
+    let left_panels = b.ins().udiv_imm_u(left_panels, nr);
+    let block_panels = int(b, nc / nr);
+    let p_panels = b.ins().umin(left_panels, block_panels);
+
+    let in_total = (plan.in_channels * plan.groups) as i64;
+    let out_total = (plan.out_channels * plan.groups) as i64;
+    let x_channel = b.ins().imul_imm_s(image, in_total);
+    let x_channel = scaled(b, x_channel, group, plan.in_channels as i64);
+    let x_group = scaled(b, x, x_channel, plan.in_plane as i64 * F32_BYTES);
+    let group_channel = b.ins().imul_imm_s(group, plan.out_channels as i64);
+    let out_channel = b.ins().imul_imm_s(image, out_total);
+    let out_channel = b.ins().iadd(out_channel, group_channel);
+    let out_group = scaled(b, out, out_channel, positions * F32_BYTES);
+    let a_group = scaled(b, a_base, group, plan.panels() as i64 * plan.depth as i64 * mr * F32_BYTES);
+
+    let pack_shape = PackShape {
+        spatial: &plan.spatial,
+        channels: plan.in_channels,
+        in_plane: plan.in_plane,
+        positions: plan.positions,
+        nr: plan.nr,
+    };
+    let depth = plan.depth as i64;
+    let k_blocks = plan.k_blocks();
+    let edge_rows = plan.out_channels % plan.mr;
+    let ragged_positions = !plan.positions.is_multiple_of(plan.nr);
+    let panel_bytes = kc * nr * F32_BYTES;
+    let mut failure: Option<CodegenError> = None;
+    super::compute::counted_loop(b, k_blocks, vec![], |b, kb, _| {
+        let k0 = b.ins().imul_imm_s(kb, kc);
+        let depth_v = int(b, depth);
+        let rest = b.ins().isub(depth_v, k0);
+        let kc_v = int(b, kc);
+        let kcb = b.ins().umin(rest, kc_v);
+        let zero = int(b, 0);
+        super::gemm::for_range(b, zero, p_panels, |b, pp| {
+            let p0 = b.ins().imul_imm_s(pp, nr);
+            let p0 = b.ins().iadd(p_start, p0);
+            let dst = scaled(b, packed, pp, panel_bytes);
+            emit_pack_panel(b, &pack_shape, x_group, p0, k0, kcb, dst);
+        });
+        let accumulate = b.ins().icmp_imm_s(IntCC::NotEqual, kb, 0);
+        let accumulate = b.ins().uextend(I64, accumulate);
+        let is_last = b.ins().icmp_imm_s(IntCC::Equal, kb, (k_blocks - 1) as i64);
+        super::gemm::for_range(b, panel_lo, panel_hi, |b, panel| {
+            let a_offset = b.ins().imul_imm_s(panel, depth);
+            let a_offset = b.ins().iadd(a_offset, k0);
+            let a = scaled(b, a_group, a_offset, mr * F32_BYTES);
+            let oc0 = b.ins().imul_imm_s(panel, mr);
+            let c_rows = scaled(b, out_group, oc0, positions * F32_BYTES);
+            let channel = b.ins().iadd(group_channel, oc0);
+            let rows_full = if edge_rows == 0 {
+                b.ins().iconst(cranelift_codegen::ir::types::I8, 1)
+            } else {
+                b.ins().icmp_imm_s(IntCC::NotEqual, panel, plan.panels() as i64 - 1)
+            };
+            let zero = int(b, 0);
+            super::gemm::for_range(b, zero, p_panels, |b, pp| {
+                let p_in_block = b.ins().imul_imm_s(pp, nr);
+                let p0 = b.ins().iadd(p_start, p_in_block);
+                let packed_panel = scaled(b, packed, pp, panel_bytes);
+                let c = scaled(b, c_rows, p0, F32_BYTES);
+                let full = if ragged_positions {
+                    let end = b.ins().iadd_imm_s(p0, nr);
+                    let cols_full = b.ins().icmp_imm_s(IntCC::SignedLessThanOrEqual, end, positions);
+                    b.ins().band(rows_full, cols_full)
+                } else {
+                    rows_full
+                };
+                let full_block = b.create_block();
+                let edge_block = b.create_block();
+                let next = b.create_block();
+                b.ins().brif(full, full_block, &[], edge_block, &[]);
+
+                b.switch_to_block(full_block);
+                b.seal_block(full_block);
+                let ldc = int(b, positions);
+                b.ins().call(kernel, &[kcb, a, packed_panel, c, ldc, accumulate]);
+                if !epilogue.is_empty() {
+                    let epilogue_block = b.create_block();
+                    b.ins().brif(is_last, epilogue_block, &[], next, &[]);
+                    b.switch_to_block(epilogue_block);
+                    b.seal_block(epilogue_block);
+                    if let Err(e) = epilogue.emit_full(b, c, image, channel, p0, plan.mr, plan.nr) {
+                        failure = Some(e);
+                    }
+                }
+                b.ins().jump(next, &[]);
+
+                b.switch_to_block(edge_block);
+                b.seal_block(edge_block);
+                let tmp_ldc = int(b, nr);
+                let fresh = int(b, 0);
+                b.ins().call(kernel, &[kcb, a, packed_panel, tmp_tile, tmp_ldc, fresh]);
+                let all_rows = int(b, mr);
+                let rows = if edge_rows == 0 {
+                    all_rows
+                } else {
+                    let few = int(b, edge_rows as i64);
+                    b.ins().select(rows_full, all_rows, few)
+                };
+                let all_positions = int(b, positions);
+                let cols_left = b.ins().isub(all_positions, p0);
+                let nr_v = int(b, nr);
+                let cols = b.ins().umin(cols_left, nr_v);
+                emit_merge(b, tmp_tile, nr, c, positions, rows, cols, accumulate);
+                if !epilogue.is_empty() {
+                    let epilogue_block = b.create_block();
+                    b.ins().brif(is_last, epilogue_block, &[], next, &[]);
+                    b.switch_to_block(epilogue_block);
+                    b.seal_block(epilogue_block);
+                    if let Err(e) = epilogue.emit_region(b, c, rows, cols, image, channel, p0) {
+                        failure = Some(e);
+                    }
+                }
+                b.ins().jump(next, &[]);
+
+                b.switch_to_block(next);
+                b.seal_block(next);
+            });
+        });
+        vec![]
+    });
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    parallel::emit_release_slot(b, scratch, slot);
+    if let (Some(f), Some(saved)) = (env.float_env, saved_fp) {
+        f.emit_restore(module, b, saved);
+    }
+    Ok(())
+}

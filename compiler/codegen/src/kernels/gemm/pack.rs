@@ -1,0 +1,250 @@
+//! Packing one B panel of a convolution run as GEMM: im2col on the fly.
+//!
+//! The panel holds, for reduction indices `kk` in `k0..k0 + kc` and `nr` consecutive
+//! output positions starting at `p0`, the input value each position reads for `kk`:
+//! `nr` floats per `kk` (the microkernel's B layout). The reduction index is
+//! tap-major, `kk = tap · C_in/group + ic` (the weights are laid out to match), so for
+//! one tap the panel rows of consecutive input channels are consecutive, and each
+//! position's source address only moves by a channel plane per row.
+//!
+//! Positions go in quads (one f32x4). Per (tap, quad) the emitted code decides at run
+//! time whether the quad is *regular*: its four positions lie in one output row and
+//! all read inside the input. A regular quad is one vector load per channel (unit
+//! stride; stride 2 is two loads and a shuffle; larger strides gather); when every
+//! quad of the panel is regular one loop over the channels copies them all. Other
+//! quads (row ends, padding, positions past the last) go position by position, reading
+//! or writing zeros per channel. 1x1 convolutions without stride or padding arrive
+//! here as a single flat axis, so every quad but those past the end is regular.
+
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::types::{F32, I8};
+use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Value};
+use cranelift_frontend::FunctionBuilder;
+
+use super::{below, int, repeat, scaled, unflatten};
+use crate::kernels::compute::{LANES, load_f32x4_strided, scalar_flags, vector_flags};
+use crate::kernels::conv_gemm::Spatial;
+
+const F32_BYTES: i64 = 4;
+
+/// What packing needs to know about the convolution.
+pub struct PackShape<'a> {
+    pub spatial: &'a Spatial,
+    /// Input channels per group.
+    pub channels: usize,
+    /// Elements of one input channel plane.
+    pub in_plane: usize,
+    /// Output positions (the product of `spatial.output`).
+    pub positions: usize,
+    /// Positions per panel (the microkernel's nr, a multiple of 4).
+    pub nr: usize,
+}
+
+/// Per quad, what does not depend on the tap.
+struct Quad {
+    /// Flat index of the quad's first position.
+    first: Value,
+    /// The four positions share one output row (so consecutive input addresses).
+    one_row: Value,
+    /// Per axis, `out · stride − pad` (the input coordinate of tap 0).
+    origin: Vec<Value>,
+}
+
+/// Emits the packing of the panel at `dst` (32-byte aligned) from the group's input
+/// `x_group`, for positions `p0..p0 + nr` and reduction indices `k0..k0 + kc`
+/// (`kc >= 1`, run-time values).
+pub fn emit_pack_panel(b: &mut FunctionBuilder, s: &PackShape, x_group: Value, p0: Value, k0: Value, kc: Value, dst: Value) {
+    let sp = s.spatial;
+    let rank = sp.output.len();
+    let last = rank - 1;
+    let row_len = sp.output[last];
+    let in_strides = cnnc_ir::strides(&sp.input);
+    let plane_bytes = s.in_plane as i64 * F32_BYTES;
+    let row_bytes = s.nr as i64 * F32_BYTES;
+    let quads: Vec<Quad> = (0..s.nr / LANES)
+        .map(|q| {
+            let first = b.ins().iadd_imm_s(p0, (q * LANES) as i64);
+            let coords = unflatten(b, first, &sp.output);
+            let one_row = if row_len >= LANES {
+                b.ins().icmp_imm_u(IntCC::UnsignedLessThanOrEqual, coords[last], (row_len - LANES) as i64)
+            } else {
+                b.ins().iconst(I8, 0)
+            };
+            let origin = (0..rank)
+                .map(|a| {
+                    let scaled_out = b.ins().imul_imm_s(coords[a], sp.strides[a] as i64);
+                    b.ins().iadd_imm_s(scaled_out, -(sp.pads[a] as i64))
+                })
+                .collect();
+            Quad { first, one_row, origin }
+        })
+        .collect();
+
+    let channels = s.channels as i64;
+    let first_tap = b.ins().udiv_imm_u(k0, channels);
+    let k_end = b.ins().iadd(k0, kc);
+    let last_k = b.ins().iadd_imm_s(k_end, -1);
+    let last_tap = b.ins().udiv_imm_u(last_k, channels);
+    let tap_end = b.ins().iadd_imm_s(last_tap, 1);
+    super::for_range(b, first_tap, tap_end, |b, tap| {
+        let kernel_coords = unflatten(b, tap, &sp.kernel);
+        let tap_offset: Vec<Value> = (0..rank)
+            .map(|a| b.ins().imul_imm_s(kernel_coords[a], sp.dilations[a] as i64))
+            .collect();
+        // The channels of this tap inside k0..k_end.
+        let tap_k = b.ins().imul_imm_s(tap, channels);
+        let zero = int(b, 0);
+        let from_start = b.ins().isub(k0, tap_k);
+        let ic_lo = b.ins().smax(from_start, zero);
+        let to_end = b.ins().isub(k_end, tap_k);
+        let all = int(b, channels);
+        let ic_hi = b.ins().smin(to_end, all);
+        let count = b.ins().isub(ic_hi, ic_lo);
+        let row_index = b.ins().iadd(tap_k, ic_lo);
+        let row_index = b.ins().isub(row_index, k0);
+        let dst_tap = scaled(b, dst, row_index, row_bytes);
+        let src_tap = scaled(b, x_group, ic_lo, plane_bytes);
+
+        // Per quad: regular? and where it reads.
+        let mut regular = Vec::new();
+        let mut sources = Vec::new();
+        for quad in &quads {
+            let coords: Vec<Value> = (0..rank).map(|a| b.ins().iadd(quad.origin[a], tap_offset[a])).collect();
+            let mut ok = quad.one_row;
+            for a in 0..rank {
+                let inside = below(b, coords[a], sp.input[a]);
+                ok = b.ins().band(ok, inside);
+            }
+            let far_end = b.ins().iadd_imm_s(coords[last], (3 * sp.strides[last]) as i64);
+            let far_inside = below(b, far_end, sp.input[last]);
+            ok = b.ins().band(ok, far_inside);
+            regular.push(ok);
+            sources.push(element_address(b, src_tap, &coords, &in_strides));
+        }
+        let mut all_regular = regular[0];
+        for &r in &regular[1..] {
+            all_regular = b.ins().band(all_regular, r);
+        }
+        let every_quad = b.create_block();
+        let quad_by_quad = b.create_block();
+        let done = b.create_block();
+        b.ins().brif(all_regular, every_quad, &[], quad_by_quad, &[]);
+
+        b.switch_to_block(every_quad);
+        b.seal_block(every_quad);
+        let mut carried = sources.clone();
+        carried.push(dst_tap);
+        repeat(b, count, &carried, |b, ptrs| {
+            let (srcs, dst) = ptrs.split_at(ptrs.len() - 1);
+            let mut next = Vec::with_capacity(ptrs.len());
+            for (q, &src) in srcs.iter().enumerate() {
+                let v = load_f32x4_strided(b, vector_flags(), src, 0, sp.strides[last]);
+                b.ins().store(vector_flags(), v, dst[0], (q * LANES * 4) as i32);
+                next.push(b.ins().iadd_imm_s(src, plane_bytes));
+            }
+            next.push(b.ins().iadd_imm_s(dst[0], row_bytes));
+            next
+        });
+        b.ins().jump(done, &[]);
+
+        b.switch_to_block(quad_by_quad);
+        b.seal_block(quad_by_quad);
+        for (q, quad) in quads.iter().enumerate() {
+            let fast = b.create_block();
+            let slow = b.create_block();
+            let quad_done = b.create_block();
+            let dst_quad = b.ins().iadd_imm_s(dst_tap, (q * LANES * 4) as i64);
+            b.ins().brif(regular[q], fast, &[], slow, &[]);
+
+            b.switch_to_block(fast);
+            b.seal_block(fast);
+            repeat(b, count, &[sources[q], dst_quad], |b, ptrs| {
+                let v = load_f32x4_strided(b, vector_flags(), ptrs[0], 0, sp.strides[last]);
+                b.ins().store(vector_flags(), v, ptrs[1], 0);
+                vec![b.ins().iadd_imm_s(ptrs[0], plane_bytes), b.ins().iadd_imm_s(ptrs[1], row_bytes)]
+            });
+            b.ins().jump(quad_done, &[]);
+
+            b.switch_to_block(slow);
+            b.seal_block(slow);
+            for lane in 0..LANES {
+                let position = b.ins().iadd_imm_s(quad.first, lane as i64);
+                let dst_lane = b.ins().iadd_imm_s(dst_quad, (lane * 4) as i64);
+                emit_position(b, s, position, &tap_offset, src_tap, dst_lane, count, &in_strides);
+            }
+            b.ins().jump(quad_done, &[]);
+
+            b.switch_to_block(quad_done);
+            b.seal_block(quad_done);
+        }
+        b.ins().jump(done, &[]);
+
+        b.switch_to_block(done);
+        b.seal_block(done);
+    });
+}
+
+/// `base + Σ coords[a]·strides[a]` floats.
+fn element_address(b: &mut FunctionBuilder, base: Value, coords: &[Value], strides: &[usize]) -> Value {
+    let mut offset = int(b, 0);
+    for (&c, &stride) in coords.iter().zip(strides) {
+        let term = b.ins().imul_imm_s(c, stride as i64);
+        offset = b.ins().iadd(offset, term);
+    }
+    scaled(b, base, offset, F32_BYTES)
+}
+
+/// One position of an irregular quad: `count` channel rows of its column, read from
+/// the input or zero (padding, or a position past the last).
+#[allow(clippy::too_many_arguments)]
+fn emit_position(
+    b: &mut FunctionBuilder,
+    s: &PackShape,
+    position: Value,
+    tap_offset: &[Value],
+    src_tap: Value,
+    dst: Value,
+    count: Value,
+    in_strides: &[usize],
+) {
+    let sp = s.spatial;
+    let out_coords = unflatten(b, position, &sp.output);
+    let mut inside = below(b, position, s.positions);
+    let mut coords = Vec::with_capacity(out_coords.len());
+    for (a, &o) in out_coords.iter().enumerate() {
+        let scaled_out = b.ins().imul_imm_s(o, sp.strides[a] as i64);
+        let origin = b.ins().iadd_imm_s(scaled_out, -(sp.pads[a] as i64));
+        let c = b.ins().iadd(origin, tap_offset[a]);
+        let ok = below(b, c, sp.input[a]);
+        inside = b.ins().band(inside, ok);
+        coords.push(c);
+    }
+    let plane_bytes = s.in_plane as i64 * F32_BYTES;
+    let row_bytes = s.nr as i64 * F32_BYTES;
+    let copy = b.create_block();
+    let zero = b.create_block();
+    let done = b.create_block();
+    b.ins().brif(inside, copy, &[], zero, &[]);
+
+    b.switch_to_block(copy);
+    b.seal_block(copy);
+    let src = element_address(b, src_tap, &coords, in_strides);
+    repeat(b, count, &[src, dst], |b, ptrs| {
+        let v = b.ins().load(F32, scalar_flags(), ptrs[0], 0);
+        b.ins().store(scalar_flags(), v, ptrs[1], 0);
+        vec![b.ins().iadd_imm_s(ptrs[0], plane_bytes), b.ins().iadd_imm_s(ptrs[1], row_bytes)]
+    });
+    b.ins().jump(done, &[]);
+
+    b.switch_to_block(zero);
+    b.seal_block(zero);
+    let z = b.ins().f32const(0.0);
+    repeat(b, count, &[dst], |b, ptrs| {
+        b.ins().store(MemFlagsData::trusted(), z, ptrs[0], 0);
+        vec![b.ins().iadd_imm_s(ptrs[0], row_bytes)]
+    });
+    b.ins().jump(done, &[]);
+
+    b.switch_to_block(done);
+    b.seal_block(done);
+}

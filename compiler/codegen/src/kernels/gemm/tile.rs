@@ -1,0 +1,252 @@
+//! What happens to an output tile once the microkernel has written it: edge tiles are
+//! merged from a temporary into the output, and after the last reduction block the
+//! node's epilogue (bias, activation, residual add, squeeze-and-excite scale) runs on
+//! the tile while it is still in L1.
+//!
+//! A tile is `rows` output channels x `cols` consecutive output positions of one image,
+//! rows `row_stride` floats apart. Epilogue operands are addressed per (image, channel,
+//! position) with element strides; positions move by 1 (an operand of the output's
+//! shape) or 0 (one value per channel or per image), which covers residuals and
+//! per-channel scales. Other broadcasts are applied after the convolution instead.
+
+use cnnc_ir::{BinaryFn, DType, UnaryFn};
+use cranelift_codegen::ir::types::{F32, F32X4};
+use cranelift_codegen::ir::{InstBuilder, Value};
+use cranelift_frontend::FunctionBuilder;
+
+use super::{int, repeat, scaled};
+use crate::kernels::CodegenError;
+use crate::kernels::compute::{LANES, scalar_flags, vector_flags};
+use crate::kernels::elementwise::{binary_lane, unary_lane};
+
+const F32_BYTES: i64 = 4;
+
+/// Where a binary step's second operand lives, in element strides of the output's
+/// (image, channel, position) axes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TileOperand {
+    /// Index of the operand among the node's buffers.
+    pub input: usize,
+    pub image_stride: i64,
+    pub channel_stride: i64,
+    /// 1 or 0.
+    pub position_stride: i64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum TileStep {
+    Unary(UnaryFn),
+    Binary { func: BinaryFn, operand: TileOperand },
+}
+
+/// The epilogue of one node as emitted inside its task.
+pub struct TileEpilogue<'a> {
+    /// Base address of the per-channel bias, added first.
+    pub bias: Option<Value>,
+    pub steps: &'a [TileStep],
+    /// Per step, the operand's base address (None for unary steps).
+    pub operands: Vec<Option<Value>>,
+    /// Floats between rows of the output.
+    pub row_stride: i64,
+}
+
+impl TileEpilogue<'_> {
+    pub fn is_empty(&self) -> bool {
+        self.bias.is_none() && self.steps.is_empty()
+    }
+
+    /// Address of step `s`'s operand for (image, channel, position).
+    fn operand_address(&self, b: &mut FunctionBuilder, s: usize, image: Value, channel: Value, position: Value) -> Value {
+        let TileStep::Binary { operand, .. } = &self.steps[s] else {
+            unreachable!("only binary steps have operands")
+        };
+        let base = self.operands[s].expect("binary steps have an operand address");
+        let at = scaled(b, base, image, operand.image_stride * F32_BYTES);
+        let at = scaled(b, at, channel, operand.channel_stride * F32_BYTES);
+        scaled(b, at, position, operand.position_stride * F32_BYTES)
+    }
+
+    /// Applies the steps to `y` (F32 or F32X4); `operand(b, s)` gives step `s`'s operand
+    /// in the same type.
+    fn apply(
+        &self,
+        b: &mut FunctionBuilder,
+        mut y: Value,
+        bias: Option<Value>,
+        operand: &mut dyn FnMut(&mut FunctionBuilder, usize) -> Value,
+    ) -> Result<Value, CodegenError> {
+        if let Some(bias) = bias {
+            y = b.ins().fadd(y, bias);
+        }
+        for (s, step) in self.steps.iter().enumerate() {
+            y = match step {
+                TileStep::Unary(f) => unary_lane(b, *f, DType::F32, y)?,
+                TileStep::Binary { func, .. } => {
+                    let x = operand(b, s);
+                    binary_lane(b, *func, DType::F32, y, x)?
+                }
+            };
+        }
+        Ok(y)
+    }
+
+    /// The epilogue over a full `rows` x `cols` tile at `tile` (compile-time extents;
+    /// `cols` a multiple of 4): channel `channel + r` for row r, positions from `position`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn emit_full(
+        &self,
+        b: &mut FunctionBuilder,
+        tile: Value,
+        image: Value,
+        channel: Value,
+        position: Value,
+        rows: usize,
+        cols: usize,
+    ) -> Result<(), CodegenError> {
+        let row_bytes = self.row_stride * F32_BYTES;
+        let zero = int(b, 0);
+        let count = int(b, rows as i64);
+        let mut failure = None;
+        repeat(b, count, &[tile, channel, zero], |b, carried| {
+            let (row, ch) = (carried[0], carried[1]);
+            let bias = self.bias.map(|base| {
+                let at = scaled(b, base, ch, F32_BYTES);
+                let v = b.ins().load(F32, scalar_flags().with_readonly(), at, 0);
+                b.ins().splat(F32X4, v)
+            });
+            // Per step: the operand's address at this row's first position, and for
+            // operands constant along positions, the value itself.
+            let mut row_operands: Vec<Option<(Value, Option<Value>)>> = Vec::new();
+            for (s, step) in self.steps.iter().enumerate() {
+                row_operands.push(match step {
+                    TileStep::Unary(_) => None,
+                    TileStep::Binary { operand, .. } => {
+                        let at = self.operand_address(b, s, image, ch, position);
+                        let splat = (operand.position_stride == 0).then(|| {
+                            let v = b.ins().load(F32, scalar_flags().with_readonly(), at, 0);
+                            b.ins().splat(F32X4, v)
+                        });
+                        Some((at, splat))
+                    }
+                });
+            }
+            for v in 0..cols / LANES {
+                let offset = (v * LANES) as i32 * F32_BYTES as i32;
+                let y = b.ins().load(F32X4, vector_flags(), row, offset);
+                let result = self.apply(b, y, bias, &mut |b, s| match row_operands[s] {
+                    Some((_, Some(splat))) => splat,
+                    Some((at, None)) => b.ins().load(F32X4, vector_flags().with_readonly(), at, offset),
+                    None => unreachable!("unary steps read no operand"),
+                });
+                match result {
+                    Ok(y) => {
+                        b.ins().store(vector_flags(), y, row, offset);
+                    }
+                    Err(e) => failure = Some(e),
+                }
+            }
+            vec![
+                b.ins().iadd_imm_s(row, row_bytes),
+                b.ins().iadd_imm_s(ch, 1),
+                b.ins().iadd_imm_s(carried[2], 1),
+            ]
+        });
+        failure.map_or(Ok(()), Err)
+    }
+
+    /// The epilogue over a `rows` x `cols` region (run-time extents), one element at a time.
+    #[allow(clippy::too_many_arguments)]
+    pub fn emit_region(
+        &self,
+        b: &mut FunctionBuilder,
+        tile: Value,
+        rows: Value,
+        cols: Value,
+        image: Value,
+        channel: Value,
+        position: Value,
+    ) -> Result<(), CodegenError> {
+        let row_bytes = self.row_stride * F32_BYTES;
+        let mut failure = None;
+        repeat(b, rows, &[tile, channel], |b, carried| {
+            let (row, ch) = (carried[0], carried[1]);
+            let bias = self.bias.map(|base| {
+                let at = scaled(b, base, ch, F32_BYTES);
+                b.ins().load(F32, scalar_flags().with_readonly(), at, 0)
+            });
+            let starts: Vec<Option<Value>> = (0..self.steps.len())
+                .map(|s| match self.steps[s] {
+                    TileStep::Unary(_) => None,
+                    TileStep::Binary { .. } => Some(self.operand_address(b, s, image, ch, position)),
+                })
+                .collect();
+            let mut carried_cols = vec![row];
+            carried_cols.extend(starts.iter().flatten().copied());
+            repeat(b, cols, &carried_cols, |b, ptrs| {
+                let y = b.ins().load(F32, scalar_flags(), ptrs[0], 0);
+                // Map step index -> position of its pointer in `ptrs`.
+                let mut slot = 0;
+                let slots: Vec<usize> = starts
+                    .iter()
+                    .map(|s| {
+                        if s.is_some() {
+                            slot += 1;
+                        }
+                        slot
+                    })
+                    .collect();
+                let result = self.apply(b, y, bias, &mut |b, s| {
+                    b.ins().load(F32, scalar_flags().with_readonly(), ptrs[slots[s]], 0)
+                });
+                match result {
+                    Ok(y) => {
+                        b.ins().store(scalar_flags(), y, ptrs[0], 0);
+                    }
+                    Err(e) => failure = Some(e),
+                }
+                let mut next = vec![b.ins().iadd_imm_s(ptrs[0], F32_BYTES)];
+                let mut k = 1;
+                for step in self.steps {
+                    if let TileStep::Binary { operand, .. } = step {
+                        next.push(b.ins().iadd_imm_s(ptrs[k], operand.position_stride * F32_BYTES));
+                        k += 1;
+                    }
+                }
+                next
+            });
+            vec![b.ins().iadd_imm_s(row, row_bytes), b.ins().iadd_imm_s(ch, 1)]
+        });
+        failure.map_or(Ok(()), Err)
+    }
+}
+
+/// Copies (or, when `accumulate != 0`, adds) the `rows` x `cols` valid part of a
+/// temporary tile (`tmp_stride` floats per row) into the output tile at `dst`.
+#[allow(clippy::too_many_arguments)]
+pub fn emit_merge(
+    b: &mut FunctionBuilder,
+    tmp: Value,
+    tmp_stride: i64,
+    dst: Value,
+    dst_stride: i64,
+    rows: Value,
+    cols: Value,
+    accumulate: Value,
+) {
+    repeat(b, rows, &[tmp, dst], |b, carried| {
+        repeat(b, cols, carried, |b, ptrs| {
+            let t = b.ins().load(F32, scalar_flags(), ptrs[0], 0);
+            // The output holds the earlier blocks' sum only when accumulating; before
+            // that it is whatever the buffer held, read but discarded by the select.
+            let old = b.ins().load(F32, scalar_flags(), ptrs[1], 0);
+            let sum = b.ins().fadd(t, old);
+            let v = b.ins().select(accumulate, sum, t);
+            b.ins().store(scalar_flags(), v, ptrs[1], 0);
+            vec![b.ins().iadd_imm_s(ptrs[0], F32_BYTES), b.ins().iadd_imm_s(ptrs[1], F32_BYTES)]
+        });
+        vec![
+            b.ins().iadd_imm_s(carried[0], tmp_stride * F32_BYTES),
+            b.ins().iadd_imm_s(carried[1], dst_stride * F32_BYTES),
+        ]
+    });
+}

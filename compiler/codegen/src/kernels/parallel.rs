@@ -1,0 +1,283 @@
+//! Splitting a kernel over the host's threads, and the per-thread floating-point state.
+//!
+//! A parallel kernel is two functions: the node's kernel `fn(host, buffers)` and a task
+//! `fn(ctx, index)` with the C calling convention (`abi::TaskFn`). The kernel fills a
+//! small context on its stack, then either lends the task to
+//! `host->parallel_for(host->user, n, task, ctx)` or, without a host or with one
+//! thread, calls it for every index itself.
+//!
+//! Tasks may run concurrently in any order, so none may write memory another reads.
+//! Packing buffers come from *slots* in the node's scratch memory: a task claims a free
+//! slot with an atomic compare-and-swap on the slot's flag and frees it at the end.
+//! At most one task per thread runs at a time, so with no more threads than slots a
+//! claim never waits; with more, a task spins until another finishes. Everything lives
+//! in the caller's workspace: no global state, no allocation.
+//!
+//! Denormals: convolutions over tiny activations can fill the FMA pipes with denormal
+//! operands, which cost ~100x on many x86 cores. GEMM tasks therefore run with MXCSR's
+//! flush-to-zero and denormals-are-zero bits set and restore the MXCSR they found on
+//! exit (each pool thread has its own). A convolution's result moves by less than the
+//! smallest normal float, inside the tolerance. The whole call (`cnnc_infer`) is left
+//! alone on purpose: the element functions promise exact results for denormals (exp
+//! down to the last denormal unit, sqrt of a negative denormal is NaN, a denormal cast
+//! to bool is true), which either bit would break. Cranelift has no MXCSR
+//! instructions, so the helpers are a few bytes of machine code.
+
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::types::{I32, I64};
+use cranelift_codegen::ir::{AbiParam, BlockArg, FuncRef, InstBuilder, MemFlagsData, Signature, Value};
+use cranelift_codegen::isa::CallConv;
+use cranelift_frontend::FunctionBuilder;
+use cranelift_module::{FuncId, Linkage, Module};
+use iced_x86::code_asm::*;
+use target_lexicon::Architecture;
+
+use super::CodegenError;
+use crate::target::TargetSpec;
+
+/// Packing slots per parallel node: the most threads that run its tasks without waiting.
+pub const MAX_SLOTS: usize = 16;
+
+/// Bytes of slot flags at the start of a parallel node's scratch (one i32 per slot,
+/// padded so the slots themselves stay 64-byte aligned).
+pub const SLOT_FLAGS_BYTES: usize = 64;
+
+// Field offsets of `abi::Host` (checked against the Rust declaration in the tests).
+const HOST_USER: i32 = 0;
+const HOST_PARALLEL_FOR: i32 = 8;
+const HOST_NUM_THREADS: i32 = 16;
+
+/// The signature of a task, `void task(void* ctx, uint64_t index)`.
+pub fn task_signature<M: Module>(module: &M) -> Signature {
+    let mut sig = Signature::new(module.isa().default_call_conv());
+    sig.params.push(AbiParam::new(I64));
+    sig.params.push(AbiParam::new(I64));
+    sig
+}
+
+fn parallel_for_signature(call_conv: CallConv) -> Signature {
+    let mut sig = Signature::new(call_conv);
+    for _ in 0..4 {
+        sig.params.push(AbiParam::new(I64));
+    }
+    sig
+}
+
+/// The number of threads `host` spreads a loop over: 1 when `host` or its
+/// `parallel_for` is null.
+pub fn emit_host_threads(b: &mut FunctionBuilder, host: Value) -> Value {
+    let has_host = b.create_block();
+    let done = b.create_block();
+    let threads = b.append_block_param(done, I64);
+    let one = b.ins().iconst(I64, 1);
+    b.ins().brif(host, has_host, &[], done, &[one.into()]);
+
+    b.switch_to_block(has_host);
+    b.seal_block(has_host);
+    let flags = MemFlagsData::trusted().with_readonly();
+    let parallel_for = b.ins().load(I64, flags, host, HOST_PARALLEL_FOR);
+    let count = b.ins().load(I32, flags, host, HOST_NUM_THREADS);
+    let count = b.ins().uextend(I64, count);
+    let count = b.ins().umax(count, one);
+    let threads_if_lent = b.ins().select(parallel_for, count, one);
+    b.ins().jump(done, &[threads_if_lent.into()]);
+
+    b.switch_to_block(done);
+    b.seal_block(done);
+    threads
+}
+
+/// Runs `task(ctx, i)` for `i in 0..n_tasks`: through `host->parallel_for` when
+/// `threads > 1` (see [`emit_host_threads`]) and there is more than one task,
+/// otherwise on the calling thread.
+pub fn emit_dispatch(
+    b: &mut FunctionBuilder,
+    host: Value,
+    threads: Value,
+    n_tasks: Value,
+    task: FuncRef,
+    ctx: Value,
+    call_conv: CallConv,
+) {
+    let parallel = b.create_block();
+    let serial = b.create_block();
+    let done = b.create_block();
+    let many_threads = b.ins().icmp_imm_u(IntCC::UnsignedGreaterThan, threads, 1);
+    let many_tasks = b.ins().icmp_imm_u(IntCC::UnsignedGreaterThan, n_tasks, 1);
+    let go_parallel = b.ins().band(many_threads, many_tasks);
+    b.ins().brif(go_parallel, parallel, &[], serial, &[]);
+
+    b.switch_to_block(parallel);
+    b.seal_block(parallel);
+    let flags = MemFlagsData::trusted().with_readonly();
+    let user = b.ins().load(I64, flags, host, HOST_USER);
+    let parallel_for = b.ins().load(I64, flags, host, HOST_PARALLEL_FOR);
+    let task_addr = b.ins().func_addr(I64, task);
+    let sig = b.import_signature(parallel_for_signature(call_conv));
+    b.ins().call_indirect(sig, parallel_for, &[user, n_tasks, task_addr, ctx]);
+    b.ins().jump(done, &[]);
+
+    b.switch_to_block(serial);
+    b.seal_block(serial);
+    let zero = b.ins().iconst(I64, 0);
+    crate::loops::for_range(b, zero, n_tasks, |b, i| {
+        b.ins().call(task, &[ctx, i]);
+    });
+    b.ins().jump(done, &[]);
+
+    b.switch_to_block(done);
+    b.seal_block(done);
+}
+
+/// Marks all `slots` free (the kernel does this before its tasks start).
+pub fn emit_reset_slots(b: &mut FunctionBuilder, flags_base: Value, slots: usize) {
+    let zero = b.ins().iconst(I64, 0);
+    for pair in 0..slots.div_ceil(2) {
+        b.ins().store(MemFlagsData::trusted(), zero, flags_base, (pair * 8) as i32);
+    }
+}
+
+/// Claims a free slot among `slots` (flags at `flags_base`) and returns its index.
+pub fn emit_claim_slot(b: &mut FunctionBuilder, flags_base: Value, slots: usize) -> Value {
+    let try_slot = b.create_block();
+    let next = b.create_block();
+    let claimed = b.create_block();
+    let slot = b.append_block_param(try_slot, I64);
+    let won = b.append_block_param(claimed, I64);
+    let zero = b.ins().iconst(I64, 0);
+    b.ins().jump(try_slot, &[zero.into()]);
+
+    b.switch_to_block(try_slot);
+    let flag = b.ins().imul_imm_s(slot, 4);
+    let flag = b.ins().iadd(flags_base, flag);
+    let free = b.ins().iconst(I32, 0);
+    let busy = b.ins().iconst(I32, 1);
+    let old = b.ins().atomic_cas(MemFlagsData::trusted(), flag, free, busy);
+    let was_free = b.ins().icmp_imm_s(IntCC::Equal, old, 0);
+    b.ins().brif(was_free, claimed, &[BlockArg::from(slot)], next, &[]);
+
+    b.switch_to_block(next);
+    b.seal_block(next);
+    let following = b.ins().iadd_imm_s(slot, 1);
+    let wrap = b.ins().icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, following, slots as i64);
+    let following = b.ins().select(wrap, zero, following);
+    b.ins().jump(try_slot, &[following.into()]);
+    b.seal_block(try_slot);
+
+    b.switch_to_block(claimed);
+    b.seal_block(claimed);
+    won
+}
+
+/// Frees a slot claimed by [`emit_claim_slot`].
+pub fn emit_release_slot(b: &mut FunctionBuilder, flags_base: Value, slot: Value) {
+    let flag = b.ins().imul_imm_s(slot, 4);
+    let flag = b.ins().iadd(flags_base, flag);
+    let free = b.ins().iconst(I32, 0);
+    b.ins().atomic_store(MemFlagsData::trusted(), free, flag);
+}
+
+/// The MXCSR helpers of one module (x86-64 only, SystemV): `enter() -> old` sets
+/// flush-to-zero and denormals-are-zero and returns the previous MXCSR;
+/// `restore(old)` puts it back.
+#[derive(Clone, Copy, Debug)]
+pub struct FloatEnv {
+    pub enter: FuncId,
+    pub restore: FuncId,
+}
+
+/// MXCSR bits: flush-to-zero (15) and denormals-are-zero (6).
+const MXCSR_FTZ_DAZ: u32 = 0x8040;
+
+impl FloatEnv {
+    /// Defines the helpers in `module`; `None` on targets other than x86-64 (AArch64's
+    /// FPCR has the same switch; left for when an aarch64 kernel needs it).
+    pub fn define<M: Module>(module: &mut M, target: &TargetSpec) -> Result<Option<FloatEnv>, CodegenError> {
+        if target.triple.architecture != Architecture::X86_64 {
+            return Ok(None);
+        }
+        let asm_err = |e: IcedError| CodegenError(format!("assembling the MXCSR helpers: {e}"));
+        let enter_code = assemble_enter(MXCSR_FTZ_DAZ).map_err(asm_err)?;
+        let restore_code = assemble_restore().map_err(asm_err)?;
+        let mut enter_sig = Signature::new(CallConv::SystemV);
+        enter_sig.returns.push(AbiParam::new(I32));
+        let mut restore_sig = Signature::new(CallConv::SystemV);
+        restore_sig.params.push(AbiParam::new(I32));
+        let mut define = |name: &str, sig: &Signature, code: &[u8]| -> Result<FuncId, CodegenError> {
+            let id = module
+                .declare_function(name, Linkage::Local, sig)
+                .map_err(|e| CodegenError(format!("declaring {name}: {e}")))?;
+            module
+                .define_function_bytes(id, 16, code, &[])
+                .map_err(|e| CodegenError(format!("defining {name}: {e}")))?;
+            Ok(id)
+        };
+        Ok(Some(FloatEnv {
+            enter: define("cnnc_mxcsr_enter", &enter_sig, &enter_code)?,
+            restore: define("cnnc_mxcsr_restore", &restore_sig, &restore_code)?,
+        }))
+    }
+
+    /// Calls `enter` in the function being built; returns the saved MXCSR.
+    pub fn emit_enter<M: Module>(&self, module: &mut M, b: &mut FunctionBuilder) -> Value {
+        let f = module.declare_func_in_func(self.enter, b.func);
+        let call = b.ins().call(f, &[]);
+        b.inst_results(call)[0]
+    }
+
+    /// Calls `restore(saved)`.
+    pub fn emit_restore<M: Module>(&self, module: &mut M, b: &mut FunctionBuilder, saved: Value) {
+        let f = module.declare_func_in_func(self.restore, b.func);
+        b.ins().call(f, &[saved]);
+    }
+}
+
+/// `enter`: returns the old MXCSR in eax after or-ing `bits` into it. The helpers go
+/// through a stack dword: `stmxcsr`/`ldmxcsr` take only memory operands.
+fn assemble_enter(bits: u32) -> Result<Vec<u8>, IcedError> {
+    let mut a = CodeAssembler::new(64)?;
+    a.sub(rsp, 8)?;
+    a.stmxcsr(dword_ptr(rsp))?;
+    a.mov(eax, dword_ptr(rsp))?;
+    a.mov(ecx, eax)?;
+    a.or(ecx, bits as i32)?;
+    a.mov(dword_ptr(rsp), ecx)?;
+    a.ldmxcsr(dword_ptr(rsp))?;
+    a.add(rsp, 8)?;
+    a.ret()?;
+    a.assemble(0)
+}
+
+/// `restore(edi)`: loads MXCSR from the argument.
+fn assemble_restore() -> Result<Vec<u8>, IcedError> {
+    let mut a = CodeAssembler::new(64)?;
+    a.sub(rsp, 8)?;
+    a.mov(dword_ptr(rsp), edi)?;
+    a.ldmxcsr(dword_ptr(rsp))?;
+    a.add(rsp, 8)?;
+    a.ret()?;
+    a.assemble(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cnnc_runtime::abi;
+    use std::mem::offset_of;
+
+    #[test]
+    fn host_layout_matches_the_abi() {
+        assert_eq!(offset_of!(abi::Host, user), HOST_USER as usize);
+        assert_eq!(offset_of!(abi::Host, parallel_for), HOST_PARALLEL_FOR as usize);
+        assert_eq!(offset_of!(abi::Host, num_threads), HOST_NUM_THREADS as usize);
+    }
+
+    #[test]
+    fn mxcsr_helpers_assemble() {
+        let enter = assemble_enter(MXCSR_FTZ_DAZ).unwrap();
+        let restore = assemble_restore().unwrap();
+        assert_eq!(enter.last(), Some(&0xc3), "ends with ret");
+        assert_eq!(restore.last(), Some(&0xc3));
+        assert!(SLOT_FLAGS_BYTES >= MAX_SLOTS * 4);
+    }
+}
