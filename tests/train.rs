@@ -931,3 +931,64 @@ fn adam_follows_pytorch() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// The fused training step (one IR graph): interpreter and compiled code against step.rs
+
+fn bn_fc_model(tag: &str) -> std::path::PathBuf {
+    let dir = common::scratch(tag);
+    let mut m = ModelBuilder::new("bn_fc", 17);
+    m.input("input", DType::F32, &[4, 2])
+        .initializer("fc.weight", &Tensor::f32([2, 3], vec![0.5, -0.25, 0.75, 1.0, 0.1, -0.4]))
+        .initializer("bn.weight", &Tensor::f32([3], vec![1.0, 0.5, 1.5]))
+        .initializer("bn.bias", &Tensor::f32([3], vec![0.0, 0.1, -0.2]))
+        .initializer("bn.running_mean", &Tensor::f32([3], vec![0.5, -0.5, 0.0]))
+        .initializer("bn.running_var", &Tensor::f32([3], vec![2.0, 1.0, 0.5]))
+        .node("MatMul", &["input", "fc.weight"], &["h"], vec![])
+        .node("BatchNormalization", &["h", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"], &["logits"], vec![attr::int("training_mode", 1), attr::float("momentum", 0.75)])
+        .output("logits", DType::F32, &[4, 3]);
+    let path = dir.join("bn_fc.onnx");
+    m.write(&path).unwrap();
+    path
+}
+
+fn bn_fc_batch() -> (Tensor, Tensor) {
+    (Tensor::f32([4, 2], vec![1.0, 2.0, -1.0, 0.5, 0.0, 3.0, 2.0, -2.0]), Tensor::new(vec![4], TensorData::I64(vec![0, 1, 2, 0])))
+}
+
+/// Runs two steps of `run_fused` (a function from the fused graph's inputs to its outputs)
+/// and of step.rs, comparing the new state, loss and gradients after each.
+fn check_fused_against_step(tag: &str, optimizer: cnnc::train::Optimizer, mut run_fused: impl FnMut(&cnnc::train::FusedStep, &[Tensor]) -> Vec<Tensor>) {
+    use cnnc::train::{HyperValues, TrainState, fused_train_step, train_step};
+    let tg = load_training_graph(bn_fc_model(tag)).unwrap();
+    let fused = fused_train_step(&tg, optimizer.into()).unwrap();
+    let (x, labels) = bn_fc_batch();
+    let mut reference = TrainState::initial(&tg);
+    let mut state = fused.initial_state();
+    for step in 1..=3u64 {
+        let inputs = fused.assemble_inputs(&state, std::slice::from_ref(&x), &labels, &HyperValues::from_optimizer(optimizer, step)).unwrap();
+        let (new_state, loss, grads) = fused.split_outputs(run_fused(&fused, &inputs)).unwrap();
+        let result = train_step(&tg, &mut reference, std::slice::from_ref(&x), &labels, optimizer).unwrap();
+        compare(&loss, &result.loss).unwrap_or_else(|e| panic!("step {step} loss: {e}"));
+        for (k, g) in grads.iter().enumerate() {
+            compare(g, &result.grads[k]).unwrap_or_else(|e| panic!("step {step} gradient {k}: {e}"));
+        }
+        let want = fused.state_from_reference(&tg, &reference).unwrap();
+        for (s, (got, want)) in fused.state.iter().zip(new_state.iter().zip(&want)) {
+            compare(got, want).unwrap_or_else(|e| panic!("step {step} {}: {e}", s.name));
+        }
+        state = new_state;
+    }
+}
+
+#[test]
+fn fused_step_matches_the_reference_step_sgd() {
+    let sgd = cnnc::train::Sgd { lr: 0.1, momentum: 0.9, weight_decay: 0.01 };
+    check_fused_against_step("fused-sgd", sgd.into(), |f, inputs| cnnc_ir::interp::run(&f.graph, inputs).unwrap());
+}
+
+#[test]
+fn fused_step_matches_the_reference_step_adam() {
+    let adam = cnnc::train::Adam { lr: 0.01, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 };
+    check_fused_against_step("fused-adam", adam.into(), |f, inputs| cnnc_ir::interp::run(&f.graph, inputs).unwrap());
+}

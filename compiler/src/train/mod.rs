@@ -3,6 +3,7 @@
 //! an ONNX model with its trainable parameters as graph inputs (`model`).
 
 pub mod autodiff;
+pub mod fused;
 pub mod loss;
 pub mod model;
 pub mod step;
@@ -12,6 +13,7 @@ mod rules_layout;
 mod rules_window;
 
 pub use autodiff::backward;
+pub use fused::{FusedStep, HyperValues, OptimizerKind, StateKind, StateTensor, fused_train_step};
 pub use loss::softmax_cross_entropy;
 pub use step::{Adam, Optimizer, Sgd, StepResult, TrainState, apply_update, compute_gradients, train_step};
 pub use verify_train::verify_train_case;
