@@ -9,23 +9,41 @@ mod harness;
 mod reference;
 
 use cnnc_codegen::kernels::{conv, conv_transpose, matmul, pool, reduce};
-use cnnc_ir::{ArgKind, ConvGeometry, DType, Op, PoolAttrs, PoolKind, ReduceKind, Tensor, TensorType};
+use cnnc_ir::{
+    ArgKind, ConvGeometry, DType, Op, PoolAttrs, PoolKind, ReduceKind, Tensor, TensorType,
+};
 use harness::{assert_close, random_f32, random_int};
 use proptest::prelude::*;
 
 /// `cases` per property unless PROPTEST_CASES asks for another number (soak runs).
 fn config(cases: u32) -> ProptestConfig {
-    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(cases);
-    ProptestConfig { cases, max_shrink_iters: 200, ..ProptestConfig::default() }
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(cases);
+    ProptestConfig {
+        cases,
+        max_shrink_iters: 200,
+        ..ProptestConfig::default()
+    }
 }
 
 /// Runs `op` through the kernel and checks it against both the naive reference of
 /// this file and the IR interpreter.
-fn check(op: Op, inputs: &[&Tensor], declared: Option<Vec<TensorType>>, emitter: harness::Emitter, naive: &Tensor, what: &str) {
-    let got = harness::run(op.clone(), inputs, declared, emitter).unwrap_or_else(|e| panic!("{what}: {e}"));
+fn check(
+    op: Op,
+    inputs: &[&Tensor],
+    declared: Option<Vec<TensorType>>,
+    emitter: harness::Emitter,
+    naive: &Tensor,
+    what: &str,
+) {
+    let got = harness::run(op.clone(), inputs, declared, emitter)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
     assert_close(&got[0], naive, &format!("{what} (naive reference)"));
     let types: Vec<TensorType> = got.iter().map(Tensor::ty).collect();
-    let interp = cnnc_ir::interp::eval(&op, inputs, &types, &[]).unwrap_or_else(|e| panic!("{what}: interpreter: {e}"));
+    let interp = cnnc_ir::interp::eval(&op, inputs, &types, &[])
+        .unwrap_or_else(|e| panic!("{what}: interpreter: {e}"));
     assert_close(&got[0], &interp[0], &format!("{what} (interpreter)"));
 }
 
@@ -102,23 +120,36 @@ fn conv_case() -> impl Strategy<Value = ConvCase> {
             any::<bool>(),
             any::<u64>(),
         )
-            .prop_map(|(batch, (groups, cg, mg), input, kernel, strides, dilations, pb, pe, bias, seed)| {
-                ConvCase {
+            .prop_map(
+                |(
                     batch,
-                    groups,
-                    in_per_group: cg,
-                    out_per_group: mg,
+                    (groups, cg, mg),
                     input,
                     kernel,
                     strides,
                     dilations,
-                    pads_begin: pb,
-                    pads_end: pe,
+                    pb,
+                    pe,
                     bias,
                     seed,
-                }
-                .fit_pads()
-            })
+                )| {
+                    ConvCase {
+                        batch,
+                        groups,
+                        in_per_group: cg,
+                        out_per_group: mg,
+                        input,
+                        kernel,
+                        strides,
+                        dilations,
+                        pads_begin: pb,
+                        pads_end: pe,
+                        bias,
+                        seed,
+                    }
+                    .fit_pads()
+                },
+            )
     })
 }
 
@@ -127,12 +158,23 @@ fn check_conv(case: &ConvCase) {
     let mut w_shape = vec![case.groups * case.out_per_group, case.in_per_group];
     w_shape.extend(&case.kernel);
     let w = random_f32(&w_shape, case.seed ^ 1, false);
-    let bias = case.bias.then(|| random_f32(&[w_shape[0]], case.seed ^ 2, false));
+    let bias = case
+        .bias
+        .then(|| random_f32(&[w_shape[0]], case.seed ^ 2, false));
     let mut inputs = vec![&x, &w];
     inputs.extend(bias.as_ref());
-    let out = cnnc_ir::infer::output_types(&Op::Conv(case.geometry()), &[&x.ty(), &w.ty()], &[], None).expect("conv types");
+    let out =
+        cnnc_ir::infer::output_types(&Op::Conv(case.geometry()), &[&x.ty(), &w.ty()], &[], None)
+            .expect("conv types");
     let want = reference::conv(&x, &w, bias.as_ref(), &case.geometry(), &out[0].shape);
-    check(Op::Conv(case.geometry()), &inputs, None, conv::emit, &want, &format!("{case:?}"));
+    check(
+        Op::Conv(case.geometry()),
+        &inputs,
+        None,
+        conv::emit,
+        &want,
+        &format!("{case:?}"),
+    );
 }
 
 proptest! {
@@ -143,7 +185,15 @@ proptest! {
     }
 }
 
-fn conv2d(c: usize, m: usize, hw: usize, k: usize, stride: usize, pad: (usize, usize), groups: usize) -> ConvCase {
+fn conv2d(
+    c: usize,
+    m: usize,
+    hw: usize,
+    k: usize,
+    stride: usize,
+    pad: (usize, usize),
+    groups: usize,
+) -> ConvCase {
     ConvCase {
         batch: 1,
         groups,
@@ -194,20 +244,36 @@ fn conv_refuses_pathological_padding() {
     // range: the kernel must refuse (an error, not minutes of compilation).
     let x = TensorType::f32(vec![1, 1, 600]);
     let w = TensorType::f32(vec![1, 1, 600]);
-    let g = ConvGeometry { strides: vec![1], dilations: vec![1], pads_begin: vec![599], pads_end: vec![599], groups: 1 };
+    let g = ConvGeometry {
+        strides: vec![1],
+        dilations: vec![1],
+        pads_begin: vec![599],
+        pads_end: vec![599],
+        groups: 1,
+    };
     let started = std::time::Instant::now();
     match harness::compile(Op::Conv(g), &[x, w], None, conv::emit) {
         Err(e) => assert!(e.contains("not supported"), "{e}"),
         Ok(_) => panic!("pathological conv compiled"),
     }
-    assert!(started.elapsed().as_secs() < 20, "refusal took {:?}", started.elapsed());
+    assert!(
+        started.elapsed().as_secs() < 20,
+        "refusal took {:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
 fn conv_rejects_integer_input() {
     let x = Tensor::new(vec![1, 1, 3], cnnc_ir::TensorData::I64(vec![1, 2, 3]));
     let w = Tensor::new(vec![1, 1, 1], cnnc_ir::TensorData::I64(vec![1]));
-    let g = ConvGeometry { strides: vec![1], dilations: vec![1], pads_begin: vec![0], pads_end: vec![0], groups: 1 };
+    let g = ConvGeometry {
+        strides: vec![1],
+        dilations: vec![1],
+        pads_begin: vec![0],
+        pads_end: vec![0],
+        groups: 1,
+    };
     let err = harness::run(Op::Conv(g), &[&x, &w], None, conv::emit).unwrap_err();
     assert!(err.contains("i64"), "{err}");
 }
@@ -216,11 +282,24 @@ fn conv_rejects_integer_input() {
 
 fn check_matmul(a_shape: &[usize], b_shape: &[usize], dtype: DType, seed: u64) {
     let (a, b) = match dtype {
-        DType::F32 => (random_f32(a_shape, seed, false), random_f32(b_shape, seed ^ 5, false)),
-        _ => (random_int(a_shape, seed, dtype), random_int(b_shape, seed ^ 5, dtype)),
+        DType::F32 => (
+            random_f32(a_shape, seed, false),
+            random_f32(b_shape, seed ^ 5, false),
+        ),
+        _ => (
+            random_int(a_shape, seed, dtype),
+            random_int(b_shape, seed ^ 5, dtype),
+        ),
     };
     let want = reference::matmul(&a, &b);
-    check(Op::MatMul, &[&a, &b], None, matmul::emit, &want, &format!("{a_shape:?} x {b_shape:?} {dtype}"));
+    check(
+        Op::MatMul,
+        &[&a, &b],
+        None,
+        matmul::emit,
+        &want,
+        &format!("{a_shape:?} x {b_shape:?} {dtype}"),
+    );
 }
 
 /// Operand shapes with batch axes that broadcast against each other.
@@ -235,8 +314,14 @@ fn matmul_shapes() -> impl Strategy<Value = (Vec<usize>, Vec<usize>)> {
     )
         .prop_map(|(m, k, n, batch, drop_a, drop_b)| {
             // Each batch axis: extent e; operands see e or 1 (broadcast) by the flag.
-            let mut a: Vec<usize> = batch.iter().map(|&(e, f)| if f == 1 { 1 } else { e }).collect();
-            let mut b: Vec<usize> = batch.iter().map(|&(e, f)| if f == 2 { 1 } else { e }).collect();
+            let mut a: Vec<usize> = batch
+                .iter()
+                .map(|&(e, f)| if f == 1 { 1 } else { e })
+                .collect();
+            let mut b: Vec<usize> = batch
+                .iter()
+                .map(|&(e, f)| if f == 2 { 1 } else { e })
+                .collect();
             a.drain(..drop_a.min(a.len()));
             b.drain(..drop_b.min(b.len()));
             a.extend([m, k]);
@@ -296,8 +381,13 @@ impl TransposeCase {
         let c = &self.conv;
         let mut s = vec![c.batch, c.groups * c.out_per_group];
         for d in 0..c.input.len() {
-            let full = (c.input[d] - 1) * c.strides[d] + c.dilations[d] * (c.kernel[d] - 1) + 1 + self.output_padding[d];
-            let out = full.checked_sub(c.pads_begin[d] + c.pads_end[d]).filter(|&o| o > 0)?;
+            let full = (c.input[d] - 1) * c.strides[d]
+                + c.dilations[d] * (c.kernel[d] - 1)
+                + 1
+                + self.output_padding[d];
+            let out = full
+                .checked_sub(c.pads_begin[d] + c.pads_end[d])
+                .filter(|&o| o > 0)?;
             s.push(out);
         }
         Some(s)
@@ -307,8 +397,13 @@ impl TransposeCase {
 fn transpose_case() -> impl Strategy<Value = TransposeCase> {
     (conv_case(), prop::collection::vec(0usize..3, 3)).prop_map(|(mut conv, pad)| {
         let rank = conv.input.len();
-        let output_padding: Vec<usize> = (0..rank).map(|d| pad[d] % conv.strides[d].max(conv.dilations[d])).collect();
-        let mut case = TransposeCase { conv: conv.clone(), output_padding };
+        let output_padding: Vec<usize> = (0..rank)
+            .map(|d| pad[d] % conv.strides[d].max(conv.dilations[d]))
+            .collect();
+        let mut case = TransposeCase {
+            conv: conv.clone(),
+            output_padding,
+        };
         if case.out_shape().is_none() {
             conv.pads_begin = vec![0; rank];
             conv.pads_end = vec![0; rank];
@@ -324,13 +419,22 @@ fn check_conv_transpose(case: &TransposeCase) {
     let mut w_shape = vec![c.groups * c.in_per_group, c.out_per_group];
     w_shape.extend(&c.kernel);
     let w = random_f32(&w_shape, c.seed ^ 1, false);
-    let bias = c.bias.then(|| random_f32(&[c.groups * c.out_per_group], c.seed ^ 2, false));
+    let bias = c
+        .bias
+        .then(|| random_f32(&[c.groups * c.out_per_group], c.seed ^ 2, false));
     let mut inputs = vec![&x, &w];
     inputs.extend(bias.as_ref());
     let out = case.out_shape().expect("positive output extent");
     let want = reference::conv_transpose(&x, &w, bias.as_ref(), &c.geometry(), &out);
     let op = Op::ConvTranspose(c.geometry());
-    check(op, &inputs, Some(vec![TensorType::f32(out)]), conv_transpose::emit, &want, &format!("{case:?}"));
+    check(
+        op,
+        &inputs,
+        Some(vec![TensorType::f32(out)]),
+        conv_transpose::emit,
+        &want,
+        &format!("{case:?}"),
+    );
 }
 
 proptest! {
@@ -346,13 +450,19 @@ fn conv_transpose_upsampling() {
     let mut conv = conv2d(8, 6, 7, 4, 2, (1, 1), 1);
     conv.in_per_group = 8;
     conv.out_per_group = 6;
-    check_conv_transpose(&TransposeCase { conv: conv.clone(), output_padding: vec![0, 1] });
+    check_conv_transpose(&TransposeCase {
+        conv: conv.clone(),
+        output_padding: vec![0, 1],
+    });
     conv.groups = 2;
     conv.in_per_group = 4;
     conv.out_per_group = 3;
     conv.kernel = vec![3, 3];
     conv.strides = vec![3, 1];
-    check_conv_transpose(&TransposeCase { conv, output_padding: vec![2, 0] });
+    check_conv_transpose(&TransposeCase {
+        conv,
+        output_padding: vec![2, 0],
+    });
 }
 
 // ---------------------------------------------------------------- pool
@@ -373,7 +483,11 @@ impl PoolCase {
             let input = self.shape[2 + d];
             let span = a.dilations[d] * (a.kernel[d] - 1) + 1;
             let room = input + a.pads_begin[d] + a.pads_end[d] - span;
-            let mut out = if self.ceil { room.div_ceil(a.strides[d]) + 1 } else { room / a.strides[d] + 1 };
+            let mut out = if self.ceil {
+                room.div_ceil(a.strides[d]) + 1
+            } else {
+                room / a.strides[d] + 1
+            };
             // Ceil mode: the last window must start inside the input or the begin padding.
             if self.ceil && (out - 1) * a.strides[d] >= input + a.pads_begin[d] {
                 out -= 1;
@@ -389,17 +503,43 @@ fn pool_case() -> impl Strategy<Value = PoolCase> {
         let max_in = [0, 20, 12, 7][rank];
         (
             (1usize..3, 1usize..4),
-            prop::collection::vec((1usize..max_in, 1usize..5, 1usize..4, 1usize..3, 0usize..3, 0usize..3), rank),
-            prop_oneof![Just(PoolKind::Max), any::<bool>().prop_map(|c| PoolKind::Avg { count_include_pad: c })],
+            prop::collection::vec(
+                (
+                    1usize..max_in,
+                    1usize..5,
+                    1usize..4,
+                    1usize..3,
+                    0usize..3,
+                    0usize..3,
+                ),
+                rank,
+            ),
+            prop_oneof![
+                Just(PoolKind::Max),
+                any::<bool>().prop_map(|c| PoolKind::Avg {
+                    count_include_pad: c
+                })
+            ],
             any::<bool>(),
             any::<u64>(),
         )
             .prop_map(|((n, c), axes, kind, ceil, seed)| {
                 let mut shape = vec![n, c];
-                let mut attrs = PoolAttrs { kind, kernel: vec![], strides: vec![], dilations: vec![], pads_begin: vec![], pads_end: vec![] };
+                let mut attrs = PoolAttrs {
+                    kind,
+                    kernel: vec![],
+                    strides: vec![],
+                    dilations: vec![],
+                    pads_begin: vec![],
+                    pads_end: vec![],
+                };
                 for (input, k, s, d, pb, pe) in axes {
                     let span = d * (k - 1) + 1;
-                    let pe = if input + pb + pe < span { span - input - pb } else { pe };
+                    let pe = if input + pb + pe < span {
+                        span - input - pb
+                    } else {
+                        pe
+                    };
                     shape.push(input);
                     attrs.kernel.push(k);
                     attrs.strides.push(s);
@@ -407,7 +547,12 @@ fn pool_case() -> impl Strategy<Value = PoolCase> {
                     attrs.pads_begin.push(pb);
                     attrs.pads_end.push(pe);
                 }
-                PoolCase { shape, attrs, ceil, seed }
+                PoolCase {
+                    shape,
+                    attrs,
+                    ceil,
+                    seed,
+                }
             })
     })
 }
@@ -416,7 +561,14 @@ fn check_pool(case: &PoolCase) {
     let x = random_f32(&case.shape, case.seed, false);
     let out = case.out_shape();
     let want = reference::pool(&x, &case.attrs, &out);
-    check(Op::Pool(case.attrs.clone()), &[&x], Some(vec![TensorType::f32(out)]), pool::emit, &want, &format!("{case:?}"));
+    check(
+        Op::Pool(case.attrs.clone()),
+        &[&x],
+        Some(vec![TensorType::f32(out)]),
+        pool::emit,
+        &want,
+        &format!("{case:?}"),
+    );
 }
 
 proptest! {
@@ -427,10 +579,24 @@ proptest! {
     }
 }
 
-fn pool2d(kind: PoolKind, hw: usize, k: usize, s: usize, pad: (usize, usize), ceil: bool) -> PoolCase {
+fn pool2d(
+    kind: PoolKind,
+    hw: usize,
+    k: usize,
+    s: usize,
+    pad: (usize, usize),
+    ceil: bool,
+) -> PoolCase {
     PoolCase {
         shape: vec![1, 3, hw, hw + 5],
-        attrs: PoolAttrs { kind, kernel: vec![k; 2], strides: vec![s; 2], dilations: vec![1; 2], pads_begin: vec![pad.0; 2], pads_end: vec![pad.1; 2] },
+        attrs: PoolAttrs {
+            kind,
+            kernel: vec![k; 2],
+            strides: vec![s; 2],
+            dilations: vec![1; 2],
+            pads_begin: vec![pad.0; 2],
+            pads_end: vec![pad.1; 2],
+        },
         ceil,
         seed: 3,
     }
@@ -438,7 +604,15 @@ fn pool2d(kind: PoolKind, hw: usize, k: usize, s: usize, pad: (usize, usize), ce
 
 #[test]
 fn pool_common_shapes() {
-    for kind in [PoolKind::Max, PoolKind::Avg { count_include_pad: false }, PoolKind::Avg { count_include_pad: true }] {
+    for kind in [
+        PoolKind::Max,
+        PoolKind::Avg {
+            count_include_pad: false,
+        },
+        PoolKind::Avg {
+            count_include_pad: true,
+        },
+    ] {
         check_pool(&pool2d(kind, 112, 3, 2, (1, 1), false));
         check_pool(&pool2d(kind, 13, 3, 2, (0, 0), true));
         check_pool(&pool2d(kind, 14, 2, 2, (0, 0), false));
@@ -460,13 +634,26 @@ fn max_pool_propagates_nan() {
     case.shape = vec![1, 1, 6, 9];
     let out = case.out_shape();
     let want = reference::pool(&x, &case.attrs, &out);
-    check(Op::Pool(case.attrs.clone()), &[&x], Some(vec![TensorType::f32(out)]), pool::emit, &want, "nan pool");
+    check(
+        Op::Pool(case.attrs.clone()),
+        &[&x],
+        Some(vec![TensorType::f32(out)]),
+        pool::emit,
+        &want,
+        "nan pool",
+    );
 }
 
 // ---------------------------------------------------------------- reduce
 
 fn reduce_kind() -> impl Strategy<Value = ReduceKind> {
-    prop_oneof![Just(ReduceKind::Sum), Just(ReduceKind::Mean), Just(ReduceKind::Max), Just(ReduceKind::Min), Just(ReduceKind::Prod)]
+    prop_oneof![
+        Just(ReduceKind::Sum),
+        Just(ReduceKind::Mean),
+        Just(ReduceKind::Max),
+        Just(ReduceKind::Min),
+        Just(ReduceKind::Prod)
+    ]
 }
 
 fn data(shape: &[usize], dtype: DType, seed: u64, ties: bool) -> Tensor {
@@ -479,8 +666,18 @@ fn data(shape: &[usize], dtype: DType, seed: u64, ties: bool) -> Tensor {
 fn check_reduce(shape: &[usize], axes: &[usize], kind: ReduceKind, dtype: DType, seed: u64) {
     let x = data(shape, dtype, seed, false);
     let want = reference::reduce(&x, kind, axes);
-    let op = Op::Reduce { kind, axes: axes.to_vec() };
-    check(op, &[&x], None, reduce::emit_reduce, &want, &format!("{kind:?} {dtype} {shape:?} over {axes:?}"));
+    let op = Op::Reduce {
+        kind,
+        axes: axes.to_vec(),
+    };
+    check(
+        op,
+        &[&x],
+        None,
+        reduce::emit_reduce,
+        &want,
+        &format!("{kind:?} {dtype} {shape:?} over {axes:?}"),
+    );
 }
 
 proptest! {
@@ -500,7 +697,12 @@ proptest! {
 
 #[test]
 fn reduce_common_shapes() {
-    for kind in [ReduceKind::Sum, ReduceKind::Mean, ReduceKind::Max, ReduceKind::Min] {
+    for kind in [
+        ReduceKind::Sum,
+        ReduceKind::Mean,
+        ReduceKind::Max,
+        ReduceKind::Min,
+    ] {
         check_reduce(&[2, 64, 7, 7], &[2, 3], kind, DType::F32, 1);
         check_reduce(&[3, 10, 37], &[2], kind, DType::F32, 2);
         check_reduce(&[3, 10, 37], &[1], kind, DType::F32, 3);
@@ -522,15 +724,36 @@ fn reduce_max_propagates_nan() {
     for axes in [vec![1], vec![0]] {
         for kind in [ReduceKind::Max, ReduceKind::Min] {
             let want = reference::reduce(&x, kind, &axes);
-            check(Op::Reduce { kind, axes: axes.clone() }, &[&x], None, reduce::emit_reduce, &want, "nan reduce");
+            check(
+                Op::Reduce {
+                    kind,
+                    axes: axes.clone(),
+                },
+                &[&x],
+                None,
+                reduce::emit_reduce,
+                &want,
+                "nan reduce",
+            );
         }
     }
 }
 
 fn check_arg(x: &Tensor, axis: usize, kind: ArgKind, last: bool) {
     let want = reference::arg_reduce(x, kind, axis, last);
-    let op = Op::ArgReduce { kind, axis, select_last_index: last };
-    check(op, &[x], None, reduce::emit_arg_reduce, &want, &format!("{kind:?} last={last} {:?} axis {axis}", x.shape));
+    let op = Op::ArgReduce {
+        kind,
+        axis,
+        select_last_index: last,
+    };
+    check(
+        op,
+        &[x],
+        None,
+        reduce::emit_arg_reduce,
+        &want,
+        &format!("{kind:?} last={last} {:?} axis {axis}", x.shape),
+    );
 }
 
 proptest! {
@@ -601,11 +824,21 @@ fn time_best(kernel: &harness::Kernel, table: &[*mut u8], reps: usize) -> f64 {
 }
 
 fn buffers(types: &[TensorType]) -> Vec<Vec<u8>> {
-    types.iter().map(|t| random_f32(&t.shape, 9, false).data.to_le_bytes()).collect()
+    types
+        .iter()
+        .map(|t| random_f32(&t.shape, 9, false).data.to_le_bytes())
+        .collect()
 }
 
 /// Compiles `op`, runs it on random buffers and prints the best time and rate.
-fn bench(name: &str, op: Op, inputs: &[TensorType], declared: Option<Vec<TensorType>>, emitter: harness::Emitter, flops: f64) {
+fn bench(
+    name: &str,
+    op: Op,
+    inputs: &[TensorType],
+    declared: Option<Vec<TensorType>>,
+    emitter: harness::Emitter,
+    flops: f64,
+) {
     let started = std::time::Instant::now();
     let kernel = harness::compile(op, inputs, declared, emitter).unwrap();
     let compile_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -614,7 +847,11 @@ fn bench(name: &str, op: Op, inputs: &[TensorType], declared: Option<Vec<TensorT
     let mut bufs = buffers(&types);
     let table: Vec<*mut u8> = bufs.iter_mut().map(|v| v.as_mut_ptr()).collect();
     let secs = time_best(&kernel, &table, 20);
-    println!("{name}: {:.3} ms, {:.1} GFLOP/s (compiled in {compile_ms:.1} ms)", secs * 1e3, flops / secs / 1e9);
+    println!(
+        "{name}: {:.3} ms, {:.1} GFLOP/s (compiled in {compile_ms:.1} ms)",
+        secs * 1e3,
+        flops / secs / 1e9
+    );
 }
 
 fn conv_bench(name: &str, c: usize, m: usize, hw: usize, k: usize, stride: usize, groups: usize) {
@@ -625,7 +862,14 @@ fn conv_bench(name: &str, c: usize, m: usize, hw: usize, k: usize, stride: usize
     let b = TensorType::f32(vec![m]);
     let out = (hw + 2 * pad - k) / stride + 1;
     let flops = 2.0 * (m * (c / groups) * k * k * out * out) as f64;
-    bench(name, Op::Conv(case.geometry()), &[x, w, b], None, conv::emit, flops);
+    bench(
+        name,
+        Op::Conv(case.geometry()),
+        &[x, w, b],
+        None,
+        conv::emit,
+        flops,
+    );
 }
 
 #[test]
@@ -633,9 +877,26 @@ fn conv_bench(name: &str, c: usize, m: usize, hw: usize, k: usize, stride: usize
 fn throughput() {
     conv_bench("conv 3x3 64->64 56x56", 64, 64, 56, 3, 1, 1);
     let a = TensorType::f32(vec![256, 256]);
-    bench("matmul 256x256x256", Op::MatMul, &[a.clone(), a], None, matmul::emit, 2.0 * 256f64.powi(3));
-    let (x, w) = (TensorType::f32(vec![1, 512]), TensorType::f32(vec![512, 1000]));
-    bench("matmul 1x512x1000 (classifier)", Op::MatMul, &[x, w], None, matmul::emit, 2.0 * 512.0 * 1000.0);
+    bench(
+        "matmul 256x256x256",
+        Op::MatMul,
+        &[a.clone(), a],
+        None,
+        matmul::emit,
+        2.0 * 256f64.powi(3),
+    );
+    let (x, w) = (
+        TensorType::f32(vec![1, 512]),
+        TensorType::f32(vec![512, 1000]),
+    );
+    bench(
+        "matmul 1x512x1000 (classifier)",
+        Op::MatMul,
+        &[x, w],
+        None,
+        matmul::emit,
+        2.0 * 512.0 * 1000.0,
+    );
     conv_bench("conv 1x1 64->256 56x56", 64, 256, 56, 1, 1, 1);
     conv_bench("conv 3x3 256->256 14x14", 256, 256, 14, 3, 1, 1);
     conv_bench("conv 3x3 512->512 7x7", 512, 512, 7, 3, 1, 1);
@@ -653,8 +914,25 @@ fn throughput() {
     };
     let x = TensorType::f32(vec![1, 64, 112, 112]);
     let y = TensorType::f32(vec![1, 64, 56, 56]);
-    bench("maxpool 3x3/2 64x112x112", Op::Pool(pool), &[x], Some(vec![y]), pool::emit, 9.0 * 64.0 * 56.0 * 56.0);
+    bench(
+        "maxpool 3x3/2 64x112x112",
+        Op::Pool(pool),
+        &[x],
+        Some(vec![y]),
+        pool::emit,
+        9.0 * 64.0 * 56.0 * 56.0,
+    );
     let x = TensorType::f32(vec![1, 512, 7, 7]);
-    let op = Op::Reduce { kind: ReduceKind::Mean, axes: vec![2, 3] };
-    bench("global average 512x7x7", op, &[x], None, reduce::emit_reduce, 512.0 * 49.0);
+    let op = Op::Reduce {
+        kind: ReduceKind::Mean,
+        axes: vec![2, 3],
+    };
+    bench(
+        "global average 512x7x7",
+        op,
+        &[x],
+        None,
+        reduce::emit_reduce,
+        512.0 * 49.0,
+    );
 }

@@ -21,8 +21,9 @@ use cranelift_frontend::FunctionBuilder;
 
 use super::compute::window::{AxisWindow, Segment};
 use super::compute::{
-    F32_BYTES, LANES, counted_loop, index_ptr, input_flags, load, load_f32x4_strided, mul_add, offset_ptr, require_buffers, require_dtype,
-    require_plain_layout, scalar_flags, shuffle_f32x4, splat_f32, store, tiled_loop, vector_flags,
+    F32_BYTES, LANES, counted_loop, index_ptr, input_flags, load, load_f32x4_strided, mul_add,
+    offset_ptr, require_buffers, require_dtype, require_plain_layout, scalar_flags, shuffle_f32x4,
+    splat_f32, store, tiled_loop, vector_flags,
 };
 use super::{CodegenError, KernelCtx};
 
@@ -50,7 +51,11 @@ fn vectors_per_channel(channels: usize) -> usize {
 
 pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
     let Op::Conv(geometry) = &k.node.op else {
-        return Err(CodegenError(format!("conv::emit called on a {} node '{}'", k.node.op.mnemonic(), k.node.name)));
+        return Err(CodegenError(format!(
+            "conv::emit called on a {} node '{}'",
+            k.node.op.mnemonic(),
+            k.node.name
+        )));
     };
     require_plain_layout(k)?;
     require_buffers(k, 2, 3, 1)?;
@@ -129,7 +134,11 @@ enum RowPiece {
     /// One tile at a known position.
     Edge { start: usize, vectors: usize },
     /// `tiles` full tiles from `start`, in a loop.
-    Interior { start: usize, vectors: usize, tiles: usize },
+    Interior {
+        start: usize,
+        vectors: usize,
+        tiles: usize,
+    },
 }
 
 /// What one lane of an edge tile needs from one tap.
@@ -150,7 +159,10 @@ fn channel_slice(channels: usize) -> usize {
     if channels <= 32 {
         return channels.max(1);
     }
-    (8..=32).rev().find(|&d| channels.is_multiple_of(d)).unwrap_or(16)
+    (8..=32)
+        .rev()
+        .find(|&d| channels.is_multiple_of(d))
+        .unwrap_or(16)
 }
 
 fn row_major_strides(shape: &[usize]) -> Vec<usize> {
@@ -161,15 +173,33 @@ impl ConvPlan {
     fn new(x: &[usize], w: &[usize], y: &[usize], g: &ConvGeometry) -> Result<ConvPlan, String> {
         let rank = x.len();
         if rank < 3 || w.len() != rank || y.len() != rank {
-            return Err(format!("input {x:?}, weight {w:?} and output {y:?} must share a rank >= 3"));
+            return Err(format!(
+                "input {x:?}, weight {w:?} and output {y:?} must share a rank >= 3"
+            ));
         }
         let spatial = rank - 2;
-        if [g.strides.len(), g.dilations.len(), g.pads_begin.len(), g.pads_end.len()] != [spatial; 4] {
-            return Err(format!("geometry needs {spatial} strides, dilations and pads"));
+        if [
+            g.strides.len(),
+            g.dilations.len(),
+            g.pads_begin.len(),
+            g.pads_end.len(),
+        ] != [spatial; 4]
+        {
+            return Err(format!(
+                "geometry needs {spatial} strides, dilations and pads"
+            ));
         }
         let groups = g.groups;
-        if groups == 0 || !x[1].is_multiple_of(groups) || !w[0].is_multiple_of(groups) || w[1] * groups != x[1] || y[1] != w[0] || y[0] != x[0] {
-            return Err(format!("input {x:?}, weight {w:?}, output {y:?} disagree for groups={groups}"));
+        if groups == 0
+            || !x[1].is_multiple_of(groups)
+            || !w[0].is_multiple_of(groups)
+            || w[1] * groups != x[1]
+            || y[1] != w[0]
+            || y[0] != x[0]
+        {
+            return Err(format!(
+                "input {x:?}, weight {w:?}, output {y:?} disagree for groups={groups}"
+            ));
         }
         let mut axes = Vec::with_capacity(spatial);
         for i in 0..spatial {
@@ -187,14 +217,29 @@ impl ConvPlan {
             }
             axes.push(axis);
         }
-        let pointwise = axes.iter().all(|a| a.kernel == 1 && a.stride == 1 && a.pad_begin == 0 && a.pad_end == 0 && a.input == a.output);
-        let (in_sp, out_sp, k_sp): (Vec<usize>, Vec<usize>, Vec<usize>) = if pointwise && spatial > 1 {
-            let plane: usize = x[2..].iter().product();
-            axes = vec![AxisWindow { input: plane, output: plane, kernel: 1, stride: 1, dilation: 1, pad_begin: 0, pad_end: 0 }];
-            (vec![plane], vec![plane], vec![1])
-        } else {
-            (x[2..].to_vec(), y[2..].to_vec(), w[2..].to_vec())
-        };
+        let pointwise = axes.iter().all(|a| {
+            a.kernel == 1
+                && a.stride == 1
+                && a.pad_begin == 0
+                && a.pad_end == 0
+                && a.input == a.output
+        });
+        let (in_sp, out_sp, k_sp): (Vec<usize>, Vec<usize>, Vec<usize>) =
+            if pointwise && spatial > 1 {
+                let plane: usize = x[2..].iter().product();
+                axes = vec![AxisWindow {
+                    input: plane,
+                    output: plane,
+                    kernel: 1,
+                    stride: 1,
+                    dilation: 1,
+                    pad_begin: 0,
+                    pad_end: 0,
+                }];
+                (vec![plane], vec![plane], vec![1])
+            } else {
+                (x[2..].to_vec(), y[2..].to_vec(), w[2..].to_vec())
+            };
         let segments = axes.iter().map(AxisWindow::segments).collect();
         Ok(ConvPlan {
             batch: x[0],
@@ -228,7 +273,12 @@ impl ConvPlan {
             let y_n = index_ptr(b, y, n, y_batch);
             counted_loop(b, self.groups, vec![], |b, g, _| {
                 let x_g = index_ptr(b, x_n, g, Self::bytes(self.in_per_group * self.in_plane));
-                let w_g = index_ptr(b, w, g, Self::bytes(self.out_per_group * self.in_per_group * self.kernel_size));
+                let w_g = index_ptr(
+                    b,
+                    w,
+                    g,
+                    Self::bytes(self.out_per_group * self.in_per_group * self.kernel_size),
+                );
                 let y_g = index_ptr(b, y_n, g, Self::bytes(self.out_per_group * self.out_plane));
                 let bias_g = bias.map(|p| index_ptr(b, p, g, Self::bytes(self.out_per_group)));
                 self.emit_group(b, x_g, w_g, bias_g, y_g);
@@ -238,7 +288,14 @@ impl ConvPlan {
         });
     }
 
-    fn emit_group(&self, b: &mut FunctionBuilder, x: Value, w: Value, bias: Option<Value>, y: Value) {
+    fn emit_group(
+        &self,
+        b: &mut FunctionBuilder,
+        x: Value,
+        w: Value,
+        bias: Option<Value>,
+        y: Value,
+    ) {
         let block = CHANNEL_BLOCK.min(self.out_per_group.max(1));
         let w_step = Self::bytes(block * self.in_per_group * self.kernel_size);
         let y_step = Self::bytes(block * self.out_plane);
@@ -256,7 +313,11 @@ impl ConvPlan {
             let first = self.out_per_group - rest;
             let cb = ChannelBlock {
                 channels: rest,
-                w: offset_ptr(b, w, Self::bytes(first * self.in_per_group * self.kernel_size)),
+                w: offset_ptr(
+                    b,
+                    w,
+                    Self::bytes(first * self.in_per_group * self.kernel_size),
+                ),
                 bias: bias.map(|p| offset_ptr(b, p, Self::bytes(first))),
             };
             let y_block = offset_ptr(b, y, Self::bytes(first * self.out_plane));
@@ -267,7 +328,15 @@ impl ConvPlan {
     /// Output positions of axis `axis` and the axes inside it. `x_origin` points at the
     /// window origin of the enclosing axes' positions (it may lie outside the buffer,
     /// never dereferenced there); `taps` holds the tap ranges fixed by those axes.
-    fn emit_positions(&self, b: &mut FunctionBuilder, cb: &ChannelBlock, axis: usize, x_origin: Value, y: Value, taps: &mut Vec<(usize, usize)>) {
+    fn emit_positions(
+        &self,
+        b: &mut FunctionBuilder,
+        cb: &ChannelBlock,
+        axis: usize,
+        x_origin: Value,
+        y: Value,
+        taps: &mut Vec<(usize, usize)>,
+    ) {
         if axis + 1 == self.axes.len() {
             self.emit_row(b, cb, x_origin, y, taps);
             return;
@@ -281,7 +350,10 @@ impl ConvPlan {
             taps.push((seg.tap_begin, seg.tap_end));
             counted_loop(b, seg.count, vec![x0, y0], |b, _, c| {
                 self.emit_positions(b, cb, axis + 1, c[0], c[1], taps);
-                vec![b.ins().iadd_imm_s(c[0], a.stride as i64 * in_stride), b.ins().iadd_imm_s(c[1], out_stride)]
+                vec![
+                    b.ins().iadd_imm_s(c[0], a.stride as i64 * in_stride),
+                    b.ins().iadd_imm_s(c[1], out_stride),
+                ]
             });
             taps.pop();
         }
@@ -302,17 +374,27 @@ impl ConvPlan {
         let mut pieces = Vec::new();
         let mut p = 0;
         while p < lo.min(out) {
-            pieces.push(RowPiece::Edge { start: p, vectors: 1 });
+            pieces.push(RowPiece::Edge {
+                start: p,
+                vectors: 1,
+            });
             p += LANES;
         }
         if hi > p && (hi - p) / width > 0 {
             let tiles = (hi - p) / width;
-            pieces.push(RowPiece::Interior { start: p, vectors, tiles });
+            pieces.push(RowPiece::Interior {
+                start: p,
+                vectors,
+                tiles,
+            });
             p += tiles * width;
         }
         while p < out {
             let tile_vectors = ((out - p) / LANES).clamp(1, vectors);
-            pieces.push(RowPiece::Edge { start: p, vectors: tile_vectors });
+            pieces.push(RowPiece::Edge {
+                start: p,
+                vectors: tile_vectors,
+            });
             p += tile_vectors * LANES;
         }
         pieces
@@ -326,8 +408,15 @@ impl ConvPlan {
         if self.out_per_group % block != 0 {
             blocks.push(self.out_per_group % block);
         }
-        let slices = if self.in_per_group % channel_slice(self.in_per_group) != 0 { 2 } else { 1 };
-        let outer: usize = self.segments[..self.axes.len() - 1].iter().map(Vec::len).product();
+        let slices = if self.in_per_group % channel_slice(self.in_per_group) != 0 {
+            2
+        } else {
+            1
+        };
+        let outer: usize = self.segments[..self.axes.len() - 1]
+            .iter()
+            .map(Vec::len)
+            .product();
         let last = self.axes.len() - 1;
         let row = |channels: usize| -> usize {
             self.row_tiles(channels)
@@ -335,32 +424,79 @@ impl ConvPlan {
                 .map(|piece| match *piece {
                     RowPiece::Interior { .. } => self.axes[last].kernel,
                     RowPiece::Edge { start, vectors } => (0..self.axes[last].kernel)
-                        .filter(|&t| (0..vectors * LANES).any(|lane| self.lane_state(start, lane, t).0 == Lane::Load))
+                        .filter(|&t| {
+                            (0..vectors * LANES)
+                                .any(|lane| self.lane_state(start, lane, t).0 == Lane::Load)
+                        })
                         .count(),
                 })
                 .sum()
         };
-        blocks.iter().map(|&c| row(c)).sum::<usize>().saturating_mul(outer).saturating_mul(slices)
+        blocks
+            .iter()
+            .map(|&c| row(c))
+            .sum::<usize>()
+            .saturating_mul(outer)
+            .saturating_mul(slices)
     }
 
     /// The innermost axis, tile by tile (see `row_tiles`).
-    fn emit_row(&self, b: &mut FunctionBuilder, cb: &ChannelBlock, x_origin: Value, y: Value, taps: &[(usize, usize)]) {
+    fn emit_row(
+        &self,
+        b: &mut FunctionBuilder,
+        cb: &ChannelBlock,
+        x_origin: Value,
+        y: Value,
+        taps: &[(usize, usize)],
+    ) {
         let a = self.axes[self.axes.len() - 1];
         let at = |b: &mut FunctionBuilder, p: usize| {
-            (offset_ptr(b, x_origin, a.origin(p) * F32_BYTES), offset_ptr(b, y, Self::bytes(p)))
+            (
+                offset_ptr(b, x_origin, a.origin(p) * F32_BYTES),
+                offset_ptr(b, y, Self::bytes(p)),
+            )
         };
         for piece in self.row_tiles(cb.channels) {
             match piece {
                 RowPiece::Edge { start, vectors } => {
                     let (xp, yp) = at(b, start);
-                    self.emit_tile(b, cb, Tile { vectors, in_channels: 0, edge: Some(start) }, xp, yp, taps);
+                    self.emit_tile(
+                        b,
+                        cb,
+                        Tile {
+                            vectors,
+                            in_channels: 0,
+                            edge: Some(start),
+                        },
+                        xp,
+                        yp,
+                        taps,
+                    );
                 }
-                RowPiece::Interior { start, vectors, tiles } => {
+                RowPiece::Interior {
+                    start,
+                    vectors,
+                    tiles,
+                } => {
                     let (xp, yp) = at(b, start);
                     let width = vectors * LANES;
                     counted_loop(b, tiles, vec![xp, yp], |b, _, c| {
-                        self.emit_tile(b, cb, Tile { vectors, in_channels: 0, edge: None }, c[0], c[1], taps);
-                        vec![b.ins().iadd_imm_s(c[0], Self::bytes(width * a.stride)), b.ins().iadd_imm_s(c[1], Self::bytes(width))]
+                        self.emit_tile(
+                            b,
+                            cb,
+                            Tile {
+                                vectors,
+                                in_channels: 0,
+                                edge: None,
+                            },
+                            c[0],
+                            c[1],
+                            taps,
+                        );
+                        vec![
+                            b.ins().iadd_imm_s(c[0], Self::bytes(width * a.stride)),
+                            b.ins().iadd_imm_s(c[1], Self::bytes(width)),
+                        ]
                     });
                 }
             }
@@ -384,7 +520,15 @@ impl ConvPlan {
 
     /// One register tile: `cb.channels` output channels × `tile.vectors` f32x4 of
     /// consecutive positions.
-    fn emit_tile(&self, b: &mut FunctionBuilder, cb: &ChannelBlock, tile: Tile, x_origin: Value, y: Value, taps: &[(usize, usize)]) {
+    fn emit_tile(
+        &self,
+        b: &mut FunctionBuilder,
+        cb: &ChannelBlock,
+        tile: Tile,
+        x_origin: Value,
+        y: Value,
+        taps: &[(usize, usize)],
+    ) {
         let mut accs = Vec::with_capacity(cb.channels * tile.vectors);
         for r in 0..cb.channels {
             let init = match cb.bias {
@@ -407,15 +551,24 @@ impl ConvPlan {
         let x_slice = Self::bytes(slice * self.in_plane);
         let w_slice = Self::bytes(slice * self.kernel_size);
         let done = counted_loop(b, slices, carried, |b, _, c| {
-            let tile = Tile { in_channels: slice, ..tile };
+            let tile = Tile {
+                in_channels: slice,
+                ..tile
+            };
             let accs = self.emit_taps(b, cb, tile, 0, c[0], c[1], c[2..].to_vec(), taps);
-            let mut next = vec![b.ins().iadd_imm_s(c[0], x_slice), b.ins().iadd_imm_s(c[1], w_slice)];
+            let mut next = vec![
+                b.ins().iadd_imm_s(c[0], x_slice),
+                b.ins().iadd_imm_s(c[1], w_slice),
+            ];
             next.extend(accs);
             next
         });
         let mut accs = done[2..].to_vec();
         if rest > 0 {
-            let tile = Tile { in_channels: rest, ..tile };
+            let tile = Tile {
+                in_channels: rest,
+                ..tile
+            };
             accs = self.emit_taps(b, cb, tile, 0, done[0], done[1], accs, taps);
         }
         let out = self.axes[self.axes.len() - 1].output;
@@ -423,7 +576,9 @@ impl ConvPlan {
             for v in 0..tile.vectors {
                 let acc = accs[r * tile.vectors + v];
                 let offset = Self::bytes(r * self.out_plane + v * LANES);
-                let lanes = tile.edge.map_or(LANES, |p0| out.saturating_sub(p0 + v * LANES).min(LANES));
+                let lanes = tile
+                    .edge
+                    .map_or(LANES, |p0| out.saturating_sub(p0 + v * LANES).min(LANES));
                 if lanes == LANES {
                     store(b, vector_flags(), acc, y, offset);
                 } else {
@@ -460,7 +615,9 @@ impl ConvPlan {
             // Every tap some lane reads, with its per-lane validity.
             let mut accs = accs;
             for t in 0..a.kernel {
-                let valid: Vec<(Lane, i64)> = (0..tile.vectors * LANES).map(|lane| self.lane_state(p0, lane, t)).collect();
+                let valid: Vec<(Lane, i64)> = (0..tile.vectors * LANES)
+                    .map(|lane| self.lane_state(p0, lane, t))
+                    .collect();
                 if valid.iter().any(|&(l, _)| l == Lane::Load) {
                     let xt = offset_ptr(b, x, t as i64 * x_tap);
                     let wt = offset_ptr(b, w, t as i64 * w_tap);
@@ -493,7 +650,10 @@ impl ConvPlan {
             } else {
                 self.emit_taps(b, cb, tile, axis + 1, c[0], c[1], c[2..].to_vec(), taps)
             };
-            let mut next = vec![b.ins().iadd_imm_s(c[0], x_tap), b.ins().iadd_imm_s(c[1], w_tap)];
+            let mut next = vec![
+                b.ins().iadd_imm_s(c[0], x_tap),
+                b.ins().iadd_imm_s(c[1], w_tap),
+            ];
             next.extend(accs);
             next
         });
@@ -519,7 +679,10 @@ impl ConvPlan {
         carried.extend(accs);
         let done = counted_loop(b, tile.in_channels, carried, |b, _, c| {
             let accs = self.emit_tap(b, cb, tile, c[0], c[1], c[2..].to_vec(), valid);
-            let mut next = vec![b.ins().iadd_imm_s(c[0], in_channel_step), b.ins().iadd_imm_s(c[1], w_channel_step)];
+            let mut next = vec![
+                b.ins().iadd_imm_s(c[0], in_channel_step),
+                b.ins().iadd_imm_s(c[1], w_channel_step),
+            ];
             next.extend(accs);
             next
         });
@@ -545,7 +708,9 @@ impl ConvPlan {
                 let offset = Self::bytes(v * LANES * stride);
                 match valid {
                     None => Some(load_f32x4_strided(b, vector_flags(), x, offset, stride)),
-                    Some(lanes) => self.edge_input(b, x, offset, &lanes[v * LANES..(v + 1) * LANES]),
+                    Some(lanes) => {
+                        self.edge_input(b, x, offset, &lanes[v * LANES..(v + 1) * LANES])
+                    }
                 }
             })
             .collect();
@@ -567,12 +732,19 @@ impl ConvPlan {
     /// vector load: whole when every lane may read, or shifted in from a neighbouring
     /// in-row window with zeros filling the padding lanes (one `palignr`); otherwise
     /// gathers the lanes that load into a zero vector.
-    fn edge_input(&self, b: &mut FunctionBuilder, x: Value, offset: i64, lanes: &[(Lane, i64)]) -> Option<Value> {
+    fn edge_input(
+        &self,
+        b: &mut FunctionBuilder,
+        x: Value,
+        offset: i64,
+        lanes: &[(Lane, i64)],
+    ) -> Option<Value> {
         let a = self.axes[self.axes.len() - 1];
         let stride = a.stride;
         let loads: Vec<usize> = (0..LANES).filter(|&e| lanes[e].0 == Lane::Load).collect();
         let (&first, &last) = (loads.first()?, loads.last()?);
-        let readable = |e: usize| matches!(lanes[e].0, Lane::Load | Lane::Ignored { readable: true });
+        let readable =
+            |e: usize| matches!(lanes[e].0, Lane::Load | Lane::Ignored { readable: true });
         if (0..LANES).all(readable) {
             return Some(load_f32x4_strided(b, vector_flags(), x, offset, stride));
         }
@@ -585,14 +757,30 @@ impl ConvPlan {
                 let window = load(b, F32X4, vector_flags(), x, offset + Self::bytes(first));
                 let zero = splat_f32(b, 0.0);
                 let sel = |e: usize| (LANES - first + e) as u8;
-                return Some(shuffle_f32x4(b, zero, window, [sel(0), sel(1), sel(2), sel(3)]));
+                return Some(shuffle_f32x4(
+                    b,
+                    zero,
+                    window,
+                    [sel(0), sel(1), sel(2), sel(3)],
+                ));
             }
             // Window ending at the last loading lane, shifted down.
             if in_row(lanes[last].1 + 1 - LANES as i64) && (0..first).all(ignored) {
-                let window = load(b, F32X4, vector_flags(), x, offset + Self::bytes(end) - Self::bytes(LANES));
+                let window = load(
+                    b,
+                    F32X4,
+                    vector_flags(),
+                    x,
+                    offset + Self::bytes(end) - Self::bytes(LANES),
+                );
                 let zero = splat_f32(b, 0.0);
                 let sel = |e: usize| (LANES - end + e) as u8;
-                return Some(shuffle_f32x4(b, window, zero, [sel(0), sel(1), sel(2), sel(3)]));
+                return Some(shuffle_f32x4(
+                    b,
+                    window,
+                    zero,
+                    [sel(0), sel(1), sel(2), sel(3)],
+                ));
             }
         }
         let mut vec = splat_f32(b, 0.0);

@@ -17,8 +17,9 @@ use cranelift_frontend::FunctionBuilder;
 
 use super::compute::window::transposed_input_range;
 use super::compute::{
-    F32_BYTES, LANES, counted_loop, index_ptr, input_flags, load, load_f32x4_strided, mul_add, offset_ptr, require_buffers, require_dtype,
-    require_plain_layout, scalar_flags, splat_f32, store, store_f32x4_strided, tiled_loop, vector_flags,
+    F32_BYTES, LANES, counted_loop, index_ptr, input_flags, load, load_f32x4_strided, mul_add,
+    offset_ptr, require_buffers, require_dtype, require_plain_layout, scalar_flags, splat_f32,
+    store, store_f32x4_strided, tiled_loop, vector_flags,
 };
 use super::{CodegenError, KernelCtx};
 
@@ -42,7 +43,11 @@ fn bytes(elements: usize) -> i64 {
 
 pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
     let Op::ConvTranspose(geometry) = &k.node.op else {
-        return Err(CodegenError(format!("conv_transpose::emit called on a {} node '{}'", k.node.op.mnemonic(), k.node.name)));
+        return Err(CodegenError(format!(
+            "conv_transpose::emit called on a {} node '{}'",
+            k.node.op.mnemonic(),
+            k.node.name
+        )));
     };
     require_plain_layout(k)?;
     require_buffers(k, 2, 3, 1)?;
@@ -64,8 +69,18 @@ pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
             k.node.name, plan.kernel_size
         )));
     }
-    let plan = Plan { weight_flags: input_flags(k, 1, scalar_flags()), bias_flags: input_flags(k, 2, scalar_flags()), ..plan };
-    plan.emit(k.b, k.inputs[0], k.inputs[1], k.inputs.get(2).copied(), k.outputs[0]);
+    let plan = Plan {
+        weight_flags: input_flags(k, 1, scalar_flags()),
+        bias_flags: input_flags(k, 2, scalar_flags()),
+        ..plan
+    };
+    plan.emit(
+        k.b,
+        k.inputs[0],
+        k.inputs[1],
+        k.inputs.get(2).copied(),
+        k.outputs[0],
+    );
     Ok(())
 }
 
@@ -106,15 +121,32 @@ impl Plan {
     fn new(x: &[usize], w: &[usize], y: &[usize], g: &ConvGeometry) -> Result<Plan, String> {
         let rank = x.len();
         if rank < 3 || w.len() != rank || y.len() != rank {
-            return Err(format!("input {x:?}, weight {w:?} and output {y:?} must share a rank >= 3"));
+            return Err(format!(
+                "input {x:?}, weight {w:?} and output {y:?} must share a rank >= 3"
+            ));
         }
         let spatial = rank - 2;
-        if [g.strides.len(), g.dilations.len(), g.pads_begin.len(), g.pads_end.len()] != [spatial; 4] {
-            return Err(format!("geometry needs {spatial} strides, dilations and pads"));
+        if [
+            g.strides.len(),
+            g.dilations.len(),
+            g.pads_begin.len(),
+            g.pads_end.len(),
+        ] != [spatial; 4]
+        {
+            return Err(format!(
+                "geometry needs {spatial} strides, dilations and pads"
+            ));
         }
         let groups = g.groups;
-        if groups == 0 || x[1] != w[0] || !x[1].is_multiple_of(groups) || y[1] != w[1] * groups || y[0] != x[0] {
-            return Err(format!("input {x:?}, weight {w:?}, output {y:?} disagree for groups={groups}"));
+        if groups == 0
+            || x[1] != w[0]
+            || !x[1].is_multiple_of(groups)
+            || y[1] != w[1] * groups
+            || y[0] != x[0]
+        {
+            return Err(format!(
+                "input {x:?}, weight {w:?}, output {y:?} disagree for groups={groups}"
+            ));
         }
         if g.strides.contains(&0) || g.dilations.contains(&0) || w[2..].contains(&0) {
             return Err("zero kernel size, stride or dilation".into());
@@ -149,7 +181,12 @@ impl Plan {
             let y_n = index_ptr(b, y, n, y_batch);
             counted_loop(b, self.groups, vec![], |b, g, _| {
                 let x_g = index_ptr(b, x_n, g, bytes(self.in_per_group * self.in_plane));
-                let w_g = index_ptr(b, w, g, bytes(self.in_per_group * self.out_per_group * self.kernel_size));
+                let w_g = index_ptr(
+                    b,
+                    w,
+                    g,
+                    bytes(self.in_per_group * self.out_per_group * self.kernel_size),
+                );
                 let y_g = index_ptr(b, y_n, g, bytes(self.out_per_group * self.out_plane));
                 let block = CHANNEL_BLOCK.min(self.out_per_group.max(1));
                 let (_, rest) = tiled_loop(b, self.out_per_group, block, vec![], |b, i, _| {
@@ -171,7 +208,13 @@ impl Plan {
     }
 
     /// Every output plane set to its channel's bias, or zero.
-    fn emit_init(&self, b: &mut FunctionBuilder, bias: Option<Value>, y: Value, out_channels: usize) {
+    fn emit_init(
+        &self,
+        b: &mut FunctionBuilder,
+        bias: Option<Value>,
+        y: Value,
+        out_channels: usize,
+    ) {
         let plane = bytes(self.out_plane);
         let y_batch = bytes(out_channels * self.out_plane);
         counted_loop(b, self.batch, vec![], |b, n, _| {
@@ -211,7 +254,14 @@ impl Plan {
             }
             let ranges: Vec<(usize, usize)> = (0..spatial)
                 .map(|d| {
-                    transposed_input_range(self.in_sp[d], self.out_sp[d], self.g.strides[d], self.g.dilations[d], self.g.pads_begin[d], kk[d])
+                    transposed_input_range(
+                        self.in_sp[d],
+                        self.out_sp[d],
+                        self.g.strides[d],
+                        self.g.dilations[d],
+                        self.g.pads_begin[d],
+                        kk[d],
+                    )
                 })
                 .collect();
             if ranges.iter().any(|&(begin, end)| begin == end) {
@@ -221,11 +271,15 @@ impl Plan {
             let mut y_off = 0i64;
             for d in 0..spatial {
                 let i = ranges[d].0;
-                let o = (i * self.g.strides[d] + kk[d] * self.g.dilations[d]) as i64 - self.g.pads_begin[d] as i64;
+                let o = (i * self.g.strides[d] + kk[d] * self.g.dilations[d]) as i64
+                    - self.g.pads_begin[d] as i64;
                 x_off += (i * self.in_strides[d]) as i64;
                 y_off += o * self.out_strides[d] as i64;
             }
-            let block = TapBlock { channels, w: offset_ptr(b, w, bytes(tap)) };
+            let block = TapBlock {
+                channels,
+                w: offset_ptr(b, w, bytes(tap)),
+            };
             let x0 = offset_ptr(b, x, x_off * F32_BYTES);
             let y0 = offset_ptr(b, y, y_off * F32_BYTES);
             self.emit_region(b, &block, 0, &ranges, x0, y0);
@@ -233,7 +287,15 @@ impl Plan {
     }
 
     /// The box of inputs `ranges` from axis `axis` inward.
-    fn emit_region(&self, b: &mut FunctionBuilder, block: &TapBlock, axis: usize, ranges: &[(usize, usize)], x: Value, y: Value) {
+    fn emit_region(
+        &self,
+        b: &mut FunctionBuilder,
+        block: &TapBlock,
+        axis: usize,
+        ranges: &[(usize, usize)],
+        x: Value,
+        y: Value,
+    ) {
         let count = ranges[axis].1 - ranges[axis].0;
         let stride = self.g.strides[axis];
         let x_step = bytes(self.in_strides[axis]);
@@ -241,7 +303,10 @@ impl Plan {
         if axis + 1 < ranges.len() {
             counted_loop(b, count, vec![x, y], |b, _, c| {
                 self.emit_region(b, block, axis + 1, ranges, c[0], c[1]);
-                vec![b.ins().iadd_imm_s(c[0], x_step), b.ins().iadd_imm_s(c[1], y_step)]
+                vec![
+                    b.ins().iadd_imm_s(c[0], x_step),
+                    b.ins().iadd_imm_s(c[1], y_step),
+                ]
             });
             return;
         }
@@ -260,7 +325,10 @@ impl Plan {
             };
             let (c, rest) = tiled_loop(b, left, positions, cursors, |b, _, c| {
                 self.emit_tile(b, block, width, c[0], c[1]);
-                vec![b.ins().iadd_imm_s(c[0], positions as i64 * x_step), b.ins().iadd_imm_s(c[1], positions as i64 * y_step)]
+                vec![
+                    b.ins().iadd_imm_s(c[0], positions as i64 * x_step),
+                    b.ins().iadd_imm_s(c[1], positions as i64 * y_step),
+                ]
             });
             cursors = c;
             left = rest;
@@ -268,7 +336,14 @@ impl Plan {
     }
 
     /// Outputs fed by `width` consecutive inputs, for each channel of the block.
-    fn emit_tile(&self, b: &mut FunctionBuilder, block: &TapBlock, width: Width, x: Value, y: Value) {
+    fn emit_tile(
+        &self,
+        b: &mut FunctionBuilder,
+        block: &TapBlock,
+        width: Width,
+        x: Value,
+        y: Value,
+    ) {
         let stride = *self.g.strides.last().expect("at least one spatial axis");
         let per_channel = match width {
             Width::Vectors(n) => n,
@@ -279,7 +354,9 @@ impl Plan {
         for r in 0..block.channels {
             for v in 0..per_channel {
                 carried.push(match width {
-                    Width::Vectors(_) => load_f32x4_strided(b, vector_flags(), y, out_offset(r, v), stride),
+                    Width::Vectors(_) => {
+                        load_f32x4_strided(b, vector_flags(), y, out_offset(r, v), stride)
+                    }
                     Width::Scalar => load(b, F32, scalar_flags(), y, out_offset(r, v)),
                 });
             }
@@ -296,7 +373,11 @@ impl Plan {
                 .collect();
             for r in 0..block.channels {
                 let s = load(b, F32, self.weight_flags, wc, r as i64 * w_channel);
-                let wv = if width == Width::Scalar { s } else { b.ins().splat(F32X4, s) };
+                let wv = if width == Width::Scalar {
+                    s
+                } else {
+                    b.ins().splat(F32X4, s)
+                };
                 for (v, &input) in inputs.iter().enumerate() {
                     let i = r * per_channel + v;
                     accs[i] = mul_add(b, accs[i], input, wv);
@@ -304,7 +385,8 @@ impl Plan {
             }
             let mut next = vec![
                 b.ins().iadd_imm_s(xc, bytes(self.in_plane)),
-                b.ins().iadd_imm_s(wc, bytes(self.out_per_group * self.kernel_size)),
+                b.ins()
+                    .iadd_imm_s(wc, bytes(self.out_per_group * self.kernel_size)),
             ];
             next.extend(accs);
             next

@@ -15,14 +15,18 @@ use cranelift_codegen::ir::{
 use cranelift_frontend::FunctionBuilder;
 
 use super::compute::{
-    LANES, counted_loop, index_ptr, input_flags, load, offset_ptr, require_buffers, require_plain_layout, scalar_flags, store, tiled_loop,
-    vector_flags,
+    LANES, counted_loop, index_ptr, input_flags, load, offset_ptr, require_buffers,
+    require_plain_layout, scalar_flags, store, tiled_loop, vector_flags,
 };
 use super::{CodegenError, KernelCtx};
 
 pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
     if k.node.op != Op::MatMul {
-        return Err(CodegenError(format!("matmul::emit called on a {} node '{}'", k.node.op.mnemonic(), k.node.name)));
+        return Err(CodegenError(format!(
+            "matmul::emit called on a {} node '{}'",
+            k.node.op.mnemonic(),
+            k.node.name
+        )));
     }
     require_plain_layout(k)?;
     require_buffers(k, 2, 2, 1)?;
@@ -34,13 +38,21 @@ pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
         DType::F32 => F32,
         DType::I32 => I32,
         DType::I64 => I64,
-        other => return Err(fail(format!("dtype {other} is not supported (f32, i32 and i64 are)"))),
+        other => {
+            return Err(fail(format!(
+                "dtype {other} is not supported (f32, i32 and i64 are)"
+            )));
+        }
     };
     if bt.dtype != a.dtype || c.dtype != a.dtype {
-        return Err(fail(format!("operands {a} x {bt} -> {c} must share one dtype")));
+        return Err(fail(format!(
+            "operands {a} x {bt} -> {c} must share one dtype"
+        )));
     }
     if a.rank() < 2 || bt.rank() < 2 || c.rank() != a.rank().max(bt.rank()) {
-        return Err(fail(format!("operands {a} x {bt} -> {c} must have rank >= 2 and the output the larger rank")));
+        return Err(fail(format!(
+            "operands {a} x {bt} -> {c} must have rank >= 2 and the output the larger rank"
+        )));
     }
     let (m, kk) = (a.shape[a.rank() - 2], a.shape[a.rank() - 1]);
     let (k2, n) = (bt.shape[bt.rank() - 2], bt.shape[bt.rank() - 1]);
@@ -50,8 +62,12 @@ pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
     }
     let out_batch = &c.shape[..batch_rank];
     let a_batch = broadcast_strides(&a.shape[..a.rank() - 2], out_batch, m * kk).map_err(&fail)?;
-    let b_batch = broadcast_strides(&bt.shape[..bt.rank() - 2], out_batch, kk * n).map_err(&fail)?;
-    let c_batch = cnnc_ir::strides(out_batch).iter().map(|s| s * m * n).collect::<Vec<_>>();
+    let b_batch =
+        broadcast_strides(&bt.shape[..bt.rank() - 2], out_batch, kk * n).map_err(&fail)?;
+    let c_batch = cnnc_ir::strides(out_batch)
+        .iter()
+        .map(|s| s * m * n)
+        .collect::<Vec<_>>();
 
     let batches: usize = out_batch.iter().product();
     let dense = cnnc_ir::strides(out_batch);
@@ -66,7 +82,11 @@ pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
     };
     let (x, w, y) = (k.inputs[0], k.inputs[1], k.outputs[0]);
     if batches > 1 && b_batch.iter().all(|&s| s == 0) && a_dense && m * n > 0 {
-        Gemm { m: m * batches, ..gemm }.emit(k.b, x, w, y);
+        Gemm {
+            m: m * batches,
+            ..gemm
+        }
+        .emit(k.b, x, w, y);
     } else {
         emit_batches(k.b, &gemm, out_batch, &a_batch, &b_batch, &c_batch, x, w, y);
     }
@@ -75,7 +95,11 @@ pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
 
 /// Element strides of an operand's batch axes over the output's batch axes (0 where
 /// the operand is broadcast), scaled by its matrix size.
-fn broadcast_strides(operand: &[usize], out: &[usize], matrix: usize) -> Result<Vec<usize>, String> {
+fn broadcast_strides(
+    operand: &[usize],
+    out: &[usize],
+    matrix: usize,
+) -> Result<Vec<usize>, String> {
     let lead = out.len() - operand.len();
     let own = cnnc_ir::strides(operand);
     (0..out.len())
@@ -110,12 +134,26 @@ fn emit_batches(
         return;
     };
     let size = gemm.elem.bytes() as i64;
-    let (sa, sb, sc) = (a_strides[0] as i64 * size, b_strides[0] as i64 * size, c_strides[0] as i64 * size);
+    let (sa, sb, sc) = (
+        a_strides[0] as i64 * size,
+        b_strides[0] as i64 * size,
+        c_strides[0] as i64 * size,
+    );
     counted_loop(b, extent, vec![], |b, i, _| {
         let xa = index_ptr(b, x, i, sa);
         let wb = index_ptr(b, w, i, sb);
         let yc = index_ptr(b, y, i, sc);
-        emit_batches(b, gemm, rest, &a_strides[1..], &b_strides[1..], &c_strides[1..], xa, wb, yc);
+        emit_batches(
+            b,
+            gemm,
+            rest,
+            &a_strides[1..],
+            &b_strides[1..],
+            &c_strides[1..],
+            xa,
+            wb,
+            yc,
+        );
         vec![]
     });
 }
@@ -202,7 +240,10 @@ impl Gemm {
             let step = cols.count() as i64 * size;
             let (next, rest) = tiled_loop(b, left, cols.count(), cursors, |b, _, p| {
                 self.emit_tile(b, rows, cols, a, p[0], p[1]);
-                vec![b.ins().iadd_imm_s(p[0], step), b.ins().iadd_imm_s(p[1], step)]
+                vec![
+                    b.ins().iadd_imm_s(p[0], step),
+                    b.ins().iadd_imm_s(p[1], step),
+                ]
             });
             cursors = next;
             left = rest;
@@ -210,7 +251,15 @@ impl Gemm {
     }
 
     /// `rows × cols` outputs at `c`, reading rows of A at `a` and columns of B at `w`.
-    fn emit_tile(&self, b: &mut FunctionBuilder, rows: usize, cols: Cols, a: Value, w: Value, c: Value) {
+    fn emit_tile(
+        &self,
+        b: &mut FunctionBuilder,
+        rows: usize,
+        cols: Cols,
+        a: Value,
+        w: Value,
+        c: Value,
+    ) {
         let size = self.size();
         let per_row = match cols {
             Cols::Vectors(v) => v,
@@ -233,7 +282,9 @@ impl Gemm {
             let mut accs = p[2..].to_vec();
             let b_elems: Vec<Value> = (0..per_row)
                 .map(|j| match cols {
-                    Cols::Vectors(_) => load(b, F32X4, self.b_vector, bk, (j * LANES) as i64 * size),
+                    Cols::Vectors(_) => {
+                        load(b, F32X4, self.b_vector, bk, (j * LANES) as i64 * size)
+                    }
                     Cols::Scalars(_) => load(b, self.elem, self.b_scalar, bk, j as i64 * size),
                 })
                 .collect();
@@ -258,7 +309,11 @@ impl Gemm {
                         Cols::Vectors(_) => (j * LANES) as i64 * size,
                         Cols::Scalars(_) => j as i64 * size,
                     };
-                let flags = if matches!(cols, Cols::Vectors(_)) { vector_flags() } else { scalar_flags() };
+                let flags = if matches!(cols, Cols::Vectors(_)) {
+                    vector_flags()
+                } else {
+                    scalar_flags()
+                };
                 store(b, flags, done[2 + r * per_row + j], c, offset);
             }
         }

@@ -16,8 +16,9 @@ use cranelift_frontend::FunctionBuilder;
 
 use super::compute::window::{AxisWindow, Segment};
 use super::compute::{
-    F32_BYTES, LANES, counted_loop, float_minmax_nan, index_ptr, load, load_f32x4_strided, offset_ptr, require_buffers, require_dtype,
-    require_plain_layout, scalar_flags, store, tiled_loop, vector_flags,
+    F32_BYTES, LANES, counted_loop, float_minmax_nan, index_ptr, load, load_f32x4_strided,
+    offset_ptr, require_buffers, require_dtype, require_plain_layout, scalar_flags, store,
+    tiled_loop, vector_flags,
 };
 use super::{CodegenError, KernelCtx};
 
@@ -32,7 +33,11 @@ const TILE_VECTORS: usize = 2;
 
 pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
     let Op::Pool(attrs) = &k.node.op else {
-        return Err(CodegenError(format!("pool::emit called on a {} node '{}'", k.node.op.mnemonic(), k.node.name)));
+        return Err(CodegenError(format!(
+            "pool::emit called on a {} node '{}'",
+            k.node.op.mnemonic(),
+            k.node.name
+        )));
     };
     require_plain_layout(k)?;
     require_buffers(k, 1, 1, 1)?;
@@ -43,10 +48,19 @@ pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
     let fail = |msg: String| CodegenError(format!("pool node '{}': {msg}", k.node.name));
     let rank = x.rank();
     if rank < 3 || y.rank() != rank || x.shape[..2] != y.shape[..2] {
-        return Err(fail(format!("input {x} and output {y} must share batch, channels and a rank >= 3")));
+        return Err(fail(format!(
+            "input {x} and output {y} must share batch, channels and a rank >= 3"
+        )));
     }
     let spatial = rank - 2;
-    if [attrs.kernel.len(), attrs.strides.len(), attrs.dilations.len(), attrs.pads_begin.len(), attrs.pads_end.len()] != [spatial; 5] {
+    if [
+        attrs.kernel.len(),
+        attrs.strides.len(),
+        attrs.dilations.len(),
+        attrs.pads_begin.len(),
+        attrs.pads_end.len(),
+    ] != [spatial; 5]
+    {
         return Err(fail(format!("attributes must each have {spatial} entries")));
     }
     let axes: Vec<AxisWindow> = (0..spatial)
@@ -60,10 +74,16 @@ pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
             pad_end: attrs.pads_end[d],
         })
         .collect();
-    if axes.iter().any(|a| a.kernel == 0 || a.stride == 0 || a.dilation == 0) {
+    if axes
+        .iter()
+        .any(|a| a.kernel == 0 || a.stride == 0 || a.dilation == 0)
+    {
         return Err(fail("zero kernel size, stride or dilation".into()));
     }
-    let bodies = axes.iter().map(|a| a.segments().len()).fold(3usize, usize::saturating_mul);
+    let bodies = axes
+        .iter()
+        .map(|a| a.segments().len())
+        .fold(3usize, usize::saturating_mul);
     if bodies > MAX_TILE_BODIES {
         return Err(fail(format!(
             "padding and window of {x} -> {y} would need {bodies} specialised tiles (limit {MAX_TILE_BODIES}); \
@@ -116,7 +136,14 @@ impl PoolPlan {
     }
 
     /// Outputs of axis `axis` and inside; `chosen` holds the segments of the outer axes.
-    fn emit_positions(&self, b: &mut FunctionBuilder, axis: usize, x_origin: Value, y: Value, chosen: &mut Vec<Segment>) {
+    fn emit_positions(
+        &self,
+        b: &mut FunctionBuilder,
+        axis: usize,
+        x_origin: Value,
+        y: Value,
+        chosen: &mut Vec<Segment>,
+    ) {
         let a = self.axes[axis];
         let in_stride = bytes(self.in_strides[axis]);
         let out_stride = bytes(self.out_strides[axis]);
@@ -128,19 +155,29 @@ impl PoolPlan {
             if !innermost {
                 counted_loop(b, seg.count, vec![x0, y0], |b, _, c| {
                     self.emit_positions(b, axis + 1, c[0], c[1], chosen);
-                    vec![b.ins().iadd_imm_s(c[0], a.stride as i64 * in_stride), b.ins().iadd_imm_s(c[1], out_stride)]
+                    vec![
+                        b.ins().iadd_imm_s(c[0], a.stride as i64 * in_stride),
+                        b.ins().iadd_imm_s(c[1], out_stride),
+                    ]
                 });
             } else {
                 let mut cursors = vec![x0, y0];
                 let mut left = seg.count;
-                for width in [Width::Vectors(TILE_VECTORS), Width::Vectors(1), Width::Scalar] {
+                for width in [
+                    Width::Vectors(TILE_VECTORS),
+                    Width::Vectors(1),
+                    Width::Scalar,
+                ] {
                     let step = match width {
                         Width::Vectors(n) => n * LANES,
                         Width::Scalar => 1,
                     };
                     let (c, rest) = tiled_loop(b, left, step, cursors, |b, _, c| {
                         self.emit_tile(b, width, c[0], c[1], chosen);
-                        vec![b.ins().iadd_imm_s(c[0], bytes(step * a.stride)), b.ins().iadd_imm_s(c[1], bytes(step))]
+                        vec![
+                            b.ins().iadd_imm_s(c[0], bytes(step * a.stride)),
+                            b.ins().iadd_imm_s(c[1], bytes(step)),
+                        ]
                     });
                     cursors = c;
                     left = rest;
@@ -150,7 +187,14 @@ impl PoolPlan {
         }
     }
 
-    fn emit_tile(&self, b: &mut FunctionBuilder, width: Width, x_origin: Value, y: Value, segs: &[Segment]) {
+    fn emit_tile(
+        &self,
+        b: &mut FunctionBuilder,
+        width: Width,
+        x_origin: Value,
+        y: Value,
+        segs: &[Segment],
+    ) {
         let count = match width {
             Width::Vectors(n) => n,
             Width::Scalar => 1,
@@ -167,7 +211,16 @@ impl PoolPlan {
         let accs: Vec<Value> = match self.kind {
             PoolKind::Max => accs,
             PoolKind::Avg { count_include_pad } => {
-                let divisor: usize = segs.iter().map(|s| if count_include_pad { s.padded_taps } else { s.taps() }).product();
+                let divisor: usize = segs
+                    .iter()
+                    .map(|s| {
+                        if count_include_pad {
+                            s.padded_taps
+                        } else {
+                            s.taps()
+                        }
+                    })
+                    .product();
                 let mut d = b.ins().f32const(divisor as f32);
                 if width != Width::Scalar {
                     d = b.ins().splat(F32X4, d);
@@ -176,18 +229,32 @@ impl PoolPlan {
             }
         };
         for (v, acc) in accs.into_iter().enumerate() {
-            let flags = if width == Width::Scalar { scalar_flags() } else { vector_flags() };
+            let flags = if width == Width::Scalar {
+                scalar_flags()
+            } else {
+                vector_flags()
+            };
             store(b, flags, acc, y, bytes(v * LANES));
         }
     }
 
-    fn emit_taps(&self, b: &mut FunctionBuilder, width: Width, axis: usize, x: Value, accs: Vec<Value>, segs: &[Segment]) -> Vec<Value> {
+    fn emit_taps(
+        &self,
+        b: &mut FunctionBuilder,
+        width: Width,
+        axis: usize,
+        x: Value,
+        accs: Vec<Value>,
+        segs: &[Segment],
+    ) -> Vec<Value> {
         let a = self.axes[axis];
         let (begin, end) = (segs[axis].tap_begin, segs[axis].tap_end);
         let tap = bytes(a.dilation * self.in_strides[axis]);
         let innermost = axis + 1 == self.axes.len();
         if innermost && end - begin <= UNROLL_TAPS {
-            return (begin..end).fold(accs, |accs, t| self.emit_tap(b, width, x, t as i64 * tap, accs));
+            return (begin..end).fold(accs, |accs, t| {
+                self.emit_tap(b, width, x, t as i64 * tap, accs)
+            });
         }
         let mut carried = vec![offset_ptr(b, x, begin as i64 * tap)];
         carried.extend(accs);
@@ -204,13 +271,26 @@ impl PoolPlan {
         done[1..].to_vec()
     }
 
-    fn emit_tap(&self, b: &mut FunctionBuilder, width: Width, x: Value, offset: i64, accs: Vec<Value>) -> Vec<Value> {
+    fn emit_tap(
+        &self,
+        b: &mut FunctionBuilder,
+        width: Width,
+        x: Value,
+        offset: i64,
+        accs: Vec<Value>,
+    ) -> Vec<Value> {
         let stride = self.axes[self.axes.len() - 1].stride;
         accs.into_iter()
             .enumerate()
             .map(|(v, acc)| {
                 let input = match width {
-                    Width::Vectors(_) => load_f32x4_strided(b, vector_flags(), x, offset + bytes(v * LANES * stride), stride),
+                    Width::Vectors(_) => load_f32x4_strided(
+                        b,
+                        vector_flags(),
+                        x,
+                        offset + bytes(v * LANES * stride),
+                        stride,
+                    ),
                     Width::Scalar => load(b, F32, scalar_flags(), x, offset),
                 };
                 match self.kind {

@@ -22,8 +22,8 @@ use cranelift_codegen::ir::{
 use cranelift_frontend::FunctionBuilder;
 
 use super::compute::{
-    LANES, counted_loop, float_minmax_nan, index_ptr, load, offset_ptr, require_buffers, require_plain_layout, scalar_flags,
-    store, tiled_loop, vector_flags,
+    LANES, counted_loop, float_minmax_nan, index_ptr, load, offset_ptr, require_buffers,
+    require_plain_layout, scalar_flags, store, tiled_loop, vector_flags,
 };
 use super::{CodegenError, KernelCtx};
 
@@ -52,7 +52,11 @@ struct Axis {
 
 pub fn emit_reduce(k: &mut KernelCtx) -> Result<(), CodegenError> {
     let Op::Reduce { kind, axes } = &k.node.op else {
-        return Err(CodegenError(format!("reduce::emit_reduce called on a {} node '{}'", k.node.op.mnemonic(), k.node.name)));
+        return Err(CodegenError(format!(
+            "reduce::emit_reduce called on a {} node '{}'",
+            k.node.op.mnemonic(),
+            k.node.name
+        )));
     };
     require_plain_layout(k)?;
     require_buffers(k, 1, 1, 1)?;
@@ -61,17 +65,26 @@ pub fn emit_reduce(k: &mut KernelCtx) -> Result<(), CodegenError> {
     let elem = element_type(k, x.dtype)?;
     let fail = |msg: String| CodegenError(format!("reduce node '{}': {msg}", k.node.name));
     if axes.windows(2).any(|w| w[0] >= w[1]) || axes.iter().any(|&a| a >= x.rank()) {
-        return Err(fail(format!("axes {axes:?} must be sorted, unique and < {}", x.rank())));
+        return Err(fail(format!(
+            "axes {axes:?} must be sorted, unique and < {}",
+            x.rank()
+        )));
     }
     let mut want = x.shape.clone();
     axes.iter().for_each(|&a| want[a] = 1);
     if y.shape != want || y.dtype != x.dtype {
-        return Err(fail(format!("output {y} does not match input {x} reduced over {axes:?}")));
+        return Err(fail(format!(
+            "output {y} does not match input {x} reduced over {axes:?}"
+        )));
     }
     if y.numel() == 0 {
         return Ok(());
     }
-    let plan = ReducePlan { kind: *kind, elem, count: axes.iter().map(|&a| x.shape[a]).product() };
+    let plan = ReducePlan {
+        kind: *kind,
+        elem,
+        count: axes.iter().map(|&a| x.shape[a]).product(),
+    };
     let (x_ptr, y_ptr) = (k.inputs[0], k.outputs[0]);
     let b = &mut *k.b;
     if plan.count == 0 {
@@ -95,17 +108,29 @@ pub fn emit_reduce(k: &mut KernelCtx) -> Result<(), CodegenError> {
     let (mut kept, mut reduced) = (Vec::new(), Vec::new());
     for (i, &(extent, is_reduced)) in merged.iter().enumerate() {
         if is_reduced {
-            reduced.push(Axis { extent, in_stride: in_strides[i], out_stride: 0 });
+            reduced.push(Axis {
+                extent,
+                in_stride: in_strides[i],
+                out_stride: 0,
+            });
         } else {
-            kept.push(Axis { extent, in_stride: in_strides[i], out_stride: out_strides[kept.len()] });
+            kept.push(Axis {
+                extent,
+                in_stride: in_strides[i],
+                out_stride: out_strides[kept.len()],
+            });
         }
     }
     let inner_kept = merged.last().is_some_and(|m| !m.1);
     if inner_kept {
         let inner = kept.pop().expect("inner kept axis");
-        plan.emit_outer(b, &kept, x_ptr, y_ptr, &mut |b, x, y| plan.emit_across(b, inner, &reduced, x, y));
+        plan.emit_outer(b, &kept, x_ptr, y_ptr, &mut |b, x, y| {
+            plan.emit_across(b, inner, &reduced, x, y)
+        });
     } else {
-        plan.emit_outer(b, &kept, x_ptr, y_ptr, &mut |b, x, y| plan.emit_along(b, &reduced, x, y));
+        plan.emit_outer(b, &kept, x_ptr, y_ptr, &mut |b, x, y| {
+            plan.emit_along(b, &reduced, x, y)
+        });
     }
     Ok(())
 }
@@ -150,7 +175,11 @@ impl ReducePlan {
             };
             b.ins().f32const(v)
         } else {
-            let (min, max) = if self.elem == I32 { (i32::MIN as i64, i32::MAX as i64) } else { (i64::MIN, i64::MAX) };
+            let (min, max) = if self.elem == I32 {
+                (i32::MIN as i64, i32::MAX as i64)
+            } else {
+                (i64::MIN, i64::MAX)
+            };
             let v = match self.kind {
                 ReduceKind::Sum | ReduceKind::Mean => 0,
                 ReduceKind::Prod => 1,
@@ -159,7 +188,11 @@ impl ReducePlan {
             };
             b.ins().iconst(self.elem, v)
         };
-        if ty.is_vector() { b.ins().splat(ty, scalar) } else { scalar }
+        if ty.is_vector() {
+            b.ins().splat(ty, scalar)
+        } else {
+            scalar
+        }
     }
 
     fn combine(&self, b: &mut FunctionBuilder, acc: Value, x: Value) -> Value {
@@ -209,7 +242,14 @@ impl ReducePlan {
 
     /// Loops over the kept axes `kept` (input and output cursors), calling `body` per
     /// combination.
-    fn emit_outer(&self, b: &mut FunctionBuilder, kept: &[Axis], x: Value, y: Value, body: &mut PtrBody) {
+    fn emit_outer(
+        &self,
+        b: &mut FunctionBuilder,
+        kept: &[Axis],
+        x: Value,
+        y: Value,
+        body: &mut PtrBody,
+    ) {
         let Some((axis, rest)) = kept.split_first() else {
             body(b, x, y);
             return;
@@ -249,18 +289,37 @@ impl ReducePlan {
     }
 
     /// Innermost axis kept: tiles of consecutive outputs, each reducing over `reduced`.
-    fn emit_across(&self, b: &mut FunctionBuilder, inner: Axis, reduced: &[Axis], x: Value, y: Value) {
+    fn emit_across(
+        &self,
+        b: &mut FunctionBuilder,
+        inner: Axis,
+        reduced: &[Axis],
+        x: Value,
+        y: Value,
+    ) {
         let size = self.size();
         let lanes = self.lanes();
         // (accumulators, lanes each): two vectors, one vector, then single elements.
-        let tiles: Vec<(usize, usize)> = if lanes > 1 { vec![(2, lanes), (1, lanes), (1, 1)] } else { vec![(4, 1), (1, 1)] };
+        let tiles: Vec<(usize, usize)> = if lanes > 1 {
+            vec![(2, lanes), (1, lanes), (1, 1)]
+        } else {
+            vec![(4, 1), (1, 1)]
+        };
         let mut cursors = vec![x, y];
         let mut left = inner.extent;
         for (count, width) in tiles {
             let step = count * width;
             let (c, rest) = tiled_loop(b, left, step, cursors, |b, _, c| {
-                let ty = if width > 1 { self.vector_type() } else { self.elem };
-                let flags = if width > 1 { vector_flags() } else { scalar_flags() };
+                let ty = if width > 1 {
+                    self.vector_type()
+                } else {
+                    self.elem
+                };
+                let flags = if width > 1 {
+                    vector_flags()
+                } else {
+                    scalar_flags()
+                };
                 let init: Vec<Value> = (0..count).map(|_| self.identity(b, ty)).collect();
                 let accs = self.reduce_loops(b, reduced, c[0], init, &mut |b, p, accs| {
                     accs.into_iter()
@@ -275,7 +334,10 @@ impl ReducePlan {
                     let r = self.finish(b, acc);
                     store(b, flags, r, c[1], (v * width) as i64 * size);
                 }
-                vec![b.ins().iadd_imm_s(c[0], step as i64 * size), b.ins().iadd_imm_s(c[1], step as i64 * size)]
+                vec![
+                    b.ins().iadd_imm_s(c[0], step as i64 * size),
+                    b.ins().iadd_imm_s(c[1], step as i64 * size),
+                ]
             });
             cursors = c;
             left = rest;
@@ -296,15 +358,25 @@ impl ReducePlan {
             return;
         };
         let lanes = self.lanes();
-        let vectors = if lanes > 1 && inner.extent >= lanes { 2 } else { 0 };
-        let mut init: Vec<Value> = (0..vectors).map(|_| self.identity(b, self.vector_type())).collect();
+        let vectors = if lanes > 1 && inner.extent >= lanes {
+            2
+        } else {
+            0
+        };
+        let mut init: Vec<Value> = (0..vectors)
+            .map(|_| self.identity(b, self.vector_type()))
+            .collect();
         init.push(self.identity(b, self.elem));
         let accs = self.reduce_loops(b, outer, x, init, &mut |b, p, accs| {
             let mut cursors = vec![p];
             cursors.extend(accs);
             let mut left = inner.extent;
             // Two vectors per step, then one, then scalars.
-            let steps: Vec<(usize, usize)> = if vectors > 0 { vec![(2, lanes), (1, lanes), (1, 1)] } else { vec![(1, 1)] };
+            let steps: Vec<(usize, usize)> = if vectors > 0 {
+                vec![(2, lanes), (1, lanes), (1, 1)]
+            } else {
+                vec![(1, 1)]
+            };
             for (count, width) in steps {
                 let step = count * width;
                 let (c, rest) = tiled_loop(b, left, step, cursors, |b, _, c| {
@@ -344,8 +416,17 @@ impl ReducePlan {
 // ------------------------------------------------------------------ ArgReduce
 
 pub fn emit_arg_reduce(k: &mut KernelCtx) -> Result<(), CodegenError> {
-    let Op::ArgReduce { kind, axis, select_last_index } = k.node.op else {
-        return Err(CodegenError(format!("reduce::emit_arg_reduce called on a {} node '{}'", k.node.op.mnemonic(), k.node.name)));
+    let Op::ArgReduce {
+        kind,
+        axis,
+        select_last_index,
+    } = k.node.op
+    else {
+        return Err(CodegenError(format!(
+            "reduce::emit_arg_reduce called on a {} node '{}'",
+            k.node.op.mnemonic(),
+            k.node.name
+        )));
     };
     require_plain_layout(k)?;
     require_buffers(k, 1, 1, 1)?;
@@ -354,7 +435,9 @@ pub fn emit_arg_reduce(k: &mut KernelCtx) -> Result<(), CodegenError> {
     let elem = element_type(k, x.dtype)?;
     let fail = |msg: String| CodegenError(format!("arg_reduce node '{}': {msg}", k.node.name));
     if axis >= x.rank() || x.shape[axis] == 0 {
-        return Err(fail(format!("axis {axis} is out of range or empty for {x}")));
+        return Err(fail(format!(
+            "axis {axis} is out of range or empty for {x}"
+        )));
     }
     let mut want = x.shape.clone();
     want[axis] = 1;
@@ -362,7 +445,10 @@ pub fn emit_arg_reduce(k: &mut KernelCtx) -> Result<(), CodegenError> {
         return Err(fail(format!("output {y} must be i64{want:?}")));
     }
     if x.shape[axis] > i32::MAX as usize {
-        return Err(fail(format!("axis extent {} exceeds the 32-bit index lanes", x.shape[axis])));
+        return Err(fail(format!(
+            "axis extent {} exceeds the 32-bit index lanes",
+            x.shape[axis]
+        )));
     }
     let plan = ArgPlan {
         kind,
@@ -404,7 +490,10 @@ impl ArgPlan {
             for &width in widths {
                 let (c, rest) = tiled_loop(b, left, width, cursors, |b, _, c| {
                     self.emit_column(b, width, c[0], c[1]);
-                    vec![b.ins().iadd_imm_s(c[0], width as i64 * size), b.ins().iadd_imm_s(c[1], width as i64 * 8)]
+                    vec![
+                        b.ins().iadd_imm_s(c[0], width as i64 * size),
+                        b.ins().iadd_imm_s(c[1], width as i64 * 8),
+                    ]
                 });
                 cursors = c;
                 left = rest;
@@ -448,7 +537,11 @@ impl ArgPlan {
         let size = self.size();
         let step = self.inner as i64 * size;
         let vector = width > 1;
-        let (value_ty, flags) = if vector { (F32X4, vector_flags()) } else { (self.elem, scalar_flags()) };
+        let (value_ty, flags) = if vector {
+            (F32X4, vector_flags())
+        } else {
+            (self.elem, scalar_flags())
+        };
         let first = load(b, value_ty, flags, x, 0);
         let zero = if vector {
             let z = b.ins().iconst(I32, 0);
@@ -466,9 +559,15 @@ impl ArgPlan {
                 let index32 = b.ins().ireduce(I32, index);
                 let index_lanes = b.ins().splat(I32X4, index32);
                 let value_mask = b.ins().bitcast(F32X4, MemFlagsData::new(), wins);
-                (b.ins().bitselect(value_mask, v, best), b.ins().bitselect(wins, index_lanes, best_index))
+                (
+                    b.ins().bitselect(value_mask, v, best),
+                    b.ins().bitselect(wins, index_lanes, best_index),
+                )
             } else {
-                (b.ins().select(wins, v, best), b.ins().select(wins, index, best_index))
+                (
+                    b.ins().select(wins, v, best),
+                    b.ins().select(wins, index, best_index),
+                )
             };
             vec![b.ins().iadd_imm_s(p, step), best, best_index]
         });

@@ -51,7 +51,14 @@ impl GuardedBuffer {
         // SAFETY: anonymous private mapping; one page at the guarded end is made
         // inaccessible and the data copied against it.
         unsafe {
-            let base = mmap(std::ptr::null_mut(), mapped, PROT_READ_WRITE, MAP_PRIVATE_ANONYMOUS, -1, 0);
+            let base = mmap(
+                std::ptr::null_mut(),
+                mapped,
+                PROT_READ_WRITE,
+                MAP_PRIVATE_ANONYMOUS,
+                -1,
+                0,
+            );
             assert!(!base.is_null() && base as isize != -1, "mmap failed");
             std::ptr::write_bytes(base, CANARY, mapped);
             let data = match guard {
@@ -66,7 +73,13 @@ impl GuardedBuffer {
                 }
             };
             std::ptr::copy_nonoverlapping(bytes.as_ptr(), data, len);
-            GuardedBuffer { base, mapped, data, len, guard }
+            GuardedBuffer {
+                base,
+                mapped,
+                data,
+                len,
+                guard,
+            }
         }
     }
 
@@ -112,12 +125,17 @@ fn host_module() -> JITModule {
     let mut flags = settings::builder();
     flags.set("opt_level", "speed").expect("opt_level flag");
     flags.set("is_pic", "false").expect("is_pic flag");
-    flags.set("use_colocated_libcalls", "false").expect("libcall flag");
+    flags
+        .set("use_colocated_libcalls", "false")
+        .expect("libcall flag");
     let isa = cranelift_native::builder()
         .expect("host ISA")
         .finish(settings::Flags::new(flags))
         .expect("ISA flags");
-    JITModule::new(JITBuilder::with_isa(isa, cranelift_module::default_libcall_names()))
+    JITModule::new(JITBuilder::with_isa(
+        isa,
+        cranelift_module::default_libcall_names(),
+    ))
 }
 
 /// A compiled one-node kernel, runnable many times.
@@ -129,11 +147,21 @@ pub struct Kernel {
 
 /// Compiles `op` on inputs of the given types; output types from the typing rules
 /// (or `declared` for ops that need it).
-pub fn compile(op: Op, inputs: &[TensorType], declared: Option<Vec<TensorType>>, emitter: Emitter) -> Result<Kernel, String> {
+pub fn compile(
+    op: Op,
+    inputs: &[TensorType],
+    declared: Option<Vec<TensorType>>,
+    emitter: Emitter,
+) -> Result<Kernel, String> {
     let mut graph = Graph::new("kernel_test");
-    let input_ids: Vec<_> = inputs.iter().enumerate().map(|(i, t)| graph.add_input(t.clone(), format!("in{i}"))).collect();
+    let input_ids: Vec<_> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| graph.add_input(t.clone(), format!("in{i}")))
+        .collect();
     let tys: Vec<&TensorType> = inputs.iter().collect();
-    let output_types = cnnc_ir::infer::output_types(&op, &tys, &graph.constants, declared.as_deref())?;
+    let output_types =
+        cnnc_ir::infer::output_types(&op, &tys, &graph.constants, declared.as_deref())?;
     let outputs = graph.add_node_typed("node", op, input_ids, output_types.clone());
     graph.outputs = outputs;
     let node = graph.nodes[0].clone();
@@ -151,8 +179,12 @@ pub fn compile(op: Op, inputs: &[TensorType], declared: Option<Vec<TensorType>>,
         b.seal_block(entry);
         let table = b.block_params(entry)[0];
         let n = inputs.len() + output_types.len();
-        let ptrs: Vec<_> =
-            (0..n).map(|i| b.ins().load(I64, MemFlagsData::trusted(), table, (i * 8) as i32)).collect();
+        let ptrs: Vec<_> = (0..n)
+            .map(|i| {
+                b.ins()
+                    .load(I64, MemFlagsData::trusted(), table, (i * 8) as i32)
+            })
+            .collect();
         let mut k = KernelCtx {
             b: &mut b,
             graph: &graph,
@@ -165,11 +197,19 @@ pub fn compile(op: Op, inputs: &[TensorType], declared: Option<Vec<TensorType>>,
         b.seal_all_blocks();
         b.finalize(frontend_config);
     }
-    let id = module.declare_function("kernel", Linkage::Export, &ctx.func.signature).map_err(|e| e.to_string())?;
+    let id = module
+        .declare_function("kernel", Linkage::Export, &ctx.func.signature)
+        .map_err(|e| e.to_string())?;
     let disasm = std::env::var_os("CNNC_DISASM").is_some();
     ctx.set_disasm(disasm);
-    module.define_function(id, &mut ctx).map_err(|e| format!("{e:?}"))?;
-    if let Some(code) = ctx.compiled_code().and_then(|c| c.vcode.as_ref()).filter(|_| disasm) {
+    module
+        .define_function(id, &mut ctx)
+        .map_err(|e| format!("{e:?}"))?;
+    if let Some(code) = ctx
+        .compiled_code()
+        .and_then(|c| c.vcode.as_ref())
+        .filter(|_| disasm)
+    {
         eprintln!("{}\n{code}", ctx.func.display());
     }
     module.clear_context(&mut ctx);
@@ -177,7 +217,11 @@ pub fn compile(op: Op, inputs: &[TensorType], declared: Option<Vec<TensorType>>,
     let code = module.get_finalized_function(id);
     // SAFETY: the function was declared with exactly this signature.
     let entry = unsafe { std::mem::transmute::<*const u8, extern "C" fn(*const *mut u8)>(code) };
-    Ok(Kernel { _module: module, entry, output_types })
+    Ok(Kernel {
+        _module: module,
+        entry,
+        output_types,
+    })
 }
 
 impl Kernel {
@@ -188,31 +232,55 @@ impl Kernel {
         let end = self.run_guarded(inputs, Guard::End);
         let start = self.run_guarded(inputs, Guard::Start);
         for (a, b) in end.iter().zip(&start) {
-            assert_eq!(a.data.to_le_bytes(), b.data.to_le_bytes(), "results depend on buffer placement");
+            assert_eq!(
+                a.data.to_le_bytes(),
+                b.data.to_le_bytes(),
+                "results depend on buffer placement"
+            );
         }
         end
     }
 
     fn run_guarded(&self, inputs: &[&Tensor], guard: Guard) -> Vec<Tensor> {
-        let in_bufs: Vec<GuardedBuffer> = inputs.iter().map(|t| GuardedBuffer::new(&t.data.to_le_bytes(), guard)).collect();
+        let in_bufs: Vec<GuardedBuffer> = inputs
+            .iter()
+            .map(|t| GuardedBuffer::new(&t.data.to_le_bytes(), guard))
+            .collect();
         // Outputs start as NaN (or a pattern for integers) so unwritten elements show.
         let out_bufs: Vec<GuardedBuffer> = self
             .output_types
             .iter()
             .map(|t| GuardedBuffer::new(&vec![0xFFu8; t.byte_size()], guard))
             .collect();
-        let table: Vec<*mut u8> = in_bufs.iter().chain(&out_bufs).map(GuardedBuffer::ptr).collect();
+        let table: Vec<*mut u8> = in_bufs
+            .iter()
+            .chain(&out_bufs)
+            .map(GuardedBuffer::ptr)
+            .collect();
         (self.entry)(table.as_ptr());
         for (buf, t) in in_bufs.iter().zip(inputs) {
-            assert!(buf.surroundings_intact(), "kernel wrote around an input buffer");
-            assert_eq!(buf.bytes(), t.data.to_le_bytes(), "kernel modified an input");
+            assert!(
+                buf.surroundings_intact(),
+                "kernel wrote around an input buffer"
+            );
+            assert_eq!(
+                buf.bytes(),
+                t.data.to_le_bytes(),
+                "kernel modified an input"
+            );
         }
         out_bufs
             .iter()
             .zip(&self.output_types)
             .map(|(buf, t)| {
-                assert!(buf.surroundings_intact(), "kernel wrote around an output buffer");
-                Tensor::new(t.shape.clone(), TensorData::from_le_bytes(t.dtype, &buf.bytes()))
+                assert!(
+                    buf.surroundings_intact(),
+                    "kernel wrote around an output buffer"
+                );
+                Tensor::new(
+                    t.shape.clone(),
+                    TensorData::from_le_bytes(t.dtype, &buf.bytes()),
+                )
             })
             .collect()
     }
@@ -224,7 +292,12 @@ impl Kernel {
 }
 
 /// Compiles and runs in one go.
-pub fn run(op: Op, inputs: &[&Tensor], declared: Option<Vec<TensorType>>, emitter: Emitter) -> Result<Vec<Tensor>, String> {
+pub fn run(
+    op: Op,
+    inputs: &[&Tensor],
+    declared: Option<Vec<TensorType>>,
+    emitter: Emitter,
+) -> Result<Vec<Tensor>, String> {
     let types: Vec<TensorType> = inputs.iter().map(|t| t.ty()).collect();
     let kernel = compile(op, &types, declared, emitter)?;
     Ok(kernel.run(inputs))
@@ -237,7 +310,10 @@ pub fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
     assert_eq!(got.data.dtype(), want.data.dtype(), "{what}: dtype");
     match (&got.data, &want.data) {
         (TensorData::F32(g), TensorData::F32(w)) => {
-            let max_ref = w.iter().filter(|v| v.is_finite()).fold(0f32, |m, v| m.max(v.abs()));
+            let max_ref = w
+                .iter()
+                .filter(|v| v.is_finite())
+                .fold(0f32, |m, v| m.max(v.abs()));
             for (i, (&y, &r)) in g.iter().zip(w).enumerate() {
                 if r.is_nan() {
                     assert!(y.is_nan(), "{what}: element {i}: got {y}, want NaN");
@@ -248,7 +324,10 @@ pub fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
                     continue;
                 }
                 let tol = 1e-3 * r.abs() + 1e-4 * max_ref;
-                assert!((y - r).abs() <= tol, "{what}: element {i}: got {y}, want {r} (tolerance {tol})");
+                assert!(
+                    (y - r).abs() <= tol,
+                    "{what}: element {i}: got {y}, want {r} (tolerance {tol})"
+                );
             }
         }
         (g, w) => assert_eq!(g, w, "{what}: integer elements differ"),
@@ -259,14 +338,21 @@ pub fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
 /// to exercise equal elements).
 pub fn random_f32(shape: &[usize], seed: u64, ties: bool) -> Tensor {
     let n: usize = shape.iter().product();
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407)
+        | 1;
     let data = (0..n)
         .map(|_| {
             state ^= state << 13;
             state ^= state >> 7;
             state ^= state << 17;
             let u = (state >> 40) as f32 / (1u64 << 24) as f32;
-            if ties { (u * 4.0).floor() - 2.0 } else { u * 2.0 - 1.0 }
+            if ties {
+                (u * 4.0).floor() - 2.0
+            } else {
+                u * 2.0 - 1.0
+            }
         })
         .collect();
     Tensor::f32(shape.to_vec(), data)
@@ -275,7 +361,13 @@ pub fn random_f32(shape: &[usize], seed: u64, ties: bool) -> Tensor {
 /// The same values converted to an integer dtype (scaled to small integers).
 pub fn random_int(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
     let f = random_f32(shape, seed, false);
-    let v: Vec<i64> = f.data.as_f32().unwrap().iter().map(|x| (x * 5.0).round() as i64).collect();
+    let v: Vec<i64> = f
+        .data
+        .as_f32()
+        .unwrap()
+        .iter()
+        .map(|x| (x * 5.0).round() as i64)
+        .collect();
     let data = match dtype {
         DType::I64 => TensorData::I64(v),
         DType::I32 => TensorData::I32(v.iter().map(|&x| x as i32).collect()),

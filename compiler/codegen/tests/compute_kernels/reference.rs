@@ -21,7 +21,14 @@ fn f32s(t: &Tensor) -> &[f32] {
 }
 
 /// Input coordinate of output/tap pair per axis, if inside `[0, extent)`.
-fn window_input(o: &[usize], k: &[usize], stride: &[usize], dil: &[usize], pad: &[usize], extent: &[usize]) -> Option<Vec<usize>> {
+fn window_input(
+    o: &[usize],
+    k: &[usize],
+    stride: &[usize],
+    dil: &[usize],
+    pad: &[usize],
+    extent: &[usize],
+) -> Option<Vec<usize>> {
     (0..o.len())
         .map(|d| {
             let i = (o[d] * stride[d] + k[d] * dil[d]) as i64 - pad[d] as i64;
@@ -30,7 +37,13 @@ fn window_input(o: &[usize], k: &[usize], stride: &[usize], dil: &[usize], pad: 
         .collect()
 }
 
-pub fn conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, g: &ConvGeometry, out_shape: &[usize]) -> Tensor {
+pub fn conv(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    g: &ConvGeometry,
+    out_shape: &[usize],
+) -> Tensor {
     let (xs, ws) = (&x.shape, &w.shape);
     let (n, m) = (out_shape[0], out_shape[1]);
     let cg = ws[1];
@@ -51,7 +64,9 @@ pub fn conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, g: &ConvGeometry, out
                     let ic = group * cg + c;
                     for kf in 0..k_size {
                         let kk = unravel(kf, k_sp);
-                        if let Some(i) = window_input(&o, &kk, &g.strides, &g.dilations, &g.pads_begin, in_sp) {
+                        if let Some(i) =
+                            window_input(&o, &kk, &g.strides, &g.dilations, &g.pads_begin, in_sp)
+                        {
                             let mut xi = vec![b, ic];
                             xi.extend(i);
                             let mut wi = vec![oc, c];
@@ -67,7 +82,13 @@ pub fn conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, g: &ConvGeometry, out
     Tensor::f32(out_shape.to_vec(), out)
 }
 
-pub fn conv_transpose(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, g: &ConvGeometry, out_shape: &[usize]) -> Tensor {
+pub fn conv_transpose(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    g: &ConvGeometry,
+    out_shape: &[usize],
+) -> Tensor {
     let (xs, ws) = (&x.shape, &w.shape);
     let (n, c, m) = (xs[0], xs[1], out_shape[1]);
     let cg = c / g.groups;
@@ -95,12 +116,14 @@ pub fn conv_transpose(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, g: &ConvGeo
                         let kk = unravel(kf, k_sp);
                         let o: Option<Vec<usize>> = (0..i.len())
                             .map(|d| {
-                                let o = (i[d] * g.strides[d] + kk[d] * g.dilations[d]) as i64 - g.pads_begin[d] as i64;
+                                let o = (i[d] * g.strides[d] + kk[d] * g.dilations[d]) as i64
+                                    - g.pads_begin[d] as i64;
                                 (o >= 0 && o < out_sp[d] as i64).then_some(o as usize)
                             })
                             .collect();
                         if let Some(o) = o {
-                            out[(b * m + oc) * out_plane + ravel(&o, out_sp)] += xv * f32s(w)[(ic * mg + j) * k_size + kf];
+                            out[(b * m + oc) * out_plane + ravel(&o, out_sp)] +=
+                                xv * f32s(w)[(ic * mg + j) * k_size + kf];
                         }
                     }
                 }
@@ -122,24 +145,34 @@ pub fn pool(x: &Tensor, p: &PoolAttrs, out_shape: &[usize]) -> Tensor {
     for plane in 0..planes {
         for op in 0..out_plane {
             let o = unravel(op, out_sp);
-            let (mut max, mut sum, mut valid, mut padded) = (f32::NEG_INFINITY, 0f32, 0usize, 0usize);
+            let (mut max, mut sum, mut valid, mut padded) =
+                (f32::NEG_INFINITY, 0f32, 0usize, 0usize);
             for kf in 0..k_size {
                 let kk = unravel(kf, &p.kernel);
                 let inside_padded = (0..o.len()).all(|d| {
-                    let i = (o[d] * p.strides[d] + kk[d] * p.dilations[d]) as i64 - p.pads_begin[d] as i64;
+                    let i = (o[d] * p.strides[d] + kk[d] * p.dilations[d]) as i64
+                        - p.pads_begin[d] as i64;
                     i < (in_sp[d] + p.pads_end[d]) as i64
                 });
                 padded += inside_padded as usize;
-                if let Some(i) = window_input(&o, &kk, &p.strides, &p.dilations, &p.pads_begin, in_sp) {
+                if let Some(i) =
+                    window_input(&o, &kk, &p.strides, &p.dilations, &p.pads_begin, in_sp)
+                {
                     let v = f32s(x)[plane * in_plane + ravel(&i, in_sp)];
-                    max = if v.is_nan() || max.is_nan() { f32::NAN } else { max.max(v) };
+                    max = if v.is_nan() || max.is_nan() {
+                        f32::NAN
+                    } else {
+                        max.max(v)
+                    };
                     sum += v;
                     valid += 1;
                 }
             }
             out[plane * out_plane + op] = match p.kind {
                 PoolKind::Max => max,
-                PoolKind::Avg { count_include_pad } => sum / (if count_include_pad { padded } else { valid }) as f32,
+                PoolKind::Avg { count_include_pad } => {
+                    sum / (if count_include_pad { padded } else { valid }) as f32
+                }
             };
         }
     }
@@ -150,24 +183,34 @@ pub fn pool(x: &Tensor, p: &PoolAttrs, out_shape: &[usize]) -> Tensor {
 pub fn matmul(a: &Tensor, b: &Tensor) -> Tensor {
     let (ar, br) = (a.shape.len(), b.shape.len());
     let (m, k, n) = (a.shape[ar - 2], a.shape[ar - 1], b.shape[br - 1]);
-    let batch = cnnc_ir::broadcast_shapes(&a.shape[..ar - 2], &b.shape[..br - 2]).expect("batch broadcast");
+    let batch =
+        cnnc_ir::broadcast_shapes(&a.shape[..ar - 2], &b.shape[..br - 2]).expect("batch broadcast");
     let mut out_shape = batch.clone();
     out_shape.extend([m, n]);
     let batches: usize = batch.iter().product();
     let operand_batch = |shape: &[usize], bi: &[usize]| -> usize {
         let lead = bi.len() - (shape.len() - 2);
         let own = &shape[..shape.len() - 2];
-        let idx: Vec<usize> = own.iter().enumerate().map(|(d, &e)| if e == 1 { 0 } else { bi[lead + d] }).collect();
+        let idx: Vec<usize> = own
+            .iter()
+            .enumerate()
+            .map(|(d, &e)| if e == 1 { 0 } else { bi[lead + d] })
+            .collect();
         ravel(&idx, own)
     };
     let get = |t: &Tensor, i: usize| -> f64 { t.data.get(i).as_f64() };
     let mut out = vec![0f64; batches * m * n];
     for bt in 0..batches {
         let bi = unravel(bt, &batch);
-        let (oa, ob) = (operand_batch(&a.shape, &bi) * m * k, operand_batch(&b.shape, &bi) * k * n);
+        let (oa, ob) = (
+            operand_batch(&a.shape, &bi) * m * k,
+            operand_batch(&b.shape, &bi) * k * n,
+        );
         for i in 0..m {
             for j in 0..n {
-                out[(bt * m + i) * n + j] = (0..k).map(|p| get(a, oa + i * k + p) * get(b, ob + p * n + j)).sum();
+                out[(bt * m + i) * n + j] = (0..k)
+                    .map(|p| get(a, oa + i * k + p) * get(b, ob + p * n + j))
+                    .sum();
             }
         }
     }
@@ -203,20 +246,42 @@ pub fn reduce(x: &Tensor, kind: ReduceKind, axes: &[usize]) -> Tensor {
                     match kind {
                         ReduceKind::Sum => it.sum(),
                         ReduceKind::Mean => it.sum::<f32>() / g.len() as f32,
-                        ReduceKind::Max => it.fold(f32::NEG_INFINITY, |a, b| if a.is_nan() || b.is_nan() { f32::NAN } else { a.max(b) }),
-                        ReduceKind::Min => it.fold(f32::INFINITY, |a, b| if a.is_nan() || b.is_nan() { f32::NAN } else { a.min(b) }),
+                        ReduceKind::Max => it.fold(f32::NEG_INFINITY, |a, b| {
+                            if a.is_nan() || b.is_nan() {
+                                f32::NAN
+                            } else {
+                                a.max(b)
+                            }
+                        }),
+                        ReduceKind::Min => it.fold(f32::INFINITY, |a, b| {
+                            if a.is_nan() || b.is_nan() {
+                                f32::NAN
+                            } else {
+                                a.min(b)
+                            }
+                        }),
                         ReduceKind::Prod => it.product(),
                     }
                 })
                 .collect(),
         ),
         TensorData::I64(v) => TensorData::I64(
-            groups.iter().map(|g| reduce_int(g.iter().map(|&i| v[i]), kind, g.len(), (i64::MIN, i64::MAX))).collect(),
+            groups
+                .iter()
+                .map(|g| reduce_int(g.iter().map(|&i| v[i]), kind, g.len(), (i64::MIN, i64::MAX)))
+                .collect(),
         ),
         TensorData::I32(v) => TensorData::I32(
             groups
                 .iter()
-                .map(|g| reduce_int(g.iter().map(|&i| v[i] as i64), kind, g.len(), (i32::MIN as i64, i32::MAX as i64)) as i32)
+                .map(|g| {
+                    reduce_int(
+                        g.iter().map(|&i| v[i] as i64),
+                        kind,
+                        g.len(),
+                        (i32::MIN as i64, i32::MAX as i64),
+                    ) as i32
+                })
                 .collect(),
         ),
         TensorData::Bool(_) => panic!("bool reduce"),
@@ -224,7 +289,12 @@ pub fn reduce(x: &Tensor, kind: ReduceKind, axes: &[usize]) -> Tensor {
     Tensor::new(out_shape, data)
 }
 
-fn reduce_int(it: impl Iterator<Item = i64>, kind: ReduceKind, n: usize, (lowest, highest): (i64, i64)) -> i64 {
+fn reduce_int(
+    it: impl Iterator<Item = i64>,
+    kind: ReduceKind,
+    n: usize,
+    (lowest, highest): (i64, i64),
+) -> i64 {
     match kind {
         ReduceKind::Sum => it.fold(0i64, i64::wrapping_add),
         ReduceKind::Mean if n == 0 => 0,
@@ -251,10 +321,12 @@ pub fn arg_reduce(x: &Tensor, kind: ArgKind, axis: usize, select_last_index: boo
                 // NaN beats every number, and an earlier NaN only with select_last_index.
                 let better = if v.is_nan() || bv.is_nan() {
                     v.is_nan() && (!bv.is_nan() || select_last_index)
-                } else { match kind {
-                    ArgKind::Max => v > bv || (select_last_index && v == bv),
-                    ArgKind::Min => v < bv || (select_last_index && v == bv),
-                } };
+                } else {
+                    match kind {
+                        ArgKind::Max => v > bv || (select_last_index && v == bv),
+                        ArgKind::Min => v < bv || (select_last_index && v == bv),
+                    }
+                };
                 if better {
                     best = j;
                 }

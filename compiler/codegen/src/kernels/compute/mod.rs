@@ -48,7 +48,10 @@ pub fn input_flags(k: &KernelCtx, input: usize, base: MemFlagsData) -> MemFlagsD
         return base;
     };
     let immutable = k.graph.inputs.contains(&value)
-        || k.graph.nodes.iter().any(|n| matches!(n.op, cnnc_ir::Op::Constant(_)) && n.outputs.contains(&value));
+        || k.graph
+            .nodes
+            .iter()
+            .any(|n| matches!(n.op, cnnc_ir::Op::Constant(_)) && n.outputs.contains(&value));
     if immutable { weight(base) } else { base }
 }
 
@@ -69,9 +72,19 @@ pub fn require_plain_layout(k: &KernelCtx) -> Result<(), CodegenError> {
 }
 
 /// Checks the number of buffers the emitter receives against what the op needs.
-pub fn require_buffers(k: &KernelCtx, min_inputs: usize, max_inputs: usize, outputs: usize) -> Result<(), CodegenError> {
+pub fn require_buffers(
+    k: &KernelCtx,
+    min_inputs: usize,
+    max_inputs: usize,
+    outputs: usize,
+) -> Result<(), CodegenError> {
     let (ni, no) = (k.inputs.len(), k.outputs.len());
-    if ni < min_inputs || ni > max_inputs || no != outputs || k.node.inputs.len() != ni || k.node.outputs.len() != no {
+    if ni < min_inputs
+        || ni > max_inputs
+        || no != outputs
+        || k.node.inputs.len() != ni
+        || k.node.outputs.len() != no
+    {
         return Err(CodegenError(format!(
             "{} node '{}': expected {min_inputs}..={max_inputs} input and {outputs} output buffer(s), got {ni} and {no} \
              (node lists {} and {})",
@@ -85,7 +98,12 @@ pub fn require_buffers(k: &KernelCtx, min_inputs: usize, max_inputs: usize, outp
 }
 
 /// Fails unless every listed value of the node has dtype `want`.
-pub fn require_dtype(k: &KernelCtx, what: &str, ty: &cnnc_ir::TensorType, want: DType) -> Result<(), CodegenError> {
+pub fn require_dtype(
+    k: &KernelCtx,
+    what: &str,
+    ty: &cnnc_ir::TensorType,
+    want: DType,
+) -> Result<(), CodegenError> {
     if ty.dtype != want {
         return Err(CodegenError(format!(
             "{} node '{}': {what} has dtype {}, this kernel supports only {want}",
@@ -107,20 +125,36 @@ fn split_offset(b: &mut FunctionBuilder, ptr: Value, byte_offset: i64) -> (Value
 }
 
 /// Loads a `ty` at `ptr + byte_offset`.
-pub fn load(b: &mut FunctionBuilder, ty: Type, flags: MemFlagsData, ptr: Value, byte_offset: i64) -> Value {
+pub fn load(
+    b: &mut FunctionBuilder,
+    ty: Type,
+    flags: MemFlagsData,
+    ptr: Value,
+    byte_offset: i64,
+) -> Value {
     let (p, off) = split_offset(b, ptr, byte_offset);
     b.ins().load(ty, flags, p, off)
 }
 
 /// Stores `value` at `ptr + byte_offset`.
-pub fn store(b: &mut FunctionBuilder, flags: MemFlagsData, value: Value, ptr: Value, byte_offset: i64) {
+pub fn store(
+    b: &mut FunctionBuilder,
+    flags: MemFlagsData,
+    value: Value,
+    ptr: Value,
+    byte_offset: i64,
+) {
     let (p, off) = split_offset(b, ptr, byte_offset);
     b.ins().store(flags, value, p, off);
 }
 
 /// `ptr + bytes`, emitting nothing for zero.
 pub fn offset_ptr(b: &mut FunctionBuilder, ptr: Value, bytes: i64) -> Value {
-    if bytes == 0 { ptr } else { b.ins().iadd_imm_s(ptr, bytes) }
+    if bytes == 0 {
+        ptr
+    } else {
+        b.ins().iadd_imm_s(ptr, bytes)
+    }
 }
 
 /// `ptr + index * scale` for a runtime index (a loop counter).
@@ -154,8 +188,14 @@ pub fn counted_loop(
     let loop_block = b.create_block();
     let exit = b.create_block();
     let counter = b.append_block_param(loop_block, I64);
-    let params: Vec<Value> = types.iter().map(|&t| b.append_block_param(loop_block, t)).collect();
-    let results: Vec<Value> = types.iter().map(|&t| b.append_block_param(exit, t)).collect();
+    let params: Vec<Value> = types
+        .iter()
+        .map(|&t| b.append_block_param(loop_block, t))
+        .collect();
+    let results: Vec<Value> = types
+        .iter()
+        .map(|&t| b.append_block_param(exit, t))
+        .collect();
 
     let zero = b.ins().iconst(I64, 0);
     let mut entry_args: Vec<BlockArg> = vec![zero.into()];
@@ -164,9 +204,15 @@ pub fn counted_loop(
 
     b.switch_to_block(loop_block);
     let next = body(b, counter, &params);
-    debug_assert_eq!(next.len(), types.len(), "counted_loop body changed the carried arity");
+    debug_assert_eq!(
+        next.len(),
+        types.len(),
+        "counted_loop body changed the carried arity"
+    );
     let next_counter = b.ins().iadd_imm_s(counter, 1);
-    let more = b.ins().icmp_imm_s(IntCC::SignedLessThan, next_counter, n as i64);
+    let more = b
+        .ins()
+        .icmp_imm_s(IntCC::SignedLessThan, next_counter, n as i64);
     let mut back_args: Vec<BlockArg> = vec![next_counter.into()];
     back_args.extend(next.iter().map(|&v| BlockArg::from(v)));
     let exit_args: Vec<BlockArg> = next.iter().map(|&v| BlockArg::from(v)).collect();
@@ -201,7 +247,13 @@ pub fn splat_f32(b: &mut FunctionBuilder, value: f32) -> Value {
 /// Loads 4 f32 at `ptr + byte_offset + e·stride·4` for e in 0..4. Unit stride is one
 /// vector load; stride 2 two overlapping loads and a `shufps` (no element past the
 /// last one needed is touched); other strides gather lane by lane.
-pub fn load_f32x4_strided(b: &mut FunctionBuilder, flags: MemFlagsData, ptr: Value, byte_offset: i64, stride: usize) -> Value {
+pub fn load_f32x4_strided(
+    b: &mut FunctionBuilder,
+    flags: MemFlagsData,
+    ptr: Value,
+    byte_offset: i64,
+    stride: usize,
+) -> Value {
     match stride {
         1 => load(b, F32X4, flags, ptr, byte_offset),
         2 => {
@@ -216,7 +268,13 @@ pub fn load_f32x4_strided(b: &mut FunctionBuilder, flags: MemFlagsData, ptr: Val
             let first = load(b, F32, scalar_flags, ptr, byte_offset);
             let mut v = b.ins().scalar_to_vector(F32X4, first);
             for e in 1..LANES {
-                let x = load(b, F32, scalar_flags, ptr, byte_offset + (e * stride) as i64 * F32_BYTES);
+                let x = load(
+                    b,
+                    F32,
+                    scalar_flags,
+                    ptr,
+                    byte_offset + (e * stride) as i64 * F32_BYTES,
+                );
                 v = b.ins().insertlane(v, x, e as u8);
             }
             v
@@ -231,7 +289,10 @@ pub fn scalar_flags_like(flags: MemFlagsData) -> MemFlagsData {
 
 /// Selects f32 lanes from two vectors: indices 0..4 name `a`'s lanes, 4..8 `b`'s.
 pub fn shuffle_f32x4(b: &mut FunctionBuilder, x: Value, y: Value, lanes: [u8; 4]) -> Value {
-    let bytes: Vec<u8> = lanes.iter().flat_map(|&l| (0..4).map(move |i| l * 4 + i)).collect();
+    let bytes: Vec<u8> = lanes
+        .iter()
+        .flat_map(|&l| (0..4).map(move |i| l * 4 + i))
+        .collect();
     let mask: Immediate = b.func.dfg.immediates.push(bytes.into());
     let flags = MemFlagsData::new().with_endianness(Endianness::Little);
     let xb = b.ins().bitcast(I8X16, flags, x);
@@ -241,14 +302,26 @@ pub fn shuffle_f32x4(b: &mut FunctionBuilder, x: Value, y: Value, lanes: [u8; 4]
 }
 
 /// Stores the 4 lanes of an f32x4 at `ptr + byte_offset + e·stride·4`.
-pub fn store_f32x4_strided(b: &mut FunctionBuilder, value: Value, ptr: Value, byte_offset: i64, stride: usize) {
+pub fn store_f32x4_strided(
+    b: &mut FunctionBuilder,
+    value: Value,
+    ptr: Value,
+    byte_offset: i64,
+    stride: usize,
+) {
     if stride == 1 {
         store(b, vector_flags(), value, ptr, byte_offset);
         return;
     }
     for e in 0..LANES {
         let x = b.ins().extractlane(value, e as u8);
-        store(b, scalar_flags(), x, ptr, byte_offset + (e * stride) as i64 * F32_BYTES);
+        store(
+            b,
+            scalar_flags(),
+            x,
+            ptr,
+            byte_offset + (e * stride) as i64 * F32_BYTES,
+        );
     }
 }
 
@@ -274,7 +347,11 @@ pub fn float_min(b: &mut FunctionBuilder, x: Value, y: Value) -> Value {
 /// implements in one instruction. A NaN in `x` yields `y` and a NaN in `y` yields `y`.
 fn pseudo_minmax(b: &mut FunctionBuilder, x: Value, y: Value, is_max: bool) -> Value {
     let ty = b.func.dfg.value_type(x);
-    let cmp = if is_max { b.ins().fcmp(FloatCC::LessThan, y, x) } else { b.ins().fcmp(FloatCC::LessThan, x, y) };
+    let cmp = if is_max {
+        b.ins().fcmp(FloatCC::LessThan, y, x)
+    } else {
+        b.ins().fcmp(FloatCC::LessThan, x, y)
+    };
     if ty.is_vector() {
         let mask = b.ins().bitcast(ty, MemFlagsData::new(), cmp);
         b.ins().bitselect(mask, x, y)

@@ -62,8 +62,19 @@ impl AxisWindow {
         for o in 0..self.output {
             let (tap_begin, tap_end, padded_taps) = self.taps_of(o);
             match out.last_mut() {
-                Some(s) if (s.tap_begin, s.tap_end, s.padded_taps) == (tap_begin, tap_end, padded_taps) => s.count += 1,
-                _ => out.push(Segment { start: o, count: 1, tap_begin, tap_end, padded_taps }),
+                Some(s)
+                    if (s.tap_begin, s.tap_end, s.padded_taps)
+                        == (tap_begin, tap_end, padded_taps) =>
+                {
+                    s.count += 1
+                }
+                _ => out.push(Segment {
+                    start: o,
+                    count: 1,
+                    tap_begin,
+                    tap_end,
+                    padded_taps,
+                }),
             }
         }
         out
@@ -72,11 +83,20 @@ impl AxisWindow {
 
 /// For a transposed convolution axis: the inputs `[begin, end)` whose tap `k` lands
 /// inside the output (`0 <= i·stride − pad_begin + k·dilation < output`).
-pub fn transposed_input_range(input: usize, output: usize, stride: usize, dilation: usize, pad_begin: usize, k: usize) -> (usize, usize) {
+pub fn transposed_input_range(
+    input: usize,
+    output: usize,
+    stride: usize,
+    dilation: usize,
+    pad_begin: usize,
+    k: usize,
+) -> (usize, usize) {
     let shift = k as i64 * dilation as i64 - pad_begin as i64;
     let s = stride as i64;
     let begin = ceil_div(-shift, s).clamp(0, input as i64);
-    let end = ceil_div(output as i64 - shift, s).clamp(0, input as i64).max(begin);
+    let end = ceil_div(output as i64 - shift, s)
+        .clamp(0, input as i64)
+        .max(begin);
     (begin as usize, end as usize)
 }
 
@@ -105,7 +125,15 @@ mod tests {
                     for dilation in 1..3 {
                         for pad_begin in 0..4 {
                             for pad_end in 0..4 {
-                                let w = AxisWindow { input, output: 9, kernel, stride, dilation, pad_begin, pad_end };
+                                let w = AxisWindow {
+                                    input,
+                                    output: 9,
+                                    kernel,
+                                    stride,
+                                    dilation,
+                                    pad_begin,
+                                    pad_end,
+                                };
                                 let segs = w.segments();
                                 assert_eq!(segs.iter().map(|s| s.count).sum::<usize>(), 9);
                                 for s in &segs {
@@ -132,10 +160,13 @@ mod tests {
                     for dilation in 1..3 {
                         for pad_begin in 0..4 {
                             for k in 0..4 {
-                                let (b, e) = transposed_input_range(input, output, stride, dilation, pad_begin, k);
+                                let (b, e) = transposed_input_range(
+                                    input, output, stride, dilation, pad_begin, k,
+                                );
                                 let want: Vec<usize> = (0..input)
                                     .filter(|&i| {
-                                        let o = (i * stride + k * dilation) as i64 - pad_begin as i64;
+                                        let o =
+                                            (i * stride + k * dilation) as i64 - pad_begin as i64;
                                         o >= 0 && o < output as i64
                                     })
                                     .collect();
