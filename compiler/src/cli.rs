@@ -18,7 +18,7 @@ usage:
   cnnc run OUT.so --input FILE.pb [--input FILE.pb ...] --out DIR [--threads T]
   cnnc verify DIR ... [--jobs J] [--cpu NAME]
   cnnc bench MODEL.onnx [--threads T] [--batch N] [--runs N] [--cpu NAME]
-  cnnc dump MODEL.onnx [--after PASS | --all | --list-passes] [--batch N] [--full]
+  cnnc dump MODEL.onnx [--after PASS | --all | --list-passes] [--batch N] [--full] [--cpu NAME] [--target TRIPLE]
 
   --cpu: host (default), x86-64, x86-64-v2, x86-64-v3, x86-64-v4 (x86_64), generic (aarch64)
 ";
@@ -282,7 +282,7 @@ fn random_tensor(dtype: cnnc_ir::DType, shape: &[usize], seed: u64) -> cnnc_ir::
 }
 
 fn dump(a: &Args) -> Result<(), Error> {
-    a.only(&["--after", "--all", "--list-passes", "--batch", "--full"])?;
+    a.only(&["--after", "--all", "--list-passes", "--batch", "--full", "--cpu", "--target"])?;
     let pipeline = passes::inference_pipeline();
     if a.flag("--list-passes") {
         for p in &pipeline {
@@ -304,7 +304,8 @@ fn dump(a: &Args) -> Result<(), Error> {
     if all {
         println!("# after frontend\n{}", print_with(&g, &opts));
     }
-    driver::optimize(&mut g, &passes::TargetDesc::from_target(&TargetSpec::host()), |name, g| {
+    let target = a.target()?;
+    driver::optimize(&mut g, &passes::TargetDesc::from_target(&target), |name, g| {
         if all {
             println!("# after {name}\n{}", print_with(g, &opts));
         } else if after == Some(name) {
