@@ -904,6 +904,27 @@ fn throughput() {
     conv_bench("conv 3x3/2 128->128 28x28", 128, 128, 28, 3, 2, 1);
     conv_bench("depthwise 3x3 144 56x56", 144, 144, 56, 3, 1, 144);
     conv_bench("depthwise 3x3/2 144 56x56", 144, 144, 56, 3, 2, 144);
+    let g = ConvGeometry {
+        strides: vec![2, 2],
+        dilations: vec![1, 1],
+        pads_begin: vec![1, 1],
+        pads_end: vec![1, 1],
+        groups: 1,
+    };
+    let (x, w) = (
+        TensorType::f32(vec![1, 64, 28, 28]),
+        TensorType::f32(vec![64, 32, 4, 4]),
+    );
+    let y = TensorType::f32(vec![1, 32, 56, 56]);
+    let flops = 2.0 * 64.0 * 32.0 * 16.0 * 28.0 * 28.0;
+    bench(
+        "conv_transpose 4x4/2 64->32 28x28",
+        Op::ConvTranspose(g),
+        &[x, w],
+        Some(vec![y]),
+        conv_transpose::emit,
+        flops,
+    );
     let pool = PoolAttrs {
         kind: PoolKind::Max,
         kernel: vec![3, 3],
