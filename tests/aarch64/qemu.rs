@@ -181,14 +181,14 @@ pub fn compile_for_aarch64(model: &Path, so: &Path, header: &Path) -> Result<Dur
 }
 
 /// Runs the AArch64 library `so` on `inputs` under qemu with a `threads` host (0: NULL
-/// host), files in `dir`. Returns the harness report, the outputs and the wall time.
+/// host), files in `dir`. The result's `compile` time is zero.
 pub fn run_under_qemu(
     harness: &Path,
     dir: &Path,
     so: &Path,
     inputs: &[Tensor],
     threads: u32,
-) -> Result<(String, Vec<(String, Tensor)>, Duration), String> {
+) -> Result<Aarch64Run, String> {
     let mut args = vec![
         so.to_path_buf(),
         dir.to_path_buf(),
@@ -216,8 +216,12 @@ pub fn run_under_qemu(
             "model info does not name {TARGET} with NEON:\n{stdout}"
         ));
     }
-    let outputs = read_outputs(dir, &stdout)?;
-    Ok((stdout, outputs, emulate))
+    Ok(Aarch64Run {
+        outputs: read_outputs(dir, &stdout)?,
+        report: stdout,
+        compile: Duration::ZERO,
+        emulate,
+    })
 }
 
 /// Compiles `model` for AArch64 and runs it on `inputs` under qemu; panics on failure.
@@ -231,14 +235,9 @@ pub fn compile_and_run(
     let so = dir.join("model.so");
     let compile =
         compile_for_aarch64(model, &so, &dir.join("model.h")).unwrap_or_else(|e| panic!("{e}"));
-    let (report, outputs, emulate) = run_under_qemu(harness, dir, &so, inputs, threads)
+    let run = run_under_qemu(harness, dir, &so, inputs, threads)
         .unwrap_or_else(|e| panic!("{}: {e}", model.display()));
-    Aarch64Run {
-        outputs,
-        report,
-        compile,
-        emulate,
-    }
+    Aarch64Run { compile, ..run }
 }
 
 impl Aarch64Run {

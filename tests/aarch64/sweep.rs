@@ -141,7 +141,7 @@ fn sweep_case(harness: &Path, case: &Path, threads: u32) -> Outcome {
             .map(|(_, t)| t.clone())
             .collect();
         let outputs = match run_under_qemu(harness, &dir, &so, &runtime_inputs, threads) {
-            Ok((_, outputs, _)) => outputs,
+            Ok(run) => run.outputs,
             Err(e) => return Outcome::Fail(format!("{ds_name}: {}", one_line(&e))),
         };
         if outputs.len() != expected.len() {
