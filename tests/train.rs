@@ -992,3 +992,68 @@ fn fused_step_matches_the_reference_step_adam() {
     let adam = cnnc::train::Adam { lr: 0.01, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 };
     check_fused_against_step("fused-adam", adam.into(), |f, inputs| cnnc_ir::interp::run(&f.graph, inputs).unwrap());
 }
+
+/// The fused graph compiled by the code generator, run through `cnnc_infer` as a pure
+/// function, against step.rs.
+#[test]
+fn compiled_fused_step_matches_the_reference_step() {
+    use cnnc::train::{Adam, Sgd};
+    let dir = common::scratch("train-compiled-pure");
+    for (k, optimizer) in [
+        cnnc::train::Optimizer::from(Sgd { lr: 0.1, momentum: 0.9, weight_decay: 0.01 }),
+        Adam { lr: 0.01, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 }.into(),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut compiled: Option<(cnnc_runtime::Model, cnnc_runtime::Session)> = None;
+        check_fused_against_step(&format!("fused-compiled-{k}"), optimizer, |fused, inputs| {
+            let (model, session) = compiled.get_or_insert_with(|| {
+                let so = dir.join(format!("step{k}.so"));
+                cnnc::train::compiled::compile_fused_step(fused, &cnnc_codegen::TargetSpec::host(), &so).unwrap();
+                let model = cnnc_runtime::Model::load(&so).unwrap();
+                let session = cnnc_runtime::Session::new(&model, 1).unwrap();
+                (model, session)
+            });
+            let info = model.info().clone();
+            cnnc::driver::run_model(session, &info, inputs).unwrap()
+        });
+    }
+}
+
+/// `cnnc_train_step` on the state buffer, three steps, against step.rs.
+#[test]
+fn compiled_train_step_updates_the_state_buffer_like_the_reference() {
+    use cnnc::train::compiled::{Trainer, compile_fused_step};
+    use cnnc::train::{Adam, HyperValues, Sgd, TrainState, fused_train_step, train_step};
+    let dir = common::scratch("train-compiled-step");
+    for (k, optimizer) in [
+        cnnc::train::Optimizer::from(Sgd { lr: 0.1, momentum: 0.9, weight_decay: 0.01 }),
+        Adam { lr: 0.01, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 }.into(),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let tg = load_training_graph(bn_fc_model(&format!("train-compiled-step-{k}"))).unwrap();
+        let fused = fused_train_step(&tg, optimizer.into()).unwrap();
+        let so = dir.join(format!("train{k}.so"));
+        compile_fused_step(&fused, &cnnc_codegen::TargetSpec::host(), &so).unwrap();
+        let mut trainer = Trainer::load(&so, &fused.initial_state(), 1).unwrap();
+        let names: Vec<&str> = trainer.session.info().state_tensors.iter().map(|s| s.name.as_str()).collect();
+        assert!(names.contains(&"fc.weight") && names.contains(&"bn.running_var") && names.contains(&"fc.weight.grad"), "{names:?}");
+        let (x, labels) = bn_fc_batch();
+        let mut reference = TrainState::initial(&tg);
+        for step in 1..=3u64 {
+            let loss = trainer.step(std::slice::from_ref(&x), &labels, &HyperValues::from_optimizer(optimizer, step)).unwrap();
+            let result = train_step(&tg, &mut reference, std::slice::from_ref(&x), &labels, optimizer).unwrap();
+            compare(&Tensor::f32(Vec::<usize>::new(), vec![loss]), &result.loss).unwrap_or_else(|e| panic!("step {step} loss: {e}"));
+            for (p, g) in tg.params.iter().zip(&result.grads) {
+                compare(&trainer.get(&format!("{}.grad", p.name)).unwrap(), g).unwrap_or_else(|e| panic!("step {step} grad {}: {e}", p.name));
+            }
+            let want = fused.state_from_reference(&tg, &reference).unwrap();
+            for (s, want) in fused.state.iter().zip(&want) {
+                compare(&trainer.get(&s.name).unwrap(), want).unwrap_or_else(|e| panic!("step {step} {}: {e}", s.name));
+            }
+        }
+    }
+}

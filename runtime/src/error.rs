@@ -149,6 +149,10 @@ pub enum RunError {
     DTypeMismatch { direction: Direction, index: usize, name: String, expected: DType, given: DType },
     /// The model was compiled without an inference entry point.
     NoInferenceEntry,
+    /// The model was compiled without the training entry points.
+    NoTrainingEntry,
+    /// The state buffer's length is not the model's `state_size`.
+    StateSize { expected_bytes: usize, given_bytes: usize },
     /// `cnnc_infer` returned a nonzero status.
     Status(i32),
 }
@@ -167,6 +171,10 @@ impl fmt::Display for RunError {
                 write!(f, "{direction} {index} `{name}` is {expected}, but a {given} buffer was given")
             }
             RunError::NoInferenceEntry => write!(f, "the model was compiled without an inference entry point (cnnc_infer)"),
+            RunError::NoTrainingEntry => write!(f, "the model was compiled without the training entry points (cnnc compile --train)"),
+            RunError::StateSize { expected_bytes, given_bytes } => {
+                write!(f, "the state buffer has {given_bytes} bytes, the model's state takes {expected_bytes}")
+            }
             RunError::Status(status) => write!(f, "cnnc_infer failed with status {status}"),
         }
     }

@@ -75,6 +75,7 @@ struct Loaded {
     path: PathBuf,
     info: ModelInfo,
     infer: Option<abi::InferFn>,
+    train_step: Option<abi::TrainStepFn>,
     // Declared last so it is dropped last: the function pointers above point into it.
     _library: Library,
 }
@@ -114,7 +115,12 @@ impl Model {
         } else {
             None
         };
-        Ok(Model { inner: Arc::new(Loaded { path: given.to_owned(), info, infer, _library: library }) })
+        let train_step = if info.has_training() {
+            Some(symbol::<abi::TrainStepFn>(&library, abi::SYM_TRAIN_STEP).map_err(&err)?)
+        } else {
+            None
+        };
+        Ok(Model { inner: Arc::new(Loaded { path: given.to_owned(), info, infer, train_step, _library: library }) })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -128,6 +134,10 @@ impl Model {
 
     pub(crate) fn infer_fn(&self) -> Option<abi::InferFn> {
         self.inner.infer
+    }
+
+    pub(crate) fn train_step_fn(&self) -> Option<abi::TrainStepFn> {
+        self.inner.train_step
     }
 }
 

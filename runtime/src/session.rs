@@ -10,6 +10,9 @@ use crate::error::{Direction, RunError, SessionError};
 use crate::pool::ThreadPool;
 use crate::{DType, Model, ModelInfo, TensorSpec, abi};
 
+/// Hyper-parameter scalar inputs of a training model's `cnnc_infer` (fields of `abi::Hyper`).
+const TRAIN_HYPER_INPUTS: usize = 7;
+
 pub struct Session {
     model: Model,
     workspace: Workspace,
@@ -107,6 +110,53 @@ impl Session {
                 _ => Vec::new(),
             })
             .collect())
+    }
+
+    /// The model's data inputs in a training model (`cnnc compile --train`): the inputs
+    /// after the leading state tensors, before the labels and the seven hyper-parameters.
+    pub fn training_data_inputs(&self) -> &[TensorSpec] {
+        let info = self.model.info();
+        let leading_state = info.inputs.iter().zip(&info.state_tensors).take_while(|(i, s)| i.name == s.name).count();
+        let end = info.inputs.len().saturating_sub(1 + TRAIN_HYPER_INPUTS).max(leading_state);
+        &info.inputs[leading_state..end]
+    }
+
+    /// One training step (`cnnc_train_step`) in place on `state` (`state_size` bytes, laid
+    /// out as `state_tensors` says; optimizer buffers zero before the first step).
+    /// `inputs`: one buffer per `training_data_inputs()`; `labels`: int64 class indices.
+    /// Returns the loss.
+    pub fn train_step(&mut self, state: &mut [u8], inputs: &[&[u8]], labels: &[i64], hyper: &abi::Hyper) -> Result<f32, RunError> {
+        let train = self.model.train_step_fn().ok_or(RunError::NoTrainingEntry)?;
+        let info = self.model.info();
+        if state.len() != info.state_size {
+            return Err(RunError::StateSize { expected_bytes: info.state_size, given_bytes: state.len() });
+        }
+        let data = self.training_data_inputs();
+        check_buffers(Direction::Input, data, inputs.iter().map(|b| b.len()))?;
+        let label_spec = &info.inputs[info.inputs.len() - 1 - TRAIN_HYPER_INPUTS];
+        check_buffers(Direction::Input, std::slice::from_ref(label_spec), std::iter::once(std::mem::size_of_val(labels)))?;
+        self.input_ptrs.clear();
+        self.input_ptrs.extend(inputs.iter().map(|b| b.as_ptr().cast::<c_void>()));
+        let host = match &self.pool {
+            Some(pool) => pool.host(),
+            None => abi::Host { user: std::ptr::null_mut(), parallel_for: None, num_threads: 1, reserved: 0 },
+        };
+        let mut loss = 0f32;
+        // SAFETY: the state, data and label buffers were checked against the model's
+        // metadata, the workspace has the size and alignment it asked for, and the
+        // library is alive (the session holds the model).
+        let status = unsafe {
+            train(
+                &host,
+                state.as_mut_ptr().cast::<c_void>(),
+                self.input_ptrs.as_ptr(),
+                labels.as_ptr().cast::<c_void>(),
+                hyper,
+                self.workspace.as_ptr(),
+                &mut loss,
+            )
+        };
+        if status == abi::STATUS_OK { Ok(loss) } else { Err(RunError::Status(status)) }
     }
 
     fn inference_entry(&self) -> Result<abi::InferFn, RunError> {

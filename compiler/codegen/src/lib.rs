@@ -27,11 +27,13 @@ pub mod module;
 pub mod object;
 pub mod plan;
 pub mod target;
+pub mod train_entry;
 
 pub use jit::JitModel;
 pub use kernels::CodegenError;
 pub use link::link_shared;
-pub use module::{CompiledInfo, compile_graph};
+pub use module::{CompiledInfo, ModelExtras, StateTensorDesc, compile_graph, compile_graph_with_extras};
 pub use object::compile_object;
 pub use plan::MemoryPlan;
 pub use target::{CpuChoice, TargetSpec};
+pub use train_entry::{CompiledTrain, StateLayout, TrainSignature, compile_train_object};

@@ -59,8 +59,45 @@ fn dtype_code(d: cnnc_ir::DType) -> u32 {
     }
 }
 
+/// What a module with more entry points than `cnnc_infer` adds to `cnnc_model_info`
+/// (training: `train_entry.rs`).
+#[derive(Clone, Debug, Default)]
+pub struct ModelExtras {
+    /// ENTRY_* bits besides ENTRY_INFER.
+    pub entry_flags: u64,
+    /// Bytes the extra entry points use after the memory plan's workspace (at
+    /// `extra_workspace_offset(plan)`).
+    pub extra_workspace: usize,
+    pub state_size: u64,
+    pub state_tensors: Vec<StateTensorDesc>,
+}
+
+/// One tensor of the training state buffer.
+#[derive(Clone, Debug)]
+pub struct StateTensorDesc {
+    pub name: String,
+    pub ty: cnnc_ir::TensorType,
+    /// Byte offset in the state buffer.
+    pub offset: u64,
+}
+
+/// Where `ModelExtras::extra_workspace` starts in the workspace.
+pub fn extra_workspace_offset(plan: &MemoryPlan) -> usize {
+    plan.workspace_size.next_multiple_of(WORKSPACE_ALIGN)
+}
+
 /// Compiles `g` into `module`; the caller finishes the module (object file or JIT).
 pub fn compile_graph<M: Module>(module: &mut M, g: &Graph, target: &TargetSpec) -> Result<CompiledInfo, CodegenError> {
+    compile_graph_with_extras(module, g, target, &ModelExtras::default())
+}
+
+/// `compile_graph`, with `extras` described in `cnnc_model_info`.
+pub fn compile_graph_with_extras<M: Module>(
+    module: &mut M,
+    g: &Graph,
+    target: &TargetSpec,
+    extras: &ModelExtras,
+) -> Result<CompiledInfo, CodegenError> {
     if module.target_config().pointer_type() != I64 {
         return Err(CodegenError("cnnc generates code for 64-bit targets only".into()));
     }
@@ -188,7 +225,7 @@ pub fn compile_graph<M: Module>(module: &mut M, g: &Graph, target: &TargetSpec) 
         &mut ctx,
         &mut fb_ctx,
     )?;
-    let info_data = emit_model_info_data(module, g, target, &plan)?;
+    let info_data = emit_model_info_data(module, g, target, &plan, extras)?;
     let model_info = emit_model_info_fn(module, info_data, &mut ctx, &mut fb_ctx)?;
     let kernels = kernels_of_nodes.iter().flatten().count();
     Ok(CompiledInfo {
@@ -349,6 +386,7 @@ fn emit_model_info_data<M: Module>(
     g: &Graph,
     target: &TargetSpec,
     plan: &MemoryPlan,
+    extras: &ModelExtras,
 ) -> Result<DataId, CodegenError> {
     let mut counter = 0usize;
     let mut next_name = |what: &str| {
@@ -392,6 +430,26 @@ fn emit_model_info_data<M: Module>(
         let id = define_with_relocs(module, &next_name(&format!("{kind}desc")), bytes, &relocs)?;
         desc_arrays.push(Some(id));
     }
+    let state_descs = if extras.state_tensors.is_empty() {
+        None
+    } else {
+        let mut relocs: Vec<(usize, DataId)> = Vec::new();
+        let mut bytes = vec![0u8; extras.state_tensors.len() * DESC_SIZE];
+        for (i, t) in extras.state_tensors.iter().enumerate() {
+            let base = i * DESC_SIZE;
+            let name_id = cstring(module, next_name("statename"), &t.name)?;
+            relocs.push((base + DESC_NAME, name_id));
+            bytes[base + DESC_DTYPE..][..4].copy_from_slice(&dtype_code(t.ty.dtype).to_le_bytes());
+            bytes[base + DESC_RANK..][..4].copy_from_slice(&(t.ty.rank() as u32).to_le_bytes());
+            bytes[base + DESC_OFFSET..][..8].copy_from_slice(&t.offset.to_le_bytes());
+            if t.ty.rank() > 0 {
+                let shape: Vec<u8> = t.ty.shape.iter().flat_map(|&d| (d as u64).to_le_bytes()).collect();
+                let shape_id = define_plain(module, &next_name("stateshape"), shape, 8)?;
+                relocs.push((base + DESC_SHAPE, shape_id));
+            }
+        }
+        Some(define_with_relocs(module, &next_name("statedesc"), bytes, &relocs)?)
+    };
 
     let features = target.cpu_features().join(",");
     let target_id = cstring(module, next_name("target"), &target.triple.to_string())?;
@@ -404,11 +462,16 @@ fn emit_model_info_data<M: Module>(
     put32(&mut bytes, INFO_ABI_VERSION, abi::ABI_VERSION);
     put32(&mut bytes, INFO_NUM_INPUTS, g.inputs.len() as u32);
     put32(&mut bytes, INFO_NUM_OUTPUTS, g.outputs.len() as u32);
-    put32(&mut bytes, INFO_NUM_STATE, 0);
-    put64(&mut bytes, INFO_WORKSPACE_SIZE, plan.workspace_size as u64);
+    put32(&mut bytes, INFO_NUM_STATE, extras.state_tensors.len() as u32);
+    let workspace_size = if extras.extra_workspace > 0 {
+        extra_workspace_offset(plan) + extras.extra_workspace
+    } else {
+        plan.workspace_size
+    };
+    put64(&mut bytes, INFO_WORKSPACE_SIZE, workspace_size as u64);
     put64(&mut bytes, INFO_WORKSPACE_ALIGN, WORKSPACE_ALIGN as u64);
-    put64(&mut bytes, INFO_ENTRY_FLAGS, abi::ENTRY_INFER);
-    put64(&mut bytes, INFO_STATE_SIZE, 0);
+    put64(&mut bytes, INFO_ENTRY_FLAGS, abi::ENTRY_INFER | extras.entry_flags);
+    put64(&mut bytes, INFO_STATE_SIZE, extras.state_size);
     let mut relocs = vec![
         (INFO_TARGET, target_id),
         (INFO_CPU_FEATURES, features_id),
@@ -419,6 +482,9 @@ fn emit_model_info_data<M: Module>(
     }
     if let Some(id) = desc_arrays[1] {
         relocs.push((INFO_OUTPUTS, id));
+    }
+    if let Some(id) = state_descs {
+        relocs.push((INFO_STATE_TENSORS, id));
     }
     define_with_relocs(module, "cnnc_info", bytes, &relocs)
 }
@@ -489,6 +555,7 @@ const DESC_NAME: usize = 0;
 const DESC_DTYPE: usize = 8;
 const DESC_RANK: usize = 12;
 const DESC_SHAPE: usize = 16;
+const DESC_OFFSET: usize = 24;
 const INFO_SIZE: usize = 96;
 const INFO_ABI_VERSION: usize = 0;
 const INFO_NUM_INPUTS: usize = 4;
@@ -503,6 +570,7 @@ const INFO_CPU_FEATURES: usize = 56;
 const INFO_MODEL_NAME: usize = 64;
 const INFO_ENTRY_FLAGS: usize = 72;
 const INFO_STATE_SIZE: usize = 80;
+const INFO_STATE_TENSORS: usize = 88;
 
 #[cfg(test)]
 mod tests {
@@ -516,7 +584,7 @@ mod tests {
         assert_eq!(offset_of!(abi::TensorDesc, dtype), DESC_DTYPE);
         assert_eq!(offset_of!(abi::TensorDesc, rank), DESC_RANK);
         assert_eq!(offset_of!(abi::TensorDesc, shape), DESC_SHAPE);
-        assert_eq!(offset_of!(abi::TensorDesc, offset), 24);
+        assert_eq!(offset_of!(abi::TensorDesc, offset), DESC_OFFSET);
         assert_eq!(size_of::<abi::ModelInfo>(), INFO_SIZE);
         assert_eq!(offset_of!(abi::ModelInfo, abi_version), INFO_ABI_VERSION);
         assert_eq!(offset_of!(abi::ModelInfo, num_inputs), INFO_NUM_INPUTS);
@@ -531,6 +599,6 @@ mod tests {
         assert_eq!(offset_of!(abi::ModelInfo, model_name), INFO_MODEL_NAME);
         assert_eq!(offset_of!(abi::ModelInfo, entry_flags), INFO_ENTRY_FLAGS);
         assert_eq!(offset_of!(abi::ModelInfo, state_size), INFO_STATE_SIZE);
-        assert_eq!(offset_of!(abi::ModelInfo, state_tensors), 88);
+        assert_eq!(offset_of!(abi::ModelInfo, state_tensors), INFO_STATE_TENSORS);
     }
 }

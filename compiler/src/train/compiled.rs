@@ -1,0 +1,80 @@
+//! The fused training step compiled to a `.so` (`cnnc_train_step`, `cnnc_codegen::train_entry`)
+//! and driven through the runtime: what `cnnc compile --train`, `verify-train` and the tests use.
+
+use std::path::Path;
+
+use cnnc_codegen::{TargetSpec, TrainSignature, compile_train_object, link_shared};
+use cnnc_ir::{DType, Tensor, TensorData};
+use cnnc_runtime::{Model, Session, abi};
+
+use super::fused::{FusedStep, HyperValues};
+
+/// Compiles `fused` for `target` and links `out`.
+pub fn compile_fused_step(fused: &FusedStep, target: &TargetSpec, out: &Path) -> Result<(), String> {
+    let sig = TrainSignature { num_state: fused.state.len(), num_data: fused.data_inputs.len() };
+    let (object, _) = compile_train_object(&fused.graph, target, &sig).map_err(|e| format!("code generation: {e}"))?;
+    link_shared(&object, out, target).map_err(|e| format!("linking {}: {e}", out.display()))
+}
+
+/// A loaded training model and its state buffer.
+pub struct Trainer {
+    pub session: Session,
+    pub state: Vec<u8>,
+}
+
+impl Trainer {
+    /// Loads `so` and fills the state from `initial` (state tensors in the model's order,
+    /// as `FusedStep::initial_state` gives them); gradients and buffers not given start at zero.
+    pub fn load(so: &Path, initial: &[Tensor], threads: usize) -> Result<Trainer, String> {
+        let model = Model::load(so).map_err(|e| e.to_string())?;
+        if !model.info().has_training() {
+            return Err(format!("{}: compiled without the training entry points", so.display()));
+        }
+        let session = Session::new(&model, threads).map_err(|e| e.to_string())?;
+        let mut trainer = Trainer { state: vec![0u8; model.info().state_size], session };
+        for (k, t) in initial.iter().enumerate() {
+            trainer.set_state(k, t)?;
+        }
+        Ok(trainer)
+    }
+
+    pub fn set_state(&mut self, index: usize, t: &Tensor) -> Result<(), String> {
+        let spec = self.session.info().state_tensors.get(index).ok_or_else(|| format!("no state tensor {index}"))?;
+        if spec.shape != t.shape || crate::driver::ir_dtype(spec.dtype) != t.data.dtype() {
+            return Err(format!("state tensor '{}' is {:?} {:?}, given {}", spec.name, spec.dtype, spec.shape, t.ty()));
+        }
+        let bytes = t.data.to_le_bytes();
+        self.state[spec.offset..spec.offset + bytes.len()].copy_from_slice(&bytes);
+        Ok(())
+    }
+
+    /// The state tensor (or gradient, "<parameter>.grad") named `name`.
+    pub fn get(&self, name: &str) -> Option<Tensor> {
+        let spec = self.session.info().state_tensors.iter().find(|s| s.name == name)?;
+        let dtype = crate::driver::ir_dtype(spec.dtype);
+        let bytes = &self.state[spec.offset..spec.offset + spec.element_count() * dtype.size()];
+        Some(Tensor::new(spec.shape.clone(), TensorData::from_le_bytes(dtype, bytes)))
+    }
+
+    /// One step; returns the loss.
+    pub fn step(&mut self, data: &[Tensor], labels: &Tensor, hyper: &HyperValues) -> Result<f32, String> {
+        let TensorData::I64(labels) = &labels.data else {
+            return Err(format!("labels must be int64, are {}", labels.data.dtype()));
+        };
+        if data.iter().any(|t| t.data.dtype() != DType::F32) {
+            return Err("training data inputs must be f32".into());
+        }
+        let bytes: Vec<Vec<u8>> = data.iter().map(|t| t.data.to_le_bytes()).collect();
+        let refs: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
+        let hyper = abi::Hyper {
+            learning_rate: hyper.lr,
+            momentum: hyper.momentum,
+            weight_decay: hyper.weight_decay,
+            beta1: hyper.beta1,
+            beta2: hyper.beta2,
+            epsilon: hyper.epsilon,
+            step: hyper.step,
+        };
+        self.session.train_step(&mut self.state, &refs, labels, &hyper).map_err(|e| e.to_string())
+    }
+}
