@@ -15,8 +15,10 @@ cnnc: an ahead-of-time compiler for convolutional neural networks
 
 usage:
   cnnc compile MODEL.onnx -o OUT.so [--target TRIPLE] [--cpu NAME] [--batch N] [--header FILE.h]
+               [--train [--optimizer sgd|adam] [--lr X] [--momentum X] [--weight-decay X] [--freeze GLOB ...]]
   cnnc run OUT.so --input FILE.pb [--input FILE.pb ...] --out DIR [--threads T]
   cnnc verify DIR ... [--jobs J] [--cpu NAME]
+  cnnc verify-train DIR ... [--cpu NAME]
   cnnc bench MODEL.onnx [--threads T] [--batch N] [--runs N] [--cpu NAME]
   cnnc dump MODEL.onnx [--after PASS | --all | --list-passes] [--batch N] [--full] [--cpu NAME] [--target TRIPLE]
 
@@ -29,7 +31,10 @@ struct Args {
     options: Vec<(String, Option<String>)>,
 }
 
-const VALUED: &[&str] = &["-o", "--target", "--cpu", "--batch", "--header", "--input", "--out", "--threads", "--jobs", "--runs", "--after"];
+const VALUED: &[&str] = &[
+    "-o", "--target", "--cpu", "--batch", "--header", "--input", "--out", "--threads", "--jobs", "--runs", "--after",
+    "--optimizer", "--lr", "--momentum", "--weight-decay", "--freeze",
+];
 const SWITCHES: &[&str] = &["--all", "--list-passes", "--full", "--train"];
 
 impl Args {
@@ -107,9 +112,7 @@ pub fn main(raw: Vec<String>) -> i32 {
         "compile" => Args::parse(rest).and_then(|a| compile(&a)),
         "run" => Args::parse(rest).and_then(|a| run(&a)),
         "verify" => Args::parse(rest).and_then(|a| verify_cmd(&a)),
-        "verify-train" => Err(Error::Input(
-            "verify-train: the training entry points are not implemented in this version of cnnc".into(),
-        )),
+        "verify-train" => Args::parse(rest).and_then(|a| verify_train_cmd(&a)),
         "bench" => Args::parse(rest).and_then(|a| bench(&a)),
         "dump" => Args::parse(rest).and_then(|a| dump(&a)),
         "__verify-case" => Args::parse(rest).and_then(|a| verify_case(&a)),
@@ -133,9 +136,14 @@ pub fn main(raw: Vec<String>) -> i32 {
 }
 
 fn compile(a: &Args) -> Result<(), Error> {
-    a.only(&["-o", "--target", "--cpu", "--batch", "--header", "--train"])?;
+    a.only(&[
+        "-o", "--target", "--cpu", "--batch", "--header", "--train", "--optimizer", "--lr", "--momentum", "--weight-decay", "--freeze",
+    ])?;
     if a.flag("--train") {
-        return Err(Error::Input("--train: the training entry points are not implemented in this version of cnnc".into()));
+        return compile_train(a);
+    }
+    if let Some(k) = ["--optimizer", "--lr", "--momentum", "--weight-decay", "--freeze"].into_iter().find(|k| a.value(k).is_some()) {
+        return Err(usage(&format!("{k} needs --train")));
     }
     let model = a.one_positional("MODEL.onnx")?;
     let out = PathBuf::from(a.value("-o").ok_or_else(|| usage("compile needs -o OUT.so"))?);
@@ -185,6 +193,47 @@ fn run(a: &Args) -> Result<(), Error> {
         cnnc_onnx::write_tensor_pb(&p, &spec.name, t).map_err(|e| Error::Failed(format!("writing {}: {e}", p.display())))?;
     }
     Ok(())
+}
+
+/// `compile --train`. The learning rate, momentum and weight decay are per-call
+/// hyper-parameters (`cnnc_hyper`); the flags are checked here and do not change the code.
+fn compile_train(a: &Args) -> Result<(), Error> {
+    use crate::train::cli_train;
+    let model = a.one_positional("MODEL.onnx")?;
+    let out = PathBuf::from(a.value("-o").ok_or_else(|| usage("compile needs -o OUT.so"))?);
+    if a.value("--batch").is_some() || a.value("--header").is_some() {
+        return Err(usage("--batch and --header are not supported with --train yet (the batch is the model's)"));
+    }
+    for k in ["--lr", "--momentum", "--weight-decay"] {
+        if let Some(v) = a.value(k)
+            && !v.parse::<f32>().is_ok_and(|x| x.is_finite() && x >= 0.0)
+        {
+            return Err(usage(&format!("{k} wants a non-negative number, got `{v}`")));
+        }
+    }
+    let optimizer = cli_train::optimizer_kind(a.value("--optimizer"))?;
+    let freeze: Vec<String> = a.values("--freeze").into_iter().map(String::from).collect();
+    let target = a.target()?;
+    let start = Instant::now();
+    let (tensors, bytes) = cli_train::compile_training(&model, optimizer, &freeze, &target, &out)?;
+    eprintln!(
+        "cnnc: compiled {} -> {} for training ({tensors} state tensors, {:.1} MB of state, {:.2} s)",
+        model.display(),
+        out.display(),
+        bytes as f64 / 1e6,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn verify_train_cmd(a: &Args) -> Result<(), Error> {
+    a.only(&["--cpu", "--target"])?;
+    if a.positional.is_empty() {
+        return Err(usage("verify-train needs at least one DIR"));
+    }
+    let target = a.target()?;
+    let dirs: Vec<PathBuf> = a.positional.iter().map(PathBuf::from).collect();
+    crate::train::cli_train::verify_train_all(&dirs, &target)
 }
 
 fn verify_cmd(a: &Args) -> Result<(), Error> {

@@ -3,6 +3,7 @@
 //! an ONNX model with its trainable parameters as graph inputs (`model`).
 
 pub mod autodiff;
+pub mod cli_train;
 pub mod compiled;
 pub mod fused;
 pub mod loss;

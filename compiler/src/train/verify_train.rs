@@ -209,3 +209,94 @@ fn difference(after: &Tensor, before: &Tensor) -> Result<Tensor, String> {
 fn compare_update(update: &Tensor, reference: &Tensor) -> Result<(), String> {
     compare(update, reference)
 }
+
+/// `verify_train_case` for the compiled training step: the fused step graph compiled for
+/// `target` into `scratch`, run through `cnnc_train_step` on its state buffer; the
+/// gradients of step 1 are the ones the step leaves in the state buffer.
+pub fn verify_train_case_compiled(dir: &Path, target: &cnnc_codegen::TargetSpec, scratch: &Path) -> Outcome {
+    match compiled_case_failures(dir, target, scratch) {
+        Ok(CaseResult::Unsupported(reason)) => Outcome::Skip(reason),
+        Ok(CaseResult::Checked(failures)) if failures.is_empty() => Outcome::Pass,
+        Ok(CaseResult::Checked(failures)) => {
+            let mut message = failures.iter().take(LISTED_FAILURES).cloned().collect::<Vec<_>>().join("; ");
+            if failures.len() > LISTED_FAILURES {
+                message.push_str(&format!("; ... and {} more", failures.len() - LISTED_FAILURES));
+            }
+            Outcome::Fail(message)
+        }
+        Err(e) => Outcome::Fail(e),
+    }
+}
+
+/// Runs a case through the compiled step and lists every failed check.
+pub fn compiled_case_failures(dir: &Path, target: &cnnc_codegen::TargetSpec, scratch: &Path) -> Result<CaseResult, String> {
+    use super::compiled::{Trainer, compile_fused_step};
+    use super::fused::{HyperValues, fused_train_step};
+    use std::collections::HashMap;
+
+    let meta_path = dir.join("meta.json");
+    let meta = std::fs::read_to_string(&meta_path).map_err(|e| format!("{}: {e}", meta_path.display()))?;
+    let optimizer = match read_optimizer(&meta)? {
+        Ok(optimizer) => optimizer,
+        Err(reason) => return Ok(CaseResult::Unsupported(reason)),
+    };
+    let tg = load_training_graph(dir.join("model.onnx"))?;
+    let fused = fused_train_step(&tg, optimizer.into())?;
+    let case = dir.file_name().map_or_else(|| "case".to_string(), |n| n.to_string_lossy().into_owned());
+    let so = scratch.join(format!("{case}.train.so"));
+    compile_fused_step(&fused, target, &so)?;
+    let mut trainer = Trainer::load(&so, &fused.initial_state(), 1)?;
+    let read = |path: &Path| -> Result<Tensor, String> {
+        cnnc_onnx::read_tensor_pb(path).map(|(_, t)| t).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    let mut failures = Vec::new();
+    let mut reference_before: HashMap<String, Tensor> = HashMap::new();
+    for step in 1..=STEPS {
+        let step_dir = dir.join(format!("step_{step}"));
+        let x = read(&step_dir.join("x.pb"))?;
+        let labels = read(&step_dir.join("labels.pb"))?;
+        let after_names = tensor_names(&step_dir.join("after"))?;
+        let mut before = HashMap::new();
+        for name in &after_names {
+            if let Some(t) = trainer.get(name) {
+                reference_before.entry(name.clone()).or_insert_with(|| t.clone());
+                before.insert(name.clone(), t);
+            }
+        }
+        let loss = trainer.step(&[x], &labels, &HyperValues::from_optimizer(optimizer, step as u64))?;
+        let tag = format!("step {step}");
+        if let Err(e) = compare(&Tensor::f32(Vec::<usize>::new(), vec![loss]), &read(&step_dir.join("loss.pb"))?) {
+            failures.push(format!("{tag} loss: {e}"));
+        }
+        if step == 1 {
+            for name in tensor_names(&step_dir.join("grad"))? {
+                let reference = read(&step_dir.join("grad").join(format!("{name}.pb")))?;
+                match trainer.get(&format!("{name}.grad")) {
+                    Some(ours) => {
+                        if let Err(e) = compare(&ours, &reference) {
+                            failures.push(format!("{tag} gradient of {name}: {e}"));
+                        }
+                    }
+                    None => failures.push(format!("PyTorch trains '{name}', cnnc does not")),
+                }
+            }
+        }
+        for name in &after_names {
+            let reference = read(&step_dir.join("after").join(format!("{name}.pb")))?;
+            let (Some(ours), Some(ours_before), Some(reference_start)) = (trainer.get(name), before.get(name), reference_before.get(name)) else {
+                failures.push(format!("{tag}: '{name}' is PyTorch state that cnnc does not keep"));
+                continue;
+            };
+            if let Err(e) = compare(&ours, &reference) {
+                failures.push(format!("{tag} {name} after the update: {e}"));
+            }
+            let update = difference(&ours, ours_before)?;
+            let reference_update = difference(&reference, reference_start)?;
+            if let Err(e) = compare_update(&update, &reference_update) {
+                failures.push(format!("{tag} update of {name}: {e}"));
+            }
+            reference_before.insert(name.clone(), reference);
+        }
+    }
+    Ok(CaseResult::Checked(failures))
+}
