@@ -20,6 +20,7 @@ usage:
   cnnc verify DIR ... [--jobs J] [--cpu NAME]
   cnnc verify-train DIR ... [--cpu NAME]
   cnnc bench MODEL.onnx [--threads T] [--batch N] [--runs N] [--cpu NAME]
+  cnnc bench-gemm            # the GEMM microkernel against this core's FMA peak, same run
   cnnc dump MODEL.onnx [--after PASS | --all | --list-passes] [--batch N] [--full] [--cpu NAME] [--target TRIPLE]
 
   --cpu: host (default), x86-64, x86-64-v2, x86-64-v3, x86-64-v4 (x86_64), generic (aarch64)
@@ -115,6 +116,7 @@ pub fn main(raw: Vec<String>) -> i32 {
         "verify-train" => Args::parse(rest).and_then(|a| verify_train_cmd(&a)),
         "bench" => Args::parse(rest).and_then(|a| bench(&a)),
         "dump" => Args::parse(rest).and_then(|a| dump(&a)),
+        "bench-gemm" => Args::parse(rest).and_then(|a| bench_gemm(&a)),
         "__verify-case" => Args::parse(rest).and_then(|a| verify_case(&a)),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
@@ -364,5 +366,14 @@ fn dump(a: &Args) -> Result<(), Error> {
     if !all && after.is_none() {
         print!("{}", print_with(&g, &opts));
     }
+    Ok(())
+}
+
+/// The host's GEMM microkernel on L1-resident panels against a register-only FMA loop
+/// of the same vector width, measured in the same run.
+fn bench_gemm(a: &Args) -> Result<(), Error> {
+    a.only(&[])?;
+    let result = cnnc_codegen::microkernel::peak::measure_gemm_vs_peak().map_err(|e| Error::Failed(e.to_string()))?;
+    println!("{result}");
     Ok(())
 }
