@@ -4,16 +4,21 @@
 //! over (tap, input channel) -- tap-major, so one tap's rows of `col` are consecutive
 //! input channels -- and `p` over output positions.
 //!
-//! - A (weights): re-laid out at compile time into panels of `mr` output channels
-//!   (zero-padded), `mr` floats per `kk`, as read-only data: `[group][panel][kk][mr]`.
-//! - B (`col`): packed at run time (`gemm::pack`) per block of `nc` positions and `kc`
-//!   reduction indices into a slot of the node's scratch: panels of `nr` positions.
-//! - Loop nest of a task: k-block, (pack the B block), oc-panel, p-panel, microkernel
-//!   call. Full tiles go straight to the output (`ldc` = positions); edge tiles go to
-//!   a temporary tile and their valid part is copied or added. After the last k-block
-//!   the epilogue (bias, fused steps) runs on the tile while it is in L1 (`gemm::tile`);
-//!   an epilogue operand broadcast in a way a tile cannot address is applied over the
-//!   whole output after the convolution instead.
+//! - Weights: re-laid out at compile time into panels of output channels (zero-padded
+//!   to the panel width), one panel row per `kk`, as read-only data:
+//!   `[group][panel][kk][width]`.
+//! - `col`: packed at run time (`gemm::pack`) per block of `nc` positions and `kc`
+//!   reduction indices into a slot of the node's scratch, in panels of positions.
+//! - Orientation: normally output channels are the rows of the microkernel's tile
+//!   (`mr` channels x `nr` positions, `gemm::channel_rows`: tiles written in place, the
+//!   epilogue applied per tile while it is in L1). With few positions (7x7, 14x14
+//!   maps) whole 16-wide position panels waste a large share of the work, so the roles
+//!   swap (`gemm::position_rows`: `mr` positions x `nr` channels, tiles accumulated in
+//!   the slot and stored transposed). The orientation that computes fewer padded
+//!   elements wins.
+//! - The epilogue (bias, fused steps) is applied per tile (`gemm::tile`); an operand
+//!   broadcast in a way a tile cannot address is applied over the whole output after
+//!   the convolution instead.
 //! - Tasks: one per (image, group, p-block, oc-panel group). The number of oc-panel
 //!   groups is chosen at run time: 1 without threads (no repacking of B), else enough
 //!   for ~4 tasks per thread, limited so a task keeps ~1 M multiply-adds.
@@ -25,13 +30,15 @@ use cnnc_ir::{ConstValue, DType, EpilogueStep, Graph, Layout, Node, Op, Scalar, 
 use cranelift_codegen::Context;
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::I64;
-use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, UserFuncName, Value};
+use cranelift_codegen::ir::{
+    FuncRef, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, UserFuncName, Value,
+};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_module::{DataId, FuncId, Linkage, Module};
 
-use super::gemm::pack::{PackShape, emit_pack_panel};
-use super::gemm::tile::{TileEpilogue, TileOperand, TileStep, emit_merge};
-use super::gemm::{int, scaled};
+use super::gemm::pack::PackShape;
+use super::gemm::tile::{TileEpilogue, TileOperand, TileStep};
+use super::gemm::{channel_rows, int, position_rows, scaled};
 use super::parallel::{self, FloatEnv, MAX_SLOTS, SLOT_FLAGS_BYTES};
 use super::{CodegenError, KernelCtx};
 use crate::microkernel::GemmKernel;
@@ -61,6 +68,15 @@ pub struct Spatial {
     pub pads: Vec<usize>,
 }
 
+/// Which side of the microkernel's tile the output channels are on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Orientation {
+    /// Channels are the `mr` rows, positions the `nr` columns.
+    ChannelRows,
+    /// Positions are the `mr` rows, channels the `nr` columns.
+    PositionRows,
+}
+
 /// Everything the driver needs, decided at compile time.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ConvGemmPlan {
@@ -78,9 +94,13 @@ pub struct ConvGemmPlan {
     pub positions: usize,
     /// Elements of one input channel plane.
     pub in_plane: usize,
+    /// The microkernel's tile.
     pub mr: usize,
     pub nr: usize,
+    pub orientation: Orientation,
+    /// Reduction indices per block.
     pub kc: usize,
+    /// Positions per block (a multiple of `position_tile()`).
     pub nc: usize,
     pub has_bias: bool,
     /// Fused steps applied per tile; `None`: applied over the whole output afterwards.
@@ -89,8 +109,23 @@ pub struct ConvGemmPlan {
 }
 
 impl ConvGemmPlan {
+    /// Output channels per panel.
+    pub fn channel_tile(&self) -> usize {
+        match self.orientation {
+            Orientation::ChannelRows => self.mr,
+            Orientation::PositionRows => self.nr,
+        }
+    }
+    /// Positions per panel.
+    pub fn position_tile(&self) -> usize {
+        match self.orientation {
+            Orientation::ChannelRows => self.nr,
+            Orientation::PositionRows => self.mr,
+        }
+    }
+    /// Channel panels per group.
     pub fn panels(&self) -> usize {
-        self.out_channels.div_ceil(self.mr)
+        self.out_channels.div_ceil(self.channel_tile())
     }
     pub fn k_blocks(&self) -> usize {
         self.depth.div_ceil(self.kc)
@@ -110,25 +145,30 @@ impl ConvGemmPlan {
     pub fn slots(&self) -> usize {
         (self.outer_tasks() * self.max_oc_groups()).clamp(1, MAX_SLOTS)
     }
-    /// One slot: the packed B block, then a temporary tile for edge tiles.
+    /// One slot: what the orientation's loop nest keeps per task.
     pub fn slot_bytes(&self) -> usize {
-        ((self.kc * self.nc + self.mr * self.nr) * 4).div_ceil(64) * 64
+        let bytes = match self.orientation {
+            Orientation::ChannelRows => channel_rows::slot_bytes(self.kc, self.nc, self.mr, self.nr),
+            Orientation::PositionRows => position_rows::slot_bytes(self.kc, self.nc, self.panels(), self.nr),
+        };
+        bytes.div_ceil(64) * 64
     }
     pub fn scratch_bytes(&self) -> usize {
         SLOT_FLAGS_BYTES + self.slots() * self.slot_bytes()
     }
 
-    /// The weights as A panels: `[group][panel][kk][mr]`, `kk = tap · in_channels + ic`,
-    /// rows past the group's channels zero. `w` is the ONNX layout `[M, C/g, *k]`.
+    /// The weights in panels: `[group][panel][kk][channel_tile]`, `kk = tap ·
+    /// in_channels + ic`, channels past the group's zero. `w` is the ONNX layout
+    /// `[M, C/g, *k]`.
     pub fn pack_weights(&self, w: &[f32]) -> Vec<u8> {
-        let (mr, panels, cin, taps) = (self.mr, self.panels(), self.in_channels, self.taps);
-        let mut out = Vec::with_capacity(self.groups * panels * self.depth * mr * 4);
+        let (width, panels, cin, taps) = (self.channel_tile(), self.panels(), self.in_channels, self.taps);
+        let mut out = Vec::with_capacity(self.groups * panels * self.depth * width * 4);
         for g in 0..self.groups {
             for panel in 0..panels {
                 for tap in 0..taps {
                     for ic in 0..cin {
-                        for r in 0..mr {
-                            let oc_in_group = panel * mr + r;
+                        for r in 0..width {
+                            let oc_in_group = panel * width + r;
                             let v = if oc_in_group < self.out_channels {
                                 let oc = g * self.out_channels + oc_in_group;
                                 w.get((oc * cin + ic) * taps + tap).copied().unwrap_or(0.0)
@@ -240,7 +280,9 @@ pub fn plan(g: &Graph, node: &Node, (mr, nr): (usize, usize)) -> Option<ConvGemm
     let depth = taps * in_channels;
     let positions: usize = spatial.output.iter().product();
     let in_plane: usize = spatial.input.iter().product();
-    let (kc, nc) = blocking(s, depth, positions, mr, nr);
+    let orientation = orientation(out_channels, positions, mr, nr);
+    let position_tile = if orientation == Orientation::ChannelRows { nr } else { mr };
+    let (kc, nc) = blocking(s, depth, positions, mr, nr, position_tile);
     let tile_steps = tile_steps(g, node, &y.shape);
     Some(ConvGemmPlan {
         batch,
@@ -254,6 +296,7 @@ pub fn plan(g: &Graph, node: &Node, (mr, nr): (usize, usize)) -> Option<ConvGemm
         in_plane,
         mr,
         nr,
+        orientation,
         kc,
         nc,
         has_bias,
@@ -262,10 +305,28 @@ pub fn plan(g: &Graph, node: &Node, (mr, nr): (usize, usize)) -> Option<ConvGemm
     })
 }
 
+/// Positions as rows when that computes at least 6% fewer padded elements (the
+/// transposed store costs a little).
+fn orientation(channels: usize, positions: usize, mr: usize, nr: usize) -> Orientation {
+    let padded = |rows: usize, cols: usize| rows.div_ceil(mr) * mr * cols.div_ceil(nr) * nr;
+    if padded(positions, channels) * 100 < padded(channels, positions) * 94 {
+        Orientation::PositionRows
+    } else {
+        Orientation::ChannelRows
+    }
+}
+
 /// (kc, nc): the schedule's tiles when it has them, else the choose-schedule formula
 /// with default cache sizes; then balanced so the last block is not a sliver, nc a
-/// multiple of nr.
-fn blocking(s: &cnnc_ir::Schedule, depth: usize, positions: usize, mr: usize, nr: usize) -> (usize, usize) {
+/// multiple of the position tile.
+fn blocking(
+    s: &cnnc_ir::Schedule,
+    depth: usize,
+    positions: usize,
+    mr: usize,
+    nr: usize,
+    position_tile: usize,
+) -> (usize, usize) {
     let tile = |name: &str| s.tiles.iter().find(|(n, _)| n == name).map(|&(_, v)| v).filter(|&v| v > 0);
     let kc = tile("kc").unwrap_or_else(|| {
         let fit = (DEFAULT_L1D_BYTES / 2 / ((mr + nr) * 4)).max(1);
@@ -274,11 +335,11 @@ fn blocking(s: &cnnc_ir::Schedule, depth: usize, positions: usize, mr: usize, nr
     let kc = kc.clamp(1, depth);
     let k_blocks = depth.div_ceil(kc);
     let kc = depth.div_ceil(k_blocks);
-    let nc = tile("nc").unwrap_or_else(|| (DEFAULT_L2_BYTES / 2 / (kc * 4)).max(nr));
-    let nc = nc.div_ceil(nr) * nr;
-    let nc = nc.min(positions.div_ceil(nr) * nr);
+    let nc = tile("nc").unwrap_or_else(|| (DEFAULT_L2_BYTES / 2 / (kc * 4)).max(position_tile));
+    let nc = nc.div_ceil(position_tile) * position_tile;
+    let nc = nc.min(positions.div_ceil(position_tile) * position_tile);
     let p_blocks = positions.div_ceil(nc);
-    let nc = positions.div_ceil(p_blocks).div_ceil(nr) * nr;
+    let nc = positions.div_ceil(p_blocks).div_ceil(position_tile) * position_tile;
     (kc, nc)
 }
 
@@ -478,7 +539,8 @@ fn ceil_div_value(b: &mut FunctionBuilder, numerator: i64, d: Value) -> Value {
     b.ins().udiv(n, d)
 }
 
-/// One task: (image, group, p-block, oc-panel group) from `index`, then the loop nest.
+/// One task: (image, group, p-block, oc-panel group) from `index`, then the loop nest
+/// of the plan's orientation.
 #[allow(clippy::too_many_arguments)]
 fn emit_task<M: Module>(
     module: &mut M,
@@ -486,14 +548,14 @@ fn emit_task<M: Module>(
     b: &mut FunctionBuilder,
     node: &Node,
     plan: &ConvGemmPlan,
-    a_data: DataId,
+    weights_data: DataId,
     task_ctx: Value,
     index: Value,
 ) -> Result<(), CodegenError> {
     let saved_fp = env.float_env.map(|f| f.emit_enter(module, b));
     let kernel = module.declare_func_in_func(env.kernel.func, b.func);
-    let a_gv = module.declare_data_in_func(a_data, b.func);
-    let a_base = b.ins().symbol_value(I64, a_gv);
+    let weights_gv = module.declare_data_in_func(weights_data, b.func);
+    let weights = b.ins().symbol_value(I64, weights_gv);
 
     let ctx_flags = MemFlagsData::trusted().with_readonly();
     let bufs = b.ins().load(I64, ctx_flags, task_ctx, CTX_BUFFERS);
@@ -516,10 +578,9 @@ fn emit_task<M: Module>(
 
     let slot = parallel::emit_claim_slot(b, scratch, plan.slots());
     let slot_base = b.ins().iadd_imm_s(scratch, SLOT_FLAGS_BYTES as i64);
-    let packed = scaled(b, slot_base, slot, plan.slot_bytes() as i64);
-    let tmp_tile = b.ins().iadd_imm_s(packed, (plan.kc * plan.nc * 4) as i64);
+    let slot_base = scaled(b, slot_base, slot, plan.slot_bytes() as i64);
 
-    // Which work: index = outer · oc_groups + oc_group; outer = (image · groups + group) · p_blocks + p_block.
+    // index = outer · oc_groups + oc_group; outer = (image · groups + group) · p_blocks + p_block.
     let outer = b.ins().udiv(index, oc_groups);
     let outer_part = b.ins().imul(outer, oc_groups);
     let oc_group = b.ins().isub(index, outer_part);
@@ -533,14 +594,14 @@ fn emit_task<M: Module>(
     let panels = int(b, plan.panels() as i64);
     let panel_hi = b.ins().umin(panel_hi, panels);
 
-    let (mr, nr, kc, nc) = (plan.mr as i64, plan.nr as i64, plan.kc as i64, plan.nc as i64);
     let positions = plan.positions as i64;
+    let (position_tile, nc) = (plan.position_tile() as i64, plan.nc as i64);
     let p_start = b.ins().imul_imm_s(p_block, nc);
     let all_positions = int(b, positions);
     let left = b.ins().isub(all_positions, p_start);
-    let left_panels = b.ins().iadd_imm_s(left, nr - 1);
-    let left_panels = b.ins().udiv_imm_u(left_panels, nr);
-    let block_panels = int(b, nc / nr);
+    let left_panels = b.ins().iadd_imm_s(left, position_tile - 1);
+    let left_panels = b.ins().udiv_imm_u(left_panels, position_tile);
+    let block_panels = int(b, nc / position_tile);
     let p_panels = b.ins().umin(left_panels, block_panels);
 
     let in_total = (plan.in_channels * plan.groups) as i64;
@@ -552,122 +613,166 @@ fn emit_task<M: Module>(
     let out_channel = b.ins().imul_imm_s(image, out_total);
     let out_channel = b.ins().iadd(out_channel, group_channel);
     let out_group = scaled(b, out, out_channel, positions * F32_BYTES);
-    let a_group = scaled(b, a_base, group, plan.panels() as i64 * plan.depth as i64 * mr * F32_BYTES);
+    let group_weights = plan.panels() * plan.depth * plan.channel_tile() * 4;
+    let weights_group = scaled(b, weights, group, group_weights as i64);
 
-    let pack_shape = PackShape {
-        spatial: &plan.spatial,
-        channels: plan.in_channels,
-        in_plane: plan.in_plane,
-        positions: plan.positions,
-        nr: plan.nr,
+    let frame = TaskFrame {
+        plan,
+        kernel,
+        epilogue,
+        scratch: slot_base,
+        image,
+        group_channel,
+        p_start,
+        p_panels,
+        panel_lo,
+        panel_hi,
+        x_group,
+        out_group,
+        weights_group,
     };
-    let depth = plan.depth as i64;
-    let k_blocks = plan.k_blocks();
-    let edge_rows = plan.out_channels % plan.mr;
-    let ragged_positions = !plan.positions.is_multiple_of(plan.nr);
-    let panel_bytes = kc * nr * F32_BYTES;
-    let mut failure: Option<CodegenError> = None;
-    super::compute::counted_loop(b, k_blocks, vec![], |b, kb, _| {
-        let k0 = b.ins().imul_imm_s(kb, kc);
-        let depth_v = int(b, depth);
-        let rest = b.ins().isub(depth_v, k0);
-        let kc_v = int(b, kc);
-        let kcb = b.ins().umin(rest, kc_v);
-        let zero = int(b, 0);
-        super::gemm::for_range(b, zero, p_panels, |b, pp| {
-            let p0 = b.ins().imul_imm_s(pp, nr);
-            let p0 = b.ins().iadd(p_start, p0);
-            let dst = scaled(b, packed, pp, panel_bytes);
-            emit_pack_panel(b, &pack_shape, x_group, p0, k0, kcb, dst);
-        });
-        let accumulate = b.ins().icmp_imm_s(IntCC::NotEqual, kb, 0);
-        let accumulate = b.ins().uextend(I64, accumulate);
-        let is_last = b.ins().icmp_imm_s(IntCC::Equal, kb, (k_blocks - 1) as i64);
-        super::gemm::for_range(b, panel_lo, panel_hi, |b, panel| {
-            let a_offset = b.ins().imul_imm_s(panel, depth);
-            let a_offset = b.ins().iadd(a_offset, k0);
-            let a = scaled(b, a_group, a_offset, mr * F32_BYTES);
-            let oc0 = b.ins().imul_imm_s(panel, mr);
-            let c_rows = scaled(b, out_group, oc0, positions * F32_BYTES);
-            let channel = b.ins().iadd(group_channel, oc0);
-            let rows_full = if edge_rows == 0 {
-                b.ins().iconst(cranelift_codegen::ir::types::I8, 1)
-            } else {
-                b.ins().icmp_imm_s(IntCC::NotEqual, panel, plan.panels() as i64 - 1)
-            };
-            let zero = int(b, 0);
-            super::gemm::for_range(b, zero, p_panels, |b, pp| {
-                let p_in_block = b.ins().imul_imm_s(pp, nr);
-                let p0 = b.ins().iadd(p_start, p_in_block);
-                let packed_panel = scaled(b, packed, pp, panel_bytes);
-                let c = scaled(b, c_rows, p0, F32_BYTES);
-                let full = if ragged_positions {
-                    let end = b.ins().iadd_imm_s(p0, nr);
-                    let cols_full = b.ins().icmp_imm_s(IntCC::SignedLessThanOrEqual, end, positions);
-                    b.ins().band(rows_full, cols_full)
-                } else {
-                    rows_full
-                };
-                let full_block = b.create_block();
-                let edge_block = b.create_block();
-                let next = b.create_block();
-                b.ins().brif(full, full_block, &[], edge_block, &[]);
-
-                b.switch_to_block(full_block);
-                b.seal_block(full_block);
-                let ldc = int(b, positions);
-                b.ins().call(kernel, &[kcb, a, packed_panel, c, ldc, accumulate]);
-                if !epilogue.is_empty() {
-                    let epilogue_block = b.create_block();
-                    b.ins().brif(is_last, epilogue_block, &[], next, &[]);
-                    b.switch_to_block(epilogue_block);
-                    b.seal_block(epilogue_block);
-                    if let Err(e) = epilogue.emit_full(b, c, image, channel, p0, plan.mr, plan.nr) {
-                        failure = Some(e);
-                    }
-                }
-                b.ins().jump(next, &[]);
-
-                b.switch_to_block(edge_block);
-                b.seal_block(edge_block);
-                let tmp_ldc = int(b, nr);
-                let fresh = int(b, 0);
-                b.ins().call(kernel, &[kcb, a, packed_panel, tmp_tile, tmp_ldc, fresh]);
-                let all_rows = int(b, mr);
-                let rows = if edge_rows == 0 {
-                    all_rows
-                } else {
-                    let few = int(b, edge_rows as i64);
-                    b.ins().select(rows_full, all_rows, few)
-                };
-                let all_positions = int(b, positions);
-                let cols_left = b.ins().isub(all_positions, p0);
-                let nr_v = int(b, nr);
-                let cols = b.ins().umin(cols_left, nr_v);
-                emit_merge(b, tmp_tile, nr, c, positions, rows, cols, accumulate);
-                if !epilogue.is_empty() {
-                    let epilogue_block = b.create_block();
-                    b.ins().brif(is_last, epilogue_block, &[], next, &[]);
-                    b.switch_to_block(epilogue_block);
-                    b.seal_block(epilogue_block);
-                    if let Err(e) = epilogue.emit_region(b, c, rows, cols, image, channel, p0) {
-                        failure = Some(e);
-                    }
-                }
-                b.ins().jump(next, &[]);
-
-                b.switch_to_block(next);
-                b.seal_block(next);
-            });
-        });
-        vec![]
-    });
-    if let Some(e) = failure {
-        return Err(e);
+    match plan.orientation {
+        Orientation::ChannelRows => channel_rows::emit(b, &frame)?,
+        Orientation::PositionRows => position_rows::emit(b, &frame)?,
     }
     parallel::emit_release_slot(b, scratch, slot);
     if let (Some(f), Some(saved)) = (env.float_env, saved_fp) {
         f.emit_restore(module, b, saved);
     }
     Ok(())
+}
+
+/// What a task's loop nest works on (run-time values in the task function).
+pub struct TaskFrame<'a> {
+    pub plan: &'a ConvGemmPlan,
+    /// The microkernel.
+    pub kernel: FuncRef,
+    pub epilogue: TileEpilogue<'a>,
+    /// This task's slot of the node's scratch (`plan.slot_bytes()`, 64-byte aligned).
+    pub scratch: Value,
+    pub image: Value,
+    /// First output channel of the group.
+    pub group_channel: Value,
+    /// First position of the block, and the block's position panels.
+    pub p_start: Value,
+    pub p_panels: Value,
+    /// Channel panels `panel_lo..panel_hi` of the group.
+    pub panel_lo: Value,
+    pub panel_hi: Value,
+    pub x_group: Value,
+    pub out_group: Value,
+    /// The group's packed weights.
+    pub weights_group: Value,
+}
+
+impl TaskFrame<'_> {
+    /// What packing needs to know for panels `width` positions wide.
+    pub fn pack_shape(&self, width: usize) -> PackShape<'_> {
+        PackShape {
+            spatial: &self.plan.spatial,
+            channels: self.plan.in_channels,
+            in_plane: self.plan.in_plane,
+            positions: self.plan.positions,
+            width,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cnnc_ir::{BinaryFn, ConvGeometry, Tensor, TensorType};
+
+    /// A conv node with constant weights; returns the graph (node 1 is the conv).
+    fn conv_graph(c: usize, m: usize, hw: usize, k: usize, groups: usize) -> Graph {
+        let mut g = Graph::new("t");
+        let x = g.add_input(TensorType::f32([1, c, hw, hw]), "x");
+        let w = g.add_constant("w", Tensor::f32([m, c / groups, k, k], vec![0.5; m * c / groups * k * k]));
+        let pad = k / 2;
+        let geometry = ConvGeometry {
+            strides: vec![1, 1],
+            dilations: vec![1, 1],
+            pads_begin: vec![pad, pad],
+            pads_end: vec![pad, pad],
+            groups,
+        };
+        let y = g.push1("conv", Op::Conv(geometry), &[x, w]).unwrap();
+        g.outputs.push(y);
+        g
+    }
+
+    fn conv_node(g: &Graph) -> &Node {
+        g.nodes.iter().find(|n| matches!(n.op, Op::Conv(_))).unwrap()
+    }
+
+    #[test]
+    fn few_positions_swap_the_orientation() {
+        // 7x7 = 49 positions: 4 panels of 16 (64) vs 9 panels of 6 (54).
+        let g = conv_graph(64, 512, 7, 3, 1);
+        let p = plan(&g, conv_node(&g), (6, 16)).unwrap();
+        assert_eq!(p.orientation, Orientation::PositionRows);
+        assert_eq!((p.channel_tile(), p.position_tile(), p.panels()), (16, 6, 32));
+        assert_eq!(p.nc % 6, 0);
+        // 56x56 = 3136 positions fill 16-wide panels exactly.
+        let g = conv_graph(64, 64, 56, 3, 1);
+        let p = plan(&g, conv_node(&g), (6, 16)).unwrap();
+        assert_eq!(p.orientation, Orientation::ChannelRows);
+        assert_eq!(p.panels(), 11);
+    }
+
+    #[test]
+    fn blocks_are_balanced_and_fit_the_problem() {
+        let g = conv_graph(64, 64, 56, 3, 1);
+        let p = plan(&g, conv_node(&g), (6, 16)).unwrap();
+        // K = 576; the default kc 184 needs 4 blocks, balanced to 144 each.
+        assert_eq!((p.depth, p.kc, p.k_blocks()), (576, 144, 4));
+        assert!(p.nc.is_multiple_of(16) && p.nc * p.p_blocks() >= p.positions);
+        assert!(p.nc * (p.p_blocks() - 1) < p.positions, "no empty block");
+        assert!(p.slots() <= MAX_SLOTS && p.scratch_bytes() >= p.slots() * p.slot_bytes());
+    }
+
+    #[test]
+    fn weights_pack_tap_major_with_zero_padding() {
+        // M = 3 channels, C = 2, 1 tap; panel width 2: panels [0,1] and [2,pad].
+        let mut g = Graph::new("w");
+        let x = g.add_input(TensorType::f32([1, 2, 4, 4]), "x");
+        let w = g.add_constant("w", Tensor::f32([3, 2, 1, 1], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]));
+        let geometry =
+            ConvGeometry { strides: vec![1, 1], dilations: vec![1, 1], pads_begin: vec![0, 0], pads_end: vec![0, 0], groups: 1 };
+        let y = g.push1("conv", Op::Conv(geometry), &[x, w]).unwrap();
+        g.outputs.push(y);
+        let p = plan(&g, conv_node(&g), (2, 16)).unwrap();
+        assert_eq!(p.orientation, Orientation::ChannelRows);
+        let floats: Vec<f32> = p
+            .pack_weights(&constant_weights(&g, conv_node(&g)).unwrap())
+            .chunks(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        // Panel 0: kk=0 -> (w[0][0], w[1][0]), kk=1 -> (w[0][1], w[1][1]); panel 1 padded.
+        assert_eq!(floats, vec![1.0, 3.0, 2.0, 4.0, 5.0, 0.0, 6.0, 0.0]);
+    }
+
+    #[test]
+    fn depthwise_direct_and_odd_broadcasts() {
+        let g = conv_graph(8, 8, 10, 3, 8);
+        assert!(plan(&g, conv_node(&g), (6, 16)).is_none(), "depthwise stays direct");
+        let mut g = conv_graph(8, 16, 10, 3, 1);
+        g.nodes.iter_mut().for_each(|n| {
+            if matches!(n.op, Op::Conv(_)) {
+                n.schedule.kernel = "direct".into();
+            }
+        });
+        assert!(plan(&g, conv_node(&g), (6, 16)).is_none(), "the schedule's choice is kept");
+
+        // A residual of the output's shape is addressed per tile; a [1,1,H,1] operand is not.
+        for (shape, per_tile) in [(vec![1, 16, 10, 10], true), (vec![1, 16, 1, 1], true), (vec![1, 1, 10, 1], false)] {
+            let mut g = conv_graph(8, 16, 10, 3, 1);
+            let operand = g.add_input(TensorType::f32(shape.clone()), "r");
+            let conv = g.nodes.iter_mut().find(|n| matches!(n.op, Op::Conv(_))).unwrap();
+            conv.inputs.push(operand);
+            conv.epilogue = vec![EpilogueStep::Binary { func: BinaryFn::Add, operand: 2 }];
+            let p = plan(&g, conv_node(&g), (6, 16)).unwrap();
+            assert_eq!(p.tile_steps.is_some(), per_tile, "operand {shape:?}");
+        }
+    }
 }

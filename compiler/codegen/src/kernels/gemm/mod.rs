@@ -1,8 +1,11 @@
 //! Pieces of the GEMM-based convolution (`conv_gemm.rs`) that are plain code emitters:
-//! run-time loops, packing of the B panels (`pack`), and the work done on a finished
-//! output tile (`tile`: edge-tile merging and the fused epilogue).
+//! the task loop nests of the two orientations (`channel_rows`, `position_rows`),
+//! im2col packing of panels (`pack`), the work done on a finished output tile
+//! (`tile`: edge-tile merging and the fused epilogue), and run-time loops.
 
+pub mod channel_rows;
 pub mod pack;
+pub mod position_rows;
 pub mod tile;
 
 use cranelift_codegen::ir::condcodes::IntCC;

@@ -1,8 +1,9 @@
 //! Packing one B panel of a convolution run as GEMM: im2col on the fly.
 //!
-//! The panel holds, for reduction indices `kk` in `k0..k0 + kc` and `nr` consecutive
+//! The panel holds, for reduction indices `kk` in `k0..k0 + kc` and `width` consecutive
 //! output positions starting at `p0`, the input value each position reads for `kk`:
-//! `nr` floats per `kk` (the microkernel's B layout). The reduction index is
+//! `width` floats per `kk` (the microkernel's B layout with `width = nr`, or its A
+//! layout with `width = mr` when positions are the rows of the product). The reduction index is
 //! tap-major, `kk = tap · C_in/group + ic` (the weights are laid out to match), so for
 //! one tap the panel rows of consecutive input channels are consecutive, and each
 //! position's source address only moves by a channel plane per row.
@@ -12,8 +13,9 @@
 //! all read inside the input. A regular quad is one vector load per channel (unit
 //! stride; stride 2 is two loads and a shuffle; larger strides gather); when every
 //! quad of the panel is regular one loop over the channels copies them all. Other
-//! quads (row ends, padding, positions past the last) go position by position, reading
-//! or writing zeros per channel. 1x1 convolutions without stride or padding arrive
+//! quads (row ends, padding, positions past the last), and the positions of a width
+//! that is not a multiple of 4, go position by position, reading or writing zeros per
+//! channel. 1x1 convolutions without stride or padding arrive
 //! here as a single flat axis, so every quad but those past the end is regular.
 
 use cranelift_codegen::ir::condcodes::IntCC;
@@ -36,8 +38,8 @@ pub struct PackShape<'a> {
     pub in_plane: usize,
     /// Output positions (the product of `spatial.output`).
     pub positions: usize,
-    /// Positions per panel (the microkernel's nr, a multiple of 4).
-    pub nr: usize,
+    /// Positions per panel, which is also the panel's floats per reduction index.
+    pub width: usize,
 }
 
 /// Per quad, what does not depend on the tap.
@@ -51,7 +53,7 @@ struct Quad {
 }
 
 /// Emits the packing of the panel at `dst` (32-byte aligned) from the group's input
-/// `x_group`, for positions `p0..p0 + nr` and reduction indices `k0..k0 + kc`
+/// `x_group`, for positions `p0..p0 + width` and reduction indices `k0..k0 + kc`
 /// (`kc >= 1`, run-time values).
 pub fn emit_pack_panel(b: &mut FunctionBuilder, s: &PackShape, x_group: Value, p0: Value, k0: Value, kc: Value, dst: Value) {
     let sp = s.spatial;
@@ -60,8 +62,8 @@ pub fn emit_pack_panel(b: &mut FunctionBuilder, s: &PackShape, x_group: Value, p
     let row_len = sp.output[last];
     let in_strides = cnnc_ir::strides(&sp.input);
     let plane_bytes = s.in_plane as i64 * F32_BYTES;
-    let row_bytes = s.nr as i64 * F32_BYTES;
-    let quads: Vec<Quad> = (0..s.nr / LANES)
+    let row_bytes = s.width as i64 * F32_BYTES;
+    let quads: Vec<Quad> = (0..s.width / LANES)
         .map(|q| {
             let first = b.ins().iadd_imm_s(p0, (q * LANES) as i64);
             let coords = unflatten(b, first, &sp.output);
@@ -121,7 +123,14 @@ pub fn emit_pack_panel(b: &mut FunctionBuilder, s: &PackShape, x_group: Value, p
             regular.push(ok);
             sources.push(element_address(b, src_tap, &coords, &in_strides));
         }
-        let mut all_regular = regular[0];
+        // Positions past the last whole quad go one by one.
+        for lane in quads.len() * LANES..s.width {
+            let position = b.ins().iadd_imm_s(p0, lane as i64);
+            let dst_lane = b.ins().iadd_imm_s(dst_tap, (lane * 4) as i64);
+            emit_position(b, s, position, &tap_offset, src_tap, dst_lane, count, &in_strides);
+        }
+        let Some(&first_regular) = regular.first() else { return };
+        let mut all_regular = first_regular;
         for &r in &regular[1..] {
             all_regular = b.ins().band(all_regular, r);
         }
@@ -220,7 +229,7 @@ fn emit_position(
         coords.push(c);
     }
     let plane_bytes = s.in_plane as i64 * F32_BYTES;
-    let row_bytes = s.nr as i64 * F32_BYTES;
+    let row_bytes = s.width as i64 * F32_BYTES;
     let copy = b.create_block();
     let zero = b.create_block();
     let done = b.create_block();

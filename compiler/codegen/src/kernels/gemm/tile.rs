@@ -10,11 +10,12 @@
 //! per-channel scales. Other broadcasts are applied after the convolution instead.
 
 use cnnc_ir::{BinaryFn, DType, UnaryFn};
-use cranelift_codegen::ir::types::{F32, F32X4};
-use cranelift_codegen::ir::{InstBuilder, Value};
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4};
+use cranelift_codegen::ir::{Endianness, InstBuilder, MemFlagsData, Value};
 use cranelift_frontend::FunctionBuilder;
 
-use super::{int, repeat, scaled};
+use super::{repeat, scaled};
 use crate::kernels::CodegenError;
 use crate::kernels::compute::{LANES, scalar_flags, vector_flags};
 use crate::kernels::elementwise::{binary_lane, unary_lane};
@@ -90,24 +91,22 @@ impl TileEpilogue<'_> {
         Ok(y)
     }
 
-    /// The epilogue over a full `rows` x `cols` tile at `tile` (compile-time extents;
-    /// `cols` a multiple of 4): channel `channel + r` for row r, positions from `position`.
+    /// The epilogue over `rows` rows of `cols` columns at `tile` (`cols` a compile-time
+    /// multiple of 4): channel `channel + r` for row r, positions from `position`.
     #[allow(clippy::too_many_arguments)]
-    pub fn emit_full(
+    pub fn emit_rows(
         &self,
         b: &mut FunctionBuilder,
         tile: Value,
         image: Value,
         channel: Value,
         position: Value,
-        rows: usize,
+        rows: Value,
         cols: usize,
     ) -> Result<(), CodegenError> {
         let row_bytes = self.row_stride * F32_BYTES;
-        let zero = int(b, 0);
-        let count = int(b, rows as i64);
         let mut failure = None;
-        repeat(b, count, &[tile, channel, zero], |b, carried| {
+        repeat(b, rows, &[tile, channel], |b, carried| {
             let (row, ch) = (carried[0], carried[1]);
             let bias = self.bias.map(|base| {
                 let at = scaled(b, base, ch, F32_BYTES);
@@ -145,16 +144,13 @@ impl TileEpilogue<'_> {
                     Err(e) => failure = Some(e),
                 }
             }
-            vec![
-                b.ins().iadd_imm_s(row, row_bytes),
-                b.ins().iadd_imm_s(ch, 1),
-                b.ins().iadd_imm_s(carried[2], 1),
-            ]
+            vec![b.ins().iadd_imm_s(row, row_bytes), b.ins().iadd_imm_s(ch, 1)]
         });
         failure.map_or(Ok(()), Err)
     }
 
-    /// The epilogue over a `rows` x `cols` region (run-time extents), one element at a time.
+    /// The epilogue over a `rows` x `cols` region of the output at `tile` (run-time
+    /// extents), in place, one element at a time.
     #[allow(clippy::too_many_arguments)]
     pub fn emit_region(
         &self,
@@ -166,10 +162,28 @@ impl TileEpilogue<'_> {
         channel: Value,
         position: Value,
     ) -> Result<(), CodegenError> {
+        let from = Source { at: tile, row_bytes: self.row_stride * F32_BYTES, col_bytes: F32_BYTES };
+        self.emit_region_from(b, from, tile, rows, cols, image, channel, position)
+    }
+
+    /// Like `emit_region`, reading the values from `from` instead of the output (a
+    /// transposed tile: channels along its columns) and writing them to `tile`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn emit_region_from(
+        &self,
+        b: &mut FunctionBuilder,
+        from: Source,
+        tile: Value,
+        rows: Value,
+        cols: Value,
+        image: Value,
+        channel: Value,
+        position: Value,
+    ) -> Result<(), CodegenError> {
         let row_bytes = self.row_stride * F32_BYTES;
         let mut failure = None;
-        repeat(b, rows, &[tile, channel], |b, carried| {
-            let (row, ch) = (carried[0], carried[1]);
+        repeat(b, rows, &[tile, from.at, channel], |b, carried| {
+            let (row, src_row, ch) = (carried[0], carried[1], carried[2]);
             let bias = self.bias.map(|base| {
                 let at = scaled(b, base, ch, F32_BYTES);
                 b.ins().load(F32, scalar_flags().with_readonly(), at, 0)
@@ -180,21 +194,19 @@ impl TileEpilogue<'_> {
                     TileStep::Binary { .. } => Some(self.operand_address(b, s, image, ch, position)),
                 })
                 .collect();
-            let mut carried_cols = vec![row];
+            // Pointer slots: output, source, then one per binary step.
+            let mut slots = Vec::with_capacity(starts.len());
+            let mut next_slot = 2;
+            for s in &starts {
+                slots.push(next_slot);
+                if s.is_some() {
+                    next_slot += 1;
+                }
+            }
+            let mut carried_cols = vec![row, src_row];
             carried_cols.extend(starts.iter().flatten().copied());
             repeat(b, cols, &carried_cols, |b, ptrs| {
-                let y = b.ins().load(F32, scalar_flags(), ptrs[0], 0);
-                // Map step index -> position of its pointer in `ptrs`.
-                let mut slot = 0;
-                let slots: Vec<usize> = starts
-                    .iter()
-                    .map(|s| {
-                        if s.is_some() {
-                            slot += 1;
-                        }
-                        slot
-                    })
-                    .collect();
+                let y = b.ins().load(F32, scalar_flags(), ptrs[1], 0);
                 let result = self.apply(b, y, bias, &mut |b, s| {
                     b.ins().load(F32, scalar_flags().with_readonly(), ptrs[slots[s]], 0)
                 });
@@ -204,24 +216,39 @@ impl TileEpilogue<'_> {
                     }
                     Err(e) => failure = Some(e),
                 }
-                let mut next = vec![b.ins().iadd_imm_s(ptrs[0], F32_BYTES)];
-                let mut k = 1;
-                for step in self.steps {
+                let mut next = vec![
+                    b.ins().iadd_imm_s(ptrs[0], F32_BYTES),
+                    b.ins().iadd_imm_s(ptrs[1], from.col_bytes),
+                ];
+                for (s, step) in self.steps.iter().enumerate() {
                     if let TileStep::Binary { operand, .. } = step {
-                        next.push(b.ins().iadd_imm_s(ptrs[k], operand.position_stride * F32_BYTES));
-                        k += 1;
+                        next.push(b.ins().iadd_imm_s(ptrs[slots[s]], operand.position_stride * F32_BYTES));
                     }
                 }
                 next
             });
-            vec![b.ins().iadd_imm_s(row, row_bytes), b.ins().iadd_imm_s(ch, 1)]
+            vec![
+                b.ins().iadd_imm_s(row, row_bytes),
+                b.ins().iadd_imm_s(src_row, from.row_bytes),
+                b.ins().iadd_imm_s(ch, 1),
+            ]
         });
         failure.map_or(Ok(()), Err)
     }
 }
 
+/// Where `emit_region_from` reads: the element of (row 0, column 0), and the byte steps
+/// to the next row (output channel) and column (position).
+#[derive(Clone, Copy)]
+pub struct Source {
+    pub at: Value,
+    pub row_bytes: i64,
+    pub col_bytes: i64,
+}
+
 /// Copies (or, when `accumulate != 0`, adds) the `rows` x `cols` valid part of a
-/// temporary tile (`tmp_stride` floats per row) into the output tile at `dst`.
+/// temporary tile (`tmp_stride` floats per row) into the output tile at `dst`. Rows of
+/// all `full_cols` columns (a multiple of 4: the tile's width) move as vectors.
 #[allow(clippy::too_many_arguments)]
 pub fn emit_merge(
     b: &mut FunctionBuilder,
@@ -231,8 +258,41 @@ pub fn emit_merge(
     dst_stride: i64,
     rows: Value,
     cols: Value,
+    full_cols: usize,
     accumulate: Value,
 ) {
+    let vector_rows = b.create_block();
+    let scalar_rows = b.create_block();
+    let done = b.create_block();
+    let whole = b.ins().icmp_imm_s(IntCC::Equal, cols, full_cols as i64);
+    b.ins().brif(whole, vector_rows, &[], scalar_rows, &[]);
+
+    b.switch_to_block(vector_rows);
+    b.seal_block(vector_rows);
+    // Bits of the old value kept only when accumulating: before the first block the
+    // output holds arbitrary bytes (NaN included), which must not reach the sum.
+    let keep = b.ins().ineg(accumulate);
+    let keep = b.ins().ireduce(I32, keep);
+    let keep = b.ins().splat(I32X4, keep);
+    let keep = b.ins().bitcast(F32X4, MemFlagsData::new().with_endianness(Endianness::Little), keep);
+    repeat(b, rows, &[tmp, dst], |b, ptrs| {
+        for v in 0..full_cols / LANES {
+            let offset = (v * LANES * 4) as i32;
+            let t = b.ins().load(F32X4, vector_flags(), ptrs[0], offset);
+            let old = b.ins().load(F32X4, vector_flags(), ptrs[1], offset);
+            let old = b.ins().band(old, keep);
+            let sum = b.ins().fadd(t, old);
+            b.ins().store(vector_flags(), sum, ptrs[1], offset);
+        }
+        vec![
+            b.ins().iadd_imm_s(ptrs[0], tmp_stride * F32_BYTES),
+            b.ins().iadd_imm_s(ptrs[1], dst_stride * F32_BYTES),
+        ]
+    });
+    b.ins().jump(done, &[]);
+
+    b.switch_to_block(scalar_rows);
+    b.seal_block(scalar_rows);
     repeat(b, rows, &[tmp, dst], |b, carried| {
         repeat(b, cols, carried, |b, ptrs| {
             let t = b.ins().load(F32, scalar_flags(), ptrs[0], 0);
@@ -249,4 +309,8 @@ pub fn emit_merge(
             b.ins().iadd_imm_s(carried[1], dst_stride * F32_BYTES),
         ]
     });
+    b.ins().jump(done, &[]);
+
+    b.switch_to_block(done);
+    b.seal_block(done);
 }

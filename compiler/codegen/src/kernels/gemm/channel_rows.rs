@@ -1,0 +1,153 @@
+//! The loop nest of a GEMM convolution task with output channels as the rows of the
+//! microkernel's tile (`Orientation::ChannelRows`): A = packed weights (compile time),
+//! B = im2col panels of `nr` positions (packed here), tiles written in place.
+//!
+//! Per k-block: pack the block's B panels into the slot, then for each channel panel
+//! and position panel call the microkernel. Full tiles accumulate straight into the
+//! output (`ldc` = positions); an edge tile (the group's last channels, the last
+//! positions) is computed into a temporary tile whose valid part is copied or added.
+//! After the last k-block each tile gets the epilogue while it is in L1.
+
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::types::{I8, I64};
+use cranelift_codegen::ir::InstBuilder;
+use cranelift_frontend::FunctionBuilder;
+
+use super::pack::emit_pack_panel;
+use super::tile::emit_merge;
+use super::{for_range, int, scaled};
+use crate::kernels::CodegenError;
+use crate::kernels::conv_gemm::TaskFrame;
+
+const F32_BYTES: i64 = 4;
+
+/// Scratch of one slot: the packed B block, then the temporary edge tile.
+pub fn slot_bytes(kc: usize, nc: usize, mr: usize, nr: usize) -> usize {
+    (kc * nc + mr * nr) * 4
+}
+
+pub fn emit(b: &mut FunctionBuilder, f: &TaskFrame) -> Result<(), CodegenError> {
+    let plan = f.plan;
+    let (mr, nr, kc) = (plan.mr as i64, plan.nr as i64, plan.kc as i64);
+    let positions = plan.positions as i64;
+    let depth = plan.depth as i64;
+    let k_blocks = plan.k_blocks();
+    let edge_rows = plan.out_channels % plan.mr;
+    let ragged_positions = !plan.positions.is_multiple_of(plan.nr);
+    let panel_bytes = kc * nr * F32_BYTES;
+    let packed = f.scratch;
+    let tmp_tile = b.ins().iadd_imm_s(packed, (plan.kc * plan.nc * 4) as i64);
+    let pack_shape = f.pack_shape(plan.nr);
+    let epilogue = &f.epilogue;
+    let mut failure: Option<CodegenError> = None;
+    crate::kernels::compute::counted_loop(b, k_blocks, vec![], |b, kb, _| {
+        let k0 = b.ins().imul_imm_s(kb, kc);
+        let depth_v = int(b, depth);
+        let rest = b.ins().isub(depth_v, k0);
+        let kc_v = int(b, kc);
+        let kcb = b.ins().umin(rest, kc_v);
+        let zero = int(b, 0);
+        for_range(b, zero, f.p_panels, |b, pp| {
+            let p0 = b.ins().imul_imm_s(pp, nr);
+            let p0 = b.ins().iadd(f.p_start, p0);
+            let dst = scaled(b, packed, pp, panel_bytes);
+            emit_pack_panel(b, &pack_shape, f.x_group, p0, k0, kcb, dst);
+        });
+        let accumulate = b.ins().icmp_imm_s(IntCC::NotEqual, kb, 0);
+        let accumulate = b.ins().uextend(I64, accumulate);
+        let is_last = b.ins().icmp_imm_s(IntCC::Equal, kb, (k_blocks - 1) as i64);
+        for_range(b, f.panel_lo, f.panel_hi, |b, panel| {
+            let a_offset = b.ins().imul_imm_s(panel, depth);
+            let a_offset = b.ins().iadd(a_offset, k0);
+            let a = scaled(b, f.weights_group, a_offset, mr * F32_BYTES);
+            let oc0 = b.ins().imul_imm_s(panel, mr);
+            let c_rows = scaled(b, f.out_group, oc0, positions * F32_BYTES);
+            let channel = b.ins().iadd(f.group_channel, oc0);
+            let rows_full = if edge_rows == 0 {
+                b.ins().iconst(I8, 1)
+            } else {
+                b.ins().icmp_imm_s(IntCC::NotEqual, panel, plan.panels() as i64 - 1)
+            };
+            let zero = int(b, 0);
+            for_range(b, zero, f.p_panels, |b, pp| {
+                let p_in_block = b.ins().imul_imm_s(pp, nr);
+                let p0 = b.ins().iadd(f.p_start, p_in_block);
+                let packed_panel = scaled(b, packed, pp, panel_bytes);
+                let c = scaled(b, c_rows, p0, F32_BYTES);
+                let full = if ragged_positions {
+                    let end = b.ins().iadd_imm_s(p0, nr);
+                    let cols_full = b.ins().icmp_imm_s(IntCC::SignedLessThanOrEqual, end, positions);
+                    b.ins().band(rows_full, cols_full)
+                } else {
+                    rows_full
+                };
+                let full_block = b.create_block();
+                let edge_block = b.create_block();
+                let next = b.create_block();
+                b.ins().brif(full, full_block, &[], edge_block, &[]);
+
+                b.switch_to_block(full_block);
+                b.seal_block(full_block);
+                let ldc = int(b, positions);
+                b.ins().call(f.kernel, &[kcb, a, packed_panel, c, ldc, accumulate]);
+                if !epilogue.is_empty() {
+                    let epilogue_block = b.create_block();
+                    b.ins().brif(is_last, epilogue_block, &[], next, &[]);
+                    b.switch_to_block(epilogue_block);
+                    b.seal_block(epilogue_block);
+                    let all_rows = int(b, mr);
+                    if let Err(e) = epilogue.emit_rows(b, c, f.image, channel, p0, all_rows, plan.nr) {
+                        failure = Some(e);
+                    }
+                }
+                b.ins().jump(next, &[]);
+
+                b.switch_to_block(edge_block);
+                b.seal_block(edge_block);
+                let tmp_ldc = int(b, nr);
+                let fresh = int(b, 0);
+                b.ins().call(f.kernel, &[kcb, a, packed_panel, tmp_tile, tmp_ldc, fresh]);
+                let all_rows = int(b, mr);
+                let rows = if edge_rows == 0 {
+                    all_rows
+                } else {
+                    let few = int(b, edge_rows as i64);
+                    b.ins().select(rows_full, all_rows, few)
+                };
+                let all_positions = int(b, positions);
+                let cols_left = b.ins().isub(all_positions, p0);
+                let nr_v = int(b, nr);
+                let cols = b.ins().umin(cols_left, nr_v);
+                emit_merge(b, tmp_tile, nr, c, positions, rows, cols, plan.nr, accumulate);
+                if !epilogue.is_empty() {
+                    let epilogue_block = b.create_block();
+                    b.ins().brif(is_last, epilogue_block, &[], next, &[]);
+                    b.switch_to_block(epilogue_block);
+                    b.seal_block(epilogue_block);
+                    // Whole rows (an edge of channels) still go as vectors.
+                    let whole_rows = b.create_block();
+                    let part_rows = b.create_block();
+                    let whole = b.ins().icmp_imm_s(IntCC::Equal, cols, nr);
+                    b.ins().brif(whole, whole_rows, &[], part_rows, &[]);
+                    b.switch_to_block(whole_rows);
+                    b.seal_block(whole_rows);
+                    if let Err(e) = epilogue.emit_rows(b, c, f.image, channel, p0, rows, plan.nr) {
+                        failure = Some(e);
+                    }
+                    b.ins().jump(next, &[]);
+                    b.switch_to_block(part_rows);
+                    b.seal_block(part_rows);
+                    if let Err(e) = epilogue.emit_region(b, c, rows, cols, f.image, channel, p0) {
+                        failure = Some(e);
+                    }
+                }
+                b.ins().jump(next, &[]);
+
+                b.switch_to_block(next);
+                b.seal_block(next);
+            });
+        });
+        vec![]
+    });
+    failure.map_or(Ok(()), Err)
+}
