@@ -19,7 +19,7 @@ usage:
   cnnc run OUT.so --input FILE.pb [--input FILE.pb ...] --out DIR [--threads T]
   cnnc verify DIR ... [--jobs J] [--cpu NAME]
   cnnc verify-train DIR ... [--cpu NAME]
-  cnnc bench MODEL.onnx [--threads T] [--batch N] [--runs N] [--cpu NAME]
+  cnnc bench MODEL.onnx [--threads T] [--batch N] [--runs N] [--cpu NAME] [--train]
   cnnc bench-gemm            # the GEMM microkernel against this core's FMA peak, same run
   cnnc dump MODEL.onnx [--after PASS | --all | --list-passes] [--batch N] [--full] [--cpu NAME] [--target TRIPLE]
 
@@ -276,11 +276,17 @@ fn verify_case(a: &Args) -> Result<(), Error> {
 
 fn bench(a: &Args) -> Result<(), Error> {
     a.only(&["--threads", "--batch", "--runs", "--cpu", "--target", "--train"])?;
-    if a.flag("--train") {
-        return Err(Error::Input("--train: the training entry points are not implemented in this version of cnnc".into()));
-    }
     let model = a.one_positional("MODEL.onnx")?;
     let threads = a.number("--threads")?.unwrap_or(1);
+    if a.flag("--train") {
+        if a.value("--batch").is_some() {
+            return Err(usage("--batch is not supported with --train yet (the batch is the model's)"));
+        }
+        let times = crate::train::cli_train::bench_training(&model, &a.target()?, threads, a.number("--runs")?.unwrap_or(10))?;
+        println!("runs={} min_ms={:.4} max_ms={:.4} threads={threads}", times.len(), times[0], times[times.len() - 1]);
+        println!("median_ms={:.4}", times[times.len() / 2]);
+        return Ok(());
+    }
     let target = a.target()?;
     let scratch = ScratchDir::new("bench")?;
     let so = scratch.0.join("model.so");

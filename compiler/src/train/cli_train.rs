@@ -86,3 +86,58 @@ pub fn verify_train_all(dirs: &[PathBuf], target: &TargetSpec) -> Result<(), Err
     println!("{passed} passed, {failed} failed, {skipped} skipped");
     if failed > 0 { Err(Error::Failed(format!("{failed} case(s) failed"))) } else { Ok(()) }
 }
+
+/// `cnnc bench MODEL --train`: training-step times in ms (SGD with momentum 0.9, lr 0.01,
+/// random inputs and labels), after warm-up; at least `min_runs` runs or 2 s.
+pub fn bench_training(model: &Path, target: &TargetSpec, threads: usize, min_runs: usize) -> Result<Vec<f64>, Error> {
+    use super::compiled::Trainer;
+    use super::fused::HyperValues;
+    use cnnc_ir::{Tensor, TensorData};
+    use std::time::Instant;
+
+    let tg = load_training_graph_with(model, &TrainOptions::default()).map_err(|e| Error::Input(format!("{}: {e}", model.display())))?;
+    let fused = fused_train_step(&tg, OptimizerKind::Sgd).map_err(|e| Error::Input(format!("{}: {e}", model.display())))?;
+    let scratch = ScratchDir::new("bench-train")?;
+    let so = scratch.0.join("train.so");
+    compile_fused_step(&fused, target, &so).map_err(Error::Failed)?;
+    let mut trainer = Trainer::load(&so, &fused.initial_state(), threads).map_err(Error::Failed)?;
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let data: Vec<Tensor> = fused
+        .data_inputs
+        .iter()
+        .map(|&v| {
+            let ty = fused.graph.ty(v);
+            Tensor::f32(ty.shape.clone(), (0..ty.numel()).map(|_| (next() % 2000) as f32 / 1000.0 - 1.0).collect())
+        })
+        .collect();
+    let classes = fused.graph.ty(tg.logits).shape.get(1).copied().unwrap_or(1).max(1) as u64;
+    let batch = fused.graph.ty(fused.labels).numel();
+    let labels = Tensor::new(vec![batch], TensorData::I64((0..batch).map(|_| (next() % classes) as i64).collect()));
+    let mut step = 0u64;
+    let mut run = |trainer: &mut Trainer| -> Result<f64, Error> {
+        step += 1;
+        let hyper = HyperValues { lr: 0.01, momentum: 0.9, weight_decay: 0.0, beta1: 0.0, beta2: 0.0, epsilon: 0.0, step };
+        let t = Instant::now();
+        trainer.step(&data, &labels, &hyper).map_err(Error::Failed)?;
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    };
+    let warm = Instant::now();
+    let mut n = 0;
+    while n < 3 || warm.elapsed().as_secs_f64() < 0.3 {
+        run(&mut trainer)?;
+        n += 1;
+    }
+    let mut times = Vec::new();
+    let total = Instant::now();
+    while times.len() < min_runs || (total.elapsed().as_secs_f64() < 2.0 && times.len() < 10_000) {
+        times.push(run(&mut trainer)?);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times)
+}
