@@ -128,10 +128,10 @@ struct Builder<'g> {
 
 impl Builder<'_> {
     fn unary(&mut self, name: &str, f: UnaryFn, x: ValueId) -> Result<ValueId, String> {
-        self.g.push1(&format!("{}.{name}", self.prefix), Op::Unary(f), &[x])
+        self.g.push1(format!("{}.{name}", self.prefix), Op::Unary(f), &[x])
     }
     fn binary(&mut self, name: &str, f: BinaryFn, a: ValueId, b: ValueId) -> Result<ValueId, String> {
-        self.g.push1(&format!("{}.{name}", self.prefix), Op::Binary(f), &[a, b])
+        self.g.push1(format!("{}.{name}", self.prefix), Op::Binary(f), &[a, b])
     }
 }
 
