@@ -244,3 +244,47 @@ fn emit_train_step<M: Module>(
     define(module, id, &mut ctx, abi::SYM_TRAIN_STEP)?;
     Ok(id)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cnnc_ir::{BinaryFn, DType, Op, TensorType};
+
+    /// A toy "training graph": state w [3], data x [3], labels, hyper; outputs w', loss, grad.
+    fn toy() -> Graph {
+        let mut g = Graph::new("toy");
+        let w = g.add_input(TensorType::f32(vec![3]), "w");
+        let x = g.add_input(TensorType::f32(vec![3]), "x");
+        g.add_input(TensorType::new(DType::I64, vec![1]), "labels");
+        let hyper: Vec<_> = (0..HYPER_INPUTS).map(|k| g.add_input(TensorType::f32(Vec::<usize>::new()), format!("h{k}"))).collect();
+        let scaled = g.push1("scaled", Op::Binary(BinaryFn::Mul), &[hyper[0], x]).unwrap();
+        let w_new = g.push1("w_new", Op::Binary(BinaryFn::Sub), &[w, scaled]).unwrap();
+        let loss = g.push1("loss", Op::Reduce { kind: cnnc_ir::ReduceKind::Sum, axes: vec![0] }, &[w]).unwrap();
+        let loss = g.push_typed("loss0", Op::Reshape, &[loss], TensorType::f32(Vec::<usize>::new())).unwrap();
+        g.outputs = vec![w_new, loss, x];
+        g
+    }
+
+    #[test]
+    fn layout_places_state_then_gradients_aligned() {
+        let layout = StateLayout::of(&toy(), &TrainSignature { num_state: 1, num_data: 1 }).unwrap();
+        let names: Vec<&str> = layout.tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["w", "w.grad"]);
+        assert_eq!(layout.tensors[0].offset, 0);
+        assert_eq!(layout.tensors[1].offset, WORKSPACE_ALIGN as u64);
+        assert_eq!(layout.state_bytes, 12);
+        assert_eq!(layout.size, 2 * WORKSPACE_ALIGN);
+    }
+
+    #[test]
+    fn signatures_that_do_not_fit_the_graph_are_refused() {
+        let g = toy();
+        let err = StateLayout::of(&g, &TrainSignature { num_state: 2, num_data: 1 }).unwrap_err();
+        assert!(err.0.contains("needs 11 inputs"), "{err}");
+        let mut wrong_hyper = g.clone();
+        let last = *wrong_hyper.inputs.last().unwrap();
+        wrong_hyper.values[last.index()].ty = TensorType::f32(vec![2]);
+        let err = StateLayout::of(&wrong_hyper, &TrainSignature { num_state: 1, num_data: 1 }).unwrap_err();
+        assert!(err.0.contains("must be an f32 scalar"), "{err}");
+    }
+}
