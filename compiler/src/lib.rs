@@ -3,7 +3,7 @@
 //! `cnnc-ir`, the ABI and loader in `cnnc-runtime`.
 
 pub mod cli;
-pub mod compare;
+pub use cnnc_ir::compare;
 pub mod driver;
 pub mod header;
 pub mod passes;

@@ -1,6 +1,6 @@
 //! The numerical acceptance rule of ../shared/DESIGN.md.
 
-use cnnc_ir::{Tensor, TensorData};
+use crate::types::{Tensor, TensorData};
 
 /// Checks `actual` against `expected`: shapes and dtypes equal; float elements within
 /// `1e-3·|ref| + 1e-4·max|ref|` (NaN where NaN, infinities equal); ints and bools exact.

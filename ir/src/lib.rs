@@ -9,6 +9,7 @@
 //! - `print` / `parse`: the text form; `parse(print(g)) == g`.
 //! - `interp`: the reference interpreter, the test oracle.
 
+pub mod compare;
 pub mod graph;
 pub mod infer;
 pub mod interp;

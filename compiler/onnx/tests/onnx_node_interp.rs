@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use cnnc_ir::{Tensor, TensorData};
+use cnnc_ir::Tensor;
 use cnnc_onnx::{FrontendError, LoadOptions, decode_model, load_model_with_constant_inputs, read_tensor_pb};
 
 const SUITES: &[&str] = &["/work/shared/onnx-node", "/work/shared/onnx-pytorch"];
@@ -99,39 +99,7 @@ fn numbered(dir: &Path, prefix: &str) -> Vec<PathBuf> {
     files
 }
 
-/// The DESIGN.md comparison: |y - ref| <= 1e-3·|ref| + 1e-4·max|ref|, NaN where NaN,
-/// infinities equal, integers and booleans exact.
-fn compare(got: &Tensor, want: &Tensor) -> Result<(), String> {
-    if got.shape != want.shape {
-        return Err(format!("shape {:?}, expected {:?}", got.shape, want.shape));
-    }
-    match (&got.data, &want.data) {
-        (TensorData::F32(g), TensorData::F32(w)) => {
-            let max_ref = w.iter().filter(|v| v.is_finite()).fold(0f32, |m, v| m.max(v.abs()));
-            for (i, (&y, &r)) in g.iter().zip(w).enumerate() {
-                let ok = if r.is_nan() {
-                    y.is_nan()
-                } else if r.is_infinite() {
-                    y == r
-                } else {
-                    (y - r).abs() <= 1e-3 * r.abs() + 1e-4 * max_ref
-                };
-                if !ok {
-                    return Err(format!("element {i}: {y}, expected {r}"));
-                }
-            }
-            Ok(())
-        }
-        (g, w) if g.dtype() == w.dtype() => {
-            if g == w {
-                Ok(())
-            } else {
-                Err("integer/boolean elements differ".into())
-            }
-        }
-        (g, w) => Err(format!("dtype {}, expected {}", g.dtype(), w.dtype())),
-    }
-}
+use cnnc_ir::compare::compare;
 
 /// Names quoted in "input K ('NAME') must be a compile-time constant" reasons.
 fn names_needed_constant(e: &FrontendError) -> Vec<String> {
