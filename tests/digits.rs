@@ -25,7 +25,8 @@ fn synthetic_digits(count: usize, seed: u64) -> Dataset {
         for y in 0..SIDE {
             for x in 0..SIDE {
                 let lit = (cell_x..cell_x + 2).contains(&x) && (cell_y..cell_y + 2).contains(&y);
-                data.images.push(if lit { 1.0 } else { 0.0 } + 0.2 * rng.uniform());
+                data.images
+                    .push(if lit { 1.0 } else { 0.0 } + 0.2 * rng.uniform());
             }
         }
         data.labels.push(label);
@@ -38,7 +39,11 @@ fn digits_model_trains_and_compiled_inference_matches_the_interpreter() {
     let dir = common::scratch("digits-example");
     let data = synthetic_digits(4 * BATCH, 3);
     let initial_onnx = dir.join("initial.onnx");
-    std::fs::write(&initial_onnx, digits::lenet_digits_onnx(BATCH, &digits::initial_parameters(3)).unwrap()).unwrap();
+    std::fs::write(
+        &initial_onnx,
+        digits::lenet_digits_onnx(BATCH, &digits::initial_parameters(3)).unwrap(),
+    )
+    .unwrap();
     let tg = load_training_graph(&initial_onnx).unwrap();
     let fused = fused_train_step(&tg, OptimizerKind::Sgd).unwrap();
     let target = TargetSpec::host();
@@ -52,19 +57,41 @@ fn digits_model_trains_and_compiled_inference_matches_the_interpreter() {
         let b = (step as usize - 1) % batches;
         let images = data.images[b * BATCH * PIXELS..(b + 1) * BATCH * PIXELS].to_vec();
         let labels = data.labels[b * BATCH..(b + 1) * BATCH].to_vec();
-        let hyper = HyperValues { lr: 0.1, momentum: 0.9, weight_decay: 0.0, beta1: 0.0, beta2: 0.0, epsilon: 0.0, step };
+        let hyper = HyperValues {
+            lr: 0.1,
+            momentum: 0.9,
+            weight_decay: 0.0,
+            beta1: 0.0,
+            beta2: 0.0,
+            epsilon: 0.0,
+            step,
+        };
         let loss = trainer
-            .step(&[Tensor::f32(vec![BATCH, 1, SIDE, SIDE], images)], &Tensor::new(vec![BATCH], TensorData::I64(labels)), &hyper)
+            .step(
+                &[Tensor::f32(vec![BATCH, 1, SIDE, SIDE], images)],
+                &Tensor::new(vec![BATCH], TensorData::I64(labels)),
+                &hyper,
+            )
             .unwrap();
         losses.push(loss);
     }
     let first_epoch: f32 = losses[..batches].iter().sum::<f32>() / batches as f32;
     let last_epoch: f32 = losses[losses.len() - batches..].iter().sum::<f32>() / batches as f32;
-    assert!(last_epoch < 0.5 * first_epoch, "the loss did not fall: {losses:?}");
+    assert!(
+        last_epoch < 0.5 * first_epoch,
+        "the loss did not fall: {losses:?}"
+    );
 
     let parameters: Vec<(String, Tensor)> = digits::parameter_shapes()
         .into_iter()
-        .map(|(name, _)| (name.to_string(), trainer.get(name).unwrap_or_else(|| panic!("no state tensor {name}"))))
+        .map(|(name, _)| {
+            (
+                name.to_string(),
+                trainer
+                    .get(name)
+                    .unwrap_or_else(|| panic!("no state tensor {name}")),
+            )
+        })
         .collect();
     let trained_onnx = dir.join("trained.onnx");
     let bytes = digits::lenet_digits_onnx(data.len(), &parameters).unwrap();
@@ -75,11 +102,32 @@ fn digits_model_trains_and_compiled_inference_matches_the_interpreter() {
     let mut session = cnnc_runtime::Session::new(&model, 1).unwrap();
     let logits = session.run_f32(&[&data.images]).unwrap().remove(0);
 
-    let graph = cnnc_onnx::load_model_bytes(&bytes, &cnnc_onnx::LoadOptions { batch: None, inference: true }).unwrap();
+    let graph = cnnc_onnx::load_model_bytes(
+        &bytes,
+        &cnnc_onnx::LoadOptions {
+            batch: None,
+            inference: true,
+        },
+    )
+    .unwrap();
     let input = Tensor::f32(vec![data.len(), 1, SIDE, SIDE], data.images.clone());
-    let reference = cnnc_ir::interp::run(&graph, std::slice::from_ref(&input)).unwrap().remove(0);
-    cnnc::compare::compare(&Tensor::f32(vec![data.len(), CLASSES], logits.clone()), &reference).unwrap();
+    let reference = cnnc_ir::interp::run(&graph, std::slice::from_ref(&input))
+        .unwrap()
+        .remove(0);
+    cnnc::compare::compare(
+        &Tensor::f32(vec![data.len(), CLASSES], logits.clone()),
+        &reference,
+    )
+    .unwrap();
 
-    let correct = digits::predictions(&logits).iter().zip(&data.labels).filter(|(p, l)| p == l).count();
-    assert!(correct * 10 >= data.len() * 9, "{correct} of {} right after training", data.len());
+    let correct = digits::predictions(&logits)
+        .iter()
+        .zip(&data.labels)
+        .filter(|(p, l)| p == l)
+        .count();
+    assert!(
+        correct * 10 >= data.len() * 9,
+        "{correct} of {} right after training",
+        data.len()
+    );
 }

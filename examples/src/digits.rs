@@ -48,7 +48,11 @@ impl Dataset {
         let test_count = (self.len() as f64 * test_fraction).round() as usize;
         let (mut train, mut test) = (Dataset::default(), Dataset::default());
         for (k, &i) in order.iter().enumerate() {
-            let target = if k < test_count { &mut test } else { &mut train };
+            let target = if k < test_count {
+                &mut test
+            } else {
+                &mut train
+            };
             target.push(self.image(i), self.labels[i]);
         }
         (train, test)
@@ -74,19 +78,38 @@ pub fn parse_csv(text: &str) -> Result<Dataset, String> {
         }
         let fields: Vec<&str> = line.split(',').map(str::trim).collect();
         if fields.len() != PIXELS + 1 {
-            return Err(format!("line {line_number}: {} fields, expected {} (64 pixels and a label)", fields.len(), PIXELS + 1));
+            return Err(format!(
+                "line {line_number}: {} fields, expected {} (64 pixels and a label)",
+                fields.len(),
+                PIXELS + 1
+            ));
         }
         image.clear();
         for (column, field) in fields[..PIXELS].iter().enumerate() {
-            let value: f32 = field.parse().map_err(|_| format!("line {line_number}, column {}: `{field}` is not a number", column + 1))?;
+            let value: f32 = field.parse().map_err(|_| {
+                format!(
+                    "line {line_number}, column {}: `{field}` is not a number",
+                    column + 1
+                )
+            })?;
             if !(0.0..=MAX_INTENSITY).contains(&value) {
-                return Err(format!("line {line_number}, column {}: pixel {value} is outside 0..=16", column + 1));
+                return Err(format!(
+                    "line {line_number}, column {}: pixel {value} is outside 0..=16",
+                    column + 1
+                ));
             }
             image.push(value / MAX_INTENSITY);
         }
-        let label: i64 = fields[PIXELS].parse().map_err(|_| format!("line {line_number}: label `{}` is not an integer", fields[PIXELS]))?;
+        let label: i64 = fields[PIXELS].parse().map_err(|_| {
+            format!(
+                "line {line_number}: label `{}` is not an integer",
+                fields[PIXELS]
+            )
+        })?;
         if !(0..CLASSES as i64).contains(&label) {
-            return Err(format!("line {line_number}: label {label} is outside 0..=9"));
+            return Err(format!(
+                "line {line_number}: label {label} is outside 0..=9"
+            ));
         }
         data.push(&image, label);
     }
@@ -105,7 +128,8 @@ pub fn load_csv(path: &Path) -> Result<Dataset, String> {
             .read_to_string(&mut text)
             .map_err(|e| format!("{}: decompressing: {e}", path.display()))?;
     } else {
-        text = String::from_utf8(bytes).map_err(|_| format!("{}: not UTF-8 text", path.display()))?;
+        text =
+            String::from_utf8(bytes).map_err(|_| format!("{}: not UTF-8 text", path.display()))?;
     }
     parse_csv(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
@@ -176,24 +200,52 @@ pub fn lenet_digits_onnx(batch: usize, parameters: &[(String, Tensor)]) -> Resul
             .find(|(n, _)| n == name)
             .ok_or_else(|| format!("parameter `{name}` missing"))?;
         if tensor.shape != shape || tensor.data.dtype() != DType::F32 {
-            return Err(format!("parameter `{name}` must be f32{shape:?}, is {}", tensor.ty()));
+            return Err(format!(
+                "parameter `{name}` must be f32{shape:?}, is {}",
+                tensor.ty()
+            ));
         }
         m.initializer(name, tensor);
     }
-    let conv = || vec![attr::ints("kernel_shape", &[3, 3]), attr::ints("pads", &[1, 1, 1, 1])];
-    let pool = || vec![attr::ints("kernel_shape", &[2, 2]), attr::ints("strides", &[2, 2])];
+    let conv = || {
+        vec![
+            attr::ints("kernel_shape", &[3, 3]),
+            attr::ints("pads", &[1, 1, 1, 1]),
+        ]
+    };
+    let pool = || {
+        vec![
+            attr::ints("kernel_shape", &[2, 2]),
+            attr::ints("strides", &[2, 2]),
+        ]
+    };
     let gemm = || vec![attr::int("transB", 1)];
-    m.node("Conv", &["image", "conv1.weight", "conv1.bias"], &["c1"], conv())
-        .node("Relu", &["c1"], &["r1"], vec![])
-        .node("MaxPool", &["r1"], &["p1"], pool())
-        .node("Conv", &["p1", "conv2.weight", "conv2.bias"], &["c2"], conv())
-        .node("Relu", &["c2"], &["r2"], vec![])
-        .node("MaxPool", &["r2"], &["p2"], pool())
-        .node("Flatten", &["p2"], &["f"], vec![attr::int("axis", 1)])
-        .node("Gemm", &["f", "fc1.weight", "fc1.bias"], &["g1"], gemm())
-        .node("Relu", &["g1"], &["h1"], vec![])
-        .node("Gemm", &["h1", "fc2.weight", "fc2.bias"], &["logits"], gemm())
-        .output("logits", DType::F32, &[batch, CLASSES]);
+    m.node(
+        "Conv",
+        &["image", "conv1.weight", "conv1.bias"],
+        &["c1"],
+        conv(),
+    )
+    .node("Relu", &["c1"], &["r1"], vec![])
+    .node("MaxPool", &["r1"], &["p1"], pool())
+    .node(
+        "Conv",
+        &["p1", "conv2.weight", "conv2.bias"],
+        &["c2"],
+        conv(),
+    )
+    .node("Relu", &["c2"], &["r2"], vec![])
+    .node("MaxPool", &["r2"], &["p2"], pool())
+    .node("Flatten", &["p2"], &["f"], vec![attr::int("axis", 1)])
+    .node("Gemm", &["f", "fc1.weight", "fc1.bias"], &["g1"], gemm())
+    .node("Relu", &["g1"], &["h1"], vec![])
+    .node(
+        "Gemm",
+        &["h1", "fc2.weight", "fc2.bias"],
+        &["logits"],
+        gemm(),
+    )
+    .output("logits", DType::F32, &[batch, CLASSES]);
     Ok(m.to_bytes())
 }
 
@@ -201,14 +253,28 @@ pub fn lenet_digits_onnx(batch: usize, parameters: &[(String, Tensor)]) -> Resul
 pub fn predictions(logits: &[f32]) -> Vec<i64> {
     logits
         .chunks(CLASSES)
-        .map(|row| row.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (k, &v)| if v > best.1 { (k, v) } else { best }).0 as i64)
+        .map(|row| {
+            row.iter()
+                .enumerate()
+                .fold((0, f32::NEG_INFINITY), |best, (k, &v)| {
+                    if v > best.1 { (k, v) } else { best }
+                })
+                .0 as i64
+        })
         .collect()
 }
 
 /// A text progress bar: `[#####.....] 23/45`.
 pub fn progress_bar(done: usize, total: usize, width: usize) -> String {
-    let filled = (done * width).checked_div(total).unwrap_or(width).min(width);
-    format!("[{}{}] {done}/{total}", "#".repeat(filled), ".".repeat(width - filled))
+    let filled = (done * width)
+        .checked_div(total)
+        .unwrap_or(width)
+        .min(width);
+    format!(
+        "[{}{}] {done}/{total}",
+        "#".repeat(filled),
+        ".".repeat(width - filled)
+    )
 }
 
 #[cfg(test)]
@@ -239,11 +305,20 @@ mod tests {
 
     #[test]
     fn split_is_seeded_and_disjoint() {
-        let data = Dataset { images: (0..100 * PIXELS).map(|i| (i / PIXELS) as f32).collect(), labels: (0..100).map(|i| i % 10).collect() };
+        let data = Dataset {
+            images: (0..100 * PIXELS).map(|i| (i / PIXELS) as f32).collect(),
+            labels: (0..100).map(|i| i % 10).collect(),
+        };
         let (train, test) = data.split(0.2, 7);
         assert_eq!((train.len(), test.len()), (80, 20));
         assert_eq!(data.split(0.2, 7), (train.clone(), test.clone()));
-        let mut ids: Vec<i64> = train.images.iter().chain(&test.images).step_by(PIXELS).map(|&v| v as i64).collect();
+        let mut ids: Vec<i64> = train
+            .images
+            .iter()
+            .chain(&test.images)
+            .step_by(PIXELS)
+            .map(|&v| v as i64)
+            .collect();
         ids.sort();
         assert_eq!(ids, (0..100).collect::<Vec<_>>());
     }

@@ -36,7 +36,9 @@ fn main() -> ExitCode {
         Ok(o) => o,
         Err(e) => {
             eprintln!("train-digits: {e}");
-            eprintln!("usage: train-digits [--data FILE.csv.gz] [--out DIR] [--epochs N] [--seed S]");
+            eprintln!(
+                "usage: train-digits [--data FILE.csv.gz] [--out DIR] [--epochs N] [--seed S]"
+            );
             return ExitCode::from(2);
         }
     };
@@ -72,8 +74,16 @@ fn parse_args() -> Result<Options, String> {
         match flag.as_str() {
             "--data" => options.data = PathBuf::from(value()?),
             "--out" => options.out = PathBuf::from(value()?),
-            "--epochs" => options.epochs = value()?.parse().map_err(|_| "--epochs takes a positive integer".to_string())?,
-            "--seed" => options.seed = value()?.parse().map_err(|_| "--seed takes an unsigned integer".to_string())?,
+            "--epochs" => {
+                options.epochs = value()?
+                    .parse()
+                    .map_err(|_| "--epochs takes a positive integer".to_string())?
+            }
+            "--seed" => {
+                options.seed = value()?
+                    .parse()
+                    .map_err(|_| "--seed takes an unsigned integer".to_string())?
+            }
             other => return Err(format!("unknown argument `{other}`")),
         }
     }
@@ -87,8 +97,15 @@ fn run(options: &Options) -> Result<(), String> {
     let start = Instant::now();
     let data = digits::load_csv(&options.data)?;
     let (train, test) = data.split(TEST_FRACTION, options.seed);
-    println!("digits: {} images, {} for training, {} for testing (seed {})", data.len(), train.len(), test.len(), options.seed);
-    std::fs::create_dir_all(&options.out).map_err(|e| format!("creating {}: {e}", options.out.display()))?;
+    println!(
+        "digits: {} images, {} for training, {} for testing (seed {})",
+        data.len(),
+        train.len(),
+        test.len(),
+        options.seed
+    );
+    std::fs::create_dir_all(&options.out)
+        .map_err(|e| format!("creating {}: {e}", options.out.display()))?;
     let out = |name: &str| options.out.join(name);
 
     // The training library is compiled once from the initial model; its state buffer then
@@ -101,7 +118,11 @@ fn run(options: &Options) -> Result<(), String> {
     let target = TargetSpec::host();
     compile_fused_step(&fused, &target, &train_so)?;
     let mut trainer = Trainer::load(&train_so, &fused.initial_state(), 1)?;
-    println!("compiled the training step ({} state tensors) in {:.1}s", fused.state.len(), start.elapsed().as_secs_f64());
+    println!(
+        "compiled the training step ({} state tensors) in {:.1}s",
+        fused.state.len(),
+        start.elapsed().as_secs_f64()
+    );
 
     let mut rng = Rng::new(options.seed ^ 0x5eed);
     let mut order: Vec<usize> = (0..train.len()).collect();
@@ -123,10 +144,25 @@ fn run(options: &Options) -> Result<(), String> {
             let labels: Vec<i64> = rows.iter().map(|&i| train.labels[i]).collect();
             let x = Tensor::f32(vec![BATCH, 1, SIDE, SIDE], images);
             step += 1;
-            let hyper = HyperValues { lr, momentum: MOMENTUM, weight_decay: WEIGHT_DECAY, beta1: 0.0, beta2: 0.0, epsilon: 0.0, step };
-            let loss = trainer.step(&[x], &Tensor::new(vec![BATCH], TensorData::I64(labels)), &hyper)?;
+            let hyper = HyperValues {
+                lr,
+                momentum: MOMENTUM,
+                weight_decay: WEIGHT_DECAY,
+                beta1: 0.0,
+                beta2: 0.0,
+                epsilon: 0.0,
+                step,
+            };
+            let loss = trainer.step(
+                &[x],
+                &Tensor::new(vec![BATCH], TensorData::I64(labels)),
+                &hyper,
+            )?;
             if !loss.is_finite() {
-                return Err(format!("epoch {epoch}, batch {}: the loss is {loss}", b + 1));
+                return Err(format!(
+                    "epoch {epoch}, batch {}: the loss is {loss}",
+                    b + 1
+                ));
             }
             loss_sum += loss as f64;
             print!("\r{}", digits::progress_bar(b + 1, batches, BAR_WIDTH));
@@ -135,8 +171,20 @@ fn run(options: &Options) -> Result<(), String> {
         println!();
         let parameters = current_parameters(&trainer)?;
         let eval_start = Instant::now();
-        let train_accuracy = accuracy_batched(&parameters, &train, &out("eval_train.onnx"), &out("eval_train.so"), &target)?;
-        let test_accuracy = accuracy_batched(&parameters, &test, &out("eval_test.onnx"), &out("eval_test.so"), &target)?;
+        let train_accuracy = accuracy_batched(
+            &parameters,
+            &train,
+            &out("eval_train.onnx"),
+            &out("eval_train.so"),
+            &target,
+        )?;
+        let test_accuracy = accuracy_batched(
+            &parameters,
+            &test,
+            &out("eval_test.onnx"),
+            &out("eval_test.so"),
+            &target,
+        )?;
         println!(
             "epoch {epoch} loss {:.4} train_acc {:.1}% test_acc {:.1}%  (lr {lr:.4}, eval {:.1}s)",
             loss_sum / batches as f64,
@@ -182,18 +230,28 @@ fn current_parameters(trainer: &Trainer) -> Result<Vec<(String, Tensor)>, String
     digits::parameter_shapes()
         .into_iter()
         .map(|(name, _)| {
-            let tensor = trainer.get(name).ok_or_else(|| format!("the training state has no tensor `{name}`"))?;
+            let tensor = trainer
+                .get(name)
+                .ok_or_else(|| format!("the training state has no tensor `{name}`"))?;
             Ok((name.to_string(), tensor))
         })
         .collect()
 }
 
 /// Accuracy on all of `data` in one run of an inference library compiled for that batch.
-fn accuracy_batched(parameters: &[(String, Tensor)], data: &Dataset, onnx: &Path, so: &Path, target: &TargetSpec) -> Result<f64, String> {
+fn accuracy_batched(
+    parameters: &[(String, Tensor)],
+    data: &Dataset,
+    onnx: &Path,
+    so: &Path,
+    target: &TargetSpec,
+) -> Result<f64, String> {
     write_model(onnx, data.len(), parameters)?;
     cnnc::driver::compile_file(onnx, None, target, so).map_err(|e| e.to_string())?;
     let mut session = open_session(so)?;
-    let logits = session.run_f32(&[&data.images]).map_err(|e| format!("running {}: {e}", so.display()))?;
+    let logits = session
+        .run_f32(&[&data.images])
+        .map_err(|e| format!("running {}: {e}", so.display()))?;
     Ok(fraction_correct(&logits[0], &data.labels))
 }
 
@@ -202,7 +260,9 @@ fn accuracy_one_by_one(so: &Path, data: &Dataset) -> Result<f64, String> {
     let mut session = open_session(so)?;
     let mut logits = Vec::with_capacity(data.len() * CLASSES);
     for i in 0..data.len() {
-        let out = session.run_f32(&[data.image(i)]).map_err(|e| format!("running {}: {e}", so.display()))?;
+        let out = session
+            .run_f32(&[data.image(i)])
+            .map_err(|e| format!("running {}: {e}", so.display()))?;
         logits.extend_from_slice(&out[0]);
     }
     Ok(fraction_correct(&logits, &data.labels))
