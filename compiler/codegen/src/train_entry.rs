@@ -202,7 +202,7 @@ fn emit_train_step<M: Module>(
         // The graph reads the step as f32 (exact up to 2^24 steps).
         let step = b.ins().load(I64, ptr_flags, hyper, HYPER_STEP_OFFSET);
         let step_f32 = b.ins().fcvt_from_uint(F32, step);
-        b.ins().stack_store(F32, step_f32, step_slot, 0);
+        b.ins().stack_store(I64, step_f32, step_slot, 0);
         let step_addr = b.ins().stack_addr(I64, step_slot, 0);
         b.ins().stack_store(I64, step_addr, in_slot, at);
 
