@@ -44,6 +44,8 @@ pub struct CompiledInfo {
     pub kernels: usize,
     /// Convolutions run as GEMM on the microkernel (the others use the direct kernel).
     pub gemm_convs: usize,
+    /// Of those, the ones run by Winograd's F(2x2, 3x3).
+    pub winograd_convs: usize,
 }
 
 fn module_err(what: &str) -> impl Fn(cranelift_module::ModuleError) -> CodegenError + '_ {
@@ -235,6 +237,7 @@ pub fn compile_graph_with_extras<M: Module>(
         plan,
         kernels,
         gemm_convs: gemm_plans.iter().flatten().count(),
+        winograd_convs: gemm_plans.iter().flatten().filter(|p| p.winograd.is_some()).count(),
     })
 }
 

@@ -46,6 +46,8 @@ struct ConvProblem {
     steps: Vec<Step>,
     /// Schedule tiles (kc, nc); None leaves the code generator's defaults.
     blocking: Option<(usize, usize)>,
+    /// The schedule's kernel family: "gemm" or "winograd".
+    family: &'static str,
     seed: u64,
 }
 
@@ -135,7 +137,7 @@ impl ConvProblem {
         let node = g.nodes.last_mut().unwrap();
         node.inputs.extend(&operands);
         node.epilogue = epilogue;
-        node.schedule.kernel = "gemm".into();
+        node.schedule.kernel = self.family.into();
         if let Some((kc, nc)) = self.blocking {
             node.schedule.tiles = vec![("kc".into(), kc), ("nc".into(), nc)];
         }
@@ -187,6 +189,7 @@ fn problem() -> impl Strategy<Value = ConvProblem> {
                     })
                     .collect(),
                 blocking,
+                family: "gemm",
                 seed,
             };
             // The input is at least as large as the dilated window (minus padding).
@@ -198,6 +201,56 @@ fn problem() -> impl Strategy<Value = ConvProblem> {
                 })
                 .collect();
             p
+        })
+}
+
+/// 3x3 stride-1 convolutions for Winograd F(2x2, 3x3): odd and even extents (partial
+/// 2x2 tiles), pads 0..2 on each side, tile blocks from 16 tiles up.
+fn winograd_problem() -> impl Strategy<Value = ConvProblem> {
+    (
+        (1usize..=2, 1usize..=20, 1usize..=24),
+        (1usize..=13, 1usize..=13),
+        proptest::collection::vec(0usize..=2, 4),
+        any::<bool>(),
+        proptest::collection::vec(0usize..7, 0..=3),
+        proptest::option::of(1usize..=48),
+        any::<u64>(),
+    )
+        .prop_map(|((batch, c, m), (h, w), pads, bias, steps, block, seed)| {
+            let steps = steps
+                .iter()
+                .map(|&s| {
+                    [
+                        Step::Relu,
+                        Step::Swish,
+                        Step::Clip,
+                        Step::Residual,
+                        Step::ChannelScale,
+                        Step::ImageChannelScale,
+                        Step::SpatialBroadcast,
+                    ][s]
+                })
+                .collect();
+            // The padded input must hold the 3x3 window.
+            let h = h.max(3usize.saturating_sub(pads[0] + pads[2]).max(1));
+            let w = w.max(3usize.saturating_sub(pads[1] + pads[3]).max(1));
+            ConvProblem {
+                batch,
+                groups: 1,
+                in_per_group: c,
+                out_per_group: m,
+                input: vec![h, w],
+                kernel: vec![3, 3],
+                strides: vec![1, 1],
+                dilations: vec![1, 1],
+                pads_begin: vec![pads[0], pads[1]],
+                pads_end: vec![pads[2], pads[3]],
+                bias,
+                steps,
+                blocking: block.map(|tiles| (1, tiles)),
+                family: "winograd",
+                seed,
+            }
         })
 }
 
@@ -278,6 +331,10 @@ fn host_jit(g: &Graph, inputs: &[Tensor]) -> Result<Vec<Tensor>, String> {
     if model.info().gemm_convs != 1 {
         return Err(format!("{} convolutions ran as GEMM, expected 1", model.info().gemm_convs));
     }
+    let wants_winograd = g.nodes.iter().any(|n| n.schedule.kernel == "winograd");
+    if (model.info().winograd_convs == 1) != wants_winograd {
+        return Err(format!("winograd convolutions: {}, expected {}", model.info().winograd_convs, wants_winograd as u8));
+    }
     model.run(inputs).map_err(|e| e.to_string())
 }
 
@@ -312,6 +369,34 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(48), ..ProptestConfig::default() })]
+
+    /// Winograd F(2x2, 3x3) on the host's microkernel.
+    #[test]
+    fn winograd_matches_interpreter(p in winograd_problem()) {
+        let (g, inputs) = p.graph();
+        let want = reference(&g, &inputs);
+        let got = host_jit(&g, &inputs).map_err(TestCaseError::fail)?;
+        check_all(&got, &want).map_err(TestCaseError::fail)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(12), ..ProptestConfig::default() })]
+
+    /// Winograd on the portable kernel with two threads.
+    #[test]
+    fn winograd_portable_with_threads_matches_interpreter(p in winograd_problem()) {
+        prop_assume!(!p.steps.iter().any(|s| matches!(s, Step::SpatialBroadcast)));
+        let (g, inputs) = p.graph();
+        let want = reference(&g, &inputs);
+        let target = TargetSpec::parse(None, Some("x86-64-v2")).unwrap();
+        let got = run_shared(&g, &target, 2, &inputs).map_err(TestCaseError::fail)?;
+        check_all(&got, &want).map_err(TestCaseError::fail)?;
+    }
+}
+
 /// A convolution large enough to split into k-blocks, p-blocks and oc-panel groups:
 /// every thread count gives bitwise the same result (each output element sums its
 /// reduction blocks in the same order whoever computes it), close to the reference.
@@ -331,6 +416,7 @@ fn thread_counts_agree_bitwise() {
         bias: true,
         steps: vec![Step::Residual, Step::Relu],
         blocking: None,
+        family: "gemm",
         seed: 7,
     };
     let (g, inputs) = p.graph();
@@ -366,6 +452,7 @@ fn grouped_and_strided_on_both_kernels() {
         bias: true,
         steps: vec![Step::ImageChannelScale, Step::Swish],
         blocking: Some((7, 16)),
+        family: "gemm",
         seed: 11,
     };
     let (g, inputs) = p.graph();

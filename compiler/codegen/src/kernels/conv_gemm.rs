@@ -38,6 +38,7 @@ use cranelift_module::{DataId, FuncId, Linkage, Module};
 
 use super::gemm::pack::PackShape;
 use super::gemm::tile::{TileEpilogue, TileOperand, TileStep};
+use super::gemm::winograd::{self, WinogradShape};
 use super::gemm::{channel_rows, int, position_rows, scaled};
 use super::parallel::{self, FloatEnv, MAX_SLOTS, SLOT_FLAGS_BYTES};
 use super::{CodegenError, KernelCtx};
@@ -100,9 +101,12 @@ pub struct ConvGemmPlan {
     pub orientation: Orientation,
     /// Reduction indices per block.
     pub kc: usize,
-    /// Positions per block (a multiple of `position_tile()`).
+    /// Positions (Winograd: 2x2 tiles) per block, a multiple of `position_tile()`.
     pub nc: usize,
     pub has_bias: bool,
+    /// Set when the convolution runs as Winograd F(2x2, 3x3) (`gemm::winograd`); then
+    /// blocks (`nc`) count 2x2 output tiles instead of positions, and `kc` is unused.
+    pub winograd: Option<WinogradShape>,
     /// Fused steps applied per tile; `None`: applied over the whole output afterwards.
     pub tile_steps: Option<Vec<TileStep>>,
     pub weight: ValueId,
@@ -130,8 +134,12 @@ impl ConvGemmPlan {
     pub fn k_blocks(&self) -> usize {
         self.depth.div_ceil(self.kc)
     }
+    /// What blocks split: output positions, or Winograd tiles.
+    pub fn work_items(&self) -> usize {
+        self.winograd.as_ref().map_or(self.positions, WinogradShape::tiles)
+    }
     pub fn p_blocks(&self) -> usize {
-        self.positions.div_ceil(self.nc)
+        self.work_items().div_ceil(self.nc)
     }
     /// Tasks before splitting output channels: images x groups x p-blocks.
     pub fn outer_tasks(&self) -> usize {
@@ -139,7 +147,10 @@ impl ConvGemmPlan {
     }
     /// The most oc-panel groups worth splitting one outer task into.
     pub fn max_oc_groups(&self) -> usize {
-        let macs = self.out_channels * self.depth * self.nc.min(self.positions);
+        let macs = match &self.winograd {
+            Some(w) => 16 * self.out_channels * self.in_channels * self.nc.min(w.tiles()),
+            None => self.out_channels * self.depth * self.nc.min(self.positions),
+        };
         (macs / MIN_TASK_MACS).clamp(1, self.panels())
     }
     pub fn slots(&self) -> usize {
@@ -147,9 +158,10 @@ impl ConvGemmPlan {
     }
     /// One slot: what the orientation's loop nest keeps per task.
     pub fn slot_bytes(&self) -> usize {
-        let bytes = match self.orientation {
-            Orientation::ChannelRows => channel_rows::slot_bytes(self.kc, self.nc, self.mr, self.nr),
-            Orientation::PositionRows => position_rows::slot_bytes(self.kc, self.nc, self.panels(), self.nr),
+        let bytes = match (&self.winograd, self.orientation) {
+            (Some(w), _) => winograd::slot_bytes(self, w),
+            (None, Orientation::ChannelRows) => channel_rows::slot_bytes(self.kc, self.nc, self.mr, self.nr),
+            (None, Orientation::PositionRows) => position_rows::slot_bytes(self.kc, self.nc, self.panels(), self.nr),
         };
         bytes.div_ceil(64) * 64
     }
@@ -161,6 +173,9 @@ impl ConvGemmPlan {
     /// in_channels + ic`, channels past the group's zero. `w` is the ONNX layout
     /// `[M, C/g, *k]`.
     pub fn pack_weights(&self, w: &[f32]) -> Vec<u8> {
+        if self.winograd.is_some() {
+            return winograd::pack_weights(self, w);
+        }
         let (width, panels, cin, taps) = (self.channel_tile(), self.panels(), self.in_channels, self.taps);
         let mut out = Vec::with_capacity(self.groups * panels * self.depth * width * 4);
         for g in 0..self.groups {
@@ -235,7 +250,7 @@ pub fn plan(g: &Graph, node: &Node, (mr, nr): (usize, usize)) -> Option<ConvGemm
     }
     let depthwise = groups > 1 && groups == in_total && groups == out_total;
     let wanted = match s.kernel.as_str() {
-        "gemm" => true,
+        "gemm" | "winograd" => true,
         // Unscheduled graphs (tests, tools): grouped convolutions with a few channels
         // per group fill a register tile too thinly.
         "" => !depthwise && (groups == 1 || (out_channels >= mr && in_channels >= 4)),
@@ -284,6 +299,22 @@ pub fn plan(g: &Graph, node: &Node, (mr, nr): (usize, usize)) -> Option<ConvGemm
     let position_tile = if orientation == Orientation::ChannelRows { nr } else { mr };
     let (kc, nc) = blocking(s, depth, positions, mr, nr, position_tile);
     let tile_steps = tile_steps(g, node, &y.shape);
+    let im2col_cost = orientation_cost(orientation, out_channels, positions, depth, mr, nr);
+    let forced = s.kernel == "winograd";
+    let winograd = winograd_shape(&spatial, groups, in_channels, out_channels, mr, nr, im2col_cost, forced);
+    let (orientation, nc) = match &winograd {
+        Some((_, block)) => (Orientation::ChannelRows, *block),
+        None => (orientation, nc),
+    };
+    let mut winograd = winograd.map(|(w, _)| w);
+    // A schedule that asks for Winograd may also size its blocks (in tiles).
+    let nc = match (&winograd, forced, s.tiles.iter().find(|(n, _)| n == "nc")) {
+        (Some(w), true, Some(&(_, tiles))) if tiles > 0 => tiles.div_ceil(nr).min(w.tiles().div_ceil(nr)) * nr,
+        _ => nc,
+    };
+    if let Some(w) = &mut winograd {
+        w.set_block(nc);
+    }
     Some(ConvGemmPlan {
         batch,
         groups,
@@ -300,24 +331,68 @@ pub fn plan(g: &Graph, node: &Node, (mr, nr): (usize, usize)) -> Option<ConvGemm
         kc,
         nc,
         has_bias,
+        winograd,
         tile_steps,
         weight: node.inputs[1],
     })
 }
 
-/// Positions as rows when that is cheaper by a margin. Cost in cycles per image and
-/// group: padded multiply-adds at ~16 per cycle, plus, for positions as rows, ~2
-/// cycles per output element for the transposed store (which makes the swap a loss for
-/// shallow reductions such as a first 3x3 convolution over 3 channels).
+/// Positions as rows when that is cheaper by a margin (see `orientation_cost`).
 fn orientation(channels: usize, positions: usize, depth: usize, mr: usize, nr: usize) -> Orientation {
-    let padded = |rows: usize, cols: usize| rows.div_ceil(mr) * mr * cols.div_ceil(nr) * nr;
-    let channel_rows = padded(channels, positions) * depth / 16;
-    let position_rows = padded(positions, channels) * depth / 16 + 2 * channels * positions;
-    if position_rows * 100 < channel_rows * 97 {
+    let cost = |o| orientation_cost(o, channels, positions, depth, mr, nr);
+    if cost(Orientation::PositionRows) * 100 < cost(Orientation::ChannelRows) * 97 {
         Orientation::PositionRows
     } else {
         Orientation::ChannelRows
     }
+}
+
+/// Estimated cycles per image and group: padded multiply-adds at ~16 per cycle, plus,
+/// for positions as rows, ~2 cycles per output element for the transposed store (which
+/// makes the swap a loss for shallow reductions such as a first 3x3 convolution over 3
+/// channels).
+fn orientation_cost(o: Orientation, channels: usize, positions: usize, depth: usize, mr: usize, nr: usize) -> usize {
+    let padded = |rows: usize, cols: usize| rows.div_ceil(mr) * mr * cols.div_ceil(nr) * nr;
+    match o {
+        Orientation::ChannelRows => padded(channels, positions) * depth / 16,
+        Orientation::PositionRows => padded(positions, channels) * depth / 16 + 2 * channels * positions,
+    }
+}
+
+/// Winograd's shape and tiles per block when the convolution qualifies and is
+/// estimated at least 15% cheaper than im2col (its 16 products at ~16 multiply-adds per
+/// cycle, plus ~12 cycles per tile and channel for the two transforms), or whenever it
+/// qualifies if `forced` (the schedule asked for "winograd").
+#[allow(clippy::too_many_arguments)]
+fn winograd_shape(
+    spatial: &Spatial,
+    groups: usize,
+    in_channels: usize,
+    out_channels: usize,
+    mr: usize,
+    nr: usize,
+    im2col_cost: usize,
+    forced: bool,
+) -> Option<(WinogradShape, usize)> {
+    let w = winograd::shape(
+        &spatial.input,
+        &spatial.output,
+        &spatial.kernel,
+        &spatial.strides,
+        &spatial.dilations,
+        &spatial.pads,
+        groups,
+        in_channels,
+        out_channels,
+    )?;
+    let padded_channels = out_channels.div_ceil(mr) * mr;
+    let cost = winograd::product_macs(&w, in_channels, padded_channels, nr) / 16
+        + 12 * w.tiles() * (in_channels + out_channels);
+    if !forced && cost * 100 >= im2col_cost * 85 {
+        return None;
+    }
+    let block = winograd::block_tiles(&w, in_channels, padded_channels, nr);
+    Some((w, block))
 }
 
 /// (kc, nc): the schedule's tiles when it has them, else the choose-schedule formula
@@ -601,8 +676,8 @@ fn emit_task<M: Module>(
     let positions = plan.positions as i64;
     let (position_tile, nc) = (plan.position_tile() as i64, plan.nc as i64);
     let p_start = b.ins().imul_imm_s(p_block, nc);
-    let all_positions = int(b, positions);
-    let left = b.ins().isub(all_positions, p_start);
+    let all_items = int(b, plan.work_items() as i64);
+    let left = b.ins().isub(all_items, p_start);
     let left_panels = b.ins().iadd_imm_s(left, position_tile - 1);
     let left_panels = b.ins().udiv_imm_u(left_panels, position_tile);
     let block_panels = int(b, nc / position_tile);
@@ -635,9 +710,10 @@ fn emit_task<M: Module>(
         out_group,
         weights_group,
     };
-    match plan.orientation {
-        Orientation::ChannelRows => channel_rows::emit(b, &frame)?,
-        Orientation::PositionRows => position_rows::emit(b, &frame)?,
+    match (&plan.winograd, plan.orientation) {
+        (Some(w), _) => winograd::emit(b, &frame, w)?,
+        (None, Orientation::ChannelRows) => channel_rows::emit(b, &frame)?,
+        (None, Orientation::PositionRows) => position_rows::emit(b, &frame)?,
     }
     parallel::emit_release_slot(b, scratch, slot);
     if let (Some(f), Some(saved)) = (env.float_env, saved_fp) {
@@ -657,7 +733,7 @@ pub struct TaskFrame<'a> {
     pub image: Value,
     /// First output channel of the group.
     pub group_channel: Value,
-    /// First position of the block, and the block's position panels.
+    /// First position (Winograd: tile) of the block, and the block's panels of them.
     pub p_start: Value,
     pub p_panels: Value,
     /// Channel panels `panel_lo..panel_hi` of the group.

@@ -1,5 +1,6 @@
 //! Pieces of the GEMM-based convolution (`conv_gemm.rs`) that are plain code emitters:
-//! the task loop nests of the two orientations (`channel_rows`, `position_rows`),
+//! the task loop nests of the two orientations (`channel_rows`, `position_rows`) and
+//! of 3x3 convolutions by Winograd's F(2x2, 3x3) (`winograd`),
 //! im2col packing of panels (`pack`), the work done on a finished output tile
 //! (`tile`: edge-tile merging and the fused epilogue), and run-time loops.
 
@@ -7,6 +8,7 @@ pub mod channel_rows;
 pub mod pack;
 pub mod position_rows;
 pub mod tile;
+pub mod winograd;
 
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::I64;

@@ -67,6 +67,37 @@ impl TileEpilogue<'_> {
         scaled(b, at, position, operand.position_stride * F32_BYTES)
     }
 
+    /// The epilogue of one value at output (image, channel, position): `y` an F32, or an
+    /// F32X4 of the 4 consecutive positions from `position`.
+    pub fn emit_at(
+        &self,
+        b: &mut FunctionBuilder,
+        y: Value,
+        image: Value,
+        channel: Value,
+        position: Value,
+    ) -> Result<Value, CodegenError> {
+        let vector = b.func.dfg.value_type(y) == F32X4;
+        let widen = |b: &mut FunctionBuilder, v: Value| if vector { b.ins().splat(F32X4, v) } else { v };
+        let bias = self.bias.map(|base| {
+            let at = scaled(b, base, channel, F32_BYTES);
+            let v = b.ins().load(F32, scalar_flags().with_readonly(), at, 0);
+            widen(b, v)
+        });
+        self.apply(b, y, bias, &mut |b, s| {
+            let TileStep::Binary { operand, .. } = &self.steps[s] else {
+                unreachable!("only binary steps have operands")
+            };
+            let at = self.operand_address(b, s, image, channel, position);
+            if vector && operand.position_stride == 1 {
+                b.ins().load(F32X4, vector_flags().with_readonly(), at, 0)
+            } else {
+                let v = b.ins().load(F32, scalar_flags().with_readonly(), at, 0);
+                widen(b, v)
+            }
+        })
+    }
+
     /// Applies the steps to `y` (F32 or F32X4); `operand(b, s)` gives step `s`'s operand
     /// in the same type.
     fn apply(
