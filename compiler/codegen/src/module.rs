@@ -26,6 +26,7 @@ use cranelift_codegen::ir::{
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_module::{DataDescription, DataId, FuncId, Linkage, Module};
 
+use crate::kernels::channel_split;
 use crate::kernels::conv_gemm::{self, ConvGemmPlan, GemmEnv};
 use crate::kernels::parallel::FloatEnv;
 use crate::kernels::{self, CodegenError, KernelCtx};
@@ -46,6 +47,8 @@ pub struct CompiledInfo {
     pub gemm_convs: usize,
     /// Of those, the ones run by Winograd's F(2x2, 3x3).
     pub winograd_convs: usize,
+    /// Channel-separable nodes split into per-chunk tasks (`kernels::channel_split`).
+    pub split_nodes: usize,
 }
 
 fn module_err(what: &str) -> impl Fn(cranelift_module::ModuleError) -> CodegenError + '_ {
@@ -155,6 +158,7 @@ pub fn compile_graph_with_extras<M: Module>(
     let mut ctx = module.make_context();
     let mut fb_ctx = FunctionBuilderContext::new();
     let mut kernels_of_nodes: Vec<Option<FuncId>> = vec![None; g.nodes.len()];
+    let mut split_nodes = 0;
     for (ni, node) in g.nodes.iter().enumerate() {
         if !kernels::needs_kernel(g, node) {
             continue;
@@ -164,6 +168,14 @@ pub fn compile_graph_with_extras<M: Module>(
                 .map_err(|e| CodegenError(format!("node '{}' ({}): {e}", node.name, node.op.mnemonic())))?;
             let id = conv_gemm::define_node(module, env, g, node, ni, gemm_plan, &kernel_sig, &mut ctx, &mut fb_ctx)?;
             kernels_of_nodes[ni] = Some(id);
+            continue;
+        }
+        if let Some(split) = channel_split::plan(g, node) {
+            kernels::check_node(g, node)
+                .map_err(|e| CodegenError(format!("node '{}' ({}): {e}", node.name, node.op.mnemonic())))?;
+            let id = channel_split::define_node(module, node, ni, &split, &kernel_sig, &mut ctx, &mut fb_ctx)?;
+            kernels_of_nodes[ni] = Some(id);
+            split_nodes += 1;
             continue;
         }
         let name = format!("cnnc_k{ni}_{}", node.op.mnemonic());
@@ -238,6 +250,7 @@ pub fn compile_graph_with_extras<M: Module>(
         kernels,
         gemm_convs: gemm_plans.iter().flatten().count(),
         winograd_convs: gemm_plans.iter().flatten().filter(|p| p.winograd.is_some()).count(),
+        split_nodes,
     })
 }
 

@@ -526,3 +526,67 @@ fn denormals_are_flushed_in_gemm_tasks_and_mxcsr_restored() {
     assert_eq!(out[0].data, TensorData::F32(vec![0.0; 16]), "denormal inputs read as zero inside the call");
 }
 
+
+/// Large depthwise convolutions and pools are split into channel chunks run as tasks;
+/// the chunks (a smaller last one included) and their epilogue operands (cut per
+/// channel and image, or shared) give the interpreter's result on one and more threads.
+#[test]
+fn channel_split_nodes_match_interpreter() {
+    use cnnc_ir::{PoolAttrs, PoolKind};
+    let mut rng = Rng(17);
+    let (n, c, hw) = (2, 70, 40);
+    let mut g = Graph::new("split");
+    let x = g.add_input(TensorType::f32([n, c, hw, hw]), "x");
+    let residual = g.add_input(TensorType::f32([n, c, hw, hw]), "residual");
+    let scale = g.add_input(TensorType::f32([1, c, 1, 1]), "scale");
+    let rows = g.add_input(TensorType::f32([1, 1, hw, 1]), "rows");
+    let w = g.add_constant("w", random_tensor(&mut rng, DType::F32, &[c, 1, 3, 3], -0.5, 0.5));
+    let bias = g.add_constant("b", random_tensor(&mut rng, DType::F32, &[c], -0.5, 0.5));
+    let geometry = ConvGeometry {
+        strides: vec![1, 1],
+        dilations: vec![1, 1],
+        pads_begin: vec![1, 1],
+        pads_end: vec![1, 1],
+        groups: c,
+    };
+    let y = g.push1("depthwise", Op::Conv(geometry), &[x, w, bias]).unwrap();
+    let node = g.nodes.last_mut().unwrap();
+    node.inputs.extend([residual, scale, rows]);
+    node.epilogue = vec![
+        EpilogueStep::Binary { func: BinaryFn::Add, operand: 3 },
+        EpilogueStep::Binary { func: BinaryFn::Mul, operand: 4 },
+        EpilogueStep::Binary { func: BinaryFn::Sub, operand: 5 },
+        EpilogueStep::Unary(UnaryFn::Relu),
+    ];
+    let pool = PoolAttrs {
+        kind: PoolKind::Max,
+        kernel: vec![3, 3],
+        strides: vec![2, 2],
+        dilations: vec![1, 1],
+        pads_begin: vec![1, 1],
+        pads_end: vec![1, 1],
+    };
+    let p = g.push_typed("pool", Op::Pool(pool), &[y], TensorType::f32([n, c, hw / 2, hw / 2])).unwrap();
+    g.outputs.extend([y, p]);
+    cnnc_ir::verify::verify(&g).unwrap();
+    let inputs = vec![
+        random_tensor(&mut rng, DType::F32, &[n, c, hw, hw], -1.0, 1.0),
+        random_tensor(&mut rng, DType::F32, &[n, c, hw, hw], -1.0, 1.0),
+        random_tensor(&mut rng, DType::F32, &[1, c, 1, 1], -1.0, 1.0),
+        random_tensor(&mut rng, DType::F32, &[1, 1, hw, 1], -1.0, 1.0),
+    ];
+    let want = reference(&g, &inputs);
+    let model = JitModel::compile(&g).unwrap();
+    assert_eq!(model.info().split_nodes, 2, "both nodes split");
+    check_all(&model.run(&inputs).unwrap(), &want).unwrap();
+
+    let target = TargetSpec::host();
+    let object = cnnc_codegen::compile_object(&g, &target).unwrap();
+    let path = temp_so();
+    link_shared(&object, &path, &target).unwrap();
+    for threads in [1, 2, 3] {
+        let got = run_loaded(&path, &g, threads, &inputs).unwrap();
+        check_all(&got, &want).unwrap_or_else(|e| panic!("{threads} threads: {e}"));
+    }
+    let _ = std::fs::remove_file(&path);
+}

@@ -788,17 +788,21 @@ mod tests {
     #[test]
     fn few_positions_swap_the_orientation() {
         // 7x7 = 49 positions: 4 panels of 16 (64) vs 9 panels of 6 (54).
-        let g = conv_graph(64, 512, 7, 3, 1);
+        let g = conv_graph(512, 512, 7, 1, 1);
         let p = plan(&g, conv_node(&g), (6, 16)).unwrap();
         assert_eq!(p.orientation, Orientation::PositionRows);
         assert_eq!((p.channel_tile(), p.position_tile(), p.panels()), (16, 6, 32));
         assert_eq!(p.nc % 6, 0);
+        // With 64 input channels the transposed store outweighs the saved padding.
+        let g = conv_graph(64, 512, 7, 1, 1);
+        assert_eq!(plan(&g, conv_node(&g), (6, 16)).unwrap().orientation, Orientation::ChannelRows);
         // A shallow reduction (3 channels x 9 taps) makes the transposed store too dear.
         let g = conv_graph(3, 32, 112, 3, 1);
         let p = plan(&g, conv_node(&g), (6, 16)).unwrap();
         assert_eq!(p.orientation, Orientation::ChannelRows);
+        assert!(p.winograd.is_none(), "3 input channels: the transforms would cost more than they save");
         // 56x56 = 3136 positions fill 16-wide panels exactly.
-        let g = conv_graph(64, 64, 56, 3, 1);
+        let g = conv_graph(64, 64, 56, 5, 1);
         let p = plan(&g, conv_node(&g), (6, 16)).unwrap();
         assert_eq!(p.orientation, Orientation::ChannelRows);
         assert_eq!(p.panels(), 11);
@@ -806,13 +810,27 @@ mod tests {
 
     #[test]
     fn blocks_are_balanced_and_fit_the_problem() {
-        let g = conv_graph(64, 64, 56, 3, 1);
+        let g = conv_graph(64, 64, 56, 5, 1);
         let p = plan(&g, conv_node(&g), (6, 16)).unwrap();
-        // K = 576; the default kc 184 needs 4 blocks, balanced to 144 each.
-        assert_eq!((p.depth, p.kc, p.k_blocks()), (576, 144, 4));
+        // K = 1600; the default kc 184 needs 9 blocks, balanced to 178 each.
+        assert_eq!((p.depth, p.kc, p.k_blocks()), (1600, 178, 9));
         assert!(p.nc.is_multiple_of(16) && p.nc * p.p_blocks() >= p.positions);
         assert!(p.nc * (p.p_blocks() - 1) < p.positions, "no empty block");
         assert!(p.slots() <= MAX_SLOTS && p.scratch_bytes() >= p.slots() * p.slot_bytes());
+    }
+
+    #[test]
+    fn three_by_three_convolutions_use_winograd() {
+        let g = conv_graph(64, 64, 56, 3, 1);
+        let p = plan(&g, conv_node(&g), (6, 16)).unwrap();
+        let w = p.winograd.as_ref().expect("Winograd for a 3x3 stride-1 convolution with 64 channels");
+        assert_eq!((w.tiles_h, w.tiles_w, w.padded_w), (28, 28, 58));
+        assert!(p.nc.is_multiple_of(16) && p.p_blocks() * p.nc >= w.tiles());
+        // The window holds every row a block of tiles reads.
+        assert!(w.window_rows >= 2 * ((p.nc - 1) / w.tiles_w + 2).min(w.tiles_h) + 2);
+        // Strided and 1x1 convolutions do not qualify.
+        let g = conv_graph(64, 64, 56, 1, 1);
+        assert!(plan(&g, conv_node(&g), (6, 16)).unwrap().winograd.is_none());
     }
 
     #[test]

@@ -8,12 +8,15 @@
 //!
 //! Convolutions that run as GEMM on the microkernel (`conv_gemm`, with `gemm/` and
 //! the thread split of `parallel`) are more than one function body; `module.rs`
-//! defines them through `conv_gemm::define_node` instead of `emit_node`.
+//! defines them through `conv_gemm::define_node` instead of `emit_node`. So are large
+//! channel-separable nodes (depthwise convolutions, pooling), which `channel_split`
+//! cuts into per-chunk tasks that each run `emit_node` on a chunk-sized node.
 
 use cnnc_ir::{ConstValue, Graph, Node, Op};
 use cranelift_codegen::ir::Value;
 use cranelift_frontend::FunctionBuilder;
 
+pub mod channel_split;
 pub mod compute;
 pub mod conv;
 pub mod conv_gemm;
