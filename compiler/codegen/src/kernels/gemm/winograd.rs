@@ -172,40 +172,65 @@ pub fn pack_weights(plan: &ConvGemmPlan, weights: &[f32]) -> Vec<u8> {
     out
 }
 
-/// `Bᵀ d B` of a 4x4 patch given as rows of column values (F32 or F32X4 lanes).
-fn input_transform(b: &mut FunctionBuilder, d: &[[Value; 4]; 4]) -> [Value; POINTS] {
-    let mut t = [[d[0][0]; 4]; 4];
-    for c in 0..4 {
-        t[0][c] = b.ins().fsub(d[0][c], d[2][c]);
-        t[1][c] = b.ins().fadd(d[1][c], d[2][c]);
-        t[2][c] = b.ins().fsub(d[2][c], d[1][c]);
-        t[3][c] = b.ins().fsub(d[1][c], d[3][c]);
+/// `Bᵀ d B` of a 4x4 patch whose row r `load_row(b, r)` returns (4 column values, F32
+/// or F32X4 lanes). Each row gets its column transform (`· B`) as soon as it is loaded,
+/// so at most 4 loaded and 16 partial values are live: 16 xmm registers do not hold
+/// the 32 a load-everything-first order needs.
+fn input_transform(
+    b: &mut FunctionBuilder,
+    mut load_row: impl FnMut(&mut FunctionBuilder, usize) -> [Value; 4],
+) -> [Value; POINTS] {
+    let mut e = [[None; 4]; 4];
+    for (r, row) in e.iter_mut().enumerate() {
+        let d = load_row(b, r);
+        *row = [
+            Some(b.ins().fsub(d[0], d[2])),
+            Some(b.ins().fadd(d[1], d[2])),
+            Some(b.ins().fsub(d[2], d[1])),
+            Some(b.ins().fsub(d[1], d[3])),
+        ];
     }
-    let mut v = [d[0][0]; POINTS];
-    for i in 0..4 {
-        v[i * 4] = b.ins().fsub(t[i][0], t[i][2]);
-        v[i * 4 + 1] = b.ins().fadd(t[i][1], t[i][2]);
-        v[i * 4 + 2] = b.ins().fsub(t[i][2], t[i][1]);
-        v[i * 4 + 3] = b.ins().fsub(t[i][1], t[i][3]);
+    let e = e.map(|row| row.map(|v| v.expect("every row was transformed")));
+    let mut v = [e[0][0]; POINTS];
+    for j in 0..4 {
+        v[j] = b.ins().fsub(e[0][j], e[2][j]);
+        v[4 + j] = b.ins().fadd(e[1][j], e[2][j]);
+        v[8 + j] = b.ins().fsub(e[2][j], e[1][j]);
+        v[12 + j] = b.ins().fsub(e[1][j], e[3][j]);
     }
     v
 }
 
-/// `Aᵀ m A`: the 2x2 outputs `[y00, y01, y10, y11]`.
-fn output_transform(b: &mut FunctionBuilder, m: &[Value; POINTS]) -> [Value; 4] {
-    let mut z = [[m[0]; 4]; 2];
+/// `Aᵀ m A` of the 16 points `load_row(b, i)` returns row by row (row i = points
+/// 4i..4i+4): the 2x2 outputs `[y00, y01, y10, y11]`. Rows are folded into the two
+/// output rows as they arrive (12 live values instead of 24).
+fn output_transform(
+    b: &mut FunctionBuilder,
+    mut load_row: impl FnMut(&mut FunctionBuilder, usize) -> [Value; 4],
+) -> [Value; 4] {
+    // Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]].
+    let m0 = load_row(b, 0);
+    let m1 = load_row(b, 1);
+    let mut z0 = [m0[0]; 4];
+    let mut z1 = m1;
     for c in 0..4 {
-        let s = b.ins().fadd(m[c], m[4 + c]);
-        z[0][c] = b.ins().fadd(s, m[8 + c]);
-        let d = b.ins().fsub(m[4 + c], m[8 + c]);
-        z[1][c] = b.ins().fsub(d, m[12 + c]);
+        z0[c] = b.ins().fadd(m0[c], m1[c]);
     }
-    let mut y = [m[0]; 4];
-    for i in 0..2 {
-        let s = b.ins().fadd(z[i][0], z[i][1]);
-        y[i * 2] = b.ins().fadd(s, z[i][2]);
-        let d = b.ins().fsub(z[i][1], z[i][2]);
-        y[i * 2 + 1] = b.ins().fsub(d, z[i][3]);
+    let m2 = load_row(b, 2);
+    for c in 0..4 {
+        z0[c] = b.ins().fadd(z0[c], m2[c]);
+        z1[c] = b.ins().fsub(z1[c], m2[c]);
+    }
+    let m3 = load_row(b, 3);
+    for c in 0..4 {
+        z1[c] = b.ins().fsub(z1[c], m3[c]);
+    }
+    let mut y = [z0[0]; 4];
+    for (i, z) in [z0, z1].iter().enumerate() {
+        let s = b.ins().fadd(z[0], z[1]);
+        y[i * 2] = b.ins().fadd(s, z[2]);
+        let d = b.ins().fsub(z[1], z[2]);
+        y[i * 2 + 1] = b.ins().fsub(d, z[3]);
     }
     y
 }
@@ -265,14 +290,13 @@ pub fn emit(b: &mut FunctionBuilder, f: &TaskFrame, w: &WinogradShape) -> Result
         let src = patch_address(b, window, w, coords[0], coords[1], first_row);
         let n_channels = int(b, channels);
         repeat(b, n_channels, &[src, dst], |b, ptrs| {
-            let mut d = [[ptrs[0]; 4]; 4];
-            for (r, row) in d.iter_mut().enumerate() {
-                for (j, v) in row.iter_mut().enumerate() {
+            let src = ptrs[0];
+            let v = input_transform(b, |b, r| {
+                [0, 1, 2, 3].map(|j| {
                     let offset = r as i64 * row_bytes + j as i64 * F32_BYTES;
-                    *v = load_f32x4_strided(b, vector_flags(), ptrs[0], offset, 2);
-                }
-            }
-            let v = input_transform(b, &d);
+                    load_f32x4_strided(b, vector_flags(), src, offset, 2)
+                })
+            });
             for (xi, &value) in v.iter().enumerate() {
                 let at = b.ins().iadd_imm_s(ptrs[1], xi as i64 * v_point_bytes);
                 b.ins().store(vector_flags(), value, at, 0);
@@ -298,14 +322,13 @@ pub fn emit(b: &mut FunctionBuilder, f: &TaskFrame, w: &WinogradShape) -> Result
             let src = patch_address(b, window, w, c[0], c[1], first_row);
             let n_channels = int(b, channels);
             repeat(b, n_channels, &[src, dst_lane], |b, ptrs| {
-                let mut d = [[ptrs[0]; 4]; 4];
-                for (r, row) in d.iter_mut().enumerate() {
-                    for (j, v) in row.iter_mut().enumerate() {
+                let src = ptrs[0];
+                let v = input_transform(b, |b, r| {
+                    [0, 1, 2, 3].map(|j| {
                         let offset = (r as i64 * row_bytes + j as i64 * F32_BYTES) as i32;
-                        *v = b.ins().load(F32, scalar_flags(), ptrs[0], offset);
-                    }
-                }
-                let v = input_transform(b, &d);
+                        b.ins().load(F32, scalar_flags(), src, offset)
+                    })
+                });
                 for (xi, &value) in v.iter().enumerate() {
                     let at = b.ins().iadd_imm_s(ptrs[1], xi as i64 * v_point_bytes);
                     b.ins().store(scalar_flags(), value, at, 0);
@@ -487,11 +510,12 @@ fn emit_output_quad(
 ) -> Result<(), CodegenError> {
     let quad_bytes = b.ins().imul_imm_s(q, (LANES * 4) as i64);
     let m_quad = b.ins().iadd(m_row, quad_bytes);
-    let mut m = [m_quad; POINTS];
-    for (xi, v) in m.iter_mut().enumerate() {
-        *v = b.ins().load(F32X4, vector_flags(), m_quad, (xi as i64 * m_point_bytes) as i32);
-    }
-    let y = output_transform(b, &m);
+    let y = output_transform(b, |b, i| {
+        [0, 1, 2, 3].map(|j| {
+            let xi = (i * 4 + j) as i64;
+            b.ins().load(F32X4, vector_flags(), m_quad, (xi * m_point_bytes) as i32)
+        })
+    });
     let t = b.ins().imul_imm_s(q, LANES as i64);
     let t = b.ins().iadd(f.p_start, t);
     let coords = unflatten(b, t, &[w.tiles_h, w.tiles_w]);
