@@ -125,10 +125,29 @@ pub fn compile_graph_with_extras<M: Module>(
         None
     };
 
-    // Constants referenced by Constant nodes with dense data.
+    // Constants referenced by Constant nodes with dense data, except those read only as
+    // the weights of GEMM convolutions, which keep their own packed copy (the kernel is
+    // passed a null address for them and never reads it).
+    let mut read = vec![false; g.values.len()];
+    for (ni, node) in g.nodes.iter().enumerate() {
+        for (i, &v) in node.inputs.iter().enumerate() {
+            let packed_weight = i == 1 && gemm_plans[ni].is_some();
+            if !packed_weight && let Some(r) = read.get_mut(v.index()) {
+                *r = true;
+            }
+        }
+    }
+    for &v in &g.outputs {
+        if let Some(r) = read.get_mut(v.index()) {
+            *r = true;
+        }
+    }
     let mut const_data: Vec<Option<DataId>> = vec![None; g.constants.len()];
     for node in &g.nodes {
         let Op::Constant(c) = node.op else { continue };
+        if !node.outputs.iter().any(|v| read.get(v.index()).copied().unwrap_or(true)) {
+            continue;
+        }
         let Some(constant) = g.constants.get(c.index()) else {
             return Err(CodegenError(format!("node '{}' names missing constant {c}", node.name)));
         };

@@ -49,6 +49,9 @@ const F32_BYTES: i64 = 4;
 /// Multiply-adds below which a task is not split further (~20 µs at ~50 G MAC/s).
 const MIN_TASK_MACS: usize = 1 << 20;
 
+/// Scratch bytes one node's slots may take together (Winograd slots run to ~1 MB).
+const SCRATCH_BUDGET: usize = 8 << 20;
+
 /// Tasks per thread to aim for, so uneven tasks still balance.
 const TASKS_PER_THREAD: i64 = 4;
 
@@ -153,8 +156,11 @@ impl ConvGemmPlan {
         };
         (macs / MIN_TASK_MACS).clamp(1, self.panels())
     }
+    /// Packing slots: one per task that may run at once, up to `MAX_SLOTS` and
+    /// `SCRATCH_BUDGET` bytes (but at least 4); more threads than slots wait for one.
     pub fn slots(&self) -> usize {
-        (self.outer_tasks() * self.max_oc_groups()).clamp(1, MAX_SLOTS)
+        let affordable = (SCRATCH_BUDGET / self.slot_bytes().max(1)).max(4);
+        (self.outer_tasks() * self.max_oc_groups()).clamp(1, MAX_SLOTS.min(affordable))
     }
     /// One slot: what the orientation's loop nest keeps per task.
     pub fn slot_bytes(&self) -> usize {
