@@ -108,7 +108,10 @@ pub fn compile_graph_with_extras<M: Module>(
     }
     let gemm_tile = GemmKernelKind::for_target(target).tile(target);
     let gemm_plans: Vec<Option<ConvGemmPlan>> = g.nodes.iter().map(|n| conv_gemm::plan(g, n, gemm_tile)).collect();
-    let scratch: Vec<usize> = gemm_plans.iter().map(|p| p.as_ref().map_or(0, ConvGemmPlan::scratch_bytes)).collect();
+    let scratch: Vec<usize> = gemm_plans
+        .iter()
+        .map(|p| p.as_ref().map_or(0, ConvGemmPlan::scratch_bytes))
+        .collect();
     let plan = MemoryPlan::with_scratch(g, &scratch).map_err(|e| CodegenError(format!("memory plan: {e}")))?;
     let call_conv = module.isa().default_call_conv();
     let gemm_env = if gemm_plans.iter().any(Option::is_some) {
@@ -145,7 +148,11 @@ pub fn compile_graph_with_extras<M: Module>(
     let mut const_data: Vec<Option<DataId>> = vec![None; g.constants.len()];
     for node in &g.nodes {
         let Op::Constant(c) = node.op else { continue };
-        if !node.outputs.iter().any(|v| read.get(v.index()).copied().unwrap_or(true)) {
+        if !node
+            .outputs
+            .iter()
+            .any(|v| read.get(v.index()).copied().unwrap_or(true))
+        {
             continue;
         }
         let Some(constant) = g.constants.get(c.index()) else {

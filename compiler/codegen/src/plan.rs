@@ -142,7 +142,11 @@ impl MemoryPlan {
         let scratch_nodes: Vec<usize> = (0..g.nodes.len())
             .filter(|&ni| scratch_bytes.get(ni).is_some_and(|&b| b > 0))
             .collect();
-        ivs.extend(scratch_nodes.iter().map(|&ni| Interval { start: ni, end: ni, bytes: scratch_bytes[ni] }));
+        ivs.extend(scratch_nodes.iter().map(|&ni| Interval {
+            start: ni,
+            end: ni,
+            bytes: scratch_bytes[ni],
+        }));
         let (offsets, workspace_size) = assign_offsets(&ivs);
         for (&(v, _), &off) in order.iter().zip(&offsets) {
             locations[v.index()] = Some(Location::Workspace(off));
@@ -283,7 +287,11 @@ mod tests {
         let c = g.push1("c", Op::Unary(UnaryFn::Relu), &[b]).unwrap();
         g.outputs.push(c);
         let p = MemoryPlan::with_scratch(&g, &[0, 4096, 0]).unwrap();
-        assert_eq!(p.scratch, vec![None, Some(2048), None], "after a (1 KiB) and b (1 KiB), both busy at node 1");
+        assert_eq!(
+            p.scratch,
+            vec![None, Some(2048), None],
+            "after a (1 KiB) and b (1 KiB), both busy at node 1"
+        );
         assert_eq!(p.workspace_size, 2048 + 4096);
         // At node 2, a is dead and b (at 1024) still lives: the scratch takes a's slot.
         let q = MemoryPlan::with_scratch(&g, &[0, 0, 512]).unwrap();

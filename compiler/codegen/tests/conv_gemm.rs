@@ -9,7 +9,9 @@ mod common;
 use std::path::PathBuf;
 
 use cnnc_codegen::{JitModel, TargetSpec, link_shared};
-use cnnc_ir::{BinaryFn, ConvGeometry, DType, EpilogueStep, Graph, Op, Tensor, TensorData, TensorType, UnaryFn, interp};
+use cnnc_ir::{
+    BinaryFn, ConvGeometry, DType, EpilogueStep, Graph, Op, Tensor, TensorData, TensorType, UnaryFn, interp,
+};
 use common::{Rng, cases, check_close, random_tensor};
 use proptest::prelude::*;
 
@@ -128,11 +130,18 @@ impl ConvProblem {
                     s
                 }
             };
-            let func = if matches!(step, Step::Residual | Step::SpatialBroadcast) { BinaryFn::Add } else { BinaryFn::Mul };
+            let func = if matches!(step, Step::Residual | Step::SpatialBroadcast) {
+                BinaryFn::Add
+            } else {
+                BinaryFn::Mul
+            };
             let v = g.add_input(TensorType::f32(operand_shape.clone()), format!("operand{i}"));
             inputs.push(random_tensor(&mut rng, DType::F32, &operand_shape, -1.0, 1.0));
             operands.push(v);
-            epilogue.push(EpilogueStep::Binary { func, operand: conv_inputs.len() + operands.len() - 1 });
+            epilogue.push(EpilogueStep::Binary {
+                func,
+                operand: conv_inputs.len() + operands.len() - 1,
+            });
         }
         let node = g.nodes.last_mut().unwrap();
         node.inputs.extend(&operands);
@@ -158,50 +167,52 @@ fn problem() -> impl Strategy<Value = ConvProblem> {
         proptest::option::of((1usize..=64, 1usize..=96)),
         any::<u64>(),
     )
-        .prop_map(|(rank, (batch, groups, in_per_group, out_per_group), axes, bias, steps, blocking, seed)| {
-            let axes = &axes[..rank];
-            // Higher ranks get smaller extents so a case stays quick.
-            let cap = [12, 9, 6][rank - 1];
-            let mut p = ConvProblem {
-                batch,
-                groups,
-                in_per_group,
-                out_per_group,
-                input: vec![],
-                kernel: axes.iter().map(|a| a.1).collect(),
-                strides: axes.iter().map(|a| a.2).collect(),
-                dilations: axes.iter().map(|a| a.3).collect(),
-                pads_begin: axes.iter().map(|a| a.4).collect(),
-                pads_end: axes.iter().map(|a| a.5).collect(),
-                bias,
-                steps: steps
-                    .iter()
-                    .map(|&s| {
-                        [
-                            Step::Relu,
-                            Step::Swish,
-                            Step::Clip,
-                            Step::Residual,
-                            Step::ChannelScale,
-                            Step::ImageChannelScale,
-                            Step::SpatialBroadcast,
-                        ][s]
+        .prop_map(
+            |(rank, (batch, groups, in_per_group, out_per_group), axes, bias, steps, blocking, seed)| {
+                let axes = &axes[..rank];
+                // Higher ranks get smaller extents so a case stays quick.
+                let cap = [12, 9, 6][rank - 1];
+                let mut p = ConvProblem {
+                    batch,
+                    groups,
+                    in_per_group,
+                    out_per_group,
+                    input: vec![],
+                    kernel: axes.iter().map(|a| a.1).collect(),
+                    strides: axes.iter().map(|a| a.2).collect(),
+                    dilations: axes.iter().map(|a| a.3).collect(),
+                    pads_begin: axes.iter().map(|a| a.4).collect(),
+                    pads_end: axes.iter().map(|a| a.5).collect(),
+                    bias,
+                    steps: steps
+                        .iter()
+                        .map(|&s| {
+                            [
+                                Step::Relu,
+                                Step::Swish,
+                                Step::Clip,
+                                Step::Residual,
+                                Step::ChannelScale,
+                                Step::ImageChannelScale,
+                                Step::SpatialBroadcast,
+                            ][s]
+                        })
+                        .collect(),
+                    blocking,
+                    family: "gemm",
+                    seed,
+                };
+                // The input is at least as large as the dilated window (minus padding).
+                p.input = (0..rank)
+                    .map(|a| {
+                        let window = (p.kernel[a] - 1) * p.dilations[a] + 1;
+                        let needed = window.saturating_sub(p.pads_begin[a] + p.pads_end[a]).max(1);
+                        axes[a].0.min(cap).max(needed)
                     })
-                    .collect(),
-                blocking,
-                family: "gemm",
-                seed,
-            };
-            // The input is at least as large as the dilated window (minus padding).
-            p.input = (0..rank)
-                .map(|a| {
-                    let window = (p.kernel[a] - 1) * p.dilations[a] + 1;
-                    let needed = window.saturating_sub(p.pads_begin[a] + p.pads_end[a]).max(1);
-                    axes[a].0.min(cap).max(needed)
-                })
-                .collect();
-            p
-        })
+                    .collect();
+                p
+            },
+        )
 }
 
 /// 3x3 stride-1 convolutions for Winograd F(2x2, 3x3): odd and even extents (partial
@@ -286,8 +297,11 @@ fn run_loaded(path: &PathBuf, g: &Graph, threads: usize, inputs: &[Tensor]) -> R
     // epilogue (the map engine) marks its vector loads aligned, which SSE-only targets
     // fold into memory operands that fault on unaligned addresses.
     let in_lines: Vec<Vec<Line>> = inputs.iter().map(|t| aligned_copy(&t.data.to_le_bytes())).collect();
-    let in_refs: Vec<&[u8]> =
-        in_lines.iter().zip(inputs).map(|(lines, t)| &as_bytes(lines)[..t.data.to_le_bytes().len()]).collect();
+    let in_refs: Vec<&[u8]> = in_lines
+        .iter()
+        .zip(inputs)
+        .map(|(lines, t)| &as_bytes(lines)[..t.data.to_le_bytes().len()])
+        .collect();
     let out_types: Vec<TensorType> = g.outputs.iter().map(|&v| g.ty(v).clone()).collect();
     let mut out_bytes: Vec<Vec<u8>> = out_types.iter().map(|t| vec![0u8; t.byte_size()]).collect();
     let mut out_refs: Vec<&mut [u8]> = out_bytes.iter_mut().map(Vec::as_mut_slice).collect();
@@ -295,7 +309,10 @@ fn run_loaded(path: &PathBuf, g: &Graph, threads: usize, inputs: &[Tensor]) -> R
     Ok(out_types
         .iter()
         .zip(&out_bytes)
-        .map(|(t, bytes)| Tensor { shape: t.shape.clone(), data: TensorData::from_le_bytes(t.dtype, bytes) })
+        .map(|(t, bytes)| Tensor {
+            shape: t.shape.clone(),
+            data: TensorData::from_le_bytes(t.dtype, bytes),
+        })
         .collect())
 }
 
@@ -329,11 +346,18 @@ fn temp_so() -> PathBuf {
 fn host_jit(g: &Graph, inputs: &[Tensor]) -> Result<Vec<Tensor>, String> {
     let model = JitModel::compile(g).map_err(|e| e.to_string())?;
     if model.info().gemm_convs != 1 {
-        return Err(format!("{} convolutions ran as GEMM, expected 1", model.info().gemm_convs));
+        return Err(format!(
+            "{} convolutions ran as GEMM, expected 1",
+            model.info().gemm_convs
+        ));
     }
     let wants_winograd = g.nodes.iter().any(|n| n.schedule.kernel == "winograd");
     if (model.info().winograd_convs == 1) != wants_winograd {
-        return Err(format!("winograd convolutions: {}, expected {}", model.info().winograd_convs, wants_winograd as u8));
+        return Err(format!(
+            "winograd convolutions: {}, expected {}",
+            model.info().winograd_convs,
+            wants_winograd as u8
+        ));
     }
     model.run(inputs).map_err(|e| e.to_string())
 }
@@ -426,11 +450,18 @@ fn thread_counts_agree_bitwise() {
     assert_eq!(info.gemm_convs, 1);
     let path = temp_so();
     link_shared(&object, &path, &target).unwrap();
-    let runs: Vec<Vec<Tensor>> = [1, 2, 3].iter().map(|&t| run_loaded(&path, &g, t, &inputs).unwrap()).collect();
+    let runs: Vec<Vec<Tensor>> = [1, 2, 3]
+        .iter()
+        .map(|&t| run_loaded(&path, &g, t, &inputs).unwrap())
+        .collect();
     let _ = std::fs::remove_file(&path);
     check_all(&runs[0], &want).unwrap();
     for (t, run) in runs.iter().enumerate().skip(1) {
-        assert!(run[0].data == runs[0][0].data, "{} threads differ from one thread", t + 1);
+        assert!(
+            run[0].data == runs[0][0].data,
+            "{} threads differ from one thread",
+            t + 1
+        );
     }
 }
 
@@ -500,18 +531,19 @@ fn denormals_are_flushed_in_gemm_tasks_and_mxcsr_restored() {
     let mut g = Graph::new("denormal");
     let x = g.add_input(TensorType::f32([1, 1, 4, 4]), "x");
     let w = g.add_constant("w", Tensor::f32([1, 1, 1, 1], vec![1.0]));
-    let y = g.push1(
-        "conv",
-        Op::Conv(ConvGeometry {
-            strides: vec![1, 1],
-            dilations: vec![1, 1],
-            pads_begin: vec![0, 0],
-            pads_end: vec![0, 0],
-            groups: 1,
-        }),
-        &[x, w],
-    )
-    .unwrap();
+    let y = g
+        .push1(
+            "conv",
+            Op::Conv(ConvGeometry {
+                strides: vec![1, 1],
+                dilations: vec![1, 1],
+                pads_begin: vec![0, 0],
+                pads_end: vec![0, 0],
+                groups: 1,
+            }),
+            &[x, w],
+        )
+        .unwrap();
     g.outputs.push(y);
     let model = JitModel::compile(&g).unwrap();
     assert_eq!(model.info().gemm_convs, 1);
@@ -523,9 +555,12 @@ fn denormals_are_flushed_in_gemm_tasks_and_mxcsr_restored() {
     let after = unsafe { _mm_getcsr() };
     assert_eq!(before, after, "MXCSR restored");
     assert_eq!(before & 0x8040, 0, "the test thread runs without FTZ/DAZ");
-    assert_eq!(out[0].data, TensorData::F32(vec![0.0; 16]), "denormal inputs read as zero inside the call");
+    assert_eq!(
+        out[0].data,
+        TensorData::F32(vec![0.0; 16]),
+        "denormal inputs read as zero inside the call"
+    );
 }
-
 
 /// Large depthwise convolutions and pools are split into channel chunks run as tasks;
 /// the chunks (a smaller last one included) and their epilogue operands (cut per
@@ -553,9 +588,18 @@ fn channel_split_nodes_match_interpreter() {
     let node = g.nodes.last_mut().unwrap();
     node.inputs.extend([residual, scale, rows]);
     node.epilogue = vec![
-        EpilogueStep::Binary { func: BinaryFn::Add, operand: 3 },
-        EpilogueStep::Binary { func: BinaryFn::Mul, operand: 4 },
-        EpilogueStep::Binary { func: BinaryFn::Sub, operand: 5 },
+        EpilogueStep::Binary {
+            func: BinaryFn::Add,
+            operand: 3,
+        },
+        EpilogueStep::Binary {
+            func: BinaryFn::Mul,
+            operand: 4,
+        },
+        EpilogueStep::Binary {
+            func: BinaryFn::Sub,
+            operand: 5,
+        },
         EpilogueStep::Unary(UnaryFn::Relu),
     ];
     let pool = PoolAttrs {
@@ -566,7 +610,9 @@ fn channel_split_nodes_match_interpreter() {
         pads_begin: vec![1, 1],
         pads_end: vec![1, 1],
     };
-    let p = g.push_typed("pool", Op::Pool(pool), &[y], TensorType::f32([n, c, hw / 2, hw / 2])).unwrap();
+    let p = g
+        .push_typed("pool", Op::Pool(pool), &[y], TensorType::f32([n, c, hw / 2, hw / 2]))
+        .unwrap();
     g.outputs.extend([y, p]);
     cnnc_ir::verify::verify(&g).unwrap();
     let inputs = vec![

@@ -88,7 +88,8 @@ pub fn plan(g: &Graph, node: &Node) -> Option<ChannelSplit> {
     let taps: usize = match &node.op {
         Op::Conv(geometry) => {
             let w = g.ty(*node.inputs.get(1)?);
-            let depthwise = geometry.groups == channels && w.shape.first() == Some(&channels) && w.shape.get(1) == Some(&1);
+            let depthwise =
+                geometry.groups == channels && w.shape.first() == Some(&channels) && w.shape.get(1) == Some(&1);
             if !depthwise || channels < 2 {
                 return None;
             }
@@ -142,7 +143,13 @@ pub fn plan(g: &Graph, node: &Node) -> Option<ChannelSplit> {
         };
         inputs.push(cut);
     }
-    Some(ChannelSplit { images, channels, chunk, inputs, output: activation(out) })
+    Some(ChannelSplit {
+        images,
+        channels,
+        chunk,
+        inputs,
+        output: activation(out),
+    })
 }
 
 fn plain_layout(node: &Node) -> bool {
@@ -156,7 +163,13 @@ fn operand_cut(ty: &TensorType, out_shape: &[usize]) -> Option<BufferCut> {
     let lead = out_shape.len().checked_sub(rank)?;
     let strides = cnnc_ir::strides(&ty.shape);
     let axis_of = |out_axis: usize| out_axis.checked_sub(lead);
-    let mut cut = BufferCut { image_stride: 0, channel_stride: 0, channel_axis: None, image_axis: None, ty: ty.clone() };
+    let mut cut = BufferCut {
+        image_stride: 0,
+        channel_stride: 0,
+        channel_axis: None,
+        image_axis: None,
+        ty: ty.clone(),
+    };
     // Output axis 0 holds the images, axis 1 the channels.
     if let Some(a) = axis_of(0) {
         match ty.shape[a] {
@@ -213,7 +226,8 @@ pub fn define_node<M: Module>(
         b.switch_to_block(entry);
         b.seal_block(entry);
         let (task_ctx, index) = (b.block_params(entry)[0], b.block_params(entry)[1]);
-        emit_task(&mut b, split, &full, tail.as_ref(), task_ctx, index).map_err(|e| CodegenError(format!("{what}: {e}")))?;
+        emit_task(&mut b, split, &full, tail.as_ref(), task_ctx, index)
+            .map_err(|e| CodegenError(format!("{what}: {e}")))?;
         b.ins().return_(&[]);
         b.finalize(module.target_config());
     }
@@ -260,7 +274,10 @@ fn sub_graph(node: &Node, split: &ChannelSplit, channels: usize) -> Graph {
         .collect();
     let output = sub.add_value(split.output.chunk_type(channels), "out");
     let op = match &node.op {
-        Op::Conv(geometry) => Op::Conv(cnnc_ir::ConvGeometry { groups: channels, ..geometry.clone() }),
+        Op::Conv(geometry) => Op::Conv(cnnc_ir::ConvGeometry {
+            groups: channels,
+            ..geometry.clone()
+        }),
         other => other.clone(),
     };
     sub.nodes.push(Node {
@@ -297,17 +314,30 @@ fn emit_task(
         let at = super::gemm::scaled(b, base, image, cut.image_stride as i64 * bytes);
         super::gemm::scaled(b, at, first_channel, cut.channel_stride as i64 * bytes)
     };
-    let inputs: Vec<Value> = split.inputs.iter().enumerate().map(|(i, cut)| address(b, i, cut)).collect();
+    let inputs: Vec<Value> = split
+        .inputs
+        .iter()
+        .enumerate()
+        .map(|(i, cut)| address(b, i, cut))
+        .collect();
     let output = address(b, split.inputs.len(), &split.output);
 
     let emit_chunk = |b: &mut FunctionBuilder, sub: &Graph| -> Result<(), CodegenError> {
-        let mut k = KernelCtx { b, graph: sub, node: &sub.nodes[0], inputs: inputs.clone(), outputs: vec![output] };
+        let mut k = KernelCtx {
+            b,
+            graph: sub,
+            node: &sub.nodes[0],
+            inputs: inputs.clone(),
+            outputs: vec![output],
+        };
         super::emit_node(&mut k, &[])
     };
     match tail {
         None => emit_chunk(b, full),
         Some(tail) => {
-            let last = b.ins().icmp_imm_s(cranelift_codegen::ir::condcodes::IntCC::Equal, chunk, chunks - 1);
+            let last = b
+                .ins()
+                .icmp_imm_s(cranelift_codegen::ir::condcodes::IntCC::Equal, chunk, chunks - 1);
             let tail_block = b.create_block();
             let full_block = b.create_block();
             let done = b.create_block();
@@ -336,8 +366,13 @@ mod tests {
         let mut g = Graph::new("dw");
         let x = g.add_input(TensorType::f32([1, c, hw, hw]), "x");
         let w = g.add_constant("w", Tensor::f32([c, 1, 3, 3], vec![0.1; c * 9]));
-        let geometry =
-            ConvGeometry { strides: vec![1, 1], dilations: vec![1, 1], pads_begin: vec![1, 1], pads_end: vec![1, 1], groups: c };
+        let geometry = ConvGeometry {
+            strides: vec![1, 1],
+            dilations: vec![1, 1],
+            pads_begin: vec![1, 1],
+            pads_end: vec![1, 1],
+            groups: c,
+        };
         let y = g.push1("dw", Op::Conv(geometry), &[x, w]).unwrap();
         g.outputs.push(y);
         g
@@ -369,12 +404,22 @@ mod tests {
             pads_begin: vec![1, 1],
             pads_end: vec![1, 1],
         };
-        let y = g.push_typed("pool", Op::Pool(attrs), &[x], TensorType::f32([1, 64, 56, 56])).unwrap();
+        let y = g
+            .push_typed("pool", Op::Pool(attrs), &[x], TensorType::f32([1, 64, 56, 56]))
+            .unwrap();
         g.outputs.push(y);
         assert!(plan(&g, &g.nodes[0]).is_some(), "a large pool splits");
         let operand = TensorType::f32([1, 1, 56, 1]);
-        assert_eq!(operand_cut(&operand, &[1, 64, 56, 56]).unwrap().channel_axis, None, "shared along channels");
+        assert_eq!(
+            operand_cut(&operand, &[1, 64, 56, 56]).unwrap().channel_axis,
+            None,
+            "shared along channels"
+        );
         let lower_rank = operand_cut(&TensorType::f32([64, 1, 1]), &[1, 64, 56, 56]).unwrap();
-        assert_eq!((lower_rank.channel_axis, lower_rank.image_axis), (Some(0), None), "aligned from the right");
+        assert_eq!(
+            (lower_rank.channel_axis, lower_rank.image_axis),
+            (Some(0), None),
+            "aligned from the right"
+        );
     }
 }

@@ -211,7 +211,9 @@ pub fn constant_weights(g: &Graph, node: &Node) -> Option<Vec<f32>> {
     let w = *node.inputs.get(1)?;
     let n = g.ty(w).numel();
     let producer = g.nodes.iter().find(|m| m.outputs.contains(&w))?;
-    let Op::Constant(c) = producer.op else { return None };
+    let Op::Constant(c) = producer.op else {
+        return None;
+    };
     match &g.constants.get(c.index())?.value {
         ConstValue::Dense(TensorData::F32(v)) if v.len() == n => Some(v.clone()),
         ConstValue::Splat(Scalar::F32(x)) => Some(vec![*x; n]),
@@ -222,7 +224,9 @@ pub fn constant_weights(g: &Graph, node: &Node) -> Option<Vec<f32>> {
 /// The plan for `node` on a microkernel of `mr` x `nr`, or None when the node is not a
 /// convolution this driver takes (it then runs on the direct kernel).
 pub fn plan(g: &Graph, node: &Node, (mr, nr): (usize, usize)) -> Option<ConvGemmPlan> {
-    let Op::Conv(geometry) = &node.op else { return None };
+    let Op::Conv(geometry) = &node.op else {
+        return None;
+    };
     if node.outputs.len() != 1 || node.inputs.len() < 2 || mr == 0 || nr == 0 || !nr.is_multiple_of(4) {
         return None;
     }
@@ -266,9 +270,14 @@ pub fn plan(g: &Graph, node: &Node, (mr, nr): (usize, usize)) -> Option<ConvGemm
         return None;
     }
     let axes = rank - 2;
-    let geometry_ok = [&geometry.strides, &geometry.dilations, &geometry.pads_begin, &geometry.pads_end]
-        .iter()
-        .all(|v| v.len() == axes);
+    let geometry_ok = [
+        &geometry.strides,
+        &geometry.dilations,
+        &geometry.pads_begin,
+        &geometry.pads_end,
+    ]
+    .iter()
+    .all(|v| v.len() == axes);
     if !geometry_ok || geometry.strides.contains(&0) || geometry.dilations.contains(&0) {
         return None;
     }
@@ -302,7 +311,11 @@ pub fn plan(g: &Graph, node: &Node, (mr, nr): (usize, usize)) -> Option<ConvGemm
     let positions: usize = spatial.output.iter().product();
     let in_plane: usize = spatial.input.iter().product();
     let orientation = orientation(out_channels, positions, depth, mr, nr);
-    let position_tile = if orientation == Orientation::ChannelRows { nr } else { mr };
+    let position_tile = if orientation == Orientation::ChannelRows {
+        nr
+    } else {
+        mr
+    };
     let (kc, nc) = blocking(s, depth, positions, mr, nr, position_tile);
     let tile_steps = tile_steps(g, node, &y.shape);
     let im2col_cost = orientation_cost(orientation, out_channels, positions, depth, mr, nr);
@@ -412,7 +425,13 @@ fn blocking(
     nr: usize,
     position_tile: usize,
 ) -> (usize, usize) {
-    let tile = |name: &str| s.tiles.iter().find(|(n, _)| n == name).map(|&(_, v)| v).filter(|&v| v > 0);
+    let tile = |name: &str| {
+        s.tiles
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|&(_, v)| v)
+            .filter(|&v| v > 0)
+    };
     let kc = tile("kc").unwrap_or_else(|| {
         let fit = (DEFAULT_L1D_BYTES / 2 / ((mr + nr) * 4)).max(1);
         if fit >= 8 { fit / 8 * 8 } else { fit }
@@ -610,7 +629,13 @@ fn emit_kernel(
             .map(|i| b.ins().load(I64, buffer_flags(), bufs, (8 * i) as i32))
             .collect();
         let output = b.ins().load(I64, buffer_flags(), bufs, (8 * node.inputs.len()) as i32);
-        let mut k = KernelCtx { b, graph: g, node, inputs, outputs: vec![output] };
+        let mut k = KernelCtx {
+            b,
+            graph: g,
+            node,
+            inputs,
+            outputs: vec![output],
+        };
         super::elementwise::emit_epilogue(&mut k)?;
     }
     Ok(())
@@ -659,7 +684,12 @@ fn emit_task<M: Module>(
             TileStep::Binary { operand, .. } => Some(buffer(b, operand.input)),
         })
         .collect();
-    let epilogue = TileEpilogue { bias, steps, operands, row_stride: plan.positions as i64 };
+    let epilogue = TileEpilogue {
+        bias,
+        steps,
+        operands,
+        row_stride: plan.positions as i64,
+    };
 
     let slot = parallel::emit_claim_slot(b, scratch, plan.slots());
     let slot_base = b.ins().iadd_imm_s(scratch, SLOT_FLAGS_BYTES as i64);
@@ -773,7 +803,10 @@ mod tests {
     fn conv_graph(c: usize, m: usize, hw: usize, k: usize, groups: usize) -> Graph {
         let mut g = Graph::new("t");
         let x = g.add_input(TensorType::f32([1, c, hw, hw]), "x");
-        let w = g.add_constant("w", Tensor::f32([m, c / groups, k, k], vec![0.5; m * c / groups * k * k]));
+        let w = g.add_constant(
+            "w",
+            Tensor::f32([m, c / groups, k, k], vec![0.5; m * c / groups * k * k]),
+        );
         let pad = k / 2;
         let geometry = ConvGeometry {
             strides: vec![1, 1],
@@ -801,12 +834,18 @@ mod tests {
         assert_eq!(p.nc % 6, 0);
         // With 64 input channels the transposed store outweighs the saved padding.
         let g = conv_graph(64, 512, 7, 1, 1);
-        assert_eq!(plan(&g, conv_node(&g), (6, 16)).unwrap().orientation, Orientation::ChannelRows);
+        assert_eq!(
+            plan(&g, conv_node(&g), (6, 16)).unwrap().orientation,
+            Orientation::ChannelRows
+        );
         // A shallow reduction (3 channels x 9 taps) makes the transposed store too dear.
         let g = conv_graph(3, 32, 112, 3, 1);
         let p = plan(&g, conv_node(&g), (6, 16)).unwrap();
         assert_eq!(p.orientation, Orientation::ChannelRows);
-        assert!(p.winograd.is_none(), "3 input channels: the transforms would cost more than they save");
+        assert!(
+            p.winograd.is_none(),
+            "3 input channels: the transforms would cost more than they save"
+        );
         // 56x56 = 3136 positions fill 16-wide panels exactly.
         let g = conv_graph(64, 64, 56, 5, 1);
         let p = plan(&g, conv_node(&g), (6, 16)).unwrap();
@@ -829,7 +868,10 @@ mod tests {
     fn three_by_three_convolutions_use_winograd() {
         let g = conv_graph(64, 64, 56, 3, 1);
         let p = plan(&g, conv_node(&g), (6, 16)).unwrap();
-        let w = p.winograd.as_ref().expect("Winograd for a 3x3 stride-1 convolution with 64 channels");
+        let w = p
+            .winograd
+            .as_ref()
+            .expect("Winograd for a 3x3 stride-1 convolution with 64 channels");
         assert_eq!((w.tiles_h, w.tiles_w, w.padded_w), (28, 28, 58));
         assert!(p.nc.is_multiple_of(16) && p.p_blocks() * p.nc >= w.tiles());
         // The window holds every row a block of tiles reads.
@@ -845,8 +887,13 @@ mod tests {
         let mut g = Graph::new("w");
         let x = g.add_input(TensorType::f32([1, 2, 4, 4]), "x");
         let w = g.add_constant("w", Tensor::f32([3, 2, 1, 1], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]));
-        let geometry =
-            ConvGeometry { strides: vec![1, 1], dilations: vec![1, 1], pads_begin: vec![0, 0], pads_end: vec![0, 0], groups: 1 };
+        let geometry = ConvGeometry {
+            strides: vec![1, 1],
+            dilations: vec![1, 1],
+            pads_begin: vec![0, 0],
+            pads_end: vec![0, 0],
+            groups: 1,
+        };
         let y = g.push1("conv", Op::Conv(geometry), &[x, w]).unwrap();
         g.outputs.push(y);
         let p = plan(&g, conv_node(&g), (2, 16)).unwrap();
@@ -870,15 +917,25 @@ mod tests {
                 n.schedule.kernel = "direct".into();
             }
         });
-        assert!(plan(&g, conv_node(&g), (6, 16)).is_none(), "the schedule's choice is kept");
+        assert!(
+            plan(&g, conv_node(&g), (6, 16)).is_none(),
+            "the schedule's choice is kept"
+        );
 
         // A residual of the output's shape is addressed per tile; a [1,1,H,1] operand is not.
-        for (shape, per_tile) in [(vec![1, 16, 10, 10], true), (vec![1, 16, 1, 1], true), (vec![1, 1, 10, 1], false)] {
+        for (shape, per_tile) in [
+            (vec![1, 16, 10, 10], true),
+            (vec![1, 16, 1, 1], true),
+            (vec![1, 1, 10, 1], false),
+        ] {
             let mut g = conv_graph(8, 16, 10, 3, 1);
             let operand = g.add_input(TensorType::f32(shape.clone()), "r");
             let conv = g.nodes.iter_mut().find(|n| matches!(n.op, Op::Conv(_))).unwrap();
             conv.inputs.push(operand);
-            conv.epilogue = vec![EpilogueStep::Binary { func: BinaryFn::Add, operand: 2 }];
+            conv.epilogue = vec![EpilogueStep::Binary {
+                func: BinaryFn::Add,
+                operand: 2,
+            }];
             let p = plan(&g, conv_node(&g), (6, 16)).unwrap();
             assert_eq!(p.tile_steps.is_some(), per_tile, "operand {shape:?}");
         }

@@ -114,7 +114,8 @@ pub fn emit_dispatch(
     let parallel_for = b.ins().load(I64, flags, host, HOST_PARALLEL_FOR);
     let task_addr = b.ins().func_addr(I64, task);
     let sig = b.import_signature(parallel_for_signature(call_conv));
-    b.ins().call_indirect(sig, parallel_for, &[user, n_tasks, task_addr, ctx]);
+    b.ins()
+        .call_indirect(sig, parallel_for, &[user, n_tasks, task_addr, ctx]);
     b.ins().jump(done, &[]);
 
     b.switch_to_block(serial);
@@ -133,7 +134,8 @@ pub fn emit_dispatch(
 pub fn emit_reset_slots(b: &mut FunctionBuilder, flags_base: Value, slots: usize) {
     let zero = b.ins().iconst(I64, 0);
     for pair in 0..slots.div_ceil(2) {
-        b.ins().store(MemFlagsData::trusted(), zero, flags_base, (pair * 8) as i32);
+        b.ins()
+            .store(MemFlagsData::trusted(), zero, flags_base, (pair * 8) as i32);
     }
 }
 
@@ -159,7 +161,9 @@ pub fn emit_claim_slot(b: &mut FunctionBuilder, flags_base: Value, slots: usize)
     b.switch_to_block(next);
     b.seal_block(next);
     let following = b.ins().iadd_imm_s(slot, 1);
-    let wrap = b.ins().icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, following, slots as i64);
+    let wrap = b
+        .ins()
+        .icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, following, slots as i64);
     let following = b.ins().select(wrap, zero, following);
     b.ins().jump(try_slot, &[following.into()]);
     b.seal_block(try_slot);
@@ -278,6 +282,8 @@ mod tests {
         let restore = assemble_restore().unwrap();
         assert_eq!(enter.last(), Some(&0xc3), "ends with ret");
         assert_eq!(restore.last(), Some(&0xc3));
-        assert!(SLOT_FLAGS_BYTES >= MAX_SLOTS * 4);
     }
+
+    /// One i32 flag per slot fits the flag area.
+    const _: () = assert!(SLOT_FLAGS_BYTES >= MAX_SLOTS * 4);
 }

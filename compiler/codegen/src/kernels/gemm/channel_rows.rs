@@ -8,9 +8,9 @@
 //! positions) is computed into a temporary tile whose valid part is copied or added.
 //! After the last k-block each tile gets the epilogue while it is in L1.
 
+use cranelift_codegen::ir::InstBuilder;
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{I8, I64};
-use cranelift_codegen::ir::InstBuilder;
 use cranelift_frontend::FunctionBuilder;
 
 use super::pack::emit_pack_panel;
@@ -106,7 +106,8 @@ pub fn emit(b: &mut FunctionBuilder, f: &TaskFrame) -> Result<(), CodegenError> 
                 b.seal_block(edge_block);
                 let tmp_ldc = int(b, nr);
                 let fresh = int(b, 0);
-                b.ins().call(f.kernel, &[kcb, a, packed_panel, tmp_tile, tmp_ldc, fresh]);
+                b.ins()
+                    .call(f.kernel, &[kcb, a, packed_panel, tmp_tile, tmp_ldc, fresh]);
                 let all_rows = int(b, mr);
                 let rows = if edge_rows == 0 {
                     all_rows

@@ -32,7 +32,10 @@ pub fn repeat(
     let results: Vec<Value> = types.iter().map(|&t| b.append_block_param(exit, t)).collect();
 
     let args = |count: Value, values: &[Value]| -> Vec<BlockArg> {
-        std::iter::once(count).chain(values.iter().copied()).map(BlockArg::from).collect()
+        std::iter::once(count)
+            .chain(values.iter().copied())
+            .map(BlockArg::from)
+            .collect()
     };
     let exit_args: Vec<BlockArg> = carried.iter().map(|&v| BlockArg::from(v)).collect();
     b.ins().brif(count, loop_block, &args(count, carried), exit, &exit_args);

@@ -55,7 +55,15 @@ struct Quad {
 /// Emits the packing of the panel at `dst` (32-byte aligned) from the group's input
 /// `x_group`, for positions `p0..p0 + width` and reduction indices `k0..k0 + kc`
 /// (`kc >= 1`, run-time values).
-pub fn emit_pack_panel(b: &mut FunctionBuilder, s: &PackShape, x_group: Value, p0: Value, k0: Value, kc: Value, dst: Value) {
+pub fn emit_pack_panel(
+    b: &mut FunctionBuilder,
+    s: &PackShape,
+    x_group: Value,
+    p0: Value,
+    k0: Value,
+    kc: Value,
+    dst: Value,
+) {
     let sp = s.spatial;
     let rank = sp.output.len();
     let last = rank - 1;
@@ -68,7 +76,8 @@ pub fn emit_pack_panel(b: &mut FunctionBuilder, s: &PackShape, x_group: Value, p
             let first = b.ins().iadd_imm_s(p0, (q * LANES) as i64);
             let coords = unflatten(b, first, &sp.output);
             let one_row = if row_len >= LANES {
-                b.ins().icmp_imm_u(IntCC::UnsignedLessThanOrEqual, coords[last], (row_len - LANES) as i64)
+                b.ins()
+                    .icmp_imm_u(IntCC::UnsignedLessThanOrEqual, coords[last], (row_len - LANES) as i64)
             } else {
                 b.ins().iconst(I8, 0)
             };
@@ -113,8 +122,8 @@ pub fn emit_pack_panel(b: &mut FunctionBuilder, s: &PackShape, x_group: Value, p
         for quad in &quads {
             let coords: Vec<Value> = (0..rank).map(|a| b.ins().iadd(quad.origin[a], tap_offset[a])).collect();
             let mut ok = quad.one_row;
-            for a in 0..rank {
-                let inside = below(b, coords[a], sp.input[a]);
+            for (&c, &extent) in coords.iter().zip(&sp.input) {
+                let inside = below(b, c, extent);
                 ok = b.ins().band(ok, inside);
             }
             let far_end = b.ins().iadd_imm_s(coords[last], (3 * sp.strides[last]) as i64);
@@ -129,7 +138,9 @@ pub fn emit_pack_panel(b: &mut FunctionBuilder, s: &PackShape, x_group: Value, p
             let dst_lane = b.ins().iadd_imm_s(dst_tap, (lane * 4) as i64);
             emit_position(b, s, position, &tap_offset, src_tap, dst_lane, count, &in_strides);
         }
-        let Some(&first_regular) = regular.first() else { return };
+        let Some(&first_regular) = regular.first() else {
+            return;
+        };
         let mut all_regular = first_regular;
         for &r in &regular[1..] {
             all_regular = b.ins().band(all_regular, r);
@@ -170,7 +181,10 @@ pub fn emit_pack_panel(b: &mut FunctionBuilder, s: &PackShape, x_group: Value, p
             repeat(b, count, &[sources[q], dst_quad], |b, ptrs| {
                 let v = load_f32x4_strided(b, vector_flags(), ptrs[0], 0, sp.strides[last]);
                 b.ins().store(vector_flags(), v, ptrs[1], 0);
-                vec![b.ins().iadd_imm_s(ptrs[0], plane_bytes), b.ins().iadd_imm_s(ptrs[1], row_bytes)]
+                vec![
+                    b.ins().iadd_imm_s(ptrs[0], plane_bytes),
+                    b.ins().iadd_imm_s(ptrs[1], row_bytes),
+                ]
             });
             b.ins().jump(quad_done, &[]);
 
@@ -241,7 +255,10 @@ fn emit_position(
     repeat(b, count, &[src, dst], |b, ptrs| {
         let v = b.ins().load(F32, scalar_flags(), ptrs[0], 0);
         b.ins().store(scalar_flags(), v, ptrs[1], 0);
-        vec![b.ins().iadd_imm_s(ptrs[0], plane_bytes), b.ins().iadd_imm_s(ptrs[1], row_bytes)]
+        vec![
+            b.ins().iadd_imm_s(ptrs[0], plane_bytes),
+            b.ins().iadd_imm_s(ptrs[1], row_bytes),
+        ]
     });
     b.ins().jump(done, &[]);
 

@@ -100,8 +100,15 @@ pub fn emit(b: &mut FunctionBuilder, f: &TaskFrame) -> Result<(), CodegenError> 
             let cols = b.ins().umin(left, mr_v);
             let src = tile_of(b, pp, panel);
             let dst = scaled(b, out_rows, p0, F32_BYTES);
-            let from = Source { at: src, row_bytes: F32_BYTES, col_bytes: nr * F32_BYTES };
-            if let Err(e) = f.epilogue.emit_region_from(b, from, dst, rows, cols, f.image, channel, p0) {
+            let from = Source {
+                at: src,
+                row_bytes: F32_BYTES,
+                col_bytes: nr * F32_BYTES,
+            };
+            if let Err(e) = f
+                .epilogue
+                .emit_region_from(b, from, dst, rows, cols, f.image, channel, p0)
+            {
                 failure = Some(e);
             }
         });

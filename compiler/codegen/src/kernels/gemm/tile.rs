@@ -57,7 +57,14 @@ impl TileEpilogue<'_> {
     }
 
     /// Address of step `s`'s operand for (image, channel, position).
-    fn operand_address(&self, b: &mut FunctionBuilder, s: usize, image: Value, channel: Value, position: Value) -> Value {
+    fn operand_address(
+        &self,
+        b: &mut FunctionBuilder,
+        s: usize,
+        image: Value,
+        channel: Value,
+        position: Value,
+    ) -> Value {
         let TileStep::Binary { operand, .. } = &self.steps[s] else {
             unreachable!("only binary steps have operands")
         };
@@ -193,7 +200,11 @@ impl TileEpilogue<'_> {
         channel: Value,
         position: Value,
     ) -> Result<(), CodegenError> {
-        let from = Source { at: tile, row_bytes: self.row_stride * F32_BYTES, col_bytes: F32_BYTES };
+        let from = Source {
+            at: tile,
+            row_bytes: self.row_stride * F32_BYTES,
+            col_bytes: F32_BYTES,
+        };
         self.emit_region_from(b, from, tile, rows, cols, image, channel, position)
     }
 
@@ -305,7 +316,9 @@ pub fn emit_merge(
     let keep = b.ins().ineg(accumulate);
     let keep = b.ins().ireduce(I32, keep);
     let keep = b.ins().splat(I32X4, keep);
-    let keep = b.ins().bitcast(F32X4, MemFlagsData::new().with_endianness(Endianness::Little), keep);
+    let keep = b
+        .ins()
+        .bitcast(F32X4, MemFlagsData::new().with_endianness(Endianness::Little), keep);
     repeat(b, rows, &[tmp, dst], |b, ptrs| {
         for v in 0..full_cols / LANES {
             let offset = (v * LANES * 4) as i32;
@@ -333,7 +346,10 @@ pub fn emit_merge(
             let sum = b.ins().fadd(t, old);
             let v = b.ins().select(accumulate, sum, t);
             b.ins().store(scalar_flags(), v, ptrs[1], 0);
-            vec![b.ins().iadd_imm_s(ptrs[0], F32_BYTES), b.ins().iadd_imm_s(ptrs[1], F32_BYTES)]
+            vec![
+                b.ins().iadd_imm_s(ptrs[0], F32_BYTES),
+                b.ins().iadd_imm_s(ptrs[1], F32_BYTES),
+            ]
         });
         vec![
             b.ins().iadd_imm_s(carried[0], tmp_stride * F32_BYTES),

@@ -144,12 +144,12 @@ pub fn pack_weights(plan: &ConvGemmPlan, weights: &[f32]) -> Vec<u8> {
     for oc in 0..m {
         for ic in 0..c {
             let g = |r: usize, s: usize| weights.get(((oc * c + ic) * 3 + r) * 3 + s).copied().unwrap_or(0.0) as f64;
-            for i in 0..4 {
-                for j in 0..4 {
+            for (i, gi) in G.iter().enumerate() {
+                for (j, gj) in G.iter().enumerate() {
                     let mut u = 0.0;
-                    for r in 0..3 {
-                        for s in 0..3 {
-                            u += G[i][r] * g(r, s) * G[j][s];
+                    for (r, &gir) in gi.iter().enumerate() {
+                        for (s, &gjs) in gj.iter().enumerate() {
+                            u += gir * g(r, s) * gjs;
                         }
                     }
                     transformed[(oc * c + ic) * POINTS + i * 4 + j] = u as f32;
@@ -163,7 +163,11 @@ pub fn pack_weights(plan: &ConvGemmPlan, weights: &[f32]) -> Vec<u8> {
             for ic in 0..c {
                 for r in 0..mr {
                     let oc = panel * mr + r;
-                    let v = if oc < m { transformed[(oc * c + ic) * POINTS + xi] } else { 0.0 };
+                    let v = if oc < m {
+                        transformed[(oc * c + ic) * POINTS + xi]
+                    } else {
+                        0.0
+                    };
                     out.extend_from_slice(&v.to_le_bytes());
                 }
             }
@@ -273,7 +277,8 @@ pub fn emit(b: &mut FunctionBuilder, f: &TaskFrame, w: &WinogradShape) -> Result
         let dst = scaled(b, dst, in_panel, LANES as i64 * F32_BYTES);
         let coords = unflatten(b, t, &[w.tiles_h, w.tiles_w]);
         let one_row = if w.tiles_w >= LANES {
-            b.ins().icmp_imm_u(IntCC::UnsignedLessThanOrEqual, coords[1], (w.tiles_w - LANES) as i64)
+            b.ins()
+                .icmp_imm_u(IntCC::UnsignedLessThanOrEqual, coords[1], (w.tiles_w - LANES) as i64)
         } else {
             b.ins().iconst(I8, 0)
         };
@@ -301,7 +306,10 @@ pub fn emit(b: &mut FunctionBuilder, f: &TaskFrame, w: &WinogradShape) -> Result
                 let at = b.ins().iadd_imm_s(ptrs[1], xi as i64 * v_point_bytes);
                 b.ins().store(vector_flags(), value, at, 0);
             }
-            vec![b.ins().iadd_imm_s(ptrs[0], channel_window_bytes), b.ins().iadd_imm_s(ptrs[1], v_row_bytes)]
+            vec![
+                b.ins().iadd_imm_s(ptrs[0], channel_window_bytes),
+                b.ins().iadd_imm_s(ptrs[1], v_row_bytes),
+            ]
         });
         b.ins().jump(done, &[]);
 
@@ -333,7 +341,10 @@ pub fn emit(b: &mut FunctionBuilder, f: &TaskFrame, w: &WinogradShape) -> Result
                     let at = b.ins().iadd_imm_s(ptrs[1], xi as i64 * v_point_bytes);
                     b.ins().store(scalar_flags(), value, at, 0);
                 }
-                vec![b.ins().iadd_imm_s(ptrs[0], channel_window_bytes), b.ins().iadd_imm_s(ptrs[1], v_row_bytes)]
+                vec![
+                    b.ins().iadd_imm_s(ptrs[0], channel_window_bytes),
+                    b.ins().iadd_imm_s(ptrs[1], v_row_bytes),
+                ]
             });
             b.ins().jump(lane_done, &[]);
 
@@ -405,7 +416,14 @@ pub fn emit(b: &mut FunctionBuilder, f: &TaskFrame, w: &WinogradShape) -> Result
 
 /// Window address of the patch of tile (ty, tx): window row `2·(ty − first_row)`,
 /// column `2·tx`.
-fn patch_address(b: &mut FunctionBuilder, window: Value, w: &WinogradShape, ty: Value, tx: Value, first_row: Value) -> Value {
+fn patch_address(
+    b: &mut FunctionBuilder,
+    window: Value,
+    w: &WinogradShape,
+    ty: Value,
+    tx: Value,
+    first_row: Value,
+) -> Value {
     let row = b.ins().isub(ty, first_row);
     let row = b.ins().imul_imm_s(row, 2 * w.padded_w as i64);
     let col = b.ins().imul_imm_s(tx, 2);
@@ -415,7 +433,14 @@ fn patch_address(b: &mut FunctionBuilder, window: Value, w: &WinogradShape, ty: 
 
 /// Copies, for every input channel, the padded input rows of tile rows
 /// `first_row..=last tile row of the block` into the window (zero outside the image).
-fn emit_window(b: &mut FunctionBuilder, f: &TaskFrame, w: &WinogradShape, first_row: Value, t_end: Value, window: Value) {
+fn emit_window(
+    b: &mut FunctionBuilder,
+    f: &TaskFrame,
+    w: &WinogradShape,
+    first_row: Value,
+    t_end: Value,
+    window: Value,
+) {
     let last_tile = b.ins().iadd_imm_s(t_end, -1);
     let last_row = b.ins().udiv_imm_u(last_tile, w.tiles_w as i64);
     let rows = b.ins().isub(last_row, first_row);
@@ -469,7 +494,8 @@ fn fill_zero(b: &mut FunctionBuilder, dst: Value, offset: i64, count: usize) {
     let z = b.ins().f32const(0.0);
     let zv = b.ins().splat(F32X4, z);
     for v in 0..count / LANES {
-        b.ins().store(vector_flags(), zv, dst, (offset + (v * LANES * 4) as i64) as i32);
+        b.ins()
+            .store(vector_flags(), zv, dst, (offset + (v * LANES * 4) as i64) as i32);
     }
     for e in count / LANES * LANES..count {
         b.ins().store(scalar_flags(), z, dst, (offset + (e * 4) as i64) as i32);
