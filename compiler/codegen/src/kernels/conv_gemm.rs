@@ -14,8 +14,11 @@
 //!   epilogue applied per tile while it is in L1). With few positions (7x7, 14x14
 //!   maps) whole 16-wide position panels waste a large share of the work, so the roles
 //!   swap (`gemm::position_rows`: `mr` positions x `nr` channels, tiles accumulated in
-//!   the slot and stored transposed). The orientation that computes fewer padded
-//!   elements wins.
+//!   the slot and stored transposed). A cost model (`orientation_cost`: padded
+//!   multiply-adds plus the transposed store) picks one.
+//! - 3x3 stride-1 convolutions run as Winograd F(2x2, 3x3) (`gemm::winograd`: 16
+//!   products with 2.25x fewer multiply-adds) when that is estimated cheaper, or when
+//!   the schedule asks for kernel "winograd".
 //! - The epilogue (bias, fused steps) is applied per tile (`gemm::tile`); an operand
 //!   broadcast in a way a tile cannot address is applied over the whole output after
 //!   the convolution instead.
