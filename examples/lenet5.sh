@@ -4,11 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -p cnnc -p cnnc-examples
+bin="${CARGO_TARGET_DIR:-target}/release"
 out=out/lenet5
 mkdir -p "$out"
-./target/release/make-lenet5 "$out"
-./target/release/cnnc compile "$out/model.onnx" -o "$out/lenet5.so" --header "$out/lenet5.h"
-./target/release/cnnc run "$out/lenet5.so" --input "$out/test_data_set_0/input_0.pb" --out "$out/result"
-./target/release/cnnc verify "$out"
+"$bin"/make-lenet5 "$out"
+"$bin"/cnnc compile "$out/model.onnx" -o "$out/lenet5.so" --header "$out/lenet5.h"
+"$bin"/cnnc run "$out/lenet5.so" --input "$out/test_data_set_0/input_0.pb" --out "$out/result"
+"$bin"/cnnc verify "$out"
 cc -O2 -I "$out" examples/lenet5_main.c "$out/lenet5.so" -Wl,-rpath,"$PWD/$out" -o "$out/lenet5_main"
 "$out/lenet5_main"
