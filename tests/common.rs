@@ -24,9 +24,15 @@ pub fn shared_dir() -> Option<PathBuf> {
         return Some(dir);
     }
     if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("../shared (conformance suite and model zoo) is missing at {} and CI=true", dir.display());
+        panic!(
+            "../shared (conformance suite and model zoo) is missing at {} and CI=true",
+            dir.display()
+        );
     }
-    eprintln!("SKIP: ../shared not found at {} (set CNNC_SHARED); conformance tests skipped", dir.display());
+    eprintln!(
+        "SKIP: ../shared not found at {} (set CNNC_SHARED); conformance tests skipped",
+        dir.display()
+    );
     None
 }
 
