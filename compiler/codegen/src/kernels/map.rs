@@ -16,13 +16,16 @@ use crate::loops::for_count;
 
 /// Loads for buffers nothing writes during the kernel (weights, graph inputs, the
 /// outputs of earlier kernels): read-only and movable, so loads can be hoisted.
+/// Not `aligned`: vector accesses start at arbitrary element offsets and the ABI
+/// lets callers pass unaligned buffers; an aligned flag would let SSE-only targets
+/// fold them into instructions that fault on unaligned addresses.
 pub fn readonly_flags() -> MemFlagsData {
-    MemFlagsData::trusted().with_readonly().with_can_move()
+    MemFlagsData::new().with_notrap().with_readonly().with_can_move()
 }
 
-/// Loads and stores of the buffer the kernel writes.
+/// Loads and stores of the buffer the kernel writes (not `aligned`, as above).
 pub fn rw_flags() -> MemFlagsData {
-    MemFlagsData::trusted()
+    MemFlagsData::new().with_notrap()
 }
 
 /// The Cranelift type holding one element of `dtype` (bool is a byte, 0 or 1).
