@@ -19,7 +19,7 @@ usage:
   cnnc run OUT.so --input FILE.pb [--input FILE.pb ...] --out DIR [--threads T]
   cnnc verify DIR ... [--jobs J] [--cpu NAME]
   cnnc verify-train DIR ... [--cpu NAME]
-  cnnc bench MODEL.onnx [--threads T] [--batch N] [--runs N] [--cpu NAME] [--train]
+  cnnc bench MODEL.onnx|MODEL.so [--threads T] [--batch N] [--runs N] [--cpu NAME] [--train]
   cnnc bench-gemm            # the GEMM microkernel against this core's FMA peak, same run
   cnnc dump MODEL.onnx [--after PASS | --all | --list-passes] [--batch N] [--full] [--cpu NAME] [--target TRIPLE]
 
@@ -287,11 +287,21 @@ fn bench(a: &Args) -> Result<(), Error> {
         println!("median_ms={:.4}", times[times.len() / 2]);
         return Ok(());
     }
-    let target = a.target()?;
     let scratch = ScratchDir::new("bench")?;
-    let so = scratch.0.join("model.so");
-    let (_, report) = driver::compile_file(&model, a.number("--batch")?, &target, &so)?;
-    eprintln!("compiled in {:.2} s", report.seconds);
+    // An already compiled .so is timed as it is (and keeps its symbols for `perf`).
+    let so = if model.extension().is_some_and(|e| e == "so") {
+        for k in ["--batch", "--cpu", "--target"] {
+            if a.value(k).is_some() {
+                return Err(usage(&format!("{k} does not apply to a compiled .so")));
+            }
+        }
+        model.clone()
+    } else {
+        let so = scratch.0.join("model.so");
+        let (_, report) = driver::compile_file(&model, a.number("--batch")?, &a.target()?, &so)?;
+        eprintln!("compiled in {:.2} s", report.seconds);
+        so
+    };
     let loaded = cnnc_runtime::Model::load(&so).map_err(|e| Error::Failed(e.to_string()))?;
     let info = loaded.info().clone();
     let mut session = cnnc_runtime::Session::new(&loaded, threads).map_err(|e| Error::Failed(e.to_string()))?;
