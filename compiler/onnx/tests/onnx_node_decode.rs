@@ -1,13 +1,13 @@
-//! Every ONNX backend-test model under /work/shared decodes and loads without panicking.
-//! Skipped (with a message) when /work/shared is absent.
+//! Every ONNX backend-test model under ../shared decodes and loads without panicking.
+//! Skipped (with a message) when ../shared is absent.
 
 use std::path::{Path, PathBuf};
 
+mod backend_cases;
+
 use cnnc_onnx::{LoadOptions, decode_model, load_model};
 
-const SUITES: &[&str] = &["/work/shared/onnx-node", "/work/shared/onnx-pytorch", "/work/shared/onnx-light"];
-
-fn cases(suite: &str) -> Vec<PathBuf> {
+fn cases(suite: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(suite) else { return Vec::new() };
     let mut dirs: Vec<PathBuf> =
         entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.join("model.onnx").is_file()).collect();
@@ -17,12 +17,12 @@ fn cases(suite: &str) -> Vec<PathBuf> {
 
 #[test]
 fn every_shared_model_decodes_and_loads_without_panicking() {
-    if !Path::new("/work/shared").is_dir() {
-        eprintln!("SKIP: /work/shared is absent");
+    let suites = backend_cases::suites_named(&["onnx-node", "onnx-pytorch", "onnx-light"]);
+    if suites.is_empty() {
         return;
     }
     let (mut loaded, mut unsupported, mut invalid) = (0, 0, Vec::new());
-    for suite in SUITES {
+    for suite in &suites {
         for case in cases(suite) {
             let bytes = std::fs::read(case.join("model.onnx")).unwrap();
             let model = decode_model(&bytes).unwrap_or_else(|e| panic!("{}: {e}", case.display()));
