@@ -1122,3 +1122,58 @@ fn cli_compiles_training_entry_points() {
     let out = std::process::Command::new(cnnc).args(["verify-train", dir.join("missing").to_str().unwrap()]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// `cnnc_compute_gradients` then `cnnc_apply_update` equals `cnnc_train_step`, bit for bit
+/// (loss, gradients, parameters, optimizer buffers, running statistics), three steps with
+/// SGD and with Adam; the gradients alone match the reference step's.
+#[test]
+fn compute_gradients_then_apply_update_equals_train_step() {
+    use cnnc::train::compiled::{Trainer, compile_fused_step};
+    use cnnc::train::{Adam, HyperValues, Sgd, TrainState, compute_gradients, fused_train_step};
+    let dir = common::scratch("train-two-halves");
+    for (k, optimizer) in [
+        cnnc::train::Optimizer::from(Sgd { lr: 0.1, momentum: 0.9, weight_decay: 0.01 }),
+        Adam { lr: 0.01, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 }.into(),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let tg = load_training_graph(bn_fc_model(&format!("train-two-halves-{k}"))).unwrap();
+        let fused = fused_train_step(&tg, optimizer.into()).unwrap();
+        let so = dir.join(format!("train{k}.so"));
+        compile_fused_step(&fused, &cnnc_codegen::TargetSpec::host(), &so).unwrap();
+        let mut whole = Trainer::load(&so, &fused.initial_state(), 1).unwrap();
+        let mut halves = Trainer::load(&so, &fused.initial_state(), 1).unwrap();
+        let (x, labels) = bn_fc_batch();
+        for step in 1..=3u64 {
+            let hyper = HyperValues::from_optimizer(optimizer, step);
+            let reference = TrainState {
+                params: tg.params.iter().map(|p| halves.get(&p.name).unwrap()).collect(),
+                velocity: vec![None; tg.params.len()],
+                second_moment: vec![None; tg.params.len()],
+                steps: 0,
+                running: tg.running.iter().map(|r| (halves.get(&r.mean_name).unwrap(), halves.get(&r.var_name).unwrap())).collect(),
+            };
+            let expected = compute_gradients(&tg, &reference, std::slice::from_ref(&x), &labels).unwrap();
+            let loss_whole = whole.step(std::slice::from_ref(&x), &labels, &hyper).unwrap();
+            let loss_halves = halves.compute_gradients(std::slice::from_ref(&x), &labels).unwrap();
+            assert_eq!(loss_whole.to_bits(), loss_halves.to_bits(), "step {step} loss");
+            for (p, g) in tg.params.iter().zip(&expected.grads) {
+                let got = halves.get(&format!("{}.grad", p.name)).unwrap();
+                compare(&got, g).unwrap_or_else(|e| panic!("step {step} grad {}: {e}", p.name));
+            }
+            // Before the update: the parameters are untouched, the running statistics moved.
+            for p in &tg.params {
+                let before = reference.params[tg.params.iter().position(|q| q.name == p.name).unwrap()].clone();
+                assert_eq!(halves.get(&p.name).unwrap(), before, "step {step}: compute_gradients changed {}", p.name);
+            }
+            for r in &tg.running {
+                assert_eq!(halves.get(&r.mean_name), whole.get(&r.mean_name), "step {step} {}", r.mean_name);
+            }
+            halves.apply_update(&hyper).unwrap();
+            for t in &whole.session.info().state_tensors {
+                assert_eq!(halves.get(&t.name), whole.get(&t.name), "step {step}: {} differs", t.name);
+            }
+        }
+    }
+}

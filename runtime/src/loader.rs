@@ -76,6 +76,8 @@ struct Loaded {
     info: ModelInfo,
     infer: Option<abi::InferFn>,
     train_step: Option<abi::TrainStepFn>,
+    compute_gradients: Option<abi::ComputeGradientsFn>,
+    apply_update: Option<abi::ApplyUpdateFn>,
     // Declared last so it is dropped last: the function pointers above point into it.
     _library: Library,
 }
@@ -118,7 +120,24 @@ impl Model {
         // Looked up, not required: `Session::train_step` reports a missing entry point.
         let train_step =
             if info.has_training() { symbol::<abi::TrainStepFn>(&library, abi::SYM_TRAIN_STEP).ok() } else { None };
-        Ok(Model { inner: Arc::new(Loaded { path: given.to_owned(), info, infer, train_step, _library: library }) })
+        let compute_gradients = if info.has_training() {
+            symbol::<abi::ComputeGradientsFn>(&library, abi::SYM_COMPUTE_GRADIENTS).ok()
+        } else {
+            None
+        };
+        let apply_update =
+            if info.has_training() { symbol::<abi::ApplyUpdateFn>(&library, abi::SYM_APPLY_UPDATE).ok() } else { None };
+        Ok(Model {
+            inner: Arc::new(Loaded {
+                path: given.to_owned(),
+                info,
+                infer,
+                train_step,
+                compute_gradients,
+                apply_update,
+                _library: library,
+            }),
+        })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -136,6 +155,14 @@ impl Model {
 
     pub(crate) fn train_step_fn(&self) -> Option<abi::TrainStepFn> {
         self.inner.train_step
+    }
+
+    pub(crate) fn compute_gradients_fn(&self) -> Option<abi::ComputeGradientsFn> {
+        self.inner.compute_gradients
+    }
+
+    pub(crate) fn apply_update_fn(&self) -> Option<abi::ApplyUpdateFn> {
+        self.inner.apply_update
     }
 }
 

@@ -127,20 +127,8 @@ impl Session {
     /// Returns the loss.
     pub fn train_step(&mut self, state: &mut [u8], inputs: &[&[u8]], labels: &[i64], hyper: &abi::Hyper) -> Result<f32, RunError> {
         let train = self.model.train_step_fn().ok_or(RunError::NoTrainingEntry)?;
-        let info = self.model.info();
-        if state.len() != info.state_size {
-            return Err(RunError::StateSize { expected_bytes: info.state_size, given_bytes: state.len() });
-        }
-        let data = self.training_data_inputs();
-        check_buffers(Direction::Input, data, inputs.iter().map(|b| b.len()))?;
-        let label_spec = &info.inputs[info.inputs.len() - 1 - TRAIN_HYPER_INPUTS];
-        check_buffers(Direction::Input, std::slice::from_ref(label_spec), std::iter::once(std::mem::size_of_val(labels)))?;
-        self.input_ptrs.clear();
-        self.input_ptrs.extend(inputs.iter().map(|b| b.as_ptr().cast::<c_void>()));
-        let host = match &self.pool {
-            Some(pool) => pool.host(),
-            None => abi::Host { user: std::ptr::null_mut(), parallel_for: None, num_threads: 1, reserved: 0 },
-        };
+        self.check_batch(state, inputs, labels)?;
+        let host = self.host();
         let mut loss = 0f32;
         // SAFETY: the state, data and label buffers were checked against the model's
         // metadata, the workspace has the size and alignment it asked for, and the
@@ -157,6 +145,69 @@ impl Session {
             )
         };
         if status == abi::STATUS_OK { Ok(loss) } else { Err(RunError::Status(status)) }
+    }
+
+    /// Forward and backward (`cnnc_compute_gradients`) on `state`: every parameter's
+    /// gradient into its "<parameter>.grad" slot, the BatchNorm running statistics updated,
+    /// no optimizer update. Buffers as for `train_step`. Returns the loss.
+    pub fn compute_gradients(&mut self, state: &mut [u8], inputs: &[&[u8]], labels: &[i64]) -> Result<f32, RunError> {
+        let compute = self.model.compute_gradients_fn().ok_or(RunError::NoTrainingEntry)?;
+        self.check_batch(state, inputs, labels)?;
+        let host = self.host();
+        let mut loss = 0f32;
+        // SAFETY: as in `train_step`.
+        let status = unsafe {
+            compute(
+                &host,
+                state.as_mut_ptr().cast::<c_void>(),
+                self.input_ptrs.as_ptr(),
+                labels.as_ptr().cast::<c_void>(),
+                self.workspace.as_ptr(),
+                &mut loss,
+            )
+        };
+        if status == abi::STATUS_OK { Ok(loss) } else { Err(RunError::Status(status)) }
+    }
+
+    /// The optimizer update (`cnnc_apply_update`) of `state`'s parameters and optimizer
+    /// buffers from the gradients in its ".grad" slots (left by `compute_gradients`, or
+    /// accumulated or all-reduced by the caller since).
+    pub fn apply_update(&mut self, state: &mut [u8], hyper: &abi::Hyper) -> Result<(), RunError> {
+        let update = self.model.apply_update_fn().ok_or(RunError::NoTrainingEntry)?;
+        self.check_state(state)?;
+        let host = self.host();
+        // SAFETY: the state buffer was checked against the model's metadata, the workspace
+        // has the size and alignment it asked for, and the library is alive.
+        let status = unsafe { update(&host, state.as_mut_ptr().cast::<c_void>(), hyper, self.workspace.as_ptr()) };
+        if status == abi::STATUS_OK { Ok(()) } else { Err(RunError::Status(status)) }
+    }
+
+    fn check_state(&self, state: &[u8]) -> Result<(), RunError> {
+        let info = self.model.info();
+        if state.len() != info.state_size {
+            return Err(RunError::StateSize { expected_bytes: info.state_size, given_bytes: state.len() });
+        }
+        Ok(())
+    }
+
+    /// Checks a training call's buffers and points `input_ptrs` at the data inputs.
+    fn check_batch(&mut self, state: &[u8], inputs: &[&[u8]], labels: &[i64]) -> Result<(), RunError> {
+        self.check_state(state)?;
+        let info = self.model.info();
+        let data = self.training_data_inputs();
+        check_buffers(Direction::Input, data, inputs.iter().map(|b| b.len()))?;
+        let label_spec = &info.inputs[info.inputs.len() - 1 - TRAIN_HYPER_INPUTS];
+        check_buffers(Direction::Input, std::slice::from_ref(label_spec), std::iter::once(std::mem::size_of_val(labels)))?;
+        self.input_ptrs.clear();
+        self.input_ptrs.extend(inputs.iter().map(|b| b.as_ptr().cast::<c_void>()));
+        Ok(())
+    }
+
+    fn host(&self) -> abi::Host {
+        match &self.pool {
+            Some(pool) => pool.host(),
+            None => abi::Host { user: std::ptr::null_mut(), parallel_for: None, num_threads: 1, reserved: 0 },
+        }
     }
 
     fn inference_entry(&self) -> Result<abi::InferFn, RunError> {

@@ -31,9 +31,12 @@ pub mod train_entry;
 
 pub use jit::JitModel;
 pub use kernels::CodegenError;
-pub use link::link_shared;
-pub use module::{CompiledInfo, ModelExtras, StateTensorDesc, compile_graph, compile_graph_with_extras};
+pub use link::{link_shared, link_shared_objects};
+pub use module::{CompiledInfo, ModelExtras, StateTensorDesc, compile_graph, compile_graph_entry, compile_graph_with_extras};
 pub use object::compile_object;
 pub use plan::MemoryPlan;
 pub use target::{CpuChoice, TargetSpec};
-pub use train_entry::{CompiledTrain, StateLayout, TrainSignature, compile_train_object};
+pub use train_entry::{
+    CompiledTrain, EntryGraph, InputBinding, OutputBinding, StateLayout, TrainSignature, compile_entry_object, compile_train_object,
+    compile_train_objects,
+};

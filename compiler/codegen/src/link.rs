@@ -28,9 +28,15 @@ pub fn linker_for(target: &TargetSpec) -> String {
 
 /// Links `object` into the shared library `out` (`cc -shared -o out obj.o -lm`).
 pub fn link_shared(object: &[u8], out: &Path, target: &TargetSpec) -> Result<(), CodegenError> {
+    link_shared_objects(&[object], out, target)
+}
+
+/// Links several objects into one shared library (a training library: one object per
+/// entry point's graph, whose local symbols may repeat between objects).
+pub fn link_shared_objects(objects: &[&[u8]], out: &Path, target: &TargetSpec) -> Result<(), CodegenError> {
     let dir = std::env::temp_dir().join(format!("cnnc-link-{}-{}", std::process::id(), unique()));
     std::fs::create_dir_all(&dir).map_err(|e| CodegenError(format!("cannot create {}: {e}", dir.display())))?;
-    let result = link_in(&dir, object, out, target);
+    let result = link_in(&dir, objects, out, target);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
@@ -41,15 +47,19 @@ fn unique() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
-fn link_in(dir: &Path, object: &[u8], out: &Path, target: &TargetSpec) -> Result<(), CodegenError> {
-    let obj_path = dir.join("model.o");
-    std::fs::write(&obj_path, object).map_err(|e| CodegenError(format!("cannot write {}: {e}", obj_path.display())))?;
+fn link_in(dir: &Path, objects: &[&[u8]], out: &Path, target: &TargetSpec) -> Result<(), CodegenError> {
+    let mut obj_paths = Vec::with_capacity(objects.len());
+    for (k, object) in objects.iter().enumerate() {
+        let obj_path = dir.join(if k == 0 { "model.o".to_string() } else { format!("model{k}.o") });
+        std::fs::write(&obj_path, object).map_err(|e| CodegenError(format!("cannot write {}: {e}", obj_path.display())))?;
+        obj_paths.push(obj_path);
+    }
     let cc = linker_for(target);
     let output = Command::new(&cc)
         .arg("-shared")
         .arg("-o")
         .arg(out)
-        .arg(&obj_path)
+        .args(&obj_paths)
         .arg("-lm")
         .output()
         .map_err(|e| {

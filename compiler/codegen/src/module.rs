@@ -75,6 +75,9 @@ pub struct ModelExtras {
     pub extra_workspace: usize,
     pub state_size: u64,
     pub state_tensors: Vec<StateTensorDesc>,
+    /// The workspace size reported is at least this: entry points compiled from other
+    /// graphs (`compile_graph_entry`, linked into the same library) share the workspace.
+    pub min_workspace: usize,
 }
 
 /// One tensor of the training state buffer.
@@ -103,6 +106,34 @@ pub fn compile_graph_with_extras<M: Module>(
     target: &TargetSpec,
     extras: &ModelExtras,
 ) -> Result<CompiledInfo, CodegenError> {
+    let (compiled, model_info) = compile_graph_as(module, g, target, abi::SYM_INFER, Linkage::Export, Some(extras))?;
+    let model_info = model_info.ok_or_else(|| CodegenError("internal: no cnnc_model_info".into()))?;
+    Ok(CompiledInfo { model_info, ..compiled })
+}
+
+/// A graph compiled as a local function named `symbol` with `cnnc_infer`'s signature and
+/// contract, and no `cnnc_model_info`: for a further entry point of a library whose
+/// metadata another graph's module defines (training: `train_entry.rs`). Each graph goes
+/// into its own module (kernel and data names repeat between graphs); the objects are
+/// linked together. `CompiledInfo::model_info` is the entry itself.
+pub fn compile_graph_entry<M: Module>(
+    module: &mut M,
+    g: &Graph,
+    target: &TargetSpec,
+    symbol: &str,
+) -> Result<CompiledInfo, CodegenError> {
+    let (compiled, _) = compile_graph_as(module, g, target, symbol, Linkage::Local, None)?;
+    Ok(compiled)
+}
+
+fn compile_graph_as<M: Module>(
+    module: &mut M,
+    g: &Graph,
+    target: &TargetSpec,
+    symbol: &str,
+    linkage: Linkage,
+    extras: Option<&ModelExtras>,
+) -> Result<(CompiledInfo, Option<FuncId>), CodegenError> {
     if module.target_config().pointer_type() != I64 {
         return Err(CodegenError("cnnc generates code for 64-bit targets only".into()));
     }
@@ -257,6 +288,7 @@ pub fn compile_graph_with_extras<M: Module>(
 
     let infer = emit_infer(
         module,
+        (symbol, linkage),
         g,
         &plan,
         &const_data,
@@ -265,19 +297,25 @@ pub fn compile_graph_with_extras<M: Module>(
         &mut ctx,
         &mut fb_ctx,
     )?;
-    let info_data = emit_model_info_data(module, g, target, &plan, extras)?;
-    let model_info = emit_model_info_fn(module, info_data, &mut ctx, &mut fb_ctx)?;
+    let model_info = match extras {
+        Some(extras) => {
+            let info_data = emit_model_info_data(module, g, target, &plan, extras)?;
+            Some(emit_model_info_fn(module, info_data, &mut ctx, &mut fb_ctx)?)
+        }
+        None => None,
+    };
     let kernels = kernels_of_nodes.iter().flatten().count();
-    Ok(CompiledInfo {
+    let compiled = CompiledInfo {
         infer,
-        model_info,
+        model_info: model_info.unwrap_or(infer),
         workspace_size: plan.workspace_size,
         plan,
         kernels,
         gemm_convs: gemm_plans.iter().flatten().count(),
         winograd_convs: gemm_plans.iter().flatten().filter(|p| p.winograd.is_some()).count(),
         split_nodes,
-    })
+    };
+    Ok((compiled, model_info))
 }
 
 /// Defines function `id` from `ctx` (verifying it first in debug builds); `what` names
@@ -347,6 +385,7 @@ fn location_addr<M: Module>(
 #[allow(clippy::too_many_arguments)]
 fn emit_infer<M: Module>(
     module: &mut M,
+    (symbol, linkage): (&str, Linkage),
     g: &Graph,
     plan: &MemoryPlan,
     const_data: &[Option<DataId>],
@@ -362,8 +401,8 @@ fn emit_infer<M: Module>(
     }
     sig.returns.push(AbiParam::new(I32));
     let id = module
-        .declare_function(abi::SYM_INFER, Linkage::Export, &sig)
-        .map_err(module_err(abi::SYM_INFER))?;
+        .declare_function(symbol, linkage, &sig)
+        .map_err(module_err(symbol))?;
     module.clear_context(ctx);
     ctx.func.signature = sig;
     ctx.func.name = UserFuncName::user(0, id.as_u32());
@@ -418,7 +457,7 @@ fn emit_infer<M: Module>(
         b.ins().return_(&[ok]);
         b.finalize(module.target_config());
     }
-    define(module, id, ctx, abi::SYM_INFER)?;
+    define(module, id, ctx, symbol)?;
     Ok(id)
 }
 
@@ -509,7 +548,8 @@ fn emit_model_info_data<M: Module>(
         extra_workspace_offset(plan) + extras.extra_workspace
     } else {
         plan.workspace_size
-    };
+    }
+    .max(extras.min_workspace);
     put64(&mut bytes, INFO_WORKSPACE_SIZE, workspace_size as u64);
     put64(&mut bytes, INFO_WORKSPACE_ALIGN, WORKSPACE_ALIGN as u64);
     put64(&mut bytes, INFO_ENTRY_FLAGS, abi::ENTRY_INFER | extras.entry_flags);

@@ -1,19 +1,24 @@
-//! The fused training step compiled to a `.so` (`cnnc_train_step`, `cnnc_codegen::train_entry`)
-//! and driven through the runtime: what `cnnc compile --train`, `verify-train` and the tests use.
+//! The training library: the fused training step (`cnnc_train_step`) and the graphs of
+//! `cnnc_compute_gradients` and `cnnc_apply_update` cut out of it (`entries.rs`), compiled
+//! and linked into one `.so`
+//! (`cnnc_codegen::train_entry`), and driven through the runtime: what `cnnc compile
+//! --train`, `verify-train`, `bench --train` and the tests use.
 
 use std::path::Path;
 
-use cnnc_codegen::{TargetSpec, TrainSignature, compile_train_object, link_shared};
+use cnnc_codegen::{TargetSpec, TrainSignature, compile_train_objects, link_shared_objects};
 use cnnc_ir::{DType, Tensor, TensorData};
 use cnnc_runtime::{Model, Session, abi};
 
 use super::fused::{FusedStep, HyperValues};
 
-/// Compiles `fused` for `target` and links `out`.
+/// Compiles `fused` with all three training entry points for `target` and links `out`.
 pub fn compile_fused_step(fused: &FusedStep, target: &TargetSpec, out: &Path) -> Result<(), String> {
     let sig = TrainSignature { num_state: fused.state.len(), num_data: fused.data_inputs.len() };
-    let (object, _) = compile_train_object(&fused.graph, target, &sig).map_err(|e| format!("code generation: {e}"))?;
-    link_shared(&object, out, target).map_err(|e| format!("linking {}: {e}", out.display()))
+    let entries = super::entries::entry_graphs(fused)?;
+    let (objects, _) = compile_train_objects(&fused.graph, target, &sig, &entries).map_err(|e| format!("code generation: {e}"))?;
+    let objects: Vec<&[u8]> = objects.iter().map(Vec::as_slice).collect();
+    link_shared_objects(&objects, out, target).map_err(|e| format!("linking {}: {e}", out.display()))
 }
 
 /// A loaded training model and its state buffer.
@@ -56,25 +61,45 @@ impl Trainer {
         Some(Tensor::new(spec.shape.clone(), TensorData::from_le_bytes(dtype, bytes)))
     }
 
-    /// One step; returns the loss.
+    /// One step (`cnnc_train_step`); returns the loss.
     pub fn step(&mut self, data: &[Tensor], labels: &Tensor, hyper: &HyperValues) -> Result<f32, String> {
-        let TensorData::I64(labels) = &labels.data else {
-            return Err(format!("labels must be int64, are {}", labels.data.dtype()));
-        };
-        if data.iter().any(|t| t.data.dtype() != DType::F32) {
-            return Err("training data inputs must be f32".into());
-        }
-        let bytes: Vec<Vec<u8>> = data.iter().map(|t| t.data.to_le_bytes()).collect();
+        let (bytes, labels) = batch_bytes(data, labels)?;
         let refs: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
-        let hyper = abi::Hyper {
-            learning_rate: hyper.lr,
-            momentum: hyper.momentum,
-            weight_decay: hyper.weight_decay,
-            beta1: hyper.beta1,
-            beta2: hyper.beta2,
-            epsilon: hyper.epsilon,
-            step: hyper.step,
-        };
-        self.session.train_step(&mut self.state, &refs, labels, &hyper).map_err(|e| e.to_string())
+        self.session.train_step(&mut self.state, &refs, labels, &abi_hyper(hyper)).map_err(|e| e.to_string())
+    }
+
+    /// Forward and backward (`cnnc_compute_gradients`): the gradients into their ".grad"
+    /// slots and the running statistics updated, no optimizer update; returns the loss.
+    pub fn compute_gradients(&mut self, data: &[Tensor], labels: &Tensor) -> Result<f32, String> {
+        let (bytes, labels) = batch_bytes(data, labels)?;
+        let refs: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
+        self.session.compute_gradients(&mut self.state, &refs, labels).map_err(|e| e.to_string())
+    }
+
+    /// The optimizer update from the gradients in the state (`cnnc_apply_update`).
+    pub fn apply_update(&mut self, hyper: &HyperValues) -> Result<(), String> {
+        self.session.apply_update(&mut self.state, &abi_hyper(hyper)).map_err(|e| e.to_string())
+    }
+}
+
+fn batch_bytes<'l>(data: &[Tensor], labels: &'l Tensor) -> Result<(Vec<Vec<u8>>, &'l [i64]), String> {
+    let TensorData::I64(labels) = &labels.data else {
+        return Err(format!("labels must be int64, are {}", labels.data.dtype()));
+    };
+    if data.iter().any(|t| t.data.dtype() != DType::F32) {
+        return Err("training data inputs must be f32".into());
+    }
+    Ok((data.iter().map(|t| t.data.to_le_bytes()).collect(), labels))
+}
+
+fn abi_hyper(hyper: &HyperValues) -> abi::Hyper {
+    abi::Hyper {
+        learning_rate: hyper.lr,
+        momentum: hyper.momentum,
+        weight_decay: hyper.weight_decay,
+        beta1: hyper.beta1,
+        beta2: hyper.beta2,
+        epsilon: hyper.epsilon,
+        step: hyper.step,
     }
 }

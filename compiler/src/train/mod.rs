@@ -5,6 +5,8 @@
 pub mod autodiff;
 pub mod cli_train;
 pub mod compiled;
+pub mod entries;
+pub mod export;
 pub mod fused;
 pub mod loss;
 pub mod model;
