@@ -1,0 +1,1 @@
+//! Writing trained state back as ONNX.
