@@ -28,6 +28,7 @@ use cranelift_module::{DataDescription, DataId, FuncId, Linkage, Module};
 
 use crate::kernels::channel_split;
 use crate::kernels::conv_gemm::{self, ConvGemmPlan, GemmEnv};
+use crate::kernels::gemv::{self, GemvPlan};
 use crate::kernels::parallel::FloatEnv;
 use crate::kernels::{self, CodegenError, KernelCtx};
 use crate::microkernel::{self, GemmKernelKind};
@@ -139,6 +140,7 @@ fn compile_graph_as<M: Module>(
     }
     let gemm_tile = GemmKernelKind::for_target(target).tile(target);
     let gemm_plans: Vec<Option<ConvGemmPlan>> = g.nodes.iter().map(|n| conv_gemm::plan(g, n, gemm_tile)).collect();
+    let gemv_plans: Vec<Option<GemvPlan>> = g.nodes.iter().map(|n| gemv::plan(g, n)).collect();
     let scratch: Vec<usize> = gemm_plans
         .iter()
         .map(|p| p.as_ref().map_or(0, ConvGemmPlan::scratch_bytes))
@@ -165,7 +167,7 @@ fn compile_graph_as<M: Module>(
     let mut read = vec![false; g.values.len()];
     for (ni, node) in g.nodes.iter().enumerate() {
         for (i, &v) in node.inputs.iter().enumerate() {
-            let packed_weight = i == 1 && gemm_plans[ni].is_some();
+            let packed_weight = i == 1 && (gemm_plans[ni].is_some() || gemv_plans[ni].is_some());
             if !packed_weight && let Some(r) = read.get_mut(v.index()) {
                 *r = true;
             }
@@ -224,6 +226,13 @@ fn compile_graph_as<M: Module>(
             kernels::check_node(g, node)
                 .map_err(|e| CodegenError(format!("node '{}' ({}): {e}", node.name, node.op.mnemonic())))?;
             let id = conv_gemm::define_node(module, env, g, node, ni, gemm_plan, &kernel_sig, &mut ctx, &mut fb_ctx)?;
+            kernels_of_nodes[ni] = Some(id);
+            continue;
+        }
+        if let Some(gemv_plan) = &gemv_plans[ni] {
+            kernels::check_node(g, node)
+                .map_err(|e| CodegenError(format!("node '{}' ({}): {e}", node.name, node.op.mnemonic())))?;
+            let id = gemv::define_node(module, g, node, ni, gemv_plan, &kernel_sig, &mut ctx, &mut fb_ctx)?;
             kernels_of_nodes[ni] = Some(id);
             continue;
         }

@@ -24,6 +24,7 @@ pub mod conv_transpose;
 pub mod elementwise;
 pub mod gather;
 pub mod gemm;
+pub mod gemv;
 pub mod map;
 pub mod matmul;
 pub mod movement;

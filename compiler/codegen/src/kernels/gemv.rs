@@ -1,0 +1,455 @@
+//! Matrix products with a constant B and few rows: the classifier layer of a batch-1
+//! convnet (ONNX Gemm lowered to `MatMul` with constant [K, N] weights, bias and
+//! activation fused as the node's epilogue).
+//!
+//! Such a product reads each weight once, so it runs at the speed B streams in from
+//! memory. Row-major B would be walked a short run per row, 4·N bytes apart (page
+//! crossings, prefetchers that never lock on); instead B is re-laid out at compile
+//! time into column *panels*: panel p holds columns [p·W, p·W + W) for k = 0..K,
+//! contiguous, as read-only data. The inner loop then streams W floats per k into
+//! `rows × W/4` independent f32x4 accumulators (8 for one row: enough to hide the
+//! multiply-add latency), with FMA where the target has it. The last panel holds the
+//! remaining N mod W columns, padded to whole vectors with zeros.
+//!
+//! Panels are split over the host's threads (`parallel`): task t of T takes panels
+//! [t·P/T, (t+1)·P/T), a contiguous range of the packed data. The node's epilogue
+//! runs over the whole output after the tasks (N elements per row: negligible).
+//!
+//! The original B is not emitted: `module.rs` passes a null address for it, which
+//! this kernel never reads.
+
+use cnnc_ir::{ConstValue, DType, Graph, Layout, Node, Op, Scalar, TensorData};
+use cranelift_codegen::Context;
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::types::{F32, F32X4, I64};
+use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, UserFuncName, Value};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
+use cranelift_module::{DataId, FuncId, Linkage, Module};
+
+use super::compute::{counted_loop, load, offset_ptr, store};
+use super::{CodegenError, KernelCtx, parallel};
+
+/// Rows (M, batches folded in) up to which a constant-B product takes this path. The
+/// register tiles hold at most 4 rows; more rows re-read each panel from cache.
+pub const MAX_ROWS: usize = 64;
+/// Multiply-adds per task below which more tasks do not pay for their dispatch.
+const MIN_TASK_MACS: usize = 1 << 16;
+/// Bytes of the task context: the buffer array and the task count.
+const CTX_BUFFERS: i32 = 0;
+const CTX_TASKS: i32 = 8;
+const CTX_BYTES: u32 = 16;
+const LANES: usize = 4;
+
+/// How one constant-B product runs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GemvPlan {
+    /// Rows of A and C (all batches of A folded in).
+    pub rows: usize,
+    pub k: usize,
+    pub n: usize,
+    /// Rows per register tile (1..=4).
+    pub row_tile: usize,
+    /// Columns of a full panel (a multiple of 4).
+    pub width: usize,
+}
+
+impl GemvPlan {
+    fn full_panels(&self) -> usize {
+        self.n / self.width
+    }
+
+    /// Columns of the last, narrower panel (0: none).
+    fn tail_columns(&self) -> usize {
+        self.n % self.width
+    }
+
+    pub fn panels(&self) -> usize {
+        self.full_panels() + usize::from(self.tail_columns() > 0)
+    }
+
+    /// The most tasks worth running (the run-time thread count caps them further).
+    fn max_tasks(&self) -> usize {
+        let macs = self.rows * self.k * self.n;
+        (macs / MIN_TASK_MACS).clamp(1, self.panels())
+    }
+
+    /// B ([K, N] row-major) as panels: full panels of `width` columns, then the tail
+    /// panel with its columns rounded up to whole vectors (zeros past N).
+    pub fn pack(&self, b: &[f32]) -> Vec<u8> {
+        let tail_width = self.tail_columns().div_ceil(LANES) * LANES;
+        let mut packed = Vec::with_capacity((self.full_panels() * self.width + tail_width) * self.k * 4);
+        let mut put_panel = |first: usize, width: usize| {
+            for kk in 0..self.k {
+                for j in first..first + width {
+                    let v = if j < self.n { b[kk * self.n + j] } else { 0.0 };
+                    packed.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+        };
+        for p in 0..self.full_panels() {
+            put_panel(p * self.width, self.width);
+        }
+        if tail_width > 0 {
+            put_panel(self.full_panels() * self.width, tail_width);
+        }
+        packed
+    }
+}
+
+/// The plan for `node`, or None when it is not an f32 `MatMul` of at most `MAX_ROWS`
+/// rows by a constant B without batches of its own.
+pub fn plan(g: &Graph, node: &Node) -> Option<GemvPlan> {
+    if node.op != Op::MatMul
+        || node.outputs.len() != 1
+        || cnnc_ir::verify::op_input_count(node) != 2
+        || node.schedule.layout_in != Layout::Plain
+        || node.schedule.layout_out != Layout::Plain
+    {
+        return None;
+    }
+    let a = g.ty(*node.inputs.first()?);
+    let bt = g.ty(*node.inputs.get(1)?);
+    let c = g.ty(node.outputs[0]);
+    if [a.dtype, bt.dtype, c.dtype].iter().any(|&d| d != DType::F32) || a.rank() < 2 || bt.rank() < 2 {
+        return None;
+    }
+    let k = a.shape[a.rank() - 1];
+    let n = bt.shape[bt.rank() - 1];
+    let m = a.shape[a.rank() - 2];
+    if bt.shape[bt.rank() - 2] != k || bt.shape[..bt.rank() - 2].iter().any(|&e| e != 1) {
+        return None;
+    }
+    // B has no batches, so C's batches are A's (with leading 1s where B has more axes)
+    // and A's rows fold into one [rows, K] matrix.
+    let rows = a.numel().checked_div(k)?;
+    let c_rank = c.rank();
+    if c_rank != a.rank().max(bt.rank())
+        || c.shape[c_rank - 2] != m
+        || c.shape[c_rank - 1] != n
+        || c.numel() != rows * n
+    {
+        return None;
+    }
+    if rows == 0 || n == 0 || rows > MAX_ROWS || !constant_b(g, node) {
+        return None;
+    }
+    let row_tile = rows.min(4);
+    // Accumulators (row_tile × vectors) within x86's 16 xmm registers, leaving room
+    // for the loaded B vectors and the broadcast A element.
+    let vectors = match row_tile {
+        1 => 8,
+        2 => 4,
+        3 => 3,
+        _ => 2,
+    };
+    Some(GemvPlan {
+        rows,
+        k,
+        n,
+        row_tile,
+        width: vectors * LANES,
+    })
+}
+
+/// Whether B is the output of a constant node with f32 data.
+fn constant_b(g: &Graph, node: &Node) -> bool {
+    let w = node.inputs[1];
+    let Some(producer) = g.nodes.iter().find(|m| m.outputs.contains(&w)) else {
+        return false;
+    };
+    let Op::Constant(c) = producer.op else {
+        return false;
+    };
+    match g.constants.get(c.index()).map(|k| &k.value) {
+        Some(ConstValue::Dense(TensorData::F32(v))) => v.len() == g.ty(w).numel(),
+        Some(ConstValue::Splat(Scalar::F32(_))) => true,
+        _ => false,
+    }
+}
+
+/// Whether the compiled code may use `fma` (a libcall on x86 without the FMA flag).
+fn target_has_fma<M: Module>(module: &M) -> bool {
+    match module.isa().triple().architecture {
+        target_lexicon::Architecture::Aarch64(_) => true,
+        target_lexicon::Architecture::X86_64 => module
+            .isa()
+            .isa_flags()
+            .iter()
+            .any(|f| f.name == "has_fma" && f.as_bool() == Some(true)),
+        _ => false,
+    }
+}
+
+/// Defines the packed B, the task and the node's kernel; returns the kernel (module
+/// node-kernel signature `kernel_sig`). The buffers are the node's inputs then its
+/// output.
+#[allow(clippy::too_many_arguments)]
+pub fn define_node<M: Module>(
+    module: &mut M,
+    g: &Graph,
+    node: &Node,
+    node_index: usize,
+    plan: &GemvPlan,
+    kernel_sig: &Signature,
+    ctx: &mut Context,
+    fb_ctx: &mut FunctionBuilderContext,
+) -> Result<FuncId, CodegenError> {
+    let what = format!("matmul '{}' by constant panels", node.name);
+    let weights = super::conv_gemm::constant_weights(g, node)
+        .ok_or_else(|| CodegenError(format!("{what}: B is not a constant")))?;
+    let packed = crate::module::define_bytes(module, &format!("cnnc_panels{node_index}"), plan.pack(&weights))?;
+    let fma = target_has_fma(module);
+
+    let task_name = format!("cnnc_k{node_index}_matmul_task");
+    let task_sig = parallel::task_signature(module);
+    let task = module
+        .declare_function(&task_name, Linkage::Local, &task_sig)
+        .map_err(|e| CodegenError(format!("{task_name}: {e}")))?;
+    module.clear_context(ctx);
+    ctx.func.signature = task_sig;
+    ctx.func.name = UserFuncName::user(0, task.as_u32());
+    {
+        let mut b = FunctionBuilder::new(&mut ctx.func, fb_ctx);
+        let entry = b.create_block();
+        b.append_block_params_for_function_params(entry);
+        b.switch_to_block(entry);
+        b.seal_block(entry);
+        let (task_ctx, index) = (b.block_params(entry)[0], b.block_params(entry)[1]);
+        emit_task(module, &mut b, node, plan, packed, fma, task_ctx, index);
+        b.ins().return_(&[]);
+        b.finalize(module.target_config());
+    }
+    crate::module::define(module, task, ctx, &format!("task of {what}"))?;
+
+    let name = format!("cnnc_k{node_index}_matmul_panels");
+    let kernel = module
+        .declare_function(&name, Linkage::Local, kernel_sig)
+        .map_err(|e| CodegenError(format!("{name}: {e}")))?;
+    module.clear_context(ctx);
+    ctx.func.signature = kernel_sig.clone();
+    ctx.func.name = UserFuncName::user(0, kernel.as_u32());
+    {
+        let mut b = FunctionBuilder::new(&mut ctx.func, fb_ctx);
+        let entry = b.create_block();
+        b.append_block_params_for_function_params(entry);
+        b.switch_to_block(entry);
+        b.seal_block(entry);
+        let (host, bufs) = (b.block_params(entry)[0], b.block_params(entry)[1]);
+        let task_ref = module.declare_func_in_func(task, b.func);
+        let call_conv = module.isa().default_call_conv();
+        let threads = parallel::emit_host_threads(&mut b, host);
+        let limit = b.ins().iconst(I64, plan.max_tasks() as i64);
+        let n_tasks = b.ins().umin(threads, limit);
+        let slot = b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, CTX_BYTES, 3));
+        b.ins().stack_store(I64, bufs, slot, CTX_BUFFERS);
+        b.ins().stack_store(I64, n_tasks, slot, CTX_TASKS);
+        let task_ctx = b.ins().stack_addr(I64, slot, 0);
+        parallel::emit_dispatch(&mut b, host, threads, n_tasks, task_ref, task_ctx, call_conv);
+        if !node.epilogue.is_empty() {
+            let flags = MemFlagsData::trusted().with_readonly().with_can_move();
+            let inputs: Vec<Value> = (0..node.inputs.len())
+                .map(|i| b.ins().load(I64, flags, bufs, (8 * i) as i32))
+                .collect();
+            let output = b.ins().load(I64, flags, bufs, (8 * node.inputs.len()) as i32);
+            let mut k = KernelCtx {
+                b: &mut b,
+                graph: g,
+                node,
+                inputs,
+                outputs: vec![output],
+            };
+            super::elementwise::emit_epilogue(&mut k).map_err(|e| CodegenError(format!("{what}: {e}")))?;
+        }
+        b.ins().return_(&[]);
+        b.finalize(module.target_config());
+    }
+    crate::module::define(module, kernel, ctx, &format!("kernel of {what}"))?;
+    Ok(kernel)
+}
+
+/// Task `index` of the context's task count: its range of panels, every row.
+#[allow(clippy::too_many_arguments)]
+fn emit_task<M: Module>(
+    module: &mut M,
+    b: &mut FunctionBuilder,
+    node: &Node,
+    plan: &GemvPlan,
+    packed: DataId,
+    fma: bool,
+    task_ctx: Value,
+    index: Value,
+) {
+    let flags = MemFlagsData::trusted().with_readonly().with_can_move();
+    let bufs = b.ins().load(I64, flags, task_ctx, CTX_BUFFERS);
+    let n_tasks = b.ins().load(I64, flags, task_ctx, CTX_TASKS);
+    let a = b.ins().load(I64, flags, bufs, 0);
+    let c = b.ins().load(I64, flags, bufs, (8 * node.inputs.len()) as i32);
+    let gv = module.declare_data_in_func(packed, b.func);
+    let panels_base = b.ins().symbol_value(I64, gv);
+
+    // Panels [index·P / T, (index+1)·P / T).
+    let panels = plan.panels() as i64;
+    let first = b.ins().imul_imm_s(index, panels);
+    let first = b.ins().udiv(first, n_tasks);
+    let next = b.ins().iadd_imm_s(index, 1);
+    let end = b.ins().imul_imm_s(next, panels);
+    let end = b.ins().udiv(end, n_tasks);
+
+    let tile = Tile {
+        plan,
+        fma,
+        a_row: plan.k as i64 * 4,
+        c_row: plan.n as i64 * 4,
+    };
+    let full = plan.full_panels();
+    let panel_bytes = (plan.k * plan.width * 4) as i64;
+    let full_end = b.ins().iconst(I64, full as i64);
+    let full_end = b.ins().umin(end, full_end);
+    super::gemm::for_range(b, first, full_end, |b, p| {
+        let panel = super::gemm::scaled(b, panels_base, p, panel_bytes);
+        let c_cols = super::gemm::scaled(b, c, p, plan.width as i64 * 4);
+        tile.emit_rows(b, plan.width, a, panel, c_cols);
+    });
+    let tail = plan.tail_columns();
+    if tail > 0 {
+        // The task whose range ends at the last panel also runs the tail panel.
+        let has_tail = b.ins().icmp_imm_u(IntCC::UnsignedGreaterThan, end, full as i64);
+        let tail_block = b.create_block();
+        let done = b.create_block();
+        b.ins().brif(has_tail, tail_block, &[], done, &[]);
+        b.switch_to_block(tail_block);
+        b.seal_block(tail_block);
+        let panel = offset_ptr(b, panels_base, full as i64 * panel_bytes);
+        let c_cols = offset_ptr(b, c, (full * plan.width * 4) as i64);
+        tile.emit_rows(b, tail, a, panel, c_cols);
+        b.ins().jump(done, &[]);
+        b.switch_to_block(done);
+        b.seal_block(done);
+    }
+}
+
+/// Code for one panel over all rows.
+struct Tile<'p> {
+    plan: &'p GemvPlan,
+    fma: bool,
+    /// Bytes between rows of A and of C.
+    a_row: i64,
+    c_row: i64,
+}
+
+impl Tile<'_> {
+    /// All rows of the panel at `panel` (`columns` valid columns, stored at `c`).
+    fn emit_rows(&self, b: &mut FunctionBuilder, columns: usize, a: Value, panel: Value, c: Value) {
+        let tile = self.plan.row_tile;
+        let blocks = self.plan.rows / tile;
+        counted_loop(b, blocks, vec![], |b, i, _| {
+            let a_rows = super::gemm::scaled(b, a, i, tile as i64 * self.a_row);
+            let c_rows = super::gemm::scaled(b, c, i, tile as i64 * self.c_row);
+            self.emit_tile(b, tile, columns, a_rows, panel, c_rows);
+            vec![]
+        });
+        let rest = self.plan.rows % tile;
+        if rest > 0 {
+            let first = (blocks * tile) as i64;
+            let a_rows = offset_ptr(b, a, first * self.a_row);
+            let c_rows = offset_ptr(b, c, first * self.c_row);
+            self.emit_tile(b, rest, columns, a_rows, panel, c_rows);
+        }
+    }
+
+    /// `rows` × `columns` outputs: the K loop over the panel with the accumulators in
+    /// registers, then the stores (lane by lane past the last whole vector).
+    fn emit_tile(&self, b: &mut FunctionBuilder, rows: usize, columns: usize, a: Value, panel: Value, c: Value) {
+        let vectors = columns.div_ceil(LANES);
+        let panel_row = (vectors * LANES * 4) as i64;
+        let read = MemFlagsData::new().with_notrap().with_readonly().with_can_move();
+        let zero = b.ins().f32const(0.0);
+        let zero = b.ins().splat(F32X4, zero);
+        let mut carried = vec![a, panel];
+        carried.extend(std::iter::repeat_n(zero, rows * vectors));
+        let a_row = self.a_row;
+        let done = counted_loop(b, self.plan.k, carried, |b, _, p| {
+            let (ak, bk) = (p[0], p[1]);
+            let mut accs = p[2..].to_vec();
+            let b_vectors: Vec<Value> = (0..vectors)
+                .map(|j| load(b, F32X4, read, bk, (j * LANES * 4) as i64))
+                .collect();
+            for r in 0..rows {
+                let x = load(b, F32, read, ak, r as i64 * a_row);
+                let x = b.ins().splat(F32X4, x);
+                for (j, &w) in b_vectors.iter().enumerate() {
+                    let acc = &mut accs[r * vectors + j];
+                    *acc = if self.fma {
+                        b.ins().fma(x, w, *acc)
+                    } else {
+                        let prod = b.ins().fmul(x, w);
+                        b.ins().fadd(*acc, prod)
+                    };
+                }
+            }
+            let mut next = vec![b.ins().iadd_imm_s(ak, 4), b.ins().iadd_imm_s(bk, panel_row)];
+            next.extend(accs);
+            next
+        });
+        let write = MemFlagsData::new().with_notrap();
+        for r in 0..rows {
+            for j in 0..vectors {
+                let acc = done[2 + r * vectors + j];
+                let offset = r as i64 * self.c_row + (j * LANES * 4) as i64;
+                let valid = (columns - j * LANES).min(LANES);
+                if valid == LANES {
+                    store(b, write, acc, c, offset);
+                } else {
+                    for lane in 0..valid {
+                        let x = b.ins().extractlane(acc, lane as u8);
+                        store(b, write, x, c, offset + lane as i64 * 4);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cnnc_ir::{Tensor, TensorType};
+
+    fn classifier(rows: usize, k: usize, n: usize) -> Graph {
+        let mut g = Graph::new("fc");
+        let x = g.add_input(TensorType::f32([rows, k]), "x");
+        let w = g.add_constant("w", Tensor::f32([k, n], (0..k * n).map(|i| i as f32).collect()));
+        let y = g.push1("fc", Op::MatMul, &[x, w]).unwrap();
+        g.outputs.push(y);
+        g
+    }
+
+    #[test]
+    fn one_row_takes_eight_vector_panels_and_packs_the_tail() {
+        let g = classifier(1, 3, 37);
+        let node = g.nodes.iter().find(|n| n.op == Op::MatMul).unwrap();
+        let p = plan(&g, node).unwrap();
+        assert_eq!((p.rows, p.row_tile, p.width, p.panels()), (1, 1, 32, 2));
+        let packed = p.pack(&(0..3 * 37).map(|i| i as f32).collect::<Vec<_>>());
+        let floats: Vec<f32> = packed
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        // 32 columns x 3 rows, then the 5 tail columns rounded to 8.
+        assert_eq!(floats.len(), 3 * 32 + 3 * 8);
+        assert_eq!(floats[32], 37.0, "row 1 of panel 0 starts at B[1, 0]");
+        assert_eq!(&floats[96..104], &[32.0, 33.0, 34.0, 35.0, 36.0, 0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn many_rows_or_variable_b_stay_on_the_general_kernel() {
+        let g = classifier(MAX_ROWS + 1, 8, 8);
+        assert!(plan(&g, &g.nodes[1]).is_none());
+        let mut g = Graph::new("vv");
+        let x = g.add_input(TensorType::f32([1, 8]), "x");
+        let w = g.add_input(TensorType::f32([8, 8]), "w");
+        let y = g.push1("mm", Op::MatMul, &[x, w]).unwrap();
+        g.outputs.push(y);
+        assert!(plan(&g, &g.nodes[0]).is_none());
+    }
+}
