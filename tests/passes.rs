@@ -505,6 +505,33 @@ fn fuse_a_gemm_bias_and_activation_into_the_matmul() {
 }
 
 #[test]
+fn fuse_a_densenet_batchnorm_relu_into_the_concat() {
+    // DenseNet's pre-activation: concat -> BatchNormalization (lowered to mul, add) -> relu.
+    let mut rng = Rng::new(47);
+    let mut m = ModelBuilder::new("concat_bn_relu", 17);
+    m.input("a", DType::F32, &[1, 2, 4, 4])
+        .input("b", DType::F32, &[1, 3, 4, 4])
+        .initializer("scale", &rng.tensor(&[5], 1.0))
+        .initializer("bias", &rng.tensor(&[5], 1.0))
+        .initializer("mean", &rng.tensor(&[5], 1.0))
+        .initializer("var", &Tensor::f32([5], vec![0.5, 1.0, 1.5, 2.0, 2.5]))
+        .node("Concat", &["a", "b"], &["c"], vec![attr::int("axis", 1)])
+        .node("BatchNormalization", &["c", "scale", "bias", "mean", "var"], &["n"], vec![])
+        .node("Relu", &["n"], &["y"], vec![])
+        .output("y", DType::F32, &[1, 5, 4, 4]);
+    let after = check_pass("concat_bn_relu", "fuse-epilogue", &m.to_bytes());
+    assert_eq!(mnemonics(&after), ["concat"]);
+    assert_eq!(
+        node_of(&after, "concat").epilogue,
+        [
+            EpilogueStep::Binary { func: BinaryFn::Mul, operand: 2 },
+            EpilogueStep::Binary { func: BinaryFn::Add, operand: 3 },
+            EpilogueStep::Unary(UnaryFn::Relu)
+        ]
+    );
+}
+
+#[test]
 fn fuse_epilogue_leaves_a_conv_whose_output_is_read_twice() {
     let mut rng = Rng::new(41);
     let mut m = ModelBuilder::new("read_twice", 17);
@@ -512,7 +539,8 @@ fn fuse_epilogue_leaves_a_conv_whose_output_is_read_twice() {
         .initializer("w", &rng.tensor(&[C, C, 1, 1], 0.5))
         .node("Conv", &["x", "w"], &["c"], vec![])
         .node("Relu", &["c"], &["r"], vec![])
-        .node("Add", &["r", "c"], &["y"], vec![])
+        .node("Add", &["c", "x"], &["y"], vec![])
+        .output("r", DType::F32, &[1, C, 5, 5])
         .output("y", DType::F32, &[1, C, 5, 5]);
     check_unchanged("read_twice", "fuse-epilogue", &m.to_bytes());
 }

@@ -2,15 +2,16 @@
 //! node's epilogue, so the result is transformed while it is still in registers
 //! instead of in extra passes over memory: activations (relu, clip, swish, ...),
 //! a bias or scale that did not fold into the weights, a residual `add`, a
-//! squeeze-and-excite `mul` by [N,C,1,1].
+//! squeeze-and-excite `mul` by [N,C,1,1]. f32 elementwise ops and concatenations are
+//! anchors too: a chain of elementwise ops becomes one node (one pass over memory).
 //!
 //! First, `x * sigmoid(x)` becomes `swish(alpha=1)` and `x * hard_sigmoid(x)` with
 //! ONNX HardSwish's constants becomes `hard_swish`, which makes SiLU networks fusable.
 //!
 //! Then, walking the nodes in order, an elementwise node joins the producer of one of
 //! its inputs (the "anchor") when:
-//! - the anchor is a Conv, ConvTranspose or MatMul with one output, read only by this
-//!   node and not a graph output (so nobody observes the value before the step);
+//! - the anchor (see `is_anchor`) has one output, read only by this node and not a
+//!   graph output (so nobody observes the value before the step);
 //! - the node has no epilogue of its own and its result has the anchor's output type
 //!   (a binary step's other operand broadcasts to it, never the other way);
 //! - a binary step reads the anchor's value as its left operand, or the function is
@@ -23,7 +24,7 @@
 //! The other operand is appended to the anchor's inputs and the step names its index
 //! (`cnnc_ir::verify::op_input_count` tells the op's own inputs from such operands).
 
-use cnnc_ir::{BinaryFn, EpilogueStep, Graph, Op, UnaryFn, ValueId};
+use cnnc_ir::{BinaryFn, DType, EpilogueStep, Graph, Op, UnaryFn, ValueId};
 
 use super::edit::{NodeEdits, use_counts};
 use super::{Pass, PassContext};
@@ -89,8 +90,18 @@ fn is_hard_swish_gate(alpha: f32, beta: f32) -> bool {
     (alpha - 1.0 / 6.0).abs() <= 1e-6 && beta == 0.5
 }
 
-fn is_anchor(op: &Op) -> bool {
-    matches!(op, Op::Conv(_) | Op::ConvTranspose(_) | Op::MatMul)
+/// Nodes whose kernels apply an epilogue while the value is in registers: the compute
+/// ops, and f32 elementwise ops and concatenations, so that chains such as DenseNet's
+/// concat -> batch-norm scale -> shift -> relu make one pass over memory instead of four.
+fn is_anchor(g: &Graph, node: &cnnc_ir::Node) -> bool {
+    let f32_out = || node.outputs.first().is_some_and(|&v| g.ty(v).dtype == DType::F32);
+    match node.op {
+        Op::Conv(_) | Op::ConvTranspose(_) | Op::MatMul => true,
+        Op::Unary(f) => f != UnaryFn::Not && f32_out(),
+        Op::Binary(f) => !f.is_comparison() && f32_out(),
+        Op::Concat { .. } => f32_out(),
+        _ => false,
+    }
 }
 
 /// Which input positions of a binary node may be the anchor's value: the step always
@@ -157,7 +168,7 @@ fn match_fusion(g: &Graph, i: usize, uses: &[usize], producer: &[Option<usize>])
     let fusable_anchor = |v: ValueId| -> Option<usize> {
         let a = producer[v.index()]?;
         let anchor = &g.nodes[a];
-        let ok = is_anchor(&anchor.op)
+        let ok = is_anchor(g, anchor)
             && anchor.outputs.len() == 1
             && anchor.outputs[0] == v
             && uses[v.index()] == 1

@@ -34,16 +34,21 @@ fn out_type(k: &KernelCtx) -> cnnc_ir::TensorType {
     k.graph.ty(k.node.outputs[0]).clone()
 }
 
+/// Unary op, then the node's epilogue on each element while it is in registers.
 pub fn emit_unary(k: &mut KernelCtx, f: UnaryFn) -> Result<(), CodegenError> {
     let out = out_type(k);
     let x = input_operand(k, 0, &out.shape)?;
     let dtype = x.dtype;
     check_unary(f, dtype)?;
-    emit_map(k.b, &out.shape, k.outputs[0], out.dtype, &[x], true, &|b, v| {
-        unary_lane(b, f, dtype, v[0])
+    let mut ops = vec![x];
+    let epilogue = Epilogue::new(k, &out, &mut ops)?;
+    emit_map(k.b, &out.shape, k.outputs[0], out.dtype, &ops, true, &|b, v| {
+        let y = unary_lane(b, f, dtype, v[0])?;
+        epilogue.apply(b, y, v)
     })
 }
 
+/// Binary op, then the node's epilogue on each element while it is in registers.
 pub fn emit_binary(k: &mut KernelCtx, f: BinaryFn) -> Result<(), CodegenError> {
     let out = out_type(k);
     let a = input_operand(k, 0, &out.shape)?;
@@ -51,9 +56,67 @@ pub fn emit_binary(k: &mut KernelCtx, f: BinaryFn) -> Result<(), CodegenError> {
     let dtype = a.dtype;
     check_binary(f, dtype)?;
     let vector = !f.is_comparison();
-    emit_map(k.b, &out.shape, k.outputs[0], out.dtype, &[a, c], vector, &|b, v| {
-        binary_lane(b, f, dtype, v[0], v[1])
+    let mut ops = vec![a, c];
+    let epilogue = Epilogue::new(k, &out, &mut ops)?;
+    emit_map(k.b, &out.shape, k.outputs[0], out.dtype, &ops, vector, &|b, v| {
+        let y = binary_lane(b, f, dtype, v[0], v[1])?;
+        epilogue.apply(b, y, v)
     })
+}
+
+/// A node's epilogue steps, with the operand slot (in a map's operand list) each binary
+/// step reads.
+pub struct Epilogue {
+    steps: Vec<EpilogueStep>,
+    slots: Vec<usize>,
+    dtype: DType,
+}
+
+impl Epilogue {
+    /// Appends the operands of `k.node`'s epilogue steps to `ops`, addressed over `out`.
+    pub fn new(k: &KernelCtx, out: &cnnc_ir::TensorType, ops: &mut Vec<Operand>) -> Result<Epilogue, CodegenError> {
+        let steps = k.node.epilogue.clone();
+        let mut slots = Vec::with_capacity(steps.len());
+        for step in &steps {
+            match *step {
+                EpilogueStep::Unary(f) => {
+                    check_unary(f, out.dtype)?;
+                    slots.push(0);
+                }
+                EpilogueStep::Binary { func, operand } => {
+                    if operand >= k.inputs.len() {
+                        return err(format!("epilogue operand {operand} of node '{}' does not exist", k.node.name));
+                    }
+                    let o = input_operand(k, operand, &out.shape)?;
+                    if o.dtype != out.dtype || func.is_comparison() {
+                        return err(format!(
+                            "epilogue step {func:?} of node '{}' would change the dtype {}",
+                            k.node.name, out.dtype
+                        ));
+                    }
+                    check_binary(func, out.dtype)?;
+                    slots.push(ops.len());
+                    ops.push(o);
+                }
+            }
+        }
+        Ok(Epilogue { steps, slots, dtype: out.dtype })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+
+    /// The steps applied to `y`; `v` holds the map's operand lanes.
+    pub fn apply(&self, b: &mut FunctionBuilder, mut y: Value, v: &[Value]) -> Result<Value, CodegenError> {
+        for (step, &s) in self.steps.iter().zip(&self.slots) {
+            y = match *step {
+                EpilogueStep::Unary(f) => unary_lane(b, f, self.dtype, y)?,
+                EpilogueStep::Binary { func, .. } => binary_lane(b, func, self.dtype, y, v[s])?,
+            };
+        }
+        Ok(y)
+    }
 }
 
 pub fn emit_where(k: &mut KernelCtx) -> Result<(), CodegenError> {
@@ -78,10 +141,10 @@ pub fn emit_cast(k: &mut KernelCtx, to: DType) -> Result<(), CodegenError> {
     })
 }
 
-/// Applies the node's epilogue to output 0 in place, in one pass over the output.
+/// Applies the node's epilogue to output 0 in place, in one pass over the output (for
+/// kernels that cannot apply it in registers).
 pub fn emit_epilogue(k: &mut KernelCtx) -> Result<(), CodegenError> {
-    let steps = k.node.epilogue.clone();
-    if steps.is_empty() {
+    if k.node.epilogue.is_empty() {
         return Ok(());
     }
     let out = out_type(k);
@@ -91,45 +154,8 @@ pub fn emit_epilogue(k: &mut KernelCtx) -> Result<(), CodegenError> {
         strides: broadcast_strides(&out.shape, &out.shape)?,
         flags: rw_flags(),
     }];
-    // Operand index per step (into `ops`), for binary steps.
-    let mut slot = Vec::new();
-    for step in &steps {
-        match *step {
-            EpilogueStep::Unary(f) => {
-                check_unary(f, out.dtype)?;
-                slot.push(0);
-            }
-            EpilogueStep::Binary { func, operand } => {
-                if operand >= k.inputs.len() {
-                    return err(format!(
-                        "epilogue operand {operand} of node '{}' does not exist",
-                        k.node.name
-                    ));
-                }
-                let o = input_operand(k, operand, &out.shape)?;
-                if o.dtype != out.dtype || func.is_comparison() {
-                    return err(format!(
-                        "epilogue step {func:?} of node '{}' would change the dtype {}",
-                        k.node.name, out.dtype
-                    ));
-                }
-                check_binary(func, out.dtype)?;
-                slot.push(ops.len());
-                ops.push(o);
-            }
-        }
-    }
-    let dtype = out.dtype;
-    emit_map(k.b, &out.shape, k.outputs[0], dtype, &ops, true, &|b, v| {
-        let mut y = v[0];
-        for (step, &s) in steps.iter().zip(&slot) {
-            y = match *step {
-                EpilogueStep::Unary(f) => unary_lane(b, f, dtype, y)?,
-                EpilogueStep::Binary { func, .. } => binary_lane(b, func, dtype, y, v[s])?,
-            };
-        }
-        Ok(y)
-    })
+    let epilogue = Epilogue::new(k, &out, &mut ops)?;
+    emit_map(k.b, &out.shape, k.outputs[0], out.dtype, &ops, true, &|b, v| epilogue.apply(b, v[0], v))
 }
 
 pub fn check_unary(f: UnaryFn, dtype: DType) -> Result<(), CodegenError> {

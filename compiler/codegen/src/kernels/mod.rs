@@ -93,6 +93,9 @@ pub fn emit_node(k: &mut KernelCtx, tables: &[Value]) -> Result<(), CodegenError
         )));
     }
     check_node(k.graph, k.node)?;
+    if !k.node.epilogue.is_empty() && applies_own_epilogue(k.graph, k.node) {
+        return emit_op(k, tables);
+    }
     let op_inputs = cnnc_ir::verify::op_input_count(k.node);
     if op_inputs < k.node.inputs.len() {
         let mut op_node = k.node.clone();
@@ -109,6 +112,17 @@ pub fn emit_node(k: &mut KernelCtx, tables: &[Value]) -> Result<(), CodegenError
         emit_op(k, tables)?;
     }
     elementwise::emit_epilogue(k)
+}
+
+/// Nodes whose emitter applies the epilogue to each value while it is in registers (it
+/// then sees the epilogue operands among its inputs); the others get one more pass over
+/// the output (`elementwise::emit_epilogue`).
+fn applies_own_epilogue(g: &Graph, node: &Node) -> bool {
+    match node.op {
+        Op::Unary(_) | Op::Binary(_) => true,
+        Op::Concat { .. } => movement::concat_applies_epilogue(g, node),
+        _ => false,
+    }
 }
 
 /// Checks the node's declared output types against the typing rules of its op.

@@ -261,10 +261,22 @@ pub fn emit_broadcast(k: &mut KernelCtx) -> Result<(), CodegenError> {
     Ok(())
 }
 
+/// Whether `emit_concat` applies the node's epilogue while copying: every input then
+/// lands in one contiguous block of the output (all axes before `axis` have extent 1,
+/// as in a batch-1 channel concatenation), so each copy is an elementwise map.
+pub fn concat_applies_epilogue(g: &cnnc_ir::Graph, node: &cnnc_ir::Node) -> bool {
+    let Op::Concat { axis } = node.op else { return false };
+    let out = g.ty(node.outputs[0]);
+    axis < out.rank() && out.shape[..axis].iter().all(|&d| d == 1)
+}
+
 pub fn emit_concat(k: &mut KernelCtx, axis: usize) -> Result<(), CodegenError> {
     let out = k.graph.ty(k.node.outputs[0]).clone();
     if axis >= out.rank() {
         return err(format!("concat '{}': axis {axis} out of range", k.node.name));
+    }
+    if !k.node.epilogue.is_empty() && concat_applies_epilogue(k.graph, k.node) {
+        return emit_concat_with_epilogue(k, axis, &out);
     }
     let out_strides = natural_strides(&out.shape);
     let esize = out.dtype.size();
@@ -294,6 +306,42 @@ pub fn emit_concat(k: &mut KernelCtx, axis: usize) -> Result<(), CodegenError> {
             "concat '{}': inputs cover {offset} of {} along axis {axis}",
             k.node.name, out.shape[axis]
         ));
+    }
+    Ok(())
+}
+
+/// Each input is mapped through the epilogue into its block of the output; the epilogue's
+/// operands are addressed over the whole output and offset to the block.
+fn emit_concat_with_epilogue(k: &mut KernelCtx, axis: usize, out: &cnnc_ir::TensorType) -> Result<(), CodegenError> {
+    let op_inputs = cnnc_ir::verify::op_input_count(k.node);
+    let esize = out.dtype.size() as i64;
+    let axis_stride = natural_strides(&out.shape)[axis];
+    let mut template = Vec::new();
+    let epilogue = super::elementwise::Epilogue::new(k, out, &mut template)?;
+    let mut offset = 0usize;
+    for i in 0..op_inputs {
+        let x = k.graph.ty(k.node.inputs[i]).clone();
+        if x.rank() != out.rank() || x.dtype != out.dtype {
+            return err(format!("concat '{}': input {i} is {x}, the output {out}", k.node.name));
+        }
+        let mut ops = vec![super::map::Operand {
+            ptr: k.inputs[i],
+            dtype: x.dtype,
+            strides: natural_strides(&x.shape),
+            flags: readonly_flags(),
+        }];
+        for o in &template {
+            let bytes = offset as i64 * o.strides[axis] * o.dtype.size() as i64;
+            let ptr = if bytes == 0 { o.ptr } else { k.b.ins().iadd_imm_s(o.ptr, bytes) };
+            ops.push(super::map::Operand { ptr, ..o.clone() });
+        }
+        // The template's slots count from 0; here input i's lanes come first.
+        let dst = k.b.ins().iadd_imm_s(k.outputs[0], offset as i64 * axis_stride * esize);
+        super::map::emit_map(k.b, &x.shape, dst, out.dtype, &ops, true, &|b, v| epilogue.apply(b, v[0], &v[1..]))?;
+        offset += x.shape[axis];
+    }
+    if offset != out.shape[axis] {
+        return err(format!("concat '{}': inputs cover {offset} of {} along axis {axis}", k.node.name, out.shape[axis]));
     }
     Ok(())
 }
