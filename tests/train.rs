@@ -1177,3 +1177,138 @@ fn compute_gradients_then_apply_update_equals_train_step() {
         }
     }
 }
+
+/// LeNet-5 trained three steps through the compiled library, its state saved as raw bytes
+/// and written back into the ONNX model by `cnnc export-trained`; the exported model,
+/// compiled for inference, gives the interpreter's logits for the trained parameters.
+#[test]
+fn trained_lenet5_exported_as_onnx_compiles_to_the_interpreters_logits() {
+    use cnnc::train::compiled::{Trainer, compile_fused_step};
+    use cnnc::train::{HyperValues, OptimizerKind, fused_train_step};
+    use cnnc_examples::lenet5::{Rng as ExampleRng, lenet5_onnx};
+    const BATCH: usize = 4;
+    let dir = common::scratch("train-export-lenet5");
+    let model = dir.join("lenet5.onnx");
+    std::fs::write(&model, lenet5_onnx(BATCH, 5)).unwrap();
+    let tg = load_training_graph(&model).unwrap();
+    let fused = fused_train_step(&tg, OptimizerKind::Sgd).unwrap();
+    let train_so = dir.join("lenet5.train.so");
+    compile_fused_step(&fused, &cnnc_codegen::TargetSpec::host(), &train_so).unwrap();
+    let mut trainer = Trainer::load(&train_so, &fused.initial_state(), 1).unwrap();
+    let mut rng = ExampleRng::new(9);
+    let x = rng.tensor(&[BATCH, 1, 32, 32], 1.0);
+    let labels = Tensor::new(vec![BATCH], TensorData::I64(vec![3, 1, 4, 1]));
+    for step in 1..=3 {
+        let hyper = HyperValues { lr: 0.05, momentum: 0.9, weight_decay: 0.0, beta1: 0.0, beta2: 0.0, epsilon: 0.0, step };
+        trainer.step(std::slice::from_ref(&x), &labels, &hyper).unwrap();
+    }
+    let state_file = dir.join("lenet5.state");
+    std::fs::write(&state_file, &trainer.state).unwrap();
+
+    let cnnc = env!("CARGO_BIN_EXE_cnnc");
+    let exported = dir.join("lenet5.trained.onnx");
+    let run = |state: &std::path::Path| {
+        std::process::Command::new(cnnc)
+            .arg("export-trained")
+            .arg(&model)
+            .arg("--train-so")
+            .arg(&train_so)
+            .arg("--state")
+            .arg(state)
+            .arg("-o")
+            .arg(&exported)
+            .output()
+            .unwrap()
+    };
+    let out = run(&state_file);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Every parameter in the file is the trained one, bit for bit.
+    let proto = cnnc_onnx::decode_model(&std::fs::read(&exported).unwrap()).unwrap();
+    let initializers = &proto.graph.as_ref().unwrap().initializer;
+    for p in &tg.params {
+        let init = initializers.iter().find(|t| t.name == p.name).unwrap();
+        let value = cnnc_onnx::tensor_from_proto(init, None).unwrap();
+        assert_eq!(value, trainer.get(&p.name).unwrap(), "{}", p.name);
+        assert_ne!(value, p.initial, "{} did not train", p.name);
+    }
+
+    // The interpreter's logits: the training graph's forward with the trained parameters.
+    let trained: Vec<Tensor> = tg.params.iter().map(|p| trainer.get(&p.name).unwrap()).collect();
+    let mut forward = tg.graph.clone();
+    forward.outputs = vec![tg.logits];
+    let inputs = tg.assemble_inputs(std::slice::from_ref(&x), &trained, &labels).unwrap();
+    let want = interp::run(&forward, &inputs).unwrap().remove(0);
+
+    let inference_so = dir.join("lenet5.trained.so");
+    cnnc::driver::compile_file(&exported, None, &cnnc_codegen::TargetSpec::host(), &inference_so).unwrap();
+    let library = cnnc_runtime::Model::load(&inference_so).unwrap();
+    let mut session = cnnc_runtime::Session::new(&library, 1).unwrap();
+    let got = cnnc::driver::run_model(&mut session, library.info(), std::slice::from_ref(&x)).unwrap().remove(0);
+    compare(&got, &want).unwrap();
+
+    // A state buffer of the wrong size is refused with both sizes named (exit status 2).
+    let short = dir.join("short.state");
+    std::fs::write(&short, &trainer.state[..trainer.state.len() - 4]).unwrap();
+    let out = run(&short);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&format!("{} bytes", trainer.state.len())), "{stderr}");
+}
+
+/// A model with a training-mode BatchNormalization: the exported model holds the trained
+/// parameters and running statistics, in inference mode; compiled for inference (BatchNorm
+/// folded) it agrees with the interpreter on the exported file, which normalises with the
+/// trained running statistics.
+#[test]
+fn exported_batchnorm_model_uses_the_trained_running_statistics() {
+    use cnnc::train::compiled::{Trainer, compile_fused_step};
+    use cnnc::train::{HyperValues, OptimizerKind, fused_train_step};
+    let dir = common::scratch("train-export-bn");
+    let model = bn_fc_model("train-export-bn-model");
+    let tg = load_training_graph(&model).unwrap();
+    let fused = fused_train_step(&tg, OptimizerKind::Adam).unwrap();
+    let train_so = dir.join("bn.train.so");
+    compile_fused_step(&fused, &cnnc_codegen::TargetSpec::host(), &train_so).unwrap();
+    let mut trainer = Trainer::load(&train_so, &fused.initial_state(), 1).unwrap();
+    let (x, labels) = bn_fc_batch();
+    for step in 1..=2 {
+        let hyper = HyperValues { lr: 0.01, momentum: 0.0, weight_decay: 0.0, beta1: 0.9, beta2: 0.999, epsilon: 1e-8, step };
+        trainer.step(std::slice::from_ref(&x), &labels, &hyper).unwrap();
+    }
+    let exported = dir.join("bn.trained.onnx");
+    let report = cnnc::train::export::write_trained_onnx(&model, &trainer.state, trainer.session.info(), &exported).unwrap();
+    assert_eq!(report.replaced, ["fc.weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"]);
+    assert_eq!(report.switched_to_inference, 1);
+
+    let g = cnnc::driver::load_onnx(&exported, None).unwrap();
+    let want = interp::run(&g, std::slice::from_ref(&x)).unwrap().remove(0);
+    // By hand: (h - running_mean) / sqrt(running_var + eps) * weight + bias.
+    let h = interp::run(&{
+        let mut m = ModelBuilder::new("h", 17);
+        m.input("input", DType::F32, &[4, 2]).initializer("w", &trainer.get("fc.weight").unwrap()).node("MatMul", &["input", "w"], &["h"], vec![]).output("h", DType::F32, &[4, 3]);
+        load_model_bytes(&m.to_bytes(), &LoadOptions::default()).unwrap()
+    }, std::slice::from_ref(&x))
+    .unwrap()
+    .remove(0);
+    let [mean, var, weight, bias] = ["bn.running_mean", "bn.running_var", "bn.weight", "bn.bias"].map(|n| trainer.get(n).unwrap().data.as_f32().unwrap().to_vec());
+    let by_hand: Vec<f32> = h
+        .data
+        .as_f32()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let c = i % 3;
+            (v - mean[c]) / (var[c] + 1e-5).sqrt() * weight[c] + bias[c]
+        })
+        .collect();
+    compare(&want, &Tensor::f32([4, 3], by_hand)).unwrap();
+
+    let so = dir.join("bn.trained.so");
+    cnnc::driver::compile_file(&exported, None, &cnnc_codegen::TargetSpec::host(), &so).unwrap();
+    let library = cnnc_runtime::Model::load(&so).unwrap();
+    let mut session = cnnc_runtime::Session::new(&library, 1).unwrap();
+    let got = cnnc::driver::run_model(&mut session, library.info(), std::slice::from_ref(&x)).unwrap().remove(0);
+    compare(&got, &want).unwrap();
+}

@@ -16,6 +16,7 @@ cnnc: an ahead-of-time compiler for convolutional neural networks
 usage:
   cnnc compile MODEL.onnx -o OUT.so [--target TRIPLE] [--cpu NAME] [--batch N] [--header FILE.h]
                [--train [--optimizer sgd|adam] [--lr X] [--momentum X] [--weight-decay X] [--freeze GLOB ...]]
+  cnnc export-trained MODEL.onnx --train-so TRAIN.so --state STATE.bin -o TRAINED.onnx
   cnnc run OUT.so --input FILE.pb [--input FILE.pb ...] --out DIR [--threads T]
   cnnc verify DIR ... [--jobs J] [--cpu NAME]
   cnnc verify-train DIR ... [--cpu NAME]
@@ -23,6 +24,10 @@ usage:
   cnnc bench-gemm            # the GEMM microkernel against this core's FMA peak, same run
   cnnc dump MODEL.onnx [--after PASS | --all | --list-passes] [--batch N] [--full] [--cpu NAME] [--target TRIPLE]
 
+  compile --train: a training library (cnnc_train_step, cnnc_compute_gradients, cnnc_apply_update
+    on one state buffer); --batch sets the batch of the data inputs, --header describes the state.
+  export-trained: MODEL.onnx with its initializers replaced by the parameters and BatchNorm running
+    statistics of STATE.bin (the raw state buffer of TRAIN.so after training), in inference mode.
   --cpu: host (default), x86-64, x86-64-v2, x86-64-v3, x86-64-v4 (x86_64), generic (aarch64)
 ";
 
@@ -34,7 +39,7 @@ struct Args {
 
 const VALUED: &[&str] = &[
     "-o", "--target", "--cpu", "--batch", "--header", "--input", "--out", "--threads", "--jobs", "--runs", "--after",
-    "--optimizer", "--lr", "--momentum", "--weight-decay", "--freeze",
+    "--optimizer", "--lr", "--momentum", "--weight-decay", "--freeze", "--train-so", "--state",
 ];
 const SWITCHES: &[&str] = &["--all", "--list-passes", "--full", "--train"];
 
@@ -117,6 +122,7 @@ pub fn main(raw: Vec<String>) -> i32 {
         "bench" => Args::parse(rest).and_then(|a| bench(&a)),
         "dump" => Args::parse(rest).and_then(|a| dump(&a)),
         "bench-gemm" => Args::parse(rest).and_then(|a| bench_gemm(&a)),
+        "export-trained" => Args::parse(rest).and_then(|a| export_trained(&a)),
         "__verify-case" => Args::parse(rest).and_then(|a| verify_case(&a)),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
@@ -203,8 +209,9 @@ fn compile_train(a: &Args) -> Result<(), Error> {
     use crate::train::cli_train;
     let model = a.one_positional("MODEL.onnx")?;
     let out = PathBuf::from(a.value("-o").ok_or_else(|| usage("compile needs -o OUT.so"))?);
-    if a.value("--batch").is_some() || a.value("--header").is_some() {
-        return Err(usage("--batch and --header are not supported with --train yet (the batch is the model's)"));
+    let batch = a.number("--batch")?;
+    if batch == Some(0) {
+        return Err(usage("--batch must be at least 1"));
     }
     for k in ["--lr", "--momentum", "--weight-decay"] {
         if let Some(v) = a.value(k)
@@ -213,11 +220,15 @@ fn compile_train(a: &Args) -> Result<(), Error> {
             return Err(usage(&format!("{k} wants a non-negative number, got `{v}`")));
         }
     }
-    let optimizer = cli_train::optimizer_kind(a.value("--optimizer"))?;
-    let freeze: Vec<String> = a.values("--freeze").into_iter().map(String::from).collect();
+    let options = cli_train::TrainCompileOptions {
+        optimizer: Some(cli_train::optimizer_kind(a.value("--optimizer"))?),
+        freeze: a.values("--freeze").into_iter().map(String::from).collect(),
+        batch,
+        header: a.value("--header").map(PathBuf::from),
+    };
     let target = a.target()?;
     let start = Instant::now();
-    let (tensors, bytes) = cli_train::compile_training(&model, optimizer, &freeze, &target, &out)?;
+    let (tensors, bytes) = cli_train::compile_training(&model, &options, &target, &out)?;
     eprintln!(
         "cnnc: compiled {} -> {} for training ({tensors} state tensors, {:.1} MB of state, {:.2} s)",
         model.display(),
@@ -279,10 +290,12 @@ fn bench(a: &Args) -> Result<(), Error> {
     let model = a.one_positional("MODEL.onnx")?;
     let threads = a.number("--threads")?.unwrap_or(1);
     if a.flag("--train") {
-        if a.value("--batch").is_some() {
-            return Err(usage("--batch is not supported with --train yet (the batch is the model's)"));
+        let batch = a.number("--batch")?;
+        if batch == Some(0) {
+            return Err(usage("--batch must be at least 1"));
         }
-        let times = crate::train::cli_train::bench_training(&model, &a.target()?, threads, a.number("--runs")?.unwrap_or(10))?;
+        let times =
+            crate::train::cli_train::bench_training(&model, batch, &a.target()?, threads, a.number("--runs")?.unwrap_or(10))?;
         println!("runs={} min_ms={:.4} max_ms={:.4} threads={threads}", times.len(), times[0], times[times.len() - 1]);
         println!("median_ms={:.4}", times[times.len() / 2]);
         return Ok(());
@@ -391,5 +404,22 @@ fn bench_gemm(a: &Args) -> Result<(), Error> {
     a.only(&[])?;
     let result = cnnc_codegen::microkernel::peak::measure_gemm_vs_peak().map_err(|e| Error::Failed(e.to_string()))?;
     println!("{result}");
+    Ok(())
+}
+
+/// `export-trained`: the trained state written back into the ONNX model's initializers.
+fn export_trained(a: &Args) -> Result<(), Error> {
+    a.only(&["--train-so", "--state", "-o"])?;
+    let model = a.one_positional("MODEL.onnx")?;
+    let train_so = PathBuf::from(a.value("--train-so").ok_or_else(|| usage("export-trained needs --train-so TRAIN.so"))?);
+    let state = PathBuf::from(a.value("--state").ok_or_else(|| usage("export-trained needs --state STATE.bin"))?);
+    let out = PathBuf::from(a.value("-o").ok_or_else(|| usage("export-trained needs -o TRAINED.onnx"))?);
+    let report = crate::train::cli_train::export_trained(&model, &train_so, &state, &out)?;
+    eprintln!(
+        "cnnc: wrote {} ({} initializers trained, {} nodes switched to inference mode)",
+        out.display(),
+        report.replaced.len(),
+        report.switched_to_inference
+    );
     Ok(())
 }

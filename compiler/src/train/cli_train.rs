@@ -1,5 +1,5 @@
-//! The training commands behind the CLI (`cli.rs` parses the flags): `cnnc compile --train`
-//! and `cnnc verify-train`.
+//! The training commands behind the CLI (`cli.rs` parses the flags): `cnnc compile --train`,
+//! `cnnc verify-train`, `cnnc bench --train` and `cnnc export-trained`.
 
 use std::path::{Path, PathBuf};
 
@@ -7,7 +7,7 @@ use cnnc_codegen::TargetSpec;
 
 use super::compiled::compile_fused_step;
 use super::fused::{OptimizerKind, fused_train_step};
-use super::model::{TrainOptions, load_training_graph_with};
+use super::model::{TrainOptions, load_training_graph_batched};
 use super::verify_train::verify_train_case_compiled;
 use crate::driver::{Error, ScratchDir};
 use crate::verify::{Outcome, case_name};
@@ -21,15 +21,66 @@ pub fn optimizer_kind(name: Option<&str>) -> Result<OptimizerKind, Error> {
     }
 }
 
-/// `cnnc compile MODEL --train`: the fused training step as `cnnc_train_step` (and the pure
-/// step as `cnnc_infer`). Returns the number of state tensors and the state size in bytes.
-pub fn compile_training(model: &Path, optimizer: OptimizerKind, freeze: &[String], target: &TargetSpec, out: &Path) -> Result<(usize, usize), Error> {
-    let options = TrainOptions { freeze: freeze.to_vec() };
-    let tg = load_training_graph_with(model, &options).map_err(|e| Error::Input(format!("{}: {e}", model.display())))?;
+/// What `cnnc compile --train` builds.
+#[derive(Clone, Debug, Default)]
+pub struct TrainCompileOptions {
+    pub optimizer: Option<OptimizerKind>,
+    /// `--freeze` globs.
+    pub freeze: Vec<String>,
+    /// `--batch`: the leading dim of the data inputs (the model's when `None`).
+    pub batch: Option<usize>,
+    /// `--header`: where to write the C header describing the library's tensors.
+    pub header: Option<PathBuf>,
+}
+
+/// `cnnc compile MODEL --train`: the training entry points (`cnnc_train_step`,
+/// `cnnc_compute_gradients`, `cnnc_apply_update`; the pure fused step as `cnnc_infer`).
+/// Returns the number of state tensors and the size of their values in bytes.
+pub fn compile_training(model: &Path, options: &TrainCompileOptions, target: &TargetSpec, out: &Path) -> Result<(usize, usize), Error> {
+    let train_options = TrainOptions { freeze: options.freeze.clone() };
+    let tg = load_training_graph_batched(model, &train_options, options.batch)
+        .map_err(|e| Error::Input(format!("{}: {e}", model.display())))?;
+    let optimizer = options.optimizer.unwrap_or(OptimizerKind::Sgd);
     let fused = fused_train_step(&tg, optimizer).map_err(|e| Error::Input(format!("{}: {e}", model.display())))?;
     compile_fused_step(&fused, target, out).map_err(Error::Failed)?;
+    if let Some(h) = &options.header {
+        let header = training_header(&fused, optimizer, target).map_err(Error::Failed)?;
+        std::fs::write(h, header).map_err(|e| Error::Input(format!("writing {}: {e}", h.display())))?;
+    }
     let bytes = fused.state.iter().map(|s| s.ty.byte_size()).sum();
     Ok((fused.state.len(), bytes))
+}
+
+/// The ABI header with a comment describing a training library: its data inputs, labels and
+/// state buffer layout (every tensor's offset, gradients included).
+pub fn training_header(fused: &super::fused::FusedStep, optimizer: OptimizerKind, target: &TargetSpec) -> Result<String, String> {
+    let g = &fused.graph;
+    let sig = cnnc_codegen::TrainSignature { num_state: fused.state.len(), num_data: fused.data_inputs.len() };
+    let layout = cnnc_codegen::StateLayout::of(g, &sig).map_err(|e| e.to_string())?;
+    let clean = |name: &str| name.replace("*/", "* /");
+    let mut s = format!(
+        "/* Training library of model `{}`, compiled by cnnc {} for {} (cpu {}), optimizer {}.\n",
+        clean(&g.name),
+        env!("CARGO_PKG_VERSION"),
+        target.triple,
+        target.cpu_name(),
+        match optimizer {
+            OptimizerKind::Sgd => "sgd",
+            OptimizerKind::Adam => "adam",
+        }
+    );
+    s.push_str(" * Entry points: cnnc_train_step, cnnc_compute_gradients, cnnc_apply_update.\n");
+    for (k, &v) in fused.data_inputs.iter().enumerate() {
+        s.push_str(&format!(" *   inputs[{k}] \"{}\": {}\n", clean(&g.value(v).name), g.ty(v)));
+    }
+    s.push_str(&format!(" *   labels: {} (class indices)\n", g.ty(fused.labels)));
+    s.push_str(&format!(" *   state_size: {} bytes\n", layout.size));
+    for (k, t) in layout.tensors.iter().enumerate() {
+        s.push_str(&format!(" *   state[{k}] \"{}\": {} at offset {}\n", clean(&t.name), t.ty, t.offset));
+    }
+    s.push_str(" */\n");
+    s.push_str(cnnc_runtime::abi::C_HEADER);
+    Ok(s)
 }
 
 /// Training cases under `dirs`: folders holding `meta.json` and `model.onnx`, or folders of them.
@@ -89,13 +140,14 @@ pub fn verify_train_all(dirs: &[PathBuf], target: &TargetSpec) -> Result<(), Err
 
 /// `cnnc bench MODEL --train`: training-step times in ms (SGD with momentum 0.9, lr 0.01,
 /// random inputs and labels), after warm-up; at least `min_runs` runs or 2 s.
-pub fn bench_training(model: &Path, target: &TargetSpec, threads: usize, min_runs: usize) -> Result<Vec<f64>, Error> {
+pub fn bench_training(model: &Path, batch: Option<usize>, target: &TargetSpec, threads: usize, min_runs: usize) -> Result<Vec<f64>, Error> {
     use super::compiled::Trainer;
     use super::fused::HyperValues;
     use cnnc_ir::{Tensor, TensorData};
     use std::time::Instant;
 
-    let tg = load_training_graph_with(model, &TrainOptions::default()).map_err(|e| Error::Input(format!("{}: {e}", model.display())))?;
+    let tg = load_training_graph_batched(model, &TrainOptions::default(), batch)
+        .map_err(|e| Error::Input(format!("{}: {e}", model.display())))?;
     let fused = fused_train_step(&tg, OptimizerKind::Sgd).map_err(|e| Error::Input(format!("{}: {e}", model.display())))?;
     let scratch = ScratchDir::new("bench-train")?;
     let so = scratch.0.join("train.so");
@@ -140,4 +192,9 @@ pub fn bench_training(model: &Path, target: &TargetSpec, threads: usize, min_run
     }
     times.sort_by(f64::total_cmp);
     Ok(times)
+}
+
+/// `cnnc export-trained MODEL.onnx --train-so TRAIN.so --state STATE.bin -o TRAINED.onnx`.
+pub fn export_trained(model: &Path, train_so: &Path, state: &Path, out: &Path) -> Result<super::export::ExportReport, Error> {
+    super::export::export_trained_files(model, train_so, state, out).map_err(Error::Input)
 }

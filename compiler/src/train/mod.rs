@@ -22,6 +22,6 @@ pub use loss::softmax_cross_entropy;
 pub use step::{Adam, Optimizer, Sgd, StepResult, TrainState, apply_update, compute_gradients, train_step};
 pub use verify_train::verify_train_case;
 pub use model::{
-    Parameter, RunningStatistics, TrainOptions, TrainingGraph, glob_matches, load_training_graph, load_training_graph_with,
-    trainable_initializers,
+    Parameter, RunningStatistics, TrainOptions, TrainingGraph, glob_matches, load_training_graph, load_training_graph_batched,
+    load_training_graph_with, trainable_initializers,
 };

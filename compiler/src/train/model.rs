@@ -165,10 +165,19 @@ pub fn load_training_graph(path: impl AsRef<Path>) -> Result<TrainingGraph, Stri
 /// appended. BatchNormalization normalises with batch statistics as PyTorch's training
 /// mode does: nodes exported in inference mode are switched to training mode (opset 14+).
 pub fn load_training_graph_with(path: impl AsRef<Path>, options: &TrainOptions) -> Result<TrainingGraph, String> {
+    load_training_graph_batched(path, options, None)
+}
+
+/// `load_training_graph_with` at batch size `batch` (the leading dim of every data input,
+/// as `cnnc compile --batch`); `None` keeps the model's.
+pub fn load_training_graph_batched(path: impl AsRef<Path>, options: &TrainOptions, batch: Option<usize>) -> Result<TrainingGraph, String> {
     let path = path.as_ref();
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut model = decode_model(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
     switch_batch_norms_to_training(&mut model)?;
+    if let Some(batch) = batch {
+        set_data_batch(&mut model, batch)?;
+    }
     let mut trainable = trainable_initializers(&model);
     trainable.retain(|name| !options.freeze.iter().any(|pattern| glob_matches(pattern, name)));
     let base_dir = path.parent();
@@ -231,6 +240,24 @@ pub fn load_training_graph_with(path: impl AsRef<Path>, options: &TrainOptions) 
         .map(|(((name, input), grad), initial)| Parameter { name, input, grad, initial })
         .collect();
     Ok(TrainingGraph { graph, data_inputs, labels, params, running, logits, loss: loss.loss })
+}
+
+/// Sets the leading dim of every data input (a graph input that is not an initializer) to
+/// `batch`. Not `LoadOptions::batch`, which would also resize the parameters once they are
+/// graph inputs.
+fn set_data_batch(model: &mut ModelProto, batch: usize) -> Result<(), String> {
+    if batch == 0 {
+        return Err("--batch must be at least 1".into());
+    }
+    let Some(graph) = model.graph.as_mut() else { return Ok(()) };
+    let initializers: HashSet<String> = graph.initializer.iter().map(|t| t.name.clone()).collect();
+    for input in graph.input.iter_mut().filter(|i| !initializers.contains(&i.name)) {
+        let Some(TypeValue::TensorType(t)) = input.r#type.as_mut().and_then(|t| t.value.as_mut()) else { continue };
+        if let Some(first) = t.shape.as_mut().and_then(|s| s.dim.first_mut()) {
+            first.value = Some(DimensionValue::DimValue(batch as i64));
+        }
+    }
+    Ok(())
 }
 
 struct BatchNormNode {
