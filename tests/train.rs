@@ -1123,6 +1123,89 @@ fn cli_compiles_training_entry_points() {
     assert_eq!(out.status.code(), Some(2));
 }
 
+// ---------------------------------------------------------------------------------------
+// Conv gradients in the forms chosen for speed: stride-1 input gradients as convolutions
+// with flipped weights, 1x1 weight gradients as one matrix product.
+
+fn unit_stride_conv_case() -> impl Strategy<Value = ConvCase> {
+    (
+        1usize..=2,
+        prop_oneof![Just(1usize), Just(2), Just(3)],
+        1usize..=3,
+        1usize..=3,
+        [3usize..=7, 3usize..=7],
+        [1usize..=3, 1usize..=3],
+        [1usize..=2, 1usize..=2],
+        [0usize..=2, 0usize..=2, 0usize..=2, 0usize..=2],
+        any::<bool>(),
+    )
+        .prop_map(|(batch, groups, group_in, group_out, size, kernel, dilation, pads, bias)| ConvCase {
+            batch,
+            groups,
+            group_in,
+            group_out,
+            size,
+            kernel,
+            stride: [1, 1],
+            dilation,
+            pads,
+            bias,
+        })
+        .prop_filter("window fits", |c| {
+            (0..2).all(|a| c.size[a] + c.pads[a] + c.pads[a + 2] > c.dilation[a] * (c.kernel[a] - 1))
+        })
+}
+
+fn pointwise_conv_case() -> impl Strategy<Value = ConvCase> {
+    (1usize..=3, 1usize..=5, 1usize..=5, [1usize..=6, 1usize..=6], [1usize..=3, 1usize..=3], any::<bool>()).prop_map(
+        |(batch, group_in, group_out, size, stride, bias)| ConvCase {
+            batch,
+            groups: 1,
+            group_in,
+            group_out,
+            size,
+            kernel: [1, 1],
+            stride,
+            dilation: [1, 1],
+            pads: [0; 4],
+            bias,
+        },
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn unit_stride_conv_gradients_match_finite_differences(case in unit_stride_conv_case(), seed in any::<u64>()) {
+        let problem = conv_problem(&case, seed);
+        prop_assert!(check_gradients(&problem, seed).is_ok(), "{:?}: {:?}", case, check_gradients(&problem, seed));
+    }
+
+    #[test]
+    fn pointwise_conv_gradients_match_finite_differences(case in pointwise_conv_case(), seed in any::<u64>()) {
+        let problem = conv_problem(&case, seed);
+        prop_assert!(check_gradients(&problem, seed).is_ok(), "{:?}: {:?}", case, check_gradients(&problem, seed));
+    }
+}
+
+#[test]
+fn depthwise_unit_stride_conv_gradients() {
+    let case = ConvCase {
+        batch: 2,
+        groups: 5,
+        group_in: 1,
+        group_out: 1,
+        size: [6, 5],
+        kernel: [3, 3],
+        stride: [1, 1],
+        dilation: [1, 1],
+        pads: [1, 1, 1, 1],
+        bias: false,
+    };
+    assert_gradients(conv_problem(&case, 11), 11);
+}
+
 /// `cnnc_compute_gradients` then `cnnc_apply_update` equals `cnnc_train_step`, bit for bit
 /// (loss, gradients, parameters, optimizer buffers, running statistics), three steps with
 /// SGD and with Adam; the gradients alone match the reference step's.

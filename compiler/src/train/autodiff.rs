@@ -28,6 +28,7 @@ pub fn backward(g: &mut Graph, seeds: &[(ValueId, ValueId)], wrt: &[ValueId]) ->
     }
     let requires = requires_grad(g, wrt);
     let forward: Vec<Node> = g.nodes.clone();
+    let producers = g.producers();
     let mut b = Builder { g };
     let mut grads: HashMap<ValueId, ValueId> = HashMap::new();
     for &(v, seed) in seeds {
@@ -45,6 +46,16 @@ pub fn backward(g: &mut Graph, seeds: &[(ValueId, ValueId)], wrt: &[ValueId]) ->
                 "node '{}' has a fused epilogue; differentiate the graph before fusion passes",
                 node.name
             ));
+        }
+        // Standardisation (BatchNorm and friends) as one rule: fewer passes over the
+        // activations and no cancellation through the variance's square.
+        if let Some(standardized) = rules_elementwise::match_standardize(&forward, &producers, node) {
+            if requires[standardized.x.index()] {
+                let dx = rules_elementwise::grad_standardize(&mut b, &standardized, gy)
+                    .map_err(|e| format!("gradient of standardisation '{}': {e}", node.name))?;
+                accumulate(&mut b, &mut grads, standardized.x, dx)?;
+            }
+            continue;
         }
         let input_grads = input_gradients(&mut b, node, gy, &needs)
             .map_err(|e| format!("gradient of node '{}' ({}): {e}", node.name, node.op.mnemonic()))?;

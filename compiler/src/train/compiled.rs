@@ -1,6 +1,6 @@
 //! The training library: the fused training step (`cnnc_train_step`) and the graphs of
-//! `cnnc_compute_gradients` and `cnnc_apply_update` cut out of it (`entries.rs`), compiled
-//! and linked into one `.so`
+//! `cnnc_compute_gradients` and `cnnc_apply_update` cut out of it (`entries.rs`), each
+//! optimised (`optimize.rs`), compiled and linked into one `.so`
 //! (`cnnc_codegen::train_entry`), and driven through the runtime: what `cnnc compile
 //! --train`, `verify-train`, `bench --train` and the tests use.
 
@@ -15,8 +15,15 @@ use super::fused::{FusedStep, HyperValues};
 /// Compiles `fused` with all three training entry points for `target` and links `out`.
 pub fn compile_fused_step(fused: &FusedStep, target: &TargetSpec, out: &Path) -> Result<(), String> {
     let sig = TrainSignature { num_state: fused.state.len(), num_data: fused.data_inputs.len() };
-    let entries = super::entries::entry_graphs(fused)?;
-    let (objects, _) = compile_train_objects(&fused.graph, target, &sig, &entries).map_err(|e| format!("code generation: {e}"))?;
+    // Cut before optimising: the cuts name the fused graph's values.
+    let mut entries = super::entries::entry_graphs(fused)?;
+    let ctx = crate::passes::PassContext { target: crate::passes::TargetDesc::from_target(target) };
+    for entry in &mut entries {
+        super::optimize::optimize_training_graph(&mut entry.graph, &ctx).map_err(|e| format!("{}: {e}", entry.symbol))?;
+    }
+    let mut graph = fused.graph.clone();
+    super::optimize::optimize_for_target(&mut graph, target)?;
+    let (objects, _) = compile_train_objects(&graph, target, &sig, &entries).map_err(|e| format!("code generation: {e}"))?;
     let objects: Vec<&[u8]> = objects.iter().map(Vec::as_slice).collect();
     link_shared_objects(&objects, out, target).map_err(|e| format!("linking {}: {e}", out.display()))
 }

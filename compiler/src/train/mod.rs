@@ -10,6 +10,7 @@ pub mod export;
 pub mod fused;
 pub mod loss;
 pub mod model;
+pub mod optimize;
 pub mod step;
 pub mod verify_train;
 mod rules_elementwise;

@@ -2,6 +2,8 @@
 
 use cnnc_ir::{BinaryFn, DType, Node, Op, ReduceKind, UnaryFn, ValueId};
 
+use std::collections::HashSet;
+
 use super::autodiff::Builder;
 
 type Grads = Result<Vec<Option<ValueId>>, String>;
@@ -231,4 +233,65 @@ pub fn grad_reduce(b: &mut Builder, kind: ReduceKind, axes: &[usize], node: &Nod
         ReduceKind::Prod => return Err("no gradient rule for a product reduction".into()),
     };
     Ok(vec![Some(dx)])
+}
+
+/// x̂ = (x − mean(x)) / sqrt(mean((x − mean(x))²) + ε) over `axes`, as the frontend lowers
+/// BatchNormalization (training), InstanceNormalization and LayerNormalization.
+pub struct Standardize {
+    pub x: ValueId,
+    pub axes: Vec<usize>,
+    /// x̂ (the Div node's output) and the standard deviation it divides by.
+    pub normalized: ValueId,
+    pub std: ValueId,
+}
+
+/// `node` (a Div) as the last step of a standardisation of some x, with every intermediate
+/// node in the frontend's form: Reduce mean → Sub → Mul (square) → Reduce mean (same axes)
+/// → Affine(+ε) → Sqrt → Div.
+pub fn match_standardize(forward: &[Node], producers: &[Option<usize>], node: &Node) -> Option<Standardize> {
+    let made_by = |v: ValueId| producers.get(v.index()).copied().flatten().map(|i| &forward[i]).filter(|n| n.epilogue.is_empty());
+    if node.op != Op::Binary(BinaryFn::Div) || !node.epilogue.is_empty() || node.inputs.len() != 2 {
+        return None;
+    }
+    let (centered, std) = (node.inputs[0], node.inputs[1]);
+    let sub = made_by(centered).filter(|n| n.op == Op::Binary(BinaryFn::Sub) && n.inputs.len() == 2)?;
+    let (x, mean) = (sub.inputs[0], sub.inputs[1]);
+    let mean_node = made_by(mean)?;
+    let Op::Reduce { kind: ReduceKind::Mean, axes } = &mean_node.op else { return None };
+    if mean_node.inputs[..] != [x] {
+        return None;
+    }
+    let sqrt = made_by(std).filter(|n| n.op == Op::Unary(UnaryFn::Sqrt))?;
+    let shifted = made_by(sqrt.inputs[0])?;
+    let Op::Unary(UnaryFn::Affine { scale, shift }) = shifted.op else { return None };
+    if scale != 1.0 || shift < 0.0 {
+        return None;
+    }
+    let var_node = made_by(shifted.inputs[0])?;
+    if var_node.op != (Op::Reduce { kind: ReduceKind::Mean, axes: axes.clone() }) {
+        return None;
+    }
+    let square = made_by(var_node.inputs[0])?;
+    if square.op != Op::Binary(BinaryFn::Mul) || square.inputs[..] != [centered, centered] {
+        return None;
+    }
+    let distinct: HashSet<usize> = axes.iter().copied().collect();
+    if distinct.len() != axes.len() {
+        return None;
+    }
+    Some(Standardize { x, axes: axes.clone(), normalized: node.outputs[0], std })
+}
+
+/// dx of x̂ = standardize(x) for the output gradient g, with m = the count over the axes:
+/// dx = (g − mean(g) − x̂·mean(g·x̂)) / σ — the mean and variance paths in closed form
+/// (3 passes over g instead of the ~12 the chain rule takes op by op, and no cancellation
+/// between the separately rounded mean and variance contributions).
+pub fn grad_standardize(b: &mut Builder, s: &Standardize, gy: ValueId) -> Result<ValueId, String> {
+    let mean_g = b.push(Op::Reduce { kind: ReduceKind::Mean, axes: s.axes.clone() }, &[gy])?;
+    let weighted = b.binary(BinaryFn::Mul, gy, s.normalized)?;
+    let mean_gx = b.push(Op::Reduce { kind: ReduceKind::Mean, axes: s.axes.clone() }, &[weighted])?;
+    let centered = b.binary(BinaryFn::Sub, gy, mean_g)?;
+    let projected = b.binary(BinaryFn::Mul, s.normalized, mean_gx)?;
+    let residual = b.binary(BinaryFn::Sub, centered, projected)?;
+    b.binary(BinaryFn::Div, residual, s.std)
 }

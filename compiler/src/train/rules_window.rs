@@ -21,11 +21,19 @@ pub fn grad_conv(b: &mut Builder, geometry: &ConvGeometry, node: &Node, gy: Valu
     let (x_shape, w_shape, y_shape) = (b.shape(x), b.shape(w), b.shape(gy));
     let mut grads = vec![None; node.inputs.len()];
     if needs[0] {
-        let ty = b.g.ty(x).clone();
-        grads[0] = Some(b.push_typed(Op::ConvTranspose(geometry.clone()), &[gy, w], ty)?);
+        grads[0] = Some(match unit_stride_input_gradient(b, geometry, gy, w, &w_shape)? {
+            Some(dx) => dx,
+            None => {
+                let ty = b.g.ty(x).clone();
+                b.push_typed(Op::ConvTranspose(geometry.clone()), &[gy, w], ty)?
+            }
+        });
     }
     if needs[1] {
-        grads[1] = Some(conv_weight_gradient(b, geometry, x, gy, &x_shape, &w_shape, &y_shape)?);
+        grads[1] = Some(match pointwise_weight_gradient(b, geometry, x, gy, &x_shape, &w_shape, &y_shape)? {
+            Some(dw) => dw,
+            None => conv_weight_gradient(b, geometry, x, gy, &x_shape, &w_shape, &y_shape)?,
+        });
     }
     if needs.get(2).copied().unwrap_or(false) {
         let axes: Vec<usize> = (0..y_shape.len()).filter(|&a| a != 1).collect();
@@ -33,6 +41,125 @@ pub fn grad_conv(b: &mut Builder, geometry: &ConvGeometry, node: &Node, gy: Valu
         grads[2] = Some(b.reshape(summed, &[y_shape[1]])?);
     }
     Ok(grads)
+}
+
+/// The input gradient of a stride-1 convolution as a convolution (not a transposed one),
+/// so that it runs on the same kernels as the forward pass (GEMM, depthwise): dy correlated
+/// with the weights flipped along every spatial axis, input and output channels swapped
+/// within each group ([M, C/G, *k] -> [C, M/G, *k]), and pads d·(k − 1) − p, which give
+/// back x's extent. None where a pad exceeds d·(k − 1) (the transposed form then applies).
+fn unit_stride_input_gradient(
+    b: &mut Builder,
+    geometry: &ConvGeometry,
+    gy: ValueId,
+    w: ValueId,
+    w_shape: &[usize],
+) -> Result<Option<ValueId>, String> {
+    if geometry.strides.iter().any(|&s| s != 1) {
+        return Ok(None);
+    }
+    let spatial = w_shape.len() - 2;
+    let reach: Vec<usize> = (0..spatial).map(|a| geometry.dilations[a] * (w_shape[2 + a] - 1)).collect();
+    let flipped_pad = |pads: &[usize]| -> Option<Vec<usize>> { (0..spatial).map(|a| reach[a].checked_sub(pads[a])).collect() };
+    let (Some(pads_begin), Some(pads_end)) = (flipped_pad(&geometry.pads_begin), flipped_pad(&geometry.pads_end)) else {
+        return Ok(None);
+    };
+    let groups = geometry.groups;
+    let (outputs, group_in) = (w_shape[0], w_shape[1]);
+    if groups == 0 || outputs % groups != 0 {
+        return Ok(None);
+    }
+    let group_out = outputs / groups;
+    let tail = |from: usize| (from..from + spatial).collect::<Vec<usize>>();
+    // [M, C/G, *k] -> [G, M/G, C/G, *k] -> [G, C/G, M/G, *k] -> [C, M/G, *k]
+    let swapped = if group_in == 1 && group_out == 1 {
+        w
+    } else {
+        let mut split = vec![groups, group_out, group_in];
+        split.extend(&w_shape[2..]);
+        let ws = b.reshape(w, &split)?;
+        let mut perm = vec![0, 2, 1];
+        perm.extend(tail(3));
+        let ws = b.transpose(ws, perm)?;
+        let mut merged = vec![groups * group_in, group_out];
+        merged.extend(&w_shape[2..]);
+        b.reshape(ws, &merged)?
+    };
+    let flipped = if w_shape[2..].iter().all(|&k| k == 1) {
+        swapped
+    } else {
+        let mut starts = vec![0, 0];
+        starts.extend(w_shape[2..].iter().map(|&k| k - 1));
+        let mut steps = vec![1, 1];
+        steps.extend(std::iter::repeat_n(-1, spatial));
+        let ty = b.g.ty(swapped).clone();
+        b.push_typed(Op::Slice { starts, steps }, &[swapped], ty)?
+    };
+    let transposed = ConvGeometry {
+        strides: geometry.strides.clone(),
+        dilations: geometry.dilations.clone(),
+        pads_begin,
+        pads_end,
+        groups,
+    };
+    b.push(Op::Conv(transposed), &[gy, flipped]).map(Some)
+}
+
+/// The weight gradient of an ungrouped 1x1 convolution without padding as one matrix
+/// product over the batch and positions, dW[M, C] = Σ_{n,p} dy[n, m, p]·x[n, c, p] (a
+/// stride reads every s-th position of x). The operand with fewer channels is transposed
+/// element by element to [N·P, channels]; the other only moves whole planes ([N, ch, P]
+/// -> [ch, N·P]). None for other geometries (`conv_weight_gradient` applies).
+fn pointwise_weight_gradient(
+    b: &mut Builder,
+    geometry: &ConvGeometry,
+    x: ValueId,
+    gy: ValueId,
+    x_shape: &[usize],
+    w_shape: &[usize],
+    y_shape: &[usize],
+) -> Result<Option<ValueId>, String> {
+    let pointwise = geometry.groups == 1
+        && w_shape[2..].iter().all(|&k| k == 1)
+        && geometry.pads_begin.iter().chain(&geometry.pads_end).all(|&p| p == 0);
+    if !pointwise {
+        return Ok(None);
+    }
+    let rank = x_shape.len();
+    let (batch, channels, outputs) = (x_shape[0], x_shape[1], y_shape[1]);
+    let positions: usize = y_shape[2..].iter().product();
+    // The positions of x under the 1x1 windows: every s-th along each axis.
+    let x = if geometry.strides.iter().all(|&s| s == 1) {
+        x
+    } else {
+        let mut steps = vec![1i64, 1];
+        steps.extend(geometry.strides.iter().map(|&s| s as i64));
+        let mut shape = vec![batch, channels];
+        shape.extend(&y_shape[2..]);
+        let dtype = b.g.ty(x).dtype;
+        b.push_typed(Op::Slice { starts: vec![0; rank], steps }, &[x], TensorType::new(dtype, shape))?
+    };
+    // [N, ch, P] -> [ch, N·P]
+    let rows = |b: &mut Builder, v: ValueId, ch: usize| -> Result<ValueId, String> {
+        let v = b.reshape(v, &[batch, ch, positions])?;
+        let v = b.transpose(v, vec![1, 0, 2])?;
+        b.reshape(v, &[ch, batch * positions])
+    };
+    // [N, ch, P] -> [N·P, ch]
+    let columns = |b: &mut Builder, v: ValueId, ch: usize| -> Result<ValueId, String> {
+        let v = b.reshape(v, &[batch, ch, positions])?;
+        let v = b.transpose(v, vec![0, 2, 1])?;
+        b.reshape(v, &[batch * positions, ch])
+    };
+    let dw = if channels <= outputs {
+        let (a, bt) = (rows(b, gy, outputs)?, columns(b, x, channels)?);
+        b.push(Op::MatMul, &[a, bt])?
+    } else {
+        let (a, bt) = (rows(b, x, channels)?, columns(b, gy, outputs)?);
+        let product = b.push(Op::MatMul, &[a, bt])?;
+        b.transpose(product, vec![1, 0])?
+    };
+    b.reshape(dw, w_shape).map(Some)
 }
 
 /// Σ over the batch of `x` correlated with `gy` at every kernel tap, as a kernel-shaped
