@@ -1,6 +1,8 @@
 //! Trains a LeNet-style convnet on the 8x8 handwritten digits with cnnc's compiled training
 //! step (`cnnc_train_step`), measures test accuracy each epoch with an inference library
-//! compiled from the current parameters, saves the trained model as ONNX and checks that
+//! compiled from the current state (written back into the ONNX model by
+//! `cnnc::train::export::write_trained_onnx`), saves the trained model as ONNX (and the raw
+//! state buffer, from which `cnnc export-trained` writes the same file) and checks that
 //! inference compiled from the saved file gives the same accuracy.
 //!
 //! `train-digits [--data FILE.csv.gz] [--out DIR] [--epochs N] [--seed S]`
@@ -11,6 +13,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use cnnc::train::compiled::{Trainer, compile_fused_step};
+use cnnc::train::export::write_trained_onnx;
 use cnnc::train::{HyperValues, OptimizerKind, fused_train_step, load_training_graph};
 use cnnc_codegen::TargetSpec;
 use cnnc_examples::digits::{self, CLASSES, Dataset, PIXELS, SIDE};
@@ -111,8 +114,9 @@ fn run(options: &Options) -> Result<(), String> {
     // The training library is compiled once from the initial model; its state buffer then
     // carries the parameters and momentum from step to step.
     let initial = digits::initial_parameters(options.seed);
-    write_model(&out("lenet_digits_initial.onnx"), BATCH, &initial)?;
-    let training_graph = load_training_graph(out("lenet_digits_initial.onnx"))?;
+    let initial_onnx = out("lenet_digits_initial.onnx");
+    write_model(&initial_onnx, BATCH, &initial)?;
+    let training_graph = load_training_graph(&initial_onnx)?;
     let fused = fused_train_step(&training_graph, OptimizerKind::Sgd)?;
     let train_so = out("lenet_digits_train.so");
     let target = TargetSpec::host();
@@ -169,22 +173,11 @@ fn run(options: &Options) -> Result<(), String> {
             let _ = std::io::stdout().flush();
         }
         println!();
-        let parameters = current_parameters(&trainer)?;
         let eval_start = Instant::now();
-        let train_accuracy = accuracy_batched(
-            &parameters,
-            &train,
-            &out("eval_train.onnx"),
-            &out("eval_train.so"),
-            &target,
-        )?;
-        let test_accuracy = accuracy_batched(
-            &parameters,
-            &test,
-            &out("eval_test.onnx"),
-            &out("eval_test.so"),
-            &target,
-        )?;
+        let current = out("lenet_digits_current.onnx");
+        export(&trainer, &initial_onnx, &current)?;
+        let train_accuracy = accuracy_batched(&current, &train, &out("eval_train.so"), &target)?;
+        let test_accuracy = accuracy_batched(&current, &test, &out("eval_test.so"), &target)?;
         println!(
             "epoch {epoch} loss {:.4} train_acc {:.1}% test_acc {:.1}%  (lr {lr:.4}, eval {:.1}s)",
             loss_sum / batches as f64,
@@ -195,12 +188,21 @@ fn run(options: &Options) -> Result<(), String> {
         last_test_accuracy = test_accuracy;
     }
 
-    // The deliverable: the trained model at batch 1, compiled from the saved file alone.
-    let parameters = current_parameters(&trainer)?;
+    // The deliverable: the trained model, compiled at batch 1 from the saved file alone. The
+    // raw state buffer is saved too: `cnnc export-trained` writes the same ONNX file from it.
     let saved = out("lenet_digits.onnx");
-    write_model(&saved, 1, &parameters)?;
+    export(&trainer, &initial_onnx, &saved)?;
+    let state_file = out("lenet_digits_train.state");
+    std::fs::write(&state_file, &trainer.state)
+        .map_err(|e| format!("writing {}: {e}", state_file.display()))?;
+    println!(
+        "saved the state buffer; the same model from the command line: cnnc export-trained {} --train-so {} --state {} -o TRAINED.onnx",
+        initial_onnx.display(),
+        train_so.display(),
+        state_file.display()
+    );
     let saved_so = out("lenet_digits.so");
-    cnnc::driver::compile_file(&saved, None, &target, &saved_so).map_err(|e| e.to_string())?;
+    cnnc::driver::compile_file(&saved, Some(1), &target, &saved_so).map_err(|e| e.to_string())?;
     let reloaded_accuracy = accuracy_one_by_one(&saved_so, &test)?;
     println!(
         "saved {}; compiled from it, one image at a time: test_acc {:.2}% (during training: {:.2}%)",
@@ -224,30 +226,21 @@ fn write_model(path: &Path, batch: usize, parameters: &[(String, Tensor)]) -> Re
     std::fs::write(path, bytes).map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
-/// The parameters in the trainer's state buffer: state tensors are named after the
-/// initializers they came from.
-fn current_parameters(trainer: &Trainer) -> Result<Vec<(String, Tensor)>, String> {
-    digits::parameter_shapes()
-        .into_iter()
-        .map(|(name, _)| {
-            let tensor = trainer
-                .get(name)
-                .ok_or_else(|| format!("the training state has no tensor `{name}`"))?;
-            Ok((name.to_string(), tensor))
-        })
-        .collect()
+/// `original` with the parameters of the trainer's state buffer, written to `out`.
+fn export(trainer: &Trainer, original: &Path, out: &Path) -> Result<(), String> {
+    write_trained_onnx(original, &trainer.state, trainer.session.info(), out)?;
+    Ok(())
 }
 
-/// Accuracy on all of `data` in one run of an inference library compiled for that batch.
+/// Accuracy on all of `data` in one run of an inference library compiled from `onnx` for
+/// that batch.
 fn accuracy_batched(
-    parameters: &[(String, Tensor)],
-    data: &Dataset,
     onnx: &Path,
+    data: &Dataset,
     so: &Path,
     target: &TargetSpec,
 ) -> Result<f64, String> {
-    write_model(onnx, data.len(), parameters)?;
-    cnnc::driver::compile_file(onnx, None, target, so).map_err(|e| e.to_string())?;
+    cnnc::driver::compile_file(onnx, Some(data.len()), target, so).map_err(|e| e.to_string())?;
     let mut session = open_session(so)?;
     let logits = session
         .run_f32(&[&data.images])
