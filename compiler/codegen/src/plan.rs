@@ -116,8 +116,12 @@ impl MemoryPlan {
                 last_use[v.index()] = ni;
             }
         }
-        let mut order = Vec::new();
+        let mut order: Vec<(ValueId, Interval)> = Vec::new();
         let mut intervals: Vec<Option<Interval>> = vec![None; n_values];
+        // In-place elementwise ops: the output takes over the slot of an input that dies
+        // at this node (`in_place_input`); `shares[v]` is the value whose slot v uses.
+        let mut shares: Vec<Option<ValueId>> = vec![None; n_values];
+        let mut slot_of: Vec<Option<usize>> = vec![None; n_values];
         for (ni, node) in g.nodes.iter().enumerate() {
             for &v in &node.outputs {
                 if locations[v.index()].is_some() {
@@ -129,12 +133,19 @@ impl MemoryPlan {
                     locations[v.index()] = Some(Location::Workspace(0));
                     continue;
                 }
-                let iv = Interval {
-                    start: ni,
-                    end: last_use[v.index()].max(ni),
-                    bytes,
-                };
+                let end = last_use[v.index()].max(ni);
+                if let Some(host) = in_place_input(g, node, ni, &last_use, &slot_of) {
+                    let root = shares[host.index()].unwrap_or(host);
+                    shares[v.index()] = Some(root);
+                    let k = slot_of[host.index()].expect("an in-place host has a slot");
+                    order[k].1.end = order[k].1.end.max(end);
+                    slot_of[v.index()] = Some(k);
+                    intervals[v.index()] = Some(Interval { start: ni, end, bytes });
+                    continue;
+                }
+                let iv = Interval { start: ni, end, bytes };
                 intervals[v.index()] = Some(iv);
+                slot_of[v.index()] = Some(order.len());
                 order.push((v, iv));
             }
         }
@@ -150,6 +161,11 @@ impl MemoryPlan {
         let (offsets, workspace_size) = assign_offsets(&ivs);
         for (&(v, _), &off) in order.iter().zip(&offsets) {
             locations[v.index()] = Some(Location::Workspace(off));
+        }
+        for v in 0..n_values {
+            if let Some(root) = shares[v] {
+                locations[v] = locations[root.index()];
+            }
         }
         let mut scratch = vec![None; g.nodes.len()];
         for (&ni, &off) in scratch_nodes.iter().zip(&offsets[order.len()..]) {
@@ -167,6 +183,28 @@ impl MemoryPlan {
     pub fn location(&self, v: ValueId) -> Option<Location> {
         self.locations.get(v.index()).copied().flatten()
     }
+}
+
+/// The input of `node` (the `ni`-th) whose workspace slot its output may reuse: the node
+/// is an elementwise map (each output element is computed from the elements at the same
+/// index, read before the write), the input has exactly the output's type (no
+/// broadcasting, so no element is read after its index was written) and this node is its
+/// last reader. Graph inputs, constants and outputs never qualify (they have no slot).
+fn in_place_input(
+    g: &Graph,
+    node: &cnnc_ir::Node,
+    ni: usize,
+    last_use: &[usize],
+    slot_of: &[Option<usize>],
+) -> Option<ValueId> {
+    if !matches!(node.op, Op::Unary(_) | Op::Binary(_) | Op::Where) || node.outputs.len() != 1 {
+        return None;
+    }
+    let out_ty = g.ty(node.outputs[0]);
+    node.inputs
+        .iter()
+        .copied()
+        .find(|&v| slot_of[v.index()].is_some() && last_use[v.index()] == ni && g.ty(v) == out_ty)
 }
 
 fn check_id(g: &Graph, v: ValueId) -> Result<(), String> {
@@ -227,8 +265,8 @@ mod tests {
         }
         g.outputs.push(v);
         let p = MemoryPlan::new(&g).unwrap();
-        // Five intermediates of 1 KiB but at most two are alive at once.
-        assert_eq!(p.workspace_size, 2 * 1024);
+        // Five intermediates of 1 KiB, each computed in place over the one before.
+        assert_eq!(p.workspace_size, 1024);
         assert_eq!(p.location(v), Some(Location::Output(0)));
         assert_eq!(p.location(x), Some(Location::Input(0)));
     }
@@ -287,15 +325,34 @@ mod tests {
         let c = g.push1("c", Op::Unary(UnaryFn::Relu), &[b]).unwrap();
         g.outputs.push(c);
         let p = MemoryPlan::with_scratch(&g, &[0, 4096, 0]).unwrap();
-        assert_eq!(
-            p.scratch,
-            vec![None, Some(2048), None],
-            "after a (1 KiB) and b (1 KiB), both busy at node 1"
-        );
-        assert_eq!(p.workspace_size, 2048 + 4096);
-        // At node 2, a is dead and b (at 1024) still lives: the scratch takes a's slot.
+        assert_eq!(p.scratch, vec![None, Some(1024), None], "after a, which b overwrites in place");
+        assert_eq!(p.workspace_size, 1024 + 4096);
         let q = MemoryPlan::with_scratch(&g, &[0, 0, 512]).unwrap();
-        assert_eq!(q.scratch[2], Some(0), "a's slot is free again at node 2");
+        assert_eq!(q.scratch[2], Some(1024), "b's slot is busy at node 2");
+    }
+
+    #[test]
+    fn elementwise_ops_run_in_place_only_over_inputs_that_die_unbroadcast() {
+        let mut g = Graph::new("in_place");
+        let x = g.add_input(TensorType::f32([4, 64]), "x");
+        let row = g.add_input(TensorType::f32([64]), "row");
+        let a = g.push1("a", Op::Unary(UnaryFn::Relu), &[x]).unwrap();
+        // a is read again later: b needs a slot of its own.
+        let b = g.push1("b", Op::Unary(UnaryFn::Abs), &[a]).unwrap();
+        // b dies here with the output's type: c reuses it.
+        let c = g.push1("c", Op::Binary(BinaryFn::Add), &[b, a]).unwrap();
+        // A broadcast operand never hosts the output.
+        let r = g.push1("r", Op::Unary(UnaryFn::Relu), &[row]).unwrap();
+        let d = g.push1("d", Op::Binary(BinaryFn::Mul), &[r, c]).unwrap();
+        let e = g.push1("e", Op::Unary(UnaryFn::Neg), &[d]).unwrap();
+        g.outputs.push(e);
+        let p = MemoryPlan::new(&g).unwrap();
+        let at = |v| p.location(v).unwrap();
+        assert_ne!(at(a), at(b), "a is still read by c");
+        assert_eq!(at(c), at(b), "b dies at c");
+        assert_ne!(at(d), at(r), "r broadcasts against c");
+        assert_eq!(at(d), at(c), "c dies at d with d's type");
+        assert_eq!(at(e), Location::Output(0), "graph outputs stay in the caller's buffer");
     }
 
     #[test]
