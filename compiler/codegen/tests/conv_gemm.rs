@@ -50,6 +50,9 @@ struct ConvProblem {
     blocking: Option<(usize, usize)>,
     /// The schedule's kernel family: "gemm" or "winograd".
     family: &'static str,
+    /// Weights (and bias) passed as graph inputs, as in training graphs: packed at run
+    /// time instead of compile time.
+    runtime_weights: bool,
     seed: u64,
 }
 
@@ -80,11 +83,23 @@ impl ConvProblem {
         let mut inputs = vec![random_tensor(&mut rng, DType::F32, &x_shape, -1.0, 1.0)];
         let mut w_shape = vec![self.groups * self.out_per_group, self.in_per_group];
         w_shape.extend(&self.kernel);
-        let w = g.add_constant("w", random_tensor(&mut rng, DType::F32, &w_shape, -0.5, 0.5));
+        let w_value = random_tensor(&mut rng, DType::F32, &w_shape, -0.5, 0.5);
+        let w = if self.runtime_weights {
+            inputs.push(w_value);
+            g.add_input(TensorType::f32(w_shape.clone()), "w")
+        } else {
+            g.add_constant("w", w_value)
+        };
         let m = self.groups * self.out_per_group;
         let mut conv_inputs = vec![x, w];
         if self.bias {
-            conv_inputs.push(g.add_constant("b", random_tensor(&mut rng, DType::F32, &[m], -0.5, 0.5)));
+            let b_value = random_tensor(&mut rng, DType::F32, &[m], -0.5, 0.5);
+            conv_inputs.push(if self.runtime_weights {
+                inputs.push(b_value);
+                g.add_input(TensorType::f32([m]), "b")
+            } else {
+                g.add_constant("b", b_value)
+            });
         }
         let geometry = ConvGeometry {
             strides: self.strides.clone(),
@@ -200,6 +215,7 @@ fn problem() -> impl Strategy<Value = ConvProblem> {
                         .collect(),
                     blocking,
                     family: "gemm",
+                    runtime_weights: false,
                     seed,
                 };
                 // The input is at least as large as the dilated window (minus padding).
@@ -260,6 +276,7 @@ fn winograd_problem() -> impl Strategy<Value = ConvProblem> {
                 steps,
                 blocking: block.map(|tiles| (1, tiles)),
                 family: "winograd",
+                runtime_weights: false,
                 seed,
             }
         })
@@ -423,9 +440,16 @@ proptest! {
 
 /// A convolution large enough to split into k-blocks, p-blocks and oc-panel groups:
 /// every thread count gives bitwise the same result (each output element sums its
-/// reduction blocks in the same order whoever computes it), close to the reference.
+/// reduction blocks in the same order whoever computes it), close to the reference;
+/// with constant weights and with weights packed at run time.
 #[test]
 fn thread_counts_agree_bitwise() {
+    for runtime_weights in [false, true] {
+        thread_counts_agree_bitwise_with(runtime_weights);
+    }
+}
+
+fn thread_counts_agree_bitwise_with(runtime_weights: bool) {
     let p = ConvProblem {
         batch: 1,
         groups: 1,
@@ -441,6 +465,7 @@ fn thread_counts_agree_bitwise() {
         steps: vec![Step::Residual, Step::Relu],
         blocking: None,
         family: "gemm",
+        runtime_weights,
         seed: 7,
     };
     let (g, inputs) = p.graph();
@@ -484,6 +509,7 @@ fn grouped_and_strided_on_both_kernels() {
         steps: vec![Step::ImageChannelScale, Step::Swish],
         blocking: Some((7, 16)),
         family: "gemm",
+        runtime_weights: false,
         seed: 11,
     };
     let (g, inputs) = p.graph();
@@ -493,10 +519,10 @@ fn grouped_and_strided_on_both_kernels() {
     check_all(&run_shared(&g, &portable, 1, &inputs).unwrap(), &want).unwrap();
 }
 
-/// Weights that are a graph input are not packed at compile time: the direct kernel
-/// runs, and a depthwise convolution stays on it too.
+/// Weights that are a graph input are packed at run time and run as GEMM; a depthwise
+/// convolution stays on the direct kernel.
 #[test]
-fn non_constant_weights_and_depthwise_stay_direct() {
+fn graph_input_weights_run_as_gemm_and_depthwise_stays_direct() {
     let mut g = Graph::new("direct");
     let x = g.add_input(TensorType::f32([1, 4, 6, 6]), "x");
     let w = g.add_input(TensorType::f32([8, 4, 3, 3]), "w");
@@ -513,7 +539,7 @@ fn non_constant_weights_and_depthwise_stay_direct() {
     let z = g.push1("depthwise", Op::Conv(geometry(8)), &[y, dw]).unwrap();
     g.outputs.push(z);
     let model = JitModel::compile(&g).unwrap();
-    assert_eq!(model.info().gemm_convs, 0);
+    assert_eq!(model.info().gemm_convs, 1);
     let inputs = [
         random_tensor(&mut rng, DType::F32, &[1, 4, 6, 6], -1.0, 1.0),
         random_tensor(&mut rng, DType::F32, &[8, 4, 3, 3], -1.0, 1.0),
@@ -635,4 +661,82 @@ fn channel_split_nodes_match_interpreter() {
         check_all(&got, &want).unwrap_or_else(|e| panic!("{threads} threads: {e}"));
     }
     let _ = std::fs::remove_file(&path);
+}
+
+/// `problem()` with its weights and bias as graph inputs; ungrouped convolutions are
+/// left unscheduled half the time (they must take the GEMM path on their own).
+fn runtime_weight_problem() -> impl Strategy<Value = ConvProblem> {
+    problem().prop_map(|mut p| {
+        p.runtime_weights = true;
+        if p.groups == 1 && p.seed % 2 == 0 {
+            p.family = "";
+        }
+        p
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(48), ..ProptestConfig::default() })]
+
+    /// Weights known only at run time, packed by the node before its tasks, on the
+    /// host's microkernel.
+    #[test]
+    fn runtime_weights_match_interpreter(p in runtime_weight_problem()) {
+        let (g, inputs) = p.graph();
+        let want = reference(&g, &inputs);
+        let got = host_jit(&g, &inputs).map_err(TestCaseError::fail)?;
+        check_all(&got, &want).map_err(TestCaseError::fail)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(8), ..ProptestConfig::default() })]
+
+    /// Run-time weights on the portable kernel with two threads.
+    #[test]
+    fn runtime_weights_portable_with_threads_match_interpreter(p in runtime_weight_problem()) {
+        prop_assume!(!p.steps.iter().any(|s| matches!(s, Step::SpatialBroadcast)));
+        let (g, inputs) = p.graph();
+        let want = reference(&g, &inputs);
+        let target = TargetSpec::parse(None, Some("x86-64-v2")).unwrap();
+        let got = run_shared(&g, &target, 2, &inputs).map_err(TestCaseError::fail)?;
+        check_all(&got, &want).map_err(TestCaseError::fail)?;
+    }
+}
+
+/// 1x1 convolutions without stride or padding (one flat axis of positions, packed
+/// row by row straight from the input): position counts on and off the panel width,
+/// blocks from one panel up, constant or run-time weights.
+fn pointwise_problem() -> impl Strategy<Value = ConvProblem> {
+    (
+        problem(),
+        (1usize..=40, 1usize..=40, 1usize..=40, 1usize..=3),
+        any::<bool>(),
+    )
+        .prop_map(|(mut p, (c, m, h, w), runtime_weights)| {
+            p.groups = 1;
+            p.in_per_group = c;
+            p.out_per_group = m;
+            p.input = vec![h, w];
+            p.kernel = vec![1, 1];
+            p.strides = vec![1, 1];
+            p.dilations = vec![1, 1];
+            p.pads_begin = vec![0, 0];
+            p.pads_end = vec![0, 0];
+            p.runtime_weights = runtime_weights;
+            p
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(48), ..ProptestConfig::default() })]
+
+    /// Pointwise convolutions on the host's microkernel.
+    #[test]
+    fn pointwise_matches_interpreter(p in pointwise_problem()) {
+        let (g, inputs) = p.graph();
+        let want = reference(&g, &inputs);
+        let got = host_jit(&g, &inputs).map_err(TestCaseError::fail)?;
+        check_all(&got, &want).map_err(TestCaseError::fail)?;
+    }
 }

@@ -4,9 +4,14 @@
 //! over (tap, input channel) -- tap-major, so one tap's rows of `col` are consecutive
 //! input channels -- and `p` over output positions.
 //!
-//! - Weights: re-laid out at compile time into panels of output channels (zero-padded
-//!   to the panel width), one panel row per `kk`, as read-only data:
-//!   `[group][panel][kk][width]`.
+//! - Weights: re-laid out into panels of output channels (zero-padded to the panel
+//!   width), one panel row per `kk`: `[group][panel][kk][width]`. Constant weights are
+//!   packed at compile time into read-only data; weights known only at run time (graph
+//!   inputs, other nodes' outputs: training graphs, whose weight-gradient convolutions
+//!   take activations as weights) are packed by the node kernel into its scratch
+//!   before the tasks run (`pack::emit_pack_weights`), and never use Winograd.
+//! - 1x1 convolutions without stride or padding read their input as the K x N matrix
+//!   it is: blocks are packed channel row by channel row (`pack::emit_pack_block`).
 //! - `col`: packed at run time (`gemm::pack`) per block of `nc` positions and `kc`
 //!   reduction indices into a slot of the node's scratch, in panels of positions.
 //! - Orientation: normally output channels are the rows of the microkernel's tile
@@ -26,8 +31,8 @@
 //!   groups is chosen at run time: 1 without threads (no repacking of B), else enough
 //!   for ~4 tasks per thread, limited so a task keeps ~1 M multiply-adds.
 //!
-//! Convolutions this driver does not take (depthwise and thin grouped ones, weights
-//! that are not constants, other dtypes) stay on the direct kernel (`conv.rs`).
+//! Convolutions this driver does not take (depthwise and thin grouped ones, other
+//! dtypes) stay on the direct kernel (`conv.rs`).
 
 use cnnc_ir::{ConstValue, DType, EpilogueStep, Graph, Layout, Node, Op, Scalar, TensorData, ValueId};
 use cranelift_codegen::Context;
@@ -39,7 +44,7 @@ use cranelift_codegen::ir::{
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_module::{DataId, FuncId, Linkage, Module};
 
-use super::gemm::pack::PackShape;
+use super::gemm::pack::{self, PackShape};
 use super::gemm::tile::{TileEpilogue, TileOperand, TileStep};
 use super::gemm::winograd::{self, WinogradShape};
 use super::gemm::{channel_rows, int, position_rows, scaled};
@@ -116,6 +121,10 @@ pub struct ConvGemmPlan {
     /// Fused steps applied per tile; `None`: applied over the whole output afterwards.
     pub tile_steps: Option<Vec<TileStep>>,
     pub weight: ValueId,
+    /// The weights are computed at run time (a graph input or another node's output,
+    /// as in training graphs): the node packs them into its scratch, after the slots
+    /// (`weights_offset`), before running the tasks.
+    pub runtime_weights: bool,
 }
 
 impl ConvGemmPlan {
@@ -175,7 +184,20 @@ impl ConvGemmPlan {
         bytes.div_ceil(64) * 64
     }
     pub fn scratch_bytes(&self) -> usize {
+        let packed_weights = if self.runtime_weights {
+            self.packed_weight_bytes()
+        } else {
+            0
+        };
+        self.weights_offset() + packed_weights
+    }
+    /// Where run-time weights are packed in the scratch (64-byte aligned).
+    pub fn weights_offset(&self) -> usize {
         SLOT_FLAGS_BYTES + self.slots() * self.slot_bytes()
+    }
+    /// Bytes of the packed weights (`pack_weights`' layout, im2col only).
+    pub fn packed_weight_bytes(&self) -> usize {
+        self.groups * self.panels() * self.depth * self.channel_tile() * 4
     }
 
     /// The weights in panels: `[group][panel][kk][channel_tile]`, `kk = tap ·
@@ -269,9 +291,19 @@ pub fn plan(g: &Graph, node: &Node, (mr, nr): (usize, usize)) -> Option<ConvGemm
         "" => !depthwise && (groups == 1 || (out_channels >= mr && in_channels >= 4)),
         _ => false,
     };
-    if !wanted || constant_weights(g, node).is_none() {
+    if !wanted {
         return None;
     }
+    // Constant weights are packed at compile time; weights that some node computes or
+    // the caller passes are packed at run time. A constant this driver cannot read stays
+    // on the direct kernel (the module does not emit constants read only by GEMM nodes).
+    let runtime_weights = match producer_op(g, node.inputs[1]) {
+        Some(Op::Constant(_)) => {
+            constant_weights(g, node)?;
+            false
+        }
+        _ => true,
+    };
     let axes = rank - 2;
     let geometry_ok = [
         &geometry.strides,
@@ -323,7 +355,12 @@ pub fn plan(g: &Graph, node: &Node, (mr, nr): (usize, usize)) -> Option<ConvGemm
     let tile_steps = tile_steps(g, node, &y.shape);
     let im2col_cost = orientation_cost(orientation, out_channels, positions, depth, mr, nr);
     let forced = s.kernel == "winograd";
-    let winograd = winograd_shape(&spatial, groups, in_channels, out_channels, mr, nr, im2col_cost, forced);
+    // Winograd's transformed weights are made at compile time only.
+    let winograd = if runtime_weights {
+        None
+    } else {
+        winograd_shape(&spatial, groups, in_channels, out_channels, mr, nr, im2col_cost, forced)
+    };
     let (orientation, nc) = match &winograd {
         Some((_, block)) => (Orientation::ChannelRows, *block),
         None => (orientation, nc),
@@ -356,7 +393,13 @@ pub fn plan(g: &Graph, node: &Node, (mr, nr): (usize, usize)) -> Option<ConvGemm
         winograd,
         tile_steps,
         weight: node.inputs[1],
+        runtime_weights,
     })
+}
+
+/// The op of the node that defines `v` (None for graph inputs).
+fn producer_op(g: &Graph, v: ValueId) -> Option<&Op> {
+    g.nodes.iter().find(|m| m.outputs.contains(&v)).map(|m| &m.op)
 }
 
 /// Positions as rows when that is cheaper by a margin (see `orientation_cost`).
@@ -525,9 +568,14 @@ pub fn define_node<M: Module>(
     ctx: &mut Context,
     fb_ctx: &mut FunctionBuilderContext,
 ) -> Result<FuncId, CodegenError> {
-    let weights = constant_weights(g, node)
-        .ok_or_else(|| CodegenError(format!("conv '{}': the weights are not a constant", node.name)))?;
-    let a_data = crate::module::define_bytes(module, &format!("cnnc_w{node_index}"), plan.pack_weights(&weights))?;
+    let a_data = if plan.runtime_weights {
+        None
+    } else {
+        let weights = constant_weights(g, node)
+            .ok_or_else(|| CodegenError(format!("conv '{}': the weights are not a constant", node.name)))?;
+        let bytes = plan.pack_weights(&weights);
+        Some(crate::module::define_bytes(module, &format!("cnnc_w{node_index}"), bytes)?)
+    };
 
     let task_name = format!("cnnc_k{node_index}_conv_gemm_task");
     let task_sig = parallel::task_signature(module);
@@ -597,6 +645,11 @@ fn emit_kernel(
     let scratch = b.ins().load(I64, buffer_flags(), bufs, (8 * n_buffers) as i32);
     parallel::emit_reset_slots(b, scratch, plan.slots());
     let threads = parallel::emit_host_threads(b, host);
+    if plan.runtime_weights {
+        let weights = b.ins().load(I64, buffer_flags(), bufs, 8);
+        let packed = b.ins().iadd_imm_s(scratch, plan.weights_offset() as i64);
+        pack::emit_pack_weights(b, plan, weights, packed);
+    }
 
     // oc-panel groups: 1 on one thread; else ceil(4·threads / outer), within limits.
     let outer = plan.outer_tasks() as i64;
@@ -661,18 +714,23 @@ fn emit_task<M: Module>(
     b: &mut FunctionBuilder,
     node: &Node,
     plan: &ConvGemmPlan,
-    weights_data: DataId,
+    weights_data: Option<DataId>,
     task_ctx: Value,
     index: Value,
 ) -> Result<(), CodegenError> {
     let saved_fp = env.float_env.map(|f| f.emit_enter(module, b));
     let kernel = module.declare_func_in_func(env.kernel.func, b.func);
-    let weights_gv = module.declare_data_in_func(weights_data, b.func);
-    let weights = b.ins().symbol_value(I64, weights_gv);
 
     let ctx_flags = MemFlagsData::trusted().with_readonly();
     let bufs = b.ins().load(I64, ctx_flags, task_ctx, CTX_BUFFERS);
     let scratch = b.ins().load(I64, ctx_flags, task_ctx, CTX_SCRATCH);
+    let weights = match weights_data {
+        Some(data) => {
+            let gv = module.declare_data_in_func(data, b.func);
+            b.ins().symbol_value(I64, gv)
+        }
+        None => b.ins().iadd_imm_s(scratch, plan.weights_offset() as i64),
+    };
     let oc_groups = b.ins().load(I64, ctx_flags, task_ctx, CTX_OC_GROUPS);
     let per_group = b.ins().load(I64, ctx_flags, task_ctx, CTX_PANELS_PER_GROUP);
     let buffer = |b: &mut FunctionBuilder, i: usize| b.ins().load(I64, buffer_flags(), bufs, (8 * i) as i32);

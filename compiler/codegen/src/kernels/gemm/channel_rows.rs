@@ -13,7 +13,7 @@ use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{I8, I64};
 use cranelift_frontend::FunctionBuilder;
 
-use super::pack::emit_pack_panel;
+use super::pack::emit_pack_block;
 use super::tile::emit_merge;
 use super::{for_range, int, scaled};
 use crate::kernels::CodegenError;
@@ -46,13 +46,7 @@ pub fn emit(b: &mut FunctionBuilder, f: &TaskFrame) -> Result<(), CodegenError> 
         let rest = b.ins().isub(depth_v, k0);
         let kc_v = int(b, kc);
         let kcb = b.ins().umin(rest, kc_v);
-        let zero = int(b, 0);
-        for_range(b, zero, f.p_panels, |b, pp| {
-            let p0 = b.ins().imul_imm_s(pp, nr);
-            let p0 = b.ins().iadd(f.p_start, p0);
-            let dst = scaled(b, packed, pp, panel_bytes);
-            emit_pack_panel(b, &pack_shape, f.x_group, p0, k0, kcb, dst);
-        });
+        emit_pack_block(b, &pack_shape, f.x_group, f.p_start, f.p_panels, k0, kcb, packed, panel_bytes);
         let accumulate = b.ins().icmp_imm_s(IntCC::NotEqual, kb, 0);
         let accumulate = b.ins().uextend(I64, accumulate);
         let is_last = b.ins().icmp_imm_s(IntCC::Equal, kb, (k_blocks - 1) as i64);

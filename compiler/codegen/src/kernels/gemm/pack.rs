@@ -19,13 +19,13 @@
 //! here as a single flat axis, so every quad but those past the end is regular.
 
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::types::{F32, I8};
+use cranelift_codegen::ir::types::{F32, F32X4, I8};
 use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Value};
 use cranelift_frontend::FunctionBuilder;
 
 use super::{below, int, repeat, scaled, unflatten};
-use crate::kernels::compute::{LANES, load_f32x4_strided, scalar_flags, vector_flags};
-use crate::kernels::conv_gemm::Spatial;
+use crate::kernels::compute::{LANES, counted_loop, load_f32x4_strided, scalar_flags, vector_flags};
+use crate::kernels::conv_gemm::{ConvGemmPlan, Spatial};
 
 const F32_BYTES: i64 = 4;
 
@@ -273,4 +273,140 @@ fn emit_position(
 
     b.switch_to_block(done);
     b.seal_block(done);
+}
+
+/// Whether `emit_pack_block` can copy the input as it lies: a 1x1 convolution without
+/// stride or padding (collapsed to one flat axis), whose input `[C, P]` already is the
+/// K x N matrix, with panels of whole quads.
+pub fn is_flat(s: &PackShape) -> bool {
+    let sp = s.spatial;
+    sp.output.len() == 1
+        && sp.kernel == [1]
+        && sp.strides == [1]
+        && sp.pads == [0]
+        && sp.input == sp.output
+        && s.width.is_multiple_of(LANES)
+}
+
+/// Packs `p_panels` consecutive panels (`panel_bytes` apart from `dst`) for positions from
+/// `p_start` and reduction indices `k0..k0 + kc`. For flat convolutions (`is_flat`) the
+/// copy runs channel by channel: each reduction row is one sequential read of the input
+/// plane (one prefetch stream; panel by panel it would be `kc` streams at once), its
+/// `width`-float pieces scattered to the panels, which stay in L2. A last panel that
+/// runs past the positions goes through `emit_pack_panel` (zero filling). Other
+/// convolutions pack panel by panel.
+#[allow(clippy::too_many_arguments)]
+pub fn emit_pack_block(
+    b: &mut FunctionBuilder,
+    s: &PackShape,
+    x_group: Value,
+    p_start: Value,
+    p_panels: Value,
+    k0: Value,
+    kc: Value,
+    dst: Value,
+    panel_bytes: i64,
+) {
+    let width = s.width as i64;
+    if !is_flat(s) {
+        let zero = int(b, 0);
+        super::for_range(b, zero, p_panels, |b, pp| {
+            let p0 = b.ins().imul_imm_s(pp, width);
+            let p0 = b.ins().iadd(p_start, p0);
+            let panel = scaled(b, dst, pp, panel_bytes);
+            emit_pack_panel(b, s, x_group, p0, k0, kc, panel);
+        });
+        return;
+    }
+    // Panels wholly inside the positions (p_start < positions: blocks are never empty).
+    let all_positions = int(b, s.positions as i64);
+    let left = b.ins().isub(all_positions, p_start);
+    let whole = b.ins().udiv_imm_u(left, width);
+    let whole = b.ins().umin(whole, p_panels);
+
+    let plane_bytes = s.in_plane as i64 * F32_BYTES;
+    let row_bytes = width * F32_BYTES;
+    let first_row = b.ins().imul_imm_s(k0, plane_bytes);
+    let src = b.ins().iadd(x_group, first_row);
+    let src = scaled(b, src, p_start, F32_BYTES);
+    repeat(b, kc, &[src, dst], |b, rows| {
+        repeat(b, whole, rows, |b, ptrs| {
+            let values: Vec<Value> = (0..s.width / LANES)
+                .map(|q| b.ins().load(F32X4, vector_flags(), ptrs[0], (q * LANES) as i32 * F32_BYTES as i32))
+                .collect();
+            for (q, v) in values.into_iter().enumerate() {
+                b.ins().store(vector_flags(), v, ptrs[1], (q * LANES) as i32 * F32_BYTES as i32);
+            }
+            vec![
+                b.ins().iadd_imm_s(ptrs[0], row_bytes),
+                b.ins().iadd_imm_s(ptrs[1], panel_bytes),
+            ]
+        });
+        vec![
+            b.ins().iadd_imm_s(rows[0], plane_bytes),
+            b.ins().iadd_imm_s(rows[1], row_bytes),
+        ]
+    });
+
+    let tail = b.create_block();
+    let done = b.create_block();
+    let ragged = b.ins().icmp(IntCC::UnsignedLessThan, whole, p_panels);
+    b.ins().brif(ragged, tail, &[], done, &[]);
+    b.switch_to_block(tail);
+    b.seal_block(tail);
+    let p0 = b.ins().imul_imm_s(whole, width);
+    let p0 = b.ins().iadd(p_start, p0);
+    let panel = scaled(b, dst, whole, panel_bytes);
+    emit_pack_panel(b, s, x_group, p0, k0, kc, panel);
+    b.ins().jump(done, &[]);
+    b.switch_to_block(done);
+    b.seal_block(done);
+}
+
+/// Packs weights computed at run time, `w` in the ONNX layout `[M, C/g, *k]`, into `dst`
+/// (`ConvGemmPlan::packed_weight_bytes`) in the layout `ConvGemmPlan::pack_weights` gives
+/// constant weights: `[group][panel][kk][channel_tile]`, `kk = tap · C/g + ic`, channels
+/// past the group's last zero. Each output channel's weights are read in order (one
+/// stream) and scattered down its panel column.
+pub fn emit_pack_weights(b: &mut FunctionBuilder, plan: &ConvGemmPlan, w: Value, dst: Value) {
+    let width = plan.channel_tile();
+    let (channels, taps, depth) = (plan.in_channels, plan.taps, plan.depth);
+    let out_channels = plan.out_channels;
+    let kk_bytes = width as i64 * F32_BYTES;
+    let panel_bytes = depth as i64 * kk_bytes;
+    let group_bytes = plan.panels() as i64 * panel_bytes;
+    let tap_bytes = channels as i64 * kk_bytes;
+    counted_loop(b, plan.groups, vec![w], |b, group, carried| {
+        let group_dst = scaled(b, dst, group, group_bytes);
+        let src = counted_loop(b, out_channels, carried.to_vec(), |b, oc, carried| {
+            let panel = b.ins().udiv_imm_u(oc, width as i64);
+            let row = b.ins().urem_imm_u(oc, width as i64);
+            let column = scaled(b, group_dst, panel, panel_bytes);
+            let column = scaled(b, column, row, F32_BYTES);
+            let after = counted_loop(b, channels, vec![carried[0], column], |b, _, ptrs| {
+                let after_taps = counted_loop(b, taps, vec![ptrs[0], ptrs[1]], |b, _, at| {
+                    let v = b.ins().load(F32, scalar_flags(), at[0], 0);
+                    b.ins().store(MemFlagsData::trusted(), v, at[1], 0);
+                    vec![
+                        b.ins().iadd_imm_s(at[0], F32_BYTES),
+                        b.ins().iadd_imm_s(at[1], tap_bytes),
+                    ]
+                });
+                vec![after_taps[0], b.ins().iadd_imm_s(ptrs[1], kk_bytes)]
+            });
+            vec![after[0]]
+        });
+        let used = out_channels % width;
+        if used != 0 {
+            let last_panel = b.ins().iadd_imm_s(group_dst, (plan.panels() as i64 - 1) * panel_bytes);
+            let zero = b.ins().f32const(0.0);
+            counted_loop(b, depth, vec![last_panel], |b, _, at| {
+                for r in used..width {
+                    b.ins().store(MemFlagsData::trusted(), zero, at[0], (r * 4) as i32);
+                }
+                vec![b.ins().iadd_imm_s(at[0], kk_bytes)]
+            });
+        }
+        src
+    });
 }
