@@ -1395,3 +1395,110 @@ fn exported_batchnorm_model_uses_the_trained_running_statistics() {
     let got = cnnc::driver::run_model(&mut session, library.info(), std::slice::from_ref(&x)).unwrap().remove(0);
     compare(&got, &want).unwrap();
 }
+
+/// A C program against the header `cnnc compile --train --header` writes: three steps of
+/// `cnnc_train_step` on one state buffer and of `cnnc_compute_gradients` +
+/// `cnnc_apply_update` on another give the same loss and the same state tensors, bit for bit.
+#[test]
+fn c_caller_runs_the_two_halves_like_the_whole_step() {
+    if std::process::Command::new("cc").arg("--version").output().is_err() {
+        eprintln!("SKIP c_caller_runs_the_two_halves_like_the_whole_step: no C compiler `cc`");
+        return;
+    }
+    let dir = common::scratch("train-c-caller");
+    let model = bn_fc_model("train-c-caller-model");
+    let so = dir.join("libbnfc_train.so");
+    let header = dir.join("bnfc_train.h");
+    let cnnc = env!("CARGO_BIN_EXE_cnnc");
+    let out = std::process::Command::new(cnnc)
+        .arg("compile")
+        .arg(&model)
+        .args(["--train", "--batch", "4", "--header"])
+        .arg(&header)
+        .arg("-o")
+        .arg(&so)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let program = r#"
+#include "bnfc_train.h"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int ends_with(const char* s, const char* suffix) {
+    size_t n = strlen(s), m = strlen(suffix);
+    return n >= m && strcmp(s + n - m, suffix) == 0;
+}
+
+int main(void) {
+    const cnnc_model_desc* d = cnnc_model_info();
+    if (d->abi_version != CNNC_ABI_VERSION || !(d->entry_flags & CNNC_ENTRY_TRAIN)) return 3;
+    unsigned char* whole = calloc(d->state_size, 1);
+    unsigned char* halves = calloc(d->state_size, 1);
+    size_t ws_size = (d->workspace_size + d->workspace_align - 1) / d->workspace_align * d->workspace_align;
+    void* workspace = aligned_alloc(d->workspace_align, ws_size ? ws_size : d->workspace_align);
+    unsigned seed = 12345;
+    for (uint32_t t = 0; t < d->num_state_tensors; t++) {
+        const cnnc_tensor_desc* s = &d->state_tensors[t];
+        uint64_t n = 1;
+        for (uint32_t k = 0; k < s->rank; k++) n *= s->shape[k];
+        float* a = (float*)(whole + s->offset);
+        for (uint64_t i = 0; i < n; i++) {
+            seed = seed * 1103515245u + 12345u;
+            float value = ends_with(s->name, ".grad") || ends_with(s->name, ".momentum") ? 0.0f
+                        : ends_with(s->name, "running_var") ? 1.0f
+                        : (float)((seed >> 8) % 1000) / 1000.0f - 0.5f;
+            a[i] = value;
+        }
+    }
+    memcpy(halves, whole, d->state_size);
+    float x[8] = {1.0f, 2.0f, -1.0f, 0.5f, 0.0f, 3.0f, 2.0f, -2.0f};
+    int64_t labels[4] = {0, 1, 2, 0};
+    const void* inputs[1] = {x};
+    for (uint64_t step = 1; step <= 3; step++) {
+        cnnc_hyper hyper = {0.1f, 0.9f, 0.01f, 0.0f, 0.0f, 0.0f, step};
+        float loss_whole = 0, loss_halves = 0;
+        if (cnnc_train_step(NULL, whole, inputs, labels, &hyper, workspace, &loss_whole) != CNNC_STATUS_OK) return 4;
+        if (cnnc_compute_gradients(NULL, halves, inputs, labels, workspace, &loss_halves) != CNNC_STATUS_OK) return 5;
+        if (cnnc_apply_update(NULL, halves, &hyper, workspace) != CNNC_STATUS_OK) return 6;
+        if (memcmp(&loss_whole, &loss_halves, sizeof(float)) != 0) {
+            printf("step %llu: loss %.9g vs %.9g\n", (unsigned long long)step, loss_whole, loss_halves);
+            return 1;
+        }
+        for (uint32_t t = 0; t < d->num_state_tensors; t++) {
+            const cnnc_tensor_desc* s = &d->state_tensors[t];
+            uint64_t n = 1;
+            for (uint32_t k = 0; k < s->rank; k++) n *= s->shape[k];
+            if (memcmp(whole + s->offset, halves + s->offset, n * sizeof(float)) != 0) {
+                printf("step %llu: %s differs\n", (unsigned long long)step, s->name);
+                return 1;
+            }
+        }
+        printf("step %llu loss %.6f\n", (unsigned long long)step, loss_whole);
+    }
+    printf("OK\n");
+    free(whole);
+    free(halves);
+    free(workspace);
+    return 0;
+}
+"#;
+    let source = dir.join("main.c");
+    std::fs::write(&source, program).unwrap();
+    let exe = dir.join("caller");
+    let out = std::process::Command::new("cc")
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-I"])
+        .arg(&dir)
+        .arg(&source)
+        .arg("-o")
+        .arg(&exe)
+        .arg(&so)
+        .arg(format!("-Wl,-rpath,{}", dir.display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cc: {}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(&exe).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.ends_with("OK\n"), "status {:?}:\n{stdout}", out.status.code());
+}
