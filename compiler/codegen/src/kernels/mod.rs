@@ -21,6 +21,7 @@ pub mod compute;
 pub mod conv;
 pub mod conv_gemm;
 pub mod conv_transpose;
+pub mod depthwise;
 pub mod elementwise;
 pub mod gather;
 pub mod gemm;
@@ -121,6 +122,7 @@ fn applies_own_epilogue(g: &Graph, node: &Node) -> bool {
     match node.op {
         Op::Unary(_) | Op::Binary(_) => true,
         Op::Concat { .. } => movement::concat_applies_epilogue(g, node),
+        Op::Conv(_) => depthwise::handles(g, node),
         _ => false,
     }
 }
@@ -158,6 +160,8 @@ fn emit_op(k: &mut KernelCtx, tables: &[Value]) -> Result<(), CodegenError> {
         Op::Where => elementwise::emit_where(k),
         Op::Cast { to } => elementwise::emit_cast(k, to),
         Op::MatMul => matmul::emit(k),
+        // Bias and epilogue in registers.
+        Op::Conv(_) if depthwise::handles(k.graph, k.node) => depthwise::emit(k),
         Op::Conv(_) => conv::emit(k),
         Op::ConvTranspose(_) => conv_transpose::emit(k),
         Op::Pool(_) => pool::emit(k),
