@@ -60,8 +60,7 @@ pub struct CompileReport {
 /// Lowers an optimised graph to native code and links `out` (a shared object).
 pub fn compile_to_shared_object(g: &Graph, target: &TargetSpec, out: &Path) -> Result<CompileReport, Error> {
     let start = Instant::now();
-    let object = cnnc_codegen::compile_object(g, target).map_err(|e| Error::Failed(format!("code generation: {e}")))?;
-    cnnc_codegen::link_shared(&object, out, target).map_err(|e| Error::Failed(format!("linking {}: {e}", out.display())))?;
+    cnnc_codegen::object::compile_shared(g, target, out).map_err(|e| Error::Failed(e.to_string()))?;
     let weight_bytes = g
         .constants
         .iter()

@@ -25,8 +25,12 @@ use crate::abi;
 /// the serial work between two parallel layers, short enough not to steal much CPU
 /// from other processes once the model is done.
 const WORKER_SPIN: Duration = Duration::from_micros(100);
-/// How long the caller polls for workers still finishing their last index.
-const CALLER_SPIN: Duration = Duration::from_micros(100);
+/// How long the caller polls for workers still finishing their last index before it
+/// sleeps. Short, and without yielding: a worker still busy after this long has most
+/// likely been preempted by another process, and a caller that sleeps leaves its core
+/// idle, so the scheduler moves the preempted worker there at once; a caller that
+/// yields stays runnable and the worker waits for its own core.
+const CALLER_SPIN: Duration = Duration::from_micros(50);
 
 pub struct ThreadPool {
     shared: Arc<Shared>,
@@ -195,7 +199,7 @@ impl Shared {
         // Every index has been handed out: stop late workers from joining, then wait for
         // those still running their last one.
         lock(&self.state).job = None;
-        if !spin_until(CALLER_SPIN, || self.active_workers.load(Ordering::Acquire) == 0) {
+        if !spin_without_yielding(CALLER_SPIN, || self.active_workers.load(Ordering::Acquire) == 0) {
             let mut state = lock(&self.state);
             while self.active_workers.load(Ordering::Acquire) != 0 {
                 state = self.work_finished.wait(state).unwrap_or_else(PoisonError::into_inner);
@@ -278,6 +282,23 @@ fn spin_until(budget: Duration, mut done: impl FnMut() -> bool) -> bool {
             continue;
         }
         std::thread::yield_now();
+        if start.elapsed() >= budget {
+            return done();
+        }
+    }
+}
+
+/// Polls `done` for up to `budget` without giving up the core; returns its last answer.
+fn spin_without_yielding(budget: Duration, mut done: impl FnMut() -> bool) -> bool {
+    const POLLS_BETWEEN_CLOCK_READS: u32 = 64;
+    let start = Instant::now();
+    loop {
+        for _ in 0..POLLS_BETWEEN_CLOCK_READS {
+            if done() {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
         if start.elapsed() >= budget {
             return done();
         }

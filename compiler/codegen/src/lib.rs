@@ -25,6 +25,7 @@ pub mod math;
 pub mod microkernel;
 pub mod module;
 pub mod object;
+pub mod parallel_compile;
 pub mod plan;
 pub mod target;
 pub mod train_entry;

@@ -1,7 +1,13 @@
 //! Object file to shared library, by the system C compiler.
+//!
+//! The object is mostly weights (~100 MB for a ResNet-50), which GNU ld copies
+//! slowly; when a faster linker is installed (mold, lld, gold) the C compiler is asked
+//! to use it (`-fuse-ld=`), falling back to its default linker if that fails.
+//! `CNNC_FUSE_LD` names the linker to use instead (empty or `default`: the C compiler's
+//! own choice).
 
-use std::path::Path;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 use target_lexicon::Triple;
 
@@ -20,10 +26,7 @@ pub fn linker_for(target: &TargetSpec) -> String {
     if target.triple.architecture == host.architecture && target.triple.operating_system == host.operating_system {
         return "cc".to_string();
     }
-    format!(
-        "{}-{}-gnu-gcc",
-        target.triple.architecture, target.triple.operating_system
-    )
+    format!("{}-{}-gnu-gcc", target.triple.architecture, target.triple.operating_system)
 }
 
 /// Links `object` into the shared library `out` (`cc -shared -o out obj.o -lm`).
@@ -34,9 +37,23 @@ pub fn link_shared(object: &[u8], out: &Path, target: &TargetSpec) -> Result<(),
 /// Links several objects into one shared library (a training library: one object per
 /// entry point's graph, whose local symbols may repeat between objects).
 pub fn link_shared_objects(objects: &[&[u8]], out: &Path, target: &TargetSpec) -> Result<(), CodegenError> {
+    with_scratch_dir(|dir| {
+        let mut obj_paths = Vec::with_capacity(objects.len());
+        for (k, object) in objects.iter().enumerate() {
+            let obj_path = dir.join(if k == 0 { "model.o".to_string() } else { format!("model{k}.o") });
+            std::fs::write(&obj_path, object)
+                .map_err(|e| CodegenError(format!("cannot write {}: {e}", obj_path.display())))?;
+            obj_paths.push(obj_path);
+        }
+        link_object_files(&obj_paths, out, target)
+    })
+}
+
+/// Runs `f` with a fresh scratch directory, removed afterwards.
+pub fn with_scratch_dir<R>(f: impl FnOnce(&Path) -> Result<R, CodegenError>) -> Result<R, CodegenError> {
     let dir = std::env::temp_dir().join(format!("cnnc-link-{}-{}", std::process::id(), unique()));
     std::fs::create_dir_all(&dir).map_err(|e| CodegenError(format!("cannot create {}: {e}", dir.display())))?;
-    let result = link_in(&dir, objects, out, target);
+    let result = f(&dir);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
@@ -47,22 +64,15 @@ fn unique() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
-fn link_in(dir: &Path, objects: &[&[u8]], out: &Path, target: &TargetSpec) -> Result<(), CodegenError> {
-    let mut obj_paths = Vec::with_capacity(objects.len());
-    for (k, object) in objects.iter().enumerate() {
-        let obj_path = dir.join(if k == 0 { "model.o".to_string() } else { format!("model{k}.o") });
-        std::fs::write(&obj_path, object).map_err(|e| CodegenError(format!("cannot write {}: {e}", obj_path.display())))?;
-        obj_paths.push(obj_path);
-    }
+/// Links object files into the shared library `out` (`cc -shared -o out *.o -lm`).
+pub fn link_object_files(obj_paths: &[PathBuf], out: &Path, target: &TargetSpec) -> Result<(), CodegenError> {
     let cc = linker_for(target);
-    let output = Command::new(&cc)
-        .arg("-shared")
-        .arg("-o")
-        .arg(out)
-        .args(&obj_paths)
-        .arg("-lm")
-        .output()
-        .map_err(|e| {
+    let run = |fuse_ld: Option<&str>| -> Result<Output, CodegenError> {
+        let mut command = Command::new(&cc);
+        if let Some(linker) = fuse_ld {
+            command.arg(format!("-fuse-ld={linker}"));
+        }
+        command.arg("-shared").arg("-o").arg(out).args(obj_paths).arg("-lm").output().map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 CodegenError(format!(
                     "the C compiler '{cc}' needed to link for {} is not installed (set CNNC_CC to another driver)",
@@ -71,7 +81,13 @@ fn link_in(dir: &Path, objects: &[&[u8]], out: &Path, target: &TargetSpec) -> Re
             } else {
                 CodegenError(format!("cannot run '{cc}': {e}"))
             }
-        })?;
+        })
+    };
+    let fast = fast_linker(target);
+    let mut output = run(fast.as_deref())?;
+    if !output.status.success() && fast.is_some() {
+        output = run(None)?;
+    }
     if !output.status.success() {
         return Err(CodegenError(format!(
             "'{cc} -shared -o {} ... -lm' failed ({}):\n{}",
@@ -81,4 +97,21 @@ fn link_in(dir: &Path, objects: &[&[u8]], out: &Path, target: &TargetSpec) -> Re
         )));
     }
     Ok(())
+}
+
+/// The `-fuse-ld=` value to try: `CNNC_FUSE_LD` if set, else for the host's own C
+/// compiler the first of mold, lld and gold found on `PATH`.
+fn fast_linker(target: &TargetSpec) -> Option<String> {
+    if let Ok(choice) = std::env::var("CNNC_FUSE_LD") {
+        let choice = choice.trim();
+        return (!choice.is_empty() && choice != "default").then(|| choice.to_string());
+    }
+    if linker_for(target) != "cc" {
+        return None;
+    }
+    let path = std::env::var_os("PATH")?;
+    ["mold", "lld", "gold"]
+        .into_iter()
+        .find(|name| std::env::split_paths(&path).any(|dir| dir.join(format!("ld.{name}")).is_file()))
+        .map(str::to_string)
 }

@@ -127,7 +127,21 @@ pub fn compile_graph_entry<M: Module>(
     Ok(compiled)
 }
 
+/// Cranelift compiles the functions on several threads (`parallel_compile`).
 fn compile_graph_as<M: Module>(
+    module: &mut M,
+    g: &Graph,
+    target: &TargetSpec,
+    symbol: &str,
+    linkage: Linkage,
+    extras: Option<&ModelExtras>,
+) -> Result<(CompiledInfo, Option<FuncId>), CodegenError> {
+    crate::parallel_compile::with_parallel_compile(module, target, |module| {
+        compile_graph_functions(module, g, target, symbol, linkage, extras)
+    })
+}
+
+fn compile_graph_functions<M: Module>(
     module: &mut M,
     g: &Graph,
     target: &TargetSpec,

@@ -28,15 +28,16 @@
 //!   broadcast in a way a tile cannot address is applied over the whole output after
 //!   the convolution instead.
 //! - Tasks: one per (image, group, p-block, oc-panel group). The number of oc-panel
-//!   groups is chosen at run time: 1 without threads (no repacking of B), else enough
-//!   for ~4 tasks per thread, limited so a task keeps ~1 M multiply-adds.
+//!   groups is picked at run time from a per-thread-count table made at compile time
+//!   (`parallel::choose_parts`): 1 without threads (no repacking of B), else as many as
+//!   balance the threads without packing the same input too often, limited so a task
+//!   keeps ~1 M multiply-adds.
 //!
 //! Convolutions this driver does not take (depthwise and thin grouped ones, other
 //! dtypes) stay on the direct kernel (`conv.rs`).
 
 use cnnc_ir::{ConstValue, DType, EpilogueStep, Graph, Layout, Node, Op, Scalar, TensorData, ValueId};
 use cranelift_codegen::Context;
-use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::I64;
 use cranelift_codegen::ir::{
     FuncRef, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, UserFuncName, Value,
@@ -59,9 +60,6 @@ const MIN_TASK_MACS: usize = 1 << 20;
 
 /// Scratch bytes one node's slots may take together (Winograd slots run to ~1 MB).
 const SCRATCH_BUDGET: usize = 8 << 20;
-
-/// Tasks per thread to aim for, so uneven tasks still balance.
-const TASKS_PER_THREAD: i64 = 4;
 
 /// Cache sizes assumed when no schedule chose `kc`/`nc` (see the choose-schedule pass).
 const DEFAULT_L1D_BYTES: usize = 32 * 1024;
@@ -162,11 +160,48 @@ impl ConvGemmPlan {
     }
     /// The most oc-panel groups worth splitting one outer task into.
     pub fn max_oc_groups(&self) -> usize {
-        let macs = match &self.winograd {
+        (self.outer_task_macs() / MIN_TASK_MACS).clamp(1, self.panels())
+    }
+    /// Multiply-adds of one outer task.
+    fn outer_task_macs(&self) -> usize {
+        match &self.winograd {
             Some(w) => 16 * self.out_channels * self.in_channels * self.nc.min(w.tiles()),
             None => self.out_channels * self.depth * self.nc.min(self.positions),
-        };
-        (macs / MIN_TASK_MACS).clamp(1, self.panels())
+        }
+    }
+    // Task split (thread scaling, helper H3): every oc-panel group of an outer task packs
+    // the task's whole input block again, so the split weighs that repeated packing.
+    /// What every oc-panel group repeats, in multiply-add equivalents: packing the block's
+    /// input (measured at ~6 cycles per element for a strided im2col gather, ~16
+    /// multiply-adds per cycle), or Winograd's input transform.
+    fn repeated_macs_per_oc_group(&self) -> usize {
+        const GATHER_MACS: usize = 64;
+        const COPY_MACS: usize = 16;
+        match &self.winograd {
+            Some(w) => 16 * self.in_channels * self.nc.min(w.tiles()) * COPY_MACS,
+            None => {
+                let per_element = if self.taps == 1 && self.spatial.strides.iter().all(|&s| s == 1) {
+                    COPY_MACS
+                } else {
+                    GATHER_MACS
+                };
+                self.depth * self.nc.min(self.positions) * per_element
+            }
+        }
+    }
+    /// oc-panel groups per outer task for 1..=`SPLIT_TABLE_THREADS` threads.
+    pub fn oc_groups_by_threads(&self) -> Vec<usize> {
+        (1..=parallel::SPLIT_TABLE_THREADS)
+            .map(|threads| {
+                parallel::choose_parts(
+                    self.outer_tasks(),
+                    threads,
+                    self.outer_task_macs(),
+                    self.repeated_macs_per_oc_group(),
+                    self.max_oc_groups(),
+                )
+            })
+            .collect()
     }
     /// Packing slots: one per task that may run at once, up to `MAX_SLOTS` and
     /// `SCRATCH_BUDGET` bytes (but at least 4); more threads than slots wait for one.
@@ -651,21 +686,9 @@ fn emit_kernel(
         pack::emit_pack_weights(b, plan, weights, packed);
     }
 
-    // oc-panel groups: 1 on one thread; else ceil(4·threads / outer), within limits.
+    // oc-panel groups: chosen per thread count at compile time (`oc_groups_by_threads`).
     let outer = plan.outer_tasks() as i64;
-    let one = int(b, 1);
-    let oc_groups = if plan.max_oc_groups() > 1 {
-        let want = b.ins().imul_imm_s(threads, TASKS_PER_THREAD);
-        let want = b.ins().iadd_imm_s(want, outer - 1);
-        let want = b.ins().udiv_imm_u(want, outer);
-        let limit = int(b, plan.max_oc_groups() as i64);
-        let want = b.ins().umin(want, limit);
-        let want = b.ins().umax(want, one);
-        let threaded = b.ins().icmp_imm_u(IntCC::UnsignedGreaterThan, threads, 1);
-        b.ins().select(threaded, want, one)
-    } else {
-        one
-    };
+    let oc_groups = parallel::emit_by_threads(b, threads, &plan.oc_groups_by_threads());
     // Panels per group, then the groups actually needed (no empty tasks).
     let panels = plan.panels() as i64;
     let per_group = ceil_div_value(b, panels, oc_groups);

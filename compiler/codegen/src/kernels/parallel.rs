@@ -130,6 +130,58 @@ pub fn emit_dispatch(
     b.seal_block(done);
 }
 
+/// Thread counts [`emit_by_threads`] tables cover; more threads use the last entry.
+pub const SPLIT_TABLE_THREADS: usize = 16;
+
+/// Work (in multiply-adds) every task pays besides its share: the call through the
+/// pool and the claim of a slot, ~1 µs.
+const TASK_FIXED_MACS: usize = 1 << 14;
+
+/// Into how many parts to split each of `outer` equal tasks for `threads` threads, when
+/// a task's `work` divides between its parts but every part repeats `repeated` (work
+/// in multiply-adds; parts at most `max_parts`).
+///
+/// Tasks are claimed one at a time, so the estimated time is the rounds of tasks each
+/// thread runs times a task's length, plus a quarter task of tail: threads do not run
+/// in lockstep (other processes, frequency, cache misses), and the last tasks to finish
+/// leave the others idle. Repacking the same input for every part (`repeated`) is what
+/// stops the split: with packing a third of a task, splitting one task into eight parts
+/// for two threads would do the packing eight times.
+pub fn choose_parts(outer: usize, threads: usize, work: usize, repeated: usize, max_parts: usize) -> usize {
+    let (outer, threads) = (outer.max(1), threads.max(1));
+    if threads == 1 {
+        return 1;
+    }
+    let estimate = |parts: usize| -> f64 {
+        let task = work as f64 / parts as f64 + (repeated + TASK_FIXED_MACS) as f64;
+        let rounds = (outer * parts).div_ceil(threads) as f64;
+        rounds * task + task / 4.0
+    };
+    let mut best = 1;
+    for parts in 2..=max_parts.max(1) {
+        if estimate(parts) < estimate(best) {
+            best = parts;
+        }
+    }
+    best
+}
+
+/// `table[threads - 1]` for the run-time `threads` (at least 1); the last entry past the
+/// table's end. `table` must not be empty.
+pub fn emit_by_threads(b: &mut FunctionBuilder, threads: Value, table: &[usize]) -> Value {
+    let last = table.len().max(1) - 1;
+    let mut value = b.ins().iconst(I64, table.get(last).copied().unwrap_or(1) as i64);
+    for (i, &entry) in table.iter().enumerate().take(last).rev() {
+        if entry == table[last] {
+            continue;
+        }
+        let is_count = b.ins().icmp_imm_u(IntCC::Equal, threads, (i + 1) as i64);
+        let entry = b.ins().iconst(I64, entry as i64);
+        value = b.ins().select(is_count, entry, value);
+    }
+    value
+}
+
 /// Marks all `slots` free (the kernel does this before its tasks start).
 pub fn emit_reset_slots(b: &mut FunctionBuilder, flags_base: Value, slots: usize) {
     let zero = b.ins().iconst(I64, 0);
@@ -282,6 +334,24 @@ mod tests {
         let restore = assemble_restore().unwrap();
         assert_eq!(enter.last(), Some(&0xc3), "ends with ret");
         assert_eq!(restore.last(), Some(&0xc3));
+    }
+
+    #[test]
+    fn one_thread_never_splits() {
+        assert_eq!(choose_parts(1, 1, 1 << 30, 0, 64), 1);
+    }
+
+    #[test]
+    fn cheap_repeats_split_finely_and_costly_ones_just_enough() {
+        // One outer task, two threads: cheap repeated work leaves room for balance...
+        let cheap = choose_parts(1, 2, 100 << 20, 0, 64);
+        assert!(cheap >= 4, "{cheap}");
+        // ...packing a third of the task again per part stops at one part per thread.
+        assert_eq!(choose_parts(1, 2, 100 << 20, 40 << 20, 64), 2);
+        // Enough outer tasks already: no split.
+        assert_eq!(choose_parts(16, 2, 100 << 20, 40 << 20, 64), 1);
+        // Never past the limit.
+        assert_eq!(choose_parts(1, 8, 100 << 20, 0, 3), 3);
     }
 
     /// One i32 flag per slot fits the flag area.
