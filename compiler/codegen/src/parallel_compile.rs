@@ -51,11 +51,24 @@ pub fn with_parallel_compile<M: Module, R>(
     })
 }
 
+thread_local! {
+    static THREADS_OVERRIDE: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Compile threads for modules built on the calling thread from now on (`None`: the
+/// default of [`compile_threads`]); for tests comparing serial and parallel output.
+pub fn set_compile_threads(threads: Option<usize>) {
+    THREADS_OVERRIDE.with(|t| t.set(threads));
+}
+
 /// Threads to compile on: `CNNC_COMPILE_THREADS` if set, else the CPUs available; 1
 /// when `CNNC_DISASM` asks for each function's code as it is compiled.
 fn compile_threads() -> usize {
     if std::env::var_os("CNNC_DISASM").is_some() {
         return 1;
+    }
+    if let Some(n) = THREADS_OVERRIDE.with(|t| t.get()) {
+        return n.clamp(1, MAX_THREADS);
     }
     if let Some(n) = std::env::var("CNNC_COMPILE_THREADS").ok().and_then(|v| v.trim().parse::<usize>().ok()) {
         return n.clamp(1, MAX_THREADS);
