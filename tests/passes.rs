@@ -607,12 +607,12 @@ fn choose_schedule_for_each_kernel_family() {
     let mut rng = Rng::new(59);
     let mut m = ModelBuilder::new("families", 17);
     m.input("x", DType::F32, &[1, 8, 10, 10])
-        .initializer("w_pw", &rng.tensor(&[16, 8, 1, 1], 0.3))
-        .initializer("w_dw", &rng.tensor(&[16, 1, 3, 3], 0.3))
-        .initializer("w_gr", &rng.tensor(&[8, 4, 3, 3], 0.3))
+        .initializer("w_pw", &rng.tensor(&[40, 8, 1, 1], 0.3))
+        .initializer("w_dw", &rng.tensor(&[40, 1, 3, 3], 0.3))
+        .initializer("w_gr", &rng.tensor(&[8, 10, 3, 3], 0.3))
         .initializer("w_big", &rng.tensor(&[8, 8, 3, 3], 0.3))
         .node("Conv", &["x", "w_pw"], &["pw"], vec![])
-        .node("Conv", &["pw", "w_dw"], &["dw"], vec![attr::ints("pads", &[1, 1, 1, 1]), attr::int("group", 16)])
+        .node("Conv", &["pw", "w_dw"], &["dw"], vec![attr::ints("pads", &[1, 1, 1, 1]), attr::int("group", 40)])
         .node("Conv", &["dw", "w_gr"], &["gr"], vec![attr::int("group", 4)])
         .node("Conv", &["gr", "w_big"], &["y"], vec![attr::ints("pads", &[1, 1, 1, 1])])
         .output("y", DType::F32, &[1, 8, 8, 8]);

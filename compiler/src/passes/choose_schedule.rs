@@ -19,7 +19,8 @@
 //!     half of L2;
 //!   - none exceeds the problem (kc <= k; nc <= p rounded up to nr).
 //! - "direct": grouped convolutions that are not depthwise (few channels per group
-//!   make a GEMM per group too thin to fill a register tile). Tiles: `oc` (output
+//!   make a GEMM per group too thin to fill a register tile), and convolutions with at
+//!   most `SMALL_CONV_MACS_PER_POSITION` multiply-adds per output position. Tiles: `oc` (output
 //!   channels, nr) and `ow` (output positions, mr), the register block of a direct
 //!   kernel.
 //!
@@ -76,7 +77,7 @@ pub fn conv_schedule(conv: &ConvShape, target: &TargetDesc) -> Schedule {
     let (mr, nr, vw) = (target.gemm_mr, target.gemm_nr, target.vector_width);
     let (kernel, tiles) = if conv.groups > 1 && conv.groups == conv.in_channels && conv.groups == conv.out_channels {
         ("depthwise", vec![("c".to_string(), vw), ("ow".to_string(), (mr * nr / vw).max(1))])
-    } else if conv.groups == 1 {
+    } else if conv.groups == 1 && conv.reduction * conv.out_channels > SMALL_CONV_MACS_PER_POSITION {
         let (kc, nc) = gemm_blocking(conv.reduction, conv.positions, target);
         let tiles = [("mr", mr), ("nr", nr), ("kc", kc), ("nc", nc)];
         ("gemm", tiles.into_iter().map(|(n, v)| (n.to_string(), v)).collect())
@@ -85,6 +86,13 @@ pub fn conv_schedule(conv: &ConvShape, target: &TargetDesc) -> Schedule {
     };
     Schedule { vector_width: vw as u32, tiles, kernel: kernel.to_string(), ..Default::default() }
 }
+
+/// Multiply-adds per output position (C_in·kh·kw·C_out) at or below which a convolution
+/// runs on the direct kernel: the GEMM path packs K values per position (im2col) and pays
+/// a fixed cost per register tile, which a reduction this short does not amortise.
+/// Measured on LeNet-5's first conv (K = 25, C_out = 6, 28x28): direct ~0.03 ms, GEMM
+/// ~0.05 ms per image (`cnnc bench`, same run).
+pub const SMALL_CONV_MACS_PER_POSITION: usize = 256;
 
 /// (kc, nc) for a GEMM with reduction depth `k` over `positions` columns.
 fn gemm_blocking(k: usize, positions: usize, target: &TargetDesc) -> (usize, usize) {
@@ -148,6 +156,16 @@ mod tests {
         let s = conv_schedule(&conv, &avx2());
         assert_eq!(s.tiles[2], ("kc".to_string(), 27));
         assert_eq!(s.tiles[3].1 % 16, 0);
+    }
+
+    #[test]
+    fn tiny_convs_stay_direct() {
+        // LeNet-5's first conv: 1 -> 6 channels, 5x5.
+        let lenet = ConvShape { in_channels: 1, out_channels: 6, groups: 1, reduction: 25, positions: 784 };
+        assert_eq!(conv_schedule(&lenet, &avx2()).kernel, "direct");
+        // Its second (6 -> 16, 5x5: 2400 multiply-adds per position) is a GEMM.
+        let second = ConvShape { in_channels: 6, out_channels: 16, groups: 1, reduction: 150, positions: 100 };
+        assert_eq!(conv_schedule(&second, &avx2()).kernel, "gemm");
     }
 
     #[test]
