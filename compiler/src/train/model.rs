@@ -315,9 +315,11 @@ fn batch_statistics(graph: &mut Graph, x: ValueId) -> Result<(ValueId, ValueId),
     let mean = graph.push1("bn_stats.mean", Op::Reduce { kind: ReduceKind::Mean, axes: axes.clone() }, &[x])?;
     let centered = graph.push1("bn_stats.centered", Op::Binary(BinaryFn::Sub), &[x, mean])?;
     let squared = graph.push1("bn_stats.squared", Op::Binary(BinaryFn::Mul), &[centered, centered])?;
-    let total = graph.push1("bn_stats.total", Op::Reduce { kind: ReduceKind::Sum, axes }, &[squared])?;
-    let bessel = 1.0 / count.saturating_sub(1).max(1) as f32;
-    let var = graph.push1("bn_stats.var", Op::Unary(UnaryFn::Affine { scale: bessel, shift: 0.0 }), &[total])?;
+    // The same nodes as the frontend's normalisation (mean, centred, squared, biased
+    // variance), which common-subexpression elimination then shares with the forward pass.
+    let biased = graph.push1("bn_stats.biased_var", Op::Reduce { kind: ReduceKind::Mean, axes }, &[squared])?;
+    let bessel = (count as f64 / count.saturating_sub(1).max(1) as f64) as f32;
+    let var = graph.push1("bn_stats.var", Op::Unary(UnaryFn::Affine { scale: bessel, shift: 0.0 }), &[biased])?;
     let channels = TensorType::f32(vec![shape[1]]);
     let mean = graph.push_typed("bn_stats.mean_c", Op::Reshape, &[mean], channels.clone())?;
     let var = graph.push_typed("bn_stats.var_c", Op::Reshape, &[var], channels)?;

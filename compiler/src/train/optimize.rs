@@ -24,11 +24,65 @@ use crate::passes::{self, Pass, PassContext, PassError};
 pub fn training_pipeline() -> Vec<Pass> {
     vec![
         passes::fold_constants::PASS,
+        SHARE_COMMON_SUBEXPRESSIONS,
         passes::merge_reshapes::PASS,
         passes::fuse_epilogue::PASS,
         passes::choose_schedule::PASS,
         passes::eliminate_dead_code::PASS,
     ]
+}
+
+/// The training graph computes some values twice: the running statistics' batch mean and
+/// variance repeat the forward normalisation's nodes (`model.rs` builds them apart from the
+/// frontend's lowering), and gradient rules rebuild transposes and masks of one value.
+pub const SHARE_COMMON_SUBEXPRESSIONS: Pass = Pass {
+    name: "share-common-subexpressions",
+    summary: "a node identical to an earlier one (op, inputs, epilogue, types) reads the earlier one's outputs",
+    run: share_common_subexpressions,
+};
+
+/// Nodes whose outputs are graph outputs stay (their values carry the interface's names);
+/// the duplicates left without readers go in dead-code elimination.
+fn share_common_subexpressions(g: &mut Graph, _: &PassContext) -> Result<(), String> {
+    use std::collections::HashMap;
+    let is_output: Vec<bool> = {
+        let mut v = vec![false; g.values.len()];
+        for &o in &g.outputs {
+            v[o.index()] = true;
+        }
+        v
+    };
+    let mut renamed: Vec<cnnc_ir::ValueId> = (0..g.values.len()).map(|i| cnnc_ir::ValueId(i as u32)).collect();
+    let mut seen: HashMap<String, Vec<cnnc_ir::ValueId>> = HashMap::new();
+    for i in 0..g.nodes.len() {
+        for k in 0..g.nodes[i].inputs.len() {
+            let v = g.nodes[i].inputs[k];
+            g.nodes[i].inputs[k] = renamed[v.index()];
+        }
+        let node = &g.nodes[i];
+        if matches!(node.op, cnnc_ir::Op::Constant(_)) || node.outputs.is_empty() {
+            continue;
+        }
+        // Debug text is exact for the attributes (floats print round-trippably, -0 and NaN
+        // distinctly), and node names are left out on purpose.
+        let types: Vec<&cnnc_ir::TensorType> = node.outputs.iter().map(|&o| g.ty(o)).collect();
+        let key = format!("{:?}|{:?}|{:?}|{:?}|{:?}", node.op, node.inputs, node.epilogue, node.schedule, types);
+        match seen.get(&key) {
+            Some(earlier) if !node.outputs.iter().any(|o| is_output[o.index()]) => {
+                for (&o, &e) in node.outputs.iter().zip(earlier) {
+                    renamed[o.index()] = e;
+                }
+            }
+            Some(_) => {}
+            None => {
+                seen.insert(key, node.outputs.clone());
+            }
+        }
+    }
+    for o in &mut g.outputs {
+        *o = renamed[o.index()];
+    }
+    Ok(())
 }
 
 /// Runs `training_pipeline` on `g` (a fused training step) for the host-independent

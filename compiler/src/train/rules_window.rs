@@ -30,7 +30,11 @@ pub fn grad_conv(b: &mut Builder, geometry: &ConvGeometry, node: &Node, gy: Valu
         });
     }
     if needs[1] {
-        grads[1] = Some(match pointwise_weight_gradient(b, geometry, x, gy, &x_shape, &w_shape, &y_shape)? {
+        let fast = match pointwise_weight_gradient(b, geometry, x, gy, &x_shape, &w_shape, &y_shape)? {
+            Some(dw) => Some(dw),
+            None => tap_weight_gradient(b, geometry, x, gy, &x_shape, &w_shape, &y_shape)?,
+        };
+        grads[1] = Some(match fast {
             Some(dw) => dw,
             None => conv_weight_gradient(b, geometry, x, gy, &x_shape, &w_shape, &y_shape)?,
         });
@@ -139,27 +143,121 @@ fn pointwise_weight_gradient(
         let dtype = b.g.ty(x).dtype;
         b.push_typed(Op::Slice { starts: vec![0; rank], steps }, &[x], TensorType::new(dtype, shape))?
     };
-    // [N, ch, P] -> [ch, N·P]
-    let rows = |b: &mut Builder, v: ValueId, ch: usize| -> Result<ValueId, String> {
-        let v = b.reshape(v, &[batch, ch, positions])?;
-        let v = b.transpose(v, vec![1, 0, 2])?;
-        b.reshape(v, &[ch, batch * positions])
-    };
-    // [N, ch, P] -> [N·P, ch]
-    let columns = |b: &mut Builder, v: ValueId, ch: usize| -> Result<ValueId, String> {
-        let v = b.reshape(v, &[batch, ch, positions])?;
-        let v = b.transpose(v, vec![0, 2, 1])?;
-        b.reshape(v, &[batch * positions, ch])
-    };
+    // [N, ch, *out] -> [ch, N, *out], read as [ch, N·P]
+    let rows = |b: &mut Builder, v: ValueId| b.transpose(v, channels_first(rank));
+    // [N, ch, *out] -> [N, *out, ch], read as [N·P, ch]
+    let columns = |b: &mut Builder, v: ValueId| b.transpose(v, channels_last(rank));
+    let reduction = batch * positions;
     let dw = if channels <= outputs {
-        let (a, bt) = (rows(b, gy, outputs)?, columns(b, x, channels)?);
-        b.push(Op::MatMul, &[a, bt])?
+        let (a, bt) = (rows(b, gy)?, columns(b, x)?);
+        matrix_product(b, a, bt, outputs, reduction, channels)?
     } else {
-        let (a, bt) = (rows(b, x, channels)?, columns(b, gy, outputs)?);
-        let product = b.push(Op::MatMul, &[a, bt])?;
+        let (a, bt) = (rows(b, x)?, columns(b, gy)?);
+        let product = matrix_product(b, a, bt, channels, reduction, outputs)?;
         b.transpose(product, vec![1, 0])?
     };
     b.reshape(dw, w_shape).map(Some)
+}
+
+/// The product [rows, depth] x [depth, columns] of `a` and `bt` (any shapes holding those
+/// elements in that order), on MatMul. (A 1x1 convolution on the GEMM microkernel measured
+/// no faster here: its run-time packing of `a`, up to tens of MB for stacked taps, costs
+/// about what the bigger register tile saves.)
+fn matrix_product(b: &mut Builder, a: ValueId, bt: ValueId, rows: usize, depth: usize, columns: usize) -> Result<ValueId, String> {
+    let a = b.reshape(a, &[rows, depth])?;
+    let bt = b.reshape(bt, &[depth, columns])?;
+    b.push(Op::MatMul, &[a, bt])
+}
+
+/// [N, C, *s] -> [C, N, *s]
+fn channels_first(rank: usize) -> Vec<usize> {
+    let mut perm = vec![1, 0];
+    perm.extend(2..rank);
+    perm
+}
+
+/// [N, C, *s] -> [N, *s, C]
+fn channels_last(rank: usize) -> Vec<usize> {
+    let mut perm = vec![0];
+    perm.extend(2..rank);
+    perm.push(1);
+    perm
+}
+
+/// Above this many bytes of tap-stacked input (kernel taps x the input read at each),
+/// `tap_weight_gradient` leaves the weight gradient to the convolution form.
+const TAP_STACK_BUDGET: usize = 64 << 20;
+
+/// The weight gradient of an ungrouped convolution as one matrix product over the batch
+/// and output positions: with x_t the input under kernel tap t at every output position
+/// ([N, C, *out], a strided slice of the zero-padded input),
+/// dWᵀ[(t, c), m] = Σ_{n,p} x_t[n, c, p]·dy[n, m, p] = rows [T·C, N·P] x dy as [N·P, M].
+/// The rows come from one transpose of the padded input to [C, N, *] and a slice per tap
+/// (whole planes move); dy is transposed once to channels-last. None for grouped
+/// convolutions or when the stacked taps exceed `TAP_STACK_BUDGET`.
+fn tap_weight_gradient(
+    b: &mut Builder,
+    geometry: &ConvGeometry,
+    x: ValueId,
+    gy: ValueId,
+    x_shape: &[usize],
+    w_shape: &[usize],
+    y_shape: &[usize],
+) -> Result<Option<ValueId>, String> {
+    let rank = x_shape.len();
+    let spatial = rank - 2;
+    let (batch, channels, outputs) = (x_shape[0], x_shape[1], y_shape[1]);
+    let out_extent = &y_shape[2..];
+    let kernel = &w_shape[2..];
+    let positions: usize = out_extent.iter().product();
+    let taps: usize = kernel.iter().product();
+    if geometry.groups != 1 || taps * channels * batch * positions * 4 > TAP_STACK_BUDGET || positions == 0 {
+        return Ok(None);
+    }
+    // Pad (or crop) x to exactly the extent the windows reach.
+    let mut begins = vec![0i64; 2];
+    let mut ends = vec![0i64; 2];
+    let mut reach_shape = vec![batch, channels];
+    for a in 0..spatial {
+        let reach = (out_extent[a] - 1) * geometry.strides[a] + (kernel[a] - 1) * geometry.dilations[a] + 1;
+        begins.push(geometry.pads_begin[a] as i64);
+        ends.push(reach as i64 - geometry.pads_begin[a] as i64 - x_shape[2 + a] as i64);
+        reach_shape.push(reach);
+    }
+    let padded = if begins.iter().chain(&ends).all(|&p| p == 0) {
+        x
+    } else {
+        let dtype = b.g.ty(x).dtype;
+        let op = Op::Pad { begins, ends, mode: PadMode::Constant(Scalar::F32(0.0)) };
+        b.push_typed(op, &[x], TensorType::new(dtype, reach_shape))?
+    };
+    let planes = b.transpose(padded, channels_first(rank))?;
+    let tap_strides = cnnc_ir::strides(kernel);
+    let mut tap_shape = vec![channels, batch];
+    tap_shape.extend(out_extent);
+    let mut pieces = Vec::with_capacity(taps);
+    for t in 0..taps {
+        let mut starts = vec![0, 0];
+        let mut steps = vec![1i64, 1];
+        for a in 0..spatial {
+            starts.push(((t / tap_strides[a]) % kernel[a]) * geometry.dilations[a]);
+            steps.push(geometry.strides[a] as i64);
+        }
+        let identity = starts.iter().all(|&s| s == 0) && steps.iter().all(|&s| s == 1) && b.shape(planes) == tap_shape;
+        pieces.push(if identity {
+            planes
+        } else {
+            let ty = TensorType::new(b.g.ty(planes).dtype, tap_shape.clone());
+            b.push_typed(Op::Slice { starts, steps }, &[planes], ty)?
+        });
+    }
+    let stacked = if pieces.len() == 1 { pieces[0] } else { b.push(Op::Concat { axis: 0 }, &pieces)? };
+    let dy = b.transpose(gy, channels_last(rank))?;
+    let product = matrix_product(b, stacked, dy, taps * channels, batch * positions, outputs)?;
+    // [T·C, M] -> [T, C, M] -> [M, C, T] -> [M, C, *k]
+    let product = b.reshape(product, &[taps, channels, outputs])?;
+    let product = b.transpose(product, vec![2, 1, 0])?;
+    b.reshape(product, w_shape).map(Some)
 }
 
 /// Σ over the batch of `x` correlated with `gy` at every kernel tap, as a kernel-shaped
