@@ -167,19 +167,6 @@ fn constant_b(g: &Graph, node: &Node) -> bool {
     }
 }
 
-/// Whether the compiled code may use `fma` (a libcall on x86 without the FMA flag).
-fn target_has_fma<M: Module>(module: &M) -> bool {
-    match module.isa().triple().architecture {
-        target_lexicon::Architecture::Aarch64(_) => true,
-        target_lexicon::Architecture::X86_64 => module
-            .isa()
-            .isa_flags()
-            .iter()
-            .any(|f| f.name == "has_fma" && f.as_bool() == Some(true)),
-        _ => false,
-    }
-}
-
 /// Defines the packed B, the task and the node's kernel; returns the kernel (module
 /// node-kernel signature `kernel_sig`). The buffers are the node's inputs then its
 /// output.
@@ -198,7 +185,7 @@ pub fn define_node<M: Module>(
     let weights = super::conv_gemm::constant_weights(g, node)
         .ok_or_else(|| CodegenError(format!("{what}: B is not a constant")))?;
     let packed = crate::module::define_bytes(module, &format!("cnnc_panels{node_index}"), plan.pack(&weights))?;
-    let fma = target_has_fma(module);
+    let fma = crate::math::isa_has_fma(module.isa());
 
     let task_name = format!("cnnc_k{node_index}_matmul_task");
     let task_sig = parallel::task_signature(module);

@@ -151,6 +151,9 @@ pub fn collapse(shape: &[usize], strides: &[Vec<i64>]) -> (Vec<usize>, Vec<Vec<i
     (dims, out)
 }
 
+/// f32x4 vectors per iteration of the vectorised loop.
+const VECTOR_UNROLL: usize = 4;
+
 struct MapPlan<'p> {
     dims: &'p [usize],
     byte_strides: &'p [Vec<i64>],
@@ -189,28 +192,42 @@ impl MapPlan<'_> {
                     splats[k] = Some(b.ins().splat(F32X4, s));
                 }
             }
-            for_count(b, vector_chunks, |b, c| {
-                let byte = b.ins().imul_imm_s(c, 16);
-                let mut lanes = Vec::with_capacity(self.operands.len());
-                for (k, o) in self.operands.iter().enumerate() {
-                    lanes.push(match splats[k] {
-                        Some(v) => v,
-                        None => {
-                            let addr = b.ins().iadd(bases[k + 1], byte);
-                            b.ins().load(F32X4, o.flags, addr, 0)
+            // `count` vectors from vector `first` on, each loop iteration doing `unroll`
+            // of them: Cranelift rematerialises constants in every block that uses them,
+            // so the element function's constants (a dozen per exp) are loaded once per
+            // iteration; more vectors per iteration share them and give the core
+            // independent chains to overlap.
+            let mut vector_loop = |b: &mut FunctionBuilder, first: usize, count: usize, unroll: usize| {
+                for_count(b, count, |b, c| {
+                    let block_byte = b.ins().imul_imm_s(c, 16 * unroll as i64);
+                    let block_byte = b.ins().iadd_imm_s(block_byte, 16 * first as i64);
+                    for u in 0..unroll {
+                        let byte = b.ins().iadd_imm_s(block_byte, 16 * u as i64);
+                        let mut lanes = Vec::with_capacity(self.operands.len());
+                        for (k, o) in self.operands.iter().enumerate() {
+                            lanes.push(match splats[k] {
+                                Some(v) => v,
+                                None => {
+                                    let addr = b.ins().iadd(bases[k + 1], byte);
+                                    b.ins().load(F32X4, o.flags, addr, 0)
+                                }
+                            });
                         }
-                    });
-                }
-                match f(b, &lanes) {
-                    Ok(v) => {
-                        let addr = b.ins().iadd(bases[0], byte);
-                        b.ins().store(rw_flags(), v, addr, 0);
+                        match f(b, &lanes) {
+                            Ok(v) => {
+                                let addr = b.ins().iadd(bases[0], byte);
+                                b.ins().store(rw_flags(), v, addr, 0);
+                            }
+                            Err(e) => {
+                                err.get_or_insert(e);
+                            }
+                        }
                     }
-                    Err(e) => {
-                        err.get_or_insert(e);
-                    }
-                }
-            });
+                });
+            };
+            let blocks = vector_chunks / VECTOR_UNROLL;
+            vector_loop(b, 0, blocks, VECTOR_UNROLL);
+            vector_loop(b, blocks * VECTOR_UNROLL, vector_chunks % VECTOR_UNROLL, 1);
         }
         let done = vector_chunks * 4;
         if done == n {
