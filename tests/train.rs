@@ -1502,3 +1502,122 @@ int main(void) {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && stdout.ends_with("OK\n"), "status {:?}:\n{stdout}", out.status.code());
 }
+
+/// A random small convnet: conv (random channels, kernel, stride, padding) -> optional
+/// BatchNormalization in training mode -> ReLU -> global average pool -> flatten -> Gemm.
+#[derive(Clone, Debug)]
+struct SplitCase {
+    batch: usize,
+    in_channels: usize,
+    channels: usize,
+    side: usize,
+    kernel: usize,
+    stride: usize,
+    pad: usize,
+    classes: usize,
+    batch_norm: bool,
+    adam: bool,
+    freeze_conv: bool,
+}
+
+fn split_case() -> impl Strategy<Value = SplitCase> {
+    (
+        (1usize..=4, 1usize..=3, 1usize..=6, 3usize..=7),
+        (1usize..=3, 1usize..=2, 0usize..=1, 2usize..=5),
+        (any::<bool>(), any::<bool>(), any::<bool>()),
+    )
+        .prop_filter("the kernel fits the padded input", |((_, _, _, side), (kernel, _, pad, _), _)| kernel <= &(side + 2 * pad))
+        .prop_map(|((batch, in_channels, channels, side), (kernel, stride, pad, classes), (batch_norm, adam, freeze_conv))| {
+            SplitCase { batch, in_channels, channels, side, kernel, stride, pad, classes, batch_norm, adam, freeze_conv }
+        })
+}
+
+fn split_case_model(c: &SplitCase, dir: &std::path::Path, seed: u64) -> std::path::PathBuf {
+    let mut rng = Rng::new(seed);
+    let mut m = ModelBuilder::new("split", 17);
+    m.input("input", DType::F32, &[c.batch, c.in_channels, c.side, c.side])
+        .initializer("conv.weight", &rng.tensor(&[c.channels, c.in_channels, c.kernel, c.kernel]))
+        .initializer("conv.bias", &rng.tensor(&[c.channels]))
+        .initializer("fc.weight", &rng.tensor(&[c.classes, c.channels]))
+        .initializer("fc.bias", &rng.tensor(&[c.classes]))
+        .node(
+            "Conv",
+            &["input", "conv.weight", "conv.bias"],
+            &["c"],
+            vec![
+                attr::ints("kernel_shape", &[c.kernel as i64; 2]),
+                attr::ints("strides", &[c.stride as i64; 2]),
+                attr::ints("pads", &[c.pad as i64; 4]),
+            ],
+        );
+    let activated_input = if c.batch_norm {
+        let ones = Tensor::f32([c.channels], vec![1.0; c.channels]);
+        m.initializer("bn.weight", &rng.tensor(&[c.channels]))
+            .initializer("bn.bias", &rng.tensor(&[c.channels]))
+            .initializer("bn.running_mean", &rng.tensor(&[c.channels]))
+            .initializer("bn.running_var", &ones)
+            .node(
+                "BatchNormalization",
+                &["c", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"],
+                &["n"],
+                vec![attr::int("training_mode", 1), attr::float("momentum", 0.8)],
+            );
+        "n"
+    } else {
+        "c"
+    };
+    m.node("Relu", &[activated_input], &["r"], vec![])
+        .node("GlobalAveragePool", &["r"], &["p"], vec![])
+        .node("Flatten", &["p"], &["f"], vec![attr::int("axis", 1)])
+        .node("Gemm", &["f", "fc.weight", "fc.bias"], &["logits"], vec![attr::int("transB", 1)])
+        .output("logits", DType::F32, &[c.batch, c.classes]);
+    let path = dir.join("split.onnx");
+    m.write(&path).unwrap();
+    path
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 8, ..ProptestConfig::default() })]
+
+    /// Over random convnets, optimizers and frozen parameters: compute_gradients +
+    /// apply_update equals train_step bit for bit (loss, gradients, parameters, optimizer
+    /// buffers, running statistics), and compute_gradients leaves the parameters alone.
+    /// (The gradients against the interpreter: the tests above; here a BatchNorm over one
+    /// element makes the conv bias gradient pure rounding noise.)
+    #[test]
+    fn two_halves_equal_the_whole_step_on_random_convnets(case in split_case(), seed in any::<u64>()) {
+        use cnnc::train::compiled::{Trainer, compile_fused_step};
+        use cnnc::train::{Adam, HyperValues, Sgd, TrainOptions, fused_train_step, load_training_graph_with};
+        let dir = common::scratch(&format!("train-split-{seed:x}"));
+        let model = split_case_model(&case, &dir, seed);
+        let freeze = if case.freeze_conv { vec!["conv.*".to_string()] } else { vec![] };
+        let tg = load_training_graph_with(&model, &TrainOptions { freeze }).unwrap();
+        let optimizer: cnnc::train::Optimizer = if case.adam {
+            Adam { lr: 0.01, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.05 }.into()
+        } else {
+            Sgd { lr: 0.1, momentum: 0.9, weight_decay: 0.01 }.into()
+        };
+        let fused = fused_train_step(&tg, optimizer.into()).unwrap();
+        let so = dir.join("split.so");
+        compile_fused_step(&fused, &cnnc_codegen::TargetSpec::host(), &so).unwrap();
+        let mut whole = Trainer::load(&so, &fused.initial_state(), 1).unwrap();
+        let mut halves = Trainer::load(&so, &fused.initial_state(), 1).unwrap();
+        let mut rng = Rng::new(seed ^ 0xABCD);
+        let x = rng.tensor(&[case.batch, case.in_channels, case.side, case.side]);
+        let labels = Tensor::new(vec![case.batch], TensorData::I64((0..case.batch).map(|i| (i % case.classes) as i64).collect()));
+        for step in 1..=2u64 {
+            let before: Vec<Tensor> = tg.params.iter().map(|p| halves.get(&p.name).unwrap()).collect();
+            let hyper = HyperValues::from_optimizer(optimizer, step);
+            let loss_whole = whole.step(std::slice::from_ref(&x), &labels, &hyper).unwrap();
+            let loss_halves = halves.compute_gradients(std::slice::from_ref(&x), &labels).unwrap();
+            prop_assert_eq!(loss_whole.to_bits(), loss_halves.to_bits(), "step {} loss", step);
+            for (p, before) in tg.params.iter().zip(&before) {
+                prop_assert_eq!(&halves.get(&p.name).unwrap(), before, "step {}: compute_gradients changed {}", step, &p.name);
+            }
+            halves.apply_update(&hyper).unwrap();
+            for t in &whole.session.info().state_tensors {
+                prop_assert_eq!(halves.get(&t.name), whole.get(&t.name), "step {}: {} differs", step, t.name);
+            }
+        }
+    }
+}
