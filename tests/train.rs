@@ -1621,3 +1621,26 @@ proptest! {
         }
     }
 }
+
+/// Ungrouped stride-1 convolutions wide enough (16 input channels) for the input gradient
+/// to take the flipped-weight convolution form; padded, dilated and asymmetric.
+#[test]
+fn wide_unit_stride_conv_gradients() {
+    for (seed, kernel, dilation, pads) in
+        [(21u64, [3usize, 3usize], [1usize, 1usize], [1usize, 1, 1, 1]), (22, [3, 2], [2, 1], [2, 0, 1, 1]), (23, [1, 3], [1, 1], [0, 2, 0, 0])]
+    {
+        let case = ConvCase {
+            batch: 1,
+            groups: 1,
+            group_in: 16,
+            group_out: 2,
+            size: [4, 5],
+            kernel,
+            stride: [1, 1],
+            dilation,
+            pads,
+            bias: seed % 2 == 0,
+        };
+        assert_gradients(conv_problem(&case, seed), seed);
+    }
+}
