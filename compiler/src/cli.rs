@@ -381,11 +381,11 @@ fn dump(a: &Args) -> Result<(), Error> {
     }
     let model = a.one_positional("MODEL.onnx")?;
     let after = a.value("--after");
-    if let Some(name) = after {
-        if !pipeline.iter().any(|p| p.name == name) {
-            let names: Vec<&str> = pipeline.iter().map(|p| p.name).collect();
-            return Err(usage(&format!("no pass named `{name}` (passes: {})", names.join(", "))));
-        }
+    if let Some(name) = after
+        && !pipeline.iter().any(|p| p.name == name)
+    {
+        let names: Vec<&str> = pipeline.iter().map(|p| p.name).collect();
+        return Err(usage(&format!("no pass named `{name}` (passes: {})", names.join(", "))));
     }
     let opts = PrintOptions { elide_constant_data: !a.flag("--full") };
     let all = a.flag("--all");

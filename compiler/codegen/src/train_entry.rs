@@ -27,14 +27,17 @@
 use cnnc_ir::Graph;
 use cnnc_runtime::abi;
 use cranelift_codegen::ir::types::{F32, I32, I64};
-use cranelift_codegen::ir::{AbiParam, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, UserFuncName};
+use cranelift_codegen::ir::{
+    AbiParam, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, UserFuncName,
+};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_module::{FuncId, Linkage, Module};
 use cranelift_object::{ObjectBuilder, ObjectModule};
 
 use crate::kernels::CodegenError;
 use crate::module::{
-    CompiledInfo, ModelExtras, StateTensorDesc, compile_graph_entry, compile_graph_with_extras, define, extra_workspace_offset,
+    CompiledInfo, ModelExtras, StateTensorDesc, compile_graph_entry, compile_graph_with_extras, define,
+    extra_workspace_offset,
 };
 use crate::plan::WORKSPACE_ALIGN;
 use crate::target::TargetSpec;
@@ -92,25 +95,43 @@ fn check_signature(g: &Graph, sig: &TrainSignature) -> Result<(), CodegenError> 
         )));
     }
     if g.outputs.len() < sig.num_state + 1 {
-        return Err(CodegenError(format!("a training graph needs the new state and the loss as outputs, this one has {}", g.outputs.len())));
+        return Err(CodegenError(format!(
+            "a training graph needs the new state and the loss as outputs, this one has {}",
+            g.outputs.len()
+        )));
     }
     let grads = g.outputs.len() - sig.num_state - 1;
     if grads > sig.num_state {
-        return Err(CodegenError(format!("a training graph with {} state tensor(s) has {grads} gradients", sig.num_state)));
+        return Err(CodegenError(format!(
+            "a training graph with {} state tensor(s) has {grads} gradients",
+            sig.num_state
+        )));
     }
     for (k, (&input, &output)) in g.inputs.iter().zip(&g.outputs).take(sig.num_state).enumerate() {
         if g.ty(input) != g.ty(output) {
-            return Err(CodegenError(format!("state tensor {k}: input {} and new value {} differ in type", g.ty(input), g.ty(output))));
+            return Err(CodegenError(format!(
+                "state tensor {k}: input {} and new value {} differ in type",
+                g.ty(input),
+                g.ty(output)
+            )));
         }
     }
     for (k, (&param, &grad)) in g.inputs.iter().zip(&g.outputs[sig.num_state + 1..]).enumerate() {
         if g.ty(param) != g.ty(grad) {
-            return Err(CodegenError(format!("gradient {k}: parameter {} and gradient {} differ in type", g.ty(param), g.ty(grad))));
+            return Err(CodegenError(format!(
+                "gradient {k}: parameter {} and gradient {} differ in type",
+                g.ty(param),
+                g.ty(grad)
+            )));
         }
     }
     for &h in &g.inputs[sig.num_state + sig.num_data + 1..] {
         if *g.ty(h) != cnnc_ir::TensorType::f32(Vec::<usize>::new()) {
-            return Err(CodegenError(format!("hyper-parameter input '{}' must be an f32 scalar, is {}", g.value(h).name, g.ty(h))));
+            return Err(CodegenError(format!(
+                "hyper-parameter input '{}' must be an f32 scalar, is {}",
+                g.value(h).name,
+                g.ty(h)
+            )));
         }
     }
     Ok(())
@@ -174,7 +195,11 @@ fn entry_params(symbol: &str) -> Result<&'static [EntryParam], CodegenError> {
 }
 
 /// The fused graph's bindings (see the module doc).
-fn train_step_bindings(g: &Graph, sig: &TrainSignature, layout: &StateLayout) -> (Vec<InputBinding>, Vec<OutputBinding>) {
+fn train_step_bindings(
+    g: &Graph,
+    sig: &TrainSignature,
+    layout: &StateLayout,
+) -> (Vec<InputBinding>, Vec<OutputBinding>) {
     let state_names = || layout.tensors[..sig.num_state].iter().map(|t| t.name.clone());
     let mut inputs: Vec<InputBinding> = state_names().map(InputBinding::State).collect();
     inputs.extend((0..sig.num_data).map(InputBinding::Data));
@@ -183,7 +208,9 @@ fn train_step_bindings(g: &Graph, sig: &TrainSignature, layout: &StateLayout) ->
     let mut outputs: Vec<OutputBinding> = state_names().map(OutputBinding::State).collect();
     outputs.push(OutputBinding::Loss);
     let grads = g.outputs.len() - sig.num_state - 1;
-    outputs.extend(layout.tensors[sig.num_state..sig.num_state + grads].iter().map(|t| OutputBinding::State(t.name.clone())));
+    outputs.extend(
+        layout.tensors[sig.num_state..sig.num_state + grads].iter().map(|t| OutputBinding::State(t.name.clone())),
+    );
     (inputs, outputs)
 }
 
@@ -198,7 +225,13 @@ struct ResolvedEntry {
     shadow_bytes: usize,
 }
 
-fn resolve(symbol: &'static str, g: &Graph, inputs: &[InputBinding], outputs: &[OutputBinding], layout: &StateLayout) -> Result<ResolvedEntry, CodegenError> {
+fn resolve(
+    symbol: &'static str,
+    g: &Graph,
+    inputs: &[InputBinding],
+    outputs: &[OutputBinding],
+    layout: &StateLayout,
+) -> Result<ResolvedEntry, CodegenError> {
     let params = entry_params(symbol)?;
     let err = |msg: String| CodegenError(format!("{symbol}: {msg}"));
     if inputs.len() != g.inputs.len() || outputs.len() != g.outputs.len() {
@@ -211,10 +244,18 @@ fn resolve(symbol: &'static str, g: &Graph, inputs: &[InputBinding], outputs: &[
         )));
     }
     let find = |name: &str| {
-        layout.tensors.iter().position(|t| t.name == name).ok_or_else(|| err(format!("no state tensor '{name}' in the state layout")))
+        layout
+            .tensors
+            .iter()
+            .position(|t| t.name == name)
+            .ok_or_else(|| err(format!("no state tensor '{name}' in the state layout")))
     };
     let needs = |p: EntryParam, what: &str| {
-        if params.contains(&p) { Ok(()) } else { Err(err(format!("a graph input is bound to {what}, which this entry point does not take"))) }
+        if params.contains(&p) {
+            Ok(())
+        } else {
+            Err(err(format!("a graph input is bound to {what}, which this entry point does not take")))
+        }
     };
     let scalar = cnnc_ir::TensorType::f32(Vec::<usize>::new());
     let mut resolved_inputs = Vec::with_capacity(inputs.len());
@@ -225,7 +266,11 @@ fn resolve(symbol: &'static str, g: &Graph, inputs: &[InputBinding], outputs: &[
             InputBinding::State(name) => {
                 let k = find(name)?;
                 if layout.tensors[k].ty != *ty {
-                    return Err(err(format!("state tensor '{name}' is {}, the graph input '{}' is {ty}", layout.tensors[k].ty, g.value(v).name)));
+                    return Err(err(format!(
+                        "state tensor '{name}' is {}, the graph input '{}' is {ty}",
+                        layout.tensors[k].ty,
+                        g.value(v).name
+                    )));
                 }
                 read_state.push(k);
                 Some(k)
@@ -241,7 +286,10 @@ fn resolve(symbol: &'static str, g: &Graph, inputs: &[InputBinding], outputs: &[
             InputBinding::Hyper(k) => {
                 needs(EntryParam::Hyper, "a hyper-parameter")?;
                 if *k >= HYPER_INPUTS || *ty != scalar {
-                    return Err(err(format!("hyper-parameter input {k} ('{}', {ty}) must be one of {HYPER_INPUTS} f32 scalars", g.value(v).name)));
+                    return Err(err(format!(
+                        "hyper-parameter input {k} ('{}', {ty}) must be one of {HYPER_INPUTS} f32 scalars",
+                        g.value(v).name
+                    )));
                 }
                 None
             }
@@ -262,7 +310,10 @@ fn resolve(symbol: &'static str, g: &Graph, inputs: &[InputBinding], outputs: &[
             OutputBinding::State(name) => {
                 let k = find(name)?;
                 if layout.tensors[k].ty != *ty {
-                    return Err(err(format!("state tensor '{name}' is {}, the graph output is {ty}", layout.tensors[k].ty)));
+                    return Err(err(format!(
+                        "state tensor '{name}' is {}, the graph output is {ty}",
+                        layout.tensors[k].ty
+                    )));
                 }
                 let shadow = read_state.contains(&k);
                 resolved_outputs.push(Some((k, shadow)));
@@ -316,7 +367,11 @@ pub fn compile_train_graph<M: Module>(
 }
 
 /// `compile_train_graph` into the bytes of a PIC object file.
-pub fn compile_train_object(g: &Graph, target: &TargetSpec, sig: &TrainSignature) -> Result<(Vec<u8>, CompiledTrain), CodegenError> {
+pub fn compile_train_object(
+    g: &Graph,
+    target: &TargetSpec,
+    sig: &TrainSignature,
+) -> Result<(Vec<u8>, CompiledTrain), CodegenError> {
     compile_train_object_sharing(g, target, sig, 0)
 }
 
@@ -344,7 +399,12 @@ fn object_module(g: &Graph, target: &TargetSpec) -> Result<ObjectModule, Codegen
 /// The object of one more entry point (`entry.symbol`, exported) around its own graph,
 /// for the library of the fused graph `fused` (whose state layout it uses). Returns the
 /// object and the workspace the entry point needs.
-pub fn compile_entry_object(entry: &EntryGraph, fused: &Graph, sig: &TrainSignature, target: &TargetSpec) -> Result<(Vec<u8>, usize), CodegenError> {
+pub fn compile_entry_object(
+    entry: &EntryGraph,
+    fused: &Graph,
+    sig: &TrainSignature,
+    target: &TargetSpec,
+) -> Result<(Vec<u8>, usize), CodegenError> {
     let layout = StateLayout::of(fused, sig)?;
     let resolved = resolve(entry.symbol, &entry.graph, &entry.inputs, &entry.outputs, &layout)?;
     let mut module = object_module(&entry.graph, target)?;
@@ -397,7 +457,9 @@ fn emit_entry<M: Module>(
         signature.params.push(AbiParam::new(I64));
     }
     signature.returns.push(AbiParam::new(I32));
-    let id = module.declare_function(symbol, Linkage::Export, &signature).map_err(|e| CodegenError(format!("{symbol}: {e}")))?;
+    let id = module
+        .declare_function(symbol, Linkage::Export, &signature)
+        .map_err(|e| CodegenError(format!("{symbol}: {e}")))?;
     let mut ctx = module.make_context();
     let mut fb_ctx = FunctionBuilderContext::new();
     ctx.func.signature = signature;
@@ -415,10 +477,16 @@ fn emit_entry<M: Module>(
         let state = param(EntryParam::State).ok_or_else(|| missing(EntryParam::State))?;
         let workspace = param(EntryParam::Workspace).ok_or_else(|| missing(EntryParam::Workspace))?;
         let ptr_flags = MemFlagsData::trusted().with_readonly();
-        let in_slot =
-            b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, (8 * entry.inputs.len().max(1)) as u32, 3));
-        let out_slot =
-            b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, (8 * entry.outputs.len().max(1)) as u32, 3));
+        let in_slot = b.create_sized_stack_slot(StackSlotData::new(
+            StackSlotKind::ExplicitSlot,
+            (8 * entry.inputs.len().max(1)) as u32,
+            3,
+        ));
+        let out_slot = b.create_sized_stack_slot(StackSlotData::new(
+            StackSlotKind::ExplicitSlot,
+            (8 * entry.outputs.len().max(1)) as u32,
+            3,
+        ));
         let step_slot = b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, 4, 2));
 
         for (at, (binding, index)) in entry.inputs.iter().enumerate() {
@@ -442,7 +510,9 @@ fn emit_entry<M: Module>(
                     let hyper = param(EntryParam::Hyper).ok_or_else(|| missing(EntryParam::Hyper))?;
                     b.ins().iadd_imm_s(hyper, (4 * k) as i64)
                 }
-                (InputBinding::State(name), None) => return Err(CodegenError(format!("internal: state tensor '{name}' unresolved"))),
+                (InputBinding::State(name), None) => {
+                    return Err(CodegenError(format!("internal: state tensor '{name}' unresolved")));
+                }
             };
             b.ins().stack_store(I64, addr, in_slot, at);
         }
@@ -515,7 +585,8 @@ mod tests {
         let w = g.add_input(TensorType::f32(vec![3]), "w");
         let x = g.add_input(TensorType::f32(vec![3]), "x");
         g.add_input(TensorType::new(DType::I64, vec![1]), "labels");
-        let hyper: Vec<_> = (0..HYPER_INPUTS).map(|k| g.add_input(TensorType::f32(Vec::<usize>::new()), format!("h{k}"))).collect();
+        let hyper: Vec<_> =
+            (0..HYPER_INPUTS).map(|k| g.add_input(TensorType::f32(Vec::<usize>::new()), format!("h{k}"))).collect();
         let scaled = g.push1("scaled", Op::Binary(BinaryFn::Mul), &[hyper[0], x]).unwrap();
         let w_new = g.push1("w_new", Op::Binary(BinaryFn::Sub), &[w, scaled]).unwrap();
         let loss = g.push1("loss", Op::Reduce { kind: cnnc_ir::ReduceKind::Sum, axes: vec![0] }, &[w]).unwrap();

@@ -57,7 +57,8 @@ fn prune(
         if !read[v.index()] {
             continue;
         }
-        let binding = binding.ok_or_else(|| format!("{symbol}: the graph input '{}' has no place in the ABI", g.value(v).name))?;
+        let binding = binding
+            .ok_or_else(|| format!("{symbol}: the graph input '{}' has no place in the ABI", g.value(v).name))?;
         inputs.push(v);
         input_bindings.push(binding);
     }
@@ -77,7 +78,9 @@ pub fn gradients_graph(fused: &FusedStep) -> Result<EntryGraph, String> {
         .map(|s| (s.output, OutputBinding::State(s.name.clone())))
         .collect();
     outputs.push((fused.loss, OutputBinding::Loss));
-    outputs.extend(fused.grads.iter().zip(&fused.param_names).map(|(&g, name)| (g, OutputBinding::State(grad_slot_name(name)))));
+    outputs.extend(
+        fused.grads.iter().zip(&fused.param_names).map(|(&g, name)| (g, OutputBinding::State(grad_slot_name(name)))),
+    );
     prune(abi::SYM_COMPUTE_GRADIENTS, fused.graph.clone(), outputs, |v| input_binding(fused, v))
 }
 
@@ -102,7 +105,11 @@ pub fn update_graph(fused: &FusedStep) -> Result<EntryGraph, String> {
         .map(|s| (s.output, OutputBinding::State(s.name.clone())))
         .collect();
     prune(abi::SYM_APPLY_UPDATE, g, outputs, |v| {
-        slots.iter().find(|(slot, _)| *slot == v).map(|(_, name)| InputBinding::State(name.clone())).or_else(|| input_binding(fused, v))
+        slots
+            .iter()
+            .find(|(slot, _)| *slot == v)
+            .map(|(_, name)| InputBinding::State(name.clone()))
+            .or_else(|| input_binding(fused, v))
     })
 }
 

@@ -43,9 +43,9 @@ pub fn trained_tensors(state: &[u8], info: &ModelInfo) -> Result<Vec<(String, Te
         ));
     }
     let is_derived = |name: &str| {
-        DERIVED_SUFFIXES
-            .iter()
-            .any(|suffix| name.strip_suffix(suffix).is_some_and(|base| info.state_tensors.iter().any(|t| t.name == base)))
+        DERIVED_SUFFIXES.iter().any(|suffix| {
+            name.strip_suffix(suffix).is_some_and(|base| info.state_tensors.iter().any(|t| t.name == base))
+        })
     };
     let mut tensors = Vec::new();
     for spec in info.state_tensors.iter().filter(|t| !is_derived(&t.name)) {
@@ -75,13 +75,22 @@ pub fn replace_initializers(
         })?;
         let before = tensor_from_proto(init, base_dir).map_err(|e| format!("initializer '{name}': {e}"))?;
         if before.ty() != value.ty() {
-            return Err(format!("initializer '{name}' is {} in the model, {} in the trained state", before.ty(), value.ty()));
+            return Err(format!(
+                "initializer '{name}' is {} in the model, {} in the trained state",
+                before.ty(),
+                value.ty()
+            ));
         }
         let doc_string = std::mem::take(&mut init.doc_string);
         *init = tensor_to_proto(name, value);
         init.doc_string = doc_string;
     }
-    report.replaced = graph.initializer.iter().filter(|t| trained.iter().any(|(n, _)| *n == t.name)).map(|t| t.name.clone()).collect();
+    report.replaced = graph
+        .initializer
+        .iter()
+        .filter(|t| trained.iter().any(|(n, _)| *n == t.name))
+        .map(|t| t.name.clone())
+        .collect();
     report.switched_to_inference = switch_to_inference(graph)?;
     Ok((model, report))
 }
@@ -134,15 +143,20 @@ pub fn write_trained_onnx(original: &Path, state: &[u8], info: &ModelInfo, out: 
     let bytes = std::fs::read(original).map_err(|e| format!("{}: {e}", original.display()))?;
     let model = decode_model(&bytes).map_err(|e| format!("{}: {e}", original.display()))?;
     let trained = trained_tensors(state, info)?;
-    let (model, report) =
-        replace_initializers(&model, original.parent(), &trained).map_err(|e| format!("{}: {e}", original.display()))?;
+    let (model, report) = replace_initializers(&model, original.parent(), &trained)
+        .map_err(|e| format!("{}: {e}", original.display()))?;
     std::fs::write(out, model.encode_to_vec()).map_err(|e| format!("writing {}: {e}", out.display()))?;
     Ok(report)
 }
 
 /// `write_trained_onnx` for a training library on disk and a state buffer saved as raw
 /// bytes (what `cnnc export-trained` runs).
-pub fn export_trained_files(original: &Path, train_so: &Path, state_file: &Path, out: &Path) -> Result<ExportReport, String> {
+pub fn export_trained_files(
+    original: &Path,
+    train_so: &Path,
+    state_file: &Path,
+    out: &Path,
+) -> Result<ExportReport, String> {
     let library = cnnc_runtime::Model::load(train_so).map_err(|e| e.to_string())?;
     let state = std::fs::read(state_file).map_err(|e| format!("{}: {e}", state_file.display()))?;
     let info = library.info();
@@ -193,7 +207,8 @@ mod tests {
         assert_eq!(report.replaced, ["w", "bn.running_mean"]);
         assert_eq!(report.switched_to_inference, 1);
         let graph = model.graph.as_ref().unwrap();
-        let value = |name: &str| tensor_from_proto(graph.initializer.iter().find(|t| t.name == name).unwrap(), None).unwrap();
+        let value =
+            |name: &str| tensor_from_proto(graph.initializer.iter().find(|t| t.name == name).unwrap(), None).unwrap();
         assert_eq!(value("w"), trained[0].1);
         assert_eq!(value("bn.running_mean"), trained[1].1);
         assert_eq!(value("bn.running_var"), Tensor::f32([2], vec![1.0, 1.0]));
