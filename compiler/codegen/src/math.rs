@@ -434,6 +434,19 @@ impl<'a, 'f> Fx<'a, 'f> {
         self.sel(negative, es, s)
     }
 
+    /// x·sigmoid(αx) with one division: (αx < 0 ? x·e : x) / (1 + e), e = e^−|αx|
+    /// (the sigmoid's two forms, each multiplied through by x).
+    pub fn swish(&mut self, x: Value, alpha: f32) -> Value {
+        let t = if alpha == 1.0 { x } else { self.mulc(x, alpha) };
+        let nat = self.neg_abs(t);
+        let e = self.exp_below_89(nat);
+        let d = self.addc(e, 1.0);
+        let xe = self.mul(x, e);
+        let negative = self.cmpc(FloatCC::LessThan, t, 0.0);
+        let numerator = self.sel(negative, xe, x);
+        self.div(numerator, d)
+    }
+
     pub fn tanh(&mut self, x: Value) -> Value {
         // Small |x|: odd polynomial (Cephes tanhf), no cancellation.
         let ax = self.abs(x);

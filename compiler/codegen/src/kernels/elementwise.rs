@@ -352,11 +352,7 @@ fn unary_f32(m: &mut Fx, f: UnaryFn, x: Value) -> Value {
             let t = m.minc(t, 1.0);
             m.maxc(t, 0.0)
         }
-        UnaryFn::Swish { alpha } => {
-            let t = m.mulc(x, alpha);
-            let s = m.sigmoid(t);
-            m.mul(x, s)
-        }
+        UnaryFn::Swish { alpha } => m.swish(x, alpha),
         UnaryFn::Clip { min, max } => {
             let t = m.maxc(x, min);
             m.minc(t, max)
