@@ -394,6 +394,12 @@ impl DepthwisePlan {
         self.rows.kernel * self.cols.kernel
     }
 
+    /// Whether products accumulate by fused multiply-adds (see `Sum`): when the target
+    /// has FMA (`math::fused_multiply_add`, set for the module being compiled).
+    fn fused(&self) -> bool {
+        self.taps() <= MAX_PRELOADED_TAPS && crate::math::fused_multiply_add()
+    }
+
     fn emit(&self, b: &mut FunctionBuilder, buf: &Buffers, steps: &[Step], failure: &mut Option<CodegenError>) {
         let channels = self.channels as i64;
         let taps = self.taps() as i64;
@@ -566,21 +572,74 @@ impl DepthwisePlan {
         kernel_rows: std::ops::Range<usize>,
     ) -> Vec<Value> {
         let init = self.initial_accumulator(b, ch);
-        let mut terms = vec![vec![init]; self.vectors];
+        if ch.splats.is_empty() && kernel_rows.len() > 1 {
+            let origins: Vec<i64> = (0..self.vectors).map(|v| (v * LANES * self.cols.stride) as i64).collect();
+            return self.tile_by_rows(b, ch, x, &origins, kernel_rows, init);
+        }
+        let mut sums: Vec<Sum> = (0..self.vectors).map(|_| Sum::new(init, self.fused())).collect();
         let stride = self.cols.stride;
         for ky in kernel_rows {
             let row = (ky * self.rows.dilation * self.cols.input) as i64;
             for kx in 0..self.cols.kernel {
                 let wv = self.weight(b, ch, ky, kx);
                 let tap = row + (kx * self.cols.dilation) as i64;
-                for (v, products) in terms.iter_mut().enumerate() {
+                for (v, sum) in sums.iter_mut().enumerate() {
                     let offset = bytes(tap + (v * LANES * stride) as i64);
                     let input = load_f32x4_strided(b, input_load_flags(), x, offset, stride);
-                    products.push(b.ins().fmul(input, wv));
+                    sum.add_product(b, input, wv);
                 }
             }
+            sums.iter_mut().for_each(Sum::end_row);
         }
-        terms.into_iter().map(|t| sum_tree(b, t)).collect()
+        sums.into_iter().map(|s| s.finish(b)).collect()
+    }
+
+    /// A tile for kernels whose weights do not stay in registers: a loop over the
+    /// kernel rows with the accumulators carried, so only one row's weights are live
+    /// (unrolled, Cranelift would hoist every tap's splat to the channel and spill them).
+    /// `origins`: per vector, the input column of its first lane's window, relative to
+    /// `x`; every lane must read inside the row.
+    fn tile_by_rows(
+        &self,
+        b: &mut FunctionBuilder,
+        ch: &ChannelData,
+        x: Value,
+        origins: &[i64],
+        kernel_rows: std::ops::Range<usize>,
+        init: Value,
+    ) -> Vec<Value> {
+        let row_pitch = bytes((self.rows.dilation * self.cols.input) as i64);
+        let kw = self.cols.kernel;
+        let stride = self.cols.stride;
+        let mut carried = vec![
+            offset_ptr(b, x, kernel_rows.start as i64 * row_pitch),
+            offset_ptr(b, ch.w, bytes((kernel_rows.start * kw) as i64)),
+        ];
+        carried.extend(std::iter::repeat_n(init, origins.len()));
+        let done = counted_loop(b, kernel_rows.len(), carried, |b, _, c| {
+            let (x_row, w_row) = (c[0], c[1]);
+            let weights: Vec<Value> = (0..kw)
+                .map(|kx| {
+                    let v = load(b, F32, ch.w_flags, w_row, bytes(kx as i64));
+                    b.ins().splat(F32X4, v)
+                })
+                .collect();
+            let mut next = vec![
+                b.ins().iadd_imm_s(x_row, row_pitch),
+                b.ins().iadd_imm_s(w_row, bytes(kw as i64)),
+            ];
+            for (&origin, &acc) in origins.iter().zip(&c[2..]) {
+                let mut sum = Sum::new(acc, false);
+                for (kx, &wv) in weights.iter().enumerate() {
+                    let offset = bytes((kx * self.cols.dilation) as i64 + origin);
+                    let input = load_f32x4_strided(b, input_load_flags(), x_row, offset, stride);
+                    sum.add_product(b, input, wv);
+                }
+                next.push(sum.finish(b));
+            }
+            next
+        });
+        done[2..].to_vec()
     }
 
     /// Accumulators for the vectors at output columns `starts` of the row at `x_row`,
@@ -594,7 +653,14 @@ impl DepthwisePlan {
         kernel_rows: std::ops::Range<usize>,
     ) -> Vec<Value> {
         let init = self.initial_accumulator(b, ch);
-        let mut terms = vec![vec![init]; starts.len()];
+        let inside = starts.iter().all(|&q| {
+            (0..LANES).all(|e| (0..self.cols.kernel).all(|kx| matches!(self.lane(q + e, kx), Lane::Load(_))))
+        });
+        if inside && ch.splats.is_empty() && kernel_rows.len() > 1 {
+            let origins: Vec<i64> = starts.iter().map(|&q| self.cols.origin(q)).collect();
+            return self.tile_by_rows(b, ch, x_row, &origins, kernel_rows, init);
+        }
+        let mut sums: Vec<Sum> = starts.iter().map(|_| Sum::new(init, self.fused())).collect();
         for ky in kernel_rows {
             let row = offset_ptr(b, x_row, bytes((ky * self.rows.dilation * self.cols.input) as i64));
             for kx in 0..self.cols.kernel {
@@ -609,14 +675,15 @@ impl DepthwisePlan {
                     continue;
                 }
                 let wv = self.weight(b, ch, ky, kx);
-                for (products, input) in terms.iter_mut().zip(inputs) {
+                for (sum, input) in sums.iter_mut().zip(inputs) {
                     if let Some(input) = input {
-                        products.push(b.ins().fmul(input, wv));
+                        sum.add_product(b, input, wv);
                     }
                 }
             }
+            sums.iter_mut().for_each(Sum::end_row);
         }
-        terms.into_iter().map(|t| sum_tree(b, t)).collect()
+        sums.into_iter().map(|s| s.finish(b)).collect()
     }
 
     /// What output column `q` reads for kernel column `kx`.
@@ -685,6 +752,48 @@ impl DepthwisePlan {
             v = b.ins().insertlane(v, s, e as u8);
         }
         Some(v)
+    }
+}
+
+/// One accumulator's sum of products. By default every product is a term of one
+/// balanced tree (`sum_tree`); with `fused` each kernel row is one chain of fused
+/// multiply-adds and the rows' chains are the tree's terms: half the instructions,
+/// chains no longer than a kernel row. Measured faster for 3x3 kernels, slower for
+/// 5x5 (x86 `vfmadd213ps` ties its result to an operand: a copy per tap, and longer
+/// latency chains), so `DepthwisePlan::fused` allows it up to `MAX_PRELOADED_TAPS`.
+struct Sum {
+    terms: Vec<Value>,
+    row: Option<Value>,
+    fused: bool,
+}
+
+impl Sum {
+    fn new(init: Value, fused: bool) -> Sum {
+        Sum {
+            terms: vec![init],
+            row: None,
+            fused,
+        }
+    }
+
+    fn add_product(&mut self, b: &mut FunctionBuilder, x: Value, w: Value) {
+        if !self.fused {
+            self.terms.push(b.ins().fmul(x, w));
+            return;
+        }
+        self.row = Some(match self.row {
+            None => b.ins().fmul(x, w),
+            Some(acc) => b.ins().fma(x, w, acc),
+        });
+    }
+
+    fn end_row(&mut self) {
+        self.terms.extend(self.row.take());
+    }
+
+    fn finish(mut self, b: &mut FunctionBuilder) -> Value {
+        self.end_row();
+        sum_tree(b, self.terms)
     }
 }
 
