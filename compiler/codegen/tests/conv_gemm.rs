@@ -740,3 +740,59 @@ proptest! {
         check_all(&got, &want).map_err(TestCaseError::fail)?;
     }
 }
+
+/// Weight-gradient convolutions as training graphs make them: the activations as run-time
+/// weights, a kernel nearly as large as the input (hundreds of taps), a few output
+/// positions (the original kernel's taps), batch and channel counts on and off the
+/// panel widths.
+fn weight_gradient_problem() -> impl Strategy<Value = ConvProblem> {
+    (
+        (1usize..=4, 1usize..=9, 1usize..=40),
+        (4usize..=14, 4usize..=14),
+        (1usize..=3, 0usize..=1),
+        any::<u64>(),
+    )
+        .prop_map(
+            |((batch, in_per_group, out_per_group), (h, w), (k, pad), seed)| ConvProblem {
+                batch,
+                groups: 1,
+                in_per_group,
+                out_per_group,
+                input: vec![h, w],
+                kernel: vec![h + 2 * pad - k + 1, w + 2 * pad - k + 1],
+                strides: vec![1, 1],
+                dilations: vec![1, 1],
+                pads_begin: vec![pad, pad],
+                pads_end: vec![pad, pad],
+                bias: false,
+                steps: vec![],
+                blocking: None,
+                family: "gemm",
+                runtime_weights: true,
+                seed,
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(32), ..ProptestConfig::default() })]
+
+    /// Weight-gradient shapes on the host's microkernel.
+    #[test]
+    fn weight_gradient_shapes_match_interpreter(p in weight_gradient_problem()) {
+        let (g, inputs) = p.graph();
+        let want = reference(&g, &inputs);
+        let got = host_jit(&g, &inputs).map_err(TestCaseError::fail)?;
+        check_all(&got, &want).map_err(TestCaseError::fail)?;
+    }
+
+    /// Weight-gradient shapes on the portable kernel (4x8 tiles) with two threads.
+    #[test]
+    fn weight_gradient_shapes_portable_match_interpreter(p in weight_gradient_problem()) {
+        let (g, inputs) = p.graph();
+        let want = reference(&g, &inputs);
+        let target = TargetSpec::parse(None, Some("x86-64-v2")).unwrap();
+        let got = run_shared(&g, &target, 2, &inputs).map_err(TestCaseError::fail)?;
+        check_all(&got, &want).map_err(TestCaseError::fail)?;
+    }
+}

@@ -24,7 +24,7 @@ use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Value};
 use cranelift_frontend::FunctionBuilder;
 
 use super::{below, int, repeat, scaled, unflatten};
-use crate::kernels::compute::{LANES, counted_loop, load_f32x4_strided, scalar_flags, vector_flags};
+use crate::kernels::compute::{LANES, counted_loop, load_f32x4_strided, scalar_flags, shuffle_f32x4, vector_flags};
 use crate::kernels::conv_gemm::{ConvGemmPlan, Spatial};
 
 const F32_BYTES: i64 = 4;
@@ -42,10 +42,18 @@ pub struct PackShape<'a> {
     pub width: usize,
 }
 
+/// Per position, what does not depend on the tap (hoisted out of the tap loop: with
+/// many taps and few channels, as in weight-gradient convolutions, the per-position
+/// decoding would otherwise dominate).
+struct Lane {
+    /// The position is one of the convolution's (not past the last).
+    valid: Value,
+    /// Per axis, `out · stride − pad`.
+    origin: Vec<Value>,
+}
+
 /// Per quad, what does not depend on the tap.
 struct Quad {
-    /// Flat index of the quad's first position.
-    first: Value,
     /// The four positions share one output row (so consecutive input addresses).
     one_row: Value,
     /// Per axis, `out · stride − pad` (the input coordinate of tap 0).
@@ -87,7 +95,21 @@ pub fn emit_pack_panel(
                     b.ins().iadd_imm_s(scaled_out, -(sp.pads[a] as i64))
                 })
                 .collect();
-            Quad { first, one_row, origin }
+            Quad { one_row, origin }
+        })
+        .collect();
+    let lanes: Vec<Lane> = (0..s.width)
+        .map(|lane| {
+            let position = b.ins().iadd_imm_s(p0, lane as i64);
+            let valid = below(b, position, s.positions);
+            let coords = unflatten(b, position, &sp.output);
+            let origin = (0..rank)
+                .map(|a| {
+                    let scaled_out = b.ins().imul_imm_s(coords[a], sp.strides[a] as i64);
+                    b.ins().iadd_imm_s(scaled_out, -(sp.pads[a] as i64))
+                })
+                .collect();
+            Lane { valid, origin }
         })
         .collect();
 
@@ -133,10 +155,9 @@ pub fn emit_pack_panel(
             sources.push(element_address(b, src_tap, &coords, &in_strides));
         }
         // Positions past the last whole quad go one by one.
-        for lane in quads.len() * LANES..s.width {
-            let position = b.ins().iadd_imm_s(p0, lane as i64);
+        for (lane, at) in lanes.iter().enumerate().skip(quads.len() * LANES) {
             let dst_lane = b.ins().iadd_imm_s(dst_tap, (lane * 4) as i64);
-            emit_position(b, s, position, &tap_offset, src_tap, dst_lane, count, &in_strides);
+            emit_position(b, s, at, &tap_offset, src_tap, dst_lane, count, &in_strides);
         }
         let Some(&first_regular) = regular.first() else {
             return;
@@ -169,7 +190,7 @@ pub fn emit_pack_panel(
 
         b.switch_to_block(quad_by_quad);
         b.seal_block(quad_by_quad);
-        for (q, quad) in quads.iter().enumerate() {
+        for q in 0..quads.len() {
             let fast = b.create_block();
             let slow = b.create_block();
             let quad_done = b.create_block();
@@ -191,9 +212,17 @@ pub fn emit_pack_panel(
             b.switch_to_block(slow);
             b.seal_block(slow);
             for lane in 0..LANES {
-                let position = b.ins().iadd_imm_s(quad.first, lane as i64);
                 let dst_lane = b.ins().iadd_imm_s(dst_quad, (lane * 4) as i64);
-                emit_position(b, s, position, &tap_offset, src_tap, dst_lane, count, &in_strides);
+                emit_position(
+                    b,
+                    s,
+                    &lanes[q * LANES + lane],
+                    &tap_offset,
+                    src_tap,
+                    dst_lane,
+                    count,
+                    &in_strides,
+                );
             }
             b.ins().jump(quad_done, &[]);
 
@@ -223,7 +252,7 @@ fn element_address(b: &mut FunctionBuilder, base: Value, coords: &[Value], strid
 fn emit_position(
     b: &mut FunctionBuilder,
     s: &PackShape,
-    position: Value,
+    lane: &Lane,
     tap_offset: &[Value],
     src_tap: Value,
     dst: Value,
@@ -231,12 +260,9 @@ fn emit_position(
     in_strides: &[usize],
 ) {
     let sp = s.spatial;
-    let out_coords = unflatten(b, position, &sp.output);
-    let mut inside = below(b, position, s.positions);
-    let mut coords = Vec::with_capacity(out_coords.len());
-    for (a, &o) in out_coords.iter().enumerate() {
-        let scaled_out = b.ins().imul_imm_s(o, sp.strides[a] as i64);
-        let origin = b.ins().iadd_imm_s(scaled_out, -(sp.pads[a] as i64));
+    let mut inside = lane.valid;
+    let mut coords = Vec::with_capacity(lane.origin.len());
+    for (a, &origin) in lane.origin.iter().enumerate() {
         let c = b.ins().iadd(origin, tap_offset[a]);
         let ok = below(b, c, sp.input[a]);
         inside = b.ins().band(inside, ok);
@@ -332,10 +358,14 @@ pub fn emit_pack_block(
     repeat(b, kc, &[src, dst], |b, rows| {
         repeat(b, whole, rows, |b, ptrs| {
             let values: Vec<Value> = (0..s.width / LANES)
-                .map(|q| b.ins().load(F32X4, vector_flags(), ptrs[0], (q * LANES) as i32 * F32_BYTES as i32))
+                .map(|q| {
+                    b.ins()
+                        .load(F32X4, vector_flags(), ptrs[0], (q * LANES) as i32 * F32_BYTES as i32)
+                })
                 .collect();
             for (q, v) in values.into_iter().enumerate() {
-                b.ins().store(vector_flags(), v, ptrs[1], (q * LANES) as i32 * F32_BYTES as i32);
+                b.ins()
+                    .store(vector_flags(), v, ptrs[1], (q * LANES) as i32 * F32_BYTES as i32);
             }
             vec![
                 b.ins().iadd_imm_s(ptrs[0], row_bytes),
@@ -366,8 +396,11 @@ pub fn emit_pack_block(
 /// Packs weights computed at run time, `w` in the ONNX layout `[M, C/g, *k]`, into `dst`
 /// (`ConvGemmPlan::packed_weight_bytes`) in the layout `ConvGemmPlan::pack_weights` gives
 /// constant weights: `[group][panel][kk][channel_tile]`, `kk = tap · C/g + ic`, channels
-/// past the group's last zero. Each output channel's weights are read in order (one
-/// stream) and scattered down its panel column.
+/// past the group's last zero. Source rows (one output channel, one input channel: its
+/// taps) are read in order. Whole panels of a width that is a multiple of 4 go 4 taps x
+/// 4 channels at a time (a 4x4 transpose in registers, so each store writes 4 channels
+/// of one `kk`: the scattered single-float stores otherwise dominate, as in
+/// weight-gradient convolutions with thousands of taps); other channels one by one.
 pub fn emit_pack_weights(b: &mut FunctionBuilder, plan: &ConvGemmPlan, w: Value, dst: Value) {
     let width = plan.channel_tile();
     let (channels, taps, depth) = (plan.in_channels, plan.taps, plan.depth);
@@ -376,9 +409,62 @@ pub fn emit_pack_weights(b: &mut FunctionBuilder, plan: &ConvGemmPlan, w: Value,
     let panel_bytes = depth as i64 * kk_bytes;
     let group_bytes = plan.panels() as i64 * panel_bytes;
     let tap_bytes = channels as i64 * kk_bytes;
-    counted_loop(b, plan.groups, vec![w], |b, group, carried| {
+    let row_bytes = (channels * taps) as i64 * F32_BYTES;
+    // (Immediate offsets reach `width` rows down.)
+    let offsets_fit = width as i64 * row_bytes <= i64::from(i32::MAX);
+    let vector_panels = if width.is_multiple_of(LANES) && taps >= LANES && offsets_fit {
+        out_channels / width
+    } else {
+        0
+    };
+    counted_loop(b, plan.groups, vec![], |b, group, _| {
         let group_dst = scaled(b, dst, group, group_bytes);
-        let src = counted_loop(b, out_channels, carried.to_vec(), |b, oc, carried| {
+        let group_src = scaled(b, w, group, out_channels as i64 * row_bytes);
+        counted_loop(b, vector_panels, vec![], |b, panel, _| {
+            let panel_src = scaled(b, group_src, panel, width as i64 * row_bytes);
+            let panel_dst = scaled(b, group_dst, panel, panel_bytes);
+            counted_loop(b, channels, vec![], |b, ic, _| {
+                let src = scaled(b, panel_src, ic, taps as i64 * F32_BYTES);
+                let column = scaled(b, panel_dst, ic, kk_bytes);
+                let after = counted_loop(b, taps / LANES, vec![src, column], |b, _, at| {
+                    for quad in 0..width / LANES {
+                        let rows: Vec<Value> = (0..LANES)
+                            .map(|r| {
+                                let offset = ((quad * LANES + r) as i64 * row_bytes) as i32;
+                                b.ins().load(F32X4, vector_flags(), at[0], offset)
+                            })
+                            .collect();
+                        for (t, by_channel) in transpose4(b, &rows).into_iter().enumerate() {
+                            let offset = (t as i64 * tap_bytes + (quad * LANES) as i64 * F32_BYTES) as i32;
+                            b.ins().store(vector_flags(), by_channel, at[1], offset);
+                        }
+                    }
+                    vec![
+                        b.ins().iadd_imm_s(at[0], LANES as i64 * F32_BYTES),
+                        b.ins().iadd_imm_s(at[1], LANES as i64 * tap_bytes),
+                    ]
+                });
+                // The taps past the last quad.
+                for t in 0..taps % LANES {
+                    for r in 0..width {
+                        let v = b.ins().load(
+                            F32,
+                            scalar_flags(),
+                            after[0],
+                            (r as i64 * row_bytes + t as i64 * 4) as i32,
+                        );
+                        let offset = (t as i64 * tap_bytes + r as i64 * F32_BYTES) as i32;
+                        b.ins().store(MemFlagsData::trusted(), v, after[1], offset);
+                    }
+                }
+                vec![]
+            });
+            vec![]
+        });
+        let first = vector_panels * width;
+        let src = scaled_const(b, group_src, first as i64 * row_bytes);
+        counted_loop(b, out_channels - first, vec![src], |b, index, carried| {
+            let oc = b.ins().iadd_imm_s(index, first as i64);
             let panel = b.ins().udiv_imm_u(oc, width as i64);
             let row = b.ins().urem_imm_u(oc, width as i64);
             let column = scaled(b, group_dst, panel, panel_bytes);
@@ -407,6 +493,30 @@ pub fn emit_pack_weights(b: &mut FunctionBuilder, plan: &ConvGemmPlan, w: Value,
                 vec![b.ins().iadd_imm_s(at[0], kk_bytes)]
             });
         }
-        src
+        vec![]
     });
+}
+
+/// `ptr + bytes` for a compile-time byte offset.
+fn scaled_const(b: &mut FunctionBuilder, ptr: Value, bytes: i64) -> Value {
+    if bytes == 0 {
+        ptr
+    } else {
+        b.ins().iadd_imm_s(ptr, bytes)
+    }
+}
+
+/// The 4x4 transpose of four f32x4 rows: result `t` holds lane `t` of each row, in row
+/// order.
+fn transpose4(b: &mut FunctionBuilder, rows: &[Value]) -> [Value; 4] {
+    let low_ab = shuffle_f32x4(b, rows[0], rows[1], [0, 4, 1, 5]);
+    let high_ab = shuffle_f32x4(b, rows[0], rows[1], [2, 6, 3, 7]);
+    let low_cd = shuffle_f32x4(b, rows[2], rows[3], [0, 4, 1, 5]);
+    let high_cd = shuffle_f32x4(b, rows[2], rows[3], [2, 6, 3, 7]);
+    [
+        shuffle_f32x4(b, low_ab, low_cd, [0, 1, 4, 5]),
+        shuffle_f32x4(b, low_ab, low_cd, [2, 3, 6, 7]),
+        shuffle_f32x4(b, high_ab, high_cd, [0, 1, 4, 5]),
+        shuffle_f32x4(b, high_ab, high_cd, [2, 3, 6, 7]),
+    ]
 }

@@ -56,7 +56,17 @@ pub fn emit(b: &mut FunctionBuilder, f: &TaskFrame) -> Result<(), CodegenError> 
         let rest = b.ins().isub(depth_v, k0);
         let kc_v = int(b, kc);
         let kcb = b.ins().umin(rest, kc_v);
-        emit_pack_block(b, &pack_shape, f.x_group, f.p_start, f.p_panels, k0, kcb, packed, a_panel_bytes);
+        emit_pack_block(
+            b,
+            &pack_shape,
+            f.x_group,
+            f.p_start,
+            f.p_panels,
+            k0,
+            kcb,
+            packed,
+            a_panel_bytes,
+        );
         let accumulate = b.ins().icmp_imm_s(IntCC::NotEqual, kb, 0);
         let accumulate = b.ins().uextend(I64, accumulate);
         let ldc = int(b, nr);
