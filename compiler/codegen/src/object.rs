@@ -38,7 +38,7 @@ pub fn compile_shared(g: &Graph, target: &TargetSpec, out: &Path) -> Result<Comp
         let write_err = |e: &dyn std::fmt::Display| CodegenError(format!("cannot write {}: {e}", obj_path.display()));
         let file = std::fs::File::create(&obj_path).map_err(|e| write_err(&e))?;
         product.object.write_stream(std::io::BufWriter::with_capacity(1 << 20, file)).map_err(|e| write_err(&e))?;
-        link::link_object_files(&[obj_path.clone()], out, target)
+        link::link_object_files(std::slice::from_ref(&obj_path), out, target)
     })
     .map_err(link_err)?;
     Ok(info)
