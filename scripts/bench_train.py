@@ -194,9 +194,11 @@ def main():
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r[0]} | {r[1]} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.0f} | {r[6]:.0f} | {r[7]:.1f} | {r[8]:.1f} |")
+        lines.append(f"| {r[0]} | {r[1]} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.1f} | {r[6]:.1f} | {r[7]:.1f} | {r[8]:.1f} |")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    lines += ["", f"Measured at commit {commit} on {time.strftime('%Y-%m-%d')}; other builds may have run on the same machine."]
+    load = " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    lines += ["", f"Measured at commit {commit} on {time.strftime('%Y-%m-%d')}; load average at the end {load} "
+              f"(1/5/15 min, {os.cpu_count()} cores): other jobs shared the machine, so only the ratios of one run compare."]
     print("\n".join(lines))
     if a.out:
         write_section(Path(a.out), lines)
