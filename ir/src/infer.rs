@@ -290,6 +290,14 @@ pub fn output_types(
             }
             vec![TensorType::new(d.dtype, i.shape.clone())]
         }
+        Op::RandomUniform { .. } => {
+            arity(op, inputs, 2, 2)?;
+            let (x, step) = (inputs[0], inputs[1]);
+            if step.dtype != DType::F32 || step.numel() != 1 {
+                return err(format!("random_uniform: the step must be one f32, got {step}"));
+            }
+            vec![TensorType::new(DType::F32, x.shape.clone())]
+        }
         Op::Resample { axis, lo, hi, weight_hi } => {
             arity(op, inputs, 1, 1)?;
             let x = inputs[0];

@@ -86,6 +86,12 @@ pub fn eval(
         Op::Gather { axis } => layout::gather(*axis, inputs[0], inputs[1])?,
         Op::GatherElements { axis } => layout::gather_elements(*axis, inputs[0], inputs[1])?,
         Op::Resample { axis, lo, hi, weight_hi } => layout::resample(*axis, lo, hi, weight_hi, inputs[0])?,
+        Op::RandomUniform { seed } => {
+            // f32 -> u64 saturates (NaN -> 0), as the compiled code's conversion does.
+            let step = inputs[1].data.get(0).as_f64() as f32 as u64;
+            let n = out_shape.iter().product::<usize>() as u64;
+            Tensor::f32(out_shape.clone(), (0..n).map(|i| crate::op::random_uniform(*seed, step, i)).collect())
+        }
     };
     if result.ty() != types[0] {
         return Err(format!(

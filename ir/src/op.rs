@@ -190,6 +190,22 @@ pub enum Op {
     /// (x) -> one-axis resampling: out[..i..] = x[..lo[i]..]·(1 − w[i]) + x[..hi[i]..]·w[i].
     /// Nearest-neighbour resizes have lo == hi and w == 0. Tables have the output extent.
     Resample { axis: usize, lo: Vec<usize>, hi: Vec<usize>, weight_hi: Vec<f32> },
+    /// (x, step: f32 scalar) -> f32 with x's shape: element i is
+    /// `random_uniform(seed, step as u64, i)`, a counter-based pseudo-random number in
+    /// [0, 1), the same in the interpreter and on every target. Only x's shape is read;
+    /// `step` (saturated to an integer) gives each call its own stream, as a training
+    /// step counter does (training-mode Dropout). Not differentiable.
+    RandomUniform { seed: u64 },
+}
+
+/// The number `Op::RandomUniform` draws for element `index`: SplitMix64's finaliser
+/// over the seed, step and index, its top 24 bits as a fraction (exact in f32).
+pub fn random_uniform(seed: u64, step: u64, index: u64) -> f32 {
+    let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 40) as f32 / (1u64 << 24) as f32
 }
 
 impl Op {
@@ -213,6 +229,7 @@ impl Op {
             Op::Pad { .. } => "pad",
             Op::Concat { .. } => "concat",
             Op::Broadcast => "broadcast",
+            Op::RandomUniform { .. } => "random_uniform",
             Op::Gather { .. } => "gather",
             Op::GatherElements { .. } => "gather_elements",
             Op::Resample { .. } => "resample",

@@ -500,7 +500,7 @@ impl<'a> Parser<'a> {
                 (w, at) => return fail(at, format!("expected `max` or `avg`, found `{w}`")),
             },
             "where" | "cast" | "matmul" | "conv" | "conv_transpose" | "reshape" | "transpose" | "slice" | "pad"
-            | "concat" | "broadcast" | "gather" | "gather_elements" | "resample" => Head::None,
+            | "concat" | "broadcast" | "gather" | "gather_elements" | "resample" | "random_uniform" => Head::None,
             _ => return fail(at, format!("unknown op `{mnemonic}`")),
         })
     }
@@ -540,7 +540,7 @@ impl<'a> Parser<'a> {
                 | "hi" => AttrValue::Usizes(self.list(|p| p.usize())?),
                 "steps" | "begins" | "ends" => AttrValue::I64s(self.list(|p| p.int())?),
                 "weight_hi" => AttrValue::F32s(self.list(|p| p.f32())?),
-                "groups" | "axis" => AttrValue::Usize(self.usize()?),
+                "groups" | "axis" | "seed" => AttrValue::Usize(self.usize()?),
                 "select_last_index" => AttrValue::Bool(self.bool()?),
                 "to" => AttrValue::DType(self.dtype()?),
                 "mode" => AttrValue::PadMode(self.pad_mode()?),
@@ -831,6 +831,7 @@ fn build_op(mnemonic: &str, head: Head, a: &mut Attributes) -> Result<Op, String
         ("concat", _) => Op::Concat { axis: a.usize(m, "axis")? },
         ("broadcast", _) => Op::Broadcast,
         ("gather", _) => Op::Gather { axis: a.usize(m, "axis")? },
+        ("random_uniform", _) => Op::RandomUniform { seed: a.usize(m, "seed")? as u64 },
         ("gather_elements", _) => Op::GatherElements { axis: a.usize(m, "axis")? },
         ("resample", _) => Op::Resample {
             axis: a.usize(m, "axis")?,

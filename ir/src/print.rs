@@ -251,6 +251,7 @@ fn write_attributes(out: &mut String, op: &Op) {
             attr("select_last_index", select_last_index.to_string());
         }
         Op::Transpose { perm } => attr("perm", list(perm)),
+        Op::RandomUniform { seed } => attr("seed", seed.to_string()),
         Op::Slice { starts, steps } => {
             attr("starts", list(starts));
             attr("steps", list(steps));

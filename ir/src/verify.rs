@@ -101,7 +101,7 @@ fn min_op_inputs(op: &Op) -> usize {
         | Op::Concat { .. }
         | Op::Broadcast
         | Op::Resample { .. } => 1,
-        Op::Binary(_) | Op::MatMul | Op::Conv(_) | Op::ConvTranspose(_) | Op::Gather { .. } | Op::GatherElements { .. } => 2,
+        Op::Binary(_) | Op::RandomUniform { .. } | Op::MatMul | Op::Conv(_) | Op::ConvTranspose(_) | Op::Gather { .. } | Op::GatherElements { .. } => 2,
         Op::Where => 3,
     }
 }

@@ -31,6 +31,7 @@ pub mod matmul;
 pub mod movement;
 pub mod parallel;
 pub mod pool;
+pub mod random;
 pub mod reduce;
 pub mod resample;
 
@@ -165,6 +166,7 @@ fn emit_op(k: &mut KernelCtx, tables: &[Value]) -> Result<(), CodegenError> {
         Op::Conv(_) => conv::emit(k),
         Op::ConvTranspose(_) => conv_transpose::emit(k),
         Op::Pool(_) => pool::emit(k),
+        Op::RandomUniform { .. } => random::emit(k),
         Op::Reduce { .. } => reduce::emit_reduce(k),
         Op::ArgReduce { .. } => reduce::emit_arg_reduce(k),
         Op::Reshape | Op::Transpose { .. } | Op::Slice { .. } | Op::Pad { .. } | Op::Concat { .. } | Op::Broadcast => {
