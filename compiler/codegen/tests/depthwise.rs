@@ -10,7 +10,9 @@ mod common;
 use std::path::PathBuf;
 
 use cnnc_codegen::{JitModel, TargetSpec, link_shared};
-use cnnc_ir::{BinaryFn, ConvGeometry, DType, EpilogueStep, Graph, Op, Tensor, TensorData, TensorType, UnaryFn, interp};
+use cnnc_ir::{
+    BinaryFn, ConvGeometry, DType, EpilogueStep, Graph, Op, Tensor, TensorData, TensorType, UnaryFn, interp,
+};
 use common::{Rng, cases, check_close, random_tensor};
 use proptest::prelude::*;
 
@@ -141,7 +143,10 @@ fn problem() -> impl Strategy<Value = DwProblem> {
         (1usize..=2, 1usize..=12),
         (1usize..=12, prop_oneof![1usize..=20, 60usize..=90]),
         kernel(),
-        ((1usize..=3, 1usize..=2), prop_oneof![4 => Just([1, 1]), 1 => Just([2, 2]), 1 => Just([1, 2])]),
+        (
+            (1usize..=3, 1usize..=2),
+            prop_oneof![4 => Just([1, 1]), 1 => Just([2, 2]), 1 => Just([1, 2])],
+        ),
         proptest::collection::vec(0usize..=4, 4),
         any::<bool>(),
         proptest::collection::vec(0usize..STEPS.len(), 0..=3),
@@ -309,8 +314,22 @@ fn model_layers_split_into_tasks_match_interpreter() {
     let layers = [
         (96, [28, 28], [3, 3], [2, 2], [1, 1], vec![Step::Relu6]),
         (64, [40, 40], [3, 3], [1, 1], [1, 1], vec![Step::Relu6, Step::Residual]),
-        (40, [30, 30], [5, 5], [1, 1], [2, 2], vec![Step::Swish, Step::ImageChannelScale]),
-        (24, [72, 72], [5, 5], [2, 2], [1, 2], vec![Step::Swish, Step::RowBroadcast]),
+        (
+            40,
+            [30, 30],
+            [5, 5],
+            [1, 1],
+            [2, 2],
+            vec![Step::Swish, Step::ImageChannelScale],
+        ),
+        (
+            24,
+            [72, 72],
+            [5, 5],
+            [2, 2],
+            [1, 2],
+            vec![Step::Swish, Step::RowBroadcast],
+        ),
     ];
     let host = TargetSpec::host();
     let portable = TargetSpec::parse(None, Some("x86-64-v2")).unwrap();

@@ -43,8 +43,8 @@ use cranelift_frontend::FunctionBuilder;
 
 use super::compute::window::AxisWindow;
 use super::compute::{
-    F32_BYTES, LANES, counted_loop, index_ptr, load, load_f32x4_strided, offset_ptr, scalar_flags, splat_f32,
-    store, vector_flags, weight,
+    F32_BYTES, LANES, counted_loop, index_ptr, load, load_f32x4_strided, offset_ptr, scalar_flags, splat_f32, store,
+    vector_flags, weight,
 };
 use super::elementwise::{binary_lane, check_binary, check_unary, unary_lane};
 use super::{CodegenError, KernelCtx};
@@ -208,7 +208,6 @@ enum OperandAt {
 
 /// The stack buffer of `PaddedRows`, zeroed once per call.
 struct PaddedBuffer {
-    data: cranelift_codegen::ir::StackSlot,
     /// Holds the buffer's address, reloaded after every fill (see `fill`).
     address: cranelift_codegen::ir::StackSlot,
 }
@@ -231,7 +230,7 @@ impl PaddedBuffer {
         for e in vectors * LANES..floats {
             store(b, scalar_flags(), zero_scalar, base, bytes(e as i64));
         }
-        PaddedBuffer { data, address }
+        PaddedBuffer { address }
     }
 
     /// Copies the `rows` x `width` plane at `x` into the buffer, `p.pad_left` columns
@@ -240,14 +239,13 @@ impl PaddedBuffer {
     /// an address computed after the stores is what keeps them after the copy.
     fn fill(&self, b: &mut FunctionBuilder, x: Value, rows: usize, width: usize, p: PaddedRows) -> Value {
         use cranelift_codegen::ir::types::I64;
-        let _ = self.data;
         let base = b.ins().stack_load(I64, I64, self.address, 0);
         let dst = offset_ptr(b, base, bytes(p.pad_left as i64));
         let full = width / LANES;
         counted_loop(b, rows, vec![x, dst], |b, _, c| {
             let (src, dst) = (c[0], c[1]);
             let mut offsets: Vec<usize> = (0..full).map(|v| v * LANES).collect();
-            if width % LANES != 0 && width >= LANES {
+            if !width.is_multiple_of(LANES) && width >= LANES {
                 offsets.push(width - LANES);
             }
             for &o in &offsets {
@@ -318,9 +316,14 @@ impl DepthwisePlan {
                 return None;
             }
         }
-        if [&geometry.strides, &geometry.dilations, &geometry.pads_begin, &geometry.pads_end]
-            .iter()
-            .any(|v| v.len() != 2)
+        if [
+            &geometry.strides,
+            &geometry.dilations,
+            &geometry.pads_begin,
+            &geometry.pads_end,
+        ]
+        .iter()
+        .any(|v| v.len() != 2)
         {
             return None;
         }
@@ -334,7 +337,9 @@ impl DepthwisePlan {
             pad_end: geometry.pads_end[a],
         };
         let (rows, cols) = (axis(0), axis(1));
-        if [rows, cols].iter().any(|a| a.kernel == 0 || a.stride == 0 || a.dilation == 0)
+        if [rows, cols]
+            .iter()
+            .any(|a| a.kernel == 0 || a.stride == 0 || a.dilation == 0)
             || !matches!(cols.stride, 1 | 2)
             || rows.kernel * cols.kernel > MAX_TAPS
         {
@@ -403,7 +408,9 @@ impl DepthwisePlan {
     fn emit(&self, b: &mut FunctionBuilder, buf: &Buffers, steps: &[Step], failure: &mut Option<CodegenError>) {
         let channels = self.channels as i64;
         let taps = self.taps() as i64;
-        let padded = self.padded.map(|p| (p, PaddedBuffer::new(b, self.rows.input * p.width)));
+        let padded = self
+            .padded
+            .map(|p| (p, PaddedBuffer::new(b, self.rows.input * p.width)));
         counted_loop(b, self.batch, vec![], |b, n, _| {
             let x_n = index_ptr(b, buf.x, n, bytes(channels * self.in_plane()));
             let y_n = index_ptr(b, buf.y, n, bytes(channels * self.out_plane()));
@@ -573,7 +580,9 @@ impl DepthwisePlan {
     ) -> Vec<Value> {
         let init = self.initial_accumulator(b, ch);
         if ch.splats.is_empty() && kernel_rows.len() > 1 {
-            let origins: Vec<i64> = (0..self.vectors).map(|v| (v * LANES * self.cols.stride) as i64).collect();
+            let origins: Vec<i64> = (0..self.vectors)
+                .map(|v| (v * LANES * self.cols.stride) as i64)
+                .collect();
             return self.tile_by_rows(b, ch, x, &origins, kernel_rows, init);
         }
         let mut sums: Vec<Sum> = (0..self.vectors).map(|_| Sum::new(init, self.fused())).collect();
@@ -717,7 +726,13 @@ impl DepthwisePlan {
         let all_load = loads.len() == LANES;
         if all_load && self.cols.stride <= 2 {
             // Every lane in the row: the plain (strided) load of the interior.
-            return Some(load_f32x4_strided(b, input_load_flags(), row, bytes(first), self.cols.stride));
+            return Some(load_f32x4_strided(
+                b,
+                input_load_flags(),
+                row,
+                bytes(first),
+                self.cols.stride,
+            ));
         }
         let lanes_n = LANES as i64;
         if width >= lanes_n {
@@ -743,7 +758,11 @@ impl DepthwisePlan {
                     super::compute::shuffle_f32x4(b, wa, wc, select)
                 };
                 let keep: [bool; LANES] = std::array::from_fn(|e| lanes[e] != Lane::Zero);
-                return Some(if keep.iter().all(|&k| k) { v } else { mask_lanes(b, v, keep) });
+                return Some(if keep.iter().all(|&k| k) {
+                    v
+                } else {
+                    mask_lanes(b, v, keep)
+                });
             }
         }
         let mut v = splat_f32(b, 0.0);
@@ -816,10 +835,7 @@ fn sum_tree(b: &mut FunctionBuilder, mut terms: Vec<Value>) -> Value {
 
 /// `v` with the lanes not kept set to +0.0.
 fn mask_lanes(b: &mut FunctionBuilder, v: Value, keep: [bool; LANES]) -> Value {
-    let bytes: Vec<u8> = keep
-        .iter()
-        .flat_map(|&k| [if k { 0xff } else { 0 }; 4])
-        .collect();
+    let bytes: Vec<u8> = keep.iter().flat_map(|&k| [if k { 0xff } else { 0 }; 4]).collect();
     let constant = b.func.dfg.constants.insert(bytes.into());
     let mask = b.ins().vconst(I8X16, constant);
     let flags = MemFlagsData::new().with_endianness(Endianness::Little);
@@ -912,7 +928,13 @@ fn row_pieces(cols: &AxisWindow, vectors: usize) -> Vec<RowPiece> {
         .iter()
         .find(|s| s.tap_begin == 0 && s.tap_end == cols.kernel)
         .map_or((out, out), |s| (s.start, s.start + s.count));
-    let vector_at = |p: usize| if p + LANES > out && out >= LANES { out - LANES } else { p };
+    let vector_at = |p: usize| {
+        if p + LANES > out && out >= LANES {
+            out - LANES
+        } else {
+            p
+        }
+    };
     let mut left = Vec::new();
     let mut p = 0;
     while p < lo.min(out) {
@@ -1023,9 +1045,7 @@ mod tests {
                 RowPiece::Interior { start, tiles } => (0..tiles * vectors).map(|v| start + v * LANES).collect(),
             };
             for s in starts {
-                for q in s..(s + LANES).min(out) {
-                    seen[q] = true;
-                }
+                seen[s..(s + LANES).min(out)].fill(true);
             }
         }
         seen
