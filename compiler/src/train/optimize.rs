@@ -66,7 +66,10 @@ fn share_common_subexpressions(g: &mut Graph, _: &PassContext) -> Result<(), Str
         // Debug text is exact for the attributes (floats print round-trippably, -0 and NaN
         // distinctly), and node names are left out on purpose.
         let types: Vec<&cnnc_ir::TensorType> = node.outputs.iter().map(|&o| g.ty(o)).collect();
-        let key = format!("{:?}|{:?}|{:?}|{:?}|{:?}", node.op, node.inputs, node.epilogue, node.schedule, types);
+        let key = format!(
+            "{:?}|{:?}|{:?}|{:?}|{:?}",
+            node.op, node.inputs, node.epilogue, node.schedule, types
+        );
         match seen.get(&key) {
             Some(earlier) if !node.outputs.iter().any(|o| is_output[o.index()]) => {
                 for (&o, &e) in node.outputs.iter().zip(earlier) {
@@ -91,25 +94,41 @@ pub fn optimize_training_graph(g: &mut Graph, ctx: &PassContext) -> Result<(), P
     let (inputs, outputs) = (interface(g, &g.inputs), interface(g, &g.outputs));
     passes::run_pipeline(g, &training_pipeline(), ctx, |_, _| {})?;
     if interface(g, &g.inputs) != inputs || interface(g, &g.outputs) != outputs {
-        return Err(PassError { pass: "training pipeline", message: "the graph's inputs or outputs changed".into() });
+        return Err(PassError {
+            pass: "training pipeline",
+            message: "the graph's inputs or outputs changed".into(),
+        });
     }
     Ok(())
 }
 
 /// The (name, type) of each of `values`: what the state layout and the ABI see.
 fn interface(g: &Graph, values: &[cnnc_ir::ValueId]) -> Vec<(String, cnnc_ir::TensorType)> {
-    values.iter().map(|&v| (g.values[v.index()].name.clone(), g.ty(v).clone())).collect()
+    values
+        .iter()
+        .map(|&v| (g.values[v.index()].name.clone(), g.ty(v).clone()))
+        .collect()
 }
 
 /// `optimize_training_graph` for code generation on `target`. When the environment
 /// variable `CNNC_DUMP_TRAIN_GRAPH` names a file, the optimised graph is printed there
 /// (node i is kernel `cnnc_k<i>_*` in profiles).
 pub fn optimize_for_target(g: &mut Graph, target: &cnnc_codegen::TargetSpec) -> Result<(), String> {
-    let ctx = PassContext { target: passes::TargetDesc::from_target(target) };
+    let ctx = PassContext {
+        target: passes::TargetDesc::from_target(target),
+    };
     optimize_training_graph(g, &ctx).map_err(|e| e.to_string())?;
     if let Some(path) = std::env::var_os("CNNC_DUMP_TRAIN_GRAPH") {
-        std::fs::write(&path, cnnc_ir::print_with(g, &cnnc_ir::PrintOptions { elide_constant_data: true }))
-            .map_err(|e| format!("writing the training graph to {}: {e}", path.to_string_lossy()))?;
+        std::fs::write(
+            &path,
+            cnnc_ir::print_with(
+                g,
+                &cnnc_ir::PrintOptions {
+                    elide_constant_data: true,
+                },
+            ),
+        )
+        .map_err(|e| format!("writing the training graph to {}: {e}", path.to_string_lossy()))?;
     }
     Ok(())
 }
