@@ -107,6 +107,7 @@ fn digits_model_trains_and_compiled_inference_matches_the_interpreter() {
         &cnnc_onnx::LoadOptions {
             batch: None,
             inference: true,
+            ..Default::default()
         },
     )
     .unwrap();

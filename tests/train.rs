@@ -1644,3 +1644,53 @@ fn wide_unit_stride_conv_gradients() {
         assert_gradients(conv_problem(&case, seed), seed);
     }
 }
+
+/// Training-mode Dropout: the compiled step draws the masks the interpreter draws for the
+/// same counter, a new mask every call (the counter is state), and compute_gradients +
+/// apply_update draw the same masks as train_step.
+#[test]
+fn training_mode_dropout_draws_new_masks_each_call_like_the_interpreter() {
+    use cnnc::train::compiled::{Trainer, compile_fused_step};
+    use cnnc::train::{HyperValues, Sgd, fused_train_step};
+    let dir = common::scratch("train-dropout");
+    let mut rng = Rng::new(77);
+    let mut m = ModelBuilder::new("dropout", 17);
+    m.input("input", DType::F32, &[8, 16])
+        .initializer("fc1.weight", &rng.tensor(&[32, 16]))
+        .initializer("fc2.weight", &rng.tensor(&[4, 32]))
+        .initializer("ratio", &Tensor::f32(Vec::<usize>::new(), vec![0.5]))
+        .initializer("training", &Tensor::new(Vec::<usize>::new(), TensorData::Bool(vec![true])))
+        .node("Gemm", &["input", "fc1.weight"], &["h"], vec![attr::int("transB", 1)])
+        .node("Dropout", &["h", "ratio", "training"], &["d"], vec![])
+        .node("Gemm", &["d", "fc2.weight"], &["logits"], vec![attr::int("transB", 1)])
+        .output("logits", DType::F32, &[8, 4]);
+    let path = dir.join("dropout.onnx");
+    m.write(&path).unwrap();
+    let tg = load_training_graph(&path).unwrap();
+    let optimizer = cnnc::train::Optimizer::from(Sgd { lr: 0.0, momentum: 0.0, weight_decay: 0.0 });
+    let fused = fused_train_step(&tg, optimizer.into()).unwrap();
+    let so = dir.join("dropout.so");
+    compile_fused_step(&fused, &cnnc_codegen::TargetSpec::host(), &so).unwrap();
+    let mut whole = Trainer::load(&so, &fused.initial_state(), 1).unwrap();
+    let mut halves = Trainer::load(&so, &fused.initial_state(), 1).unwrap();
+    let x = rng.tensor(&[8, 16]);
+    let labels = Tensor::new(vec![8], TensorData::I64(vec![0, 1, 2, 3, 3, 2, 1, 0]));
+    let mut state = fused.initial_state();
+    let mut losses = Vec::new();
+    for step in 1..=3u64 {
+        let hyper = HyperValues::from_optimizer(optimizer, step);
+        let inputs = fused.assemble_inputs(&state, std::slice::from_ref(&x), &labels, &hyper).unwrap();
+        let (new_state, want_loss, _) = fused.split_outputs(interp::run(&fused.graph, &inputs).unwrap()).unwrap();
+        let loss = whole.step(std::slice::from_ref(&x), &labels, &hyper).unwrap();
+        compare(&Tensor::f32(Vec::<usize>::new(), vec![loss]), &want_loss).unwrap_or_else(|e| panic!("step {step}: {e}"));
+        let half_loss = halves.compute_gradients(std::slice::from_ref(&x), &labels).unwrap();
+        halves.apply_update(&hyper).unwrap();
+        assert_eq!(half_loss.to_bits(), loss.to_bits(), "step {step}: the halves drew other masks");
+        let counter = whole.get(cnnc::train::fused::DROPOUT_STEP).unwrap();
+        assert_eq!(counter.data.as_f32().unwrap(), [step as f32], "the call counter");
+        losses.push(loss);
+        state = new_state;
+    }
+    // With a zero learning rate only the masks change the loss.
+    assert!(losses[0] != losses[1] && losses[1] != losses[2], "the same mask twice: {losses:?}");
+}

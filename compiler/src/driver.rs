@@ -40,7 +40,7 @@ impl std::error::Error for Error {}
 /// Reads an ONNX model into IR for inference (shapes inferred, constants folded by the
 /// frontend; training-mode nodes take inference semantics).
 pub fn load_onnx(path: &Path, batch: Option<usize>) -> Result<Graph, Error> {
-    let opts = cnnc_onnx::LoadOptions { batch, inference: true };
+    let opts = cnnc_onnx::LoadOptions { batch, inference: true, ..Default::default() };
     cnnc_onnx::load_model(path, &opts).map_err(|e| Error::Input(format!("{}: {e}", path.display())))
 }
 

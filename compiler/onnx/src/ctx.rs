@@ -166,6 +166,8 @@ pub struct NodeCtx<'a> {
     pub name: String,
     /// `LoadOptions::inference`: training-mode nodes take inference semantics.
     pub inference: bool,
+    /// `LoadOptions::random_dropout`.
+    pub random_dropout: bool,
 }
 
 impl<'a> NodeCtx<'a> {

@@ -23,6 +23,12 @@ pub struct LoadOptions {
     /// their inference semantics (running statistics; identity). Off, every node keeps
     /// the ONNX operator's own semantics, as the backend tests check them.
     pub inference: bool,
+    /// Training-mode Dropout (ratio > 0) draws its mask with `Op::RandomUniform` (inverted
+    /// dropout: kept values scaled by 1/(1 − ratio)), seeded by the node's `seed` or its
+    /// name, with a step input that is a 0 placeholder until a training step wires its
+    /// step counter in (`cnnc::train::fused`). Off, such a Dropout is refused as
+    /// unsupported: its random output cannot match another implementation's.
+    pub random_dropout: bool,
 }
 
 /// Loads and lowers an ONNX model file; external tensor data is read relative to its directory.

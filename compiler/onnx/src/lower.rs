@@ -64,6 +64,7 @@ pub(crate) struct Lowerer<'m> {
     unsupported: Vec<UnsupportedNode>,
     base_dir: Option<&'m std::path::Path>,
     inference: bool,
+    random_dropout: bool,
 }
 
 impl<'m> Lowerer<'m> {
@@ -81,6 +82,7 @@ impl<'m> Lowerer<'m> {
             unsupported: Vec::new(),
             base_dir,
             inference: false,
+            random_dropout: false,
         }
     }
 
@@ -91,6 +93,7 @@ impl<'m> Lowerer<'m> {
         options: &LoadOptions,
     ) -> Result<cnnc_ir::Graph, FrontendError> {
         self.inference = options.inference;
+        self.random_dropout = options.random_dropout;
         let default_opset = opsets.get("").unwrap_or(0);
         let mut scope = Scope::new();
         let initializer_names: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
@@ -252,7 +255,7 @@ impl<'m> Lowerer<'m> {
             mark_missing(node, scope);
             return Ok(());
         };
-        let mut ctx = NodeCtx { builder: &mut self.builder, node, inputs, opset, name: name.clone(), inference: self.inference };
+        let mut ctx = NodeCtx { builder: &mut self.builder, node, inputs, opset, name: name.clone(), inference: self.inference, random_dropout: self.random_dropout };
         match lowering(&mut ctx) {
             Ok(outputs) => {
                 for (i, out_name) in node.output.iter().enumerate() {

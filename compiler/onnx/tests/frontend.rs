@@ -4,7 +4,7 @@
 
 mod common;
 
-use cnnc_ir::{DType, Op, Tensor};
+use cnnc_ir::{DType, Op, Tensor, TensorData};
 use cnnc_onnx::proto::{AttributeType, FunctionProto, OperatorSetIdProto, data_type};
 use cnnc_onnx::{Dim, FrontendError, LoadOptions, ModelBuilder, attr, load_model_bytes, node};
 use common::*;
@@ -300,6 +300,36 @@ fn dropout_is_the_identity_with_an_all_true_mask() {
         .node("Dropout", &["x", "ratio", "training"], &["y"], vec![])
         .output("y", DType::F32, &[2]);
     assert!(load_err(&m).is_unsupported());
+}
+
+#[test]
+fn training_mode_dropout_draws_an_inverted_mask_for_training_steps() {
+    let n = 20_000;
+    let mut m = single_input("x", DType::F32, &[n], 13);
+    m.initializer("ratio", &f32s(&[], &[0.3]))
+        .initializer("training", &bools(&[], &[true]))
+        .node("Dropout", &["x", "ratio", "training"], &["y", "mask"], vec![])
+        .output("y", DType::F32, &[n])
+        .output_untyped("mask", DType::Bool);
+    let options = LoadOptions { random_dropout: true, ..Default::default() };
+    let g = load_model_bytes(&m.to_bytes(), &options).unwrap();
+    cnnc_ir::verify::verify(&g).unwrap();
+    assert!(g.nodes.iter().any(|node| matches!(node.op, Op::RandomUniform { .. })));
+    let x = Tensor::f32(vec![n], (0..n).map(|i| 1.0 + i as f32 / n as f32).collect());
+    let out = run(&g, std::slice::from_ref(&x));
+    let (TensorData::F32(xs), TensorData::F32(ys), TensorData::Bool(mask)) = (&x.data, &out[0].data, &out[1].data) else {
+        panic!("output types")
+    };
+    for ((&x, &y), &keep) in xs.iter().zip(ys).zip(mask) {
+        let want = if keep { x / 0.7 } else { 0.0 };
+        assert!((y - want).abs() <= 1e-6 * want.abs(), "x {x} keep {keep}: y {y}, want {want}");
+    }
+    let dropped = mask.iter().filter(|&&k| !k).count() as f64 / n as f64;
+    assert!((dropped - 0.3).abs() < 0.02, "dropped {dropped} of the elements, ratio 0.3");
+    // Without the option the random node stays unsupported; in inference it is the identity.
+    assert!(load_err(&m).is_unsupported());
+    let inference = load_model_bytes(&m.to_bytes(), &LoadOptions { inference: true, ..Default::default() }).unwrap();
+    assert_eq!(run(&inference, std::slice::from_ref(&x))[0], x);
 }
 
 #[test]

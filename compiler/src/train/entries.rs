@@ -3,7 +3,7 @@
 //! nodes: compute_gradients + apply_update equals train_step, bit for bit.
 //!
 //! - gradients: the fused graph's forward, loss, backward and running-statistics nodes;
-//!   outputs the new running statistics, the loss and every parameter's gradient (into its
+//!   outputs the new running statistics (and Dropout's call counter), the loss and every parameter's gradient (into its
 //!   "<parameter>.grad" slot of the state buffer).
 //! - update: the optimizer nodes, with each gradient read back from its slot (a new graph
 //!   input in place of the backward's value); outputs the new parameters and optimizer
@@ -74,7 +74,7 @@ pub fn gradients_graph(fused: &FusedStep) -> Result<EntryGraph, String> {
     let mut outputs: Vec<(ValueId, OutputBinding)> = fused
         .state
         .iter()
-        .filter(|s| matches!(s.kind, StateKind::RunningMean | StateKind::RunningVar))
+        .filter(|s| matches!(s.kind, StateKind::RunningMean | StateKind::RunningVar | StateKind::DropoutStep))
         .map(|s| (s.output, OutputBinding::State(s.name.clone())))
         .collect();
     outputs.push((fused.loss, OutputBinding::Loss));

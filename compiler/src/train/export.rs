@@ -48,7 +48,9 @@ pub fn trained_tensors(state: &[u8], info: &ModelInfo) -> Result<Vec<(String, Te
         })
     };
     let mut tensors = Vec::new();
-    for spec in info.state_tensors.iter().filter(|t| !is_derived(&t.name)) {
+    // Dropout's call counter is training bookkeeping, not part of the model.
+    let is_counter = |name: &str| name == super::fused::DROPOUT_STEP;
+    for spec in info.state_tensors.iter().filter(|t| !is_derived(&t.name) && !is_counter(&t.name)) {
         let dtype = crate::driver::ir_dtype(spec.dtype);
         let bytes = state
             .get(spec.offset..spec.offset + spec.byte_len())

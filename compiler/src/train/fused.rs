@@ -29,7 +29,14 @@ pub enum StateKind {
     SecondMoment,
     RunningMean,
     RunningVar,
+    /// The call counter of training-mode Dropout's generator (`DROPOUT_STEP`).
+    DropoutStep,
 }
+
+/// The state tensor counting the forward passes that drew Dropout masks: an f32 scalar
+/// from 0, advanced by every call that runs the forward pass (`train_step`,
+/// `compute_gradients`), so each call draws new masks.
+pub const DROPOUT_STEP: &str = "cnnc.dropout_step";
 
 #[derive(Clone, Debug)]
 pub struct StateTensor {
@@ -143,6 +150,7 @@ pub fn fused_train_step(tg: &TrainingGraph, optimizer: OptimizerKind) -> Result<
     let [lr, momentum, weight_decay, beta1, beta2, epsilon, step] = hyper[..] else {
         return Err("internal: hyper-parameter count".into());
     };
+
     let mut state = Vec::new();
     let mut b = Builder { g: &mut g, prefix: "update".into() };
 
@@ -221,6 +229,23 @@ pub fn fused_train_step(tg: &TrainingGraph, optimizer: OptimizerKind) -> Result<
             let blended = b.binary("blended", BinaryFn::Add, kept, added)?;
             state.push(st(name, kind, &ty, running, blended, initial.clone()));
         }
+    }
+
+    // Training-mode Dropout (`Op::RandomUniform` with a placeholder step from the
+    // frontend) draws from the counter in the state, so train_step and the
+    // compute_gradients/apply_update pair draw the same masks.
+    let random: Vec<usize> =
+        (0..b.g.nodes.len()).filter(|&i| matches!(b.g.nodes[i].op, Op::RandomUniform { .. })).collect();
+    if !random.is_empty() {
+        let ty = TensorType::f32(Vec::<usize>::new());
+        let counter = b.g.add_input(ty.clone(), DROPOUT_STEP);
+        for &i in &random {
+            b.g.nodes[i].inputs[1] = counter;
+        }
+        b.prefix = "dropout".into();
+        let next = b.unary("step", UnaryFn::Affine { scale: 1.0, shift: 1.0 }, counter)?;
+        let zero = Tensor::f32(Vec::<usize>::new(), vec![0.0]);
+        state.push(st(DROPOUT_STEP, StateKind::DropoutStep, &ty, counter, next, zero));
     }
 
     let grads: Vec<ValueId> = tg.params.iter().map(|p| p.grad).collect();
@@ -308,6 +333,9 @@ impl FusedStep {
                         let base = s.name.rsplit_once('.').map_or("", |(b, _)| b);
                         let i = k(base).ok_or_else(|| format!("no parameter for '{}'", s.name))?;
                         Ok(buffer(&reference.second_moment[i]))
+                    }
+                    StateKind::DropoutStep => {
+                        Err("the interpreter's training step has no Dropout (its masks are random)".to_string())
                     }
                 }
             })

@@ -196,7 +196,8 @@ pub fn load_training_graph_batched(path: impl AsRef<Path>, options: &TrainOption
         }
     }
     let batch_norms = training_batch_norms(&model, base_dir)?;
-    let mut graph = lower_model(&model, base_dir, &LoadOptions::default()).map_err(|e| e.to_string())?;
+    let options = LoadOptions { random_dropout: true, ..LoadOptions::default() };
+    let mut graph = lower_model(&model, base_dir, &options).map_err(|e| e.to_string())?;
 
     let find_input = |graph: &Graph, name: &str| graph.inputs.iter().copied().find(|&v| graph.value(v).name == name);
     let mut param_inputs = Vec::with_capacity(trainable.len());

@@ -11,22 +11,70 @@ pub fn identity(ctx: &mut NodeCtx) -> LowerResult<Vec<ValueId>> {
 }
 
 /// Inference-mode dropout: the identity, and an all-true mask when one is asked for.
+/// Training mode (`LoadOptions::random_dropout`): x · mask with mask = 1/(1 − ratio) where
+/// a uniform draw is >= ratio, else 0.
 pub fn dropout(ctx: &mut NodeCtx) -> LowerResult<Vec<ValueId>> {
     let x = ctx.input(0)?;
-    if ctx.opset < 7 && ctx.attr_int("is_test", 0)? == 0 && !ctx.inference {
-        return Err(unsupported("training-mode dropout (is_test=0) is random; cnnc compiles inference"));
-    }
-    if ctx.opset >= 12
-        && !ctx.inference
-        && let Some(training) = ctx.const_input(2)?
-        && training.data.get(0).as_f64() != 0.0
-    {
-        return Err(unsupported("training-mode dropout (training_mode=true) is random; cnnc compiles inference"));
+    let training = if ctx.opset < 7 {
+        ctx.attr_int("is_test", 0)? == 0
+    } else if ctx.opset >= 12 {
+        match ctx.opt_input(2) {
+            None => false,
+            Some(_) => match ctx.const_input(2)? {
+                Some(t) => t.data.get(0).as_f64() != 0.0,
+                None => return Err(unsupported("Dropout's training_mode must be a compile-time constant")),
+            },
+        }
+    } else {
+        false
+    };
+    if training && !ctx.inference {
+        let ratio = if ctx.opset >= 12 {
+            match ctx.opt_input(1) {
+                None => 0.5,
+                Some(_) => match ctx.const_input(1)? {
+                    Some(t) => t.data.get(0).as_f64() as f32,
+                    None => return Err(unsupported("Dropout's ratio must be a compile-time constant")),
+                },
+            }
+        } else {
+            ctx.attr_float("ratio", 0.5)?
+        };
+        if !(0.0..1.0).contains(&ratio) {
+            return Err(invalid(format!("Dropout ratio {ratio} is outside [0, 1)")));
+        }
+        if ratio > 0.0 {
+            if !ctx.random_dropout {
+                return Err(unsupported("training-mode dropout is random; cnnc compiles it only into training steps"));
+            }
+            return random_dropout(ctx, x, ratio);
+        }
     }
     let mut outputs = vec![x];
     if ctx.wants_output(1) {
         let shape = ctx.shape(x);
         outputs.push(ctx.splat(shape, Scalar::Bool(true))?);
+    }
+    Ok(outputs)
+}
+
+fn random_dropout(ctx: &mut NodeCtx, x: ValueId, ratio: f32) -> LowerResult<Vec<ValueId>> {
+    // Without a seed attribute, the node's name keeps streams of different nodes apart.
+    let seed = match ctx.attr_int("seed", i64::MIN)? {
+        i64::MIN => ctx.name.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01B3)),
+        s => s as u64,
+    };
+    let step = ctx.splat(Vec::new(), Scalar::F32(0.0))?;
+    let draw = ctx.push(cnnc_ir::Op::RandomUniform { seed }, &[x, step])?;
+    let threshold = ctx.splat(Vec::new(), Scalar::F32(ratio))?;
+    let keep = ctx.push(cnnc_ir::Op::Binary(cnnc_ir::BinaryFn::GreaterOrEqual), &[draw, threshold])?;
+    let scale = ctx.splat(Vec::new(), Scalar::F32(1.0 / (1.0 - ratio)))?;
+    let zero = ctx.splat(Vec::new(), Scalar::F32(0.0))?;
+    let mask = ctx.push(cnnc_ir::Op::Where, &[keep, scale, zero])?;
+    let y = ctx.push(cnnc_ir::Op::Binary(cnnc_ir::BinaryFn::Mul), &[x, mask])?;
+    let mut outputs = vec![y];
+    if ctx.wants_output(1) {
+        outputs.push(keep);
     }
     Ok(outputs)
 }
