@@ -8,7 +8,7 @@ models under ../shared/zoo/models. Needs `pip install onnxruntime numpy` and a
 release build of cnnc (cargo build --release). A benchmark, not a test: it is not
 run by CI.
 """
-import argparse, json, os, platform, statistics, subprocess, sys, time
+import argparse, json, math, os, platform, statistics, subprocess, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,11 +92,21 @@ def main():
         "| model | threads | cnnc ms | ORT ms | cnnc/ORT | cnnc GFLOP/s | ORT GFLOP/s |",
         "|---|---|---|---|---|---|---|",
     ] + [f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.3f} | {r[4]:.2f} | {r[5]} | {r[6]} |" for r in rows]
+    for t in a.threads:
+        ratios = [r[4] for r in rows if r[1] == t]
+        if ratios:
+            geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+            lines.append(f"\nGeometric mean of cnnc/ORT over the {len(ratios)} models at {t} thread(s): {geo:.2f}")
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text("# Benchmarks\n\n" + text)
+        out = Path(a.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Keep the training section scripts/bench_train.py maintains.
+        old = out.read_text() if out.exists() else ""
+        begin, end = "<!-- training-benchmark:begin -->", "<!-- training-benchmark:end -->"
+        training = old[old.index(begin):old.index(end) + len(end)] + "\n" if begin in old and end in old else ""
+        out.write_text("# Benchmarks\n\n" + text + ("\n" + training if training else ""))
 
 
 if __name__ == "__main__":
