@@ -310,7 +310,7 @@ fn batch_norm_training_mode_can_be_lowered_with_running_statistics() {
     );
     let mut inputs = vec![Some(x)];
     inputs.extend(params.iter().copied());
-    let mut ctx = NodeCtx { builder: &mut builder, node: &node, inputs, opset: 15, name: "bn".into(), inference: false };
+    let mut ctx = NodeCtx { builder: &mut builder, node: &node, inputs, opset: 15, name: "bn".into(), inference: false, random_dropout: false };
     let outputs = batch_normalization_with(&mut ctx, BatchStatistics::Running).unwrap();
     assert_eq!(outputs.len(), 3);
     assert_eq!(&outputs[1..], &[params[2].unwrap(), params[3].unwrap()]);
