@@ -119,7 +119,9 @@ impl MemoryPlan {
         let mut order: Vec<(ValueId, Interval)> = Vec::new();
         let mut intervals: Vec<Option<Interval>> = vec![None; n_values];
         // In-place elementwise ops: the output takes over the slot of an input that dies
-        // at this node (`in_place_input`); `shares[v]` is the value whose slot v uses.
+        // at this node (`in_place_input`); a reshape's output is its input's memory
+        // (`reshaped_input`), the slot then lives until the last reader of either.
+        // `shares[v]` is the value whose slot v uses.
         let mut shares: Vec<Option<ValueId>> = vec![None; n_values];
         let mut slot_of: Vec<Option<usize>> = vec![None; n_values];
         for (ni, node) in g.nodes.iter().enumerate() {
@@ -134,7 +136,9 @@ impl MemoryPlan {
                     continue;
                 }
                 let end = last_use[v.index()].max(ni);
-                if let Some(host) = in_place_input(g, node, ni, &last_use, &slot_of) {
+                let slot_ends = |v: ValueId| slot_of[v.index()].map(|k| order[k].1.end);
+                let host = reshaped_input(node, &slot_of).or_else(|| in_place_input(g, node, ni, &slot_ends));
+                if let Some(host) = host {
                     let root = shares[host.index()].unwrap_or(host);
                     shares[v.index()] = Some(root);
                     let k = slot_of[host.index()].expect("an in-place host has a slot");
@@ -183,6 +187,16 @@ impl MemoryPlan {
     pub fn location(&self, v: ValueId) -> Option<Location> {
         self.locations.get(v.index()).copied().flatten()
     }
+
+    /// Whether `node` is a Reshape whose output already is its input's memory (no kernel
+    /// needs to run).
+    pub fn is_alias(&self, node: &cnnc_ir::Node) -> bool {
+        matches!(node.op, Op::Reshape)
+            && node.inputs.len() == 1
+            && node.outputs.len() == 1
+            && self.location(node.inputs[0]).is_some()
+            && self.location(node.inputs[0]) == self.location(node.outputs[0])
+    }
 }
 
 /// The input of `node` (the `ni`-th) whose workspace slot its output may reuse: the node
@@ -194,17 +208,21 @@ fn in_place_input(
     g: &Graph,
     node: &cnnc_ir::Node,
     ni: usize,
-    last_use: &[usize],
-    slot_of: &[Option<usize>],
+    slot_end: &dyn Fn(ValueId) -> Option<usize>,
 ) -> Option<ValueId> {
     if !matches!(node.op, Op::Unary(_) | Op::Binary(_) | Op::Where) || node.outputs.len() != 1 {
         return None;
     }
     let out_ty = g.ty(node.outputs[0]);
-    node.inputs
-        .iter()
-        .copied()
-        .find(|&v| slot_of[v.index()].is_some() && last_use[v.index()] == ni && g.ty(v) == out_ty)
+    // The slot's end, not the value's last use: a reshape sharing the slot may still be read.
+    node.inputs.iter().copied().find(|&v| slot_end(v) == Some(ni) && g.ty(v) == out_ty)
+}
+
+/// The input of a Reshape in the workspace: the output is the same bytes, so it reuses
+/// them (the module then emits no copy; see `MemoryPlan::is_alias`).
+fn reshaped_input(node: &cnnc_ir::Node, slot_of: &[Option<usize>]) -> Option<ValueId> {
+    let (Op::Reshape, [x], [_]) = (&node.op, node.inputs.as_slice(), node.outputs.as_slice()) else { return None };
+    slot_of[x.index()].is_some().then_some(*x)
 }
 
 fn check_id(g: &Graph, v: ValueId) -> Result<(), String> {

@@ -20,7 +20,7 @@ fn random_graph(rng: &mut Rng, nodes: usize) -> Graph {
     for n in 0..nodes {
         let pick = |rng: &mut Rng, values: &[ValueId]| values[rng.below(values.len() as u64) as usize];
         let a = pick(rng, &values);
-        let v = match rng.below(4) {
+        let v = match rng.below(5) {
             0 => g
                 .push1(
                     format!("n{n}"),
@@ -37,6 +37,8 @@ fn random_graph(rng: &mut Rng, nodes: usize) -> Graph {
                 let b = pick(rng, &values);
                 g.push1(format!("n{n}"), Op::Concat { axis: 0 }, &[a, b]).unwrap()
             }
+            // A reshape shares its input's bytes in the plan.
+            3 => g.push_typed(format!("n{n}"), Op::Reshape, &[a], g.ty(a).clone()).unwrap(),
             _ => {
                 let keep = rng.below(len(&g, a) as u64) as usize + 1;
                 g.push_typed(
@@ -95,7 +97,7 @@ fn check_plan(g: &Graph, plan: &MemoryPlan) -> Result<(), String> {
         for &(b, ib, ob) in &slots[i + 1..] {
             let live_together = ia.start <= ib.end && ib.start <= ia.end;
             let overlap = oa < ob + ib.bytes && ob < oa + ia.bytes;
-            if live_together && overlap && !in_place(g, (a, ia, oa), (b, ib, ob)) {
+            if live_together && overlap && !in_place(g, plan, (a, ia, oa), (b, ib, ob)) {
                 return Err(format!(
                     "{a} {ia:?}@{oa} and {b} {ib:?}@{ob} share memory while both live"
                 ));
@@ -105,17 +107,35 @@ fn check_plan(g: &Graph, plan: &MemoryPlan) -> Result<(), String> {
     Ok(())
 }
 
-/// One value is an elementwise node's input that dies there and the other its output,
-/// of the same type, at the same offset: the node computes in place.
-fn in_place(g: &Graph, a: (ValueId, Interval, usize), b: (ValueId, Interval, usize)) -> bool {
-    let ((input, iv_in, off_in), (output, iv_out, off_out)) = if a.1.end == b.1.start { (a, b) } else { (b, a) };
-    if iv_in.end != iv_out.start || off_in != off_out || g.ty(input) != g.ty(output) {
-        return false;
-    }
-    let node = &g.nodes[iv_out.start];
-    matches!(node.op, Op::Unary(_) | Op::Binary(_) | Op::Where)
-        && node.outputs == [output]
-        && node.inputs.contains(&input)
+/// Both values are one buffer on purpose: at the same offset, linked by reshapes (the
+/// output is the input's bytes) and in-place elementwise nodes (the input dies there).
+fn in_place(g: &Graph, plan: &MemoryPlan, a: (ValueId, Interval, usize), b: (ValueId, Interval, usize)) -> bool {
+    let producers = g.producers();
+    // Walks back from v over the nodes that may share their input's memory.
+    let origin = |mut v: ValueId| loop {
+        let Some(p) = producers[v.index()] else { return v };
+        let node = &g.nodes[p];
+        let shared = match node.op {
+            Op::Reshape => Some(node.inputs[0]),
+            // The input it overwrote: same type, same place, and nothing else living in
+            // that place is read after this node.
+            Op::Unary(_) | Op::Binary(_) | Op::Where => node.inputs.iter().copied().find(|&x| {
+                g.ty(x) == g.ty(v)
+                    && plan.location(x) == plan.location(v)
+                    && (0..g.values.len()).all(|w| {
+                        w == v.index()
+                            || plan.locations[w] != plan.location(x)
+                            || plan.intervals[w].is_none_or(|iv| iv.start >= p || iv.end <= p)
+                    })
+            }),
+            _ => None,
+        };
+        match shared {
+            Some(x) => v = x,
+            None => return v,
+        }
+    };
+    a.2 == b.2 && origin(a.0) == origin(b.0)
 }
 
 proptest! {
