@@ -188,7 +188,7 @@ def main():
         "momentum (forward, softmax cross-entropy, backward, update) on a training-mode export (BatchNorm with batch "
         f"statistics); each figure the best of {a.rounds} alternating rounds of a median over >= {a.runs} steps. "
         "GFLOP/s = 3 x forward multiply-adds x 2 / step time. Dropout layers (mobilenet_v2's classifier) are "
-        "removed on both sides: cnnc does not compile random training-mode Dropout.",
+        "removed on both sides, so both run the same arithmetic (their random masks would differ).",
         "",
         "| model | batch | cnnc ms/step | PyTorch ms/step | speed-up (PyTorch/cnnc) | cnnc images/s | PyTorch images/s | cnnc GFLOP/s | PyTorch GFLOP/s |",
         "|---|---|---|---|---|---|---|---|---|",
