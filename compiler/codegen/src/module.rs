@@ -370,6 +370,37 @@ pub(crate) fn define<M: Module>(module: &mut M, id: FuncId, ctx: &mut Context, w
 }
 
 /// A local read-only data object holding `bytes`, 64-byte aligned.
+/// Declares `name` as a local function with `sig`, builds its body with
+/// `body(builder, module, entry block parameters)`, adds the return and defines it; `what`
+/// names it in errors.
+pub(crate) fn define_local<M: Module>(
+    module: &mut M,
+    name: &str,
+    sig: &Signature,
+    ctx: &mut Context,
+    fb_ctx: &mut FunctionBuilderContext,
+    what: &str,
+    body: impl FnOnce(&mut FunctionBuilder, &mut M, &[Value]) -> Result<(), CodegenError>,
+) -> Result<FuncId, CodegenError> {
+    let id = module.declare_function(name, Linkage::Local, sig).map_err(module_err(name))?;
+    module.clear_context(ctx);
+    ctx.func.signature = sig.clone();
+    ctx.func.name = UserFuncName::user(0, id.as_u32());
+    {
+        let mut b = FunctionBuilder::new(&mut ctx.func, fb_ctx);
+        let entry = b.create_block();
+        b.append_block_params_for_function_params(entry);
+        b.switch_to_block(entry);
+        b.seal_block(entry);
+        let params = b.block_params(entry).to_vec();
+        body(&mut b, module, &params).map_err(|e| CodegenError(format!("{what}: {e}")))?;
+        b.ins().return_(&[]);
+        b.finalize(module.target_config());
+    }
+    define(module, id, ctx, what)?;
+    Ok(id)
+}
+
 pub(crate) fn define_bytes<M: Module>(module: &mut M, name: &str, bytes: Vec<u8>) -> Result<DataId, CodegenError> {
     let id = module
         .declare_data(name, Linkage::Local, false, false)

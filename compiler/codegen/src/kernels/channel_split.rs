@@ -10,9 +10,11 @@
 use cnnc_ir::{Graph, Node, Op, TensorType};
 use cranelift_codegen::Context;
 use cranelift_codegen::ir::types::I64;
-use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, UserFuncName, Value};
+use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, Value};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
-use cranelift_module::{FuncId, Linkage, Module};
+use cranelift_module::{FuncId, Module};
+
+use crate::module::define_local;
 
 use super::{CodegenError, KernelCtx, parallel};
 
@@ -213,53 +215,23 @@ pub fn define_node<M: Module>(
 
     let task_name = format!("cnnc_k{node_index}_{}_task", node.op.mnemonic());
     let task_sig = parallel::task_signature(module);
-    let task = module
-        .declare_function(&task_name, Linkage::Local, &task_sig)
-        .map_err(|e| CodegenError(format!("{task_name}: {e}")))?;
-    module.clear_context(ctx);
-    ctx.func.signature = task_sig;
-    ctx.func.name = UserFuncName::user(0, task.as_u32());
-    {
-        let mut b = FunctionBuilder::new(&mut ctx.func, fb_ctx);
-        let entry = b.create_block();
-        b.append_block_params_for_function_params(entry);
-        b.switch_to_block(entry);
-        b.seal_block(entry);
-        let (task_ctx, index) = (b.block_params(entry)[0], b.block_params(entry)[1]);
-        emit_task(&mut b, split, &full, tail.as_ref(), task_ctx, index)
-            .map_err(|e| CodegenError(format!("{what}: {e}")))?;
-        b.ins().return_(&[]);
-        b.finalize(module.target_config());
-    }
-    crate::module::define(module, task, ctx, &format!("task of {what}"))?;
+    let task = define_local(module, &task_name, &task_sig, ctx, fb_ctx, &format!("task of {what}"), |b, _, params| {
+        emit_task(b, split, &full, tail.as_ref(), params[0], params[1])
+    })?;
 
     let name = format!("cnnc_k{node_index}_{}_split", node.op.mnemonic());
-    let kernel = module
-        .declare_function(&name, Linkage::Local, kernel_sig)
-        .map_err(|e| CodegenError(format!("{name}: {e}")))?;
-    module.clear_context(ctx);
-    ctx.func.signature = kernel_sig.clone();
-    ctx.func.name = UserFuncName::user(0, kernel.as_u32());
-    {
-        let mut b = FunctionBuilder::new(&mut ctx.func, fb_ctx);
-        let entry = b.create_block();
-        b.append_block_params_for_function_params(entry);
-        b.switch_to_block(entry);
-        b.seal_block(entry);
-        let (host, bufs) = (b.block_params(entry)[0], b.block_params(entry)[1]);
+    define_local(module, &name, kernel_sig, ctx, fb_ctx, &format!("kernel of {what}"), |b, module, params| {
+        let (host, bufs) = (params[0], params[1]);
         let task_ref = module.declare_func_in_func(task, b.func);
         let call_conv = module.isa().default_call_conv();
-        let threads = parallel::emit_host_threads(&mut b, host);
+        let threads = parallel::emit_host_threads(b, host);
         let slot = b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, 8, 3));
         b.ins().stack_store(I64, bufs, slot, 0);
         let task_ctx = b.ins().stack_addr(I64, slot, 0);
         let n_tasks = b.ins().iconst(I64, split.tasks() as i64);
-        parallel::emit_dispatch(&mut b, host, threads, n_tasks, task_ref, task_ctx, call_conv);
-        b.ins().return_(&[]);
-        b.finalize(module.target_config());
-    }
-    crate::module::define(module, kernel, ctx, &format!("kernel of {what}"))?;
-    Ok(kernel)
+        parallel::emit_dispatch(b, host, threads, n_tasks, task_ref, task_ctx, call_conv);
+        Ok(())
+    })
 }
 
 /// The node as it applies to one chunk of `channels` channels of one image: a graph

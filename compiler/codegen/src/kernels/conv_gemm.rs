@@ -40,10 +40,12 @@ use cnnc_ir::{ConstValue, DType, EpilogueStep, Graph, Layout, Node, Op, Scalar, 
 use cranelift_codegen::Context;
 use cranelift_codegen::ir::types::I64;
 use cranelift_codegen::ir::{
-    FuncRef, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, UserFuncName, Value,
+    FuncRef, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, Value,
 };
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
-use cranelift_module::{DataId, FuncId, Linkage, Module};
+use cranelift_module::{DataId, FuncId, Module};
+
+use crate::module::define_local;
 
 use super::gemm::pack::{self, PackShape};
 use super::gemm::tile::{TileEpilogue, TileOperand, TileStep};
@@ -614,49 +616,18 @@ pub fn define_node<M: Module>(
 
     let task_name = format!("cnnc_k{node_index}_conv_gemm_task");
     let task_sig = parallel::task_signature(module);
-    let task = module
-        .declare_function(&task_name, Linkage::Local, &task_sig)
-        .map_err(|e| CodegenError(format!("{task_name}: {e}")))?;
-    module.clear_context(ctx);
-    ctx.func.signature = task_sig;
-    ctx.func.name = UserFuncName::user(0, task.as_u32());
-    {
-        let mut b = FunctionBuilder::new(&mut ctx.func, fb_ctx);
-        let entry = b.create_block();
-        b.append_block_params_for_function_params(entry);
-        b.switch_to_block(entry);
-        b.seal_block(entry);
-        let (task_ctx, index) = (b.block_params(entry)[0], b.block_params(entry)[1]);
-        emit_task(module, env, &mut b, node, plan, a_data, task_ctx, index)
-            .map_err(|e| CodegenError(format!("conv '{}' as GEMM: {e}", node.name)))?;
-        b.ins().return_(&[]);
-        b.finalize(module.target_config());
-    }
-    crate::module::define(module, task, ctx, &format!("GEMM task of conv '{}'", node.name))?;
+    let what = format!("GEMM task of conv '{}'", node.name);
+    let task = define_local(module, &task_name, &task_sig, ctx, fb_ctx, &what, |b, module, params| {
+        emit_task(module, env, b, node, plan, a_data, params[0], params[1])
+    })?;
 
     let name = format!("cnnc_k{node_index}_conv_gemm");
-    let kernel = module
-        .declare_function(&name, Linkage::Local, kernel_sig)
-        .map_err(|e| CodegenError(format!("{name}: {e}")))?;
-    module.clear_context(ctx);
-    ctx.func.signature = kernel_sig.clone();
-    ctx.func.name = UserFuncName::user(0, kernel.as_u32());
-    {
-        let mut b = FunctionBuilder::new(&mut ctx.func, fb_ctx);
-        let entry = b.create_block();
-        b.append_block_params_for_function_params(entry);
-        b.switch_to_block(entry);
-        b.seal_block(entry);
-        let (host, bufs) = (b.block_params(entry)[0], b.block_params(entry)[1]);
+    let what = format!("kernel of conv '{}' (GEMM)", node.name);
+    define_local(module, &name, kernel_sig, ctx, fb_ctx, &what, |b, module, params| {
         let task_ref = module.declare_func_in_func(task, b.func);
         let call_conv = module.isa().default_call_conv();
-        emit_kernel(&mut b, g, node, plan, host, bufs, task_ref, call_conv)
-            .map_err(|e| CodegenError(format!("conv '{}' as GEMM: {e}", node.name)))?;
-        b.ins().return_(&[]);
-        b.finalize(module.target_config());
-    }
-    crate::module::define(module, kernel, ctx, &format!("kernel of conv '{}' (GEMM)", node.name))?;
-    Ok(kernel)
+        emit_kernel(b, g, node, plan, params[0], params[1], task_ref, call_conv)
+    })
 }
 
 fn buffer_flags() -> MemFlagsData {

@@ -22,9 +22,11 @@ use cnnc_ir::{ConstValue, DType, Graph, Layout, Node, Op, Scalar, TensorData};
 use cranelift_codegen::Context;
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4, I64};
-use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, UserFuncName, Value};
+use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, Value};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
-use cranelift_module::{DataId, FuncId, Linkage, Module};
+use cranelift_module::{DataId, FuncId, Module};
+
+use crate::module::define_local;
 
 use super::compute::{counted_loop, load, offset_ptr, store};
 use super::{CodegenError, KernelCtx, parallel};
@@ -189,69 +191,35 @@ pub fn define_node<M: Module>(
 
     let task_name = format!("cnnc_k{node_index}_matmul_task");
     let task_sig = parallel::task_signature(module);
-    let task = module
-        .declare_function(&task_name, Linkage::Local, &task_sig)
-        .map_err(|e| CodegenError(format!("{task_name}: {e}")))?;
-    module.clear_context(ctx);
-    ctx.func.signature = task_sig;
-    ctx.func.name = UserFuncName::user(0, task.as_u32());
-    {
-        let mut b = FunctionBuilder::new(&mut ctx.func, fb_ctx);
-        let entry = b.create_block();
-        b.append_block_params_for_function_params(entry);
-        b.switch_to_block(entry);
-        b.seal_block(entry);
-        let (task_ctx, index) = (b.block_params(entry)[0], b.block_params(entry)[1]);
-        emit_task(module, &mut b, node, plan, packed, fma, task_ctx, index);
-        b.ins().return_(&[]);
-        b.finalize(module.target_config());
-    }
-    crate::module::define(module, task, ctx, &format!("task of {what}"))?;
+    let task = define_local(module, &task_name, &task_sig, ctx, fb_ctx, &format!("task of {what}"), |b, module, params| {
+        emit_task(module, b, node, plan, packed, fma, params[0], params[1]);
+        Ok(())
+    })?;
 
     let name = format!("cnnc_k{node_index}_matmul_panels");
-    let kernel = module
-        .declare_function(&name, Linkage::Local, kernel_sig)
-        .map_err(|e| CodegenError(format!("{name}: {e}")))?;
-    module.clear_context(ctx);
-    ctx.func.signature = kernel_sig.clone();
-    ctx.func.name = UserFuncName::user(0, kernel.as_u32());
-    {
-        let mut b = FunctionBuilder::new(&mut ctx.func, fb_ctx);
-        let entry = b.create_block();
-        b.append_block_params_for_function_params(entry);
-        b.switch_to_block(entry);
-        b.seal_block(entry);
-        let (host, bufs) = (b.block_params(entry)[0], b.block_params(entry)[1]);
+    define_local(module, &name, kernel_sig, ctx, fb_ctx, &format!("kernel of {what}"), |b, module, params| {
+        let (host, bufs) = (params[0], params[1]);
         let task_ref = module.declare_func_in_func(task, b.func);
         let call_conv = module.isa().default_call_conv();
-        let threads = parallel::emit_host_threads(&mut b, host);
+        let threads = parallel::emit_host_threads(b, host);
         let limit = b.ins().iconst(I64, plan.max_tasks() as i64);
         let n_tasks = b.ins().umin(threads, limit);
         let slot = b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, CTX_BYTES, 3));
         b.ins().stack_store(I64, bufs, slot, CTX_BUFFERS);
         b.ins().stack_store(I64, n_tasks, slot, CTX_TASKS);
         let task_ctx = b.ins().stack_addr(I64, slot, 0);
-        parallel::emit_dispatch(&mut b, host, threads, n_tasks, task_ref, task_ctx, call_conv);
+        parallel::emit_dispatch(b, host, threads, n_tasks, task_ref, task_ctx, call_conv);
         if !node.epilogue.is_empty() {
             let flags = MemFlagsData::trusted().with_readonly().with_can_move();
             let inputs: Vec<Value> = (0..node.inputs.len())
                 .map(|i| b.ins().load(I64, flags, bufs, (8 * i) as i32))
                 .collect();
             let output = b.ins().load(I64, flags, bufs, (8 * node.inputs.len()) as i32);
-            let mut k = KernelCtx {
-                b: &mut b,
-                graph: g,
-                node,
-                inputs,
-                outputs: vec![output],
-            };
-            super::elementwise::emit_epilogue(&mut k).map_err(|e| CodegenError(format!("{what}: {e}")))?;
+            let mut k = KernelCtx { b, graph: g, node, inputs, outputs: vec![output] };
+            super::elementwise::emit_epilogue(&mut k)?;
         }
-        b.ins().return_(&[]);
-        b.finalize(module.target_config());
-    }
-    crate::module::define(module, kernel, ctx, &format!("kernel of {what}"))?;
-    Ok(kernel)
+        Ok(())
+    })
 }
 
 /// Task `index` of the context's task count: its range of panels, every row.
