@@ -94,6 +94,12 @@ impl ScratchDir {
 
 impl Drop for ScratchDir {
     fn drop(&mut self) {
+        // CNNC_KEEP_SCRATCH=1 keeps the compiled objects and libraries, so that a profiler
+        // run over `cnnc bench --train` can still name the kernels afterwards.
+        if std::env::var_os("CNNC_KEEP_SCRATCH").is_some_and(|v| v == "1") {
+            eprintln!("cnnc: kept {}", self.0.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
