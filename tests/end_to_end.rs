@@ -172,6 +172,24 @@ fn dump_lists_passes_and_prints_ir_after_each() {
     assert_clean_failure(&out, 2);
 }
 
+/// `dump --train` prints the fused training step after the training pipeline: the forward
+/// convolutions, their gradients and the update are all there, at the batch asked for.
+#[test]
+fn dump_train_prints_the_optimised_training_step() {
+    let dir = common::scratch("dump-train");
+    let model = dir.join("lenet5.onnx");
+    std::fs::write(&model, lenet5_onnx(1, 1)).unwrap();
+    let out = common::run_cnnc(&["dump", model.to_str().unwrap(), "--train", "--batch", "3", "--full"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let parsed = cnnc_ir::parse(&text).expect("the dump parses as IR");
+    cnnc_ir::verify(&parsed).expect("the dumped training graph verifies");
+    assert!(parsed.inputs.iter().any(|&v| parsed.ty(v).shape.first() == Some(&3)), "batch 3 data input");
+    assert!(text.contains("hyper.lr"), "the learning rate is an input");
+    let out = common::run_cnnc(&["dump", model.to_str().unwrap(), "--train", "--all"]);
+    assert_clean_failure(&out, 2);
+}
+
 #[test]
 fn bench_prints_a_median() {
     let dir = common::scratch("bench");

@@ -22,7 +22,7 @@ usage:
   cnnc verify-train DIR ... [--cpu NAME]
   cnnc bench MODEL.onnx|MODEL.so [--threads T] [--batch N] [--runs N] [--cpu NAME] [--train]
   cnnc bench-gemm            # the GEMM microkernel against this core's FMA peak, same run
-  cnnc dump MODEL.onnx [--after PASS | --all | --list-passes] [--batch N] [--full] [--cpu NAME] [--target TRIPLE]
+  cnnc dump MODEL.onnx [--after PASS | --all | --list-passes | --train] [--batch N] [--full] [--cpu NAME] [--target TRIPLE]
 
   compile --train: a training library (cnnc_train_step, cnnc_compute_gradients, cnnc_apply_update
     on one state buffer); --batch sets the batch of the data inputs, --header describes the state.
@@ -371,7 +371,10 @@ fn random_tensor(dtype: cnnc_ir::DType, shape: &[usize], seed: u64) -> cnnc_ir::
 }
 
 fn dump(a: &Args) -> Result<(), Error> {
-    a.only(&["--after", "--all", "--list-passes", "--batch", "--full", "--cpu", "--target"])?;
+    a.only(&["--after", "--all", "--list-passes", "--batch", "--full", "--cpu", "--target", "--train", "--optimizer", "--freeze"])?;
+    if a.flag("--train") {
+        return dump_training(a);
+    }
     let pipeline = passes::inference_pipeline();
     if a.flag("--list-passes") {
         for p in &pipeline {
@@ -404,6 +407,24 @@ fn dump(a: &Args) -> Result<(), Error> {
     if !all && after.is_none() {
         print!("{}", print_with(&g, &opts));
     }
+    Ok(())
+}
+
+/// `dump --train`: the fused training step (forward, backward, update) after the training
+/// pipeline, as it is compiled; node i is kernel `cnnc_k<i>_*` in profiles.
+fn dump_training(a: &Args) -> Result<(), Error> {
+    if a.value("--after").is_some() || a.flag("--all") || a.flag("--list-passes") {
+        return Err(usage("dump --train prints the optimised training graph only (no --after, --all, --list-passes)"));
+    }
+    let model = a.one_positional("MODEL.onnx")?;
+    let options = crate::train::TrainOptions { freeze: a.values("--freeze").into_iter().map(String::from).collect() };
+    let optimizer = crate::train::cli_train::optimizer_kind(a.value("--optimizer"))?;
+    let tg = crate::train::model::load_training_graph_batched(&model, &options, a.number("--batch")?)
+        .map_err(|e| Error::Input(format!("{}: {e}", model.display())))?;
+    let fused = crate::train::fused::fused_train_step(&tg, optimizer).map_err(|e| Error::Input(format!("{}: {e}", model.display())))?;
+    let mut g = fused.graph.clone();
+    crate::train::optimize::optimize_for_target(&mut g, &a.target()?).map_err(Error::Failed)?;
+    print!("{}", print_with(&g, &PrintOptions { elide_constant_data: !a.flag("--full") }));
     Ok(())
 }
 
