@@ -55,10 +55,9 @@ pub fn emit_binary(k: &mut KernelCtx, f: BinaryFn) -> Result<(), CodegenError> {
     let c = input_operand(k, 1, &out.shape)?;
     let dtype = a.dtype;
     check_binary(f, dtype)?;
-    let vector = !f.is_comparison();
     let mut ops = vec![a, c];
     let epilogue = Epilogue::new(k, &out, &mut ops)?;
-    emit_map(k.b, &out.shape, k.outputs[0], out.dtype, &ops, vector, &|b, v| {
+    emit_map(k.b, &out.shape, k.outputs[0], out.dtype, &ops, true, &|b, v| {
         let y = binary_lane(b, f, dtype, v[0], v[1])?;
         epilogue.apply(b, y, v)
     })
@@ -127,8 +126,19 @@ pub fn emit_where(k: &mut KernelCtx) -> Result<(), CodegenError> {
     if ops[0].dtype != DType::Bool {
         return err("where: the condition must be bool".into());
     }
-    emit_map(k.b, &out.shape, k.outputs[0], out.dtype, &ops, false, &|b, v| {
-        Ok(b.ins().select(v[0], v[1], v[2]))
+    emit_map(k.b, &out.shape, k.outputs[0], out.dtype, &ops, true, &|b, v| {
+        if b.func.dfg.value_type(v[0]).is_vector() {
+            // The chosen lanes are f32x4, or masks themselves when choosing between bools.
+            let lanes = b.func.dfg.value_type(v[1]);
+            let mask = if lanes == types::I32X4 {
+                v[0]
+            } else {
+                b.ins().bitcast(lanes, cranelift_codegen::ir::MemFlagsData::new(), v[0])
+            };
+            Ok(b.ins().bitselect(mask, v[1], v[2]))
+        } else {
+            Ok(b.ins().select(v[0], v[1], v[2]))
+        }
     })
 }
 
@@ -220,6 +230,8 @@ pub fn unary_lane(b: &mut FunctionBuilder, f: UnaryFn, dtype: DType, x: Value) -
     match dtype {
         DType::F32 => Ok(unary_f32(&mut Fx::of(b, x), f, x)),
         DType::Bool => match f {
+            // A vector lane is a mask (all ones for true), a scalar one is 0 or 1.
+            UnaryFn::Not if b.func.dfg.value_type(x).is_vector() => Ok(b.ins().bnot(x)),
             UnaryFn::Not => Ok(b.ins().bxor_imm_s(x, 1)),
             _ => err(format!("unary {f:?} is not defined on bool")),
         },
@@ -403,7 +415,8 @@ fn pow_const(m: &mut Fx, x: Value, e: f32) -> Value {
     m.pow(x, y)
 }
 
-/// One lane of a binary function (both operands of `dtype`; comparisons give I8).
+/// One lane of a binary function (both operands of `dtype`; comparisons give I8, or an
+/// I32X4 mask for vector lanes).
 pub fn binary_lane(
     b: &mut FunctionBuilder,
     f: BinaryFn,

@@ -3,11 +3,15 @@
 //!
 //! Axes are first collapsed wherever every operand is contiguous across them, so a
 //! broadcast bias over [N, C, H, W] becomes a loop over N·C rows of H·W elements.
-//! The innermost run is vectorised with f32x4 when the element function allows it
-//! and every operand's innermost stride is 0 or 1; a scalar loop does the remainder.
+//! The innermost run is vectorised four elements at a time when the element function
+//! allows it and every operand's innermost stride is 0 or 1; a scalar loop does the
+//! remainder. In vector form an f32 operand is an f32x4 and a bool operand an i32x4
+//! lane mask (all ones for true), so comparisons, logical ops and `where` -- the masks
+//! of every activation gradient -- run four lanes at a time too; bool buffers keep one
+//! byte (0 or 1) per element.
 
 use cnnc_ir::DType;
-use cranelift_codegen::ir::types::{F32, F32X4, I8, I32, I64};
+use cranelift_codegen::ir::types::{F32, F32X4, I8, I8X16, I32, I32X4, I64};
 use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Type, Value};
 use cranelift_frontend::FunctionBuilder;
 
@@ -67,13 +71,19 @@ pub struct Operand {
     pub flags: MemFlagsData,
 }
 
-/// The element function: gets one lane value per operand (F32X4 lanes in the vector
-/// loop, scalars otherwise) and returns the output lane.
+/// The element function: gets one lane value per operand (in the vector loop F32X4 for
+/// f32 and an I32X4 mask for bool; scalars otherwise, bool as an I8 0 or 1) and returns
+/// the output lane in the same form.
 pub type ElemFn<'c> = dyn Fn(&mut FunctionBuilder, &[Value]) -> Result<Value, CodegenError> + 'c;
 
+/// Whether the vector loop can hold elements of `dtype` (as F32X4 or an I32X4 mask).
+fn vector_dtype(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::Bool)
+}
+
 /// Emits `out[i] = f(operands…[i])` over `shape`; `out` is dense row-major.
-/// `vectorize` says `f` also accepts F32X4 lanes (all operands and the output must
-/// then be f32).
+/// `vectorize` says `f` also accepts vector lanes (used when the operands and the output
+/// are all f32 or bool).
 pub fn emit_map(
     b: &mut FunctionBuilder,
     shape: &[usize],
@@ -86,7 +96,7 @@ pub fn emit_map(
     if shape.contains(&0) {
         return Ok(());
     }
-    let vectorize = vectorize && out_dtype == DType::F32 && operands.iter().all(|o| o.dtype == DType::F32);
+    let vectorize = vectorize && vector_dtype(out_dtype) && operands.iter().all(|o| vector_dtype(o.dtype));
     let out_strides: Vec<i64> = cnnc_ir::strides(shape).iter().map(|&s| s as i64).collect();
     let mut all: Vec<Vec<i64>> = vec![out_strides];
     all.extend(operands.iter().map(|o| o.strides.clone()));
@@ -106,6 +116,8 @@ pub fn emit_map(
     let plan = MapPlan {
         dims: &dims,
         byte_strides: &byte_strides,
+        elem_sizes: &sizes,
+        out_dtype,
         operands,
         vectorize,
     };
@@ -157,8 +169,54 @@ const VECTOR_UNROLL: usize = 4;
 struct MapPlan<'p> {
     dims: &'p [usize],
     byte_strides: &'p [Vec<i64>],
+    /// Bytes per element of each buffer, output first.
+    elem_sizes: &'p [i64],
+    out_dtype: DType,
     operands: &'p [Operand],
     vectorize: bool,
+}
+
+/// Four elements of `dtype` from `addr` as vector lanes (F32X4, or an I32X4 mask for bool).
+fn load_lanes(b: &mut FunctionBuilder, dtype: DType, flags: MemFlagsData, addr: Value) -> Value {
+    if dtype != DType::Bool {
+        return b.ins().load(F32X4, flags, addr, 0);
+    }
+    let word = b.ins().load(I32, flags, addr, 0);
+    let v = b.ins().scalar_to_vector(I32X4, word);
+    let bytes = b.ins().bitcast(I8X16, MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little), v);
+    let halves = b.ins().uwiden_low(bytes);
+    let words = b.ins().uwiden_low(halves);
+    let zero = b.ins().iconst(I32, 0);
+    let zero = b.ins().splat(I32X4, zero);
+    b.ins().icmp(cranelift_codegen::ir::condcodes::IntCC::NotEqual, words, zero)
+}
+
+/// One element of `dtype` at `addr`, splat over the vector lanes.
+fn splat_lanes(b: &mut FunctionBuilder, dtype: DType, flags: MemFlagsData, addr: Value) -> Value {
+    if dtype != DType::Bool {
+        let s = b.ins().load(F32, flags, addr, 0);
+        return b.ins().splat(F32X4, s);
+    }
+    let byte = b.ins().load(I8, flags, addr, 0);
+    let mask = b.ins().bmask(I32, byte);
+    b.ins().splat(I32X4, mask)
+}
+
+/// Stores four lanes (F32X4, or an I32X4 mask as four bool bytes) at `addr`.
+fn store_lanes(b: &mut FunctionBuilder, dtype: DType, v: Value, addr: Value) {
+    if dtype != DType::Bool {
+        b.ins().store(rw_flags(), v, addr, 0);
+        return;
+    }
+    // Lanes are 0 or -1: saturating narrows keep that, the mask with 1 makes bytes 0/1.
+    let halves = b.ins().snarrow(v, v);
+    let bytes = b.ins().snarrow(halves, halves);
+    let one = b.ins().iconst(I8, 1);
+    let ones = b.ins().splat(I8X16, one);
+    let bytes = b.ins().band(bytes, ones);
+    let words = b.ins().bitcast(I32X4, MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little), bytes);
+    let word = b.ins().extractlane(words, 0);
+    b.ins().store(rw_flags(), word, addr, 0);
 }
 
 impl MapPlan<'_> {
@@ -181,15 +239,17 @@ impl MapPlan<'_> {
         let d = self.dims.len() - 1;
         let n = self.dims[d];
         let inner_strides: Vec<i64> = self.byte_strides.iter().map(|s| s[d]).collect();
-        let unit_or_zero = inner_strides[1..].iter().all(|&s| s == 0 || s == 4);
+        let unit_or_zero = inner_strides[1..]
+            .iter()
+            .zip(&self.elem_sizes[1..])
+            .all(|(&s, &size)| s == 0 || s == size);
         let vector_chunks = if self.vectorize && unit_or_zero { n / 4 } else { 0 };
         if vector_chunks > 0 {
             // Broadcast operands are loaded once, outside the loop.
             let mut splats: Vec<Option<Value>> = vec![None; self.operands.len()];
             for (k, o) in self.operands.iter().enumerate() {
                 if inner_strides[k + 1] == 0 {
-                    let s = b.ins().load(F32, o.flags, bases[k + 1], 0);
-                    splats[k] = Some(b.ins().splat(F32X4, s));
+                    splats[k] = Some(splat_lanes(b, o.dtype, o.flags, bases[k + 1]));
                 }
             }
             // `count` vectors from vector `first` on, each loop iteration doing `unroll`
@@ -199,24 +259,25 @@ impl MapPlan<'_> {
             // independent chains to overlap.
             let mut vector_loop = |b: &mut FunctionBuilder, first: usize, count: usize, unroll: usize| {
                 for_count(b, count, |b, c| {
-                    let block_byte = b.ins().imul_imm_s(c, 16 * unroll as i64);
-                    let block_byte = b.ins().iadd_imm_s(block_byte, 16 * first as i64);
+                    // Element index of the block's first lane, then bytes per element size.
+                    let block_elem = b.ins().imul_imm_s(c, 4 * unroll as i64);
+                    let block_elem = b.ins().iadd_imm_s(block_elem, 4 * first as i64);
                     for u in 0..unroll {
-                        let byte = b.ins().iadd_imm_s(block_byte, 16 * u as i64);
+                        let elem = b.ins().iadd_imm_s(block_elem, 4 * u as i64);
                         let mut lanes = Vec::with_capacity(self.operands.len());
                         for (k, o) in self.operands.iter().enumerate() {
                             lanes.push(match splats[k] {
                                 Some(v) => v,
                                 None => {
-                                    let addr = b.ins().iadd(bases[k + 1], byte);
-                                    b.ins().load(F32X4, o.flags, addr, 0)
+                                    let addr = advance(b, bases[k + 1], elem, self.elem_sizes[k + 1]);
+                                    load_lanes(b, o.dtype, o.flags, addr)
                                 }
                             });
                         }
                         match f(b, &lanes) {
                             Ok(v) => {
-                                let addr = b.ins().iadd(bases[0], byte);
-                                b.ins().store(rw_flags(), v, addr, 0);
+                                let addr = advance(b, bases[0], elem, self.elem_sizes[0]);
+                                store_lanes(b, self.out_dtype, v, addr);
                             }
                             Err(e) => {
                                 err.get_or_insert(e);
