@@ -73,6 +73,11 @@ impl NodeEdits {
         (value, id)
     }
 
+    /// Places `node` right before node `before` (after any inserted there earlier).
+    pub fn insert_before(&mut self, before: usize, node: Node) {
+        self.inserted_before[before].push(node);
+    }
+
     /// Moves the `Constant` node at `node` before node `before` (a constant depends on
     /// nothing, so it may be defined anywhere earlier).
     pub fn move_constant_before(&mut self, node: usize, before: usize) {

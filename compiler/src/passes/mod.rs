@@ -9,6 +9,7 @@ pub mod eliminate_dead_code;
 pub mod fold_batchnorm;
 pub mod fold_constants;
 pub mod fuse_epilogue;
+pub mod matmul_as_conv;
 pub mod merge_reshapes;
 pub mod target;
 
@@ -38,6 +39,7 @@ pub fn inference_pipeline() -> Vec<Pass> {
         merge_reshapes::PASS,
         fold_batchnorm::PASS,
         fuse_epilogue::PASS,
+        matmul_as_conv::PASS,
         choose_schedule::PASS,
         eliminate_dead_code::PASS,
     ]

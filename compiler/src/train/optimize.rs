@@ -9,6 +9,9 @@
 //! - fuse-epilogue: fuses a node into its producer only when the producer's value has no
 //!   other reader and is not a graph output, so a pre-activation value that a gradient rule
 //!   reads (ReLU's mask, BatchNorm's normalised value) keeps its buffer.
+//! - matmul-as-conv: value-preserving (reshapes and a 1x1 convolution computing the same
+//!   product); it is what puts the weight gradients (one MatMul over stacked taps) on the
+//!   GEMM microkernel.
 //! - choose-schedule: data only (kernel family and tiles).
 //! - eliminate-dead-code: keeps every graph input and output (the ABI's state, data, labels
 //!   and hyper-parameters), so the state layout is unchanged.
@@ -27,6 +30,7 @@ pub fn training_pipeline() -> Vec<Pass> {
         SHARE_COMMON_SUBEXPRESSIONS,
         passes::merge_reshapes::PASS,
         passes::fuse_epilogue::PASS,
+        passes::matmul_as_conv::PASS,
         passes::choose_schedule::PASS,
         passes::eliminate_dead_code::PASS,
     ]

@@ -402,6 +402,9 @@ pub fn emit_pack_block(
 /// of one `kk`: the scattered single-float stores otherwise dominate, as in
 /// weight-gradient convolutions with thousands of taps); other channels one by one.
 pub fn emit_pack_weights(b: &mut FunctionBuilder, plan: &ConvGemmPlan, w: Value, dst: Value) {
+    if super::pack_rows::emit_pack_one_tap_weights(b, plan, w, dst) {
+        return;
+    }
     let width = plan.channel_tile();
     let (channels, taps, depth) = (plan.in_channels, plan.taps, plan.depth);
     let out_channels = plan.out_channels;
