@@ -153,6 +153,7 @@ fn compile_graph_functions<M: Module>(
         return Err(CodegenError("cnnc generates code for 64-bit targets only".into()));
     }
     let _fused = crate::math::FusedMultiplyAdd::for_isa(module.isa());
+    let _activations = microkernel::activation::ActivationFunctions::define_for_graph(module, target, g)?;
     let gemm_tile = GemmKernelKind::for_target(target).tile(target);
     let gemm_plans: Vec<Option<ConvGemmPlan>> = g.nodes.iter().map(|n| conv_gemm::plan(g, n, gemm_tile)).collect();
     let gemv_plans: Vec<Option<GemvPlan>> = g.nodes.iter().map(|n| gemv::plan(g, n)).collect();

@@ -36,8 +36,8 @@
 
 use cnnc_ir::{BinaryFn, DType, EpilogueStep, Graph, Layout, Node, Op, UnaryFn};
 use cranelift_codegen::ir::{
-    Endianness, InstBuilder, MemFlagsData, Value,
-    types::{F32, F32X4, F64, F64X2, I8X16},
+    Endianness, FuncRef, InstBuilder, MemFlagsData, Value,
+    types::{F32, F32X4, F64, F64X2, I8X16, I64},
 };
 use cranelift_frontend::FunctionBuilder;
 
@@ -48,6 +48,7 @@ use super::compute::{
 };
 use super::elementwise::{binary_lane, check_binary, check_unary, unary_lane};
 use super::{CodegenError, KernelCtx};
+use crate::microkernel::activation::{self, ActivationSpec};
 
 /// Kernels with more taps run on the generic direct kernel (code size: every tap is
 /// unrolled in every tile).
@@ -88,6 +89,10 @@ pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
     let steps = epilogue_steps(k.graph, k.node, &plan);
     let in_registers = steps.is_some();
     let steps = steps.unwrap_or_default();
+    // An all-unary epilogue the AVX2 functions implement runs over each finished
+    // channel plane instead of per f32x4 accumulator (the bias is in the accumulators).
+    let activation = activation_function(k.b, &steps);
+    let steps = if activation.is_some() { Vec::new() } else { steps };
     let buffers = Buffers {
         x: k.inputs[0],
         w: k.inputs[1],
@@ -102,7 +107,7 @@ pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
             .collect(),
     };
     let mut failure = None;
-    plan.emit(k.b, &buffers, &steps, &mut failure);
+    plan.emit(k.b, &buffers, &steps, activation, &mut failure);
     if let Some(e) = failure {
         return Err(e);
     }
@@ -405,7 +410,14 @@ impl DepthwisePlan {
         self.taps() <= MAX_PRELOADED_TAPS && crate::math::fused_multiply_add()
     }
 
-    fn emit(&self, b: &mut FunctionBuilder, buf: &Buffers, steps: &[Step], failure: &mut Option<CodegenError>) {
+    fn emit(
+        &self,
+        b: &mut FunctionBuilder,
+        buf: &Buffers,
+        steps: &[Step],
+        activation: Option<FuncRef>,
+        failure: &mut Option<CodegenError>,
+    ) {
         let channels = self.channels as i64;
         let taps = self.taps() as i64;
         let padded = self
@@ -472,6 +484,13 @@ impl DepthwisePlan {
                     None => x_c,
                 };
                 self.emit_channel(b, &ch, steps, x_c, y_c, failure);
+                if let Some(function) = activation {
+                    // The plane as one row: it was just written, so it is in L1 or L2.
+                    let one = b.ins().iconst(I64, 1);
+                    let floats = b.ins().iconst(I64, self.out_plane());
+                    let no_bias = b.ins().iconst(I64, 0);
+                    b.ins().call(function, &[y_c, one, floats, floats, no_bias]);
+                }
                 vec![]
             });
             vec![]
@@ -841,6 +860,20 @@ fn mask_lanes(b: &mut FunctionBuilder, v: Value, keep: [bool; LANES]) -> Value {
     let flags = MemFlagsData::new().with_endianness(Endianness::Little);
     let mask = b.ins().bitcast(F32X4, flags, mask);
     b.ins().band(v, mask)
+}
+
+/// The AVX2+FMA function of an all-unary epilogue (see `microkernel::activation`), when
+/// the graph being compiled has one.
+fn activation_function(b: &mut FunctionBuilder, steps: &[Step]) -> Option<FuncRef> {
+    let unary: Vec<UnaryFn> = steps
+        .iter()
+        .map(|s| match s {
+            Step::Unary(f) => Some(*f),
+            Step::Binary { .. } => None,
+        })
+        .collect::<Option<_>>()?;
+    let spec = ActivationSpec::new(false, &unary)?;
+    activation::import(b.func, &spec)
 }
 
 /// Applies the epilogue to an accumulator vector and stores its first `lanes` lanes

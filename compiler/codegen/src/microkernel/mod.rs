@@ -30,6 +30,7 @@ use target_lexicon::Architecture;
 use crate::kernels::CodegenError;
 use crate::target::TargetSpec;
 
+pub mod activation;
 pub mod peak;
 pub mod portable;
 pub mod x86;

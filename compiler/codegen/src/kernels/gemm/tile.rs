@@ -8,17 +8,20 @@
 //! position) with element strides; positions move by 1 (an operand of the output's
 //! shape) or 0 (one value per channel or per image), which covers residuals and
 //! per-channel scales. Other broadcasts are applied after the convolution instead.
+//! On AVX2+FMA targets an epilogue of a bias and unary steps is one call to an 8-lane
+//! machine-code function (`microkernel::activation`) per tile instead.
 
 use cnnc_ir::{BinaryFn, DType, UnaryFn};
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4};
-use cranelift_codegen::ir::{Endianness, InstBuilder, MemFlagsData, Value};
+use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64};
+use cranelift_codegen::ir::{Endianness, FuncRef, InstBuilder, MemFlagsData, Value};
 use cranelift_frontend::FunctionBuilder;
 
 use super::{repeat, scaled};
 use crate::kernels::CodegenError;
 use crate::kernels::compute::{LANES, scalar_flags, vector_flags};
 use crate::kernels::elementwise::{binary_lane, unary_lane};
+use crate::microkernel::activation::{self, ActivationSpec};
 
 const F32_BYTES: i64 = 4;
 
@@ -129,6 +132,39 @@ impl TileEpilogue<'_> {
         Ok(y)
     }
 
+    /// The epilogue as one call to an AVX2+FMA function (`microkernel::activation`),
+    /// when it is a bias and unary steps and the graph's functions include it.
+    fn activation_function(&self, b: &mut FunctionBuilder) -> Option<FuncRef> {
+        let steps: Vec<UnaryFn> = self
+            .steps
+            .iter()
+            .map(|s| match s {
+                TileStep::Unary(f) => Some(*f),
+                TileStep::Binary { .. } => None,
+            })
+            .collect::<Option<_>>()?;
+        let spec = ActivationSpec::new(self.bias.is_some(), &steps)?;
+        activation::import(b.func, &spec)
+    }
+
+    /// Calls `function` over `rows` x `cols` at `tile`, rows from output channel `channel`.
+    fn call_activation(
+        &self,
+        b: &mut FunctionBuilder,
+        function: FuncRef,
+        tile: Value,
+        rows: Value,
+        cols: Value,
+        channel: Value,
+    ) {
+        let bias = match self.bias {
+            Some(base) => scaled(b, base, channel, F32_BYTES),
+            None => b.ins().iconst(I64, 0),
+        };
+        let row_bytes = b.ins().iconst(I64, self.row_stride * F32_BYTES);
+        b.ins().call(function, &[tile, rows, cols, row_bytes, bias]);
+    }
+
     /// The epilogue over `rows` rows of `cols` columns at `tile` (`cols` a compile-time
     /// multiple of 4): channel `channel + r` for row r, positions from `position`.
     #[allow(clippy::too_many_arguments)]
@@ -142,6 +178,11 @@ impl TileEpilogue<'_> {
         rows: Value,
         cols: usize,
     ) -> Result<(), CodegenError> {
+        if let Some(function) = self.activation_function(b) {
+            let cols = b.ins().iconst(I64, cols as i64);
+            self.call_activation(b, function, tile, rows, cols, channel);
+            return Ok(());
+        }
         let row_bytes = self.row_stride * F32_BYTES;
         let mut failure = None;
         repeat(b, rows, &[tile, channel], |b, carried| {
@@ -200,6 +241,10 @@ impl TileEpilogue<'_> {
         channel: Value,
         position: Value,
     ) -> Result<(), CodegenError> {
+        if let Some(function) = self.activation_function(b) {
+            self.call_activation(b, function, tile, rows, cols, channel);
+            return Ok(());
+        }
         let from = Source {
             at: tile,
             row_bytes: self.row_stride * F32_BYTES,
