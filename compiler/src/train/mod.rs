@@ -15,6 +15,7 @@ pub mod step;
 pub mod verify_train;
 mod rules_elementwise;
 mod rules_layout;
+mod rules_pool;
 mod rules_window;
 
 pub use autodiff::backward;

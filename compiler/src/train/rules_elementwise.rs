@@ -10,6 +10,10 @@ type Grads = Result<Vec<Option<ValueId>>, String>;
 
 /// d/dx of y = f(x). Kinks follow PyTorch: ReLU and Clip pass the gradient only strictly
 /// inside their linear range.
+///
+/// ReLU's and Clip's masks test the output y, not x (y > 0 exactly when x > 0, y inside
+/// (min, max) exactly when x is, NaN fails both): y is kept for the next layer anyway,
+/// so x dies at the activation, which then fuses into its convolution's epilogue.
 pub fn grad_unary(b: &mut Builder, f: UnaryFn, node: &Node, gy: ValueId) -> Grads {
     let (x, y) = (node.inputs[0], node.outputs[0]);
     let dx = match f {
@@ -17,7 +21,7 @@ pub fn grad_unary(b: &mut Builder, f: UnaryFn, node: &Node, gy: ValueId) -> Grad
         UnaryFn::Affine { scale, .. } => b.scale(gy, scale)?,
         UnaryFn::Relu => {
             let zero = b.scalar(0.0);
-            let positive = b.binary(BinaryFn::Greater, x, zero)?;
+            let positive = b.binary(BinaryFn::Greater, y, zero)?;
             b.mask(positive, gy)?
         }
         UnaryFn::LeakyRelu { alpha } => {
@@ -28,8 +32,8 @@ pub fn grad_unary(b: &mut Builder, f: UnaryFn, node: &Node, gy: ValueId) -> Grad
         }
         UnaryFn::Clip { min, max } => {
             let (lo, hi) = (b.scalar(min), b.scalar(max));
-            let above = b.binary(BinaryFn::Greater, x, lo)?;
-            let below = b.binary(BinaryFn::Less, x, hi)?;
+            let above = b.binary(BinaryFn::Greater, y, lo)?;
+            let below = b.binary(BinaryFn::Less, y, hi)?;
             let inside = b.binary(BinaryFn::And, above, below)?;
             b.mask(inside, gy)?
         }

@@ -1,7 +1,7 @@
 //! Gradient rules of windowed ops: convolution and pooling, expressed with convolutions.
 
 use cnnc_ir::{
-    BinaryFn, ConvGeometry, Node, Op, PadMode, PoolAttrs, PoolKind, Scalar, Tensor, TensorType, UnaryFn, ValueId,
+    BinaryFn, ConvGeometry, Node, Op, PadMode, PoolAttrs, PoolKind, Scalar, Tensor, TensorType, ValueId,
 };
 
 use super::autodiff::Builder;
@@ -373,7 +373,7 @@ pub fn grad_conv_transpose(b: &mut Builder, geometry: &ConvGeometry, node: &Node
 pub fn grad_pool(b: &mut Builder, attrs: &PoolAttrs, node: &Node, gy: ValueId) -> Grads {
     let dx = match attrs.kind {
         PoolKind::Avg { count_include_pad } => grad_avg_pool(b, attrs, count_include_pad, node, gy)?,
-        PoolKind::Max => grad_max_pool(b, attrs, node, gy)?,
+        PoolKind::Max => super::rules_pool::grad_max_pool(b, attrs, node.inputs[0], gy)?,
     };
     Ok(vec![Some(dx)])
 }
@@ -431,71 +431,4 @@ fn grad_avg_pool(b: &mut Builder, attrs: &PoolAttrs, count_include_pad: bool, no
     let ones = b.constant(Tensor::f32(w_shape.clone(), vec![1.0; w_shape.iter().product()]));
     let ty = b.g.ty(x).clone();
     b.push_typed(Op::ConvTranspose(window_geometry(attrs, channels)), &[scaled, ones], ty)
-}
-
-/// Max pooling's gradient goes to the first maximum of each window in row-major tap order
-/// (PyTorch's choice on ties). For each tap t, the tap's input under every window is a
-/// strided slice of x padded with −inf; it takes the gradient where it equals the window's
-/// maximum and no earlier tap did. The masked gradients, stacked per tap as channels
-/// [N, C·T, *out], are scattered back by one depthwise transposed convolution whose kernel
-/// for channel c·T + t is one-hot at tap t.
-fn grad_max_pool(b: &mut Builder, attrs: &PoolAttrs, node: &Node, gy: ValueId) -> Result<ValueId, String> {
-    let (x, y) = (node.inputs[0], node.outputs[0]);
-    let (x_shape, y_shape) = (b.shape(x), b.shape(y));
-    let spatial = x_shape.len() - 2;
-    let (batch, channels) = (x_shape[0], x_shape[1]);
-    let out_extent = y_shape[2..].to_vec();
-    let mut begins = vec![0i64; 2];
-    let mut ends = vec![0i64; 2];
-    for a in 0..spatial {
-        let reach = (out_extent[a].saturating_sub(1)) * attrs.strides[a] + (attrs.kernel[a] - 1) * attrs.dilations[a] + 1;
-        begins.push(attrs.pads_begin[a] as i64);
-        ends.push((reach as i64 - attrs.pads_begin[a] as i64 - x_shape[2 + a] as i64).max(0));
-    }
-    let padded = b.push(Op::Pad { begins, ends, mode: PadMode::Constant(Scalar::F32(f32::NEG_INFINITY)) }, &[x])?;
-    let taps: usize = attrs.kernel.iter().product();
-    let tap_strides = cnnc_ir::strides(&attrs.kernel);
-    let mut stacked_shape = vec![batch, channels, 1];
-    stacked_shape.extend(&out_extent);
-    let mut found: Option<ValueId> = None;
-    let mut pieces = Vec::with_capacity(taps);
-    for t in 0..taps {
-        let mut starts = vec![0, 0];
-        let mut steps = vec![1i64, 1];
-        for (a, &tap_stride) in tap_strides.iter().enumerate() {
-            starts.push(((t / tap_stride) % attrs.kernel[a]) * attrs.dilations[a]);
-            steps.push(attrs.strides[a] as i64);
-        }
-        let ty = b.g.ty(y).clone();
-        let under = b.push_typed(Op::Slice { starts, steps }, &[padded], ty)?;
-        let hit = b.binary(BinaryFn::Equal, under, y)?;
-        let first_hit = match found {
-            None => hit,
-            Some(earlier) => {
-                let fresh = b.unary(UnaryFn::Not, earlier)?;
-                b.binary(BinaryFn::And, hit, fresh)?
-            }
-        };
-        found = Some(match found {
-            None => hit,
-            Some(earlier) => b.binary(BinaryFn::Or, earlier, hit)?,
-        });
-        let masked = b.mask(first_hit, gy)?;
-        pieces.push(b.reshape(masked, &stacked_shape)?);
-    }
-    let stacked = if pieces.len() == 1 { pieces[0] } else { b.push(Op::Concat { axis: 2 }, &pieces)? };
-    let mut merged = vec![batch, channels * taps];
-    merged.extend(&out_extent);
-    let stacked = b.reshape(stacked, &merged)?;
-    let mut w_shape = vec![channels * taps, 1];
-    w_shape.extend(&attrs.kernel);
-    let mut one_hot = vec![0f32; channels * taps * taps];
-    for c in 0..channels {
-        for t in 0..taps {
-            one_hot[(c * taps + t) * taps + t] = 1.0;
-        }
-    }
-    let kernel = b.constant(Tensor::f32(w_shape, one_hot));
-    let ty = b.g.ty(x).clone();
-    b.push_typed(Op::ConvTranspose(window_geometry(attrs, channels)), &[stacked, kernel], ty)
 }

@@ -1,0 +1,176 @@
+//! Max pooling's gradient rule.
+
+use cnnc_ir::{ArgKind, BinaryFn, ConvGeometry, Op, PadMode, PoolAttrs, Scalar, Tensor, TensorData, ValueId};
+
+use super::autodiff::Builder;
+
+/// Max pooling's gradient goes to the first maximum of each window in row-major tap order
+/// (PyTorch's choice on ties; a NaN counts as the maximum, as in PyTorch).
+///
+/// The windows are stacked as [N, C, T, *out] (tap t of every window along axis 2), an
+/// ArgReduce over the taps finds each window's first maximum, and the gradient routed to
+/// that tap is scattered back to the input positions. Windows that tile the input
+/// exactly (stride = kernel, no padding or dilation) are a reshape and a transpose of x
+/// and scatter back by the inverse transpose; other windows are strided slices of x
+/// (padded with −inf, so a padding tap never wins over a number) and scatter back by a
+/// depthwise transposed convolution whose kernel for channel c·T + t is one-hot at tap t.
+/// (A window of nothing but −inf padding and −inf inputs may route its gradient to a
+/// padding tap, where it is dropped.)
+pub fn grad_max_pool(b: &mut Builder, attrs: &PoolAttrs, x: ValueId, gy: ValueId) -> Result<ValueId, String> {
+    let (x_shape, y_shape) = (b.shape(x), b.shape(gy));
+    let spatial = x_shape.len() - 2;
+    let (batch, channels) = (x_shape[0], x_shape[1]);
+    let out_extent = y_shape[2..].to_vec();
+    let taps: usize = attrs.kernel.iter().product();
+    let tiles = (0..spatial).all(|a| {
+        attrs.strides[a] == attrs.kernel[a]
+            && attrs.dilations[a] == 1
+            && attrs.pads_begin[a] == 0
+            && attrs.pads_end[a] == 0
+            && out_extent[a] * attrs.kernel[a] == x_shape[2 + a]
+    });
+    let mut stacked_shape = vec![batch, channels, taps];
+    stacked_shape.extend(&out_extent);
+    let windows = if tiles {
+        tiled_windows(b, attrs, x, &out_extent, &stacked_shape)?
+    } else {
+        strided_windows(b, attrs, x, &out_extent, &stacked_shape)?
+    };
+    let first = b.push(Op::ArgReduce { kind: ArgKind::Max, axis: 2, select_last_index: false }, &[windows])?;
+    let mut tap_shape = vec![1, 1, taps];
+    tap_shape.extend(std::iter::repeat_n(1, spatial));
+    let tap_index = b.constant(Tensor::new(tap_shape, TensorData::I64((0..taps as i64).collect())));
+    let chosen = b.binary(BinaryFn::Equal, first, tap_index)?;
+    let mut one_tap = vec![batch, channels, 1];
+    one_tap.extend(&out_extent);
+    let g = b.reshape(gy, &one_tap)?;
+    let routed = b.mask(chosen, g)?;
+    if tiles {
+        untile(b, attrs, routed, &x_shape, &out_extent)
+    } else {
+        scatter_by_taps(b, attrs, routed, x)
+    }
+}
+
+/// x [N, C, o0·k0, o1·k1, …] as [N, C, T, o0, o1, …]: a reshape to [N, C, o0, k0, o1, k1, …]
+/// and one transpose.
+fn tiled_windows(
+    b: &mut Builder,
+    attrs: &PoolAttrs,
+    x: ValueId,
+    out_extent: &[usize],
+    stacked_shape: &[usize],
+) -> Result<ValueId, String> {
+    let spatial = out_extent.len();
+    let x_shape = b.shape(x);
+    let mut split = x_shape[..2].to_vec();
+    for a in 0..spatial {
+        split.extend([out_extent[a], attrs.kernel[a]]);
+    }
+    let split = b.reshape(x, &split)?;
+    let mut perm = vec![0, 1];
+    perm.extend((0..spatial).map(|a| 3 + 2 * a));
+    perm.extend((0..spatial).map(|a| 2 + 2 * a));
+    let moved = b.transpose(split, perm)?;
+    b.reshape(moved, stacked_shape)
+}
+
+/// The inverse of `tiled_windows` on the routed gradient [N, C, T, *out].
+fn untile(
+    b: &mut Builder,
+    attrs: &PoolAttrs,
+    routed: ValueId,
+    x_shape: &[usize],
+    out_extent: &[usize],
+) -> Result<ValueId, String> {
+    let spatial = out_extent.len();
+    let mut split = x_shape[..2].to_vec();
+    split.extend(&attrs.kernel);
+    split.extend(out_extent);
+    let split = b.reshape(routed, &split)?;
+    let mut perm = vec![0, 1];
+    for a in 0..spatial {
+        perm.extend([2 + spatial + a, 2 + a]);
+    }
+    let moved = b.transpose(split, perm)?;
+    b.reshape(moved, x_shape)
+}
+
+/// Tap t of every window as a strided slice of x padded with −inf (no Pad when the
+/// windows stay inside x), the T slices concatenated along axis 2.
+fn strided_windows(
+    b: &mut Builder,
+    attrs: &PoolAttrs,
+    x: ValueId,
+    out_extent: &[usize],
+    stacked_shape: &[usize],
+) -> Result<ValueId, String> {
+    let x_shape = b.shape(x);
+    let spatial = out_extent.len();
+    let mut begins = vec![0i64; 2];
+    let mut ends = vec![0i64; 2];
+    for a in 0..spatial {
+        let reach = (out_extent[a].saturating_sub(1)) * attrs.strides[a] + (attrs.kernel[a] - 1) * attrs.dilations[a] + 1;
+        begins.push(attrs.pads_begin[a] as i64);
+        ends.push((reach as i64 - attrs.pads_begin[a] as i64 - x_shape[2 + a] as i64).max(0));
+    }
+    let padded = if begins.iter().chain(&ends).all(|&p| p == 0) {
+        x
+    } else {
+        b.push(Op::Pad { begins, ends, mode: PadMode::Constant(Scalar::F32(f32::NEG_INFINITY)) }, &[x])?
+    };
+    let taps: usize = attrs.kernel.iter().product();
+    let tap_strides = cnnc_ir::strides(&attrs.kernel);
+    let mut slice_shape = x_shape[..2].to_vec();
+    slice_shape.extend(out_extent);
+    let mut one_tap = x_shape[..2].to_vec();
+    one_tap.push(1);
+    one_tap.extend(out_extent);
+    let dtype = b.g.ty(x).dtype;
+    let mut pieces = Vec::with_capacity(taps);
+    for t in 0..taps {
+        let mut starts = vec![0, 0];
+        let mut steps = vec![1i64, 1];
+        for (a, &tap_stride) in tap_strides.iter().enumerate() {
+            starts.push(((t / tap_stride) % attrs.kernel[a]) * attrs.dilations[a]);
+            steps.push(attrs.strides[a] as i64);
+        }
+        let ty = cnnc_ir::TensorType::new(dtype, slice_shape.clone());
+        let under = b.push_typed(Op::Slice { starts, steps }, &[padded], ty)?;
+        pieces.push(b.reshape(under, &one_tap)?);
+    }
+    if pieces.len() == 1 {
+        return b.reshape(pieces[0], stacked_shape);
+    }
+    b.push(Op::Concat { axis: 2 }, &pieces)
+}
+
+/// The routed gradient [N, C, T, *out] back onto x's positions: a depthwise transposed
+/// convolution over C·T channels with a one-hot kernel per tap (overlapping windows add).
+fn scatter_by_taps(b: &mut Builder, attrs: &PoolAttrs, routed: ValueId, x: ValueId) -> Result<ValueId, String> {
+    let x_shape = b.shape(x);
+    let routed_shape = b.shape(routed);
+    let (batch, channels, taps) = (routed_shape[0], routed_shape[1], routed_shape[2]);
+    let mut merged = vec![batch, channels * taps];
+    merged.extend(&routed_shape[3..]);
+    let stacked = b.reshape(routed, &merged)?;
+    let mut w_shape = vec![channels * taps, 1];
+    w_shape.extend(&attrs.kernel);
+    let mut one_hot = vec![0f32; channels * taps * taps];
+    for c in 0..channels {
+        for t in 0..taps {
+            one_hot[(c * taps + t) * taps + t] = 1.0;
+        }
+    }
+    let kernel = b.constant(Tensor::f32(w_shape, one_hot));
+    let geometry = ConvGeometry {
+        strides: attrs.strides.clone(),
+        dilations: attrs.dilations.clone(),
+        pads_begin: attrs.pads_begin.clone(),
+        pads_end: attrs.pads_end.clone(),
+        groups: channels,
+    };
+    let ty = b.g.ty(x).clone();
+    debug_assert_eq!(ty.shape, x_shape);
+    b.push_typed(Op::ConvTranspose(geometry), &[stacked, kernel], ty)
+}
