@@ -714,7 +714,7 @@ fn pointwise_problem() -> impl Strategy<Value = ConvProblem> {
         any::<bool>(),
     )
         .prop_map(|(mut p, (c, m, h, w), runtime_weights)| {
-            p.groups = 1;
+            // Groups (1 or 2, from `problem`) move each group's rows read in place.
             p.in_per_group = c;
             p.out_per_group = m;
             p.input = vec![h, w];
@@ -737,6 +737,54 @@ proptest! {
         let (g, inputs) = p.graph();
         let want = reference(&g, &inputs);
         let got = host_jit(&g, &inputs).map_err(TestCaseError::fail)?;
+        check_all(&got, &want).map_err(TestCaseError::fail)?;
+    }
+}
+
+/// Shallow 2-D convolutions (a network's first layer: few channels, depth <= 64) with
+/// rows wide enough for whole panels inside the input, which take the unrolled
+/// interior packing; edge panels, blocks that split the reduction (`blocking`) and
+/// panels across rows take the general one.
+fn shallow_problem() -> impl Strategy<Value = ConvProblem> {
+    (
+        problem(),
+        (1usize..=6, 1usize..=3, 1usize..=3, 1usize..=2, 1usize..=2, 0usize..=1),
+        (3usize..=12, 16usize..=48),
+    )
+        .prop_map(|(mut p, (c, kh, kw, stride, dilation, pad), (h, w))| {
+            p.groups = 1;
+            p.in_per_group = c;
+            p.kernel = vec![kh, kw];
+            p.strides = vec![stride, stride];
+            p.dilations = vec![dilation, dilation];
+            p.pads_begin = vec![pad, pad];
+            p.pads_end = vec![pad, pad];
+            p.input = vec![h.max((kh - 1) * dilation + 1), w];
+            p
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(48), ..ProptestConfig::default() })]
+
+    /// Shallow convolutions on the host's microkernel.
+    #[test]
+    fn shallow_convs_match_interpreter(p in shallow_problem()) {
+        let (g, inputs) = p.graph();
+        let want = reference(&g, &inputs);
+        let got = host_jit(&g, &inputs).map_err(TestCaseError::fail)?;
+        check_all(&got, &want).map_err(TestCaseError::fail)?;
+    }
+
+    /// Shallow convolutions on the portable kernel (panels of 8 positions), with threads.
+    #[test]
+    fn shallow_convs_portable_with_threads_match_interpreter(p in shallow_problem()) {
+        // See `portable_kernel_with_threads_matches_interpreter`.
+        prop_assume!(!p.steps.iter().any(|s| matches!(s, Step::SpatialBroadcast)));
+        let (g, inputs) = p.graph();
+        let want = reference(&g, &inputs);
+        let target = TargetSpec::parse(None, Some("x86-64-v2")).unwrap();
+        let got = run_shared(&g, &target, 2, &inputs).map_err(TestCaseError::fail)?;
         check_all(&got, &want).map_err(TestCaseError::fail)?;
     }
 }

@@ -38,12 +38,12 @@
 
 use cnnc_ir::{ConstValue, DType, EpilogueStep, Graph, Layout, Node, Op, Scalar, TensorData, ValueId};
 use cranelift_codegen::Context;
+use cranelift_codegen::ir::AbiParam;
 use cranelift_codegen::ir::types::I64;
-use cranelift_codegen::ir::{
-    FuncRef, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, Value,
-};
+use cranelift_codegen::ir::{FuncRef, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, Value};
+use cranelift_codegen::isa::CallConv;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
-use cranelift_module::{DataId, FuncId, Module};
+use cranelift_module::{DataId, FuncId, FuncOrDataId, Linkage, Module};
 
 use crate::module::define_local;
 
@@ -125,6 +125,11 @@ pub struct ConvGemmPlan {
     /// as in training graphs): the node packs them into its scratch, after the slots
     /// (`weights_offset`), before running the tasks.
     pub runtime_weights: bool,
+    /// B is read where it lies: a flat 1x1 convolution with channels as rows on the
+    /// AVX2 6x16 kernel, whose input `[C, P]` is already the K x N matrix. Whole panels
+    /// go to the strided-B microkernel (`STRIDED_B_KERNEL`) straight from the input
+    /// rows; only a last panel past the positions is packed (zero-filled).
+    pub in_place_b: bool,
 }
 
 impl ConvGemmPlan {
@@ -411,6 +416,7 @@ pub fn plan(g: &Graph, node: &Node, (mr, nr): (usize, usize)) -> Option<ConvGemm
     if let Some(w) = &mut winograd {
         w.set_block(nc);
     }
+    let in_place_b = pointwise && winograd.is_none() && orientation == Orientation::ChannelRows && (mr, nr) == (6, 16);
     Some(ConvGemmPlan {
         batch,
         groups,
@@ -431,6 +437,7 @@ pub fn plan(g: &Graph, node: &Node, (mr, nr): (usize, usize)) -> Option<ConvGemm
         tile_steps,
         weight: node.inputs[1],
         runtime_weights,
+        in_place_b,
     })
 }
 
@@ -577,6 +584,29 @@ fn tile_steps(g: &Graph, node: &Node, out_shape: &[usize]) -> Option<Vec<TileSte
     Some(steps)
 }
 
+/// Symbol of the AVX2 6x16 microkernel that reads B rows in place
+/// (`x86::assemble_avx2_gemm_strided_b`): `(k, a, b, c, ldc, accumulate, ldb)`.
+pub const STRIDED_B_KERNEL: &str = "cnnc_gemm_f32_avx2_6x16_strided_b";
+
+/// The strided-B microkernel, defined by the first node that needs it (its only
+/// declaration is here, so a declared symbol is a defined one).
+fn strided_b_kernel<M: Module>(module: &mut M) -> Result<FuncId, CodegenError> {
+    if let Some(FuncOrDataId::Func(id)) = module.get_name(STRIDED_B_KERNEL) {
+        return Ok(id);
+    }
+    let mut sig = module.make_signature();
+    sig.call_conv = CallConv::SystemV;
+    sig.params.extend([AbiParam::new(I64); 7]);
+    let id = module
+        .declare_function(STRIDED_B_KERNEL, Linkage::Local, &sig)
+        .map_err(|e| CodegenError(format!("declaring {STRIDED_B_KERNEL}: {e}")))?;
+    let kernel = crate::microkernel::x86::assemble_avx2_gemm_strided_b()?;
+    module
+        .define_function_bytes(id, crate::microkernel::x86::CODE_ALIGN, &kernel.code, &[])
+        .map_err(|e| CodegenError(format!("defining {STRIDED_B_KERNEL}: {e}")))?;
+    Ok(id)
+}
+
 /// Functions and data a module shares between its GEMM nodes.
 pub struct GemmEnv {
     pub kernel: GemmKernel,
@@ -611,15 +641,30 @@ pub fn define_node<M: Module>(
         let weights = constant_weights(g, node)
             .ok_or_else(|| CodegenError(format!("conv '{}': the weights are not a constant", node.name)))?;
         let bytes = plan.pack_weights(&weights);
-        Some(crate::module::define_bytes(module, &format!("cnnc_w{node_index}"), bytes)?)
+        Some(crate::module::define_bytes(
+            module,
+            &format!("cnnc_w{node_index}"),
+            bytes,
+        )?)
     };
 
+    let strided_b = if plan.in_place_b {
+        Some(strided_b_kernel(module)?)
+    } else {
+        None
+    };
     let task_name = format!("cnnc_k{node_index}_conv_gemm_task");
     let task_sig = parallel::task_signature(module);
     let what = format!("GEMM task of conv '{}'", node.name);
-    let task = define_local(module, &task_name, &task_sig, ctx, fb_ctx, &what, |b, module, params| {
-        emit_task(module, env, b, node, plan, a_data, params[0], params[1])
-    })?;
+    let task = define_local(
+        module,
+        &task_name,
+        &task_sig,
+        ctx,
+        fb_ctx,
+        &what,
+        |b, module, params| emit_task(module, env, strided_b, b, node, plan, a_data, params[0], params[1]),
+    )?;
 
     let name = format!("cnnc_k{node_index}_conv_gemm");
     let what = format!("kernel of conv '{}' (GEMM)", node.name);
@@ -705,6 +750,7 @@ fn ceil_div_value(b: &mut FunctionBuilder, numerator: i64, d: Value) -> Value {
 fn emit_task<M: Module>(
     module: &mut M,
     env: &GemmEnv,
+    strided_b: Option<FuncId>,
     b: &mut FunctionBuilder,
     node: &Node,
     plan: &ConvGemmPlan,
@@ -714,6 +760,7 @@ fn emit_task<M: Module>(
 ) -> Result<(), CodegenError> {
     let saved_fp = env.float_env.map(|f| f.emit_enter(module, b));
     let kernel = module.declare_func_in_func(env.kernel.func, b.func);
+    let strided_kernel = strided_b.map(|id| module.declare_func_in_func(id, b.func));
 
     let ctx_flags = MemFlagsData::trusted().with_readonly();
     let bufs = b.ins().load(I64, ctx_flags, task_ctx, CTX_BUFFERS);
@@ -789,6 +836,7 @@ fn emit_task<M: Module>(
     let frame = TaskFrame {
         plan,
         kernel,
+        strided_kernel,
         epilogue,
         scratch: slot_base,
         image,
@@ -818,6 +866,8 @@ pub struct TaskFrame<'a> {
     pub plan: &'a ConvGemmPlan,
     /// The microkernel.
     pub kernel: FuncRef,
+    /// The strided-B microkernel when the plan reads B in place (`in_place_b`).
+    pub strided_kernel: Option<FuncRef>,
     pub epilogue: TileEpilogue<'a>,
     /// This task's slot of the node's scratch (`plan.slot_bytes()`, 64-byte aligned).
     pub scratch: Value,

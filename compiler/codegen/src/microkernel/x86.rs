@@ -102,12 +102,33 @@ pub const CODE_ALIGN: u64 = 64;
 
 /// The 6x16 AVX2+FMA kernel.
 pub fn assemble_avx2_gemm() -> Result<AssembledKernel, CodegenError> {
-    assemble(&AVX2_TILE)
+    assemble(&AVX2_TILE, BRows::Packed)
 }
 
 /// The 14x32 AVX-512F kernel.
 pub fn assemble_avx512_gemm() -> Result<AssembledKernel, CodegenError> {
-    assemble(&AVX512_TILE)
+    assemble(&AVX512_TILE, BRows::Packed)
+}
+
+/// The 6x16 AVX2+FMA kernel reading B in place: `kernel(k, a, b, c, ldc, accumulate,
+/// ldb)`, B row `kk` at `b + kk * ldb` bytes (any alignment), everything else as in the
+/// module contract. The seventh argument is on the stack (SystemV); the kernel only
+/// reads it. Used by 1x1 convolutions, whose input already is the K x N matrix, so
+/// the copy into packed panels is skipped.
+pub fn assemble_avx2_gemm_strided_b() -> Result<AssembledKernel, CodegenError> {
+    assemble(&AVX2_TILE, BRows::Strided)
+}
+
+/// How many panels ahead the strided-B kernel prefetches its rows.
+const STRIDED_B_PREFETCH_PANELS: usize = 2;
+
+/// Where the kernel finds B's rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BRows {
+    /// Consecutive, `nr` floats apart (the packed panel of the contract).
+    Packed,
+    /// `ldb` bytes apart, `ldb` the seventh argument (on the stack).
+    Strided,
 }
 
 fn asm_error(e: IcedError) -> CodegenError {
@@ -116,7 +137,7 @@ fn asm_error(e: IcedError) -> CodegenError {
 
 /// Assembles twice: once to learn where the main loop lands, once with the padding
 /// that aligns it.
-fn assemble<R: Copy>(shape: &TileShape<R>) -> Result<AssembledKernel, CodegenError>
+fn assemble<R: Copy>(shape: &TileShape<R>, b_rows: BRows) -> Result<AssembledKernel, CodegenError>
 where
     CodeAssembler: VectorOps<R>,
 {
@@ -135,9 +156,15 @@ where
             shape.registers.len()
         )));
     }
-    let first = emit(shape, 0)?;
+    if b_rows == BRows::Strided && shape.k_unroll != 4 {
+        return Err(CodegenError(format!(
+            "internal: the strided-B GEMM kernel addresses 4 rows per iteration, the tile unrolls {}",
+            shape.k_unroll
+        )));
+    }
+    let first = emit(shape, 0, b_rows)?;
     let pad = (LOOP_ALIGN - first.main_loop_offset % LOOP_ALIGN) % LOOP_ALIGN;
-    let kernel = emit(shape, pad)?;
+    let kernel = emit(shape, pad, b_rows)?;
     if kernel.main_loop_offset % LOOP_ALIGN != 0 {
         return Err(CodegenError(format!(
             "internal: GEMM main loop at offset {} after padding by {pad}",
@@ -170,13 +197,16 @@ const ACCUMULATE: AsmRegister64 = r9;
 const ROW_BYTES: AsmRegister64 = r10;
 const ROW: AsmRegister64 = r11;
 const TRIPS: AsmRegister64 = rax;
+// Strided B only, during the k loops (ROW_BYTES and ROW are free then): ldb and 3 * ldb.
+const LDB: AsmRegister64 = r10;
+const LDB3: AsmRegister64 = r11;
 
-fn emit<R: Copy>(shape: &TileShape<R>, loop_pad: usize) -> Result<AssembledKernel, CodegenError>
+fn emit<R: Copy>(shape: &TileShape<R>, loop_pad: usize, b_rows: BRows) -> Result<AssembledKernel, CodegenError>
 where
     CodeAssembler: VectorOps<R>,
 {
     let mut asm = CodeAssembler::new(64).map_err(asm_error)?;
-    let main_loop = emit_body(&mut asm, shape, loop_pad).map_err(asm_error)?;
+    let main_loop = emit_body(&mut asm, shape, loop_pad, b_rows).map_err(asm_error)?;
     let result = asm
         .assemble_options(0, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)
         .map_err(asm_error)?;
@@ -190,7 +220,12 @@ where
 }
 
 /// Emits the whole kernel; returns the label of the k main loop.
-fn emit_body<R: Copy>(asm: &mut CodeAssembler, shape: &TileShape<R>, loop_pad: usize) -> Result<CodeLabel, IcedError>
+fn emit_body<R: Copy>(
+    asm: &mut CodeAssembler,
+    shape: &TileShape<R>,
+    loop_pad: usize,
+    b_rows: BRows,
+) -> Result<CodeLabel, IcedError>
 where
     CodeAssembler: VectorOps<R>,
 {
@@ -218,15 +253,36 @@ where
             (shape.zero)(asm, accumulator(row, v))?;
         }
     }
+    if b_rows == BRows::Strided {
+        // The seventh argument, above the return address.
+        asm.mov(LDB, qword_ptr(rsp + 8))?;
+        asm.lea(LDB3, LDB + LDB * 2)?;
+    }
 
-    // One k step at offset `step` (in k) from the current A and B pointers.
+    // One k step at offset `step` (in k, below the unroll) from the current A and B pointers.
     let k_step = |asm: &mut CodeAssembler, step: usize| -> Result<(), IcedError> {
-        let b_offset = (step * shape.nr() * 4) as i32;
         for v in 0..vpr {
-            asm.vmovups(
-                b_row(v),
-                ymmword_or_zmmword(shape, B + (b_offset + v as i32 * vector_bytes)),
-            )?;
+            let within = v as i32 * vector_bytes;
+            let at = match (b_rows, step) {
+                (BRows::Packed, _) => B + ((step * shape.nr() * 4) as i32 + within),
+                (BRows::Strided, 0) => B + within,
+                (BRows::Strided, 1) => B + LDB + within,
+                (BRows::Strided, 2) => B + LDB * 2 + within,
+                (BRows::Strided, _) => B + LDB3 + within,
+            };
+            asm.vmovups(b_row(v), ymmword_or_zmmword(shape, at))?;
+        }
+        if b_rows == BRows::Strided {
+            // The row's next panels (callers walk panels along the rows, 64 bytes
+            // each): one line per row and k step, fetched ahead of the call reading it.
+            let ahead = (shape.nr() * 4 * STRIDED_B_PREFETCH_PANELS) as i32;
+            let at = match step {
+                0 => B + ahead,
+                1 => B + LDB + ahead,
+                2 => B + LDB * 2 + ahead,
+                _ => B + LDB3 + ahead,
+            };
+            asm.prefetcht0(byte_ptr(at))?;
         }
         for row in 0..mr {
             let a_offset = ((step * mr + row) * 4) as i32;
@@ -257,7 +313,10 @@ where
         k_step(asm, step)?;
     }
     asm.add(A, (unroll * mr * 4) as i32)?;
-    asm.add(B, (unroll * shape.nr() * 4) as i32)?;
+    match b_rows {
+        BRows::Packed => asm.add(B, (unroll * shape.nr() * 4) as i32)?,
+        BRows::Strided => asm.lea(B, B + LDB * 4)?,
+    }
     asm.dec(TRIPS)?;
     asm.jnz(main_loop)?;
 
@@ -267,11 +326,17 @@ where
     asm.set_label(&mut remainder_loop)?;
     k_step(asm, 0)?;
     asm.add(A, (mr * 4) as i32)?;
-    asm.add(B, (shape.nr() * 4) as i32)?;
+    match b_rows {
+        BRows::Packed => asm.add(B, (shape.nr() * 4) as i32)?,
+        BRows::Strided => asm.add(B, LDB)?,
+    }
     asm.dec(K)?;
     asm.jnz(remainder_loop)?;
 
     asm.set_label(&mut store)?;
+    if b_rows == BRows::Strided {
+        asm.lea(ROW_BYTES, LDC * 4)?;
+    }
     asm.test(ACCUMULATE, ACCUMULATE)?;
     asm.jz(store_plain)?;
     for row in 0..mr {

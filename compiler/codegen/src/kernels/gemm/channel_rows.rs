@@ -8,12 +8,12 @@
 //! positions) is computed into a temporary tile whose valid part is copied or added.
 //! After the last k-block each tile gets the epilogue while it is in L1.
 
-use cranelift_codegen::ir::InstBuilder;
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{I8, I64};
+use cranelift_codegen::ir::{InstBuilder, Value};
 use cranelift_frontend::FunctionBuilder;
 
-use super::pack::emit_pack_block;
+use super::pack::{emit_pack_block, emit_pack_ragged_panel};
 use super::tile::emit_merge;
 use super::{for_range, int, scaled};
 use crate::kernels::CodegenError;
@@ -35,6 +35,7 @@ pub fn emit(b: &mut FunctionBuilder, f: &TaskFrame) -> Result<(), CodegenError> 
     let edge_rows = plan.out_channels % plan.mr;
     let ragged_positions = !plan.positions.is_multiple_of(plan.nr);
     let panel_bytes = kc * nr * F32_BYTES;
+    let in_plane_bytes = plan.in_plane as i64 * F32_BYTES;
     let packed = f.scratch;
     let tmp_tile = b.ins().iadd_imm_s(packed, (plan.kc * plan.nc * 4) as i64);
     let pack_shape = f.pack_shape(plan.nr);
@@ -46,17 +47,37 @@ pub fn emit(b: &mut FunctionBuilder, f: &TaskFrame) -> Result<(), CodegenError> 
         let rest = b.ins().isub(depth_v, k0);
         let kc_v = int(b, kc);
         let kcb = b.ins().umin(rest, kc_v);
-        emit_pack_block(
-            b,
-            &pack_shape,
-            f.x_group,
-            f.p_start,
-            f.p_panels,
-            k0,
-            kcb,
-            packed,
-            panel_bytes,
-        );
+        // With B in place, whole panels are read from the input rows: only a ragged
+        // last panel is packed, and every call goes to the strided kernel (a packed
+        // panel is B with rows `nr` floats apart).
+        let in_place = f.strided_kernel.map(|_| {
+            emit_pack_ragged_panel(
+                b,
+                &pack_shape,
+                f.x_group,
+                f.p_start,
+                f.p_panels,
+                k0,
+                kcb,
+                packed,
+                panel_bytes,
+            );
+            let first_row = b.ins().imul_imm_s(k0, in_plane_bytes);
+            b.ins().iadd(f.x_group, first_row)
+        });
+        if in_place.is_none() {
+            emit_pack_block(
+                b,
+                &pack_shape,
+                f.x_group,
+                f.p_start,
+                f.p_panels,
+                k0,
+                kcb,
+                packed,
+                panel_bytes,
+            );
+        }
         let accumulate = b.ins().icmp_imm_s(IntCC::NotEqual, kb, 0);
         let accumulate = b.ins().uextend(I64, accumulate);
         let is_last = b.ins().icmp_imm_s(IntCC::Equal, kb, (k_blocks - 1) as i64);
@@ -78,12 +99,32 @@ pub fn emit(b: &mut FunctionBuilder, f: &TaskFrame) -> Result<(), CodegenError> 
                 let p0 = b.ins().iadd(f.p_start, p_in_block);
                 let packed_panel = scaled(b, packed, pp, panel_bytes);
                 let c = scaled(b, c_rows, p0, F32_BYTES);
-                let full = if ragged_positions {
+                let cols_full = if ragged_positions {
                     let end = b.ins().iadd_imm_s(p0, nr);
-                    let cols_full = b.ins().icmp_imm_s(IntCC::SignedLessThanOrEqual, end, positions);
-                    b.ins().band(rows_full, cols_full)
+                    b.ins().icmp_imm_s(IntCC::SignedLessThanOrEqual, end, positions)
                 } else {
-                    rows_full
+                    b.ins().iconst(I8, 1)
+                };
+                let full = b.ins().band(rows_full, cols_full);
+                // (B panel, its row stride in bytes) for the strided kernel.
+                let strided_b = in_place.map(|rows_k0| {
+                    let in_place_panel = scaled(b, rows_k0, p0, F32_BYTES);
+                    let panel = b.ins().select(cols_full, in_place_panel, packed_panel);
+                    let plane = int(b, in_plane_bytes);
+                    let packed_row = int(b, nr * F32_BYTES);
+                    let ldb = b.ins().select(cols_full, plane, packed_row);
+                    (panel, ldb)
+                });
+                let call_kernel = |b: &mut FunctionBuilder, c: Value, ldc: Value, accumulate: Value| match (
+                    f.strided_kernel,
+                    strided_b,
+                ) {
+                    (Some(kernel), Some((panel, ldb))) => {
+                        b.ins().call(kernel, &[kcb, a, panel, c, ldc, accumulate, ldb]);
+                    }
+                    _ => {
+                        b.ins().call(f.kernel, &[kcb, a, packed_panel, c, ldc, accumulate]);
+                    }
                 };
                 let full_block = b.create_block();
                 let edge_block = b.create_block();
@@ -93,7 +134,7 @@ pub fn emit(b: &mut FunctionBuilder, f: &TaskFrame) -> Result<(), CodegenError> 
                 b.switch_to_block(full_block);
                 b.seal_block(full_block);
                 let ldc = int(b, positions);
-                b.ins().call(f.kernel, &[kcb, a, packed_panel, c, ldc, accumulate]);
+                call_kernel(b, c, ldc, accumulate);
                 if !epilogue.is_empty() {
                     let epilogue_block = b.create_block();
                     b.ins().brif(is_last, epilogue_block, &[], next, &[]);
@@ -110,8 +151,7 @@ pub fn emit(b: &mut FunctionBuilder, f: &TaskFrame) -> Result<(), CodegenError> 
                 b.seal_block(edge_block);
                 let tmp_ldc = int(b, nr);
                 let fresh = int(b, 0);
-                b.ins()
-                    .call(f.kernel, &[kcb, a, packed_panel, tmp_tile, tmp_ldc, fresh]);
+                call_kernel(b, tmp_tile, tmp_ldc, fresh);
                 let all_rows = int(b, mr);
                 let rows = if edge_rows == 0 {
                     all_rows

@@ -60,10 +60,128 @@ struct Quad {
     origin: Vec<Value>,
 }
 
+/// Reduction depths up to this many rows get the unrolled interior copy
+/// (`emit_interior_panel`): shallow convolutions such as a network's first 3x3 over 3
+/// channels, where the per-tap decisions of the general packing cost more than the copy.
+const MAX_UNROLLED_DEPTH: usize = 64;
+
 /// Emits the packing of the panel at `dst` (32-byte aligned) from the group's input
 /// `x_group`, for positions `p0..p0 + width` and reduction indices `k0..k0 + kc`
 /// (`kc >= 1`, run-time values).
 pub fn emit_pack_panel(
+    b: &mut FunctionBuilder,
+    s: &PackShape,
+    x_group: Value,
+    p0: Value,
+    k0: Value,
+    kc: Value,
+    dst: Value,
+) {
+    let Some(origin) = interior_origin(b, s, p0, k0, kc) else {
+        emit_pack_panel_general(b, s, x_group, p0, k0, kc, dst);
+        return;
+    };
+    let (inside, ih0, iw0) = origin;
+    let fast = b.create_block();
+    let general = b.create_block();
+    let done = b.create_block();
+    b.ins().brif(inside, fast, &[], general, &[]);
+    b.switch_to_block(fast);
+    b.seal_block(fast);
+    emit_interior_panel(b, s, x_group, ih0, iw0, dst);
+    b.ins().jump(done, &[]);
+    b.switch_to_block(general);
+    b.seal_block(general);
+    emit_pack_panel_general(b, s, x_group, p0, k0, kc, dst);
+    b.ins().jump(done, &[]);
+    b.switch_to_block(done);
+    b.seal_block(done);
+}
+
+/// For 2-D convolutions shallow enough to unroll (depth <= `MAX_UNROLLED_DEPTH`, unit or
+/// 2 column stride, whole quads): whether the panel can take `emit_interior_panel` (the
+/// block is the whole reduction, the panel's positions lie in one output row and every
+/// tap of every position reads inside the input), with the input row and column of its
+/// first position's first tap. None when the shape never qualifies.
+fn interior_origin(
+    b: &mut FunctionBuilder,
+    s: &PackShape,
+    p0: Value,
+    k0: Value,
+    kc: Value,
+) -> Option<(Value, Value, Value)> {
+    let sp = s.spatial;
+    let taps: usize = sp.kernel.iter().product();
+    let depth = taps * s.channels;
+    let shape_ok = sp.output.len() == 2
+        && depth <= MAX_UNROLLED_DEPTH
+        && s.width.is_multiple_of(LANES)
+        && matches!(sp.strides[1], 1 | 2)
+        && s.width <= sp.output[1];
+    if !shape_ok {
+        return None;
+    }
+    let row_len = sp.output[1] as i64;
+    let oh = b.ins().udiv_imm_u(p0, row_len);
+    let ow0 = b.ins().urem_imm_u(p0, row_len);
+    // One output row: the last position's column is in the row.
+    let mut inside = b
+        .ins()
+        .icmp_imm_s(IntCC::SignedLessThanOrEqual, ow0, row_len - s.width as i64);
+    let whole_depth = b.ins().icmp_imm_s(IntCC::Equal, kc, depth as i64);
+    let from_first = b.ins().icmp_imm_s(IntCC::Equal, k0, 0);
+    inside = b.ins().band(inside, whole_depth);
+    inside = b.ins().band(inside, from_first);
+    // Rows: oh·sh − ph .. + (kh−1)·dh inside [0, H).
+    let ih0 = b.ins().imul_imm_s(oh, sp.strides[0] as i64);
+    let ih0 = b.ins().iadd_imm_s(ih0, -(sp.pads[0] as i64));
+    let last_ih = b.ins().iadd_imm_s(ih0, ((sp.kernel[0] - 1) * sp.dilations[0]) as i64);
+    let rows_in = below(b, last_ih, sp.input[0]);
+    let rows_from = b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, ih0, 0);
+    // Columns: the first position's first tap to the last position's last tap.
+    let iw0 = b.ins().imul_imm_s(ow0, sp.strides[1] as i64);
+    let iw0 = b.ins().iadd_imm_s(iw0, -(sp.pads[1] as i64));
+    let span = (s.width - 1) * sp.strides[1] + (sp.kernel[1] - 1) * sp.dilations[1];
+    let last_iw = b.ins().iadd_imm_s(iw0, span as i64);
+    let cols_in = below(b, last_iw, sp.input[1]);
+    let cols_from = b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, iw0, 0);
+    for ok in [rows_in, rows_from, cols_in, cols_from] {
+        inside = b.ins().band(inside, ok);
+    }
+    Some((inside, ih0, iw0))
+}
+
+/// The whole panel of a shallow 2-D convolution whose taps all read inside the input
+/// (`interior_origin`), unrolled: every (tap, channel, quad) is one load (stride 2:
+/// two loads and a shuffle) and one store at offsets known at compile time.
+fn emit_interior_panel(b: &mut FunctionBuilder, s: &PackShape, x_group: Value, ih0: Value, iw0: Value, dst: Value) {
+    let sp = s.spatial;
+    let in_w = sp.input[1];
+    let origin = b.ins().imul_imm_s(ih0, in_w as i64);
+    let origin = b.ins().iadd(origin, iw0);
+    let base = scaled(b, x_group, origin, F32_BYTES);
+    let (kh, kw) = (sp.kernel[0], sp.kernel[1]);
+    let stride = sp.strides[1];
+    for ky in 0..kh {
+        for kx in 0..kw {
+            let tap = ky * kw + kx;
+            let tap_offset = ky * sp.dilations[0] * in_w + kx * sp.dilations[1];
+            for ic in 0..s.channels {
+                let row = tap * s.channels + ic;
+                let src_row = (ic * s.in_plane + tap_offset) as i64;
+                for q in 0..s.width / LANES {
+                    let src = (src_row + (q * LANES * stride) as i64) * F32_BYTES;
+                    let v = load_f32x4_strided(b, vector_flags(), base, src, stride);
+                    let at = ((row * s.width + q * LANES) as i64 * F32_BYTES) as i32;
+                    b.ins().store(vector_flags(), v, dst, at);
+                }
+            }
+        }
+    }
+}
+
+/// `emit_pack_panel` for any panel: per tap, quad by quad.
+fn emit_pack_panel_general(
     b: &mut FunctionBuilder,
     s: &PackShape,
     x_group: Value,
@@ -378,6 +496,44 @@ pub fn emit_pack_block(
         ]
     });
 
+    let tail = b.create_block();
+    let done = b.create_block();
+    let ragged = b.ins().icmp(IntCC::UnsignedLessThan, whole, p_panels);
+    b.ins().brif(ragged, tail, &[], done, &[]);
+    b.switch_to_block(tail);
+    b.seal_block(tail);
+    let p0 = b.ins().imul_imm_s(whole, width);
+    let p0 = b.ins().iadd(p_start, p0);
+    let panel = scaled(b, dst, whole, panel_bytes);
+    emit_pack_panel(b, s, x_group, p0, k0, kc, panel);
+    b.ins().jump(done, &[]);
+    b.switch_to_block(done);
+    b.seal_block(done);
+}
+
+/// For B read in place (`ConvGemmPlan::in_place_b`: flat convolutions, whose whole
+/// panels the microkernel reads from the input rows): packs only the block's last panel
+/// when it runs past the positions (zero-filled), at its place among the `p_panels`
+/// panels from `dst`; nothing otherwise.
+#[allow(clippy::too_many_arguments)]
+pub fn emit_pack_ragged_panel(
+    b: &mut FunctionBuilder,
+    s: &PackShape,
+    x_group: Value,
+    p_start: Value,
+    p_panels: Value,
+    k0: Value,
+    kc: Value,
+    dst: Value,
+    panel_bytes: i64,
+) {
+    if s.positions.is_multiple_of(s.width) {
+        return;
+    }
+    let width = s.width as i64;
+    let all_positions = int(b, s.positions as i64);
+    let left = b.ins().isub(all_positions, p_start);
+    let whole = b.ins().udiv_imm_u(left, width);
     let tail = b.create_block();
     let done = b.create_block();
     let ragged = b.ins().icmp(IntCC::UnsignedLessThan, whole, p_panels);
