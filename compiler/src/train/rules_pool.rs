@@ -1,6 +1,6 @@
 //! Max pooling's gradient rule.
 
-use cnnc_ir::{ArgKind, BinaryFn, ConvGeometry, Op, PadMode, PoolAttrs, Scalar, Tensor, TensorData, ValueId};
+use cnnc_ir::{ArgKind, BinaryFn, ConvGeometry, DType, Op, PadMode, PoolAttrs, Scalar, Tensor, ValueId};
 
 use super::autodiff::Builder;
 
@@ -37,9 +37,12 @@ pub fn grad_max_pool(b: &mut Builder, attrs: &PoolAttrs, x: ValueId, gy: ValueId
         strided_windows(b, attrs, x, &out_extent, &stacked_shape)?
     };
     let first = b.push(Op::ArgReduce { kind: ArgKind::Max, axis: 2, select_last_index: false }, &[windows])?;
+    // Compared as f32 (tap indices are small integers, exact in f32): the T-times larger
+    // comparison then runs four lanes at a time, only the cast of the indices is scalar.
+    let first = b.push(Op::Cast { to: DType::F32 }, &[first])?;
     let mut tap_shape = vec![1, 1, taps];
     tap_shape.extend(std::iter::repeat_n(1, spatial));
-    let tap_index = b.constant(Tensor::new(tap_shape, TensorData::I64((0..taps as i64).collect())));
+    let tap_index = b.constant(Tensor::f32(tap_shape, (0..taps).map(|t| t as f32).collect()));
     let chosen = b.binary(BinaryFn::Equal, first, tap_index)?;
     let mut one_tap = vec![batch, channels, 1];
     one_tap.extend(&out_extent);

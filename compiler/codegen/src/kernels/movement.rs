@@ -109,9 +109,13 @@ fn copy_level(
     flags: MemFlagsData,
 ) {
     let last = dims.len() - 1;
+    let contiguous_rows = ds[last] == esize as i64 && ss[last] == esize as i64;
+    if !contiguous_rows && copy_unrolled(b, &dims[d..], &ds[d..], &ss[d..], esize, dst, src, flags) {
+        return;
+    }
     if d == last {
         let n = dims[d];
-        if ds[d] == esize as i64 && ss[d] == esize as i64 {
+        if contiguous_rows {
             copy_bytes(b, dst, src, n * esize, flags);
             return;
         }
@@ -129,6 +133,51 @@ fn copy_level(
         let t = advance(b, dst, i, ds[d]);
         copy_level(b, dims, ds, ss, esize, d + 1, t, s, flags);
     });
+}
+
+/// Blocks of at most this many strided elements are copied by straight-line code: the
+/// small innermost extents of transposes (a pooling window's taps, a few channels) and
+/// strided slices would otherwise spend most of each loop iteration on its control.
+const UNROLLED_BLOCK: usize = 16;
+
+/// Copies the block `dims` (innermost levels of a `copy_nd`) element by element at
+/// constant offsets, if it is small enough and its offsets fit an i32; returns whether
+/// it did.
+#[allow(clippy::too_many_arguments)]
+fn copy_unrolled(
+    b: &mut FunctionBuilder,
+    dims: &[usize],
+    ds: &[i64],
+    ss: &[i64],
+    esize: usize,
+    dst: Value,
+    src: Value,
+    flags: MemFlagsData,
+) -> bool {
+    let count: usize = dims.iter().product();
+    if count > UNROLLED_BLOCK {
+        return false;
+    }
+    let mut offsets = Vec::with_capacity(count);
+    for flat in 0..count {
+        let (mut from, mut to, mut rest) = (0i64, 0i64, flat);
+        for k in (0..dims.len()).rev() {
+            let i = (rest % dims[k]) as i64;
+            rest /= dims[k];
+            from += i * ss[k];
+            to += i * ds[k];
+        }
+        match (i32::try_from(from), i32::try_from(to)) {
+            (Ok(from), Ok(to)) => offsets.push((from, to)),
+            _ => return false,
+        }
+    }
+    let ty = elem_type_of_size(esize);
+    for (from, to) in offsets {
+        let v = b.ins().load(ty, flags, src, from);
+        b.ins().store(rw_flags(), v, dst, to);
+    }
+    true
 }
 
 fn elem_type_of_size(esize: usize) -> cranelift_codegen::ir::Type {
