@@ -1694,3 +1694,184 @@ fn training_mode_dropout_draws_new_masks_each_call_like_the_interpreter() {
     // With a zero learning rate only the masks change the loss.
     assert!(losses[0] != losses[1] && losses[1] != losses[2], "the same mask twice: {losses:?}");
 }
+
+// ---------------------------------------------------------------------------------------
+// Strided conv input gradients as stride-1 convolutions per phase (sub-pixel decomposition)
+
+/// An ungrouped, undilated strided convolution wide enough (16 input channels) for the
+/// phase form of its input gradient.
+#[derive(Debug, Clone)]
+struct StridedCase {
+    batch: usize,
+    outputs: usize,
+    size: Vec<usize>,
+    kernel: Vec<usize>,
+    stride: Vec<usize>,
+    pads: Vec<usize>,
+}
+
+const STRIDED_CHANNELS: usize = 16;
+
+impl StridedCase {
+    fn new(size: &[usize], kernel: &[usize], stride: &[usize], pads: &[usize]) -> StridedCase {
+        StridedCase { batch: 1, outputs: 2, size: size.to_vec(), kernel: kernel.to_vec(), stride: stride.to_vec(), pads: pads.to_vec() }
+    }
+
+    fn geometry(&self) -> ConvGeometry {
+        let spatial = self.size.len();
+        ConvGeometry {
+            strides: self.stride.clone(),
+            dilations: vec![1; spatial],
+            pads_begin: self.pads[..spatial].to_vec(),
+            pads_end: self.pads[spatial..].to_vec(),
+            groups: 1,
+        }
+    }
+
+    fn x_shape(&self) -> Vec<usize> {
+        [vec![self.batch, STRIDED_CHANNELS], self.size.clone()].concat()
+    }
+
+    fn w_shape(&self) -> Vec<usize> {
+        [vec![self.outputs, STRIDED_CHANNELS], self.kernel.clone()].concat()
+    }
+
+    fn problem(&self, seed: u64) -> Problem {
+        let mut rng = Rng::new(seed);
+        let (x_shape, w_shape) = (self.x_shape(), self.w_shape());
+        let (graph, output) = single_node(Op::Conv(self.geometry()), &[&x_shape, &w_shape], None);
+        let inputs = vec![rng.tensor(&x_shape), rng.tensor(&w_shape)];
+        Problem { wrt: 1, graph, output, inputs }
+    }
+}
+
+fn strided_case() -> impl Strategy<Value = StridedCase> {
+    (1usize..=2, 1usize..=3, 1usize..=2)
+        .prop_flat_map(|(batch, outputs, spatial)| {
+            (
+                Just(batch),
+                Just(outputs),
+                proptest::collection::vec(3usize..=12, spatial),
+                proptest::collection::vec(1usize..=7, spatial),
+                proptest::collection::vec(1usize..=4, spatial),
+                proptest::collection::vec(0usize..=3, 2 * spatial),
+            )
+        })
+        .prop_map(|(batch, outputs, size, kernel, stride, pads)| StridedCase { batch, outputs, size, kernel, stride, pads })
+        .prop_filter("strided, window fits", |c| {
+            let spatial = c.size.len();
+            c.stride.iter().any(|&s| s > 1) && (0..spatial).all(|a| c.size[a] + c.pads[a] + c.pads[spatial + a] >= c.kernel[a])
+        })
+}
+
+/// The input gradient the rules build for `case` (a graph of x, w, dy -> dx), with the
+/// transposed convolution of dy as its reference.
+fn strided_input_gradient_graph(case: &StridedCase) -> (Graph, Graph) {
+    let problem = case.problem(0);
+    let mut g = problem.graph.clone();
+    let y_ty = g.ty(problem.output).clone();
+    let dy = g.add_input(y_ty.clone(), "dy");
+    let x = g.inputs[0];
+    let grads = backward(&mut g, &[(problem.output, dy)], &[x]).expect("backward");
+    g.outputs = grads;
+    g.remove_dead();
+    cnnc_ir::verify(&g).unwrap_or_else(|e| panic!("{case:?}: the gradient graph does not verify: {e:?}"));
+    let x_ty = TensorType::f32(case.x_shape());
+    let mut reference = Graph::new("reference");
+    let dy_in = reference.add_input(y_ty, "dy");
+    let w_in = reference.add_input(TensorType::f32(case.w_shape()), "w");
+    let dx = reference.push_typed("dx", Op::ConvTranspose(case.geometry()), &[dy_in, w_in], x_ty).unwrap();
+    reference.outputs = vec![dx];
+    (g, reference)
+}
+
+/// The phase form computes what the transposed convolution computes (same products,
+/// summed in another order), and the rules pick it for every strided case here.
+fn check_strided_against_transposed(case: &StridedCase, seed: u64) -> Result<(), String> {
+    let (g, reference) = strided_input_gradient_graph(case);
+    if g.nodes.iter().any(|n| matches!(n.op, Op::ConvTranspose(_))) {
+        return Err(format!("{case:?}: the input gradient is still a transposed convolution"));
+    }
+    let mut rng = Rng::new(seed);
+    let x = rng.tensor(&case.x_shape());
+    let w = rng.tensor(&case.w_shape());
+    let dy = rng.tensor(&reference.ty(reference.inputs[0]).shape);
+    let got = interp::run(&g, &[x, w.clone(), dy.clone()])?;
+    let want = interp::run(&reference, &[dy, w])?;
+    compare(&got[0], &want[0]).map_err(|e| format!("{case:?}: {e}"))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn strided_conv_input_gradients_match_the_transposed_convolution(case in strided_case(), seed in any::<u64>()) {
+        let checked = check_strided_against_transposed(&case, seed);
+        prop_assert!(checked.is_ok(), "{:?}", checked);
+    }
+}
+
+/// The shapes of ResNet's and MobileNet's strided convolutions (and the corner cases of
+/// the phase form) against finite differences.
+fn strided_corner_cases() -> Vec<StridedCase> {
+    vec![
+        // 1x1 stride 2 (downsampling shortcut): three of four phases are zero.
+        StridedCase::new(&[8, 8], &[1, 1], &[2, 2], &[0, 0, 0, 0]),
+        StridedCase::new(&[7, 9], &[1, 1], &[2, 2], &[0, 0, 0, 0]),
+        // 3x3 stride 2 pad 1, even and odd extents.
+        StridedCase::new(&[8, 8], &[3, 3], &[2, 2], &[1, 1, 1, 1]),
+        StridedCase::new(&[9, 7], &[3, 3], &[2, 2], &[1, 1, 1, 1]),
+        // the stem: 7x7 stride 2 pad 3.
+        StridedCase::new(&[10, 11], &[7, 7], &[2, 2], &[3, 3, 3, 3]),
+        // stride 3, asymmetric pads, a kernel smaller than the stride.
+        StridedCase::new(&[10, 8], &[5, 2], &[3, 3], &[2, 0, 1, 2]),
+        // taps reaching phases 2 and 0 of 3 but not 1 (a zero piece between them).
+        StridedCase::new(&[9, 8], &[2, 1], &[3, 2], &[1, 1, 0, 1]),
+        // 2x2 stride 2 pad 1: a phase whose leading pad is negative (dy cropped).
+        StridedCase::new(&[7, 6], &[2, 2], &[2, 2], &[1, 1, 1, 0]),
+        // pads past the kernel: phases that only meet padding.
+        StridedCase::new(&[6, 6], &[2, 3], &[2, 3], &[3, 3, 2, 3]),
+        // stride on one axis only; 1-D.
+        StridedCase::new(&[7, 6], &[3, 2], &[2, 1], &[1, 0, 1, 1]),
+        StridedCase::new(&[11], &[4], &[3], &[2, 1]),
+    ]
+}
+
+#[test]
+fn strided_conv_input_gradients_match_finite_differences() {
+    for (i, case) in strided_corner_cases().into_iter().enumerate() {
+        check_strided_against_transposed(&case, i as u64).unwrap();
+        let problem = case.problem(i as u64);
+        if let Err(e) = check_gradients(&problem, i as u64) {
+            panic!("{case:?}: {e}");
+        }
+    }
+}
+
+/// The compiled phase form (stride-1 convolutions on the GEMM kernels, the interleaving
+/// concatenations) against the interpreter, at sizes where the GEMM path applies.
+#[test]
+fn compiled_strided_conv_input_gradients_match_the_interpreter() {
+    let cases = [
+        StridedCase { batch: 2, outputs: 24, ..StridedCase::new(&[14, 14], &[3, 3], &[2, 2], &[1, 1, 1, 1]) },
+        StridedCase { batch: 2, outputs: 24, ..StridedCase::new(&[15, 13], &[3, 3], &[2, 2], &[1, 1, 1, 1]) },
+        StridedCase { batch: 2, outputs: 32, ..StridedCase::new(&[14, 14], &[1, 1], &[2, 2], &[0, 0, 0, 0]) },
+        StridedCase { batch: 1, outputs: 20, ..StridedCase::new(&[21, 22], &[7, 7], &[2, 2], &[3, 3, 3, 3]) },
+        StridedCase { batch: 1, outputs: 17, ..StridedCase::new(&[16, 17], &[5, 2], &[3, 3], &[2, 0, 1, 2]) },
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        let (mut g, _) = strided_input_gradient_graph(case);
+        let mut rng = Rng::new(100 + i as u64);
+        let inputs: Vec<Tensor> = g.inputs.iter().map(|&v| rng.tensor(&g.ty(v).shape)).collect();
+        let want = interp::run(&g, &inputs).unwrap();
+        cnnc::train::optimize::optimize_for_target(&mut g, &cnnc_codegen::TargetSpec::host()).unwrap();
+        assert!(
+            g.nodes.iter().any(|n| matches!(n.op, Op::Conv(_))) && !g.nodes.iter().any(|n| matches!(n.op, Op::ConvTranspose(_))),
+            "{case:?}: not in the phase form after optimisation:\n{}",
+            cnnc_ir::print(&g)
+        );
+        let model = cnnc_codegen::JitModel::compile(&g).unwrap();
+        let got = model.run(&inputs).unwrap();
+        compare(&got[0], &want[0]).unwrap_or_else(|e| panic!("{case:?}: {e}"));
+    }
+}

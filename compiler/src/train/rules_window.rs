@@ -21,7 +21,11 @@ pub fn grad_conv(b: &mut Builder, geometry: &ConvGeometry, node: &Node, gy: Valu
     let (x_shape, w_shape, y_shape) = (b.shape(x), b.shape(w), b.shape(gy));
     let mut grads = vec![None; node.inputs.len()];
     if needs[0] {
-        grads[0] = Some(match unit_stride_input_gradient(b, geometry, gy, w, &w_shape)? {
+        let fast = match unit_stride_input_gradient(b, geometry, gy, w, &w_shape)? {
+            Some(dx) => Some(dx),
+            None => strided_input_gradient(b, geometry, gy, w, &w_shape, &x_shape)?,
+        };
+        grads[0] = Some(match fast {
             Some(dx) => dx,
             None => {
                 let ty = b.g.ty(x).clone();
@@ -119,6 +123,226 @@ fn unit_stride_input_gradient(
         groups,
     };
     b.push(Op::Conv(transposed), &[gy, flipped]).map(Some)
+}
+
+/// One spatial axis of a strided convolution's input gradient split into phases: input
+/// positions i = s·q + phase receive dy only through the taps k ≡ (phase + p) mod s.
+struct PhaseAxis {
+    stride: usize,
+    /// ceil(x / s): every phase is computed over this many q, the last ones cut off after
+    /// interleaving where s does not divide x.
+    count: usize,
+    /// Per phase: None where no tap reaches it (kernel smaller than the stride, or pads so
+    /// large that the phase's taps only meet padding), else its stride-1 convolution.
+    phases: Vec<Option<PhaseTaps>>,
+}
+
+#[derive(Clone, Copy)]
+struct PhaseTaps {
+    /// The sub-kernel's first tap and tap count.
+    first: usize,
+    taps: usize,
+    /// dy's positions [crop_begin, out − crop_end) padded by these.
+    crop_begin: usize,
+    crop_end: usize,
+    pad_begin: usize,
+    pad_end: usize,
+}
+
+/// The phases of one axis (input extent `x`, gradient extent `out`, kernel `k`, stride `s`,
+/// leading pad `p`, dilation 1).
+///
+/// With j = i + p = s·(q + c) + r (r = (phase + p) mod s, c = (phase + p) div s), the taps
+/// k = r + s·t (t < T) meet dy at o = q + c − t, so the phase is
+/// dx[q] = Σ_t dy[q + c − t]·w[r + s·t]: a stride-1 correlation of dy with the sub-kernel
+/// read backwards from its last tap, leading pad T − 1 − c and trailing pad
+/// count − out + c, which give `count` positions. A negative pad crops dy instead.
+fn phase_axis(x: usize, out: usize, k: usize, s: usize, p: usize) -> PhaseAxis {
+    let count = x.div_ceil(s);
+    let phases = (0..s)
+        .map(|phase| {
+            let (r, c) = ((phase + p) % s, (phase + p) / s);
+            if r >= k {
+                return None;
+            }
+            let taps = (k - r).div_ceil(s);
+            let lead = taps as i64 - 1 - c as i64;
+            let trail = (count + c) as i64 - out as i64;
+            let (crop_begin, crop_end) = ((-lead).max(0) as usize, (-trail).max(0) as usize);
+            if crop_begin + crop_end >= out {
+                return None;
+            }
+            Some(PhaseTaps { first: r, taps, crop_begin, crop_end, pad_begin: lead.max(0) as usize, pad_end: trail.max(0) as usize })
+        })
+        .collect();
+    PhaseAxis { stride: s, count, phases }
+}
+
+/// The input gradient of a strided, ungrouped, undilated convolution as s₁·s₂·… stride-1
+/// convolutions (the sub-pixel decomposition), so that it runs on the GEMM kernels: the
+/// inputs at positions s·q + phase (per axis) only see the taps congruent to phase + pad
+/// modulo s, so each phase is dy correlated with that sub-kernel, flipped, with input and
+/// output channels swapped, and no products with the zeros a transposed convolution
+/// inserts. Phases no tap reaches (a kernel smaller than its stride, as 1x1 stride 2) are
+/// zero. The phases are interleaved by concatenating along unit axes ([N, C, q₁, s₁, q₂,
+/// s₂, …] read as [N, C, q₁·s₁, q₂·s₂, …]; leading and trailing zero phases as one Pad)
+/// and cut to x's extent. None where the
+/// transposed form applies: grouped or dilated convolutions, fewer than
+/// `MIN_GEMM_GRADIENT_CHANNELS` input channels.
+fn strided_input_gradient(
+    b: &mut Builder,
+    geometry: &ConvGeometry,
+    gy: ValueId,
+    w: ValueId,
+    w_shape: &[usize],
+    x_shape: &[usize],
+) -> Result<Option<ValueId>, String> {
+    if geometry.groups != 1
+        || geometry.dilations.iter().any(|&d| d != 1)
+        || geometry.strides.iter().all(|&s| s == 1)
+        || w_shape[1] < MIN_GEMM_GRADIENT_CHANNELS
+    {
+        return Ok(None);
+    }
+    phase_decomposed_input_gradient(b, geometry, gy, w, w_shape, x_shape)
+}
+
+/// `strided_input_gradient` without the profitability checks (groups must be 1 and
+/// dilations 1; always Some).
+fn phase_decomposed_input_gradient(
+    b: &mut Builder,
+    geometry: &ConvGeometry,
+    gy: ValueId,
+    w: ValueId,
+    w_shape: &[usize],
+    x_shape: &[usize],
+) -> Result<Option<ValueId>, String> {
+    let y_shape = b.shape(gy);
+    let spatial = x_shape.len() - 2;
+    let mut axes = Vec::with_capacity(spatial);
+    for a in 0..spatial {
+        let (x, out, k) = (x_shape[2 + a], y_shape[2 + a], w_shape[2 + a]);
+        axes.push(phase_axis(x, out, k, geometry.strides[a], geometry.pads_begin[a]));
+    }
+    let (batch, channels) = (x_shape[0], x_shape[1]);
+    let dtype = b.g.ty(gy).dtype;
+    // [M, C, *k] -> [C, M, *k]: the gradient's output channels are the convolution's inputs.
+    let mut perm = vec![1, 0];
+    perm.extend(2..2 + spatial);
+    let swapped = b.transpose(w, perm)?;
+    // Only the phases in `kept` (per axis, first to last phase some tap reaches) are
+    // computed; the zero phases around them are padding, those inside (a run of taps
+    // that wraps around modulo s) zero pieces.
+    let kept: Vec<std::ops::Range<usize>> = axes
+        .iter()
+        .map(|axis| {
+            let first = axis.phases.iter().position(Option::is_some).unwrap_or(0);
+            let last = axis.phases.iter().rposition(Option::is_some).map_or(first, |l| l + 1);
+            first..last
+        })
+        .collect();
+    if kept.iter().any(|r| r.is_empty()) {
+        return b.zeros(x_shape).map(Some);
+    }
+    // Each phase as [N, C, q₁, 1, q₂, 1, …], in row-major phase order.
+    let mut unit_shape = vec![batch, channels];
+    for axis in &axes {
+        unit_shape.extend([axis.count, 1]);
+    }
+    let kept_counts: Vec<usize> = kept.iter().map(|r| r.len()).collect();
+    let kept_strides = cnnc_ir::strides(&kept_counts);
+    let total: usize = kept_counts.iter().product();
+    let mut pieces = Vec::with_capacity(total);
+    for flat in 0..total {
+        let taps: Option<Vec<PhaseTaps>> =
+            (0..spatial).map(|a| axes[a].phases[kept[a].start + (flat / kept_strides[a]) % kept_counts[a]]).collect();
+        let piece = match taps {
+            None => b.zeros(&unit_shape)?,
+            Some(taps) => {
+                let phase = phase_convolution(b, swapped, gy, &taps, &axes)?;
+                b.reshape(phase, &unit_shape)?
+            }
+        };
+        pieces.push(piece);
+    }
+    // Interleave from the last axis outwards: concatenating each run of consecutive pieces
+    // that differ in that axis's phase along its unit axis leaves one piece per phase of
+    // the axes before it.
+    for a in (0..spatial).rev() {
+        if kept_counts[a] == 1 {
+            continue;
+        }
+        let unit_axis = 2 + 2 * a + 1;
+        let mut merged = Vec::with_capacity(pieces.len() / kept_counts[a]);
+        for group in pieces.chunks(kept_counts[a]) {
+            merged.push(b.push(Op::Concat { axis: unit_axis }, group)?);
+        }
+        pieces = merged;
+    }
+    let [mut interleaved] = pieces[..] else {
+        return Err(format!("{} pieces left after interleaving the phases", pieces.len()));
+    };
+    let mut begins = vec![0i64; unit_shape.len()];
+    let mut ends = vec![0i64; unit_shape.len()];
+    let mut padded_shape = unit_shape.clone();
+    for (a, axis) in axes.iter().enumerate() {
+        begins[2 + 2 * a + 1] = kept[a].start as i64;
+        ends[2 + 2 * a + 1] = (axis.stride - kept[a].end) as i64;
+        padded_shape[2 + 2 * a + 1] = axis.stride;
+    }
+    if begins.iter().chain(&ends).any(|&p| p != 0) {
+        let op = Op::Pad { begins, ends, mode: PadMode::Constant(Scalar::F32(0.0)) };
+        interleaved = b.push_typed(op, &[interleaved], TensorType::new(dtype, padded_shape))?;
+    }
+    let mut extent = vec![batch, channels];
+    extent.extend(axes.iter().map(|axis| axis.count * axis.stride));
+    let interleaved = b.reshape(interleaved, &extent)?;
+    if extent == x_shape {
+        return Ok(Some(interleaved));
+    }
+    let op = Op::Slice { starts: vec![0; x_shape.len()], steps: vec![1; x_shape.len()] };
+    b.push_typed(op, &[interleaved], TensorType::new(dtype, x_shape.to_vec())).map(Some)
+}
+
+/// One phase of `phase_decomposed_input_gradient`: dy (cropped where a pad would be
+/// negative) correlated with the phase's taps of `swapped` ([C, M, *k]), read backwards.
+fn phase_convolution(b: &mut Builder, swapped: ValueId, gy: ValueId, taps: &[PhaseTaps], axes: &[PhaseAxis]) -> Result<ValueId, String> {
+    let (w_shape, y_shape) = (b.shape(swapped), b.shape(gy));
+    let dtype = b.g.ty(gy).dtype;
+    let spatial = taps.len();
+    let mut starts = vec![0, 0];
+    let mut steps = vec![1i64, 1];
+    let mut kernel_shape = w_shape[..2].to_vec();
+    for (t, axis) in taps.iter().zip(axes) {
+        starts.push(t.first + axis.stride * (t.taps - 1));
+        steps.push(-(axis.stride as i64));
+        kernel_shape.push(t.taps);
+    }
+    let sub_kernel = if kernel_shape == w_shape && kernel_shape[2..].iter().all(|&k| k == 1) {
+        swapped
+    } else {
+        b.push_typed(Op::Slice { starts, steps }, &[swapped], TensorType::new(dtype, kernel_shape))?
+    };
+    let dy = if taps.iter().any(|t| t.crop_begin + t.crop_end > 0) {
+        let mut starts = vec![0, 0];
+        let mut shape = y_shape[..2].to_vec();
+        for (a, t) in taps.iter().enumerate() {
+            starts.push(t.crop_begin);
+            shape.push(y_shape[2 + a] - t.crop_begin - t.crop_end);
+        }
+        let op = Op::Slice { starts, steps: vec![1; y_shape.len()] };
+        b.push_typed(op, &[gy], TensorType::new(dtype, shape))?
+    } else {
+        gy
+    };
+    let unit = ConvGeometry {
+        strides: vec![1; spatial],
+        dilations: vec![1; spatial],
+        pads_begin: taps.iter().map(|t| t.pad_begin).collect(),
+        pads_end: taps.iter().map(|t| t.pad_end).collect(),
+        groups: 1,
+    };
+    b.push(Op::Conv(unit), &[dy, sub_kernel])
 }
 
 /// The weight gradient of an ungrouped 1x1 convolution without padding as one matrix
