@@ -235,7 +235,7 @@ fn compile_graph_functions<M: Module>(
     let mut kernels_of_nodes: Vec<Option<FuncId>> = vec![None; g.nodes.len()];
     let mut split_nodes = 0;
     for (ni, node) in g.nodes.iter().enumerate() {
-        if !kernels::needs_kernel(g, node) || plan.is_alias(node) {
+        if !kernels::needs_kernel(g, node) || plan.is_alias(g, node) {
             continue;
         }
         if let (Some(gemm_plan), Some(env)) = (&gemm_plans[ni], &gemm_env) {

@@ -9,6 +9,11 @@
 //!   when their node runs) gets a 64-byte aligned workspace slot. A slot is busy from
 //!   the node defining the value to the last node reading it, and is reused afterwards
 //!   (greedy first-fit in definition order).
+//! - A Concat whose pieces are contiguous blocks of its output (every axis before the
+//!   concatenation axis has extent 1) and are each made by a movement node (slice,
+//!   transpose, pad, broadcast) read only by the concat gets its slot when the first
+//!   piece is made; each piece is written straight into its block, and the concat runs
+//!   no kernel (`MemoryPlan::is_alias`). Weight gradients stack their taps this way.
 //! - A node may ask for scratch memory of its own (packing buffers of a convolution
 //!   run as GEMM): a workspace slot busy only while that node runs.
 
@@ -116,8 +121,11 @@ impl MemoryPlan {
                 last_use[v.index()] = ni;
             }
         }
+        let members = concat_members(g, &locations, &producers);
         let mut order: Vec<(ValueId, Interval)> = Vec::new();
         let mut intervals: Vec<Option<Interval>> = vec![None; n_values];
+        // Byte offset of a concat piece within its concat's output (0 for other values).
+        let mut offset_in_root: Vec<usize> = vec![0; n_values];
         // In-place elementwise ops: the output takes over the slot of an input that dies
         // at this node (`in_place_input`); a reshape's output is its input's memory
         // (`reshaped_input`), the slot then lives until the last reader of either.
@@ -136,6 +144,31 @@ impl MemoryPlan {
                     continue;
                 }
                 let end = last_use[v.index()].max(ni);
+                if slot_of[v.index()].is_some() {
+                    // A concat whose slot its first piece opened.
+                    intervals[v.index()] = Some(Interval { start: ni, end, bytes });
+                    let k = slot_of[v.index()].expect("checked");
+                    order[k].1.end = order[k].1.end.max(end);
+                    continue;
+                }
+                if let Some(member) = members[v.index()] {
+                    let whole = g.nodes[member.concat].outputs[0];
+                    let k = match slot_of[whole.index()] {
+                        Some(k) => k,
+                        None => {
+                            let whole_end = last_use[whole.index()].max(member.concat);
+                            let bytes = g.ty(whole).byte_size();
+                            slot_of[whole.index()] = Some(order.len());
+                            order.push((whole, Interval { start: ni, end: whole_end, bytes }));
+                            order.len() - 1
+                        }
+                    };
+                    shares[v.index()] = Some(whole);
+                    offset_in_root[v.index()] = member.offset;
+                    slot_of[v.index()] = Some(k);
+                    intervals[v.index()] = Some(Interval { start: ni, end, bytes });
+                    continue;
+                }
                 let slot_ends = |v: ValueId| slot_of[v.index()].map(|k| order[k].1.end);
                 let host = reshaped_input(node, &slot_of).or_else(|| in_place_input(g, node, ni, &slot_ends));
                 if let Some(host) = host {
@@ -168,7 +201,10 @@ impl MemoryPlan {
         }
         for v in 0..n_values {
             if let Some(root) = shares[v] {
-                locations[v] = locations[root.index()];
+                locations[v] = match locations[root.index()] {
+                    Some(Location::Workspace(at)) => Some(Location::Workspace(at + offset_in_root[v])),
+                    other => other,
+                };
             }
         }
         let mut scratch = vec![None; g.nodes.len()];
@@ -188,15 +224,79 @@ impl MemoryPlan {
         self.locations.get(v.index()).copied().flatten()
     }
 
-    /// Whether `node` is a Reshape whose output already is its input's memory (no kernel
-    /// needs to run).
-    pub fn is_alias(&self, node: &cnnc_ir::Node) -> bool {
-        matches!(node.op, Op::Reshape)
-            && node.inputs.len() == 1
-            && node.outputs.len() == 1
-            && self.location(node.inputs[0]).is_some()
-            && self.location(node.inputs[0]) == self.location(node.outputs[0])
+    /// Whether `node` is a Reshape whose output already is its input's memory, or a
+    /// Concat whose pieces were all written into its output's blocks (no kernel needs to
+    /// run).
+    pub fn is_alias(&self, g: &Graph, node: &cnnc_ir::Node) -> bool {
+        match node.op {
+            Op::Reshape => {
+                node.inputs.len() == 1
+                    && node.outputs.len() == 1
+                    && self.location(node.inputs[0]).is_some()
+                    && self.location(node.inputs[0]) == self.location(node.outputs[0])
+            }
+            Op::Concat { .. } => {
+                let ([whole], true) = (node.outputs.as_slice(), node.epilogue.is_empty()) else { return false };
+                let Some(Location::Workspace(base)) = self.location(*whole) else { return false };
+                let mut at = base;
+                node.inputs.iter().all(|&v| {
+                    let in_place = self.location(v) == Some(Location::Workspace(at));
+                    at += g.ty(v).byte_size();
+                    in_place
+                })
+            }
+            _ => false,
+        }
     }
+}
+
+/// A concat piece written in place: the concat node and the piece's byte offset in its
+/// output.
+#[derive(Clone, Copy, Debug)]
+struct ConcatMember {
+    concat: usize,
+    offset: usize,
+}
+
+/// Per value, its place in a concat that runs no kernel (see the module doc): every piece
+/// of such a concat qualifies, or none does.
+fn concat_members(g: &Graph, locations: &[Option<Location>], producers: &[Option<usize>]) -> Vec<Option<ConcatMember>> {
+    let users = g.users();
+    let mut members: Vec<Option<ConcatMember>> = vec![None; g.values.len()];
+    for (ni, node) in g.nodes.iter().enumerate() {
+        let Op::Concat { axis } = node.op else { continue };
+        let [whole] = node.outputs[..] else { continue };
+        let shape = &g.ty(whole).shape;
+        if !node.epilogue.is_empty()
+            || locations[whole.index()].is_some()
+            || g.ty(whole).byte_size() == 0
+            || axis >= shape.len()
+            || shape[..axis].iter().any(|&d| d != 1)
+        {
+            continue;
+        }
+        let qualifies = |v: ValueId| {
+            let made_by_movement = producers[v.index()].is_some_and(|p| {
+                p < ni
+                    && g.nodes[p].outputs.len() == 1
+                    && matches!(g.nodes[p].op, Op::Slice { .. } | Op::Transpose { .. } | Op::Pad { .. } | Op::Broadcast)
+            });
+            made_by_movement
+                && locations[v.index()].is_none()
+                && users[v.index()] == [ni]
+                && g.ty(v).byte_size() > 0
+                && members[v.index()].is_none()
+        };
+        if !node.inputs.iter().all(|&v| qualifies(v)) {
+            continue;
+        }
+        let mut offset = 0;
+        for &v in &node.inputs {
+            members[v.index()] = Some(ConcatMember { concat: ni, offset });
+            offset += g.ty(v).byte_size();
+        }
+    }
+    members
 }
 
 /// The input of `node` (the `ni`-th) whose workspace slot its output may reuse: the node

@@ -76,7 +76,8 @@ fn check_plan(g: &Graph, plan: &MemoryPlan) -> Result<(), String> {
             if bytes == 0 {
                 continue;
             }
-            if off % WORKSPACE_ALIGN != 0 || off + bytes > plan.workspace_size {
+            let aligned = off % WORKSPACE_ALIGN == 0 || concat_block(g, plan, id).is_some();
+            if !aligned || off + bytes > plan.workspace_size {
                 return Err(format!(
                     "{id} at {off}+{bytes} outside the {} byte workspace or misaligned",
                     plan.workspace_size
@@ -97,7 +98,8 @@ fn check_plan(g: &Graph, plan: &MemoryPlan) -> Result<(), String> {
         for &(b, ib, ob) in &slots[i + 1..] {
             let live_together = ia.start <= ib.end && ib.start <= ia.end;
             let overlap = oa < ob + ib.bytes && ob < oa + ia.bytes;
-            if live_together && overlap && !in_place(g, plan, (a, ia, oa), (b, ib, ob)) {
+            let written_in_place = concat_block(g, plan, a) == Some(b) || concat_block(g, plan, b) == Some(a);
+            if live_together && overlap && !written_in_place && !in_place(g, plan, (a, ia, oa), (b, ib, ob)) {
                 return Err(format!(
                     "{a} {ia:?}@{oa} and {b} {ib:?}@{ob} share memory while both live"
                 ));
@@ -105,6 +107,26 @@ fn check_plan(g: &Graph, plan: &MemoryPlan) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The concat output `v` is written into as a piece, when the plan put it at exactly its
+/// block of that output and the concat runs no kernel.
+fn concat_block(g: &Graph, plan: &MemoryPlan, v: ValueId) -> Option<ValueId> {
+    let users = g.users();
+    let [reader] = users[v.index()][..] else { return None };
+    let node = &g.nodes[reader];
+    if !matches!(node.op, Op::Concat { .. }) || !plan.is_alias(g, node) {
+        return None;
+    }
+    let Some(Location::Workspace(base)) = plan.location(node.outputs[0]) else { return None };
+    let mut at = base;
+    for &piece in &node.inputs {
+        if piece == v {
+            return (plan.location(v) == Some(Location::Workspace(at))).then_some(node.outputs[0]);
+        }
+        at += g.ty(piece).byte_size();
+    }
+    None
 }
 
 /// Both values are one buffer on purpose: at the same offset, linked by reshapes (the
@@ -188,4 +210,37 @@ fn a_long_chain_runs_in_one_slot() {
     );
     let model = cnnc_codegen::JitModel::compile(&g).unwrap();
     assert_eq!(model.model_info().workspace_size, 4032);
+}
+
+/// Slices and transposes stacked by a concat (a weight gradient's taps) are written into
+/// the concat's output; a piece read elsewhere keeps the concat a copy. Both agree with
+/// the interpreter.
+#[test]
+fn concat_pieces_are_written_in_place() {
+    use cnnc_ir::Tensor;
+    for shared_piece in [false, true] {
+        let mut g = Graph::new("stacked");
+        let x = g.add_input(TensorType::f32([3, 5, 7]), "x");
+        let mut pieces = Vec::new();
+        for start in 0..3 {
+            let ty = TensorType::f32([1, 5, 5]);
+            let op = Op::Slice { starts: vec![start, 0, start.min(2)], steps: vec![1, 1, 1] };
+            pieces.push(g.push_typed(format!("tap{start}"), op, &[x], ty).unwrap());
+        }
+        pieces.push(g.push1("t", Op::Transpose { perm: vec![0, 2, 1] }, &[pieces[0]]).unwrap());
+        pieces.remove(0);
+        let stacked = g.push1("stack", Op::Concat { axis: 0 }, &pieces).unwrap();
+        let merged = g.push_typed("flat", Op::Reshape, &[stacked], TensorType::f32([75])).unwrap();
+        let y = g.push1("relu", Op::Unary(UnaryFn::Relu), &[merged]).unwrap();
+        g.outputs.push(y);
+        if shared_piece {
+            g.outputs.push(pieces[1]);
+        }
+        let plan = MemoryPlan::new(&g).unwrap();
+        let concat = g.nodes.iter().find(|n| matches!(n.op, Op::Concat { .. })).unwrap();
+        assert_eq!(plan.is_alias(&g, concat), !shared_piece);
+        check_plan(&g, &plan).unwrap();
+        let data: Vec<f32> = (0..105).map(|i| (i as f32 * 0.37).sin()).collect();
+        check_graph(&g, &[Tensor::f32([3, 5, 7], data)]).unwrap();
+    }
 }
