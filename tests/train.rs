@@ -472,6 +472,26 @@ fn max_pool_gives_ties_to_the_first_maximum() {
     assert_eq!(dx[0], Tensor::f32([1, 1, 2, 4], vec![1.0, 0.0, 0.0, 10.0, 0.0, 0.0, 0.0, 0.0]));
 }
 
+/// A value read by a mean (whose gradient a rule broadcasts) and by a broadcasting add:
+/// the contributions are summed with the mean's gradient unbroadcast.
+#[test]
+fn broadcast_contributions_accumulate_unbroadcast() {
+    let mut g = Graph::new("f");
+    let x = g.add_input(TensorType::f32([2, 3, 4, 5]), "x");
+    let mean = g.push1("mean", Op::Reduce { kind: ReduceKind::Mean, axes: vec![2, 3] }, &[x]).unwrap();
+    let centered = g.push1("sub", Op::Binary(BinaryFn::Sub), &[x, mean]).unwrap();
+    let output = g.push1("square", Op::Binary(BinaryFn::Mul), &[centered, x]).unwrap();
+    let inputs = vec![Rng::new(5).tensor(&[2, 3, 4, 5])];
+    let problem = Problem { graph: g.clone(), output, inputs, wrt: 1 };
+    assert_gradients(problem, 5);
+    let seed = g.add_input(TensorType::f32([2, 3, 4, 5]), "seed");
+    backward(&mut g, &[(output, seed)], &[x]).unwrap();
+    let broadcasts: Vec<ValueId> = g.nodes.iter().filter(|n| n.op == Op::Broadcast).map(|n| n.outputs[0]).collect();
+    let adds_a_broadcast =
+        g.nodes.iter().any(|n| n.op == Op::Binary(BinaryFn::Add) && n.inputs.iter().any(|v| broadcasts.contains(v)));
+    assert!(!adds_a_broadcast, "a broadcast gradient was materialised before an add:\n{}", cnnc_ir::print(&g));
+}
+
 #[test]
 fn reduction_gradients() {
     for (i, (kind, axes)) in [

@@ -104,11 +104,30 @@ fn requires_grad(g: &Graph, wrt: &[ValueId]) -> Vec<bool> {
 
 fn accumulate(b: &mut Builder, grads: &mut HashMap<ValueId, ValueId>, v: ValueId, grad: ValueId) -> Result<(), String> {
     let sum = match grads.get(&v) {
-        Some(&earlier) => b.binary(BinaryFn::Add, earlier, grad)?,
+        Some(&earlier) => {
+            // A contribution a rule broadcast (a mean's or a sum's gradient) is added
+            // unbroadcast -- Add broadcasts it in registers -- so the full-size copy is
+            // never written (dead code removes the Broadcast).
+            let (earlier, grad) = match (broadcast_source(b, earlier), broadcast_source(b, grad)) {
+                (_, Some(small)) => (earlier, small),
+                (Some(small), None) => (grad, small),
+                (None, None) => (earlier, grad),
+            };
+            b.binary(BinaryFn::Add, earlier, grad)?
+        }
         None => grad,
     };
     grads.insert(v, sum);
     Ok(())
+}
+
+/// The input of the Broadcast node that made `v`, if a Broadcast made it.
+fn broadcast_source(b: &Builder, v: ValueId) -> Option<ValueId> {
+    let node = b.g.nodes.iter().rev().find(|n| n.outputs.contains(&v))?;
+    match (&node.op, node.inputs.as_slice(), node.epilogue.is_empty()) {
+        (Op::Broadcast, [x], true) => Some(*x),
+        _ => None,
+    }
 }
 
 /// The gradient rule table: one entry per op.
