@@ -18,7 +18,8 @@ use cnnc_ir::{BinaryFn, DType, EpilogueStep, Graph, Op, Tensor, TensorData, Tens
 use proptest::prelude::*;
 
 /// Every size rewritten: the property tests reach the edge cases with small products.
-const ALWAYS: Thresholds = Thresholds { min_macs: 0, min_side: 1 };
+const ALWAYS: Thresholds =
+    Thresholds { min_macs: 0, min_rows: 1, min_columns: 1, narrow_columns: 0, max_narrow_a_elements: usize::MAX };
 
 struct Rng(u64);
 
@@ -110,12 +111,15 @@ impl Product {
         g.inputs.iter().map(|&v| rng.tensor(&g.ty(v).shape)).collect()
     }
 
-    /// Batched A with an operand that varies along rows cannot move to the convolution,
-    /// and a constant B with few rows is `kernels/gemv.rs`'s.
+    /// An operand that varies along rows cannot move to the convolution when A is
+    /// batched, nor one of more axes than the convolution's output; a constant B with
+    /// few rows is `kernels/gemv.rs`'s.
     fn rewritable(&self) -> bool {
         let batches = self.a_batch.iter().product::<usize>();
         let gemv = self.b == Source::Constant && batches * self.rows <= cnnc_codegen::kernels::gemv::MAX_ROWS;
-        (batches == 1 || self.epilogue != Epilogue::Residual) && !gemv
+        let c_rank = (self.a_batch.len() + 2).max(self.b_ones + 2);
+        let residual_fits = batches == 1 && c_rank <= 3;
+        (self.epilogue != Epilogue::Residual || residual_fits) && !gemv
     }
 }
 
@@ -123,7 +127,7 @@ fn product() -> impl Strategy<Value = Product> {
     let batch = prop_oneof![Just(vec![]), Just(vec![1]), (2usize..4).prop_map(|b| vec![b]), Just(vec![2, 3])];
     let source = prop_oneof![Just(Source::Input), Just(Source::Constant)];
     let epilogue = prop_oneof![Just(Epilogue::None), Just(Epilogue::BiasRelu), Just(Epilogue::Residual)];
-    (batch, 1usize..40, prop_oneof![Just(1usize), 1usize..300], 1usize..40, 0usize..2, source.clone(), source, epilogue, any::<u64>())
+    (batch, 1usize..40, prop_oneof![Just(1usize), 1usize..300], 1usize..40, 0usize..3, source.clone(), source, epilogue, any::<u64>())
         .prop_map(|(a_batch, rows, depth, columns, b_ones, a, b, epilogue, seed)| Product {
             a_batch,
             rows,
@@ -275,6 +279,15 @@ fn leaves_a_constant_b_with_few_rows_to_gemv() {
     let p = Product { rows: 16, depth: 512, columns: 1000, ..big(Source::Input, Source::Constant) };
     let g = snapshot("gemv_classifier", p.graph());
     assert_eq!(ops(&g), ["constant", "matmul"]);
+}
+
+#[test]
+fn leaves_few_columns_of_a_wide_a() {
+    let p = Product { rows: 144, depth: 8192, columns: 16, ..big(Source::Input, Source::Input) };
+    let g = snapshot("few_columns_wide_a", p.graph());
+    assert_eq!(ops(&g), ["matmul"]);
+    let p = Product { rows: 64, depth: 4096, columns: 8, ..big(Source::Input, Source::Input) };
+    assert_eq!(ops(&snapshot("eight_columns", p.graph())), ["matmul"]);
 }
 
 #[test]
