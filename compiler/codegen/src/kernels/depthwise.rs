@@ -43,8 +43,8 @@ use cranelift_frontend::FunctionBuilder;
 
 use super::compute::window::AxisWindow;
 use super::compute::{
-    F32_BYTES, LANES, counted_loop, index_ptr, load, load_f32x4_strided, offset_ptr, scalar_flags, splat_f32, store,
-    vector_flags, weight,
+    F32_BYTES, LANES, counted_loop, index_ptr, load, load_f32x4_strided, offset_ptr, scalar_flags, shuffle_f32x4,
+    splat_f32, store, vector_flags, weight,
 };
 use super::elementwise::{binary_lane, check_binary, check_unary, unary_lane};
 use super::{CodegenError, KernelCtx};
@@ -606,8 +606,20 @@ impl DepthwisePlan {
         }
         let mut sums: Vec<Sum> = (0..self.vectors).map(|_| Sum::new(init, self.fused())).collect();
         let stride = self.cols.stride;
+        let three_wide_stride_two = stride == 2 && self.cols.kernel == 3 && self.cols.dilation == 1;
         for ky in kernel_rows {
             let row = (ky * self.rows.dilation * self.cols.input) as i64;
+            if three_wide_stride_two {
+                let weights = [0, 1, 2].map(|kx| self.weight(b, ch, ky, kx));
+                for (v, sum) in sums.iter_mut().enumerate() {
+                    let taps = stride_two_taps(b, x, bytes(row + (v * LANES * 2) as i64));
+                    for (input, &wv) in taps.into_iter().zip(&weights) {
+                        sum.add_product(b, input, wv);
+                    }
+                }
+                sums.iter_mut().for_each(Sum::end_row);
+                continue;
+            }
             for kx in 0..self.cols.kernel {
                 let wv = self.weight(b, ch, ky, kx);
                 let tap = row + (kx * self.cols.dilation) as i64;
@@ -1051,6 +1063,20 @@ fn epilogue_steps(g: &Graph, node: &Node, plan: &DepthwisePlan) -> Option<Vec<St
         });
     }
     Some(steps)
+}
+
+/// The inputs of the three taps of a 3-wide, stride-2 window row for four consecutive
+/// outputs whose first window starts at `offset` bytes from `x`: elements 0,2,4,6 /
+/// 1,3,5,7 / 2,4,6,8. Three loads (elements 0..4, 4..8, 5..9: no further than the last
+/// tap reads) and three `shufps`, where one strided load per tap takes six loads.
+fn stride_two_taps(b: &mut FunctionBuilder, x: Value, offset: i64) -> [Value; 3] {
+    let low = load(b, F32X4, input_load_flags(), x, offset);
+    let high = load(b, F32X4, input_load_flags(), x, offset + bytes(4));
+    let last = load(b, F32X4, input_load_flags(), x, offset + bytes(5));
+    let even = shuffle_f32x4(b, low, high, [0, 2, 4, 6]);
+    let odd = shuffle_f32x4(b, low, high, [1, 3, 5, 7]);
+    let shifted = shuffle_f32x4(b, even, last, [1, 2, 5, 7]);
+    [even, odd, shifted]
 }
 
 #[cfg(test)]
