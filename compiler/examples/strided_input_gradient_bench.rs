@@ -30,6 +30,10 @@ const SHAPES: &[Shape] = &[
     Shape { name: "resnet18 layer4 3x3/2", batch: 16, channels: 256, outputs: 512, size: 14, kernel: 3, stride: 2, pad: 1 },
     Shape { name: "resnet18 layer2 1x1/2", batch: 16, channels: 64, outputs: 128, size: 56, kernel: 1, stride: 2, pad: 0 },
     Shape { name: "resnet18 layer4 1x1/2", batch: 16, channels: 256, outputs: 512, size: 14, kernel: 1, stride: 2, pad: 0 },
+    Shape { name: "resnet_tiny 16->32 3x3/2", batch: 64, channels: 16, outputs: 32, size: 32, kernel: 3, stride: 2, pad: 1 },
+    Shape { name: "resnet_tiny 32->64 3x3/2", batch: 64, channels: 32, outputs: 64, size: 16, kernel: 3, stride: 2, pad: 1 },
+    Shape { name: "resnet_tiny 16->32 1x1/2", batch: 64, channels: 16, outputs: 32, size: 32, kernel: 1, stride: 2, pad: 0 },
+    Shape { name: "resnet_tiny 32->64 1x1/2", batch: 64, channels: 32, outputs: 64, size: 16, kernel: 1, stride: 2, pad: 0 },
     Shape { name: "stem 7x7/2 (16 ch in)", batch: 16, channels: 16, outputs: 64, size: 112, kernel: 7, stride: 2, pad: 3 },
 ];
 
