@@ -159,7 +159,14 @@ impl MemoryPlan {
                             let whole_end = last_use[whole.index()].max(member.concat);
                             let bytes = g.ty(whole).byte_size();
                             slot_of[whole.index()] = Some(order.len());
-                            order.push((whole, Interval { start: ni, end: whole_end, bytes }));
+                            order.push((
+                                whole,
+                                Interval {
+                                    start: ni,
+                                    end: whole_end,
+                                    bytes,
+                                },
+                            ));
                             order.len() - 1
                         }
                     };
@@ -236,8 +243,12 @@ impl MemoryPlan {
                     && self.location(node.inputs[0]) == self.location(node.outputs[0])
             }
             Op::Concat { .. } => {
-                let ([whole], true) = (node.outputs.as_slice(), node.epilogue.is_empty()) else { return false };
-                let Some(Location::Workspace(base)) = self.location(*whole) else { return false };
+                let ([whole], true) = (node.outputs.as_slice(), node.epilogue.is_empty()) else {
+                    return false;
+                };
+                let Some(Location::Workspace(base)) = self.location(*whole) else {
+                    return false;
+                };
                 let mut at = base;
                 node.inputs.iter().all(|&v| {
                     let in_place = self.location(v) == Some(Location::Workspace(at));
@@ -279,7 +290,10 @@ fn concat_members(g: &Graph, locations: &[Option<Location>], producers: &[Option
             let made_by_movement = producers[v.index()].is_some_and(|p| {
                 p < ni
                     && g.nodes[p].outputs.len() == 1
-                    && matches!(g.nodes[p].op, Op::Slice { .. } | Op::Transpose { .. } | Op::Pad { .. } | Op::Broadcast)
+                    && matches!(
+                        g.nodes[p].op,
+                        Op::Slice { .. } | Op::Transpose { .. } | Op::Pad { .. } | Op::Broadcast
+                    )
             });
             made_by_movement
                 && locations[v.index()].is_none()
@@ -315,13 +329,18 @@ fn in_place_input(
     }
     let out_ty = g.ty(node.outputs[0]);
     // The slot's end, not the value's last use: a reshape sharing the slot may still be read.
-    node.inputs.iter().copied().find(|&v| slot_end(v) == Some(ni) && g.ty(v) == out_ty)
+    node.inputs
+        .iter()
+        .copied()
+        .find(|&v| slot_end(v) == Some(ni) && g.ty(v) == out_ty)
 }
 
 /// The input of a Reshape in the workspace: the output is the same bytes, so it reuses
 /// them (the module then emits no copy; see `MemoryPlan::is_alias`).
 fn reshaped_input(node: &cnnc_ir::Node, slot_of: &[Option<usize>]) -> Option<ValueId> {
-    let (Op::Reshape, [x], [_]) = (&node.op, node.inputs.as_slice(), node.outputs.as_slice()) else { return None };
+    let (Op::Reshape, [x], [_]) = (&node.op, node.inputs.as_slice(), node.outputs.as_slice()) else {
+        return None;
+    };
     slot_of[x.index()].is_some().then_some(*x)
 }
 
@@ -443,7 +462,11 @@ mod tests {
         let c = g.push1("c", Op::Unary(UnaryFn::Relu), &[b]).unwrap();
         g.outputs.push(c);
         let p = MemoryPlan::with_scratch(&g, &[0, 4096, 0]).unwrap();
-        assert_eq!(p.scratch, vec![None, Some(1024), None], "after a, which b overwrites in place");
+        assert_eq!(
+            p.scratch,
+            vec![None, Some(1024), None],
+            "after a, which b overwrites in place"
+        );
         assert_eq!(p.workspace_size, 1024 + 4096);
         let q = MemoryPlan::with_scratch(&g, &[0, 0, 512]).unwrap();
         assert_eq!(q.scratch[2], Some(1024), "b's slot is busy at node 2");

@@ -47,8 +47,12 @@ fn mask_graph(shape: &[usize], flag_shape: &[usize]) -> Graph {
     let same = g.push1("same", Op::Binary(BinaryFn::Equal), &[odd, flag]).unwrap();
     let picked = g.push1("picked", Op::Where, &[flag, masked, x]).unwrap();
     let bools = g.push1("bools", Op::Where, &[same, odd, inside]).unwrap();
-    let at_least = g.push1("ge", Op::Binary(BinaryFn::GreaterOrEqual), &[picked, grad]).unwrap();
-    let at_most = g.push1("le", Op::Binary(BinaryFn::LessOrEqual), &[picked, six]).unwrap();
+    let at_least = g
+        .push1("ge", Op::Binary(BinaryFn::GreaterOrEqual), &[picked, grad])
+        .unwrap();
+    let at_most = g
+        .push1("le", Op::Binary(BinaryFn::LessOrEqual), &[picked, six])
+        .unwrap();
     g.outputs.extend([masked, either, bools, picked, at_least, at_most]);
     g
 }

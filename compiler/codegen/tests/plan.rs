@@ -38,7 +38,9 @@ fn random_graph(rng: &mut Rng, nodes: usize) -> Graph {
                 g.push1(format!("n{n}"), Op::Concat { axis: 0 }, &[a, b]).unwrap()
             }
             // A reshape shares its input's bytes in the plan.
-            3 => g.push_typed(format!("n{n}"), Op::Reshape, &[a], g.ty(a).clone()).unwrap(),
+            3 => g
+                .push_typed(format!("n{n}"), Op::Reshape, &[a], g.ty(a).clone())
+                .unwrap(),
             _ => {
                 let keep = rng.below(len(&g, a) as u64) as usize + 1;
                 g.push_typed(
@@ -118,7 +120,9 @@ fn concat_block(g: &Graph, plan: &MemoryPlan, v: ValueId) -> Option<ValueId> {
     if !matches!(node.op, Op::Concat { .. }) || !plan.is_alias(g, node) {
         return None;
     }
-    let Some(Location::Workspace(base)) = plan.location(node.outputs[0]) else { return None };
+    let Some(Location::Workspace(base)) = plan.location(node.outputs[0]) else {
+        return None;
+    };
     let mut at = base;
     for &piece in &node.inputs {
         if piece == v {
@@ -224,13 +228,21 @@ fn concat_pieces_are_written_in_place() {
         let mut pieces = Vec::new();
         for start in 0..3 {
             let ty = TensorType::f32([1, 5, 5]);
-            let op = Op::Slice { starts: vec![start, 0, start.min(2)], steps: vec![1, 1, 1] };
+            let op = Op::Slice {
+                starts: vec![start, 0, start.min(2)],
+                steps: vec![1, 1, 1],
+            };
             pieces.push(g.push_typed(format!("tap{start}"), op, &[x], ty).unwrap());
         }
-        pieces.push(g.push1("t", Op::Transpose { perm: vec![0, 2, 1] }, &[pieces[0]]).unwrap());
+        pieces.push(
+            g.push1("t", Op::Transpose { perm: vec![0, 2, 1] }, &[pieces[0]])
+                .unwrap(),
+        );
         pieces.remove(0);
         let stacked = g.push1("stack", Op::Concat { axis: 0 }, &pieces).unwrap();
-        let merged = g.push_typed("flat", Op::Reshape, &[stacked], TensorType::f32([75])).unwrap();
+        let merged = g
+            .push_typed("flat", Op::Reshape, &[stacked], TensorType::f32([75]))
+            .unwrap();
         let y = g.push1("relu", Op::Unary(UnaryFn::Relu), &[merged]).unwrap();
         g.outputs.push(y);
         if shared_piece {

@@ -36,7 +36,14 @@ pub fn grad_max_pool(b: &mut Builder, attrs: &PoolAttrs, x: ValueId, gy: ValueId
     } else {
         strided_windows(b, attrs, x, &out_extent, &stacked_shape)?
     };
-    let first = b.push(Op::ArgReduce { kind: ArgKind::Max, axis: 2, select_last_index: false }, &[windows])?;
+    let first = b.push(
+        Op::ArgReduce {
+            kind: ArgKind::Max,
+            axis: 2,
+            select_last_index: false,
+        },
+        &[windows],
+    )?;
     // Compared as f32 (tap indices are small integers, exact in f32): the T-times larger
     // comparison then runs four lanes at a time, only the cast of the indices is scalar.
     let first = b.push(Op::Cast { to: DType::F32 }, &[first])?;
@@ -113,14 +120,22 @@ fn strided_windows(
     let mut begins = vec![0i64; 2];
     let mut ends = vec![0i64; 2];
     for a in 0..spatial {
-        let reach = (out_extent[a].saturating_sub(1)) * attrs.strides[a] + (attrs.kernel[a] - 1) * attrs.dilations[a] + 1;
+        let reach =
+            (out_extent[a].saturating_sub(1)) * attrs.strides[a] + (attrs.kernel[a] - 1) * attrs.dilations[a] + 1;
         begins.push(attrs.pads_begin[a] as i64);
         ends.push((reach as i64 - attrs.pads_begin[a] as i64 - x_shape[2 + a] as i64).max(0));
     }
     let padded = if begins.iter().chain(&ends).all(|&p| p == 0) {
         x
     } else {
-        b.push(Op::Pad { begins, ends, mode: PadMode::Constant(Scalar::F32(f32::NEG_INFINITY)) }, &[x])?
+        b.push(
+            Op::Pad {
+                begins,
+                ends,
+                mode: PadMode::Constant(Scalar::F32(f32::NEG_INFINITY)),
+            },
+            &[x],
+        )?
     };
     let taps: usize = attrs.kernel.iter().product();
     let tap_strides = cnnc_ir::strides(&attrs.kernel);

@@ -183,12 +183,17 @@ fn load_lanes(b: &mut FunctionBuilder, dtype: DType, flags: MemFlagsData, addr: 
     }
     let word = b.ins().load(I32, flags, addr, 0);
     let v = b.ins().scalar_to_vector(I32X4, word);
-    let bytes = b.ins().bitcast(I8X16, MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little), v);
+    let bytes = b.ins().bitcast(
+        I8X16,
+        MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little),
+        v,
+    );
     let halves = b.ins().uwiden_low(bytes);
     let words = b.ins().uwiden_low(halves);
     let zero = b.ins().iconst(I32, 0);
     let zero = b.ins().splat(I32X4, zero);
-    b.ins().icmp(cranelift_codegen::ir::condcodes::IntCC::NotEqual, words, zero)
+    b.ins()
+        .icmp(cranelift_codegen::ir::condcodes::IntCC::NotEqual, words, zero)
 }
 
 /// One element of `dtype` at `addr`, splat over the vector lanes.
@@ -214,7 +219,11 @@ fn store_lanes(b: &mut FunctionBuilder, dtype: DType, v: Value, addr: Value) {
     let one = b.ins().iconst(I8, 1);
     let ones = b.ins().splat(I8X16, one);
     let bytes = b.ins().band(bytes, ones);
-    let words = b.ins().bitcast(I32X4, MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little), bytes);
+    let words = b.ins().bitcast(
+        I32X4,
+        MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little),
+        bytes,
+    );
     let word = b.ins().extractlane(words, 0);
     b.ins().store(rw_flags(), word, addr, 0);
 }
