@@ -284,9 +284,10 @@ impl<'a, 'f> Fx<'a, 'f> {
         let t = self.mulc(x, std::f32::consts::LOG2_E);
         let t = self.addc(t, MAGIC);
         let n = self.addc(t, -MAGIC);
+        // n + 254: the exponent biases of both halves of 2ⁿ below, folded in here.
         let tb = self.to_bits(t);
-        let magic_bits = self.ci(MAGIC.to_bits() as i32);
-        let ni = self.b.ins().isub(tb, magic_bits);
+        let magic_bits = self.ci(MAGIC.to_bits() as i32 - 2 * 127);
+        let biased = self.b.ins().isub(tb, magic_bits);
         // r = x − n·ln 2 in two parts (Cody–Waite) so the reduction is exact.
         let r = self.mul_addc(n, -0.693_359_4, x);
         let r = self.mul_addc(n, 2.121_944_4e-4, r);
@@ -306,18 +307,18 @@ impl<'a, 'f> Fx<'a, 'f> {
         let p = self.addc(p, 1.0);
         // 2ⁿ in two halves so that n in [-150, 128] never leaves the normal range of
         // either factor; the final product rounds once into denormals or overflows.
-        let n1 = self.b.ins().sshr_imm_u(ni, 1);
-        let n2 = self.b.ins().isub(ni, n1);
-        let s1 = self.pow2i(n1);
-        let s2 = self.pow2i(n2);
+        // With n + 254 >= 104, (n + 254) >> 1 = (n >> 1) + 127 is the first half's
+        // biased exponent and the rest the second's.
+        let e1 = self.b.ins().sshr_imm_u(biased, 1);
+        let e2 = self.b.ins().isub(biased, e1);
+        let s1 = self.exponent_to_float(e1);
+        let s2 = self.exponent_to_float(e2);
         let y = self.mul(p, s1);
         self.mul(y, s2)
     }
 
-    /// 2ⁿ for an integer lane n in [-126, 127].
-    fn pow2i(&mut self, n: Value) -> Value {
-        let bias = self.ci(127);
-        let e = self.b.ins().iadd(n, bias);
+    /// 2^(e − 127) for a biased exponent lane e in [1, 254].
+    fn exponent_to_float(&mut self, e: Value) -> Value {
         let bits = self.b.ins().ishl_imm_u(e, 23);
         self.from_bits(bits)
     }

@@ -557,3 +557,50 @@ fn the_functions_are_defined_only_for_avx2_fma_targets() {
         "no {symbol} in the x86-64-v3 object"
     );
 }
+
+/// Nanoseconds per element over a 6x16 tile (the GEMM epilogue's shape) and a 56x56
+/// plane (a depthwise channel), for the record: `cargo test --release -p cnnc-codegen
+/// --test activation -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn throughput() {
+    if !host_has_avx2_fma() {
+        return;
+    }
+    let mut rng = Rng(11);
+    for steps in [
+        vec![UnaryFn::Swish { alpha: 1.0 }],
+        vec![UnaryFn::Sigmoid],
+        vec![UnaryFn::Clip { min: 0.0, max: 6.0 }],
+        vec![UnaryFn::Relu],
+    ] {
+        let f = jit(&ActivationSpec::new(true, &steps).unwrap());
+        for (rows, cols) in [(6usize, 16usize), (1, 56 * 56)] {
+            let source: Vec<f32> = (0..rows * cols).map(|_| rng.f32_in(-6.0, 6.0)).collect();
+            let bias = vec![0.0f32; rows];
+            let mut data = source.clone();
+            let reps = 4_000_000 / (rows * cols);
+            // The fastest of several trials (the machine is shared), minus the copy.
+            let fastest = |data: &mut Vec<f32>, apply: bool| {
+                (0..9)
+                    .map(|_| {
+                        let start = std::time::Instant::now();
+                        for _ in 0..reps {
+                            data.copy_from_slice(&source);
+                            if apply {
+                                f.run(data, rows, cols, cols, &bias);
+                            }
+                            std::hint::black_box(&mut *data);
+                        }
+                        start.elapsed()
+                    })
+                    .min()
+                    .unwrap()
+            };
+            let total = fastest(&mut data, true);
+            let copy = fastest(&mut data, false);
+            let ns = total.saturating_sub(copy).as_secs_f64() * 1e9 / (reps * rows * cols) as f64;
+            eprintln!("{steps:?} {rows}x{cols}: {ns:.3} ns/element");
+        }
+    }
+}

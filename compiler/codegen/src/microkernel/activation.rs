@@ -526,15 +526,16 @@ impl Emitter<'_, '_> {
     }
 
     /// r[6] = e^{r[x]} for r[x] <= 89 or NaN, as math.rs `exp_below_89` with FMA;
-    /// clobbers r[x] and r[3..6]. Registers: r[3] ni, r[4] n, r[5] r.
+    /// clobbers r[x] and r[3..6]. Registers: r[3] n as an integer, r[4] n, r[5] r.
     fn exp_below_89(&mut self, x: usize) -> Result<(), IcedError> {
         const MAGIC: f32 = 12_582_912.0;
         self.maxc(x, 3, -104.0)?;
         self.mulc(3, x, std::f32::consts::LOG2_E)?;
         self.addc(3, 3, MAGIC)?;
         self.addc(4, 3, -MAGIC)?;
+        // n + 254 (both exponent biases of the two halves below, folded in here).
         self.each(|a, r, k| {
-            let m = k.i(a, MAGIC.to_bits() as i32);
+            let m = k.i(a, MAGIC.to_bits() as i32 - 2 * 127);
             a.vpsubd(r[3], r[3], m)
         })?;
         // r = n·(−c1) + x, then n·c2 + r (Cody–Waite).
@@ -569,17 +570,10 @@ impl Emitter<'_, '_> {
         // p·r² + r, then + 1.
         self.each(|a, r, _| a.vfmadd213ps(r[6], r[4], r[5]))?;
         self.addc(6, 6, 1.0)?;
-        // 2ⁿ in two halves: n1 = n >> 1, n2 = n − n1, each (nᵢ + 127) << 23.
+        // 2ⁿ in two halves n1 = n >> 1, n2 = n − n1, each (nᵢ + 127) << 23: from
+        // n + 254 (positive: n >= −150), (n + 254) >> 1 = n1 + 127 and the rest n2 + 127.
         self.each(|a, r, _| a.vpsrad(r[4], r[3], 1))?;
         self.each(|a, r, _| a.vpsubd(r[3], r[3], r[4]))?;
-        self.each(|a, r, k| {
-            let m = k.i(a, 127);
-            a.vpaddd(r[4], r[4], m)
-        })?;
-        self.each(|a, r, k| {
-            let m = k.i(a, 127);
-            a.vpaddd(r[3], r[3], m)
-        })?;
         self.each(|a, r, _| a.vpslld(r[4], r[4], 23))?;
         self.each(|a, r, _| a.vpslld(r[3], r[3], 23))?;
         self.each(|a, r, _| a.vmulps(r[6], r[6], r[4]))?;
