@@ -6,6 +6,12 @@
 //! columns use a 4-wide and then a scalar tile. Leftover rows (and M < 4, as in a
 //! batch-1 classifier) use wider tiles of fewer rows. i32/i64 run scalar 2×2 tiles. When B has no batch of its own and A's
 //! batches are dense, the batches fold into M: one GEMM instead of many.
+//!
+//! Large f32 products never get here in compiled pipelines: the matmul-as-conv pass
+//! (`cnnc::passes::matmul_as_conv`) runs them as 1x1 convolutions on the packed, cache-
+//! blocked GEMM microkernel (`conv_gemm.rs`), and few-row products by a constant B run
+//! on `gemv.rs`. This kernel keeps small and integer products, batched B, and products
+//! with few columns of an A too large to pack profitably.
 
 use cnnc_ir::{DType, Op};
 use cranelift_codegen::ir::{
