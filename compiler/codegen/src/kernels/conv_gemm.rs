@@ -588,22 +588,30 @@ fn tile_steps(g: &Graph, node: &Node, out_shape: &[usize]) -> Option<Vec<TileSte
 /// (`x86::assemble_avx2_gemm_strided_b`): `(k, a, b, c, ldc, accumulate, ldb)`.
 pub const STRIDED_B_KERNEL: &str = "cnnc_gemm_f32_avx2_6x16_strided_b";
 
-/// The strided-B microkernel, defined by the first node that needs it (its only
-/// declaration is here, so a declared symbol is a defined one).
-fn strided_b_kernel<M: Module>(module: &mut M) -> Result<FuncId, CodegenError> {
-    if let Some(FuncOrDataId::Func(id)) = module.get_name(STRIDED_B_KERNEL) {
+/// Symbol of the AVX2 6x16 microkernel that prefetches another B panel
+/// (`x86::assemble_avx2_gemm_prefetch_b`): `(k, a, b, c, ldc, accumulate, ahead)`.
+pub const PREFETCH_B_KERNEL: &str = "cnnc_gemm_f32_avx2_6x16_prefetch_b";
+
+/// A seven-argument variant of the AVX2 microkernel, defined by the first node that
+/// needs it (its only declaration is here, so a declared symbol is a defined one).
+fn kernel_variant<M: Module>(
+    module: &mut M,
+    name: &str,
+    assemble: fn() -> Result<crate::microkernel::x86::AssembledKernel, CodegenError>,
+) -> Result<FuncId, CodegenError> {
+    if let Some(FuncOrDataId::Func(id)) = module.get_name(name) {
         return Ok(id);
     }
     let mut sig = module.make_signature();
     sig.call_conv = CallConv::SystemV;
     sig.params.extend([AbiParam::new(I64); 7]);
     let id = module
-        .declare_function(STRIDED_B_KERNEL, Linkage::Local, &sig)
-        .map_err(|e| CodegenError(format!("declaring {STRIDED_B_KERNEL}: {e}")))?;
-    let kernel = crate::microkernel::x86::assemble_avx2_gemm_strided_b()?;
+        .declare_function(name, Linkage::Local, &sig)
+        .map_err(|e| CodegenError(format!("declaring {name}: {e}")))?;
+    let kernel = assemble()?;
     module
         .define_function_bytes(id, crate::microkernel::x86::CODE_ALIGN, &kernel.code, &[])
-        .map_err(|e| CodegenError(format!("defining {STRIDED_B_KERNEL}: {e}")))?;
+        .map_err(|e| CodegenError(format!("defining {name}: {e}")))?;
     Ok(id)
 }
 
@@ -648,8 +656,19 @@ pub fn define_node<M: Module>(
         )?)
     };
 
+    let x86_avx2 = (plan.mr, plan.nr) == (6, 16);
     let strided_b = if plan.in_place_b {
-        Some(strided_b_kernel(module)?)
+        Some(kernel_variant(
+            module,
+            STRIDED_B_KERNEL,
+            crate::microkernel::x86::assemble_avx2_gemm_strided_b,
+        )?)
+    } else if x86_avx2 && plan.winograd.is_none() && plan.orientation == Orientation::PositionRows {
+        Some(kernel_variant(
+            module,
+            PREFETCH_B_KERNEL,
+            crate::microkernel::x86::assemble_avx2_gemm_prefetch_b,
+        )?)
     } else {
         None
     };
@@ -866,7 +885,8 @@ pub struct TaskFrame<'a> {
     pub plan: &'a ConvGemmPlan,
     /// The microkernel.
     pub kernel: FuncRef,
-    /// The strided-B microkernel when the plan reads B in place (`in_place_b`).
+    /// The seven-argument microkernel variant: strided B when the plan reads B in place
+    /// (`in_place_b`), B prefetching for positions as rows on AVX2.
     pub strided_kernel: Option<FuncRef>,
     pub epilogue: TileEpilogue<'a>,
     /// This task's slot of the node's scratch (`plan.slot_bytes()`, 64-byte aligned).

@@ -122,11 +122,22 @@ pub fn assemble_avx2_gemm_strided_b() -> Result<AssembledKernel, CodegenError> {
 /// How many panels ahead the strided-B kernel prefetches its rows.
 const STRIDED_B_PREFETCH_PANELS: usize = 2;
 
+/// The 6x16 AVX2+FMA kernel that also prefetches another B panel:
+/// `kernel(k, a, b, c, ldc, accumulate, ahead)`, with one `prefetcht0` per k step of
+/// B's row `kk` at `b + ahead + kk * 64` bytes, everything else as the module
+/// contract. For positions as rows, where B is the weights: the first call on a
+/// channel panel fetches the next panel while the calls that reuse this one run.
+pub fn assemble_avx2_gemm_prefetch_b() -> Result<AssembledKernel, CodegenError> {
+    assemble(&AVX2_TILE, BRows::PackedPrefetch)
+}
+
 /// Where the kernel finds B's rows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum BRows {
     /// Consecutive, `nr` floats apart (the packed panel of the contract).
     Packed,
+    /// As `Packed`, prefetching the rows `ahead` bytes further (the seventh argument).
+    PackedPrefetch,
     /// `ldb` bytes apart, `ldb` the seventh argument (on the stack).
     Strided,
 }
@@ -258,13 +269,18 @@ where
         asm.mov(LDB, qword_ptr(rsp + 8))?;
         asm.lea(LDB3, LDB + LDB * 2)?;
     }
+    if b_rows == BRows::PackedPrefetch {
+        // `ahead`, the seventh argument, as an absolute address that moves with B.
+        asm.mov(LDB, qword_ptr(rsp + 8))?;
+        asm.add(LDB, B)?;
+    }
 
     // One k step at offset `step` (in k, below the unroll) from the current A and B pointers.
     let k_step = |asm: &mut CodeAssembler, step: usize| -> Result<(), IcedError> {
         for v in 0..vpr {
             let within = v as i32 * vector_bytes;
             let at = match (b_rows, step) {
-                (BRows::Packed, _) => B + ((step * shape.nr() * 4) as i32 + within),
+                (BRows::Packed | BRows::PackedPrefetch, _) => B + ((step * shape.nr() * 4) as i32 + within),
                 (BRows::Strided, 0) => B + within,
                 (BRows::Strided, 1) => B + LDB + within,
                 (BRows::Strided, 2) => B + LDB * 2 + within,
@@ -283,6 +299,9 @@ where
                 _ => B + LDB3 + ahead,
             };
             asm.prefetcht0(byte_ptr(at))?;
+        }
+        if b_rows == BRows::PackedPrefetch {
+            asm.prefetcht0(byte_ptr(LDB + (step * shape.nr() * 4) as i32))?;
         }
         for row in 0..mr {
             let a_offset = ((step * mr + row) * 4) as i32;
@@ -315,6 +334,10 @@ where
     asm.add(A, (unroll * mr * 4) as i32)?;
     match b_rows {
         BRows::Packed => asm.add(B, (unroll * shape.nr() * 4) as i32)?,
+        BRows::PackedPrefetch => {
+            asm.add(B, (unroll * shape.nr() * 4) as i32)?;
+            asm.add(LDB, (unroll * shape.nr() * 4) as i32)?;
+        }
         BRows::Strided => asm.lea(B, B + LDB * 4)?,
     }
     asm.dec(TRIPS)?;
@@ -328,13 +351,17 @@ where
     asm.add(A, (mr * 4) as i32)?;
     match b_rows {
         BRows::Packed => asm.add(B, (shape.nr() * 4) as i32)?,
+        BRows::PackedPrefetch => {
+            asm.add(B, (shape.nr() * 4) as i32)?;
+            asm.add(LDB, (shape.nr() * 4) as i32)?;
+        }
         BRows::Strided => asm.add(B, LDB)?,
     }
     asm.dec(K)?;
     asm.jnz(remainder_loop)?;
 
     asm.set_label(&mut store)?;
-    if b_rows == BRows::Strided {
+    if b_rows != BRows::Packed {
         asm.lea(ROW_BYTES, LDC * 4)?;
     }
     asm.test(ACCUMULATE, ACCUMULATE)?;

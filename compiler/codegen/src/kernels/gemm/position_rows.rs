@@ -78,7 +78,30 @@ pub fn emit(b: &mut FunctionBuilder, f: &TaskFrame) -> Result<(), CodegenError> 
             for_range(b, zero, f.p_panels, |b, pp| {
                 let a = scaled(b, packed, pp, a_panel_bytes);
                 let c = tile_of(b, pp, panel);
-                b.ins().call(f.kernel, &[kcb, a, weights, c, ldc, accumulate]);
+                match f.strided_kernel {
+                    // The first position panel fetches the next channel panel's weights
+                    // (same rows, `depth` rows on) while the others reuse these.
+                    Some(prefetching) => {
+                        let first = b.create_block();
+                        let rest = b.create_block();
+                        let next = b.create_block();
+                        b.ins().brif(pp, rest, &[], first, &[]);
+                        b.switch_to_block(first);
+                        b.seal_block(first);
+                        let ahead = int(b, depth * nr * F32_BYTES);
+                        b.ins().call(prefetching, &[kcb, a, weights, c, ldc, accumulate, ahead]);
+                        b.ins().jump(next, &[]);
+                        b.switch_to_block(rest);
+                        b.seal_block(rest);
+                        b.ins().call(f.kernel, &[kcb, a, weights, c, ldc, accumulate]);
+                        b.ins().jump(next, &[]);
+                        b.switch_to_block(next);
+                        b.seal_block(next);
+                    }
+                    None => {
+                        b.ins().call(f.kernel, &[kcb, a, weights, c, ldc, accumulate]);
+                    }
+                }
             });
         });
         vec![]
