@@ -95,10 +95,9 @@ impl Product {
         node.inputs.extend(&extra);
         node.epilogue = match self.epilogue {
             Epilogue::None => vec![],
-            Epilogue::BiasRelu => vec![
-                EpilogueStep::Binary { func: BinaryFn::Add, operand: 2 },
-                EpilogueStep::Unary(UnaryFn::Relu),
-            ],
+            Epilogue::BiasRelu => {
+                vec![EpilogueStep::Binary { func: BinaryFn::Add, operand: 2 }, EpilogueStep::Unary(UnaryFn::Relu)]
+            }
             Epilogue::Residual => vec![EpilogueStep::Binary { func: BinaryFn::Add, operand: 2 }],
         };
         g.outputs.push(c);
@@ -127,7 +126,17 @@ fn product() -> impl Strategy<Value = Product> {
     let batch = prop_oneof![Just(vec![]), Just(vec![1]), (2usize..4).prop_map(|b| vec![b]), Just(vec![2, 3])];
     let source = prop_oneof![Just(Source::Input), Just(Source::Constant)];
     let epilogue = prop_oneof![Just(Epilogue::None), Just(Epilogue::BiasRelu), Just(Epilogue::Residual)];
-    (batch, 1usize..40, prop_oneof![Just(1usize), 1usize..300], 1usize..40, 0usize..3, source.clone(), source, epilogue, any::<u64>())
+    (
+        batch,
+        1usize..40,
+        prop_oneof![Just(1usize), 1usize..300],
+        1usize..40,
+        0usize..3,
+        source.clone(),
+        source,
+        epilogue,
+        any::<u64>(),
+    )
         .prop_map(|(a_batch, rows, depth, columns, b_ones, a, b, epilogue, seed)| Product {
             a_batch,
             rows,
@@ -146,12 +155,14 @@ fn product() -> impl Strategy<Value = Product> {
 fn rewritten(p: &Product) -> Result<(Graph, Vec<Tensor>, Vec<Tensor>), TestCaseError> {
     let original = p.graph();
     let inputs = p.inputs(&original);
-    let want = cnnc_ir::interp::run(&original, &inputs).map_err(|e| TestCaseError::fail(format!("interpreter: {e}")))?;
+    let want =
+        cnnc_ir::interp::run(&original, &inputs).map_err(|e| TestCaseError::fail(format!("interpreter: {e}")))?;
     let mut g = original.clone();
     let count = rewrite_matmuls(&mut g, &ALWAYS);
     cnnc_ir::verify::verify(&g).map_err(|e| TestCaseError::fail(format!("rewritten graph: {e}")))?;
     prop_assert_eq!(count, usize::from(p.rewritable()), "rewrites of {:?}", p);
-    let interpreted = cnnc_ir::interp::run(&g, &inputs).map_err(|e| TestCaseError::fail(format!("interpreter: {e}")))?;
+    let interpreted =
+        cnnc_ir::interp::run(&g, &inputs).map_err(|e| TestCaseError::fail(format!("interpreter: {e}")))?;
     same(&interpreted, &want, "the interpreter on the rewritten graph")?;
     Ok((g, inputs, want))
 }
@@ -232,17 +243,7 @@ fn ops(g: &Graph) -> Vec<&'static str> {
 }
 
 fn big(a: Source, b: Source) -> Product {
-    Product {
-        a_batch: vec![],
-        rows: 96,
-        depth: 512,
-        columns: 64,
-        b_ones: 0,
-        a,
-        b,
-        epilogue: Epilogue::None,
-        seed: 1,
-    }
+    Product { a_batch: vec![], rows: 96, depth: 512, columns: 64, b_ones: 0, a, b, epilogue: Epilogue::None, seed: 1 }
 }
 
 #[test]
@@ -259,7 +260,8 @@ fn constant_filters_stay_constants() {
 
 #[test]
 fn batched_a_folds_into_rows_with_its_bias() {
-    let p = Product { a_batch: vec![4], rows: 24, epilogue: Epilogue::BiasRelu, ..big(Source::Input, Source::Constant) };
+    let p =
+        Product { a_batch: vec![4], rows: 24, epilogue: Epilogue::BiasRelu, ..big(Source::Input, Source::Constant) };
     let g = snapshot("batched_a_bias_relu", p.graph());
     assert_eq!(ops(&g), ["constant", "reshape", "conv", "reshape"]);
     let conv = &g.nodes[2];

@@ -134,13 +134,17 @@ pub fn rewrite_matmuls(g: &mut Graph, limits: &Thresholds) -> usize {
     let mut edits = NodeEdits::new(g);
     let mut rewritten = 0;
     for i in 0..g.nodes.len() {
-        let Some(shapes) = rewrite_of(g, &g.nodes[i], limits) else { continue };
+        let Some(shapes) = rewrite_of(g, &g.nodes[i], limits) else {
+            continue;
+        };
         rewritten += 1;
         let node = g.nodes[i].clone();
-        let constant_of = |v: ValueId| producers[v.index()].and_then(|p| match g.nodes[p].op {
-            Op::Constant(c) => Some(c),
-            _ => None,
-        });
+        let constant_of = |v: ValueId| {
+            producers[v.index()].and_then(|p| match g.nodes[p].op {
+                Op::Constant(c) => Some(c),
+                _ => None,
+            })
+        };
         let (a_constant, b_constant) = (constant_of(node.inputs[0]), constant_of(node.inputs[1]));
         let mut as_shape = |g: &mut Graph, v: ValueId, constant, shape: Vec<usize>, role: &str| -> ValueId {
             let name = format!("{}.{role}", node.name);
@@ -169,7 +173,8 @@ pub fn rewrite_matmuls(g: &mut Graph, limits: &Thresholds) -> usize {
         let filters = as_shape(g, node.inputs[0], a_constant, vec![shapes.rows, shapes.depth, 1], "filters");
         let conv_ty = TensorType::f32(vec![1, shapes.rows, shapes.columns]);
         let product = g.add_value(conv_ty, String::new());
-        let geometry = ConvGeometry { strides: vec![1], dilations: vec![1], pads_begin: vec![0], pads_end: vec![0], groups: 1 };
+        let geometry =
+            ConvGeometry { strides: vec![1], dilations: vec![1], pads_begin: vec![0], pads_end: vec![0], groups: 1 };
         let mut inputs = vec![image, filters];
         inputs.extend_from_slice(&node.inputs[2..]);
         let mut conv = plain_node(format!("{}.conv", node.name), Op::Conv(geometry), inputs, product);

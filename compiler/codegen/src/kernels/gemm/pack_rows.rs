@@ -67,9 +67,8 @@ struct PanelShape {
 fn emit_panel(b: &mut FunctionBuilder, s: &PanelShape, rows: usize, src: Value, dst: Value) {
     let quads_of_rows = rows / LANES;
     let after = counted_loop(b, s.depth / LANES, vec![src, dst], |b, _, at| {
-        let loaded: Vec<Value> = (0..rows)
-            .map(|r| b.ins().load(F32X4, vector_flags(), at[0], (r as i64 * s.row_bytes) as i32))
-            .collect();
+        let loaded: Vec<Value> =
+            (0..rows).map(|r| b.ins().load(F32X4, vector_flags(), at[0], (r as i64 * s.row_bytes) as i32)).collect();
         for quad in 0..quads_of_rows {
             let by_kk = transpose4(b, &loaded[quad * LANES..quad * LANES + LANES]);
             for (t, v) in by_kk.into_iter().enumerate() {
@@ -85,10 +84,7 @@ fn emit_panel(b: &mut FunctionBuilder, s: &PanelShape, rows: usize, src: Value, 
             }
         }
         store_zeros(b, s, rows, LANES, at[1]);
-        vec![
-            b.ins().iadd_imm_s(at[0], LANES as i64 * F32_BYTES),
-            b.ins().iadd_imm_s(at[1], LANES as i64 * s.kk_bytes),
-        ]
+        vec![b.ins().iadd_imm_s(at[0], LANES as i64 * F32_BYTES), b.ins().iadd_imm_s(at[1], LANES as i64 * s.kk_bytes)]
     });
     let tail = s.depth % LANES;
     for t in 0..tail {
