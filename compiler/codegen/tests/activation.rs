@@ -7,10 +7,8 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use cnnc_codegen::microkernel::activation::{self, ActivationSpec};
-use cnnc_codegen::{JitModel, TargetSpec, link_shared};
+use cnnc_codegen::{JitModel, TargetSpec};
 use cnnc_ir::{ConvGeometry, DType, EpilogueStep, Graph, Op, Tensor, TensorData, TensorType, UnaryFn, interp};
 use common::{Rng, cases, check_close, random_tensor};
 use cranelift_jit::{JITBuilder, JITModule};
@@ -460,41 +458,9 @@ fn check_all(got: &[Tensor], want: &[Tensor]) -> Result<(), String> {
     Ok(())
 }
 
-fn temp_so() -> PathBuf {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    std::env::temp_dir().join(format!(
-        "cnnc-activation-{}-{}.so",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ))
-}
-
 fn run_shared(g: &Graph, cpu: &str, inputs: &[Tensor]) -> Result<Vec<Tensor>, String> {
     let target = TargetSpec::parse(None, Some(cpu)).map_err(|e| e.to_string())?;
-    let object = cnnc_codegen::compile_object(g, &target).map_err(|e| e.to_string())?;
-    let path = temp_so();
-    link_shared(&object, &path, &target).map_err(|e| e.to_string())?;
-    let result = (|| {
-        let model = cnnc_runtime::Model::load(&path).map_err(|e| e.to_string())?;
-        let mut session = cnnc_runtime::Session::new(&model, 2).map_err(|e| e.to_string())?;
-        let in_bytes: Vec<Vec<u8>> = inputs.iter().map(|t| t.data.to_le_bytes()).collect();
-        let in_refs: Vec<&[u8]> = in_bytes.iter().map(Vec::as_slice).collect();
-        let out_types: Vec<TensorType> = g.outputs.iter().map(|&v| g.ty(v).clone()).collect();
-        let mut out_bytes: Vec<Vec<u8>> = out_types.iter().map(|t| vec![0u8; t.byte_size()]).collect();
-        let mut out_refs: Vec<&mut [u8]> = out_bytes.iter_mut().map(Vec::as_mut_slice).collect();
-        session.run(&in_refs, &mut out_refs).map_err(|e| e.to_string())?;
-        Ok(out_types
-            .iter()
-            .zip(&out_bytes)
-            .map(|(t, bytes)| Tensor {
-                shape: t.shape.clone(),
-                data: TensorData::from_le_bytes(t.dtype, bytes),
-            })
-            .collect())
-    })();
-    let _ = std::fs::remove_file(&path);
-    result
+    common::run_shared_library("activation", g, &target, 2, inputs)
 }
 
 proptest! {

@@ -300,7 +300,7 @@ fn run_shared(g: &Graph, target: &TargetSpec, threads: usize, inputs: &[Tensor])
     if info.gemm_convs == 0 {
         return Err("the convolution did not run as GEMM".into());
     }
-    let path = temp_so();
+    let path = common::temp_so("conv-gemm");
     link_shared(&object, &path, target).map_err(|e| e.to_string())?;
     let result = run_loaded(&path, g, threads, inputs);
     let _ = std::fs::remove_file(&path);
@@ -348,16 +348,6 @@ fn aligned_copy(bytes: &[u8]) -> Vec<Line> {
 fn as_bytes(lines: &[Line]) -> &[u8] {
     // SAFETY: Line is plain bytes without padding.
     unsafe { std::slice::from_raw_parts(lines.as_ptr().cast::<u8>(), lines.len() * 64) }
-}
-
-fn temp_so() -> PathBuf {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    std::env::temp_dir().join(format!(
-        "cnnc-conv-gemm-{}-{}.so",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ))
 }
 
 fn host_jit(g: &Graph, inputs: &[Tensor]) -> Result<Vec<Tensor>, String> {
@@ -473,7 +463,7 @@ fn thread_counts_agree_bitwise_with(runtime_weights: bool) {
     let target = TargetSpec::host();
     let (object, info) = cnnc_codegen::object::compile_object_with_info(&g, &target).unwrap();
     assert_eq!(info.gemm_convs, 1);
-    let path = temp_so();
+    let path = common::temp_so("conv-gemm");
     link_shared(&object, &path, &target).unwrap();
     let runs: Vec<Vec<Tensor>> = [1, 2, 3]
         .iter()
@@ -654,7 +644,7 @@ fn channel_split_nodes_match_interpreter() {
 
     let target = TargetSpec::host();
     let object = cnnc_codegen::compile_object(&g, &target).unwrap();
-    let path = temp_so();
+    let path = common::temp_so("conv-gemm");
     link_shared(&object, &path, &target).unwrap();
     for threads in [1, 2, 3] {
         let got = run_loaded(&path, &g, threads, &inputs).unwrap();

@@ -207,7 +207,7 @@ fn host_jit(g: &Graph, inputs: &[Tensor]) -> Result<Vec<Tensor>, String> {
 /// Compiles `g` for `target` into a `.so` and runs it with a session of `threads`.
 fn run_shared(g: &Graph, target: &TargetSpec, threads: usize, inputs: &[Tensor]) -> Result<Vec<Tensor>, String> {
     let (object, _) = cnnc_codegen::object::compile_object_with_info(g, target).map_err(|e| e.to_string())?;
-    let path = temp_so();
+    let path = common::temp_so("depthwise");
     link_shared(&object, &path, target).map_err(|e| e.to_string())?;
     let result = run_loaded(&path, g, threads, inputs);
     let _ = std::fs::remove_file(&path);
@@ -265,16 +265,6 @@ fn as_bytes(lines: &[Line]) -> &[u8] {
 fn as_bytes_mut(lines: &mut [Line]) -> &mut [u8] {
     // SAFETY: Line is plain bytes without padding.
     unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast::<u8>(), lines.len() * 64) }
-}
-
-fn temp_so() -> PathBuf {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    std::env::temp_dir().join(format!(
-        "cnnc-depthwise-{}-{}.so",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ))
 }
 
 proptest! {

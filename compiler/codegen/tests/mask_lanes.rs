@@ -5,8 +5,8 @@
 
 mod common;
 
-use cnnc_codegen::{JitModel, TargetSpec, link_shared};
-use cnnc_ir::{BinaryFn, DType, Graph, Op, Tensor, TensorData, TensorType, UnaryFn, interp};
+use cnnc_codegen::{JitModel, TargetSpec};
+use cnnc_ir::{BinaryFn, DType, Graph, Op, Tensor, TensorType, UnaryFn, interp};
 use common::{Rng, cases, check_close, random_tensor};
 use proptest::prelude::*;
 
@@ -80,35 +80,7 @@ fn check_all(got: &[Tensor], want: &[Tensor]) -> Result<(), String> {
 }
 
 fn run_shared(g: &Graph, target: &TargetSpec, inputs: &[Tensor]) -> Result<Vec<Tensor>, String> {
-    let (object, _) = cnnc_codegen::object::compile_object_with_info(g, target).map_err(|e| e.to_string())?;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    let path = std::env::temp_dir().join(format!(
-        "cnnc_mask_lanes_{}_{}.so",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    link_shared(&object, &path, target).map_err(|e| e.to_string())?;
-    let result = (|| {
-        let model = cnnc_runtime::Model::load(&path).map_err(|e| e.to_string())?;
-        let mut session = cnnc_runtime::Session::new(&model, 1).map_err(|e| e.to_string())?;
-        let in_bytes: Vec<Vec<u8>> = inputs.iter().map(|t| t.data.to_le_bytes()).collect();
-        let in_refs: Vec<&[u8]> = in_bytes.iter().map(Vec::as_slice).collect();
-        let out_types: Vec<TensorType> = g.outputs.iter().map(|&v| g.ty(v).clone()).collect();
-        let mut out_bytes: Vec<Vec<u8>> = out_types.iter().map(|t| vec![0u8; t.byte_size()]).collect();
-        let mut out_refs: Vec<&mut [u8]> = out_bytes.iter_mut().map(Vec::as_mut_slice).collect();
-        session.run(&in_refs, &mut out_refs).map_err(|e| e.to_string())?;
-        Ok(out_types
-            .iter()
-            .zip(&out_bytes)
-            .map(|(t, bytes)| Tensor {
-                shape: t.shape.clone(),
-                data: TensorData::from_le_bytes(t.dtype, bytes),
-            })
-            .collect())
-    })();
-    let _ = std::fs::remove_file(&path);
-    result
+    common::run_shared_library("mask-lanes", g, target, 1, inputs)
 }
 
 /// Shapes with long contiguous runs (the vector loop, unrolled by four, and its tails)

@@ -6,11 +6,9 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use cnnc_codegen::kernels::gemv;
 use cnnc_codegen::{JitModel, TargetSpec, link_shared};
-use cnnc_ir::{BinaryFn, EpilogueStep, Graph, Op, Tensor, TensorData, TensorType, UnaryFn, interp};
+use cnnc_ir::{BinaryFn, EpilogueStep, Graph, Op, Tensor, TensorType, UnaryFn, interp};
 use common::{Rng, cases, check_close, random_tensor};
 use proptest::prelude::*;
 
@@ -128,48 +126,19 @@ fn check_jit(p: &Problem) -> Result<(), String> {
     check_all(&got, &want)
 }
 
-fn temp_so() -> PathBuf {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    std::env::temp_dir().join(format!(
-        "cnnc-matmul-{}-{}.so",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ))
-}
-
 /// Compiles for `target`, links, runs with a session of each thread count.
 fn check_shared(p: &Problem, target: &TargetSpec, threads: &[usize]) -> Result<(), String> {
     let (g, inputs) = p.build();
     let want = reference(&g, &inputs);
     let object = cnnc_codegen::compile_object(&g, target).map_err(|e| e.to_string())?;
-    let path = temp_so();
+    let path = common::temp_so("matmul");
     link_shared(&object, &path, target).map_err(|e| e.to_string())?;
     let result = threads.iter().try_for_each(|&t| {
-        let got = run_loaded(&path, &g, t, &inputs)?;
+        let got = common::run_loaded(&path, &g, t, &inputs)?;
         check_all(&got, &want).map_err(|e| format!("{t} threads: {e}"))
     });
     let _ = std::fs::remove_file(&path);
     result
-}
-
-fn run_loaded(path: &PathBuf, g: &Graph, threads: usize, inputs: &[Tensor]) -> Result<Vec<Tensor>, String> {
-    let model = cnnc_runtime::Model::load(path).map_err(|e| e.to_string())?;
-    let mut session = cnnc_runtime::Session::new(&model, threads).map_err(|e| e.to_string())?;
-    let in_bytes: Vec<Vec<u8>> = inputs.iter().map(|t| t.data.to_le_bytes()).collect();
-    let in_refs: Vec<&[u8]> = in_bytes.iter().map(Vec::as_slice).collect();
-    let out_types: Vec<TensorType> = g.outputs.iter().map(|&v| g.ty(v).clone()).collect();
-    let mut out_bytes: Vec<Vec<u8>> = out_types.iter().map(|t| vec![0u8; t.byte_size()]).collect();
-    let mut out_refs: Vec<&mut [u8]> = out_bytes.iter_mut().map(Vec::as_mut_slice).collect();
-    session.run(&in_refs, &mut out_refs).map_err(|e| e.to_string())?;
-    Ok(out_types
-        .iter()
-        .zip(&out_bytes)
-        .map(|(t, bytes)| Tensor {
-            shape: t.shape.clone(),
-            data: TensorData::from_le_bytes(t.dtype, bytes),
-        })
-        .collect())
 }
 
 proptest! {

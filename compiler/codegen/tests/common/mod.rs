@@ -96,3 +96,49 @@ pub fn cases(default: u32) -> u32 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
+
+/// A fresh path for a test's shared library; `tag` names the test file.
+pub fn temp_so(tag: &str) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    std::env::temp_dir().join(format!(
+        "cnnc-{tag}-{}-{}.so",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// Runs the shared library at `path`, compiled from `g`, through a runtime session of
+/// `threads` threads, with inputs and outputs in plain vectors.
+pub fn run_loaded(path: &std::path::Path, g: &Graph, threads: usize, inputs: &[Tensor]) -> Result<Vec<Tensor>, String> {
+    let model = cnnc_runtime::Model::load(path).map_err(|e| e.to_string())?;
+    let mut session = cnnc_runtime::Session::new(&model, threads).map_err(|e| e.to_string())?;
+    let in_bytes: Vec<Vec<u8>> = inputs.iter().map(|t| t.data.to_le_bytes()).collect();
+    let in_refs: Vec<&[u8]> = in_bytes.iter().map(Vec::as_slice).collect();
+    let out_types: Vec<cnnc_ir::TensorType> = g.outputs.iter().map(|&v| g.ty(v).clone()).collect();
+    let mut out_bytes: Vec<Vec<u8>> = out_types.iter().map(|t| vec![0u8; t.byte_size()]).collect();
+    let mut out_refs: Vec<&mut [u8]> = out_bytes.iter_mut().map(Vec::as_mut_slice).collect();
+    session.run(&in_refs, &mut out_refs).map_err(|e| e.to_string())?;
+    Ok(out_types
+        .iter()
+        .zip(&out_bytes)
+        .map(|(t, bytes)| Tensor { shape: t.shape.clone(), data: TensorData::from_le_bytes(t.dtype, bytes) })
+        .collect())
+}
+
+/// Compiles `g` for `target`, links a temporary shared library (`tag` names it), runs it
+/// with `threads` threads (`run_loaded`) and removes it.
+pub fn run_shared_library(
+    tag: &str,
+    g: &Graph,
+    target: &cnnc_codegen::TargetSpec,
+    threads: usize,
+    inputs: &[Tensor],
+) -> Result<Vec<Tensor>, String> {
+    let object = cnnc_codegen::compile_object(g, target).map_err(|e| e.to_string())?;
+    let path = temp_so(tag);
+    cnnc_codegen::link_shared(&object, &path, target).map_err(|e| e.to_string())?;
+    let result = run_loaded(&path, g, threads, inputs);
+    let _ = std::fs::remove_file(&path);
+    result
+}
