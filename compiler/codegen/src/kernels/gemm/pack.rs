@@ -496,19 +496,7 @@ pub fn emit_pack_block(
         ]
     });
 
-    let tail = b.create_block();
-    let done = b.create_block();
-    let ragged = b.ins().icmp(IntCC::UnsignedLessThan, whole, p_panels);
-    b.ins().brif(ragged, tail, &[], done, &[]);
-    b.switch_to_block(tail);
-    b.seal_block(tail);
-    let p0 = b.ins().imul_imm_s(whole, width);
-    let p0 = b.ins().iadd(p_start, p0);
-    let panel = scaled(b, dst, whole, panel_bytes);
-    emit_pack_panel(b, s, x_group, p0, k0, kc, panel);
-    b.ins().jump(done, &[]);
-    b.switch_to_block(done);
-    b.seal_block(done);
+    emit_pack_ragged_panel(b, s, x_group, p_start, p_panels, k0, kc, dst, panel_bytes);
 }
 
 /// For B read in place (`ConvGemmPlan::in_place_b`: flat convolutions, whose whole
@@ -667,7 +655,7 @@ fn scaled_const(b: &mut FunctionBuilder, ptr: Value, bytes: i64) -> Value {
 
 /// The 4x4 transpose of four f32x4 rows: result `t` holds lane `t` of each row, in row
 /// order.
-fn transpose4(b: &mut FunctionBuilder, rows: &[Value]) -> [Value; 4] {
+pub(super) fn transpose4(b: &mut FunctionBuilder, rows: &[Value]) -> [Value; 4] {
     let low_ab = shuffle_f32x4(b, rows[0], rows[1], [0, 4, 1, 5]);
     let high_ab = shuffle_f32x4(b, rows[0], rows[1], [2, 6, 3, 7]);
     let low_cd = shuffle_f32x4(b, rows[2], rows[3], [0, 4, 1, 5]);

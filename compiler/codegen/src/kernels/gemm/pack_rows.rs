@@ -14,8 +14,9 @@ use cranelift_codegen::ir::types::{F32, F32X4};
 use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Value};
 use cranelift_frontend::FunctionBuilder;
 
+use super::pack::transpose4;
 use super::scaled;
-use crate::kernels::compute::{LANES, counted_loop, scalar_flags, shuffle_f32x4, vector_flags};
+use crate::kernels::compute::{LANES, counted_loop, scalar_flags, vector_flags};
 use crate::kernels::conv_gemm::ConvGemmPlan;
 
 const F32_BYTES: i64 = 4;
@@ -109,18 +110,4 @@ fn store_zeros(b: &mut FunctionBuilder, s: &PanelShape, rows: usize, count: usiz
             b.ins().store(MemFlagsData::trusted(), zero, at, offset as i32);
         }
     }
-}
-
-/// The 4x4 transpose of four f32x4 rows: result `t` holds lane `t` of each row.
-fn transpose4(b: &mut FunctionBuilder, rows: &[Value]) -> [Value; 4] {
-    let low_ab = shuffle_f32x4(b, rows[0], rows[1], [0, 4, 1, 5]);
-    let high_ab = shuffle_f32x4(b, rows[0], rows[1], [2, 6, 3, 7]);
-    let low_cd = shuffle_f32x4(b, rows[2], rows[3], [0, 4, 1, 5]);
-    let high_cd = shuffle_f32x4(b, rows[2], rows[3], [2, 6, 3, 7]);
-    [
-        shuffle_f32x4(b, low_ab, low_cd, [0, 1, 4, 5]),
-        shuffle_f32x4(b, low_ab, low_cd, [2, 3, 6, 7]),
-        shuffle_f32x4(b, high_ab, high_cd, [0, 1, 4, 5]),
-        shuffle_f32x4(b, high_ab, high_cd, [2, 3, 6, 7]),
-    ]
 }
