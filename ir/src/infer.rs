@@ -1,7 +1,7 @@
 //! Typing rules: the output types of each op from its input types.
 //!
 //! Ops whose output shape is not a function of input types alone (`Reshape`,
-//! `Broadcast`, `Slice`, `Pool`, `ConvTranspose`) take a declared output type and
+//! `Broadcast`, `Slice`, `Pool`, `ConvTranspose`, `ConvWeightGrad`) take a declared output type and
 //! this module checks that it is consistent.
 
 use crate::graph::{Constant, Graph, ValueId};
@@ -10,7 +10,10 @@ use crate::types::{DType, TensorType, broadcast_shapes};
 
 /// Whether `op`'s output type must be declared by whoever creates the node.
 pub fn needs_declared_type(op: &Op) -> bool {
-    matches!(op, Op::Reshape | Op::Broadcast | Op::Slice { .. } | Op::Pool(_) | Op::ConvTranspose(_))
+    matches!(
+        op,
+        Op::Reshape | Op::Broadcast | Op::Slice { .. } | Op::Pool(_) | Op::ConvTranspose(_) | Op::ConvWeightGrad(_)
+    )
 }
 
 fn err<T>(msg: impl Into<String>) -> Result<T, String> {
@@ -164,6 +167,48 @@ pub fn output_types(
                 return err(format!("pool: output {out} does not fit input {x}"));
             }
             vec![out.clone()]
+        }
+        Op::PoolGrad(p) => {
+            arity(op, inputs, 2, 2)?;
+            let (x, dy) = (inputs[0], inputs[1]);
+            if p.kind != crate::op::PoolKind::Max {
+                return err("pool_grad: only max pooling has a pool_grad (average pooling's gradient is a conv_transpose)");
+            }
+            let k = x.rank().checked_sub(2).ok_or("pool_grad input must have rank >= 3")?;
+            if [p.kernel.len(), p.strides.len(), p.dilations.len(), p.pads_begin.len(), p.pads_end.len()] != [k; 5] {
+                return err(format!("pool_grad attributes must each have {k} entries"));
+            }
+            if p.kernel.contains(&0) || p.strides.contains(&0) || p.dilations.contains(&0) {
+                return err("pool_grad: zero kernel size, stride or dilation");
+            }
+            same_dtype(x, dy, "pool_grad")?;
+            if x.dtype != DType::F32 || dy.rank() != x.rank() || dy.shape[..2] != x.shape[..2] {
+                return err(format!("pool_grad: gradient {dy} does not fit f32 input {x}"));
+            }
+            vec![x.clone()]
+        }
+        Op::ConvWeightGrad(g) => {
+            arity(op, inputs, 2, 2)?;
+            let (x, dy) = (inputs[0], inputs[1]);
+            let dw = decl(1)?;
+            check_geometry(g, x.rank(), dw)?;
+            same_dtype(x, dy, "conv_weight_grad")?;
+            if dw.dtype != x.dtype || dy.rank() != x.rank() || dy.shape[0] != x.shape[0] {
+                return err(format!("conv_weight_grad: input {x}, gradient {dy}, weight {dw} disagree"));
+            }
+            if x.shape[1] != dw.shape[1] * g.groups || dw.shape[0] != dy.shape[1] || dw.shape[0] % g.groups != 0 {
+                return err(format!(
+                    "conv_weight_grad: input {x}, gradient {dy} and weight {dw} disagree for groups={}",
+                    g.groups
+                ));
+            }
+            for i in 0..x.rank() - 2 {
+                let want = conv_out_dim(x.shape[2 + i], dw.shape[2 + i], g.strides[i], g.dilations[i], g.pads_begin[i], g.pads_end[i])?;
+                if want != dy.shape[2 + i] {
+                    return err(format!("conv_weight_grad: gradient {dy} does not fit the convolution of {x} by {dw}"));
+                }
+            }
+            vec![dw.clone()]
         }
         Op::Reduce { axes, .. } => {
             arity(op, inputs, 1, 1)?;

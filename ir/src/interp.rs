@@ -11,7 +11,8 @@
 //! - Out-of-range Gather/GatherElements indices are errors.
 //!
 //! Op families live in `interp/`: `elementwise`, `matmul`, `conv`, `pool`, `reduce`,
-//! `layout`; `math` has the scalar formulas (including `erf`), `elem` the per-dtype
+//! `layout`, `window_grad` (pooling's and convolution's training gradients); `math`
+//! has the scalar formulas (including `erf`), `elem` the per-dtype
 //! plumbing.
 
 mod conv;
@@ -22,6 +23,7 @@ mod math;
 mod matmul;
 mod pool;
 mod reduce;
+mod window_grad;
 
 pub use math::{erf, erfc};
 
@@ -73,6 +75,8 @@ pub fn eval(
         Op::Conv(g) => conv::conv(g, inputs, out_shape)?,
         Op::ConvTranspose(g) => conv::conv_transpose(g, inputs, out_shape)?,
         Op::Pool(p) => pool::pool(p, inputs[0], out_shape)?,
+        Op::PoolGrad(p) => window_grad::pool_grad(p, inputs[0], inputs[1])?,
+        Op::ConvWeightGrad(g) => window_grad::conv_weight_grad(g, inputs[0], inputs[1], out_shape)?,
         Op::Reduce { kind, axes } => reduce::reduce(*kind, axes, inputs[0])?,
         Op::ArgReduce { kind, axis, select_last_index } => {
             reduce::arg_reduce(*kind, *axis, *select_last_index, inputs[0])?

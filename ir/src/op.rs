@@ -196,6 +196,19 @@ pub enum Op {
     /// `step` (saturated to an integer) gives each call its own stream, as a training
     /// step counter does (training-mode Dropout). Not differentiable.
     RandomUniform { seed: u64 },
+    /// (x [N, C, *in], dy [N, C, *out]) -> dx with x's type: max pooling's input
+    /// gradient. `kind` must be `Max`. For each window (output position o, in row-major
+    /// order) the first tap in row-major tap order whose input position lies inside x
+    /// and holds the window's maximum (a NaN counts as the maximum; the first NaN wins)
+    /// receives dy[o]: dx[that position] += dy[o]. Padding never receives anything, and
+    /// a window with no tap inside x routes nowhere.
+    PoolGrad(PoolAttrs),
+    /// (x [N, C, *in], dy [N, M, *out]) -> dw [M, C/groups, *k] (k from the type): a
+    /// convolution's weight gradient, dw[m, c, k] = Σ_n Σ_o dy[n, m, o] ·
+    /// x[n, group(m)·C/groups + c, o·stride − pad_begin + k·dilation] with zero padding,
+    /// where group(m) = m / (M/groups) and out = the conv's output extent. Sums
+    /// accumulate in f32 over (n, o) in row-major order.
+    ConvWeightGrad(ConvGeometry),
 }
 
 /// The number `Op::RandomUniform` draws for element `index`: SplitMix64's finaliser
@@ -233,6 +246,8 @@ impl Op {
             Op::Gather { .. } => "gather",
             Op::GatherElements { .. } => "gather_elements",
             Op::Resample { .. } => "resample",
+            Op::PoolGrad(_) => "pool_grad",
+            Op::ConvWeightGrad(_) => "conv_weight_grad",
         }
     }
 }

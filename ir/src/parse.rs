@@ -487,7 +487,7 @@ impl<'a> Parser<'a> {
                 ("min", _) => Head::Arg(ArgKind::Min),
                 (w, at) => return fail(at, format!("expected `max` or `min`, found `{w}`")),
             },
-            "pool" => match self.word("`max` or `avg`")? {
+            "pool" | "pool_grad" => match self.word("`max` or `avg`")? {
                 ("max", _) => Head::Pool(PoolKind::Max),
                 ("avg", _) => {
                     self.expect_punct('(')?;
@@ -500,7 +500,8 @@ impl<'a> Parser<'a> {
                 (w, at) => return fail(at, format!("expected `max` or `avg`, found `{w}`")),
             },
             "where" | "cast" | "matmul" | "conv" | "conv_transpose" | "reshape" | "transpose" | "slice" | "pad"
-            | "concat" | "broadcast" | "gather" | "gather_elements" | "resample" | "random_uniform" => Head::None,
+            | "concat" | "broadcast" | "gather" | "gather_elements" | "resample" | "random_uniform"
+            | "conv_weight_grad" => Head::None,
             _ => return fail(at, format!("unknown op `{mnemonic}`")),
         })
     }
@@ -811,19 +812,23 @@ fn build_op(mnemonic: &str, head: Head, a: &mut Attributes) -> Result<Op, String
             axis: a.usize(m, "axis")?,
             select_last_index: a.bool(m, "select_last_index")?,
         },
-        (_, Head::Pool(kind)) => Op::Pool(PoolAttrs {
-            kind,
-            kernel: a.usizes(m, "kernel")?,
-            strides: a.usizes(m, "strides")?,
-            dilations: a.usizes(m, "dilations")?,
-            pads_begin: a.usizes(m, "pads_begin")?,
-            pads_end: a.usizes(m, "pads_end")?,
-        }),
+        (_, Head::Pool(kind)) => {
+            let attrs = PoolAttrs {
+                kind,
+                kernel: a.usizes(m, "kernel")?,
+                strides: a.usizes(m, "strides")?,
+                dilations: a.usizes(m, "dilations")?,
+                pads_begin: a.usizes(m, "pads_begin")?,
+                pads_end: a.usizes(m, "pads_end")?,
+            };
+            if m == "pool_grad" { Op::PoolGrad(attrs) } else { Op::Pool(attrs) }
+        }
         ("where", _) => Op::Where,
         ("cast", _) => Op::Cast { to: a.dtype(m, "to")? },
         ("matmul", _) => Op::MatMul,
         ("conv", _) => Op::Conv(geometry(a)?),
         ("conv_transpose", _) => Op::ConvTranspose(geometry(a)?),
+        ("conv_weight_grad", _) => Op::ConvWeightGrad(geometry(a)?),
         ("reshape", _) => Op::Reshape,
         ("transpose", _) => Op::Transpose { perm: a.usizes(m, "perm")? },
         ("slice", _) => Op::Slice { starts: a.usizes(m, "starts")?, steps: a.i64s(m, "steps")? },

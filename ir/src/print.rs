@@ -192,7 +192,7 @@ fn write_node(out: &mut String, g: &Graph, node: &Node) {
         Op::Binary(f) => write!(out, " {}", binary_name(*f)).unwrap(),
         Op::Reduce { kind, .. } => write!(out, " {}", reduce_name(*kind)).unwrap(),
         Op::ArgReduce { kind, .. } => write!(out, " {}", arg_name(*kind)).unwrap(),
-        Op::Pool(p) => match p.kind {
+        Op::Pool(p) | Op::PoolGrad(p) => match p.kind {
             PoolKind::Max => out.push_str(" max"),
             PoolKind::Avg { count_include_pad } => {
                 write!(out, " avg(count_include_pad={count_include_pad})").unwrap()
@@ -231,14 +231,14 @@ fn write_attributes(out: &mut String, op: &Op) {
         | Op::Reshape
         | Op::Broadcast => {}
         Op::Cast { to } => attr("to", to.to_string()),
-        Op::Conv(geometry) | Op::ConvTranspose(geometry) => {
+        Op::Conv(geometry) | Op::ConvTranspose(geometry) | Op::ConvWeightGrad(geometry) => {
             attr("strides", list(&geometry.strides));
             attr("dilations", list(&geometry.dilations));
             attr("pads_begin", list(&geometry.pads_begin));
             attr("pads_end", list(&geometry.pads_end));
             attr("groups", geometry.groups.to_string());
         }
-        Op::Pool(p) => {
+        Op::Pool(p) | Op::PoolGrad(p) => {
             attr("kernel", list(&p.kernel));
             attr("strides", list(&p.strides));
             attr("dilations", list(&p.dilations));

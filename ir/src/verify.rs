@@ -101,7 +101,15 @@ fn min_op_inputs(op: &Op) -> usize {
         | Op::Concat { .. }
         | Op::Broadcast
         | Op::Resample { .. } => 1,
-        Op::Binary(_) | Op::RandomUniform { .. } | Op::MatMul | Op::Conv(_) | Op::ConvTranspose(_) | Op::Gather { .. } | Op::GatherElements { .. } => 2,
+        Op::Binary(_)
+        | Op::RandomUniform { .. }
+        | Op::MatMul
+        | Op::Conv(_)
+        | Op::ConvTranspose(_)
+        | Op::Gather { .. }
+        | Op::GatherElements { .. }
+        | Op::PoolGrad(_)
+        | Op::ConvWeightGrad(_) => 2,
         Op::Where => 3,
     }
 }

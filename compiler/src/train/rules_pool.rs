@@ -1,6 +1,8 @@
-//! Max pooling's gradient rule.
+//! Gradients with ops of their own: max pooling's input gradient (`PoolGrad`, or a
+//! composition of generic ops where its kernel does not apply) and the direct weight
+//! gradient of convolutions with few input channels per group (`ConvWeightGrad`).
 
-use cnnc_ir::{ArgKind, BinaryFn, ConvGeometry, DType, Op, PadMode, PoolAttrs, Scalar, Tensor, ValueId};
+use cnnc_ir::{ArgKind, BinaryFn, ConvGeometry, DType, Op, PadMode, PoolAttrs, PoolKind, Scalar, Tensor, TensorType, ValueId};
 
 use super::autodiff::Builder;
 
@@ -19,6 +21,12 @@ use super::autodiff::Builder;
 pub fn grad_max_pool(b: &mut Builder, attrs: &PoolAttrs, x: ValueId, gy: ValueId) -> Result<ValueId, String> {
     let (x_shape, y_shape) = (b.shape(x), b.shape(gy));
     let spatial = x_shape.len() - 2;
+    // The direct kernel (one pass: find each window's first maximum, add its dy there)
+    // covers one and two spatial axes of f32.
+    if (1..=2).contains(&spatial) && b.g.ty(x).dtype == DType::F32 {
+        let attrs = PoolAttrs { kind: PoolKind::Max, ..attrs.clone() };
+        return b.push(Op::PoolGrad(attrs), &[x, gy]);
+    }
     let (batch, channels) = (x_shape[0], x_shape[1]);
     let out_extent = y_shape[2..].to_vec();
     let taps: usize = attrs.kernel.iter().product();
@@ -191,4 +199,30 @@ fn scatter_by_taps(b: &mut Builder, attrs: &PoolAttrs, routed: ValueId, x: Value
     let ty = b.g.ty(x).clone();
     debug_assert_eq!(ty.shape, x_shape);
     b.push_typed(Op::ConvTranspose(geometry), &[stacked, kernel], ty)
+}
+
+/// Convolutions with at most this many input channels per group get their weight
+/// gradient from `ConvWeightGrad` (depthwise layers, a first layer over one image
+/// channel): the GEMM form would stack the taps of x, transpose x and dy and run a
+/// product with that few columns per group.
+pub const MAX_DIRECT_WEIGHT_GRADIENT_CHANNELS: usize = 1;
+
+/// The weight gradient dw [M, C/G, *k] of Conv(x, w) as one `ConvWeightGrad` node, when
+/// its kernel applies (f32, one or two spatial axes, few input channels per group);
+/// None otherwise.
+pub fn direct_weight_gradient(
+    b: &mut Builder,
+    geometry: &ConvGeometry,
+    x: ValueId,
+    gy: ValueId,
+    w_shape: &[usize],
+) -> Result<Option<ValueId>, String> {
+    let ty = b.g.ty(x).clone();
+    let spatial = ty.rank().saturating_sub(2);
+    let taps: usize = w_shape[2..].iter().product();
+    if ty.dtype != DType::F32 || !(1..=2).contains(&spatial) || w_shape[1] > MAX_DIRECT_WEIGHT_GRADIENT_CHANNELS || taps > 121 {
+        return Ok(None);
+    }
+    let dw = TensorType::new(DType::F32, w_shape.to_vec());
+    b.push_typed(Op::ConvWeightGrad(geometry.clone()), &[x, gy], dw).map(Some)
 }

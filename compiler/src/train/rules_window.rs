@@ -34,9 +34,12 @@ pub fn grad_conv(b: &mut Builder, geometry: &ConvGeometry, node: &Node, gy: Valu
         });
     }
     if needs[1] {
-        let fast = match pointwise_weight_gradient(b, geometry, x, gy, &x_shape, &w_shape, &y_shape)? {
+        let fast = match super::rules_pool::direct_weight_gradient(b, geometry, x, gy, &w_shape)? {
             Some(dw) => Some(dw),
-            None => tap_weight_gradient(b, geometry, x, gy, &x_shape, &w_shape, &y_shape)?,
+            None => match pointwise_weight_gradient(b, geometry, x, gy, &x_shape, &w_shape, &y_shape)? {
+                Some(dw) => Some(dw),
+                None => tap_weight_gradient(b, geometry, x, gy, &x_shape, &w_shape, &y_shape)?,
+            },
         };
         grads[1] = Some(match fast {
             Some(dw) => dw,

@@ -21,6 +21,7 @@ pub mod compute;
 pub mod conv;
 pub mod conv_gemm;
 pub mod conv_transpose;
+pub mod conv_weight_grad;
 pub mod depthwise;
 pub mod elementwise;
 pub mod gather;
@@ -31,6 +32,7 @@ pub mod matmul;
 pub mod movement;
 pub mod parallel;
 pub mod pool;
+pub mod pool_grad;
 pub mod random;
 pub mod reduce;
 pub mod resample;
@@ -166,6 +168,8 @@ fn emit_op(k: &mut KernelCtx, tables: &[Value]) -> Result<(), CodegenError> {
         Op::Conv(_) => conv::emit(k),
         Op::ConvTranspose(_) => conv_transpose::emit(k),
         Op::Pool(_) => pool::emit(k),
+        Op::PoolGrad(_) => pool_grad::emit(k),
+        Op::ConvWeightGrad(_) => conv_weight_grad::emit(k),
         Op::RandomUniform { .. } => random::emit(k),
         Op::Reduce { .. } => reduce::emit_reduce(k),
         Op::ArgReduce { .. } => reduce::emit_arg_reduce(k),

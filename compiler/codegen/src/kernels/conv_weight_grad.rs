@@ -1,0 +1,277 @@
+//! A convolution's weight gradient (`Op::ConvWeightGrad`), f32, one or two spatial
+//! axes, computed directly: for each weight tap, the dot product of dy's plane with
+//! x's plane shifted by the tap, over the batch.
+//!
+//! Meant for few input channels per group (depthwise convolutions, a first layer over
+//! one image channel), where the GEMM form (stacked taps times dy) pays for stacking
+//! and transposing x and dy and runs a product with very few columns. Per (output map,
+//! input channel) pair and image, each tap runs over the rows whose input row is
+//! inside x, and along a row over the outputs whose input column is inside x (both
+//! ranges compile-time constants, so no bounds tests), four f32x4 accumulators
+//! deep; the tap's sum is added into dw once per image.
+
+use cnnc_ir::{DType, Op, Scalar};
+use cranelift_codegen::ir::{
+    InstBuilder, Value,
+    types::{F32, F32X4},
+};
+use cranelift_frontend::FunctionBuilder;
+
+use super::compute::window::transposed_input_range;
+use super::compute::{
+    F32_BYTES, LANES, counted_loop, index_ptr, load, load_f32x4_strided, offset_ptr, require_buffers, require_dtype,
+    require_plain_layout, scalar_flags, store, vector_flags,
+};
+use super::movement::emit_fill;
+use super::{CodegenError, KernelCtx};
+
+/// Independent vector accumulators per row (hides the add latency).
+const ACCUMULATORS: usize = 4;
+
+/// Vectors of a row unrolled; longer rows loop over blocks of `ACCUMULATORS` vectors.
+const UNROLLED_VECTORS: usize = 16;
+
+/// Code-size bound on kernel taps (each is its own loop nest).
+const MAX_TAPS: usize = 121;
+
+/// One spatial axis: input extent, output extent, kernel extent, stride, dilation, pad.
+#[derive(Clone, Copy)]
+struct Axis {
+    input: usize,
+    output: usize,
+    kernel: usize,
+    stride: usize,
+    dilation: usize,
+    pad_begin: usize,
+}
+
+impl Axis {
+    /// Outputs whose tap `k` reads inside the input.
+    fn valid_outputs(&self, k: usize) -> (usize, usize) {
+        transposed_input_range(self.output, self.input, self.stride, self.dilation, self.pad_begin, k)
+    }
+
+    /// Input position of output `o` at tap `k` (inside for valid outputs).
+    fn input_of(&self, o: usize, k: usize) -> i64 {
+        (o * self.stride + k * self.dilation) as i64 - self.pad_begin as i64
+    }
+}
+
+pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
+    let Op::ConvWeightGrad(geometry) = &k.node.op else {
+        return Err(CodegenError(format!(
+            "conv_weight_grad::emit called on a {} node '{}'",
+            k.node.op.mnemonic(),
+            k.node.name
+        )));
+    };
+    require_plain_layout(k)?;
+    require_buffers(k, 2, 2, 1)?;
+    let x = k.graph.ty(k.node.inputs[0]);
+    let dy = k.graph.ty(k.node.inputs[1]);
+    let dw = k.graph.ty(k.node.outputs[0]);
+    require_dtype(k, "input", x, DType::F32)?;
+    require_dtype(k, "gradient", dy, DType::F32)?;
+    require_dtype(k, "output", dw, DType::F32)?;
+    let fail = |msg: String| CodegenError(format!("conv_weight_grad node '{}': {msg}", k.node.name));
+    let spatial = x.rank().saturating_sub(2);
+    if !(1..=2).contains(&spatial) || dy.rank() != x.rank() || dw.rank() != x.rank() {
+        return Err(fail(format!("input {x}, gradient {dy}, weight {dw}: only one or two spatial axes")));
+    }
+    let mut axes: Vec<Axis> = (0..spatial)
+        .map(|d| Axis {
+            input: x.shape[2 + d],
+            output: dy.shape[2 + d],
+            kernel: dw.shape[2 + d],
+            stride: geometry.strides[d],
+            dilation: geometry.dilations[d],
+            pad_begin: geometry.pads_begin[d],
+        })
+        .collect();
+    if spatial == 1 {
+        axes.insert(0, Axis { input: 1, output: 1, kernel: 1, stride: 1, dilation: 1, pad_begin: 0 });
+    }
+    let taps = axes[0].kernel * axes[1].kernel;
+    if taps > MAX_TAPS {
+        return Err(fail(format!("{taps} kernel taps (limit {MAX_TAPS}): use the GEMM form")));
+    }
+    let groups = geometry.groups;
+    let plan = Plan {
+        batch: x.shape[0],
+        channels: x.shape[1],
+        maps: dy.shape[1],
+        groups,
+        channels_per_group: x.shape[1] / groups,
+        maps_per_group: dy.shape[1] / groups,
+        in_plane: axes[0].input * axes[1].input,
+        out_plane: axes[0].output * axes[1].output,
+        rows: axes[0],
+        cols: axes[1],
+        fused: crate::math::fused_multiply_add(),
+    };
+    plan.emit(k.b, k.inputs[0], k.inputs[1], k.outputs[0]);
+    Ok(())
+}
+
+struct Plan {
+    batch: usize,
+    channels: usize,
+    maps: usize,
+    groups: usize,
+    channels_per_group: usize,
+    maps_per_group: usize,
+    in_plane: usize,
+    out_plane: usize,
+    rows: Axis,
+    cols: Axis,
+    fused: bool,
+}
+
+fn bytes(elements: usize) -> i64 {
+    elements as i64 * F32_BYTES
+}
+
+impl Plan {
+    fn taps(&self) -> usize {
+        self.rows.kernel * self.cols.kernel
+    }
+
+    /// Images outermost, so x and dy stream through memory in order (the planes of one
+    /// channel are a whole image apart); each image adds its share into dw.
+    fn emit(&self, b: &mut FunctionBuilder, x: Value, dy: Value, dw: Value) {
+        emit_fill(b, dw, self.maps * self.channels_per_group * self.taps(), Scalar::F32(0.0));
+        counted_loop(b, self.batch, vec![], |b, image, _| {
+            let x_image = index_ptr(b, x, image, bytes(self.channels * self.in_plane));
+            let dy_image = index_ptr(b, dy, image, bytes(self.maps * self.out_plane));
+            counted_loop(b, self.groups, vec![], |b, group, _| {
+                let x_group = index_ptr(b, x_image, group, bytes(self.channels_per_group * self.in_plane));
+                let dy_group = index_ptr(b, dy_image, group, bytes(self.maps_per_group * self.out_plane));
+                let dw_group =
+                    index_ptr(b, dw, group, bytes(self.maps_per_group * self.channels_per_group * self.taps()));
+                counted_loop(b, self.maps_per_group, vec![], |b, map, _| {
+                    let dy_plane = index_ptr(b, dy_group, map, bytes(self.out_plane));
+                    let dw_map = index_ptr(b, dw_group, map, bytes(self.channels_per_group * self.taps()));
+                    counted_loop(b, self.channels_per_group, vec![], |b, channel, _| {
+                        let x_plane = index_ptr(b, x_group, channel, bytes(self.in_plane));
+                        let dw_pair = index_ptr(b, dw_map, channel, bytes(self.taps()));
+                        self.emit_taps(b, x_plane, dy_plane, dw_pair);
+                        vec![]
+                    });
+                    vec![]
+                });
+                vec![]
+            });
+            vec![]
+        });
+    }
+
+    /// dw[tap] += Σ over one image's valid outputs of dy · x at the tap.
+    fn emit_taps(&self, b: &mut FunctionBuilder, x: Value, dy: Value, dw: Value) {
+        let (rows, cols) = (self.rows, self.cols);
+        for kh in 0..rows.kernel {
+            let (oh_begin, oh_end) = rows.valid_outputs(kh);
+            for kw in 0..cols.kernel {
+                let (ow_begin, ow_end) = cols.valid_outputs(kw);
+                if oh_begin >= oh_end || ow_begin >= ow_end {
+                    continue;
+                }
+                let x_start = rows.input_of(oh_begin, kh) * bytes(cols.input) + bytes(1) * cols.input_of(ow_begin, kw);
+                let x0 = offset_ptr(b, x, x_start);
+                let dy0 = offset_ptr(b, dy, bytes(oh_begin * cols.output + ow_begin));
+                let zero = b.ins().f32const(0.0);
+                let zeros = b.ins().splat(F32X4, zero);
+                let mut carried = vec![x0, dy0, zero];
+                carried.extend([zeros; ACCUMULATORS]);
+                let x_row_step = bytes(rows.stride * cols.input);
+                let dy_row_step = bytes(cols.output);
+                let done = counted_loop(b, oh_end - oh_begin, carried, |b, _, c| {
+                    let (scalar, vectors) = self.emit_row_dot(b, c[0], c[1], ow_end - ow_begin, c[2], &c[3..]);
+                    let mut next = vec![b.ins().iadd_imm_s(c[0], x_row_step), b.ins().iadd_imm_s(c[1], dy_row_step), scalar];
+                    next.extend(vectors);
+                    next
+                });
+                let total = horizontal_sum(b, done[2], &done[3..]);
+                let at = bytes(kh * cols.kernel + kw);
+                let old = load(b, F32, scalar_flags(), dw, at);
+                let sum = b.ins().fadd(old, total);
+                store(b, scalar_flags(), sum, dw, at);
+            }
+        }
+    }
+
+    /// Adds dy[0..count]·x[0, stride, ..] into the accumulators.
+    fn emit_row_dot(
+        &self,
+        b: &mut FunctionBuilder,
+        x: Value,
+        dy: Value,
+        count: usize,
+        scalar: Value,
+        vectors: &[Value],
+    ) -> (Value, Vec<Value>) {
+        let stride = self.cols.stride;
+        let mut accs = vectors.to_vec();
+        let vector_count = count / LANES;
+        let (mut x, mut dy, mut first_vector) = (x, dy, 0);
+        if vector_count > UNROLLED_VECTORS {
+            let block = ACCUMULATORS * LANES;
+            let blocks = count / block;
+            let mut carried = vec![x, dy];
+            carried.extend(accs.iter().copied());
+            let done = counted_loop(b, blocks, carried, |b, _, c| {
+                let mut next_accs = c[2..].to_vec();
+                for (v, acc) in next_accs.iter_mut().enumerate() {
+                    *acc = self.multiply_add(b, c[0], c[1], v * LANES, *acc);
+                }
+                let mut next = vec![b.ins().iadd_imm_s(c[0], bytes(block * stride)), b.ins().iadd_imm_s(c[1], bytes(block))];
+                next.extend(next_accs);
+                next
+            });
+            (x, dy) = (done[0], done[1]);
+            accs = done[2..].to_vec();
+            first_vector = blocks * ACCUMULATORS;
+        }
+        for (i, v) in (first_vector..vector_count).enumerate() {
+            let element = (v - first_vector) * LANES;
+            let slot = i % ACCUMULATORS;
+            accs[slot] = self.multiply_add(b, x, dy, element, accs[slot]);
+        }
+        let mut scalar = scalar;
+        for e in (vector_count - first_vector) * LANES..count - first_vector * LANES {
+            let xv = load(b, F32, scalar_flags(), x, bytes(e * stride));
+            let g = load(b, F32, scalar_flags(), dy, bytes(e));
+            scalar = self.fma(b, xv, g, scalar);
+        }
+        (scalar, accs)
+    }
+
+    /// acc + dy[element..+4] · x[element·stride..] (strided).
+    fn multiply_add(&self, b: &mut FunctionBuilder, x: Value, dy: Value, element: usize, acc: Value) -> Value {
+        let xv = load_f32x4_strided(b, vector_flags(), x, bytes(element * self.cols.stride), self.cols.stride);
+        let g = load(b, F32X4, vector_flags(), dy, bytes(element));
+        self.fma(b, xv, g, acc)
+    }
+
+    fn fma(&self, b: &mut FunctionBuilder, x: Value, y: Value, acc: Value) -> Value {
+        if self.fused {
+            b.ins().fma(x, y, acc)
+        } else {
+            let p = b.ins().fmul(x, y);
+            b.ins().fadd(acc, p)
+        }
+    }
+}
+
+/// scalar + the sum of every lane of `vectors`.
+fn horizontal_sum(b: &mut FunctionBuilder, scalar: Value, vectors: &[Value]) -> Value {
+    let mut v = vectors[0];
+    for &other in &vectors[1..] {
+        v = b.ins().fadd(v, other);
+    }
+    let mut total = scalar;
+    for lane in 0..LANES {
+        let e = b.ins().extractlane(v, lane as u8);
+        total = b.ins().fadd(total, e);
+    }
+    total
+}

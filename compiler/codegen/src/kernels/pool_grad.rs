@@ -1,0 +1,223 @@
+//! Max pooling's input gradient (`Op::PoolGrad`), f32, one or two spatial axes.
+//!
+//! One plane (batch × channel) at a time: the plane of dx is zeroed, then every window
+//! (in row-major order, as the interpreter) finds its first maximum among the taps
+//! inside x and adds its dy there. Each spatial axis is split into window segments
+//! (`compute::window`), so the taps a window visits are compile-time constants: no
+//! bounds tests, the tap walk unrolled as compares and blends of a value and its byte
+//! offset, four windows at a time.
+
+use cnnc_ir::{DType, Op, Scalar};
+use cranelift_codegen::ir::{
+    InstBuilder, MemFlagsData, Value,
+    condcodes::FloatCC,
+    types::{F32, F32X4, I32, I32X4, I64},
+};
+use cranelift_frontend::FunctionBuilder;
+
+use super::compute::window::{AxisWindow, Segment};
+use super::compute::{
+    F32_BYTES, LANES, counted_loop, index_ptr, load, load_f32x4_strided, offset_ptr, require_buffers,
+    require_dtype, require_plain_layout, scalar_flags, store, tiled_loop, vector_flags,
+};
+use super::movement::emit_fill;
+use super::{CodegenError, KernelCtx};
+
+/// Code-size bound: window bodies one node may emit (3x3 windows with padding need 9).
+const MAX_WINDOW_BODIES: usize = 4_096;
+
+pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
+    let Op::PoolGrad(attrs) = &k.node.op else {
+        return Err(CodegenError(format!(
+            "pool_grad::emit called on a {} node '{}'",
+            k.node.op.mnemonic(),
+            k.node.name
+        )));
+    };
+    require_plain_layout(k)?;
+    require_buffers(k, 2, 2, 1)?;
+    let x = k.graph.ty(k.node.inputs[0]);
+    let dy = k.graph.ty(k.node.inputs[1]);
+    let dx = k.graph.ty(k.node.outputs[0]);
+    require_dtype(k, "input", x, DType::F32)?;
+    require_dtype(k, "gradient", dy, DType::F32)?;
+    require_dtype(k, "output", dx, DType::F32)?;
+    let fail = |msg: String| CodegenError(format!("pool_grad node '{}': {msg}", k.node.name));
+    let spatial = x.rank().saturating_sub(2);
+    if !(1..=2).contains(&spatial) || dy.rank() != x.rank() || dx.shape != x.shape {
+        return Err(fail(format!(
+            "input {x}, gradient {dy} and output {dx} must be one- or two-dimensional maps of one shape"
+        )));
+    }
+    let mut axes: Vec<AxisWindow> = (0..spatial)
+        .map(|d| AxisWindow {
+            input: x.shape[2 + d],
+            output: dy.shape[2 + d],
+            kernel: attrs.kernel[d],
+            stride: attrs.strides[d],
+            dilation: attrs.dilations[d],
+            pad_begin: attrs.pads_begin[d],
+            pad_end: attrs.pads_end[d],
+        })
+        .collect();
+    if spatial == 1 {
+        let single = AxisWindow { input: 1, output: 1, kernel: 1, stride: 1, dilation: 1, pad_begin: 0, pad_end: 0 };
+        axes.insert(0, single);
+    }
+    if axes.iter().any(|a| a.kernel == 0 || a.stride == 0 || a.dilation == 0) {
+        return Err(fail("zero kernel size, stride or dilation".into()));
+    }
+    let (rows, cols) = (axes[0].segments(), axes[1].segments());
+    if rows.len() * cols.len() > MAX_WINDOW_BODIES {
+        return Err(fail(format!(
+            "padding and window of {x} -> {dy} would need {} specialised window bodies (limit {MAX_WINDOW_BODIES})",
+            rows.len() * cols.len()
+        )));
+    }
+    let plan = PoolGradPlan {
+        planes: x.shape[0] * x.shape[1],
+        width: axes[1].input,
+        in_plane: axes[0].input * axes[1].input,
+        out_width: axes[1].output,
+        out_plane: axes[0].output * axes[1].output,
+        axes: [axes[0], axes[1]],
+        rows,
+        cols,
+    };
+    plan.emit(k.b, k.inputs[0], k.inputs[1], k.outputs[0]);
+    Ok(())
+}
+
+struct PoolGradPlan {
+    planes: usize,
+    width: usize,
+    in_plane: usize,
+    out_width: usize,
+    out_plane: usize,
+    axes: [AxisWindow; 2],
+    rows: Vec<Segment>,
+    cols: Vec<Segment>,
+}
+
+fn bytes(elements: usize) -> i64 {
+    elements as i64 * F32_BYTES
+}
+
+impl PoolGradPlan {
+    fn emit(&self, b: &mut FunctionBuilder, x: Value, dy: Value, dx: Value) {
+        counted_loop(b, self.planes, vec![], |b, p, _| {
+            let xp = index_ptr(b, x, p, bytes(self.in_plane));
+            let dyp = index_ptr(b, dy, p, bytes(self.out_plane));
+            let dxp = index_ptr(b, dx, p, bytes(self.in_plane));
+            emit_fill(b, dxp, self.in_plane, Scalar::F32(0.0));
+            self.emit_rows(b, xp, dyp, dxp);
+            vec![]
+        });
+    }
+
+    fn emit_rows(&self, b: &mut FunctionBuilder, x: Value, dy: Value, dx: Value) {
+        let [vertical, horizontal] = self.axes;
+        let row_bytes = bytes(self.width);
+        let out_row_bytes = bytes(self.out_width);
+        for row_seg in &self.rows {
+            if row_seg.taps() == 0 {
+                continue;
+            }
+            let origin = vertical.origin(row_seg.start) * row_bytes;
+            let x0 = offset_ptr(b, x, origin);
+            let dx0 = offset_ptr(b, dx, origin);
+            let dy0 = offset_ptr(b, dy, row_seg.start as i64 * out_row_bytes);
+            counted_loop(b, row_seg.count, vec![x0, dx0, dy0], |b, _, row| {
+                for col_seg in &self.cols {
+                    if col_seg.taps() == 0 {
+                        continue;
+                    }
+                    let origin = bytes(1) * horizontal.origin(col_seg.start);
+                    let x1 = offset_ptr(b, row[0], origin);
+                    let dx1 = offset_ptr(b, row[1], origin);
+                    let dy1 = offset_ptr(b, row[2], bytes(col_seg.start));
+                    let mut cursors = vec![x1, dx1, dy1];
+                    let mut left = col_seg.count;
+                    for lanes in [LANES, 1] {
+                        let (c, rest) = tiled_loop(b, left, lanes, cursors, |b, _, at| {
+                            self.emit_tile(b, lanes, row_seg, col_seg, at[0], at[1], at[2]);
+                            vec![
+                                b.ins().iadd_imm_s(at[0], bytes(lanes * horizontal.stride)),
+                                b.ins().iadd_imm_s(at[1], bytes(lanes * horizontal.stride)),
+                                b.ins().iadd_imm_s(at[2], bytes(lanes)),
+                            ]
+                        });
+                        cursors = c;
+                        left = rest;
+                    }
+                }
+                vec![
+                    b.ins().iadd_imm_s(row[0], vertical.stride as i64 * row_bytes),
+                    b.ins().iadd_imm_s(row[1], vertical.stride as i64 * row_bytes),
+                    b.ins().iadd_imm_s(row[2], out_row_bytes),
+                ]
+            });
+        }
+    }
+
+    /// `lanes` (4 or 1) consecutive windows, the first with its origin at `x` (and
+    /// `dx`): each lane's first maximum over the taps of the two segments as a value and
+    /// a byte offset, found with vector compares and blends (no branches: which tap wins
+    /// is data-dependent and would mispredict), then dx[there] += dy lane by lane, in
+    /// window order.
+    #[allow(clippy::too_many_arguments)]
+    fn emit_tile(
+        &self,
+        b: &mut FunctionBuilder,
+        lanes: usize,
+        rows: &Segment,
+        cols: &Segment,
+        x: Value,
+        dx: Value,
+        dy: Value,
+    ) {
+        let [vertical, horizontal] = self.axes;
+        let offsets: Vec<i64> = (rows.tap_begin..rows.tap_end)
+            .flat_map(|r| {
+                (cols.tap_begin..cols.tap_end)
+                    .map(move |c| bytes(r * vertical.dilation * self.width + c * horizontal.dilation))
+            })
+            .collect();
+        let load_taps = |b: &mut FunctionBuilder, offset: i64| {
+            if lanes == LANES {
+                load_f32x4_strided(b, vector_flags(), x, offset, horizontal.stride)
+            } else {
+                let v = load(b, F32, scalar_flags(), x, offset);
+                b.ins().scalar_to_vector(F32X4, v)
+            }
+        };
+        let offset_vector = |b: &mut FunctionBuilder, offset: i64| {
+            let o = b.ins().iconst(I32, offset);
+            b.ins().splat(I32X4, o)
+        };
+        let mut best = load_taps(b, offsets[0]);
+        let mut best_offset = offset_vector(b, offsets[0]);
+        let flags = MemFlagsData::new();
+        for &offset in &offsets[1..] {
+            let v = load_taps(b, offset);
+            // A later tap wins when it is greater or NaN, unless the best so far is NaN.
+            let greater_or_nan = b.ins().fcmp(FloatCC::UnorderedOrGreaterThan, v, best);
+            let best_is_number = b.ins().fcmp(FloatCC::Ordered, best, best);
+            let wins = b.ins().band(greater_or_nan, best_is_number);
+            let wins_f32 = b.ins().bitcast(F32X4, flags, wins);
+            best = b.ins().bitselect(wins_f32, v, best);
+            let here = offset_vector(b, offset);
+            best_offset = b.ins().bitselect(wins, here, best_offset);
+        }
+        for lane in 0..lanes {
+            let offset = b.ins().extractlane(best_offset, lane as u8);
+            let offset = b.ins().sextend(I64, offset);
+            let target = b.ins().iadd(dx, offset);
+            let lane_bytes = bytes(lane * horizontal.stride);
+            let g = load(b, F32, scalar_flags(), dy, bytes(lane));
+            let old = load(b, F32, scalar_flags(), target, lane_bytes);
+            let sum = b.ins().fadd(old, g);
+            store(b, scalar_flags(), sum, target, lane_bytes);
+        }
+    }
+}
