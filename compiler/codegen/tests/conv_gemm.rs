@@ -21,6 +21,7 @@ enum Step {
     Relu,
     Swish,
     Clip,
+    LeakyRelu,
     /// Residual add: an operand of the output's shape.
     Residual,
     /// Per-channel scale [1, M, 1, ...].
@@ -127,6 +128,10 @@ impl ConvProblem {
                     epilogue.push(EpilogueStep::Unary(UnaryFn::Clip { min: -0.3, max: 0.6 }));
                     continue;
                 }
+                Step::LeakyRelu => {
+                    epilogue.push(EpilogueStep::Unary(UnaryFn::LeakyRelu { alpha: 0.1 }));
+                    continue;
+                }
                 Step::Residual => out_shape.clone(),
                 Step::ChannelScale => {
                     let mut s = vec![1; rank];
@@ -178,7 +183,7 @@ fn problem() -> impl Strategy<Value = ConvProblem> {
         (1usize..=2, 1usize..=3, 1usize..=8, 1usize..=20),
         proptest::collection::vec(axis, 3),
         any::<bool>(),
-        proptest::collection::vec(0usize..7, 0..=3),
+        proptest::collection::vec(0usize..8, 0..=3),
         proptest::option::of((1usize..=64, 1usize..=96)),
         any::<u64>(),
     )
@@ -210,6 +215,7 @@ fn problem() -> impl Strategy<Value = ConvProblem> {
                                 Step::ChannelScale,
                                 Step::ImageChannelScale,
                                 Step::SpatialBroadcast,
+                                Step::LeakyRelu,
                             ][s]
                         })
                         .collect(),

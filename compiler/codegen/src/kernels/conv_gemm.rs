@@ -24,7 +24,10 @@
 //! - 3x3 stride-1 convolutions run as Winograd F(2x2, 3x3) (`gemm::winograd`: 16
 //!   products with 2.25x fewer multiply-adds) when that is estimated cheaper, or when
 //!   the schedule asks for kernel "winograd".
-//! - The epilogue (bias, fused steps) is applied per tile (`gemm::tile`); an operand
+//! - The epilogue (bias, fused steps) is applied per tile (`gemm::tile`), or, on AVX2
+//!   with channels as rows, by the microkernel on its accumulators before the store of
+//!   a full tile of the last k-block when it is a bias, ReLU / clip / leaky ReLU and a
+//!   residual add (`microkernel::store_epilogue`: no second pass over the tile); an operand
 //!   broadcast in a way a tile cannot address is applied over the whole output after
 //!   the convolution instead.
 //! - Tasks: one per (image, group, p-block, oc-panel group). The number of oc-panel
@@ -54,6 +57,7 @@ use super::gemm::{channel_rows, int, position_rows, scaled};
 use super::parallel::{self, FloatEnv, MAX_SLOTS, SLOT_FLAGS_BYTES};
 use super::{CodegenError, KernelCtx};
 use crate::microkernel::GemmKernel;
+use crate::microkernel::store_epilogue::{StoreEpilogue, binary_store_step, unary_store_steps};
 
 const F32_BYTES: i64 = 4;
 
@@ -599,12 +603,23 @@ fn kernel_variant<M: Module>(
     name: &str,
     assemble: fn() -> Result<crate::microkernel::x86::AssembledKernel, CodegenError>,
 ) -> Result<FuncId, CodegenError> {
+    kernel_variant_with(module, name, 7, &assemble)
+}
+
+/// A variant of the AVX2 microkernel taking `params` i64 arguments (SystemV), defined
+/// once per module under `name`.
+fn kernel_variant_with<M: Module>(
+    module: &mut M,
+    name: &str,
+    params: usize,
+    assemble: &dyn Fn() -> Result<crate::microkernel::x86::AssembledKernel, CodegenError>,
+) -> Result<FuncId, CodegenError> {
     if let Some(FuncOrDataId::Func(id)) = module.get_name(name) {
         return Ok(id);
     }
     let mut sig = module.make_signature();
     sig.call_conv = CallConv::SystemV;
-    sig.params.extend([AbiParam::new(I64); 7]);
+    sig.params.extend(std::iter::repeat_n(AbiParam::new(I64), params));
     let id = module
         .declare_function(name, Linkage::Local, &sig)
         .map_err(|e| CodegenError(format!("declaring {name}: {e}")))?;
@@ -672,6 +687,27 @@ pub fn define_node<M: Module>(
     } else {
         None
     };
+    let fused_store = if x86_avx2 && plan.winograd.is_none() && plan.orientation == Orientation::ChannelRows {
+        store_epilogue(plan)
+    } else {
+        None
+    };
+    let fused_store = match fused_store {
+        Some((epilogue, residual_step)) => {
+            let base = if plan.in_place_b {
+                STRIDED_B_KERNEL
+            } else {
+                "cnnc_gemm_f32_avx2_6x16"
+            };
+            let name = epilogue.symbol(base);
+            let strided = plan.in_place_b;
+            let id = kernel_variant_with(module, &name, 9, &|| {
+                crate::microkernel::store_epilogue::assemble_avx2_gemm_with_epilogue(&epilogue, strided)
+            })?;
+            Some((id, residual_step))
+        }
+        None => None,
+    };
     let task_name = format!("cnnc_k{node_index}_conv_gemm_task");
     let task_sig = parallel::task_signature(module);
     let what = format!("GEMM task of conv '{}'", node.name);
@@ -682,7 +718,10 @@ pub fn define_node<M: Module>(
         ctx,
         fb_ctx,
         &what,
-        |b, module, params| emit_task(module, env, strided_b, b, node, plan, a_data, params[0], params[1]),
+        |b, module, params| {
+            let kernels = TaskKernels { strided_b, fused_store };
+            emit_task(module, env, kernels, b, node, plan, a_data, params[0], params[1])
+        },
     )?;
 
     let name = format!("cnnc_k{node_index}_conv_gemm");
@@ -692,6 +731,36 @@ pub fn define_node<M: Module>(
         let call_conv = module.isa().default_call_conv();
         emit_kernel(b, g, node, plan, params[0], params[1], task_ref, call_conv)
     })
+}
+
+/// The plan's per-tile epilogue as one the microkernel applies before its store, and
+/// the index of its residual step among the tile steps.
+fn store_epilogue(plan: &ConvGemmPlan) -> Option<(StoreEpilogue, Option<usize>)> {
+    let steps = plan.tile_steps.as_ref()?;
+    let mut store_steps = Vec::new();
+    let mut residual_step = None;
+    for (i, step) in steps.iter().enumerate() {
+        match step {
+            TileStep::Unary(f) => store_steps.extend(unary_store_steps(*f)?),
+            TileStep::Binary { func, operand } => {
+                // Read with C's row stride: an operand laid out as the output.
+                if operand.position_stride != 1 || operand.channel_stride != plan.positions as i64 {
+                    return None;
+                }
+                store_steps.push(binary_store_step(*func)?);
+                residual_step = Some(i);
+            }
+        }
+    }
+    Some((StoreEpilogue::new(plan.has_bias, store_steps)?, residual_step))
+}
+
+/// The microkernel variants a task calls besides the plain one.
+struct TaskKernels {
+    /// Seven arguments: strided B, or B prefetching (see `TaskFrame::strided_kernel`).
+    strided_b: Option<FuncId>,
+    /// Nine arguments: the epilogue before the store, and the residual step's index.
+    fused_store: Option<(FuncId, Option<usize>)>,
 }
 
 fn buffer_flags() -> MemFlagsData {
@@ -769,7 +838,7 @@ fn ceil_div_value(b: &mut FunctionBuilder, numerator: i64, d: Value) -> Value {
 fn emit_task<M: Module>(
     module: &mut M,
     env: &GemmEnv,
-    strided_b: Option<FuncId>,
+    kernels: TaskKernels,
     b: &mut FunctionBuilder,
     node: &Node,
     plan: &ConvGemmPlan,
@@ -779,7 +848,11 @@ fn emit_task<M: Module>(
 ) -> Result<(), CodegenError> {
     let saved_fp = env.float_env.map(|f| f.emit_enter(module, b));
     let kernel = module.declare_func_in_func(env.kernel.func, b.func);
-    let strided_kernel = strided_b.map(|id| module.declare_func_in_func(id, b.func));
+    let strided_kernel = kernels.strided_b.map(|id| module.declare_func_in_func(id, b.func));
+    let fused_store = kernels.fused_store.map(|(id, residual_step)| FusedStore {
+        kernel: module.declare_func_in_func(id, b.func),
+        residual_step,
+    });
 
     let ctx_flags = MemFlagsData::trusted().with_readonly();
     let bufs = b.ins().load(I64, ctx_flags, task_ctx, CTX_BUFFERS);
@@ -856,6 +929,7 @@ fn emit_task<M: Module>(
         plan,
         kernel,
         strided_kernel,
+        fused_store,
         epilogue,
         scratch: slot_base,
         image,
@@ -888,6 +962,10 @@ pub struct TaskFrame<'a> {
     /// The seven-argument microkernel variant: strided B when the plan reads B in place
     /// (`in_place_b`), B prefetching for positions as rows on AVX2.
     pub strided_kernel: Option<FuncRef>,
+    /// The microkernel that applies the whole epilogue before its store (channels as
+    /// rows on AVX2, an epilogue `store_epilogue` takes), for full tiles of the last
+    /// k-block.
+    pub fused_store: Option<FusedStore>,
     pub epilogue: TileEpilogue<'a>,
     /// This task's slot of the node's scratch (`plan.slot_bytes()`, 64-byte aligned).
     pub scratch: Value,
@@ -904,6 +982,15 @@ pub struct TaskFrame<'a> {
     pub out_group: Value,
     /// The group's packed weights.
     pub weights_group: Value,
+}
+
+/// A microkernel with the epilogue in its store (`microkernel::store_epilogue`):
+/// `(k, a, b, c, ldc, accumulate, ldb, bias, residual)`, B strided when the plan reads
+/// B in place, else packed.
+pub struct FusedStore {
+    pub kernel: FuncRef,
+    /// Index of the residual add among the epilogue's steps.
+    pub residual_step: Option<usize>,
 }
 
 impl TaskFrame<'_> {

@@ -33,6 +33,7 @@ use crate::target::TargetSpec;
 pub mod activation;
 pub mod peak;
 pub mod portable;
+pub mod store_epilogue;
 pub mod x86;
 
 pub use peak::{GemmBench, bench_gemm_vs_peak, measure_gemm_vs_peak, measure_kind_vs_peak};

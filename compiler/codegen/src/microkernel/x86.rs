@@ -119,6 +119,16 @@ pub fn assemble_avx2_gemm_strided_b() -> Result<AssembledKernel, CodegenError> {
     assemble(&AVX2_TILE, BRows::Strided)
 }
 
+/// The 6x16 AVX2+FMA kernel, B packed or strided, with `store` emitting what follows
+/// the k loop (`store_epilogue`).
+pub fn assemble_avx2_with_store(
+    strided_b: bool,
+    store: &dyn Fn(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> Result<AssembledKernel, CodegenError> {
+    let b_rows = if strided_b { BRows::Strided } else { BRows::Packed };
+    assemble_with_store(&AVX2_TILE, b_rows, Some(store))
+}
+
 /// How many panels ahead the strided-B kernel prefetches its rows.
 const STRIDED_B_PREFETCH_PANELS: usize = 2;
 
@@ -152,6 +162,21 @@ fn assemble<R: Copy>(shape: &TileShape<R>, b_rows: BRows) -> Result<AssembledKer
 where
     CodeAssembler: VectorOps<R>,
 {
+    assemble_with_store(shape, b_rows, None)
+}
+
+/// Emits the stores of the finished tile (the accumulators in registers, k loop done)
+/// and returns; replaces the plain store of [`emit_body`].
+type StoreHook<'a> = &'a dyn Fn(&mut CodeAssembler) -> Result<(), IcedError>;
+
+fn assemble_with_store<R: Copy>(
+    shape: &TileShape<R>,
+    b_rows: BRows,
+    store: Option<StoreHook>,
+) -> Result<AssembledKernel, CodegenError>
+where
+    CodeAssembler: VectorOps<R>,
+{
     if !shape.k_unroll.is_power_of_two() {
         return Err(CodegenError(format!(
             "internal: GEMM k unroll {} is not a power of two",
@@ -173,9 +198,9 @@ where
             shape.k_unroll
         )));
     }
-    let first = emit(shape, 0, b_rows)?;
+    let first = emit(shape, 0, b_rows, store)?;
     let pad = (LOOP_ALIGN - first.main_loop_offset % LOOP_ALIGN) % LOOP_ALIGN;
-    let kernel = emit(shape, pad, b_rows)?;
+    let kernel = emit(shape, pad, b_rows, store)?;
     if kernel.main_loop_offset % LOOP_ALIGN != 0 {
         return Err(CodegenError(format!(
             "internal: GEMM main loop at offset {} after padding by {pad}",
@@ -212,12 +237,17 @@ const TRIPS: AsmRegister64 = rax;
 const LDB: AsmRegister64 = r10;
 const LDB3: AsmRegister64 = r11;
 
-fn emit<R: Copy>(shape: &TileShape<R>, loop_pad: usize, b_rows: BRows) -> Result<AssembledKernel, CodegenError>
+fn emit<R: Copy>(
+    shape: &TileShape<R>,
+    loop_pad: usize,
+    b_rows: BRows,
+    store: Option<StoreHook>,
+) -> Result<AssembledKernel, CodegenError>
 where
     CodeAssembler: VectorOps<R>,
 {
     let mut asm = CodeAssembler::new(64).map_err(asm_error)?;
-    let main_loop = emit_body(&mut asm, shape, loop_pad, b_rows).map_err(asm_error)?;
+    let main_loop = emit_body(&mut asm, shape, loop_pad, b_rows, store).map_err(asm_error)?;
     let result = asm
         .assemble_options(0, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)
         .map_err(asm_error)?;
@@ -236,6 +266,7 @@ fn emit_body<R: Copy>(
     shape: &TileShape<R>,
     loop_pad: usize,
     b_rows: BRows,
+    store_hook: Option<StoreHook>,
 ) -> Result<CodeLabel, IcedError>
 where
     CodeAssembler: VectorOps<R>,
@@ -361,6 +392,10 @@ where
     asm.jnz(remainder_loop)?;
 
     asm.set_label(&mut store)?;
+    if let Some(hook) = store_hook {
+        hook(asm)?;
+        return Ok(main_loop);
+    }
     if b_rows != BRows::Packed {
         asm.lea(ROW_BYTES, LDC * 4)?;
     }

@@ -134,8 +134,39 @@ pub fn emit(b: &mut FunctionBuilder, f: &TaskFrame) -> Result<(), CodegenError> 
                 b.switch_to_block(full_block);
                 b.seal_block(full_block);
                 let ldc = int(b, positions);
-                call_kernel(b, c, ldc, accumulate);
-                if !epilogue.is_empty() {
+                if let Some(fused) = &f.fused_store {
+                    // The last k-block's tile gets the epilogue in registers.
+                    let fused_block = b.create_block();
+                    if k_blocks == 1 {
+                        b.ins().jump(fused_block, &[]);
+                    } else {
+                        let plain_block = b.create_block();
+                        b.ins().brif(is_last, fused_block, &[], plain_block, &[]);
+                        b.switch_to_block(plain_block);
+                        b.seal_block(plain_block);
+                        call_kernel(b, c, ldc, accumulate);
+                        b.ins().jump(next, &[]);
+                    }
+                    b.switch_to_block(fused_block);
+                    b.seal_block(fused_block);
+                    let (panel, ldb) = match strided_b {
+                        Some(in_place) => in_place,
+                        None => (packed_panel, int(b, 0)),
+                    };
+                    let bias = match epilogue.bias {
+                        Some(base) => scaled(b, base, channel, F32_BYTES),
+                        None => int(b, 0),
+                    };
+                    let residual = match fused.residual_step {
+                        Some(s) => epilogue.operand_address(b, s, f.image, channel, p0),
+                        None => int(b, 0),
+                    };
+                    b.ins()
+                        .call(fused.kernel, &[kcb, a, panel, c, ldc, accumulate, ldb, bias, residual]);
+                } else {
+                    call_kernel(b, c, ldc, accumulate);
+                }
+                if f.fused_store.is_none() && !epilogue.is_empty() {
                     let epilogue_block = b.create_block();
                     b.ins().brif(is_last, epilogue_block, &[], next, &[]);
                     b.switch_to_block(epilogue_block);

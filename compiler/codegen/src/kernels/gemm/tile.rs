@@ -60,7 +60,7 @@ impl TileEpilogue<'_> {
     }
 
     /// Address of step `s`'s operand for (image, channel, position).
-    fn operand_address(
+    pub fn operand_address(
         &self,
         b: &mut FunctionBuilder,
         s: usize,
