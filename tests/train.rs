@@ -220,6 +220,64 @@ proptest! {
     }
 }
 
+/// Convolutions with enough input channels for the channels-last weight gradient (one
+/// convolution [1, N, *in, C] x dy [M, N, *out, 1] on the GEMM kernels): strides,
+/// dilations and pads whose trailing part the forward pass leaves unread; the gradient
+/// against finite differences (interpreter) and the optimised, compiled backward graph
+/// against the interpreter.
+#[test]
+fn channels_last_weight_gradients() {
+    let cases = [
+        // (batch, in, out, size, kernel, stride, dilation, pads [b, b, e, e])
+        (2, 16, 3, [5, 6], [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
+        (1, 17, 2, [7, 6], [3, 2], [2, 2], [1, 1], [1, 0, 1, 1]),
+        (2, 16, 2, [6, 7], [2, 3], [1, 2], [2, 1], [0, 1, 0, 0]),
+        (1, 20, 4, [8, 5], [3, 1], [2, 1], [1, 1], [0, 0, 1, 0]),
+    ];
+    for (k, &(batch, cin, cout, size, kernel, stride, dilation, pads)) in cases.iter().enumerate() {
+        let x_shape = [batch, cin, size[0], size[1]];
+        let w_shape = [cout, cin, kernel[0], kernel[1]];
+        let geometry = ConvGeometry {
+            strides: stride.to_vec(),
+            dilations: dilation.to_vec(),
+            pads_begin: pads[..2].to_vec(),
+            pads_end: pads[2..].to_vec(),
+            groups: 1,
+        };
+        let (graph, output) = single_node(Op::Conv(geometry), &[&x_shape, &w_shape], None);
+        let mut rng = Rng::new(40 + k as u64);
+        let inputs = vec![rng.tensor(&x_shape), rng.tensor(&w_shape)];
+        let mut g = graph.clone();
+        let out_ty = g.ty(output).clone();
+        let seed = g.add_input(out_ty.clone(), "seed");
+        let w = g.inputs[1];
+        let grads = backward(&mut g, &[(output, seed)], &[w]).unwrap();
+        let convs_5d = g.nodes.iter().filter(|n| matches!(n.op, Op::Conv(_)) && g.ty(n.outputs[0]).rank() == 5).count();
+        assert_eq!(convs_5d, 1, "case {k}: the weight gradient is not the channels-last convolution");
+        // Finite differences in w only (x's gradient has its own tests).
+        assert_gradients(Problem { graph: graph.clone(), output, inputs: inputs.clone(), wrt: 2 }, 40 + k as u64);
+        g.outputs = grads;
+        let mut all = inputs.clone();
+        all.push(rng.tensor(&out_ty.shape));
+        let want = interp::run(&g, &all).unwrap();
+        let mut optimized = g.clone();
+        cnnc::train::optimize::optimize_training_graph(
+            &mut optimized,
+            &cnnc::passes::PassContext { target: cnnc::passes::TargetDesc::fixed_for_tests() },
+        )
+        .unwrap();
+        let jit = cnnc_codegen::jit::JitModel::compile(&optimized).unwrap();
+        let got = jit.run(&all).unwrap();
+        for (got, want) in got.iter().zip(&want) {
+            let (a, b) = (got.data.as_f32().unwrap(), want.data.as_f32().unwrap());
+            let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
+            for (j, (&a, &b)) in a.iter().zip(b).enumerate() {
+                assert!((a - b).abs() <= 1e-4 * scale, "case {k} element {j}: compiled {a}, interpreter {b}");
+            }
+        }
+    }
+}
+
 #[test]
 fn depthwise_conv_gradients() {
     let case = ConvCase {

@@ -98,6 +98,34 @@ proptest! {
         run_single(Op::Slice { starts, steps }, x, Some(TensorType::new(dtype, out)))?;
     }
 
+    /// Transposes whose source-dense axis is long enough to be split into cache-line
+    /// blocks and moved inwards (extents divisible by 16, 8, 4 or none of them), as the
+    /// weight gradients' [T, C, M] -> [M, C, T].
+    #[test]
+    fn transpose_blocks_the_dense_source_axis(
+        taps in 1usize..12,
+        middle in 1usize..20,
+        dense in prop::sample::select(vec![16usize, 24, 32, 36, 44, 64, 17]),
+        perm_pick in 0usize..3,
+        seed in 1u64..u64::MAX,
+    ) {
+        let mut rng = Rng(seed);
+        let x = random_tensor(&mut rng, DType::F32, &[taps, middle, dense], -9.0, 9.0);
+        let perm = [vec![2, 1, 0], vec![2, 0, 1], vec![1, 2, 0]][perm_pick].clone();
+        run_single(Op::Transpose { perm }, x, None)?;
+    }
+
+    /// Step-2 slices with rows long enough for the vector path (groups of 8, a group of
+    /// 4 and single elements after them), from every start parity.
+    #[test]
+    fn slice_every_second_long_rows(rows in 1usize..4, width in 16usize..80, start in 0usize..2, seed in 1u64..u64::MAX, dtype in dtype_strategy()) {
+        let mut rng = Rng(seed);
+        let x = random_tensor(&mut rng, dtype, &[rows, 3, width], -9.0, 9.0);
+        let out_width = (width - start).div_ceil(2);
+        let declared = TensorType::new(dtype, vec![rows, 2, out_width]);
+        run_single(Op::Slice { starts: vec![0, 1, start], steps: vec![1, 1, 2] }, x, Some(declared))?;
+    }
+
     #[test]
     fn pad_every_mode(shape in shape_strategy(1, 4, 5), dtype in dtype_strategy(), mode_pick in 0usize..4, seed in 1u64..u64::MAX) {
         let mut rng = Rng(seed);

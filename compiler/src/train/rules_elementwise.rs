@@ -295,6 +295,9 @@ pub fn match_standardize(forward: &[Node], producers: &[Option<usize>], node: &N
 /// then / σ, into one pass. (Folding the product into that pass too rounds differently,
 /// which pushes one of mobile_tiny's ill-conditioned updates past PyTorch's tolerance.)
 pub fn grad_standardize(b: &mut Builder, s: &Standardize, gy: ValueId) -> Result<ValueId, String> {
+    if let Some(dx) = grad_scaled_standardize(b, s, gy)? {
+        return Ok(dx);
+    }
     let mean_g = b.push(Op::Reduce { kind: ReduceKind::Mean, axes: s.axes.clone() }, &[gy])?;
     let weighted = b.binary(BinaryFn::Mul, gy, s.normalized)?;
     let mean_gx = b.push(Op::Reduce { kind: ReduceKind::Mean, axes: s.axes.clone() }, &[weighted])?;
@@ -302,4 +305,48 @@ pub fn grad_standardize(b: &mut Builder, s: &Standardize, gy: ValueId) -> Result
     let centered = b.binary(BinaryFn::Sub, gy, mean_g)?;
     let residual = b.binary(BinaryFn::Sub, centered, projected)?;
     b.binary(BinaryFn::Div, residual, s.std)
+}
+
+/// `grad_standardize` when the output gradient is g·γ with γ constant along the axes
+/// (BatchNorm's scale: γ·x̂ + β): mean(g·γ) = γ·Σg/m and mean(g·γ·x̂) = γ·Σ(g·x̂)/m, and
+/// Σg and Σ(g·x̂) are the sums the scale's and the shift's gradients take already (the
+/// same nodes, merged by share-common-subexpressions). So
+/// dx = (g·γ − γ·Σg/m − x̂·(γ·Σ(g·x̂)/m)) / σ takes two passes over the activations --
+/// x̂ times a per-channel scalar, then one chain that fusion makes a single pass -- where
+/// the general form takes five, and gy = g·γ is never stored. None for other gradients.
+fn grad_scaled_standardize(b: &mut Builder, s: &Standardize, gy: ValueId) -> Result<Option<ValueId>, String> {
+    let Some(product) = b.g.nodes.iter().rev().find(|n| n.outputs.contains(&gy)) else {
+        return Ok(None);
+    };
+    if product.op != Op::Binary(BinaryFn::Mul) || product.inputs.len() != 2 || !product.epilogue.is_empty() {
+        return Ok(None);
+    }
+    let (g, gamma) = (product.inputs[0], product.inputs[1]);
+    let (gy_shape, g_shape, gamma_shape) = (b.shape(gy), b.shape(g), b.shape(gamma));
+    if g_shape != gy_shape || gamma_shape.len() > gy_shape.len() || b.g.ty(gamma).dtype != DType::F32 {
+        return Ok(None);
+    }
+    let lead = gy_shape.len() - gamma_shape.len();
+    let constant_along_axes = s.axes.iter().all(|&a| a < lead || gamma_shape[a - lead] == 1);
+    if !constant_along_axes {
+        return Ok(None);
+    }
+    let count: usize = s.axes.iter().map(|&a| gy_shape[a]).product();
+    if count == 0 {
+        return Ok(None);
+    }
+    let sum_g = b.push(Op::Reduce { kind: ReduceKind::Sum, axes: s.axes.clone() }, &[g])?;
+    let weighted = b.binary(BinaryFn::Mul, g, s.normalized)?;
+    let sum_gx = b.push(Op::Reduce { kind: ReduceKind::Sum, axes: s.axes.clone() }, &[weighted])?;
+    let gamma_per_count = b.scale(gamma, 1.0 / count as f32)?;
+    let mean_scaled_g = b.binary(BinaryFn::Mul, sum_g, gamma_per_count)?;
+    let mean_scaled_gx = b.binary(BinaryFn::Mul, sum_gx, gamma_per_count)?;
+    let projected = b.binary(BinaryFn::Mul, s.normalized, mean_scaled_gx)?;
+    // γ·g made again, after every operand of the chain (epilogue fusion only appends
+    // operands defined before the chain's first node), with the operands in the other
+    // order so that share-common-subexpressions keeps it apart from gy, which dies.
+    let scaled = b.binary(BinaryFn::Mul, gamma, g)?;
+    let centered = b.binary(BinaryFn::Sub, scaled, mean_scaled_g)?;
+    let residual = b.binary(BinaryFn::Sub, centered, projected)?;
+    b.binary(BinaryFn::Div, residual, s.std).map(Some)
 }

@@ -38,7 +38,10 @@ pub fn grad_conv(b: &mut Builder, geometry: &ConvGeometry, node: &Node, gy: Valu
             Some(dw) => Some(dw),
             None => match pointwise_weight_gradient(b, geometry, x, gy, &x_shape, &w_shape, &y_shape)? {
                 Some(dw) => Some(dw),
-                None => tap_weight_gradient(b, geometry, x, gy, &x_shape, &w_shape, &y_shape)?,
+                None => match channels_last_weight_gradient(b, geometry, x, gy, &x_shape, &w_shape, &y_shape)? {
+                    Some(dw) => Some(dw),
+                    None => tap_weight_gradient(b, geometry, x, gy, &x_shape, &w_shape, &y_shape)?,
+                },
             },
         };
         grads[1] = Some(match fast {
@@ -421,6 +424,90 @@ fn channels_last(rank: usize) -> Vec<usize> {
     perm.extend(2..rank);
     perm.push(1);
     perm
+}
+
+/// `channels_last_weight_gradient` takes convolutions with at least this many input
+/// channels (the innermost output axis of its convolution: whole f32x4 quads).
+const MIN_CHANNELS_LAST_GRADIENT_CHANNELS: usize = 16;
+
+/// The weight gradient of an ungrouped convolution as one convolution on the GEMM
+/// kernels whose output is the kernel itself: x channels-last, read as one image
+/// [1, N, *in, C] with N channels, correlated with dy as the weight [M, N, *out, 1]
+/// (stride and dilation swapped, C an extra spatial axis with a one-tap kernel), gives
+/// [1, M, *k', C] with dw[m, c, k] = Σ_{n, o} dy[n, m, o]·x[n, c, o·s − p + k·d].
+///
+/// Against the other forms: every (kernel tap, input channel) pair is an output
+/// position of one product (not a batch of products with a few positions each, as in
+/// `conv_weight_gradient`), and the im2col the GEMM driver packs on the fly reads x in
+/// place -- runs of consecutive channels, whole vectors -- where `tap_weight_gradient`
+/// materialises the stacked taps (the kernel's taps times x, written and read again).
+/// Costs one channels-last copy of x, a plane-moving transpose of dy and a small
+/// transpose of the result. None for grouped convolutions and few input channels.
+fn channels_last_weight_gradient(
+    b: &mut Builder,
+    geometry: &ConvGeometry,
+    x: ValueId,
+    gy: ValueId,
+    x_shape: &[usize],
+    w_shape: &[usize],
+    y_shape: &[usize],
+) -> Result<Option<ValueId>, String> {
+    let rank = x_shape.len();
+    let spatial = rank - 2;
+    let (batch, channels, outputs) = (x_shape[0], x_shape[1], y_shape[1]);
+    if geometry.groups != 1 || channels < MIN_CHANNELS_LAST_GRADIENT_CHANNELS || spatial == 0 {
+        return Ok(None);
+    }
+    // x [N, C, *in] -> [N, *in, C], read as [1, N, *in, C]
+    let x_last = b.transpose(x, channels_last(rank))?;
+    let mut image_shape = vec![1, batch];
+    image_shape.extend(&x_shape[2..]);
+    image_shape.push(channels);
+    let image = b.reshape(x_last, &image_shape)?;
+    // dy [N, M, *out] -> [M, N, *out], read as [M, N, *out, 1]
+    let dy = b.transpose(gy, channels_first(rank))?;
+    let mut filter_shape = vec![outputs, batch];
+    filter_shape.extend(&y_shape[2..]);
+    filter_shape.push(1);
+    let filters = b.reshape(dy, &filter_shape)?;
+    let extend = |v: &[usize], last: usize| -> Vec<usize> { v.iter().copied().chain([last]).collect() };
+    // Trailing padding only as far as the last tap's windows reach: a strided forward
+    // pass often leaves its trailing pad unread, and padding past it would compute
+    // whole extra taps (4x4 instead of 3x3) only to cut them off.
+    let pads_end: Vec<usize> = (0..spatial)
+        .map(|a| {
+            let (input, out, k) = (x_shape[2 + a] as i64, y_shape[2 + a] as i64, w_shape[2 + a] as i64);
+            let (s, d) = (geometry.strides[a] as i64, geometry.dilations[a] as i64);
+            let needed = (k - 1) * d + 1 + s * (out - 1) - input - geometry.pads_begin[a] as i64;
+            needed.clamp(0, geometry.pads_end[a] as i64) as usize
+        })
+        .collect();
+    let correlation = ConvGeometry {
+        strides: extend(&geometry.dilations, 1),
+        dilations: extend(&geometry.strides, 1),
+        pads_begin: extend(&geometry.pads_begin, 0),
+        pads_end: extend(&pads_end, 0),
+        groups: 1,
+    };
+    let full = b.push(Op::Conv(correlation), &[image, filters])?;
+    // [1, M, *k', C]: windows past the kernel's last tap (input the forward pass never
+    // read with it) are cut off.
+    let full_shape = b.shape(full);
+    let mut cut_shape = vec![1, outputs];
+    cut_shape.extend(&w_shape[2..]);
+    cut_shape.push(channels);
+    let cut = if full_shape == cut_shape {
+        full
+    } else {
+        let dtype = b.g.ty(full).dtype;
+        let op = Op::Slice { starts: vec![0; full_shape.len()], steps: vec![1; full_shape.len()] };
+        b.push_typed(op, &[full], TensorType::new(dtype, cut_shape))?
+    };
+    // [1, M, *k, C] -> [M, T, C] -> [M, C, T] -> [M, C, *k]
+    let taps: usize = w_shape[2..].iter().product();
+    let rows = b.reshape(cut, &[outputs, taps, channels])?;
+    let dw = b.transpose(rows, vec![0, 2, 1])?;
+    b.reshape(dw, w_shape).map(Some)
 }
 
 /// Above this many bytes of tap-stacked input (kernel taps x the input read at each),

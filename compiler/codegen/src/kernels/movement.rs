@@ -5,12 +5,13 @@
 
 use cnnc_ir::{DType, Op, PadMode, Scalar};
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::types::{F32X4, I8X16, I32X4, I64, I64X2};
+use cranelift_codegen::ir::types::{F32, F32X4, I8X16, I32X4, I64, I64X2};
 use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Value};
 use cranelift_codegen::isa::TargetFrontendConfig;
 use cranelift_frontend::FunctionBuilder;
 use target_lexicon::PointerWidth;
 
+use super::compute::{LANES, load_f32x4_strided};
 use super::elementwise::scalar_const;
 use super::map::{advance, collapse, readonly_flags, rw_flags};
 use super::{CodegenError, KernelCtx};
@@ -31,6 +32,9 @@ fn frontend_config(b: &FunctionBuilder) -> TargetFrontendConfig {
     }
 }
 
+/// 16-byte chunks a copy below `MEMCPY_THRESHOLD` emits without a loop.
+const MAX_UNROLLED_CHUNKS: usize = MEMCPY_THRESHOLD / 16;
+
 /// Copies `bytes` contiguous bytes (a compile-time size) from `src` to `dst`; the
 /// ranges do not overlap.
 pub fn copy_bytes(b: &mut FunctionBuilder, dst: Value, src: Value, bytes: usize, src_flags: MemFlagsData) {
@@ -44,7 +48,9 @@ pub fn copy_bytes(b: &mut FunctionBuilder, dst: Value, src: Value, bytes: usize,
         return;
     }
     let chunks = bytes / 16;
-    if chunks > 4 {
+    // Runs below the memcpy threshold (at most 31 chunks) are straight-line code: the
+    // rows of tap slices (28 to 56 floats) would otherwise pay a loop iteration per chunk.
+    if chunks > MAX_UNROLLED_CHUNKS {
         for_count(b, chunks, |b, i| {
             let off = b.ins().imul_imm_s(i, 16);
             let s = b.ins().iadd(src, off);
@@ -90,10 +96,74 @@ pub fn copy_nd(
         return;
     }
     let (dims, strides) = collapse(shape, &[dst_strides.to_vec(), src_strides.to_vec()]);
+    let (dims, strides) = source_axis_inward(dims, strides);
     let e = esize as i64;
     let ds: Vec<i64> = strides[0].iter().map(|s| s * e).collect();
     let ss: Vec<i64> = strides[1].iter().map(|s| s * e).collect();
     copy_level(b, &dims, &ds, &ss, esize, 0, dst, src, src_flags);
+}
+
+/// Elements of the source's densest axis a transposing copy reads per visit (one cache
+/// line of f32).
+const SOURCE_BLOCK: usize = 16;
+
+/// Reorders a collapsed copy (`strides[0]` destination, `strides[1]` source) whose
+/// destination-innermost axis reads the source far apart (a transpose moving the
+/// source's dense axis outwards, as the weight gradients' [T, C, M] -> [M, C, T]): the
+/// axis with the smallest source stride is split into blocks of `SOURCE_BLOCK` and the
+/// block moved next to the innermost axis. Each visit then reads whole cache lines and
+/// touches a few pages; in the original order every element read can be a TLB miss.
+/// Element order within the destination is unchanged (it is addressed by strides).
+fn source_axis_inward(dims: Vec<usize>, strides: Vec<Vec<i64>>) -> (Vec<usize>, Vec<Vec<i64>>) {
+    let n = dims.len();
+    if n < 3 {
+        return (dims, strides);
+    }
+    let last = n - 1;
+    let src = &strides[1];
+    let Some(dense) = (0..last).min_by_key(|&a| src[a].unsigned_abs()) else {
+        return (dims, strides);
+    };
+    // Worth it only when the dense axis sits outside axes that read farther apart, and
+    // reads nearer than the innermost axis does.
+    let farther_inside = (dense + 1..last).any(|a| src[a].unsigned_abs() > src[dense].unsigned_abs());
+    if !farther_inside || src[dense].unsigned_abs() >= src[last].unsigned_abs() || src[dense] == 0 {
+        return (dims, strides);
+    }
+    let block = if dims[dense] <= SOURCE_BLOCK {
+        dims[dense]
+    } else {
+        match [SOURCE_BLOCK, SOURCE_BLOCK / 2, SOURCE_BLOCK / 4].into_iter().find(|&b| dims[dense].is_multiple_of(b)) {
+            Some(b) => b,
+            None => return (dims, strides),
+        }
+    };
+    let outer = dims[dense] / block;
+    let mut new_dims = Vec::with_capacity(n + 1);
+    let mut new_strides: Vec<Vec<i64>> = vec![Vec::with_capacity(n + 1); strides.len()];
+    for a in 0..last {
+        if a == dense {
+            if outer == 1 {
+                continue;
+            }
+            new_dims.push(outer);
+            for (ns, s) in new_strides.iter_mut().zip(&strides) {
+                ns.push(s[a] * block as i64);
+            }
+        } else {
+            new_dims.push(dims[a]);
+            for (ns, s) in new_strides.iter_mut().zip(&strides) {
+                ns.push(s[a]);
+            }
+        }
+    }
+    new_dims.push(block);
+    new_dims.push(dims[last]);
+    for (ns, s) in new_strides.iter_mut().zip(&strides) {
+        ns.push(s[dense]);
+        ns.push(s[last]);
+    }
+    (new_dims, new_strides)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -119,6 +189,10 @@ fn copy_level(
             copy_bytes(b, dst, src, n * esize, flags);
             return;
         }
+        if esize == 4 && ss[d] == 8 && ds[d] == 4 && n >= 2 * LANES {
+            copy_every_second_f32(b, n, dst, src, flags);
+            return;
+        }
         let ty = elem_type_of_size(esize);
         for_count(b, n, |b, i| {
             let s = advance(b, src, i, ss[d]);
@@ -133,6 +207,36 @@ fn copy_level(
         let t = advance(b, dst, i, ds[d]);
         copy_level(b, dims, ds, ss, esize, d + 1, t, s, flags);
     });
+}
+
+/// `dst[i] = src[2·i]` for `i < n` (f32): four elements per two vector loads and a
+/// shuffle (stride-2 slices: max-pool windows, strided convolutions' taps). Reads no
+/// element past `src[2·(n − 1)]`.
+fn copy_every_second_f32(b: &mut FunctionBuilder, n: usize, dst: Value, src: Value, flags: MemFlagsData) {
+    const PAIRS: usize = 2;
+    let step = PAIRS * LANES;
+    let groups = n / step;
+    for_count(b, groups, |b, i| {
+        let s = advance(b, src, i, (2 * step * 4) as i64);
+        let t = advance(b, dst, i, (step * 4) as i64);
+        for p in 0..PAIRS {
+            let v = load_f32x4_strided(b, flags, s, (p * 2 * LANES * 4) as i64, 2);
+            b.ins().store(rw_flags(), v, t, (p * LANES * 4) as i32);
+        }
+    });
+    let done = groups * step;
+    let s = b.ins().iadd_imm_s(src, (2 * done * 4) as i64);
+    let t = b.ins().iadd_imm_s(dst, (done * 4) as i64);
+    let mut at = 0;
+    if n - done >= LANES {
+        let v = load_f32x4_strided(b, flags, s, 0, 2);
+        b.ins().store(rw_flags(), v, t, 0);
+        at = LANES;
+    }
+    for k in at..n - done {
+        let v = b.ins().load(F32, flags, s, (2 * k * 4) as i32);
+        b.ins().store(rw_flags(), v, t, (k * 4) as i32);
+    }
 }
 
 /// Blocks of at most this many strided elements are copied by straight-line code: the
