@@ -10,10 +10,12 @@
 //!   the node defining the value to the last node reading it, and is reused afterwards
 //!   (greedy first-fit in definition order).
 //! - A Concat whose pieces are contiguous blocks of its output (every axis before the
-//!   concatenation axis has extent 1) and are each made by a movement node (slice,
-//!   transpose, pad, broadcast) read only by the concat gets its slot when the first
-//!   piece is made; each piece is written straight into its block, and the concat runs
-//!   no kernel (`MemoryPlan::is_alias`). Weight gradients stack their taps this way.
+//!   concatenation axis has extent 1) and are each made by a node read only by the
+//!   concat (a movement node -- slice, transpose, pad, broadcast -- or, at a 64-byte
+//!   aligned block, any other kernel but a reshape or concat) gets its slot when the
+//!   first piece is made; each piece is written straight into its block, and the concat
+//!   runs no kernel (`MemoryPlan::is_alias`). Weight gradients stack their taps this
+//!   way, and SqueezeNet's fire modules their two convolutions.
 //! - A node may ask for scratch memory of its own (packing buffers of a convolution
 //!   run as GEMM): a workspace slot busy only while that node runs.
 
@@ -286,22 +288,32 @@ fn concat_members(g: &Graph, locations: &[Option<Location>], producers: &[Option
         {
             continue;
         }
-        let qualifies = |v: ValueId| {
-            let made_by_movement = producers[v.index()].is_some_and(|p| {
+        // Movement pieces go at any offset (their copies make no alignment assumption);
+        // pieces computed by other kernels (the convolutions of SqueezeNet's fire and
+        // GoogLeNet's inception modules) only at offsets that keep the workspace's slot
+        // alignment, and never reshapes or concats (which share their inputs' memory).
+        let mut offset = 0;
+        let qualifies = |v: ValueId, offset: usize| {
+            let made_by_kernel = producers[v.index()].is_some_and(|p| {
                 p < ni
                     && g.nodes[p].outputs.len() == 1
-                    && matches!(
-                        g.nodes[p].op,
-                        Op::Slice { .. } | Op::Transpose { .. } | Op::Pad { .. } | Op::Broadcast
-                    )
+                    && match g.nodes[p].op {
+                        Op::Slice { .. } | Op::Transpose { .. } | Op::Pad { .. } | Op::Broadcast => true,
+                        Op::Reshape | Op::Concat { .. } | Op::Constant(_) => false,
+                        _ => offset % WORKSPACE_ALIGN == 0,
+                    }
             });
-            made_by_movement
+            made_by_kernel
                 && locations[v.index()].is_none()
                 && users[v.index()] == [ni]
                 && g.ty(v).byte_size() > 0
                 && members[v.index()].is_none()
         };
-        if !node.inputs.iter().all(|&v| qualifies(v)) {
+        if !node.inputs.iter().all(|&v| {
+            let ok = qualifies(v, offset);
+            offset += g.ty(v).byte_size();
+            ok
+        }) {
             continue;
         }
         let mut offset = 0;
