@@ -245,6 +245,9 @@ fn conv_weight_grad_common_shapes() {
     check_weight_grad(&depthwise(3, 112, 3, 2, 1)); // mobilenet_v2, long rows
     check_weight_grad(&depthwise(4, 57, 3, 1, 1));
     check_weight_grad(&depthwise(2, 15, 5, 2, 2));
+    // Rows wider than the taps that share their loads of dy: one loop per tap.
+    check_weight_grad(&depthwise(2, 20, 9, 1, 4));
+    check_weight_grad(&depthwise(2, 23, 9, 2, 3));
     // lenet5's first layer: one image channel, six maps, 5x5.
     check_weight_grad(&WeightGradCase {
         x_shape: vec![3, 1, 32, 32],

@@ -19,7 +19,7 @@ use cranelift_frontend::FunctionBuilder;
 
 use super::compute::window::transposed_input_range;
 use super::compute::{
-    F32_BYTES, LANES, counted_loop, index_ptr, load, load_f32x4_strided, offset_ptr, require_buffers, require_dtype,
+    F32_BYTES, LANES, counted_loop, tiled_loop, index_ptr, load, load_f32x4_strided, offset_ptr, require_buffers, require_dtype,
     require_plain_layout, scalar_flags, store, vector_flags,
 };
 use super::movement::emit_fill;
@@ -30,6 +30,10 @@ const ACCUMULATORS: usize = 4;
 
 /// Vectors of a row unrolled; longer rows loop over blocks of `ACCUMULATORS` vectors.
 const UNROLLED_VECTORS: usize = 16;
+
+/// Kernel rows up to this wide share the loads of dy between their taps (an
+/// accumulator per tap must stay in registers).
+const MAX_SHARED_TAPS: usize = 7;
 
 /// Code-size bound on kernel taps (each is its own loop nest).
 const MAX_TAPS: usize = 121;
@@ -169,6 +173,10 @@ impl Plan {
     fn emit_taps(&self, b: &mut FunctionBuilder, x: Value, dy: Value, dw: Value) {
         let (rows, cols) = (self.rows, self.cols);
         for kh in 0..rows.kernel {
+            if cols.kernel <= MAX_SHARED_TAPS {
+                self.emit_kernel_row(b, x, dy, dw, kh);
+                continue;
+            }
             let (oh_begin, oh_end) = rows.valid_outputs(kh);
             for kw in 0..cols.kernel {
                 let (ow_begin, ow_end) = cols.valid_outputs(kw);
@@ -199,6 +207,106 @@ impl Plan {
         }
     }
 
+    /// dw[kh, kw] += Σ over one image for every kw at once: along each row, the outputs
+    /// every tap reads inside x (the intersection of their ranges) load dy once for all
+    /// taps; the few outputs only some taps read (next to padding) run per tap.
+    fn emit_kernel_row(&self, b: &mut FunctionBuilder, x: Value, dy: Value, dw: Value, kh: usize) {
+        let (rows, cols) = (self.rows, self.cols);
+        let (oh_begin, oh_end) = rows.valid_outputs(kh);
+        let ranges: Vec<(usize, usize)> = (0..cols.kernel).map(|kw| cols.valid_outputs(kw)).collect();
+        let taps: Vec<usize> = (0..cols.kernel).filter(|&kw| ranges[kw].0 < ranges[kw].1).collect();
+        if oh_begin >= oh_end || taps.is_empty() {
+            return;
+        }
+        let shared_begin = taps.iter().map(|&kw| ranges[kw].0).max().unwrap_or(0);
+        let shared_end = taps.iter().map(|&kw| ranges[kw].1).min().unwrap_or(0).max(shared_begin);
+        // Two accumulators per tap hide the add latency while the taps are few.
+        let per_tap = if taps.len() <= 3 { 2 } else { 1 };
+        let (stride, dilation) = (cols.stride, cols.dilation);
+        let x_row0 = offset_ptr(b, x, rows.input_of(oh_begin, kh) * bytes(cols.input));
+        let dy_row0 = offset_ptr(b, dy, bytes(oh_begin * cols.output));
+        let zero = b.ins().f32const(0.0);
+        let zeros = b.ins().splat(F32X4, zero);
+        let mut carried = vec![x_row0, dy_row0];
+        carried.extend(vec![zeros; taps.len() * per_tap]);
+        let done = counted_loop(b, oh_end - oh_begin, carried, |b, _, c| {
+            let (x_row, dy_row) = (c[0], c[1]);
+            let mut accs = c[2..].to_vec();
+            if shared_begin < shared_end {
+                let xp = offset_ptr(b, x_row, bytes(1) * cols.input_of(shared_begin, 0));
+                let dyp = offset_ptr(b, dy_row, bytes(shared_begin));
+                // Short rows unrolled whole; long ones loop over blocks of two vectors.
+                let count = shared_end - shared_begin;
+                let block = if count / LANES <= UNROLLED_VECTORS { count - count % LANES } else { 2 * LANES };
+                let mut cursors = vec![xp, dyp];
+                cursors.extend(accs.iter().copied());
+                let (after, rest) = tiled_loop(b, count, block.max(LANES), cursors, |b, _, l| {
+                    let mut next_accs = l[2..].to_vec();
+                    for v in 0..block / LANES {
+                        let g = load(b, F32X4, vector_flags(), l[1], bytes(v * LANES));
+                        for (i, &kw) in taps.iter().enumerate() {
+                            let at = bytes(v * LANES * stride + kw * dilation);
+                            let xv = load_f32x4_strided(b, vector_flags(), l[0], at, stride);
+                            let slot = i * per_tap + v % per_tap;
+                            next_accs[slot] = self.fma(b, xv, g, next_accs[slot]);
+                        }
+                    }
+                    let mut next = vec![b.ins().iadd_imm_s(l[0], bytes(block * stride)), b.ins().iadd_imm_s(l[1], bytes(block))];
+                    next.extend(next_accs);
+                    next
+                });
+                let (xp, dyp) = (after[0], after[1]);
+                accs = after[2..].to_vec();
+                let mut element = 0;
+                if rest >= LANES {
+                    let g = load(b, F32X4, vector_flags(), dyp, 0);
+                    for (i, &kw) in taps.iter().enumerate() {
+                        let xv = load_f32x4_strided(b, vector_flags(), xp, bytes(kw * dilation), stride);
+                        accs[i * per_tap] = self.fma(b, xv, g, accs[i * per_tap]);
+                    }
+                    element = LANES;
+                }
+                for e in element..rest {
+                    let g = load(b, F32, scalar_flags(), dyp, bytes(e));
+                    for (i, &kw) in taps.iter().enumerate() {
+                        let xv = load(b, F32, scalar_flags(), xp, bytes(e * stride + kw * dilation));
+                        let product = b.ins().fmul(xv, g);
+                        let lane0 = b.ins().scalar_to_vector(F32X4, product);
+                        accs[i * per_tap] = b.ins().fadd(accs[i * per_tap], lane0);
+                    }
+                }
+            }
+            for (i, &kw) in taps.iter().enumerate() {
+                let (begin, end) = ranges[kw];
+                for (from, to) in [(begin, shared_begin.min(end)), (shared_end.max(begin), end)] {
+                    if from >= to {
+                        continue;
+                    }
+                    let xl = offset_ptr(b, x_row, bytes(1) * cols.input_of(from, kw));
+                    let dyl = offset_ptr(b, dy_row, bytes(from));
+                    let slots = i * per_tap..(i + 1) * per_tap;
+                    let (scalar, vectors) = self.emit_row_dot(b, xl, dyl, to - from, zero, &accs[slots.clone()]);
+                    accs.splice(slots.clone(), vectors);
+                    let lane0 = b.ins().scalar_to_vector(F32X4, scalar);
+                    accs[slots.start] = b.ins().fadd(accs[slots.start], lane0);
+                }
+            }
+            let mut next = vec![
+                b.ins().iadd_imm_s(x_row, bytes(rows.stride * cols.input)),
+                b.ins().iadd_imm_s(dy_row, bytes(cols.output)),
+            ];
+            next.extend(accs);
+            next
+        });
+        for (i, &kw) in taps.iter().enumerate() {
+            let total = horizontal_sum(b, zero, &done[2 + i * per_tap..2 + (i + 1) * per_tap]);
+            let at = bytes(kh * cols.kernel + kw);
+            let old = load(b, F32, scalar_flags(), dw, at);
+            let sum = b.ins().fadd(old, total);
+            store(b, scalar_flags(), sum, dw, at);
+        }
+    }
+
     /// Adds dy[0..count]·x[0, stride, ..] into the accumulators.
     fn emit_row_dot(
         &self,
@@ -214,7 +322,7 @@ impl Plan {
         let vector_count = count / LANES;
         let (mut x, mut dy, mut first_vector) = (x, dy, 0);
         if vector_count > UNROLLED_VECTORS {
-            let block = ACCUMULATORS * LANES;
+            let block = accs.len() * LANES;
             let blocks = count / block;
             let mut carried = vec![x, dy];
             carried.extend(accs.iter().copied());
@@ -229,11 +337,11 @@ impl Plan {
             });
             (x, dy) = (done[0], done[1]);
             accs = done[2..].to_vec();
-            first_vector = blocks * ACCUMULATORS;
+            first_vector = blocks * vectors.len();
         }
         for (i, v) in (first_vector..vector_count).enumerate() {
             let element = (v - first_vector) * LANES;
-            let slot = i % ACCUMULATORS;
+            let slot = i % accs.len();
             accs[slot] = self.multiply_add(b, x, dy, element, accs[slot]);
         }
         let mut scalar = scalar;
