@@ -115,6 +115,23 @@ proptest! {
         run_single(Op::Transpose { perm }, x, None)?;
     }
 
+    /// Channels-last copies [N, C, H, W] -> [N, H, W, C] (4x4 register transposes when
+    /// C and H·W are multiples of 4, element copies otherwise), and the reverse.
+    #[test]
+    fn transpose_channels_last_in_quads(
+        batch in 1usize..3,
+        channels in prop::sample::select(vec![4usize, 8, 12, 16, 20, 5, 3]),
+        h in 1usize..7,
+        w in prop::sample::select(vec![4usize, 8, 3, 6]),
+        back in any::<bool>(),
+        seed in 1u64..u64::MAX,
+    ) {
+        let mut rng = Rng(seed);
+        let x = random_tensor(&mut rng, DType::F32, &[batch, channels, h, w], -9.0, 9.0);
+        let perm = if back { vec![0, 3, 1, 2] } else { vec![0, 2, 3, 1] };
+        run_single(Op::Transpose { perm }, x, None)?;
+    }
+
     /// Step-2 slices with rows long enough for the vector path (groups of 8, a group of
     /// 4 and single elements after them), from every start parity.
     #[test]

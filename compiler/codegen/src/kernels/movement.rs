@@ -11,7 +11,7 @@ use cranelift_codegen::isa::TargetFrontendConfig;
 use cranelift_frontend::FunctionBuilder;
 use target_lexicon::PointerWidth;
 
-use super::compute::{LANES, load_f32x4_strided};
+use super::compute::{LANES, load_f32x4_strided, shuffle_f32x4};
 use super::elementwise::scalar_const;
 use super::map::{advance, collapse, readonly_flags, rw_flags};
 use super::{CodegenError, KernelCtx};
@@ -180,6 +180,10 @@ fn copy_level(
 ) {
     let last = dims.len() - 1;
     let contiguous_rows = ds[last] == esize as i64 && ss[last] == esize as i64;
+    if d + 1 == last && esize == 4 && transposes_in_quads(&dims[d..], &ds[d..], &ss[d..]) {
+        copy_transposed_quads(b, dims[d], dims[last], dst, ds[d], src, ss[last], flags);
+        return;
+    }
     if !contiguous_rows && copy_unrolled(b, &dims[d..], &ds[d..], &ss[d..], esize, dst, src, flags) {
         return;
     }
@@ -206,6 +210,59 @@ fn copy_level(
         let s = advance(b, src, i, ss[d]);
         let t = advance(b, dst, i, ds[d]);
         copy_level(b, dims, ds, ss, esize, d + 1, t, s, flags);
+    });
+}
+
+/// Whether the two innermost levels `dims` (rows, columns of the destination) are an f32
+/// transpose that `copy_transposed_quads` takes: contiguous destination columns,
+/// contiguous source rows, both extents multiples of 4 (the channels-last copies of
+/// activations: [N, C, P] -> [N, P, C]).
+fn transposes_in_quads(dims: &[usize], ds: &[i64], ss: &[i64]) -> bool {
+    let [rows, cols] = dims[..] else { return false };
+    ds[1] == 4 && ss[0] == 4 && ss[1] != 4 && rows.is_multiple_of(LANES) && cols.is_multiple_of(LANES) && rows * cols > UNROLLED_BLOCK
+}
+
+/// `dst[r·dst_row + c] = src[r + c·src_col]` (byte strides) for a `rows` x `cols` f32
+/// block, by 4x4 tiles: four vector loads along the source's rows, a transpose in
+/// registers (unpack low/high, then move low/high halves), four vector stores.
+#[allow(clippy::too_many_arguments)]
+fn copy_transposed_quads(
+    b: &mut FunctionBuilder,
+    rows: usize,
+    cols: usize,
+    dst: Value,
+    dst_row: i64,
+    src: Value,
+    src_col: i64,
+    flags: MemFlagsData,
+) {
+    for_count(b, rows / LANES, |b, r| {
+        let src_rows = advance(b, src, r, (LANES * 4) as i64);
+        let dst_rows = advance(b, dst, r, LANES as i64 * dst_row);
+        for_count(b, cols / LANES, |b, c| {
+            let s = advance(b, src_rows, c, LANES as i64 * src_col);
+            let t = advance(b, dst_rows, c, (LANES * 4) as i64);
+            let v: Vec<Value> = (0..LANES)
+                .map(|j| {
+                    let p = b.ins().iadd_imm_s(s, j as i64 * src_col);
+                    b.ins().load(F32X4, flags, p, 0)
+                })
+                .collect();
+            let lo01 = shuffle_f32x4(b, v[0], v[1], [0, 4, 1, 5]);
+            let hi01 = shuffle_f32x4(b, v[0], v[1], [2, 6, 3, 7]);
+            let lo23 = shuffle_f32x4(b, v[2], v[3], [0, 4, 1, 5]);
+            let hi23 = shuffle_f32x4(b, v[2], v[3], [2, 6, 3, 7]);
+            let out = [
+                shuffle_f32x4(b, lo01, lo23, [0, 1, 4, 5]),
+                shuffle_f32x4(b, lo01, lo23, [2, 3, 6, 7]),
+                shuffle_f32x4(b, hi01, hi23, [0, 1, 4, 5]),
+                shuffle_f32x4(b, hi01, hi23, [2, 3, 6, 7]),
+            ];
+            for (i, &o) in out.iter().enumerate() {
+                let p = b.ins().iadd_imm_s(t, i as i64 * dst_row);
+                b.ins().store(rw_flags(), o, p, 0);
+            }
+        });
     });
 }
 
