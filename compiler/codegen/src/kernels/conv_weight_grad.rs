@@ -235,9 +235,16 @@ impl Plan {
             if shared_begin < shared_end {
                 let xp = offset_ptr(b, x_row, bytes(1) * cols.input_of(shared_begin, 0));
                 let dyp = offset_ptr(b, dy_row, bytes(shared_begin));
-                // Short rows unrolled whole; long ones loop over blocks of two vectors.
+                // Few taps: short rows unrolled whole, long ones in blocks of one vector per
+                // accumulator. More taps: one vector per iteration (unrolling made
+                // Cranelift keep the shared loads of x live and spill; measured 2x slower
+                // on lenet5's 5x5 taps).
                 let count = shared_end - shared_begin;
-                let block = if count / LANES <= UNROLLED_VECTORS { count - count % LANES } else { 2 * LANES };
+                let block = match (per_tap, count / LANES <= UNROLLED_VECTORS) {
+                    (2, true) => count - count % LANES,
+                    (2, false) => 2 * LANES,
+                    _ => LANES,
+                };
                 let mut cursors = vec![xp, dyp];
                 cursors.extend(accs.iter().copied());
                 let (after, rest) = tiled_loop(b, count, block.max(LANES), cursors, |b, _, l| {
