@@ -695,6 +695,29 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(config(64))]
+    /// Long contiguous reduced runs (global pools): the wide accumulators, their tails
+    /// and NaN anywhere in the run.
+    #[test]
+    fn reduce_long_runs_match_reference(
+        outer in 1usize..4,
+        run in 1usize..200,
+        kind in reduce_kind(),
+        nan_at in prop::option::of(any::<prop::sample::Index>()),
+        seed in any::<u64>(),
+    ) {
+        let mut x = random_f32(&[outer, run], seed, false);
+        if let (Some(at), cnnc_ir::TensorData::F32(v)) = (nan_at, &mut x.data) {
+            let i = at.index(v.len());
+            v[i] = f32::NAN;
+        }
+        let want = reference::reduce(&x, kind, &[1]);
+        let op = Op::Reduce { kind, axes: vec![1] };
+        check(op, &[&x], None, reduce::emit_reduce, &want, &format!("{kind:?} [{outer}, {run}] nan {nan_at:?}"));
+    }
+}
+
 #[test]
 fn reduce_common_shapes() {
     for kind in [

@@ -5,7 +5,7 @@
 //! [kept, reduced, kept]. When the innermost merged axis is kept, tiles of
 //! consecutive outputs are vectorised across it (f32x4) and the reduced axes loop
 //! around them; when it is reduced, each output accumulates the contiguous run in
-//! two f32x4 accumulators and folds them at the end. i32/i64 run the same loops with
+//! four (short runs: two) f32x4 accumulators and folds them at the end. i32/i64 run the same loops with
 //! scalar lanes. Semantics follow `ir/src/interp/reduce.rs`: Max/Min propagate NaN,
 //! an empty Mean is NaN (integers: 0), integer arithmetic wraps.
 //!
@@ -49,6 +49,9 @@ struct Axis {
     in_stride: usize,
     out_stride: usize,
 }
+
+/// Vector accumulators of a long reduced innermost run.
+const WIDE_ACCUMULATORS: usize = 4;
 
 pub fn emit_reduce(k: &mut KernelCtx) -> Result<(), CodegenError> {
     let Op::Reduce { kind, axes } = &k.node.op else {
@@ -358,10 +361,13 @@ impl ReducePlan {
             return;
         };
         let lanes = self.lanes();
-        let vectors = if lanes > 1 && inner.extent >= lanes {
-            2
-        } else {
-            0
+        // Independent accumulators hide the add latency: four once a run has four
+        // vectors (global average pools over 56x56 and larger maps), else two.
+        let vectors = match lanes {
+            1 => 0,
+            _ if inner.extent >= WIDE_ACCUMULATORS * lanes => WIDE_ACCUMULATORS,
+            _ if inner.extent >= lanes => 2,
+            _ => 0,
         };
         let mut init: Vec<Value> = (0..vectors)
             .map(|_| self.identity(b, self.vector_type()))
@@ -371,9 +377,9 @@ impl ReducePlan {
             let mut cursors = vec![p];
             cursors.extend(accs);
             let mut left = inner.extent;
-            // Two vectors per step, then one, then scalars.
+            // One vector per accumulator per step, then one, then scalars.
             let steps: Vec<(usize, usize)> = if vectors > 0 {
-                vec![(2, lanes), (1, lanes), (1, 1)]
+                vec![(vectors, lanes), (1, lanes), (1, 1)]
             } else {
                 vec![(1, 1)]
             };
@@ -402,7 +408,12 @@ impl ReducePlan {
         let (vector_accs, scalar) = accs.split_at(vectors);
         let mut total = scalar[0];
         if vectors > 0 {
-            let joined = self.combine(b, vector_accs[0], vector_accs[1]);
+            let mut partial = vector_accs.to_vec();
+            while partial.len() > 1 {
+                let half = partial.len() / 2;
+                partial = (0..half).map(|i| self.combine(b, partial[i], partial[i + half])).collect();
+            }
+            let joined = partial[0];
             for lane in 0..lanes {
                 let e = b.ins().extractlane(joined, lane as u8);
                 total = self.combine(b, total, e);
