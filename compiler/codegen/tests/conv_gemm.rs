@@ -737,6 +737,33 @@ proptest! {
     }
 }
 
+/// 1x1 convolutions with enough channels x depth that the input is packed rather than
+/// read in place (`IN_PLACE_B_MAX_MACS_PER_POSITION`) on the AVX2 kernel with the
+/// epilogue in its store, few positions to stay quick.
+fn wide_pointwise_problem() -> impl Strategy<Value = ConvProblem> {
+    (pointwise_problem(), (64usize..=96, 384usize..=420, 2usize..=6)).prop_map(|(mut p, (c, m, h))| {
+        p.groups = 1;
+        p.in_per_group = c;
+        p.out_per_group = m;
+        // 16 to 48 positions, whole and ragged panels: channels stay the tile's rows.
+        p.input = vec![h, 8];
+        p
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(12), ..ProptestConfig::default() })]
+
+    /// Packed pointwise convolutions on the host's microkernel.
+    #[test]
+    fn wide_pointwise_matches_interpreter(p in wide_pointwise_problem()) {
+        let (g, inputs) = p.graph();
+        let want = reference(&g, &inputs);
+        let got = host_jit(&g, &inputs).map_err(TestCaseError::fail)?;
+        check_all(&got, &want).map_err(TestCaseError::fail)?;
+    }
+}
+
 /// Shallow 2-D convolutions (a network's first layer: few channels, depth <= 64) with
 /// rows wide enough for whole panels inside the input, which take the unrolled
 /// interior packing; edge panels, blocks that split the reduction (`blocking`) and

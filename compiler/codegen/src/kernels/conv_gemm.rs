@@ -67,6 +67,17 @@ const MIN_TASK_MACS: usize = 1 << 20;
 /// Scratch bytes one node's slots may take together (Winograd slots run to ~1 MB).
 const SCRATCH_BUDGET: usize = 8 << 20;
 
+/// Multiply-adds per output position (out channels x depth) from which a 1x1 convolution
+/// packs its input instead of reading B in place. Packing costs about one copy per input
+/// element, which the in-place kernel saves; but every channel panel then reads B
+/// strided, one row per k step, and from a few hundred channels or a deep reduction
+/// that costs more than the copy. Measured (`scripts/conv_layers.py`, 1 thread, one
+/// layer, in place vs packed in the same run): 16 -> 64 and 128 -> 16 at 55x55 30-40%
+/// faster in place, 32 -> 128 at 27x27 7%, 64 -> 256 at 13x13 1-10%; 384 -> 64 at 13x13
+/// even, 96 -> 576 at 28x28 4% faster packed, 512 -> 64 at 13x13 10%, 512 -> 1000 at
+/// 13x13 (SqueezeNet's classifier) 11%, at 16x16 6%.
+const IN_PLACE_B_MAX_MACS_PER_POSITION: usize = 24 * 1024;
+
 /// Cache sizes assumed when no schedule chose `kc`/`nc` (see the choose-schedule pass).
 const DEFAULT_L1D_BYTES: usize = 32 * 1024;
 const DEFAULT_L2_BYTES: usize = 512 * 1024;
@@ -421,7 +432,11 @@ pub fn plan(g: &Graph, node: &Node, (mr, nr): (usize, usize)) -> Option<ConvGemm
     if let Some(w) = &mut winograd {
         w.set_block(nc);
     }
-    let in_place_b = pointwise && winograd.is_none() && orientation == Orientation::ChannelRows && (mr, nr) == (6, 16);
+    let in_place_b = pointwise
+        && winograd.is_none()
+        && orientation == Orientation::ChannelRows
+        && (mr, nr) == (6, 16)
+        && out_channels * depth < IN_PLACE_B_MAX_MACS_PER_POSITION;
     Some(ConvGemmPlan {
         batch,
         groups,
@@ -1063,6 +1078,21 @@ mod tests {
 
     fn conv_node(g: &Graph) -> &Node {
         g.nodes.iter().find(|n| matches!(n.op, Op::Conv(_))).unwrap()
+    }
+
+    #[test]
+    fn pointwise_convs_read_b_in_place_only_when_few_channels_share_it() {
+        // MobileNet-v2's expansion 16 -> 96 at 112x112: packing would cost ~8% of the MACs.
+        let g = conv_graph(16, 96, 112, 1, 1);
+        assert!(plan(&g, conv_node(&g), (6, 16)).unwrap().in_place_b);
+        // SqueezeNet's classifier 512 -> 1000 at 13x13: strided B costs more than the copy.
+        let g = conv_graph(512, 1000, 13, 1, 1);
+        let p = plan(&g, conv_node(&g), (6, 16)).unwrap();
+        assert_eq!(p.orientation, Orientation::ChannelRows);
+        assert!(!p.in_place_b);
+        // Only the AVX2 tile has the strided kernel.
+        let g = conv_graph(16, 96, 112, 1, 1);
+        assert!(!plan(&g, conv_node(&g), (14, 32)).unwrap().in_place_b);
     }
 
     #[test]
