@@ -741,7 +741,7 @@ proptest! {
 /// read in place (`IN_PLACE_B_MAX_MACS_PER_POSITION`) on the AVX2 kernel with the
 /// epilogue in its store, few positions to stay quick.
 fn wide_pointwise_problem() -> impl Strategy<Value = ConvProblem> {
-    (pointwise_problem(), (64usize..=96, 384usize..=420, 2usize..=6)).prop_map(|(mut p, (c, m, h))| {
+    (pointwise_problem(), (128usize..=160, 384usize..=420, 2usize..=6)).prop_map(|(mut p, (c, m, h))| {
         p.groups = 1;
         p.in_per_group = c;
         p.out_per_group = m;

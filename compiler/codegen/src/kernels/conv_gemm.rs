@@ -73,10 +73,11 @@ const SCRATCH_BUDGET: usize = 8 << 20;
 /// strided, one row per k step, and from a few hundred channels or a deep reduction
 /// that costs more than the copy. Measured (`scripts/conv_layers.py`, 1 thread, one
 /// layer, in place vs packed in the same run): 16 -> 64 and 128 -> 16 at 55x55 30-40%
-/// faster in place, 32 -> 128 at 27x27 7%, 64 -> 256 at 13x13 1-10%; 384 -> 64 at 13x13
-/// even, 96 -> 576 at 28x28 4% faster packed, 512 -> 64 at 13x13 10%, 512 -> 1000 at
-/// 13x13 (SqueezeNet's classifier) 11%, at 16x16 6%.
-const IN_PLACE_B_MAX_MACS_PER_POSITION: usize = 24 * 1024;
+/// faster in place, 32 -> 128 at 27x27 7%, 64 -> 256 at 13x13 1-10%, 384 -> 64 at 13x13
+/// and 14x14 6-8%, 384 -> 96 at 14x14 5%; 576 -> 96 at 14x14 even; 96 -> 576 at 28x28 4%
+/// faster packed, 512 -> 64 at 13x13 5-10% (below the threshold all the same),
+/// 512 -> 1000 at 13x13 (SqueezeNet's classifier) 11-13%, at 16x16 6%.
+const IN_PLACE_B_MAX_MACS_PER_POSITION: usize = 48 * 1024;
 
 /// Cache sizes assumed when no schedule chose `kc`/`nc` (see the choose-schedule pass).
 const DEFAULT_L1D_BYTES: usize = 32 * 1024;
