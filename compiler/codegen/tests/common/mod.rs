@@ -122,7 +122,10 @@ pub fn run_loaded(path: &std::path::Path, g: &Graph, threads: usize, inputs: &[T
     Ok(out_types
         .iter()
         .zip(&out_bytes)
-        .map(|(t, bytes)| Tensor { shape: t.shape.clone(), data: TensorData::from_le_bytes(t.dtype, bytes) })
+        .map(|(t, bytes)| Tensor {
+            shape: t.shape.clone(),
+            data: TensorData::from_le_bytes(t.dtype, bytes),
+        })
         .collect())
 }
 
