@@ -25,6 +25,7 @@ use super::compute::{
     offset_ptr, require_buffers, require_dtype, require_plain_layout, scalar_flags, shuffle_f32x4,
     splat_f32, store, tiled_loop, vector_flags,
 };
+use super::compute::misrouted;
 use super::{CodegenError, KernelCtx};
 
 /// Output channels computed together: each tap's input vectors are reused this often.
@@ -51,11 +52,7 @@ fn vectors_per_channel(channels: usize) -> usize {
 
 pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
     let Op::Conv(geometry) = &k.node.op else {
-        return Err(CodegenError(format!(
-            "conv::emit called on a {} node '{}'",
-            k.node.op.mnemonic(),
-            k.node.name
-        )));
+        return Err(misrouted(k, "conv"));
     };
     require_plain_layout(k)?;
     require_buffers(k, 2, 3, 1)?;

@@ -21,6 +21,7 @@ use super::compute::{
     offset_ptr, require_buffers, require_dtype, require_plain_layout, scalar_flags, splat_f32,
     store, store_f32x4_strided, tiled_loop, vector_flags,
 };
+use super::compute::misrouted;
 use super::{CodegenError, KernelCtx};
 
 const CHANNEL_BLOCK: usize = 4;
@@ -43,11 +44,7 @@ fn bytes(elements: usize) -> i64 {
 
 pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
     let Op::ConvTranspose(geometry) = &k.node.op else {
-        return Err(CodegenError(format!(
-            "conv_transpose::emit called on a {} node '{}'",
-            k.node.op.mnemonic(),
-            k.node.name
-        )));
+        return Err(misrouted(k, "conv_transpose"));
     };
     require_plain_layout(k)?;
     require_buffers(k, 2, 3, 1)?;

@@ -10,7 +10,7 @@
 //! ranges compile-time constants, so no bounds tests), four f32x4 accumulators
 //! deep; the tap's sum is added into dw once per image.
 
-use cnnc_ir::{DType, Op, Scalar};
+use cnnc_ir::{Op, Scalar};
 use cranelift_codegen::ir::{
     InstBuilder, Value,
     types::{F32, F32X4},
@@ -19,10 +19,11 @@ use cranelift_frontend::FunctionBuilder;
 
 use super::compute::window::transposed_input_range;
 use super::compute::{
-    F32_BYTES, LANES, counted_loop, tiled_loop, index_ptr, load, load_f32x4_strided, offset_ptr, require_buffers, require_dtype,
-    require_plain_layout, scalar_flags, store, vector_flags,
+    F32_BYTES, LANES, counted_loop, tiled_loop, index_ptr, load, load_f32x4_strided, offset_ptr,
+    scalar_flags, store, vector_flags,
 };
 use super::movement::emit_fill;
+use super::compute::{f32_input_gradient_operands, misrouted};
 use super::{CodegenError, KernelCtx};
 
 /// Independent vector accumulators per row (hides the add latency).
@@ -63,20 +64,9 @@ impl Axis {
 
 pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
     let Op::ConvWeightGrad(geometry) = &k.node.op else {
-        return Err(CodegenError(format!(
-            "conv_weight_grad::emit called on a {} node '{}'",
-            k.node.op.mnemonic(),
-            k.node.name
-        )));
+        return Err(misrouted(k, "conv_weight_grad"));
     };
-    require_plain_layout(k)?;
-    require_buffers(k, 2, 2, 1)?;
-    let x = k.graph.ty(k.node.inputs[0]);
-    let dy = k.graph.ty(k.node.inputs[1]);
-    let dw = k.graph.ty(k.node.outputs[0]);
-    require_dtype(k, "input", x, DType::F32)?;
-    require_dtype(k, "gradient", dy, DType::F32)?;
-    require_dtype(k, "output", dw, DType::F32)?;
+    let (x, dy, dw) = f32_input_gradient_operands(k)?;
     let fail = |msg: String| CodegenError(format!("conv_weight_grad node '{}': {msg}", k.node.name));
     let spatial = x.rank().saturating_sub(2);
     if !(1..=2).contains(&spatial) || dy.rank() != x.rank() || dw.rank() != x.rank() {

@@ -24,15 +24,12 @@ use super::compute::{
     LANES, counted_loop, index_ptr, input_flags, load, offset_ptr, require_buffers,
     require_plain_layout, scalar_flags, store, tiled_loop, vector_flags,
 };
+use super::compute::misrouted;
 use super::{CodegenError, KernelCtx};
 
 pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
     if k.node.op != Op::MatMul {
-        return Err(CodegenError(format!(
-            "matmul::emit called on a {} node '{}'",
-            k.node.op.mnemonic(),
-            k.node.name
-        )));
+        return Err(misrouted(k, "matmul"));
     }
     require_plain_layout(k)?;
     require_buffers(k, 2, 2, 1)?;

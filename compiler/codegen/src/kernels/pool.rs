@@ -23,6 +23,7 @@ use super::compute::{
     offset_ptr, require_buffers, require_dtype, require_plain_layout, scalar_flags, store,
     tiled_loop, vector_flags,
 };
+use super::compute::misrouted;
 use super::{CodegenError, KernelCtx};
 
 /// Innermost kernel axes up to this many taps are unrolled; longer ones loop.
@@ -40,11 +41,7 @@ const MAX_ROW_BUFFER_BYTES: usize = 64 << 10;
 
 pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
     let Op::Pool(attrs) = &k.node.op else {
-        return Err(CodegenError(format!(
-            "pool::emit called on a {} node '{}'",
-            k.node.op.mnemonic(),
-            k.node.name
-        )));
+        return Err(misrouted(k, "pool"));
     };
     require_plain_layout(k)?;
     require_buffers(k, 1, 1, 1)?;

@@ -7,7 +7,7 @@
 //! bounds tests, the tap walk unrolled as compares and blends of a value and its byte
 //! offset, four windows at a time.
 
-use cnnc_ir::{DType, Op, Scalar};
+use cnnc_ir::{Op, Scalar};
 use cranelift_codegen::ir::{
     InstBuilder, MemFlagsData, Value,
     condcodes::FloatCC,
@@ -17,10 +17,11 @@ use cranelift_frontend::FunctionBuilder;
 
 use super::compute::window::{AxisWindow, Segment};
 use super::compute::{
-    F32_BYTES, LANES, counted_loop, index_ptr, load, load_f32x4_strided, offset_ptr, require_buffers,
-    require_dtype, require_plain_layout, scalar_flags, store, tiled_loop, vector_flags,
+    F32_BYTES, LANES, counted_loop, index_ptr, load, load_f32x4_strided, offset_ptr,
+    scalar_flags, store, tiled_loop, vector_flags,
 };
 use super::movement::emit_fill;
+use super::compute::{f32_input_gradient_operands, misrouted};
 use super::{CodegenError, KernelCtx};
 
 /// Code-size bound: window bodies one node may emit (3x3 windows with padding need 9).
@@ -28,20 +29,9 @@ const MAX_WINDOW_BODIES: usize = 4_096;
 
 pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
     let Op::PoolGrad(attrs) = &k.node.op else {
-        return Err(CodegenError(format!(
-            "pool_grad::emit called on a {} node '{}'",
-            k.node.op.mnemonic(),
-            k.node.name
-        )));
+        return Err(misrouted(k, "pool_grad"));
     };
-    require_plain_layout(k)?;
-    require_buffers(k, 2, 2, 1)?;
-    let x = k.graph.ty(k.node.inputs[0]);
-    let dy = k.graph.ty(k.node.inputs[1]);
-    let dx = k.graph.ty(k.node.outputs[0]);
-    require_dtype(k, "input", x, DType::F32)?;
-    require_dtype(k, "gradient", dy, DType::F32)?;
-    require_dtype(k, "output", dx, DType::F32)?;
+    let (x, dy, dx) = f32_input_gradient_operands(k)?;
     let fail = |msg: String| CodegenError(format!("pool_grad node '{}': {msg}", k.node.name));
     let spatial = x.rank().saturating_sub(2);
     if !(1..=2).contains(&spatial) || dy.rank() != x.rank() || dx.shape != x.shape {

@@ -8,11 +8,12 @@ use cranelift_codegen::ir::{InstBuilder, Value};
 use cranelift_frontend::FunctionBuilder;
 
 use super::compute::{F32_BYTES, counted_loop, require_buffers, require_dtype, scalar_flags};
+use super::compute::misrouted;
 use super::{CodegenError, KernelCtx};
 
 pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
     let Op::RandomUniform { seed } = k.node.op else {
-        return Err(CodegenError(format!("random::emit called on a {} node '{}'", k.node.op.mnemonic(), k.node.name)));
+        return Err(misrouted(k, "random"));
     };
     require_buffers(k, 2, 2, 1)?;
     let step_ty = k.graph.ty(k.node.inputs[1]);

@@ -55,6 +55,28 @@ pub fn input_flags(k: &KernelCtx, input: usize, base: MemFlagsData) -> MemFlagsD
     if immutable { weight(base) } else { base }
 }
 
+/// The error of an emitter handed a node of another op (a dispatch bug, not bad input).
+pub fn misrouted(k: &KernelCtx, emitter: &str) -> CodegenError {
+    CodegenError(format!("{emitter}::emit called on a {} node '{}'", k.node.op.mnemonic(), k.node.name))
+}
+
+/// The operands of a training op that maps a forward input and its output's gradient to
+/// one f32 result (`pool_grad`, `conv_weight_grad`): plain layout, two inputs, one output,
+/// all f32. Returns the (input, gradient, output) types.
+pub fn f32_input_gradient_operands<'a>(
+    k: &'a KernelCtx,
+) -> Result<(&'a cnnc_ir::TensorType, &'a cnnc_ir::TensorType, &'a cnnc_ir::TensorType), CodegenError> {
+    require_plain_layout(k)?;
+    require_buffers(k, 2, 2, 1)?;
+    let x = k.graph.ty(k.node.inputs[0]);
+    let dy = k.graph.ty(k.node.inputs[1]);
+    let out = k.graph.ty(k.node.outputs[0]);
+    require_dtype(k, "input", x, DType::F32)?;
+    require_dtype(k, "gradient", dy, DType::F32)?;
+    require_dtype(k, "output", out, DType::F32)?;
+    Ok((x, dy, out))
+}
+
 /// Fails unless the node runs on dense row-major buffers: blocked layouts are
 /// chosen by passes this kernel does not implement.
 pub fn require_plain_layout(k: &KernelCtx) -> Result<(), CodegenError> {
