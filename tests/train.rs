@@ -1071,6 +1071,36 @@ fn fused_step_matches_the_reference_step_adam() {
     check_fused_against_step("fused-adam", adam.into(), |f, inputs| cnnc_ir::interp::run(&f.graph, inputs).unwrap());
 }
 
+/// Each parameter is updated right after its gradient is complete: the last layer's new
+/// weight is computed before the first layer's gradient, and the parameter-sized update
+/// terms are not computed up front (they would live through the whole step).
+#[test]
+fn fused_step_updates_each_parameter_after_its_gradient() {
+    use cnnc::train::{OptimizerKind, fused_train_step};
+    let dir = common::scratch("fused-update-order");
+    let mut m = ModelBuilder::new("two_layers", 17);
+    m.input("input", DType::F32, &[4, 3])
+        .initializer("w1", &Tensor::f32([3, 5], (0..15).map(|i| i as f32 * 0.1 - 0.7).collect()))
+        .initializer("w2", &Tensor::f32([5, 2], (0..10).map(|i| 0.3 - i as f32 * 0.05).collect()))
+        .node("MatMul", &["input", "w1"], &["h"], vec![])
+        .node("Relu", &["h"], &["r"], vec![])
+        .node("MatMul", &["r", "w2"], &["logits"], vec![])
+        .output("logits", DType::F32, &[4, 2]);
+    let path = dir.join("two_layers.onnx");
+    m.write(&path).unwrap();
+    let tg = load_training_graph(&path).unwrap();
+    let fused = fused_train_step(&tg, OptimizerKind::Sgd).unwrap();
+    let producers = fused.graph.producers();
+    let node_of = |v: ValueId| producers[v.index()].expect("computed by a node");
+    let new_value = |name: &str| fused.state.iter().find(|s| s.name == name).map(|s| node_of(s.output)).unwrap();
+    let gradient = |name: &str| node_of(fused.grads[fused.param_names.iter().position(|p| p == name).unwrap()]);
+    assert!(gradient("w2") < new_value("w2"), "w2 is updated after its gradient");
+    assert!(new_value("w2") < gradient("w1"), "w2's update waits for w1's gradient");
+    assert!(gradient("w1") < new_value("w1"));
+    let first_update = fused.graph.nodes.iter().position(|n| n.name.starts_with("update.")).unwrap();
+    assert!(first_update > gradient("w2"), "an update node runs before any gradient is complete");
+}
+
 /// The fused graph compiled by the code generator, run through `cnnc_infer` as a pure
 /// function, against step.rs.
 #[test]

@@ -152,6 +152,7 @@ pub fn fused_train_step(tg: &TrainingGraph, optimizer: OptimizerKind) -> Result<
     };
 
     let mut state = Vec::new();
+    let first_update_node = g.nodes.len();
     let mut b = Builder { g: &mut g, prefix: "update".into() };
 
     // Adam's bias corrections, shared by every parameter.
@@ -248,6 +249,8 @@ pub fn fused_train_step(tg: &TrainingGraph, optimizer: OptimizerKind) -> Result<
         state.push(st(DROPOUT_STEP, StateKind::DropoutStep, &ty, counter, next, zero));
     }
 
+    place_updates_after_their_operands(&mut g, first_update_node);
+
     let grads: Vec<ValueId> = tg.params.iter().map(|p| p.grad).collect();
     // Inputs in the documented order: state, data, labels, hyper-parameters.
     let mut inputs: Vec<ValueId> = state.iter().map(|s| s.input).collect();
@@ -269,6 +272,47 @@ pub fn fused_train_step(tg: &TrainingGraph, optimizer: OptimizerKind) -> Result<
         grads,
         param_names: tg.params.iter().map(|p| p.name.clone()).collect(),
     })
+}
+
+/// Moves each update node (optimizer, running statistics, Dropout counter: the nodes from
+/// `first_update_node` on) next to the training node whose value it waits for, so that a
+/// parameter is updated as soon as its gradient is complete -- while the gradient is still
+/// in cache -- instead of in one sweep over every gradient after the backward pass.
+///
+/// An update node whose result feeds other update nodes goes just before the first of
+/// them (a parameter-sized `weight_decay * p` is not computed up front and kept alive
+/// through the whole step); one that feeds none goes just after the last training node it
+/// reads. Safe to update that early: the entry points write state outputs to a shadow copy,
+/// copied back after the graph (`codegen/src/train_entry.rs`), so a later reader of a
+/// parameter still sees its old value. Training nodes keep their order.
+fn place_updates_after_their_operands(g: &mut Graph, first_update_node: usize) {
+    let producers = g.producers();
+    let users = g.users();
+    let count = g.nodes.len();
+    // The last training node an update node reads, directly or through other update nodes.
+    let mut after: Vec<Option<usize>> = vec![None; count];
+    for i in first_update_node..count {
+        after[i] = g.nodes[i]
+            .inputs
+            .iter()
+            .filter_map(|v| producers[v.index()])
+            .map(|p| if p < first_update_node { Some(p) } else { after[p] })
+            .max()
+            .flatten();
+    }
+    // Where it goes: its first consumer's place, or `after` when no update node reads it.
+    // Consumers come later in node order, so a reverse sweep sees them first.
+    let mut place: Vec<Option<usize>> = vec![None; count];
+    for i in (first_update_node..count).rev() {
+        let consumers = g.nodes[i].outputs.iter().flat_map(|o| users[o.index()].iter().copied());
+        place[i] = consumers.map(|c| place[c]).min().unwrap_or(after[i]);
+    }
+    let mut order: Vec<usize> = (0..count).collect();
+    // (training node to follow -- None: before every training node --, the training node
+    // itself before its updates, node order among equals).
+    order.sort_by_key(|&i| if i < first_update_node { (Some(i), 0, i) } else { (place[i], 1, i) });
+    let mut nodes: Vec<Option<cnnc_ir::Node>> = std::mem::take(&mut g.nodes).into_iter().map(Some).collect();
+    g.nodes = order.into_iter().filter_map(|i| nodes[i].take()).collect();
 }
 
 fn st(name: &str, kind: StateKind, ty: &TensorType, input: ValueId, output: ValueId, initial: Tensor) -> StateTensor {
