@@ -67,17 +67,7 @@ pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
     {
         return Err(fail(format!("attributes must each have {spatial} entries")));
     }
-    let axes: Vec<AxisWindow> = (0..spatial)
-        .map(|d| AxisWindow {
-            input: x.shape[2 + d],
-            output: y.shape[2 + d],
-            kernel: attrs.kernel[d],
-            stride: attrs.strides[d],
-            dilation: attrs.dilations[d],
-            pad_begin: attrs.pads_begin[d],
-            pad_end: attrs.pads_end[d],
-        })
-        .collect();
+    let axes = AxisWindow::pool_axes(attrs, &x.shape, &y.shape);
     if axes
         .iter()
         .any(|a| a.kernel == 0 || a.stride == 0 || a.dilation == 0)

@@ -39,17 +39,7 @@ pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
             "input {x}, gradient {dy} and output {dx} must be one- or two-dimensional maps of one shape"
         )));
     }
-    let mut axes: Vec<AxisWindow> = (0..spatial)
-        .map(|d| AxisWindow {
-            input: x.shape[2 + d],
-            output: dy.shape[2 + d],
-            kernel: attrs.kernel[d],
-            stride: attrs.strides[d],
-            dilation: attrs.dilations[d],
-            pad_begin: attrs.pads_begin[d],
-            pad_end: attrs.pads_end[d],
-        })
-        .collect();
+    let mut axes = AxisWindow::pool_axes(attrs, &x.shape, &dy.shape);
     if spatial == 1 {
         let single = AxisWindow { input: 1, output: 1, kernel: 1, stride: 1, dilation: 1, pad_begin: 0, pad_end: 0 };
         axes.insert(0, single);

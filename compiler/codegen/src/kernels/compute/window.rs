@@ -16,6 +16,23 @@ pub struct AxisWindow {
     pub pad_end: usize,
 }
 
+impl AxisWindow {
+    /// The spatial axes of a pooling window over NC* maps of `input` and `output` shapes.
+    pub fn pool_axes(attrs: &cnnc_ir::PoolAttrs, input: &[usize], output: &[usize]) -> Vec<AxisWindow> {
+        (0..input.len().saturating_sub(2))
+            .map(|d| AxisWindow {
+                input: input[2 + d],
+                output: output[2 + d],
+                kernel: attrs.kernel[d],
+                stride: attrs.strides[d],
+                dilation: attrs.dilations[d],
+                pad_begin: attrs.pads_begin[d],
+                pad_end: attrs.pads_end[d],
+            })
+            .collect()
+    }
+}
+
 /// Consecutive outputs `[start, start + count)` sharing their tap ranges.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Segment {
