@@ -7,15 +7,18 @@
 //! microkernel, and through a linked `.so` on the portable kernel (x86-64-v2) with
 //! threads.
 
-use std::path::PathBuf;
 
 use cnnc::compare::compare;
 use cnnc::passes::matmul_as_conv::{THRESHOLDS, Thresholds, rewrite_matmuls};
 use cnnc::passes::{PassContext, TargetDesc, choose_schedule};
-use cnnc_codegen::{JitModel, TargetSpec, link_shared};
+use cnnc_codegen::{JitModel, TargetSpec};
 use cnnc_ir::print::{PrintOptions, print_with};
-use cnnc_ir::{BinaryFn, DType, EpilogueStep, Graph, Op, Tensor, TensorData, TensorType, UnaryFn, ValueId};
+use cnnc_ir::{BinaryFn, DType, EpilogueStep, Graph, Op, Tensor, TensorType, UnaryFn};
 use proptest::prelude::*;
+
+// The codegen tests' runner of compiled shared libraries (temp path, link, session, remove).
+#[path = "../compiler/codegen/tests/common/mod.rs"]
+mod codegen_common;
 
 /// Every size rewritten: the property tests reach the edge cases with small products.
 const ALWAYS: Thresholds =
@@ -190,7 +193,7 @@ proptest! {
     fn portable_kernel_with_threads_matches_the_interpreter(p in product()) {
         let (g, inputs, want) = rewritten(&p)?;
         let target = TargetSpec::parse(None, Some("x86-64-v2")).unwrap();
-        let got = run_shared(&g, &target, 2, &inputs).map_err(TestCaseError::fail)?;
+        let got = codegen_common::run_shared_library("matmul-as-conv", &g, &target, 2, &inputs).map_err(TestCaseError::fail)?;
         same(&got, &want, "x86-64-v2, 2 threads")?;
     }
 }
@@ -223,7 +226,7 @@ fn a_weight_gradient_shaped_product_runs_scheduled() {
     assert_eq!(model.info().gemm_convs, 1);
     same(&model.run(&inputs).unwrap(), &want, "host").unwrap();
     let target = TargetSpec::parse(None, Some("x86-64-v2")).unwrap();
-    same(&run_shared(&g, &target, 2, &inputs).unwrap(), &want, "x86-64-v2").unwrap();
+    same(&codegen_common::run_shared_library("matmul-as-conv", &g, &target, 2, &inputs).unwrap(), &want, "x86-64-v2").unwrap();
 }
 
 // ---- snapshots: what is rewritten, and what is left ----
@@ -323,57 +326,3 @@ fn leaves_batched_a_whose_epilogue_varies_along_rows() {
 
 // ---- running a linked library ----
 
-fn run_shared(g: &Graph, target: &TargetSpec, threads: usize, inputs: &[Tensor]) -> Result<Vec<Tensor>, String> {
-    let object = cnnc_codegen::compile_object(g, target).map_err(|e| e.to_string())?;
-    let path = temp_so();
-    link_shared(&object, &path, target).map_err(|e| e.to_string())?;
-    let result = run_loaded(&path, g, threads, inputs);
-    let _ = std::fs::remove_file(&path);
-    result
-}
-
-fn run_loaded(path: &PathBuf, g: &Graph, threads: usize, inputs: &[Tensor]) -> Result<Vec<Tensor>, String> {
-    let model = cnnc_runtime::Model::load(path).map_err(|e| e.to_string())?;
-    let mut session = cnnc_runtime::Session::new(&model, threads).map_err(|e| e.to_string())?;
-    // 64-byte aligned copies: SSE-only targets fold aligned vector loads into memory
-    // operands that fault on unaligned addresses.
-    let in_lines: Vec<Vec<Line>> = inputs.iter().map(|t| aligned_copy(&t.data.to_le_bytes())).collect();
-    let in_refs: Vec<&[u8]> =
-        in_lines.iter().zip(inputs).map(|(lines, t)| &as_bytes(lines)[..t.data.to_le_bytes().len()]).collect();
-    let out_types: Vec<TensorType> = g.outputs.iter().map(|&v: &ValueId| g.ty(v).clone()).collect();
-    let mut out_bytes: Vec<Vec<u8>> = out_types.iter().map(|t| vec![0u8; t.byte_size()]).collect();
-    let mut out_refs: Vec<&mut [u8]> = out_bytes.iter_mut().map(Vec::as_mut_slice).collect();
-    session.run(&in_refs, &mut out_refs).map_err(|e| e.to_string())?;
-    Ok(out_types
-        .iter()
-        .zip(&out_bytes)
-        .map(|(t, bytes)| Tensor { shape: t.shape.clone(), data: TensorData::from_le_bytes(t.dtype, bytes) })
-        .collect())
-}
-
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Line([u8; 64]);
-
-fn aligned_copy(bytes: &[u8]) -> Vec<Line> {
-    let mut lines = vec![Line([0; 64]); bytes.len().div_ceil(64).max(1)];
-    for (line, chunk) in lines.iter_mut().zip(bytes.chunks(64)) {
-        line.0[..chunk.len()].copy_from_slice(chunk);
-    }
-    lines
-}
-
-fn as_bytes(lines: &[Line]) -> &[u8] {
-    // SAFETY: Line is plain bytes without padding.
-    unsafe { std::slice::from_raw_parts(lines.as_ptr().cast::<u8>(), lines.len() * 64) }
-}
-
-fn temp_so() -> PathBuf {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    std::env::temp_dir().join(format!(
-        "cnnc-matmul-as-conv-{}-{}.so",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ))
-}

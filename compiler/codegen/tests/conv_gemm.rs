@@ -6,13 +6,12 @@
 
 mod common;
 
-use std::path::PathBuf;
 
 use cnnc_codegen::{JitModel, TargetSpec, link_shared};
 use cnnc_ir::{
     BinaryFn, ConvGeometry, DType, EpilogueStep, Graph, Op, Tensor, TensorData, TensorType, UnaryFn, interp,
 };
-use common::{Rng, cases, check_close, random_tensor};
+use common::{Rng, cases, check_close, random_tensor, run_loaded};
 use proptest::prelude::*;
 
 /// An epilogue step kind and, for binary steps, the shape of its operand.
@@ -311,49 +310,6 @@ fn run_shared(g: &Graph, target: &TargetSpec, threads: usize, inputs: &[Tensor])
     let result = run_loaded(&path, g, threads, inputs);
     let _ = std::fs::remove_file(&path);
     result
-}
-
-fn run_loaded(path: &PathBuf, g: &Graph, threads: usize, inputs: &[Tensor]) -> Result<Vec<Tensor>, String> {
-    let model = cnnc_runtime::Model::load(path).map_err(|e| e.to_string())?;
-    let mut session = cnnc_runtime::Session::new(&model, threads).map_err(|e| e.to_string())?;
-    // 64-byte aligned copies: the ABI allows any alignment, but the whole-output
-    // epilogue (the map engine) marks its vector loads aligned, which SSE-only targets
-    // fold into memory operands that fault on unaligned addresses.
-    let in_lines: Vec<Vec<Line>> = inputs.iter().map(|t| aligned_copy(&t.data.to_le_bytes())).collect();
-    let in_refs: Vec<&[u8]> = in_lines
-        .iter()
-        .zip(inputs)
-        .map(|(lines, t)| &as_bytes(lines)[..t.data.to_le_bytes().len()])
-        .collect();
-    let out_types: Vec<TensorType> = g.outputs.iter().map(|&v| g.ty(v).clone()).collect();
-    let mut out_bytes: Vec<Vec<u8>> = out_types.iter().map(|t| vec![0u8; t.byte_size()]).collect();
-    let mut out_refs: Vec<&mut [u8]> = out_bytes.iter_mut().map(Vec::as_mut_slice).collect();
-    session.run(&in_refs, &mut out_refs).map_err(|e| e.to_string())?;
-    Ok(out_types
-        .iter()
-        .zip(&out_bytes)
-        .map(|(t, bytes)| Tensor {
-            shape: t.shape.clone(),
-            data: TensorData::from_le_bytes(t.dtype, bytes),
-        })
-        .collect())
-}
-
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Line([u8; 64]);
-
-fn aligned_copy(bytes: &[u8]) -> Vec<Line> {
-    let mut lines = vec![Line([0; 64]); bytes.len().div_ceil(64).max(1)];
-    for (line, chunk) in lines.iter_mut().zip(bytes.chunks(64)) {
-        line.0[..chunk.len()].copy_from_slice(chunk);
-    }
-    lines
-}
-
-fn as_bytes(lines: &[Line]) -> &[u8] {
-    // SAFETY: Line is plain bytes without padding.
-    unsafe { std::slice::from_raw_parts(lines.as_ptr().cast::<u8>(), lines.len() * 64) }
 }
 
 fn host_jit(g: &Graph, inputs: &[Tensor]) -> Result<Vec<Tensor>, String> {
