@@ -252,6 +252,22 @@ fn compile_graph_functions<M: Module>(
             kernels_of_nodes[ni] = Some(id);
             continue;
         }
+        if let Some(blocked) = kernels::depthwise_blocked::plan(g, node, target)? {
+            kernels::check_node(g, node)
+                .map_err(|e| CodegenError(format!("node '{}' ({}): {e}", node.name, node.op.mnemonic())))?;
+            let id = kernels::depthwise_blocked::define_node(
+                module,
+                g,
+                node,
+                ni,
+                &blocked,
+                &kernel_sig,
+                &mut ctx,
+                &mut fb_ctx,
+            )?;
+            kernels_of_nodes[ni] = Some(id);
+            continue;
+        }
         if let Some(split) = channel_split::plan(g, node) {
             kernels::check_node(g, node)
                 .map_err(|e| CodegenError(format!("node '{}' ({}): {e}", node.name, node.op.mnemonic())))?;

@@ -61,6 +61,10 @@ pub fn emit_reduce(k: &mut KernelCtx) -> Result<(), CodegenError> {
             k.node.name
         )));
     };
+    if k.node.schedule.layout_in != cnnc_ir::Layout::Plain {
+        // Global pooling over NCHWc blocks.
+        return super::pool_blocked::emit_global_reduce(k);
+    }
     require_plain_layout(k)?;
     require_buffers(k, 1, 1, 1)?;
     let x = k.graph.ty(k.node.inputs[0]);
