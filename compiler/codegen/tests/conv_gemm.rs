@@ -237,11 +237,12 @@ fn problem() -> impl Strategy<Value = ConvProblem> {
 }
 
 /// 3x3 stride-1 convolutions for Winograd F(2x2, 3x3): odd and even extents (partial
-/// 2x2 tiles), pads 0..2 on each side, tile blocks from 16 tiles up.
+/// 2x2 tiles), pads 0..2 on each side, tile blocks from 16 tiles up; rows of up to 21
+/// columns (whole octets and a tail of the deinterleaving window copy).
 fn winograd_problem() -> impl Strategy<Value = ConvProblem> {
     (
         (1usize..=2, 1usize..=20, 1usize..=24),
-        (1usize..=13, 1usize..=13),
+        (1usize..=13, 1usize..=21),
         proptest::collection::vec(0usize..=2, 4),
         any::<bool>(),
         proptest::collection::vec(0usize..7, 0..=3),

@@ -10,7 +10,10 @@
 //!
 //! A task handles a block of tiles (and a group of output-channel panels):
 //! 1. copy the input rows the block reads, zero-padded, into its slot (the transforms
-//!    then need no bounds checks);
+//!    then need no bounds checks), each row split into its even and odd columns
+//!    (`[even | odd]`): tile tx's patch starts at column 2·tx, so a patch column of
+//!    four consecutive tiles is then four consecutive floats (one plain load instead of
+//!    two loads and a shuffle per vector);
 //! 2. input transform: for each quad of tiles in one tile row and each input channel,
 //!    16 f32x4 (one lane per tile) written straight into the B panels of the 16
 //!    products (`[ξ][tile panel][ic][nr]`); other quads tile by tile;
@@ -28,7 +31,7 @@ use cranelift_frontend::FunctionBuilder;
 
 use super::{for_range, int, repeat, scaled, unflatten};
 use crate::kernels::CodegenError;
-use crate::kernels::compute::{LANES, load_f32x4_strided, scalar_flags, shuffle_f32x4, vector_flags};
+use crate::kernels::compute::{LANES, scalar_flags, shuffle_f32x4, vector_flags};
 use crate::kernels::conv_gemm::{ConvGemmPlan, TaskFrame};
 
 const F32_BYTES: i64 = 4;
@@ -50,7 +53,8 @@ pub struct WinogradShape {
     pub tiles_w: usize,
     /// Rows of the padded input window a block copies (the most any block needs).
     pub window_rows: usize,
-    /// Floats per padded row: every column a tile reads.
+    /// Floats per padded row: every column a tile reads (even: the row's two halves,
+    /// even and odd columns, are `padded_w / 2` floats each).
     pub padded_w: usize,
 }
 
@@ -131,8 +135,20 @@ fn padded_channels(plan: &ConvGemmPlan) -> usize {
 
 /// Slot layout: padded input window, V (`[ξ][tile panel][ic][nr]`), M (`[ξ][channel][tile]`).
 pub fn slot_bytes(plan: &ConvGemmPlan, w: &WinogradShape) -> usize {
-    let block = plan.nc;
-    window_bytes(plan, w) + POINTS * block * plan.in_channels * 4 + POINTS * padded_channels(plan) * block * 4
+    window_bytes(plan, w) + POINTS * v_point_stride(plan, w) + POINTS * m_point_stride(plan)
+}
+
+/// Bytes from one point's V to the next: its panels, plus one cache line so that the 16
+/// points' lines of one channel (written together by the input transform) do not all
+/// fall into one L1 set when a point's panels are a multiple of 4 KiB.
+fn v_point_stride(plan: &ConvGemmPlan, _w: &WinogradShape) -> usize {
+    plan.nc * plan.in_channels * 4 + 64
+}
+
+/// Bytes from one point's M to the next (skewed by a line as `v_point_stride`: the
+/// output transform reads the 16 points of a channel together).
+fn m_point_stride(plan: &ConvGemmPlan) -> usize {
+    padded_channels(plan) * plan.nc * 4 + 64
 }
 
 /// `U = G g Gᵀ` per filter, in A panels: `[ξ][panel][ic][mr]`, channels past M zero.
@@ -176,33 +192,45 @@ pub fn pack_weights(plan: &ConvGemmPlan, weights: &[f32]) -> Vec<u8> {
     out
 }
 
-/// `Bᵀ d B` of a 4x4 patch whose row r `load_row(b, r)` returns (4 column values, F32
-/// or F32X4 lanes). Each row gets its column transform (`· B`) as soon as it is loaded,
-/// so at most 4 loaded and 16 partial values are live: 16 xmm registers do not hold
-/// the 32 a load-everything-first order needs.
+/// `Bᵀ d B` of a 4x4 patch, element (r, j) of which `load(b, r, j)` returns (F32 or
+/// F32X4 lanes), each point ξ handed to `store(b, ξ, value)` as soon as it is computed.
+/// Column by column: the column transform (`· B`) of one column of the four rows, then
+/// its row transform (`Bᵀ ·`), so that about 8 values are live at a time (16 xmm
+/// registers; a row-first order keeps 16 partial sums and spills). Loads repeat (32
+/// instead of 16) but fold into the subtractions as memory operands.
 fn input_transform(
     b: &mut FunctionBuilder,
-    mut load_row: impl FnMut(&mut FunctionBuilder, usize) -> [Value; 4],
-) -> [Value; POINTS] {
-    let mut e = [[None; 4]; 4];
-    for (r, row) in e.iter_mut().enumerate() {
-        let d = load_row(b, r);
-        *row = [
-            Some(b.ins().fsub(d[0], d[2])),
-            Some(b.ins().fadd(d[1], d[2])),
-            Some(b.ins().fsub(d[2], d[1])),
-            Some(b.ins().fsub(d[1], d[3])),
-        ];
-    }
-    let e = e.map(|row| row.map(|v| v.expect("every row was transformed")));
-    let mut v = [e[0][0]; POINTS];
+    mut load: impl FnMut(&mut FunctionBuilder, usize, usize) -> Value,
+    mut store: impl FnMut(&mut FunctionBuilder, usize, Value),
+) {
     for j in 0..4 {
-        v[j] = b.ins().fsub(e[0][j], e[2][j]);
-        v[4 + j] = b.ins().fadd(e[1][j], e[2][j]);
-        v[8 + j] = b.ins().fsub(e[2][j], e[1][j]);
-        v[12 + j] = b.ins().fsub(e[1][j], e[3][j]);
+        let e: [Value; 4] = std::array::from_fn(|r| match j {
+            0 => {
+                let (d0, d2) = (load(b, r, 0), load(b, r, 2));
+                b.ins().fsub(d0, d2)
+            }
+            1 => {
+                let (d1, d2) = (load(b, r, 1), load(b, r, 2));
+                b.ins().fadd(d1, d2)
+            }
+            2 => {
+                let (d2, d1) = (load(b, r, 2), load(b, r, 1));
+                b.ins().fsub(d2, d1)
+            }
+            _ => {
+                let (d1, d3) = (load(b, r, 1), load(b, r, 3));
+                b.ins().fsub(d1, d3)
+            }
+        });
+        let v0 = b.ins().fsub(e[0], e[2]);
+        store(b, j, v0);
+        let v1 = b.ins().fadd(e[1], e[2]);
+        store(b, 4 + j, v1);
+        let v2 = b.ins().fsub(e[2], e[1]);
+        store(b, 8 + j, v2);
+        let v3 = b.ins().fsub(e[1], e[3]);
+        store(b, 12 + j, v3);
     }
-    v
 }
 
 /// `Aᵀ m A` of the 16 points `load_row(b, i)` returns row by row (row i = points
@@ -244,11 +272,10 @@ pub fn emit(b: &mut FunctionBuilder, f: &TaskFrame, w: &WinogradShape) -> Result
     let (mr, nr) = (plan.mr as i64, plan.nr as i64);
     let channels = plan.in_channels as i64;
     let block = plan.nc as i64;
-    let padded_channels = padded_channels(plan) as i64;
     let tiles = w.tiles() as i64;
     let window = f.scratch;
     let v_base = b.ins().iadd_imm_s(window, window_bytes(plan, w) as i64);
-    let m_base = b.ins().iadd_imm_s(v_base, POINTS as i64 * block * channels * F32_BYTES);
+    let m_base = b.ins().iadd_imm_s(v_base, (POINTS * v_point_stride(plan, w)) as i64);
     let t0 = f.p_start;
     let all_tiles = int(b, tiles);
     let left = b.ins().isub(all_tiles, t0);
@@ -259,110 +286,69 @@ pub fn emit(b: &mut FunctionBuilder, f: &TaskFrame, w: &WinogradShape) -> Result
 
     emit_window(b, f, w, first_row, t_end, window);
 
-    // Input transform, quad by quad; a quad's V values are one f32x4 per (ξ, channel).
-    let quads = b.ins().imul_imm_s(f.p_panels, nr / LANES as i64);
+    // Input transform, tile panel by tile panel; a quad's V values are one f32x4 per
+    // (ξ, channel). When every quad of a panel is regular, one channel loop transforms
+    // them all, so each (ξ, channel) line of the panel is written whole at once (quad by
+    // quad, the 16 lines of a channel went back to L2 between the visits of its quads).
+    let quads_per_panel = nr / LANES as i64;
     let zero = int(b, 0);
-    let panels_in_block = block / nr;
     let row_bytes = w.padded_w as i64 * F32_BYTES;
     let channel_window_bytes = w.window_rows as i64 * row_bytes;
-    let v_point_bytes = panels_in_block * channels * nr * F32_BYTES;
+    let v_point_bytes = v_point_stride(plan, w) as i64;
     let v_row_bytes = nr * F32_BYTES;
-    for_range(b, zero, quads, |b, q| {
-        let t = b.ins().imul_imm_s(q, LANES as i64);
-        let t = b.ins().iadd(t0, t);
-        // V address of (ξ = 0, channel 0) for this quad: panel q / (nr/4), lane offset.
-        let panel = b.ins().udiv_imm_u(q, nr / LANES as i64);
-        let in_panel = b.ins().urem_imm_u(q, nr / LANES as i64);
-        let dst = scaled(b, v_base, panel, channels * nr * F32_BYTES);
-        let dst = scaled(b, dst, in_panel, LANES as i64 * F32_BYTES);
-        let coords = unflatten(b, t, &[w.tiles_h, w.tiles_w]);
-        let one_row = if w.tiles_w >= LANES {
-            b.ins()
-                .icmp_imm_u(IntCC::UnsignedLessThanOrEqual, coords[1], (w.tiles_w - LANES) as i64)
-        } else {
-            b.ins().iconst(I8, 0)
-        };
-        let last = b.ins().iadd_imm_s(t, LANES as i64 - 1);
-        let in_block = b.ins().icmp(IntCC::UnsignedLessThan, last, t_end);
-        let regular = b.ins().band(one_row, in_block);
-        let fast = b.create_block();
-        let slow = b.create_block();
+    let q_ctx = QuadContext {
+        w,
+        window,
+        v_base,
+        first_row,
+        t0,
+        t_end,
+        channels,
+        nr,
+        row_bytes,
+        channel_window_bytes,
+        v_point_bytes,
+        v_row_bytes,
+    };
+    for_range(b, zero, f.p_panels, |b, panel| {
+        let first_quad = b.ins().imul_imm_s(panel, quads_per_panel);
+        let quads: Vec<QuadPlace> = (0..quads_per_panel)
+            .map(|i| {
+                let q = b.ins().iadd_imm_s(first_quad, i);
+                quad_place(b, &q_ctx, q)
+            })
+            .collect();
+        let mut all_regular = quads[0].regular;
+        for quad in &quads[1..] {
+            all_regular = b.ins().band(all_regular, quad.regular);
+        }
+        let whole = b.create_block();
+        let by_quad = b.create_block();
         let done = b.create_block();
-        b.ins().brif(regular, fast, &[], slow, &[]);
+        b.ins().brif(all_regular, whole, &[], by_quad, &[]);
 
-        b.switch_to_block(fast);
-        b.seal_block(fast);
-        let src = patch_address(b, window, w, coords[0], coords[1], first_row);
+        b.switch_to_block(whole);
+        b.seal_block(whole);
         let n_channels = int(b, channels);
-        repeat(b, n_channels, &[src, dst], |b, ptrs| {
-            let src = ptrs[0];
-            let v = input_transform(b, |b, r| {
-                [0, 1, 2, 3].map(|j| {
-                    let offset = r as i64 * row_bytes + j as i64 * F32_BYTES;
-                    load_f32x4_strided(b, vector_flags(), src, offset, 2)
-                })
-            });
-            for (xi, &value) in v.iter().enumerate() {
-                let at = b.ins().iadd_imm_s(ptrs[1], xi as i64 * v_point_bytes);
-                b.ins().store(vector_flags(), value, at, 0);
+        let mut carried: Vec<Value> = quads.iter().map(|quad| quad.src).collect();
+        carried.push(quads[0].dst);
+        repeat(b, n_channels, &carried, |b, ptrs| {
+            let (srcs, dst) = ptrs.split_at(ptrs.len() - 1);
+            let dst = dst[0];
+            let mut next = Vec::with_capacity(ptrs.len());
+            for (i, &src) in srcs.iter().enumerate() {
+                emit_quad_transform_f32x4(b, &q_ctx, src, dst, i as i64 * LANES as i64 * F32_BYTES);
+                next.push(b.ins().iadd_imm_s(src, channel_window_bytes));
             }
-            vec![
-                b.ins().iadd_imm_s(ptrs[0], channel_window_bytes),
-                b.ins().iadd_imm_s(ptrs[1], v_row_bytes),
-            ]
+            next.push(b.ins().iadd_imm_s(dst, v_row_bytes));
+            next
         });
         b.ins().jump(done, &[]);
 
-        b.switch_to_block(slow);
-        b.seal_block(slow);
-        for lane in 0..LANES {
-            let t_lane = b.ins().iadd_imm_s(t, lane as i64);
-            let dst_lane = b.ins().iadd_imm_s(dst, lane as i64 * F32_BYTES);
-            let inside = b.ins().icmp(IntCC::UnsignedLessThan, t_lane, t_end);
-            let copy = b.create_block();
-            let zeros = b.create_block();
-            let lane_done = b.create_block();
-            b.ins().brif(inside, copy, &[], zeros, &[]);
-
-            b.switch_to_block(copy);
-            b.seal_block(copy);
-            let c = unflatten(b, t_lane, &[w.tiles_h, w.tiles_w]);
-            let src = patch_address(b, window, w, c[0], c[1], first_row);
-            let n_channels = int(b, channels);
-            repeat(b, n_channels, &[src, dst_lane], |b, ptrs| {
-                let src = ptrs[0];
-                let v = input_transform(b, |b, r| {
-                    [0, 1, 2, 3].map(|j| {
-                        let offset = (r as i64 * row_bytes + j as i64 * F32_BYTES) as i32;
-                        b.ins().load(F32, scalar_flags(), src, offset)
-                    })
-                });
-                for (xi, &value) in v.iter().enumerate() {
-                    let at = b.ins().iadd_imm_s(ptrs[1], xi as i64 * v_point_bytes);
-                    b.ins().store(scalar_flags(), value, at, 0);
-                }
-                vec![
-                    b.ins().iadd_imm_s(ptrs[0], channel_window_bytes),
-                    b.ins().iadd_imm_s(ptrs[1], v_row_bytes),
-                ]
-            });
-            b.ins().jump(lane_done, &[]);
-
-            b.switch_to_block(zeros);
-            b.seal_block(zeros);
-            let z = b.ins().f32const(0.0);
-            let n_channels = int(b, channels);
-            repeat(b, n_channels, &[dst_lane], |b, ptrs| {
-                for xi in 0..POINTS {
-                    let at = b.ins().iadd_imm_s(ptrs[0], xi as i64 * v_point_bytes);
-                    b.ins().store(scalar_flags(), z, at, 0);
-                }
-                vec![b.ins().iadd_imm_s(ptrs[0], v_row_bytes)]
-            });
-            b.ins().jump(lane_done, &[]);
-
-            b.switch_to_block(lane_done);
-            b.seal_block(lane_done);
+        b.switch_to_block(by_quad);
+        b.seal_block(by_quad);
+        for quad in &quads {
+            emit_input_quad(b, &q_ctx, quad);
         }
         b.ins().jump(done, &[]);
 
@@ -373,7 +359,7 @@ pub fn emit(b: &mut FunctionBuilder, f: &TaskFrame, w: &WinogradShape) -> Result
     // The 16 products: M_ξ[channel rows of the panel][tiles of the tile panel].
     let u_point_bytes = plan.panels() as i64 * channels * mr * F32_BYTES;
     let u_panel_bytes = channels * mr * F32_BYTES;
-    let m_point_bytes = padded_channels * block * F32_BYTES;
+    let m_point_bytes = m_point_stride(plan) as i64;
     crate::kernels::compute::counted_loop(b, POINTS, vec![], |b, xi, _| {
         let u_point = scaled(b, f.weights_group, xi, u_point_bytes);
         let v_point = scaled(b, v_base, xi, v_point_bytes);
@@ -399,6 +385,7 @@ pub fn emit(b: &mut FunctionBuilder, f: &TaskFrame, w: &WinogradShape) -> Result
     let end_channel = b.ins().imul_imm_s(f.panel_hi, mr);
     let out_channels = int(b, plan.out_channels as i64);
     let end_channel = b.ins().umin(end_channel, out_channels);
+    let quads = b.ins().imul_imm_s(f.p_panels, quads_per_panel);
     let mut failure = None;
     for_range(b, first_channel, end_channel, |b, oc| {
         let channel = b.ins().iadd(f.group_channel, oc);
@@ -414,8 +401,155 @@ pub fn emit(b: &mut FunctionBuilder, f: &TaskFrame, w: &WinogradShape) -> Result
     failure.map_or(Ok(()), Err)
 }
 
-/// Window address of the patch of tile (ty, tx): window row `2·(ty − first_row)`,
-/// column `2·tx`.
+/// What the input transform of one block's quads shares.
+struct QuadContext<'a> {
+    w: &'a WinogradShape,
+    window: Value,
+    v_base: Value,
+    first_row: Value,
+    t0: Value,
+    t_end: Value,
+    channels: i64,
+    nr: i64,
+    row_bytes: i64,
+    channel_window_bytes: i64,
+    v_point_bytes: i64,
+    v_row_bytes: i64,
+}
+
+/// Where quad `q` of the block reads and writes, and whether it is regular: its four
+/// tiles in one tile row and inside the block (`src` is meaningful only then).
+struct QuadPlace {
+    regular: Value,
+    src: Value,
+    dst: Value,
+    /// First tile of the quad.
+    t: Value,
+}
+
+fn quad_place(b: &mut FunctionBuilder, c: &QuadContext, q: Value) -> QuadPlace {
+    let w = c.w;
+    let quads_per_panel = c.nr / LANES as i64;
+    let t = b.ins().imul_imm_s(q, LANES as i64);
+    let t = b.ins().iadd(c.t0, t);
+    // V address of (ξ = 0, channel 0) for this quad: its panel, its lane offset.
+    let panel = b.ins().udiv_imm_u(q, quads_per_panel);
+    let in_panel = b.ins().urem_imm_u(q, quads_per_panel);
+    let dst = scaled(b, c.v_base, panel, c.channels * c.nr * F32_BYTES);
+    let dst = scaled(b, dst, in_panel, LANES as i64 * F32_BYTES);
+    let coords = unflatten(b, t, &[w.tiles_h, w.tiles_w]);
+    let one_row = if w.tiles_w >= LANES {
+        b.ins()
+            .icmp_imm_u(IntCC::UnsignedLessThanOrEqual, coords[1], (w.tiles_w - LANES) as i64)
+    } else {
+        b.ins().iconst(I8, 0)
+    };
+    let last = b.ins().iadd_imm_s(t, LANES as i64 - 1);
+    let in_block = b.ins().icmp(IntCC::UnsignedLessThan, last, c.t_end);
+    let regular = b.ins().band(one_row, in_block);
+    let src = patch_address(b, c.window, w, coords[0], coords[1], c.first_row);
+    QuadPlace { regular, src, dst, t }
+}
+
+/// The input transform of one channel of a regular quad: patch rows at `src`, the 16
+/// points to `dst + lane_offset` bytes and on (one f32x4 per point).
+fn emit_quad_transform_f32x4(b: &mut FunctionBuilder, c: &QuadContext, src: Value, dst: Value, lane_offset: i64) {
+    // The four tiles' column j are consecutive in the even or odd half.
+    input_transform(
+        b,
+        |b, r, j| {
+            let offset = r as i64 * c.row_bytes + patch_column_offset(c.w, j);
+            b.ins().load(F32X4, vector_flags(), src, offset as i32)
+        },
+        |b, xi, value| {
+            store_point(b, value, dst, lane_offset + xi as i64 * c.v_point_bytes);
+        },
+    );
+}
+
+/// The input transform of quad `q` on its own: vectors when it is regular, else tile by
+/// tile (zeros for tiles past the block).
+fn emit_input_quad(b: &mut FunctionBuilder, c: &QuadContext, place: &QuadPlace) {
+    let (w, window, first_row, t_end, channels) = (c.w, c.window, c.first_row, c.t_end, c.channels);
+    let (row_bytes, channel_window_bytes, v_point_bytes, v_row_bytes) =
+        (c.row_bytes, c.channel_window_bytes, c.v_point_bytes, c.v_row_bytes);
+    let (t, dst) = (place.t, place.dst);
+    let fast = b.create_block();
+    let slow = b.create_block();
+    let done = b.create_block();
+    b.ins().brif(place.regular, fast, &[], slow, &[]);
+
+    b.switch_to_block(fast);
+    b.seal_block(fast);
+    let n_channels = int(b, channels);
+    repeat(b, n_channels, &[place.src, dst], |b, ptrs| {
+        emit_quad_transform_f32x4(b, c, ptrs[0], ptrs[1], 0);
+        vec![
+            b.ins().iadd_imm_s(ptrs[0], channel_window_bytes),
+            b.ins().iadd_imm_s(ptrs[1], v_row_bytes),
+        ]
+    });
+    b.ins().jump(done, &[]);
+
+    b.switch_to_block(slow);
+    b.seal_block(slow);
+    for lane in 0..LANES {
+        let t_lane = b.ins().iadd_imm_s(t, lane as i64);
+        let dst_lane = b.ins().iadd_imm_s(dst, lane as i64 * F32_BYTES);
+        let inside = b.ins().icmp(IntCC::UnsignedLessThan, t_lane, t_end);
+        let copy = b.create_block();
+        let zeros = b.create_block();
+        let lane_done = b.create_block();
+        b.ins().brif(inside, copy, &[], zeros, &[]);
+
+        b.switch_to_block(copy);
+        b.seal_block(copy);
+        let coords = unflatten(b, t_lane, &[w.tiles_h, w.tiles_w]);
+        let src = patch_address(b, window, w, coords[0], coords[1], first_row);
+        let n_channels = int(b, channels);
+        repeat(b, n_channels, &[src, dst_lane], |b, ptrs| {
+            let (src, dst) = (ptrs[0], ptrs[1]);
+            input_transform(
+                b,
+                |b, r, j| {
+                    let offset = r as i64 * row_bytes + patch_column_offset(w, j);
+                    b.ins().load(F32, scalar_flags(), src, offset as i32)
+                },
+                |b, xi, value| {
+                    store_point(b, value, dst, xi as i64 * v_point_bytes);
+                },
+            );
+            vec![
+                b.ins().iadd_imm_s(ptrs[0], channel_window_bytes),
+                b.ins().iadd_imm_s(ptrs[1], v_row_bytes),
+            ]
+        });
+        b.ins().jump(lane_done, &[]);
+
+        b.switch_to_block(zeros);
+        b.seal_block(zeros);
+        let z = b.ins().f32const(0.0);
+        let n_channels = int(b, channels);
+        repeat(b, n_channels, &[dst_lane], |b, ptrs| {
+            for xi in 0..POINTS {
+                let at = b.ins().iadd_imm_s(ptrs[0], xi as i64 * v_point_bytes);
+                b.ins().store(scalar_flags(), z, at, 0);
+            }
+            vec![b.ins().iadd_imm_s(ptrs[0], v_row_bytes)]
+        });
+        b.ins().jump(lane_done, &[]);
+
+        b.switch_to_block(lane_done);
+        b.seal_block(lane_done);
+    }
+    b.ins().jump(done, &[]);
+
+    b.switch_to_block(done);
+    b.seal_block(done);
+}
+
+/// Window address of the patch of tile (ty, tx): window row `2·(ty − first_row)`, and
+/// in each half of the row (`emit_window`), column `tx` (padded column `2·tx`).
 fn patch_address(
     b: &mut FunctionBuilder,
     window: Value,
@@ -426,9 +560,32 @@ fn patch_address(
 ) -> Value {
     let row = b.ins().isub(ty, first_row);
     let row = b.ins().imul_imm_s(row, 2 * w.padded_w as i64);
-    let col = b.ins().imul_imm_s(tx, 2);
-    let at = b.ins().iadd(row, col);
+    let at = b.ins().iadd(row, tx);
     scaled(b, window, at, F32_BYTES)
+}
+
+/// Byte offset, from a patch's address, of its column `j`: the even padded columns
+/// form the first half of a window row, the odd ones the second, so column `j` of
+/// tiles tx, tx+1, ... lies at consecutive floats.
+fn patch_column_offset(w: &WinogradShape, j: usize) -> i64 {
+    window_column_offset(w, j)
+}
+
+/// Byte offset of padded column `c` in a window row: `[even columns | odd columns]`,
+/// `padded_w / 2` floats each.
+fn window_column_offset(w: &WinogradShape, c: usize) -> i64 {
+    let half_bytes = (w.padded_w / 2) as i64 * F32_BYTES;
+    (c % 2) as i64 * half_bytes + (c / 2) as i64 * F32_BYTES
+}
+
+/// Stores one transformed point (F32 or F32X4) at `dst + offset` bytes.
+fn store_point(b: &mut FunctionBuilder, value: Value, dst: Value, offset: i64) {
+    let flags = if b.func.dfg.value_type(value) == F32X4 {
+        vector_flags()
+    } else {
+        scalar_flags()
+    };
+    b.ins().store(flags, value, dst, offset as i32);
 }
 
 /// Copies, for every input channel, the padded input rows of tile rows
@@ -451,7 +608,6 @@ fn emit_window(
     let first_input_row = b.ins().iadd_imm_s(first_input_row, -(w.pad_h as i64));
     let row_bytes = w.padded_w as i64 * F32_BYTES;
     let in_row_bytes = w.in_w as i64 * F32_BYTES;
-    let right = w.padded_w - w.pad_w - w.in_w;
     let channels = int(b, f.plan.in_channels as i64);
     let plane_bytes = f.plan.in_plane as i64 * F32_BYTES;
     repeat(b, channels, &[window, f.x_group], |b, ptrs| {
@@ -468,10 +624,8 @@ fn emit_window(
 
             b.switch_to_block(copy);
             b.seal_block(copy);
-            fill_zero(b, dst, 0, w.pad_w);
             let src = scaled(b, src_channel, input_row, in_row_bytes);
-            copy_floats(b, dst, (w.pad_w * 4) as i64, src, w.in_w);
-            fill_zero(b, dst, ((w.pad_w + w.in_w) * 4) as i64, right);
+            copy_row_deinterleaved(b, w, dst, src);
             b.ins().jump(done, &[]);
 
             b.switch_to_block(zeros);
@@ -502,21 +656,40 @@ fn fill_zero(b: &mut FunctionBuilder, dst: Value, offset: i64, count: usize) {
     }
 }
 
-/// Copies `count` floats from `src` to `dst + offset` bytes, vectors then a scalar tail.
-fn copy_floats(b: &mut FunctionBuilder, dst: Value, offset: i64, src: Value, count: usize) {
-    let vectors = count / LANES;
-    if vectors > 0 {
-        let dst0 = b.ins().iadd_imm_s(dst, offset);
-        let n = int(b, vectors as i64);
-        repeat(b, n, &[src, dst0], |b, ptrs| {
-            let v = b.ins().load(F32X4, vector_flags().with_readonly(), ptrs[0], 0);
-            b.ins().store(vector_flags(), v, ptrs[1], 0);
-            vec![b.ins().iadd_imm_s(ptrs[0], 16), b.ins().iadd_imm_s(ptrs[1], 16)]
+/// Copies one input row (`w.in_w` floats at `src`) into the window row at `dst`, split
+/// into its even and odd padded columns (`window_column_offset`), zeros in the padding
+/// columns. Whole octets of input columns are two loads and two shuffles.
+fn copy_row_deinterleaved(b: &mut FunctionBuilder, w: &WinogradShape, dst: Value, src: Value) {
+    let z = b.ins().f32const(0.0);
+    for c in (0..w.pad_w).chain(w.pad_w + w.in_w..w.padded_w) {
+        b.ins()
+            .store(scalar_flags(), z, dst, window_column_offset(w, c) as i32);
+    }
+    let octets = w.in_w / (2 * LANES);
+    if octets > 0 {
+        // Input column 2i lands at padded column pad_w + 2i, in the half of pad_w's
+        // parity, float i past where input column 0 lands; likewise the odd columns.
+        let even_dst = b.ins().iadd_imm_s(dst, window_column_offset(w, w.pad_w));
+        let odd_dst = b.ins().iadd_imm_s(dst, window_column_offset(w, w.pad_w + 1));
+        let n = int(b, octets as i64);
+        repeat(b, n, &[src, even_dst, odd_dst], |b, ptrs| {
+            let lo = b.ins().load(F32X4, vector_flags().with_readonly(), ptrs[0], 0);
+            let hi = b.ins().load(F32X4, vector_flags().with_readonly(), ptrs[0], 16);
+            let even = shuffle_f32x4(b, lo, hi, [0, 2, 4, 6]);
+            let odd = shuffle_f32x4(b, lo, hi, [1, 3, 5, 7]);
+            b.ins().store(vector_flags(), even, ptrs[1], 0);
+            b.ins().store(vector_flags(), odd, ptrs[2], 0);
+            vec![
+                b.ins().iadd_imm_s(ptrs[0], 2 * LANES as i64 * F32_BYTES),
+                b.ins().iadd_imm_s(ptrs[1], LANES as i64 * F32_BYTES),
+                b.ins().iadd_imm_s(ptrs[2], LANES as i64 * F32_BYTES),
+            ]
         });
     }
-    for e in vectors * LANES..count {
-        let v = b.ins().load(F32, scalar_flags().with_readonly(), src, (e * 4) as i32);
-        b.ins().store(scalar_flags(), v, dst, (offset + (e * 4) as i64) as i32);
+    for i in octets * 2 * LANES..w.in_w {
+        let v = b.ins().load(F32, scalar_flags().with_readonly(), src, (i * 4) as i32);
+        b.ins()
+            .store(scalar_flags(), v, dst, window_column_offset(w, w.pad_w + i) as i32);
     }
 }
 
