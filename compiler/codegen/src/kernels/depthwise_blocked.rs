@@ -48,7 +48,19 @@ const MAX_TASKS_PER_IMAGE: usize = 16;
 /// (what the layout pass asks before putting a depthwise convolution in a blocked
 /// region). Ignores the node's current schedule.
 pub fn supports(g: &Graph, node: &Node, target: &TargetSpec) -> bool {
-    geometry(g, node, target).is_ok()
+    runs_on(target) && supports_node(g, node)
+}
+
+/// Whether the target runs the kernel's machine code (x86-64 with AVX2 and FMA;
+/// AVX-512 machines included, in blocks of 8).
+pub fn runs_on(target: &TargetSpec) -> bool {
+    activation::available(target)
+}
+
+/// [`supports`] without the target: the node's shapes, weights and epilogue (for a
+/// pass that knows only that the target has AVX2+FMA, e.g. from its vector width).
+pub fn supports_node(g: &Graph, node: &Node) -> bool {
+    geometry(g, node, None).is_ok()
 }
 
 /// The layout block this kernel works in.
@@ -81,7 +93,7 @@ pub fn plan(g: &Graph, node: &Node, target: &TargetSpec) -> Result<Option<Blocke
             node.name, s.layout_in, s.layout_out
         )));
     }
-    geometry(g, node, target)
+    geometry(g, node, Some(target))
         .map(Some)
         .map_err(|why| CodegenError(format!("blocked depthwise node '{}': {why}", node.name)))
 }
@@ -128,11 +140,14 @@ impl BlockedDepthwise {
     }
 }
 
-fn geometry(g: &Graph, node: &Node, target: &TargetSpec) -> Result<BlockedDepthwise, String> {
+/// The plan of the node, checked against `target` when given.
+fn geometry(g: &Graph, node: &Node, target: Option<&TargetSpec>) -> Result<BlockedDepthwise, String> {
     let Op::Conv(attrs) = &node.op else {
         return Err("not a convolution".into());
     };
-    if !activation::available(target) {
+    if let Some(target) = target
+        && !runs_on(target)
+    {
         return Err(format!(
             "the blocked depthwise kernel is AVX2+FMA machine code; target {} lacks it",
             target.triple
@@ -426,6 +441,7 @@ mod tests {
         let node = g.nodes.iter().find(|n| matches!(n.op, Op::Conv(_))).unwrap();
         assert_eq!(supports(&g, node, &host), host_has_avx2());
         assert!(!supports(&g, node, &portable), "no f32x4 path");
+        assert!(supports_node(&g, node), "the node itself is fine");
         let g = depthwise(12, 14, 3);
         let node = g.nodes.iter().find(|n| matches!(n.op, Op::Conv(_))).unwrap();
         assert!(!supports(&g, node, &host), "12 channels");
@@ -458,7 +474,7 @@ mod tests {
         for (c, hw) in [(8, 7), (96, 56), (960, 7), (144, 56), (32, 112)] {
             let g = depthwise(c, hw, 3);
             let node = g.nodes.iter().find(|n| matches!(n.op, Op::Conv(_))).unwrap();
-            let p = geometry(&g, node, &host).unwrap();
+            let p = geometry(&g, node, Some(&host)).unwrap();
             let (per_task, tasks) = p.split();
             assert!(per_task * tasks >= p.blocks && per_task * (tasks - 1) < p.blocks, "{c}x{hw}");
         }
