@@ -248,6 +248,20 @@ fn conv_weight_grad_common_shapes() {
     // Rows wider than the taps that share their loads of dy: one loop per tap.
     check_weight_grad(&depthwise(2, 20, 9, 1, 4));
     check_weight_grad(&depthwise(2, 23, 9, 2, 3));
+    // Pointwise (per-channel dot products, BatchNorm's sums): each plane read as one row,
+    // four accumulators; planes of whole blocks, a tail of vectors and scalars, short ones.
+    check_weight_grad(&depthwise(3, 16, 1, 1, 0));
+    check_weight_grad(&depthwise(2, 14, 1, 1, 0));
+    check_weight_grad(&depthwise(2, 7, 1, 1, 0));
+    check_weight_grad(&depthwise(2, 3, 1, 1, 0));
+    check_weight_grad(&depthwise(1, 112, 1, 1, 0));
+    check_weight_grad(&WeightGradCase {
+        x_shape: vec![3, 5, 61],
+        dy_shape: vec![3, 5, 61],
+        w_shape: vec![5, 1, 1],
+        geometry: ConvGeometry { strides: vec![1], dilations: vec![1], pads_begin: vec![0], pads_end: vec![0], groups: 5 },
+        seed: 11,
+    });
     // lenet5's first layer: one image channel, six maps, 5x5.
     check_weight_grad(&WeightGradCase {
         x_shape: vec![3, 1, 32, 32],

@@ -250,6 +250,7 @@ pub fn fused_train_step(tg: &TrainingGraph, optimizer: OptimizerKind) -> Result<
     }
 
     place_updates_after_their_operands(&mut g, first_update_node);
+    super::lean_backward::lighten_backward(&mut g);
 
     let grads: Vec<ValueId> = tg.params.iter().map(|p| p.grad).collect();
     // Inputs in the documented order: state, data, labels, hyper-parameters.

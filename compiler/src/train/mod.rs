@@ -8,6 +8,7 @@ pub mod compiled;
 pub mod entries;
 pub mod export;
 pub mod fused;
+mod lean_backward;
 pub mod loss;
 pub mod model;
 pub mod optimize;

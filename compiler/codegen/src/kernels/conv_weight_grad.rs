@@ -85,6 +85,15 @@ pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
     if spatial == 1 {
         axes.insert(0, Axis { input: 1, output: 1, kernel: 1, stride: 1, dilation: 1, pad_begin: 0 });
     }
+    // A pointwise kernel over unpadded planes (a per-channel dot product: BatchNorm's sums
+    // of products) reads each plane as one row, so rows of a few vectors do not each pay
+    // for a loop and a horizontal sum.
+    let pointwise = axes.iter().all(|a| a.kernel == 1 && a.stride == 1 && a.pad_begin == 0 && a.input == a.output);
+    if pointwise {
+        let plane = axes[0].input * axes[1].input;
+        axes[0] = Axis { input: 1, output: 1, kernel: 1, stride: 1, dilation: 1, pad_begin: 0 };
+        axes[1] = Axis { input: plane, output: plane, kernel: 1, stride: 1, dilation: 1, pad_begin: 0 };
+    }
     let taps = axes[0].kernel * axes[1].kernel;
     if taps > MAX_TAPS {
         return Err(fail(format!("{taps} kernel taps (limit {MAX_TAPS}): use the GEMM form")));
@@ -210,8 +219,12 @@ impl Plan {
         }
         let shared_begin = taps.iter().map(|&kw| ranges[kw].0).max().unwrap_or(0);
         let shared_end = taps.iter().map(|&kw| ranges[kw].1).min().unwrap_or(0).max(shared_begin);
-        // Two accumulators per tap hide the add latency while the taps are few.
-        let per_tap = if taps.len() <= 3 { 2 } else { 1 };
+        // Several accumulators per tap hide the add latency while the taps are few.
+        let per_tap = match taps.len() {
+            1 => ACCUMULATORS,
+            2..=3 => 2,
+            _ => 1,
+        };
         let (stride, dilation) = (cols.stride, cols.dilation);
         let x_row0 = offset_ptr(b, x, rows.input_of(oh_begin, kh) * bytes(cols.input));
         let dy_row0 = offset_ptr(b, dy, bytes(oh_begin * cols.output));
@@ -231,9 +244,9 @@ impl Plan {
                 // on lenet5's 5x5 taps).
                 let count = shared_end - shared_begin;
                 let block = match (per_tap, count / LANES <= UNROLLED_VECTORS) {
-                    (2, true) => count - count % LANES,
-                    (2, false) => 2 * LANES,
-                    _ => LANES,
+                    (1, _) => LANES,
+                    (_, true) => count - count % LANES,
+                    (_, false) => per_tap * LANES,
                 };
                 let mut cursors = vec![xp, dyp];
                 cursors.extend(accs.iter().copied());
@@ -254,14 +267,15 @@ impl Plan {
                 });
                 let (xp, dyp) = (after[0], after[1]);
                 accs = after[2..].to_vec();
-                let mut element = 0;
-                if rest >= LANES {
-                    let g = load(b, F32X4, vector_flags(), dyp, 0);
+                let element = rest - rest % LANES;
+                for v in 0..rest / LANES {
+                    let g = load(b, F32X4, vector_flags(), dyp, bytes(v * LANES));
                     for (i, &kw) in taps.iter().enumerate() {
-                        let xv = load_f32x4_strided(b, vector_flags(), xp, bytes(kw * dilation), stride);
-                        accs[i * per_tap] = self.fma(b, xv, g, accs[i * per_tap]);
+                        let at = bytes(v * LANES * stride + kw * dilation);
+                        let xv = load_f32x4_strided(b, vector_flags(), xp, at, stride);
+                        let slot = i * per_tap + v % per_tap;
+                        accs[slot] = self.fma(b, xv, g, accs[slot]);
                     }
-                    element = LANES;
                 }
                 for e in element..rest {
                     let g = load(b, F32, scalar_flags(), dyp, bytes(e));

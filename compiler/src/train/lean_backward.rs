@@ -1,0 +1,359 @@
+//! Rewrites of the fused training step that take passes over the activations out of the
+//! backward graph the gradient rules build, keeping its values:
+//!
+//! - activation masks: ReLU's `where(y > 0, g, 0)` and ReLU6's `where(y > 0 & y < hi, g, 0)`
+//!   (two to four kernels: comparisons into bool buffers, then the select) as ONE
+//!   elementwise chain that reads y and g once: `ceil(clip(y, 0, 1))·g`, and
+//!   `ceil(clip((hi − y)·y, 0, 1))·g` for hi >= 1 (see `masked_gradient`);
+//! - per-channel dot products: Σ over every axis but the channels of a·b (BatchNorm's
+//!   Σ g·x̂ in the backward pass, its Σ (x − mean)² in the forward pass), a Mul that
+//!   writes the product and a Reduce that reads it back, as one `ConvWeightGrad` of a
+//!   1x1 depthwise convolution (dw[c] = Σ_n Σ_o a[n, c, o]·b[n, c, o]), which streams a
+//!   and b once and writes nothing of activation size.
+//!
+//! Run on the fused graph before the optimisation pipeline; the nodes left without
+//! readers go in dead-code elimination.
+
+use cnnc_ir::{BinaryFn, ConstValue, ConvGeometry, DType, EpilogueStep, Graph, Node, Op, ReduceKind, Scalar, TensorType, UnaryFn, ValueId};
+
+/// Applies every rewrite of this module to `g` (in place; values keep their ids).
+pub fn lighten_backward(g: &mut Graph) {
+    fuse_activation_masks(g);
+    dot_reductions_as_weight_gradients(g);
+}
+
+/// The f32 value of a splat constant, if a `Constant` node defines `v` as one.
+fn splat_of(g: &Graph, producers: &[Option<usize>], v: ValueId) -> Option<f32> {
+    let node = &g.nodes[producers.get(v.index()).copied().flatten()?];
+    let Op::Constant(c) = node.op else { return None };
+    match g.constant(c).value {
+        ConstValue::Splat(Scalar::F32(s)) => Some(s),
+        _ => None,
+    }
+}
+
+/// The node defining `v`, if it has no epilogue (the patterns match the rules' plain ops).
+fn plain_producer<'g>(g: &'g Graph, producers: &[Option<usize>], v: ValueId) -> Option<&'g Node> {
+    let node = &g.nodes[producers.get(v.index()).copied().flatten()?];
+    node.epilogue.is_empty().then_some(node)
+}
+
+/// The mask of `where(cond, g, 0)` when cond is `y > 0` (`Some(None)`) or `y > 0 & y < hi`
+/// (`Some(Some(hi))`), with y an f32 of g's shape.
+fn activation_mask(g: &Graph, producers: &[Option<usize>], cond: ValueId, grad_ty: &TensorType) -> Option<(ValueId, Option<f32>)> {
+    let positive = |node: &Node| -> Option<ValueId> {
+        (node.op == Op::Binary(BinaryFn::Greater) && splat_of(g, producers, node.inputs[1]) == Some(0.0))
+            .then_some(node.inputs[0])
+    };
+    let node = plain_producer(g, producers, cond)?;
+    let (y, hi) = if node.op == Op::Binary(BinaryFn::And) {
+        let above = plain_producer(g, producers, node.inputs[0])?;
+        let below = plain_producer(g, producers, node.inputs[1])?;
+        let y = positive(above)?;
+        if below.op != Op::Binary(BinaryFn::Less) || below.inputs[0] != y {
+            return None;
+        }
+        let hi = splat_of(g, producers, below.inputs[1])?;
+        // (hi − y)·y > 0 exactly when 0 < y < hi needs no product of two small factors to
+        // underflow: with hi >= 1, a tiny y meets hi − y >= 1, and y near hi is >= 1/2.
+        if !(hi >= 1.0 && hi.is_finite()) {
+            return None;
+        }
+        (y, Some(hi))
+    } else {
+        (positive(node)?, None)
+    };
+    (g.ty(y) == grad_ty).then_some((y, hi))
+}
+
+/// The elementwise chain replacing `where(mask(y), grad, 0)`. Exact wherever y and grad are
+/// not NaN (the mask is 1 or ±0; a NaN or infinite grad under a zero mask gives NaN where
+/// the select gave 0, which only a training run already diverged sees):
+/// - ReLU: `unary clip(0, 1) y, grad epilogue=[ceil, mul(input=1)]` (y > 0 ⇔ clip(y) ∈ (0, 1]);
+/// - ReLU6-like: `binary sub hi, y, grad epilogue=[mul(input=1), clip(0, 1), ceil,
+///   mul(input=2)]` ((hi − y)·y > 0 ⇔ 0 < y < hi, see `activation_mask`).
+fn masked_gradient(name: String, y: ValueId, grad: ValueId, hi: Option<ValueId>, out: ValueId) -> Node {
+    let unit = EpilogueStep::Unary(UnaryFn::Clip { min: 0.0, max: 1.0 });
+    let ceil = EpilogueStep::Unary(UnaryFn::Ceil);
+    let (op, inputs, epilogue) = match hi {
+        None => (
+            Op::Unary(UnaryFn::Clip { min: 0.0, max: 1.0 }),
+            vec![y, grad],
+            vec![ceil, EpilogueStep::Binary { func: BinaryFn::Mul, operand: 1 }],
+        ),
+        Some(hi) => (
+            Op::Binary(BinaryFn::Sub),
+            vec![hi, y, grad],
+            vec![EpilogueStep::Binary { func: BinaryFn::Mul, operand: 1 }, unit, ceil, EpilogueStep::Binary {
+                func: BinaryFn::Mul,
+                operand: 2,
+            }],
+        ),
+    };
+    Node { name, op, inputs, outputs: vec![out], epilogue, schedule: Default::default() }
+}
+
+/// Every `where(mask, g, 0)` of an activation gradient as one chain (`masked_gradient`).
+pub fn fuse_activation_masks(g: &mut Graph) {
+    let producers = g.producers();
+    let mut replaced = Vec::new();
+    for (i, node) in g.nodes.iter().enumerate() {
+        if node.op != Op::Where || !node.epilogue.is_empty() || node.inputs.len() != 3 {
+            continue;
+        }
+        let [cond, grad, zero] = node.inputs[..] else { continue };
+        let out_ty = g.ty(node.outputs[0]);
+        if g.ty(grad) != out_ty || out_ty.dtype != DType::F32 || splat_of(g, &producers, zero) != Some(0.0) {
+            continue;
+        }
+        let Some((y, hi)) = activation_mask(g, &producers, cond, out_ty) else { continue };
+        // hi is read through the Less node's constant operand, defined before the select.
+        let hi_value = hi.and_then(|_| {
+            let and = plain_producer(g, &producers, cond)?;
+            Some(plain_producer(g, &producers, and.inputs[1])?.inputs[1])
+        });
+        if hi.is_some() && hi_value.is_none() {
+            continue;
+        }
+        replaced.push((i, masked_gradient(node.name.clone(), y, grad, hi_value, node.outputs[0])));
+    }
+    for (i, node) in replaced {
+        g.nodes[i] = node;
+    }
+}
+
+/// Every Reduce (Sum or Mean) over all axes but axis 1 of a rank-3 or rank-4 f32 product
+/// a·b (same shapes, the product read by nothing else) as a 1x1 depthwise
+/// `ConvWeightGrad` [C, 1, 1(, 1)], reshaped to the reduction's [1, C, 1(, 1)] (and scaled
+/// by 1/count for a Mean). The product's node is left for dead-code elimination.
+pub fn dot_reductions_as_weight_gradients(g: &mut Graph) {
+    let producers = g.producers();
+    let users = g.users();
+    let is_output = {
+        let mut v = vec![false; g.values.len()];
+        for &o in &g.outputs {
+            v[o.index()] = true;
+        }
+        v
+    };
+    // (reduce node index, a, b, kind)
+    let mut found = Vec::new();
+    for (i, node) in g.nodes.iter().enumerate() {
+        let Op::Reduce { kind, axes } = &node.op else { continue };
+        if !matches!(kind, ReduceKind::Sum | ReduceKind::Mean) || !node.epilogue.is_empty() {
+            continue;
+        }
+        let product = node.inputs[0];
+        let ty = g.ty(product);
+        let rank = ty.rank();
+        let all_but_channels: Vec<usize> = (0..rank).filter(|&a| a != 1).collect();
+        if !(3..=4).contains(&rank) || ty.dtype != DType::F32 || *axes != all_but_channels || ty.numel() == 0 {
+            continue;
+        }
+        if is_output[product.index()] || users[product.index()].len() != 1 {
+            continue;
+        }
+        let Some(mul) = plain_producer(g, &producers, product) else { continue };
+        if mul.op != Op::Binary(BinaryFn::Mul) || mul.inputs.len() != 2 {
+            continue;
+        }
+        let (a, b) = (mul.inputs[0], mul.inputs[1]);
+        if g.ty(a) != ty || g.ty(b) != ty {
+            continue;
+        }
+        found.push((i, a, b, *kind));
+    }
+    // Inserting shifts later nodes: go from the last match back.
+    for &(i, a, b, kind) in found.iter().rev() {
+        let node = g.nodes[i].clone();
+        let shape = g.ty(a).shape.clone();
+        let channels = shape[1];
+        let spatial = shape.len() - 2;
+        let count = shape.iter().product::<usize>() / channels;
+        let geometry = ConvGeometry {
+            strides: vec![1; spatial],
+            dilations: vec![1; spatial],
+            pads_begin: vec![0; spatial],
+            pads_end: vec![0; spatial],
+            groups: channels,
+        };
+        let mut dw_shape = vec![channels, 1];
+        dw_shape.extend(std::iter::repeat_n(1, spatial));
+        let dw = g.add_value(TensorType::f32(dw_shape), "");
+        let out = node.outputs[0];
+        let plain = |name: &str, op: Op, inputs: Vec<ValueId>, output: ValueId| Node {
+            name: format!("{}.{name}", node.name),
+            op,
+            inputs,
+            outputs: vec![output],
+            epilogue: Vec::new(),
+            schedule: Default::default(),
+        };
+        let mut nodes = vec![plain("dot", Op::ConvWeightGrad(geometry), vec![a, b], dw)];
+        match kind {
+            ReduceKind::Sum => nodes.push(plain("reshape", Op::Reshape, vec![dw], out)),
+            _ => {
+                let summed = g.add_value(g.ty(out).clone(), "");
+                nodes.push(plain("reshape", Op::Reshape, vec![dw], summed));
+                let mean = Op::Unary(UnaryFn::Affine { scale: 1.0 / count as f32, shift: 0.0 });
+                nodes.push(plain("mean", mean, vec![summed], out));
+            }
+        }
+        g.nodes.splice(i..i + 1, nodes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cnnc_ir::{Tensor, TensorData, interp, verify};
+    use proptest::prelude::*;
+
+    /// Deterministic values in [-scale, scale), with the edges a mask must get right.
+    fn values(count: usize, seed: u64, scale: f32, edges: &[f32]) -> Vec<f32> {
+        let mut state = seed | 1;
+        (0..count)
+            .map(|i| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                if !edges.is_empty() && state % 5 == 0 {
+                    edges[i % edges.len()]
+                } else {
+                    ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+                }
+            })
+            .collect()
+    }
+
+    fn f32s(t: &Tensor) -> &[f32] {
+        let TensorData::F32(v) = &t.data else { panic!("not f32") };
+        v
+    }
+
+    /// Runs `g` before and after `rewrite`, checks that the rewrite changed the graph (so
+    /// the test exercises it) and returns both results.
+    fn before_and_after(mut g: Graph, inputs: &[Tensor], rewrite: fn(&mut Graph)) -> (Vec<Tensor>, Vec<Tensor>) {
+        verify(&g).expect("test graph");
+        let before = interp::run(&g, inputs).expect("interpreter, before");
+        let original = g.clone();
+        rewrite(&mut g);
+        verify(&g).unwrap_or_else(|e| panic!("rewritten graph: {e}"));
+        assert_ne!(g.nodes, original.nodes, "the rewrite did not apply");
+        let after = interp::run(&g, inputs).expect("interpreter, after");
+        (before, after)
+    }
+
+    /// where(y > 0 [& y < hi], g, 0) as the autodiff rules build it.
+    fn mask_graph(shape: &[usize], hi: Option<f32>) -> Graph {
+        let mut g = Graph::new("mask");
+        let y = g.add_input(TensorType::f32(shape.to_vec()), "y");
+        let grad = g.add_input(TensorType::f32(shape.to_vec()), "g");
+        let scalar = |v: f32| Tensor::f32(Vec::<usize>::new(), vec![v]);
+        let zero = g.add_constant("zero", scalar(0.0));
+        let above = g.push1("above", Op::Binary(BinaryFn::Greater), &[y, zero]).unwrap();
+        let cond = match hi {
+            Some(hi) => {
+                let hi = g.add_constant("hi", scalar(hi));
+                let below = g.push1("below", Op::Binary(BinaryFn::Less), &[y, hi]).unwrap();
+                g.push1("inside", Op::Binary(BinaryFn::And), &[above, below]).unwrap()
+            }
+            None => above,
+        };
+        let zero_grad = g.add_constant("zero_grad", scalar(0.0));
+        let out = g.push1("masked", Op::Where, &[cond, grad, zero_grad]).unwrap();
+        g.outputs = vec![out];
+        g
+    }
+
+    fn check_mask(shape: &[usize], hi: Option<f32>, seed: u64) {
+        let count: usize = shape.iter().product();
+        let limit = hi.unwrap_or(1.0);
+        let tiny = f32::from_bits(1); // the smallest subnormal
+        let edges = [0.0, -0.0, tiny, -tiny, limit, limit - limit * f32::EPSILON / 2.0, limit * (1.0 + f32::EPSILON), 1e-30];
+        let y = Tensor::f32(shape.to_vec(), values(count, seed, limit * 1.5, &edges));
+        let grad = Tensor::f32(shape.to_vec(), values(count, seed ^ 0x9e37, 2.0, &[]));
+        let (before, after) = before_and_after(mask_graph(shape, hi), &[y, grad], fuse_activation_masks);
+        for (i, (b, a)) in f32s(&before[0]).iter().zip(f32s(&after[0])).enumerate() {
+            // Equal as numbers: a zero mask may give -0 where the select gave +0.
+            assert!(a == b, "element {i}: {a} after the rewrite, {b} before (hi {hi:?})");
+        }
+    }
+
+    #[test]
+    fn relu6_and_relu_masks_keep_every_value() {
+        check_mask(&[2, 3, 5, 7], Some(6.0), 1);
+        check_mask(&[2, 3, 5, 7], Some(1.0), 2);
+        check_mask(&[4, 33], None, 3);
+    }
+
+    #[test]
+    fn masks_whose_product_could_underflow_are_left_alone() {
+        let mut g = mask_graph(&[8], Some(0.5));
+        let original = g.clone();
+        fuse_activation_masks(&mut g);
+        assert_eq!(g, original);
+    }
+
+    /// Reduce kind over all axes but 1 of a·b (or a·a).
+    fn dot_graph(shape: &[usize], kind: ReduceKind, square: bool) -> Graph {
+        let mut g = Graph::new("dot");
+        let a = g.add_input(TensorType::f32(shape.to_vec()), "a");
+        let b = if square { a } else { g.add_input(TensorType::f32(shape.to_vec()), "b") };
+        let product = g.push1("product", Op::Binary(BinaryFn::Mul), &[a, b]).unwrap();
+        let axes: Vec<usize> = (0..shape.len()).filter(|&x| x != 1).collect();
+        let out = g.push1("sum", Op::Reduce { kind, axes }, &[product]).unwrap();
+        g.outputs = vec![out];
+        g
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+        #[test]
+        fn masks_match_the_select(
+            shape in prop::collection::vec(1usize..9, 1..4),
+            hi in prop::sample::select(vec![None, Some(1.0f32), Some(6.0), Some(20.0)]),
+            seed in any::<u64>(),
+        ) {
+            check_mask(&shape, hi, seed);
+        }
+
+        #[test]
+        fn per_channel_dot_products_match_reduce_of_product(
+            shape in prop::collection::vec(1usize..7, 3..5),
+            mean in any::<bool>(),
+            square in any::<bool>(),
+            seed in any::<u64>(),
+        ) {
+            let count: usize = shape.iter().product();
+            let a = Tensor::f32(shape.clone(), values(count, seed, 1.0, &[]));
+            let b = Tensor::f32(shape.clone(), values(count, seed ^ 0x51, 1.0, &[]));
+            let inputs = if square { vec![a] } else { vec![a, b] };
+            let kind = if mean { ReduceKind::Mean } else { ReduceKind::Sum };
+            let (before, after) = before_and_after(dot_graph(&shape, kind, square), &inputs, dot_reductions_as_weight_gradients);
+            prop_assert_eq!(&before[0].shape, &after[0].shape);
+            for (x, y) in f32s(&before[0]).iter().zip(f32s(&after[0])) {
+                prop_assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "{} vs {}", x, y);
+            }
+        }
+    }
+
+    #[test]
+    fn dot_products_read_elsewhere_or_over_other_axes_are_left_alone() {
+        let mut g = dot_graph(&[2, 3, 4, 4], ReduceKind::Sum, false);
+        let product = g.nodes[0].outputs[0];
+        g.outputs.push(product);
+        let original = g.clone();
+        dot_reductions_as_weight_gradients(&mut g);
+        assert_eq!(g, original);
+
+        let mut g = Graph::new("dot");
+        let a = g.add_input(TensorType::f32(vec![2, 3, 4, 4]), "a");
+        let product = g.push1("product", Op::Binary(BinaryFn::Mul), &[a, a]).unwrap();
+        let out = g.push1("sum", Op::Reduce { kind: ReduceKind::Sum, axes: vec![2, 3] }, &[product]).unwrap();
+        g.outputs = vec![out];
+        let original = g.clone();
+        dot_reductions_as_weight_gradients(&mut g);
+        assert_eq!(g, original);
+    }
+}
