@@ -182,8 +182,11 @@ fn compile_graph_functions<M: Module>(
     // passed a null address for them and never reads it).
     let mut read = vec![false; g.values.len()];
     for (ni, node) in g.nodes.iter().enumerate() {
+        // Blocked depthwise convolutions keep their own re-laid-out weights too.
+        let blocked_depthwise = matches!(kernels::depthwise_blocked::plan(g, node, target), Ok(Some(_)));
         for (i, &v) in node.inputs.iter().enumerate() {
-            let packed_weight = i == 1 && (gemm_plans[ni].is_some() || gemv_plans[ni].is_some());
+            let packed_weight =
+                i == 1 && (gemm_plans[ni].is_some() || gemv_plans[ni].is_some() || blocked_depthwise);
             if !packed_weight && let Some(r) = read.get_mut(v.index()) {
                 *r = true;
             }
