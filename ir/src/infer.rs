@@ -343,6 +343,10 @@ pub fn output_types(
             }
             vec![TensorType::new(DType::F32, x.shape.clone())]
         }
+        Op::Reorder => {
+            arity(op, inputs, 1, 1)?;
+            vec![inputs[0].clone()]
+        }
         Op::Resample { axis, lo, hi, weight_hi } => {
             arity(op, inputs, 1, 1)?;
             let x = inputs[0];

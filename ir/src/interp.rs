@@ -82,6 +82,7 @@ pub fn eval(
             reduce::arg_reduce(*kind, *axis, *select_last_index, inputs[0])?
         }
         Op::Reshape => layout::reshape(inputs[0], out_shape)?,
+        Op::Reorder => inputs[0].clone(),
         Op::Transpose { perm } => layout::transpose(perm, inputs[0])?,
         Op::Slice { starts, steps } => layout::slice(starts, steps, inputs[0], out_shape)?,
         Op::Pad { begins, ends, mode } => layout::pad(begins, ends, mode, inputs[0])?,

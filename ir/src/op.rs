@@ -209,6 +209,12 @@ pub enum Op {
     /// where group(m) = m / (M/groups) and out = the conv's output extent. Sums
     /// accumulate in f32 over (n, o) in row-major order.
     ConvWeightGrad(ConvGeometry),
+    /// (x) -> x: the identity on values. Only the bytes move: the node's
+    /// `schedule.layout_in` is x's physical layout and `layout_out` the result's
+    /// (they differ), e.g. Plain [N, C, H, W] <-> Blocked{b} [N, C/b, H, W, b].
+    /// The interpreter copies; a pass inserts it where a blocked region meets plain
+    /// producers or consumers.
+    Reorder,
 }
 
 /// The number `Op::RandomUniform` draws for element `index`: SplitMix64's finaliser
@@ -248,6 +254,7 @@ impl Op {
             Op::Resample { .. } => "resample",
             Op::PoolGrad(_) => "pool_grad",
             Op::ConvWeightGrad(_) => "conv_weight_grad",
+            Op::Reorder => "reorder",
         }
     }
 }

@@ -501,7 +501,7 @@ impl<'a> Parser<'a> {
             },
             "where" | "cast" | "matmul" | "conv" | "conv_transpose" | "reshape" | "transpose" | "slice" | "pad"
             | "concat" | "broadcast" | "gather" | "gather_elements" | "resample" | "random_uniform"
-            | "conv_weight_grad" => Head::None,
+            | "conv_weight_grad" | "reorder" => Head::None,
             _ => return fail(at, format!("unknown op `{mnemonic}`")),
         })
     }
@@ -835,6 +835,7 @@ fn build_op(mnemonic: &str, head: Head, a: &mut Attributes) -> Result<Op, String
         ("pad", _) => Op::Pad { begins: a.i64s(m, "begins")?, ends: a.i64s(m, "ends")?, mode: a.pad_mode(m, "mode")? },
         ("concat", _) => Op::Concat { axis: a.usize(m, "axis")? },
         ("broadcast", _) => Op::Broadcast,
+        ("reorder", _) => Op::Reorder,
         ("gather", _) => Op::Gather { axis: a.usize(m, "axis")? },
         ("random_uniform", _) => Op::RandomUniform { seed: a.usize(m, "seed")? as u64 },
         ("gather_elements", _) => Op::GatherElements { axis: a.usize(m, "axis")? },

@@ -229,6 +229,7 @@ fn write_attributes(out: &mut String, op: &Op) {
         | Op::Where
         | Op::MatMul
         | Op::Reshape
+        | Op::Reorder
         | Op::Broadcast => {}
         Op::Cast { to } => attr("to", to.to_string()),
         Op::Conv(geometry) | Op::ConvTranspose(geometry) | Op::ConvWeightGrad(geometry) => {

@@ -10,7 +10,9 @@
 //! - each node's output types are what `infer::output_types` gives for its op
 //!   inputs (see `op_input_count`);
 //! - epilogue steps fit output 0: binary operands exist, have its dtype and broadcast
-//!   to its shape, and every step is defined on (and keeps) that dtype.
+//!   to its shape, and every step is defined on (and keeps) that dtype;
+//! - physical layouts agree (see `check_layouts`): a value's layout is the
+//!   `schedule.layout_out` of the node defining it (graph inputs are Plain).
 
 use std::fmt;
 
@@ -18,6 +20,7 @@ use crate::graph::{ConstId, ConstValue, Graph, Node, ValueId};
 use crate::infer::{needs_declared_type, output_types};
 use crate::op::{EpilogueStep, Op};
 use crate::print::{binary_name, unary_text};
+use crate::schedule::Layout;
 use crate::types::{TensorType, broadcast_shapes};
 
 /// Where a problem is.
@@ -100,6 +103,7 @@ fn min_op_inputs(op: &Op) -> usize {
         | Op::Pad { .. }
         | Op::Concat { .. }
         | Op::Broadcast
+        | Op::Reorder
         | Op::Resample { .. } => 1,
         Op::Binary(_)
         | Op::RandomUniform { .. }
@@ -166,6 +170,7 @@ pub fn verify(g: &Graph) -> Result<(), VerifyError> {
         check_node_types(&mut c, index);
         check_epilogue(&mut c, index);
     }
+    check_layouts(&mut c);
     for (i, d) in defined.iter().enumerate() {
         if *d == Definition::None && !reported_undefined[i] && !g.outputs.contains(&ValueId(i as u32)) {
             c.report(Location::Graph, format!("%{i} is never defined (neither a graph input nor a node output)"));
@@ -353,6 +358,109 @@ fn check_epilogue(c: &mut Checker, index: usize) {
         };
         if let Some(m) = problem {
             c.report(c.node_location(index), m);
+        }
+    }
+}
+
+/// Whether a value of `ty` has the same bytes in every layout: rank 4 with all spatial
+/// extents 1 ([N, C, 1, 1]: global-pooling outputs, squeeze-excite vectors).
+pub fn is_layout_free(ty: &TensorType) -> bool {
+    ty.rank() == 4 && ty.shape[2..].iter().all(|&d| d == 1)
+}
+
+/// Whether `node.inputs[i]` is one of the node's data operands, the ones read in the
+/// node's `layout_in`: operand 0 of a convolution, pooling, reduction or reorder; an
+/// elementwise op's operands of the output's shape; epilogue operands of the output's
+/// shape. Every other operand (weights, biases, broadcasts) is read Plain.
+pub fn is_data_operand(g: &Graph, node: &Node, i: usize) -> bool {
+    let Some(&out) = node.outputs.first() else { return false };
+    let same_shape_as_output = || node.inputs.get(i).is_some_and(|&v| g.ty(v).shape == g.ty(out).shape);
+    let by_op = match node.op {
+        Op::Conv(_) | Op::Pool(_) | Op::Reduce { .. } | Op::Reorder => i == 0,
+        Op::Unary(_) | Op::Binary(_) | Op::Where | Op::Cast { .. } => i < op_input_count(node) && same_shape_as_output(),
+        _ => false,
+    };
+    let by_epilogue = node
+        .epilogue
+        .iter()
+        .any(|s| matches!(s, EpilogueStep::Binary { operand, .. } if *operand == i));
+    by_op || (by_epilogue && same_shape_as_output())
+}
+
+fn layout_text(l: Layout) -> String {
+    match l {
+        Layout::Plain => "plain".into(),
+        Layout::Blocked { block } => format!("blocked({block})"),
+    }
+}
+
+/// Layout rules: Blocked{b} only on rank-4 f32 values whose channel count is a
+/// multiple of b > 0; data operands (`is_data_operand`) are in the node's `layout_in`,
+/// every other operand Plain, unless the value is layout-free; only a Reorder changes
+/// the layout (its `layout_in` and `layout_out` differ); graph outputs are not Blocked
+/// unless layout-free. Skips what the other checks already reported (ids out of range).
+fn check_layouts(c: &mut Checker) {
+    let g = c.g;
+    let mut layout_of = vec![Layout::Plain; g.values.len()];
+    for (index, node) in g.nodes.iter().enumerate() {
+        if node.inputs.iter().chain(&node.outputs).any(|&v| !c.in_range(v)) {
+            continue;
+        }
+        let s = &node.schedule;
+        let here = || Location::Node { index, name: node.name.clone() };
+        for (i, &v) in node.inputs.iter().enumerate() {
+            let ty = g.ty(v);
+            let have = layout_of[v.index()];
+            let (want, role) = if is_data_operand(g, node, i) {
+                (s.layout_in, "data operand")
+            } else {
+                (Layout::Plain, "operand")
+            };
+            if have != want && !is_layout_free(ty) {
+                c.report(
+                    here(),
+                    format!(
+                        "{role} {i} ({v} {ty}) is {} but the node reads it {}",
+                        layout_text(have),
+                        layout_text(want)
+                    ),
+                );
+            }
+        }
+        if matches!(node.op, Op::Reorder) {
+            if s.layout_in == s.layout_out {
+                c.report(here(), format!("reorder from {} to the same layout", layout_text(s.layout_in)));
+            }
+        } else if s.layout_in != s.layout_out {
+            c.report(
+                here(),
+                format!(
+                    "changes the layout from {} to {} (only a reorder may)",
+                    layout_text(s.layout_in),
+                    layout_text(s.layout_out)
+                ),
+            );
+        }
+        for &o in &node.outputs {
+            let ty = g.ty(o);
+            if let Layout::Blocked { block } = s.layout_out {
+                let fits = block > 0
+                    && ty.rank() == 4
+                    && ty.dtype == crate::types::DType::F32
+                    && ty.shape[1] % block as usize == 0;
+                if !fits {
+                    c.report(
+                        here(),
+                        format!("output {o} {ty} cannot be blocked({block}) (needs rank-4 f32 with channels a multiple of {block})"),
+                    );
+                }
+            }
+            layout_of[o.index()] = s.layout_out;
+        }
+    }
+    for &o in &g.outputs {
+        if c.in_range(o) && layout_of[o.index()] != Layout::Plain && !is_layout_free(g.ty(o)) {
+            c.report(Location::Graph, format!("graph output {o} {} is {}; graph outputs must be plain", g.ty(o), layout_text(layout_of[o.index()])));
         }
     }
 }

@@ -542,10 +542,19 @@ fn decorate_last_node(g: &mut Graph, p: &mut Picks) {
         g.values[out.index()].name = name.clone();
     }
     if let Some((layout_in, layout_out, vector_width, tiles, kernel)) = &p.seed.schedule {
-        let layout = |l: u8, block: u32| if l == 0 { Layout::Plain } else { Layout::Blocked { block } };
+        // Blocked layouts must agree with the operands' and fit the value (the verifier's
+        // layout rules), which random graphs do not arrange: only a layout-free value
+        // ([N, C, 1, 1] with C a multiple of the block) gets one, in and out alike.
+        let out_ty = g.ty(g.nodes[index].outputs[0]);
+        let blockable = cnnc_ir::verify::is_layout_free(out_ty)
+            && out_ty.dtype == DType::F32
+            && out_ty.shape[1] % 8 == 0
+            && g.nodes[index].inputs.iter().all(|&v| cnnc_ir::verify::is_layout_free(g.ty(v)));
+        let layout = |l: u8| if l == 0 || !blockable { Layout::Plain } else { Layout::Blocked { block: 8 } };
+        let _ = layout_out;
         g.nodes[index].schedule = Schedule {
-            layout_in: layout(*layout_in, 8),
-            layout_out: layout(*layout_out, 16),
+            layout_in: layout(*layout_in),
+            layout_out: layout(*layout_in),
             vector_width: *vector_width,
             tiles: tiles.clone(),
             kernel: kernel.clone(),

@@ -20,14 +20,62 @@ fn err<T>(msg: String) -> Result<T, CodegenError> {
     Err(CodegenError(msg))
 }
 
-fn input_operand(k: &KernelCtx, i: usize, out_shape: &[usize]) -> Result<Operand, CodegenError> {
+fn input_operand(k: &KernelCtx, i: usize, space: &Space) -> Result<Operand, CodegenError> {
     let ty = k.graph.ty(k.node.inputs[i]);
     Ok(Operand {
         ptr: k.inputs[i],
         dtype: ty.dtype,
-        strides: broadcast_strides(&ty.shape, out_shape)?,
+        strides: space.strides(&ty.shape)?,
         flags: readonly_flags(),
     })
+}
+
+/// The iteration space of an elementwise node's output in its physical layout: the
+/// logical shape when Plain; [N, C/b, H, W, b] when Blocked{b}, where operands of the
+/// output's shape are blocked too (the node's data operands) and every other operand
+/// is a Plain broadcast (a per-channel [1, C, 1, 1] is then read one b-lane vector per
+/// channel block: c = cb·b + lane).
+pub struct Space {
+    logical: Vec<usize>,
+    physical: Vec<usize>,
+    block: Option<usize>,
+}
+
+impl Space {
+    pub fn new(node: &cnnc_ir::Node, out: &cnnc_ir::TensorType) -> Result<Space, CodegenError> {
+        let s = &node.schedule;
+        if s.layout_in != s.layout_out {
+            return err(format!(
+                "{} node '{}' changes the layout ({:?} -> {:?}); only a reorder may",
+                node.op.mnemonic(),
+                node.name,
+                s.layout_in,
+                s.layout_out
+            ));
+        }
+        let block = super::reorder::check_blockable(node, out, s.layout_out)?;
+        let logical = out.shape.clone();
+        let physical = match block {
+            None => logical.clone(),
+            Some(b) => vec![logical[0], logical[1] / b, logical[2], logical[3], b],
+        };
+        Ok(Space { logical, physical, block })
+    }
+
+    /// The extents the map iterates (dense row-major output).
+    pub fn shape(&self) -> &[usize] {
+        &self.physical
+    }
+
+    /// Element strides over `shape()` of an operand of logical `shape`.
+    pub fn strides(&self, shape: &[usize]) -> Result<Vec<i64>, CodegenError> {
+        let Some(b) = self.block else { return broadcast_strides(shape, &self.logical) };
+        if shape == self.logical.as_slice() {
+            return Ok(cnnc_ir::strides(&self.physical).iter().map(|&x| x as i64).collect());
+        }
+        let s = broadcast_strides(shape, &self.logical)?;
+        Ok(vec![s[0], s[1] * b as i64, s[2], s[3], s[1]])
+    }
 }
 
 fn out_type(k: &KernelCtx) -> cnnc_ir::TensorType {
@@ -37,12 +85,13 @@ fn out_type(k: &KernelCtx) -> cnnc_ir::TensorType {
 /// Unary op, then the node's epilogue on each element while it is in registers.
 pub fn emit_unary(k: &mut KernelCtx, f: UnaryFn) -> Result<(), CodegenError> {
     let out = out_type(k);
-    let x = input_operand(k, 0, &out.shape)?;
+    let space = Space::new(k.node, &out)?;
+    let x = input_operand(k, 0, &space)?;
     let dtype = x.dtype;
     check_unary(f, dtype)?;
     let mut ops = vec![x];
     let epilogue = Epilogue::new(k, &out, &mut ops)?;
-    emit_map(k.b, &out.shape, k.outputs[0], out.dtype, &ops, true, &|b, v| {
+    emit_map(k.b, space.shape(), k.outputs[0], out.dtype, &ops, true, &|b, v| {
         let y = unary_lane(b, f, dtype, v[0])?;
         epilogue.apply(b, y, v)
     })
@@ -51,13 +100,14 @@ pub fn emit_unary(k: &mut KernelCtx, f: UnaryFn) -> Result<(), CodegenError> {
 /// Binary op, then the node's epilogue on each element while it is in registers.
 pub fn emit_binary(k: &mut KernelCtx, f: BinaryFn) -> Result<(), CodegenError> {
     let out = out_type(k);
-    let a = input_operand(k, 0, &out.shape)?;
-    let c = input_operand(k, 1, &out.shape)?;
+    let space = Space::new(k.node, &out)?;
+    let a = input_operand(k, 0, &space)?;
+    let c = input_operand(k, 1, &space)?;
     let dtype = a.dtype;
     check_binary(f, dtype)?;
     let mut ops = vec![a, c];
     let epilogue = Epilogue::new(k, &out, &mut ops)?;
-    emit_map(k.b, &out.shape, k.outputs[0], out.dtype, &ops, true, &|b, v| {
+    emit_map(k.b, space.shape(), k.outputs[0], out.dtype, &ops, true, &|b, v| {
         let y = binary_lane(b, f, dtype, v[0], v[1])?;
         epilogue.apply(b, y, v)
     })
@@ -72,8 +122,10 @@ pub struct Epilogue {
 }
 
 impl Epilogue {
-    /// Appends the operands of `k.node`'s epilogue steps to `ops`, addressed over `out`.
+    /// Appends the operands of `k.node`'s epilogue steps to `ops`, addressed over `out`
+    /// in the node's output layout (`Space`).
     pub fn new(k: &KernelCtx, out: &cnnc_ir::TensorType, ops: &mut Vec<Operand>) -> Result<Epilogue, CodegenError> {
+        let space = Space::new(k.node, out)?;
         let steps = k.node.epilogue.clone();
         let mut slots = Vec::with_capacity(steps.len());
         for step in &steps {
@@ -86,7 +138,7 @@ impl Epilogue {
                     if operand >= k.inputs.len() {
                         return err(format!("epilogue operand {operand} of node '{}' does not exist", k.node.name));
                     }
-                    let o = input_operand(k, operand, &out.shape)?;
+                    let o = input_operand(k, operand, &space)?;
                     if o.dtype != out.dtype || func.is_comparison() {
                         return err(format!(
                             "epilogue step {func:?} of node '{}' would change the dtype {}",
@@ -120,13 +172,14 @@ impl Epilogue {
 
 pub fn emit_where(k: &mut KernelCtx) -> Result<(), CodegenError> {
     let out = out_type(k);
+    let space = Space::new(k.node, &out)?;
     let ops = (0..3)
-        .map(|i| input_operand(k, i, &out.shape))
+        .map(|i| input_operand(k, i, &space))
         .collect::<Result<Vec<_>, _>>()?;
     if ops[0].dtype != DType::Bool {
         return err("where: the condition must be bool".into());
     }
-    emit_map(k.b, &out.shape, k.outputs[0], out.dtype, &ops, true, &|b, v| {
+    emit_map(k.b, space.shape(), k.outputs[0], out.dtype, &ops, true, &|b, v| {
         if b.func.dfg.value_type(v[0]).is_vector() {
             // The chosen lanes are f32x4, or masks themselves when choosing between bools.
             let lanes = b.func.dfg.value_type(v[1]);
@@ -144,9 +197,10 @@ pub fn emit_where(k: &mut KernelCtx) -> Result<(), CodegenError> {
 
 pub fn emit_cast(k: &mut KernelCtx, to: DType) -> Result<(), CodegenError> {
     let out = out_type(k);
-    let x = input_operand(k, 0, &out.shape)?;
+    let space = Space::new(k.node, &out)?;
+    let x = input_operand(k, 0, &space)?;
     let from = x.dtype;
-    emit_map(k.b, &out.shape, k.outputs[0], to, &[x], from == to, &|b, v| {
+    emit_map(k.b, space.shape(), k.outputs[0], to, &[x], from == to, &|b, v| {
         Ok(cast_lane(b, v[0], from, to))
     })
 }
@@ -158,14 +212,15 @@ pub fn emit_epilogue(k: &mut KernelCtx) -> Result<(), CodegenError> {
         return Ok(());
     }
     let out = out_type(k);
+    let space = Space::new(k.node, &out)?;
     let mut ops = vec![Operand {
         ptr: k.outputs[0],
         dtype: out.dtype,
-        strides: broadcast_strides(&out.shape, &out.shape)?,
+        strides: space.strides(&out.shape)?,
         flags: rw_flags(),
     }];
     let epilogue = Epilogue::new(k, &out, &mut ops)?;
-    emit_map(k.b, &out.shape, k.outputs[0], out.dtype, &ops, true, &|b, v| epilogue.apply(b, v[0], v))
+    emit_map(k.b, space.shape(), k.outputs[0], out.dtype, &ops, true, &|b, v| epilogue.apply(b, v[0], v))
 }
 
 pub fn check_unary(f: UnaryFn, dtype: DType) -> Result<(), CodegenError> {

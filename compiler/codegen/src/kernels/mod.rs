@@ -37,6 +37,7 @@ pub mod pool_blocked;
 pub mod pool_grad;
 pub mod random;
 pub mod reduce;
+pub mod reorder;
 pub mod resample;
 
 /// What a kernel emitter gets: the node, its graph (for types and constants), and the
@@ -99,6 +100,7 @@ pub fn emit_node(k: &mut KernelCtx, tables: &[Value]) -> Result<(), CodegenError
         )));
     }
     check_node(k.graph, k.node)?;
+    check_layout_supported(k.graph, k.node)?;
     if !k.node.epilogue.is_empty() && applies_own_epilogue(k.graph, k.node) {
         return emit_op(k, tables);
     }
@@ -130,6 +132,33 @@ fn applies_own_epilogue(g: &Graph, node: &Node) -> bool {
         Op::Conv(_) => depthwise::handles(g, node),
         _ => false,
     }
+}
+
+/// Whether the node's emitter implements its blocked layout (a layout chosen by a pass
+/// for an op without a blocked kernel is a codegen error, not a verifier error). Plain
+/// nodes always pass.
+pub fn blocked_kernel_exists(g: &Graph, node: &Node) -> bool {
+    match node.op {
+        Op::Reorder | Op::Unary(_) | Op::Binary(_) | Op::Where | Op::Cast { .. } => true,
+        Op::Reduce { .. } => pool_blocked::supports_global_reduce(g, node),
+        Op::Pool(_) => pool_blocked::supports_pool(g, node),
+        _ => false,
+    }
+}
+
+fn check_layout_supported(g: &Graph, node: &Node) -> Result<(), CodegenError> {
+    let s = &node.schedule;
+    let plain = s.layout_in == cnnc_ir::Layout::Plain && s.layout_out == cnnc_ir::Layout::Plain;
+    if plain || blocked_kernel_exists(g, node) {
+        return Ok(());
+    }
+    Err(CodegenError(format!(
+        "{} node '{}': no kernel for layout {:?} -> {:?}",
+        node.op.mnemonic(),
+        node.name,
+        s.layout_in,
+        s.layout_out
+    )))
 }
 
 /// Checks the node's declared output types against the typing rules of its op.
@@ -169,6 +198,7 @@ fn emit_op(k: &mut KernelCtx, tables: &[Value]) -> Result<(), CodegenError> {
         Op::Conv(_) if depthwise::handles(k.graph, k.node) => depthwise::emit(k),
         Op::Conv(_) => conv::emit(k),
         Op::ConvTranspose(_) => conv_transpose::emit(k),
+        Op::Pool(_) if k.node.schedule.layout_in != cnnc_ir::Layout::Plain => pool_blocked::emit_pool(k),
         Op::Pool(_) => pool::emit(k),
         Op::PoolGrad(_) => pool_grad::emit(k),
         Op::ConvWeightGrad(_) => conv_weight_grad::emit(k),
@@ -178,6 +208,7 @@ fn emit_op(k: &mut KernelCtx, tables: &[Value]) -> Result<(), CodegenError> {
         Op::Reshape | Op::Transpose { .. } | Op::Slice { .. } | Op::Pad { .. } | Op::Concat { .. } | Op::Broadcast => {
             movement::emit(k)
         }
+        Op::Reorder => reorder::emit(k),
         Op::Gather { axis } => gather::emit_gather(k, axis),
         Op::GatherElements { axis } => gather::emit_gather_elements(k, axis),
         Op::Resample { .. } => match tables.first() {
