@@ -721,14 +721,14 @@ proptest! {
     }
 }
 
-/// Shallow 2-D convolutions (a network's first layer: few channels, depth <= 64) with
-/// rows wide enough for whole panels inside the input, which take the unrolled
-/// interior packing; edge panels, blocks that split the reduction (`blocking`) and
-/// panels across rows take the general one.
+/// Shallow 2-D convolutions (a network's first layer: few channels, depth <= 160, up to
+/// a 7x7 stem over 3 channels) with rows wide enough for whole panels inside the input,
+/// which take the unrolled interior packing; edge panels, blocks that split the
+/// reduction (`blocking`) and panels across rows take the general one.
 fn shallow_problem() -> impl Strategy<Value = ConvProblem> {
     (
         problem(),
-        (1usize..=6, 1usize..=3, 1usize..=3, 1usize..=2, 1usize..=2, 0usize..=1),
+        (1usize..=6, 1usize..=7, 1usize..=7, 1usize..=2, 1usize..=2, 0usize..=3),
         (3usize..=12, 16usize..=48),
     )
         .prop_map(|(mut p, (c, kh, kw, stride, dilation, pad), (h, w))| {

@@ -63,7 +63,10 @@ struct Quad {
 /// Reduction depths up to this many rows get the unrolled interior copy
 /// (`emit_interior_panel`): shallow convolutions such as a network's first 3x3 over 3
 /// channels, where the per-tap decisions of the general packing cost more than the copy.
-const MAX_UNROLLED_DEPTH: usize = 64;
+/// 160 takes in the 7x7 stride-2 stems over 3 channels (depth 147: ResNet, GoogLeNet,
+/// DenseNet), whose packing time halved (resnet18's stem task 7.0% -> 3.6% of the GEMM
+/// microkernel's perf samples, same run).
+const MAX_UNROLLED_DEPTH: usize = 160;
 
 /// Emits the packing of the panel at `dst` (32-byte aligned) from the group's input
 /// `x_group`, for positions `p0..p0 + width` and reduction indices `k0..k0 + kc`
