@@ -5,13 +5,25 @@
 //! [N, C, 1, 1] has the same bytes in both layouts (layout-free), so it is written as
 //! [N][C/8][8]: each channel block's plane is summed position by position, 8 channels
 //! at a time (two f32x4 halves, two positions per trip in independent accumulators),
-//! then scaled once. Portable Cranelift code: no target requirement.
+//! then scaled once.
+//!
+//! Windowed pooling: `Op::Pool` Max or Avg over 2-D windows (any kernel, stride,
+//! dilation, padding) of a blocked value, output blocked too. Output rows and columns
+//! are cut into segments with fixed ranges of taps inside the input
+//! (`AxisWindow::segments`), so each output position is its taps unrolled, 8 channels
+//! per tap, with no bounds tests and a compile-time divisor. Max propagates NaN and an
+//! all-padding window is -inf; Avg divides by the divisor of `PoolKind::Avg` (NaN
+//! when it is 0), as the interpreter does.
+//!
+//! Portable Cranelift code (f32x4 pairs): no target requirement.
 
-use cnnc_ir::{DType, Graph, Layout, Node, Op, ReduceKind};
-use cranelift_codegen::ir::InstBuilder;
+use cnnc_ir::{DType, EpilogueStep, Graph, Layout, Node, Op, PoolAttrs, PoolKind, ReduceKind};
 use cranelift_codegen::ir::types::F32X4;
+use cranelift_codegen::ir::{InstBuilder, Value};
+use cranelift_frontend::FunctionBuilder;
 
-use super::compute::{counted_loop, load, splat_f32, store, vector_flags, weight};
+use super::compute::window::{AxisWindow, Segment};
+use super::compute::{counted_loop, float_minmax_nan, load, splat_f32, store, vector_flags, weight};
 use super::{CodegenError, KernelCtx};
 
 /// Channels per block.
@@ -105,4 +117,158 @@ pub fn emit_global_reduce(k: &mut KernelCtx) -> Result<(), CodegenError> {
         vec![b.ins().iadd_imm_s(plane, plane_bytes), b.ins().iadd_imm_s(out, vector_bytes)]
     });
     Ok(())
+}
+
+/// Pools with more taps are left to the plain layout (every tap is unrolled).
+pub const MAX_POOL_TAPS: usize = 64;
+
+/// Whether `node` (given a Blocked{8} schedule) runs on [`emit_pool`]: a 2-D Max or
+/// Avg pool of a rank-4 f32 value whose channels are a multiple of 8, up to
+/// `MAX_POOL_TAPS` taps. Ignores the node's current schedule.
+pub fn supports_pool(g: &Graph, node: &Node) -> bool {
+    // The epilogue runs over the output as flat memory afterwards (`emit_node`):
+    // operands must have the output's shape (and so its layout).
+    let flat = node.epilogue.iter().all(|s| match s {
+        EpilogueStep::Unary(_) => true,
+        EpilogueStep::Binary { operand, .. } => node
+            .inputs
+            .get(*operand)
+            .is_some_and(|&v| node.outputs.first().is_some_and(|&y| g.ty(v).shape == g.ty(y).shape)),
+    });
+    flat && pool_geometry(g, node).is_ok()
+}
+
+/// (attrs, images x channel blocks, rows, cols).
+fn pool_geometry<'n>(g: &Graph, node: &'n Node) -> Result<(&'n PoolAttrs, usize, AxisWindow, AxisWindow), String> {
+    let Op::Pool(attrs) = &node.op else {
+        return Err("not a pool".into());
+    };
+    if node.inputs.is_empty() || node.outputs.len() != 1 {
+        return Err("needs an input and one output".into());
+    }
+    let x = g.ty(node.inputs[0]);
+    let y = g.ty(node.outputs[0]);
+    if x.dtype != DType::F32 || y.dtype != DType::F32 || x.shape.len() != 4 || y.shape.len() != 4 {
+        return Err(format!("input {x}, output {y}: only rank-4 f32"));
+    }
+    if x.shape[..2] != y.shape[..2] || x.shape[1] % BLOCK != 0 {
+        return Err(format!("input {x}, output {y}: channels must match and be a multiple of {BLOCK}"));
+    }
+    let axes = AxisWindow::pool_axes(attrs, &x.shape, &y.shape);
+    if axes.len() != 2 || [&attrs.kernel, &attrs.strides, &attrs.dilations, &attrs.pads_begin, &attrs.pads_end]
+        .iter()
+        .any(|v| v.len() != 2)
+    {
+        return Err("only 2-D windows".into());
+    }
+    if axes.iter().any(|a| a.kernel == 0 || a.stride == 0 || a.dilation == 0) {
+        return Err("zero kernel, stride or dilation".into());
+    }
+    if axes[0].kernel * axes[1].kernel > MAX_POOL_TAPS {
+        return Err(format!("{} taps (at most {MAX_POOL_TAPS})", axes[0].kernel * axes[1].kernel));
+    }
+    if y.numel() == 0 {
+        return Err("empty output".into());
+    }
+    Ok((attrs, x.shape[0] * x.shape[1] / BLOCK, axes[0], axes[1]))
+}
+
+/// The pool of a blocked value (see the module docs).
+pub fn emit_pool(k: &mut KernelCtx) -> Result<(), CodegenError> {
+    let blocked = Layout::Blocked { block: BLOCK as u32 };
+    let s = &k.node.schedule;
+    if s.layout_in != blocked || s.layout_out != blocked {
+        return Err(CodegenError(format!(
+            "pool node '{}': layouts {:?} -> {:?}; the blocked pool runs Blocked{{8}} -> Blocked{{8}}",
+            k.node.name, s.layout_in, s.layout_out
+        )));
+    }
+    let (attrs, planes, rows, cols) = pool_geometry(k.graph, k.node)
+        .map_err(|why| CodegenError(format!("blocked pool node '{}': {why}", k.node.name)))?;
+    if k.inputs.len() != 1 || k.outputs.len() != 1 {
+        return Err(CodegenError(format!("pool node '{}': expects one input and one output", k.node.name)));
+    }
+    let kind = attrs.kind;
+    let (x, y) = (k.inputs[0], k.outputs[0]);
+    let b = &mut *k.b;
+    let vector = (BLOCK * 4) as i64;
+    let in_row = cols.input as i64 * vector;
+    let out_row = cols.output as i64 * vector;
+    let in_plane = rows.input as i64 * in_row;
+    let out_plane = rows.output as i64 * out_row;
+    let (row_segments, col_segments) = (rows.segments(), cols.segments());
+    counted_loop(b, planes, vec![x, y], |b, _, p| {
+        let (plane_in, plane_out) = (p[0], p[1]);
+        for rs in &row_segments {
+            // Window origins may lie in the padding (never read there).
+            let x_row = b.ins().iadd_imm_s(plane_in, rows.origin(rs.start) * in_row);
+            let y_row = b.ins().iadd_imm_s(plane_out, rs.start as i64 * out_row);
+            counted_loop(b, rs.count, vec![x_row, y_row], |b, _, r| {
+                let (x_row, y_row) = (r[0], r[1]);
+                for cs in &col_segments {
+                    let x_at = b.ins().iadd_imm_s(x_row, cols.origin(cs.start) * vector);
+                    let y_at = b.ins().iadd_imm_s(y_row, cs.start as i64 * vector);
+                    counted_loop(b, cs.count, vec![x_at, y_at], |b, _, c| {
+                        let (x_at, y_at) = (c[0], c[1]);
+                        for half in 0..2 {
+                            let v = window_value(b, kind, x_at, half * 16, rs, cs, &rows, &cols, in_row);
+                            store(b, vector_flags(), v, y_at, half * 16);
+                        }
+                        vec![
+                            b.ins().iadd_imm_s(x_at, cols.stride as i64 * vector),
+                            b.ins().iadd_imm_s(y_at, vector),
+                        ]
+                    });
+                }
+                vec![
+                    b.ins().iadd_imm_s(x_row, rows.stride as i64 * in_row),
+                    b.ins().iadd_imm_s(y_row, out_row),
+                ]
+            });
+        }
+        vec![b.ins().iadd_imm_s(plane_in, in_plane), b.ins().iadd_imm_s(plane_out, out_plane)]
+    });
+    Ok(())
+}
+
+/// Four channels of one output position: the window's taps inside the input, reduced.
+#[allow(clippy::too_many_arguments)]
+fn window_value(
+    b: &mut FunctionBuilder,
+    kind: PoolKind,
+    origin: Value,
+    lane_bytes: i64,
+    rs: &Segment,
+    cs: &Segment,
+    rows: &AxisWindow,
+    cols: &AxisWindow,
+    in_row: i64,
+) -> Value {
+    let flags = weight(vector_flags());
+    let vector = (BLOCK * 4) as i64;
+    let mut acc: Option<Value> = None;
+    for r in rs.tap_begin..rs.tap_end {
+        for c in cs.tap_begin..cs.tap_end {
+            let at = (r * rows.dilation) as i64 * in_row + (c * cols.dilation) as i64 * vector + lane_bytes;
+            let v = load(b, F32X4, flags, origin, at);
+            acc = Some(match (acc, kind) {
+                (None, _) => v,
+                (Some(a), PoolKind::Max) => float_minmax_nan(b, a, v, true),
+                (Some(a), PoolKind::Avg { .. }) => b.ins().fadd(a, v),
+            });
+        }
+    }
+    match kind {
+        PoolKind::Max => acc.unwrap_or_else(|| splat_f32(b, f32::NEG_INFINITY)),
+        PoolKind::Avg { count_include_pad } => {
+            let divisor = if count_include_pad {
+                rs.padded_taps * cs.padded_taps
+            } else {
+                rs.taps() * cs.taps()
+            };
+            let sum = acc.unwrap_or_else(|| splat_f32(b, 0.0));
+            let d = splat_f32(b, divisor as f32);
+            b.ins().fdiv(sum, d)
+        }
+    }
 }
