@@ -199,7 +199,6 @@ fn emit_op(k: &mut KernelCtx, tables: &[Value]) -> Result<(), CodegenError> {
         Op::Conv(_) => conv::emit(k),
         Op::ConvTranspose(_) => conv_transpose::emit(k),
         Op::Pool(_) if k.node.schedule.layout_in != cnnc_ir::Layout::Plain => pool_blocked::emit_pool(k),
-        Op::Pool(_) if k.node.schedule.layout_in != cnnc_ir::Layout::Plain => pool_blocked::emit_pool(k),
         Op::Pool(_) => pool::emit(k),
         Op::PoolGrad(_) => pool_grad::emit(k),
         Op::ConvWeightGrad(_) => conv_weight_grad::emit(k),
