@@ -167,7 +167,7 @@ fn geometry(g: &Graph, node: &Node, target: Option<&TargetSpec>) -> Result<Block
     if attrs.groups != channels || w.shape[..2] != [channels, 1] || y.shape[..2] != [x.shape[0], channels] {
         return Err("not depthwise with one output channel per group".into());
     }
-    if channels % BLOCK != 0 || channels == 0 {
+    if !channels.is_multiple_of(BLOCK) || channels == 0 {
         return Err(format!("{channels} channels are not a multiple of {BLOCK}"));
     }
     if y.numel() == 0 {

@@ -58,7 +58,7 @@ fn global_reduce_shape(g: &Graph, node: &Node) -> Result<(usize, usize, usize, b
     if y.shape != [n, c, 1, 1] {
         return Err(format!("output {y} is not [{n}, {c}, 1, 1]"));
     }
-    if c % BLOCK != 0 || hw == 0 {
+    if !c.is_multiple_of(BLOCK) || hw == 0 {
         return Err(format!("{c} channels (a multiple of {BLOCK}) over {hw} positions (at least 1)"));
     }
     Ok((n, c / BLOCK, hw, mean))
@@ -151,7 +151,7 @@ fn pool_geometry<'n>(g: &Graph, node: &'n Node) -> Result<(&'n PoolAttrs, usize,
     if x.dtype != DType::F32 || y.dtype != DType::F32 || x.shape.len() != 4 || y.shape.len() != 4 {
         return Err(format!("input {x}, output {y}: only rank-4 f32"));
     }
-    if x.shape[..2] != y.shape[..2] || x.shape[1] % BLOCK != 0 {
+    if x.shape[..2] != y.shape[..2] || !x.shape[1].is_multiple_of(BLOCK) {
         return Err(format!("input {x}, output {y}: channels must match and be a multiple of {BLOCK}"));
     }
     let axes = AxisWindow::pool_axes(attrs, &x.shape, &y.shape);

@@ -201,8 +201,8 @@ impl Emitter<'_> {
 
     fn load_weights(&mut self) -> Result<(), IcedError> {
         if self.regs.preloaded {
-            for t in 0..self.taps() {
-                self.asm.vmovups(YMM[t], ymmword_ptr(W + (t as i64 * VECTOR_BYTES) as i32))?;
+            for (t, &register) in YMM.iter().enumerate().take(self.taps()) {
+                self.asm.vmovups(register, ymmword_ptr(W + (t as i64 * VECTOR_BYTES) as i32))?;
             }
         }
         Ok(())
