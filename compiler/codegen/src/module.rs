@@ -183,7 +183,8 @@ fn compile_graph_functions<M: Module>(
     let mut read = vec![false; g.values.len()];
     for (ni, node) in g.nodes.iter().enumerate() {
         // Blocked depthwise convolutions keep their own re-laid-out weights too.
-        let blocked_depthwise = matches!(kernels::depthwise_blocked::plan(g, node, target), Ok(Some(_)));
+        let blocked_depthwise = matches!(kernels::depthwise_blocked::plan(g, node, target), Ok(Some(_)))
+            || kernels::conv_blocked::packs_weights(g, node, target);
         for (i, &v) in node.inputs.iter().enumerate() {
             let packed_weight =
                 i == 1 && (gemm_plans[ni].is_some() || gemv_plans[ni].is_some() || blocked_depthwise);
@@ -268,6 +269,13 @@ fn compile_graph_functions<M: Module>(
                 &mut ctx,
                 &mut fb_ctx,
             )?;
+            kernels_of_nodes[ni] = Some(id);
+            continue;
+        }
+        if let Some(blocked) = kernels::conv_blocked::plan(g, node, target)? {
+            kernels::check_node(g, node)
+                .map_err(|e| CodegenError(format!("node '{}' ({}): {e}", node.name, node.op.mnemonic())))?;
+            let id = kernels::conv_blocked::define_node(module, g, node, ni, &blocked, &kernel_sig, &mut ctx, &mut fb_ctx)?;
             kernels_of_nodes[ni] = Some(id);
             continue;
         }

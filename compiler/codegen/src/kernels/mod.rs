@@ -19,6 +19,7 @@ use cranelift_frontend::FunctionBuilder;
 pub mod channel_split;
 pub mod compute;
 pub mod conv;
+pub mod conv_blocked;
 pub mod conv_gemm;
 pub mod conv_transpose;
 pub mod conv_weight_grad;

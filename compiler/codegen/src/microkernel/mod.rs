@@ -33,6 +33,7 @@ use crate::target::TargetSpec;
 pub mod activation;
 pub mod depthwise_x86;
 pub mod peak;
+pub mod pointwise_blocked_x86;
 pub mod portable;
 pub mod store_epilogue;
 pub mod x86;

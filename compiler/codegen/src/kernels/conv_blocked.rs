@@ -1,0 +1,416 @@
+//! 1x1 convolution from a blocked (NCHWc8) input to a blocked output: a GEMM with the
+//! output positions as rows and output channels as columns, two channel blocks (16
+//! channels) per tile, on AVX2+FMA machine code (`microkernel::pointwise_blocked_x86`).
+//!
+//! Input position p, channel k is at `(k/8)·H·W·8 + p·8 + k%8`, so a tile's A values
+//! are broadcast straight from the input (no packing); the weights are packed at
+//! compile time into one panel per 16 output channels (8 for a last odd block),
+//! `[K][16]` then the bias. Stride 1 runs over the flattened positions; other strides
+//! run over output rows (a tile's positions then sit `stride·32` bytes apart in the
+//! input). A row's last tile overlaps the one before it instead of running fewer rows
+//! (49 positions: tiles at 0, 6, ..., 42 and 43), which is harmless: the same values
+//! are stored twice.
+//!
+//! The epilogue's leading bias/ReLU/clip/residual-add steps are applied in registers
+//! before the store; any steps from the first other one on (SiLU, sigmoid, a
+//! per-channel multiply...) run afterwards as one in-place pass over the blocked
+//! output (`elementwise::emit_epilogue`). Tasks over position tiles go through the
+//! host's `parallel_for`.
+
+use cnnc_ir::{ConstValue, DType, EpilogueStep, Graph, Layout, Node, Op, Scalar, TensorData};
+use cranelift_codegen::Context;
+use cranelift_codegen::ir::types::I64;
+use cranelift_codegen::ir::{AbiParam, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, Value};
+use cranelift_codegen::isa::CallConv;
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
+use cranelift_module::{FuncId, Linkage, Module};
+
+use super::{CodegenError, KernelCtx, parallel};
+use crate::microkernel::pointwise_blocked_x86::{self as machine, BLOCK, MAX_ROWS, PointwiseSpec};
+use crate::microkernel::store_epilogue::{self, StoreStep};
+use crate::module::{define_bytes, define_local};
+use crate::target::TargetSpec;
+
+/// Multiply-adds below which a task is not worth its dispatch (~1 µs).
+const MIN_TASK_MACS: usize = 1 << 16;
+
+/// How one blocked 1x1 convolution runs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PointwisePlan {
+    batch: usize,
+    in_channels: usize,
+    out_channels: usize,
+    in_positions: usize,
+    out_positions: usize,
+    /// Rows of positions the tiles run along (1 for stride 1: all positions are one
+    /// row) and positions per row.
+    rows: usize,
+    row_len: usize,
+    /// Input bytes from one row's first position to the next row's.
+    in_row_step: usize,
+    /// Input bytes between a row's consecutive positions.
+    in_position_step: usize,
+    tile_rows: usize,
+    bias: Option<Vec<f32>>,
+    steps: Vec<StoreStep>,
+    /// Epilogue steps left for a pass over the output (from the first one the machine
+    /// code does not apply).
+    rest: Vec<EpilogueStep>,
+}
+
+impl PointwisePlan {
+    fn tiles_per_row(&self) -> usize {
+        self.row_len.div_ceil(self.tile_rows)
+    }
+    fn tiles(&self) -> usize {
+        self.batch * self.rows * self.tiles_per_row()
+    }
+    fn full_panels(&self) -> usize {
+        self.out_channels / (2 * BLOCK)
+    }
+    fn has_half_panel(&self) -> bool {
+        self.out_channels % (2 * BLOCK) != 0
+    }
+    /// Floats of a packed panel of `blocks` output blocks.
+    fn panel_floats(&self, blocks: usize) -> usize {
+        let width = blocks * BLOCK;
+        self.in_channels * width + if self.bias.is_some() { width } else { 0 }
+    }
+
+    fn spec(&self, blocks: usize) -> PointwiseSpec {
+        PointwiseSpec {
+            rows: self.tile_rows,
+            blocks,
+            k_blocks: self.in_channels / BLOCK,
+            a_row_bytes: self.in_position_step as i32,
+            a_block_bytes: (self.in_positions * BLOCK * 4) as i32,
+            c_block_bytes: (self.out_positions * BLOCK * 4) as i32,
+            bias: self.bias.is_some(),
+            steps: self.steps.clone(),
+        }
+    }
+
+    /// Weights [M, K, 1, 1] as panels: for each panel, `[K][width]` then the bias.
+    fn pack(&self, weights: &[f32]) -> Vec<u8> {
+        let (k, m) = (self.in_channels, self.out_channels);
+        let mut out = Vec::with_capacity(m * (k + 1) * 4);
+        let mut m0 = 0;
+        while m0 < m {
+            let width = (m - m0).min(2 * BLOCK);
+            for kk in 0..k {
+                for j in 0..width {
+                    out.extend_from_slice(&weights[(m0 + j) * k + kk].to_le_bytes());
+                }
+            }
+            if let Some(bias) = &self.bias {
+                for j in 0..width {
+                    out.extend_from_slice(&bias[m0 + j].to_le_bytes());
+                }
+            }
+            m0 += width;
+        }
+        out
+    }
+}
+
+fn blocked8() -> Layout {
+    Layout::Blocked { block: BLOCK as u32 }
+}
+
+fn constant_input(g: &Graph, node: &Node, i: usize) -> Option<Vec<f32>> {
+    let v = *node.inputs.get(i)?;
+    let n = g.ty(v).numel();
+    let producer = g.nodes.iter().find(|m| m.outputs.contains(&v))?;
+    let Op::Constant(c) = producer.op else { return None };
+    match &g.constants.get(c.index())?.value {
+        ConstValue::Dense(TensorData::F32(values)) if values.len() == n => Some(values.clone()),
+        ConstValue::Splat(Scalar::F32(x)) => Some(vec![*x; n]),
+        _ => None,
+    }
+}
+
+/// Whether the target runs the machine code (x86-64 with AVX2 and FMA).
+pub fn runs_on(target: &TargetSpec) -> bool {
+    crate::microkernel::activation::available(target)
+}
+
+/// Whether this kernel runs `node` once its layouts are Blocked{8} (shapes, constant
+/// weights and bias, geometry), whatever its schedule says now: what the layout pass
+/// asks before putting a convolution into a blocked region.
+pub fn supports_node(g: &Graph, node: &Node) -> bool {
+    analyse(g, node).is_ok()
+}
+
+/// [`supports_node`] on a target that runs the machine code.
+pub fn supports(g: &Graph, node: &Node, target: &TargetSpec) -> bool {
+    runs_on(target) && supports_node(g, node)
+}
+
+/// The plan when `node` is a convolution with a blocked schedule that is not depthwise
+/// (None: someone else's node); an error when it is one this kernel cannot run.
+pub fn plan(g: &Graph, node: &Node, target: &TargetSpec) -> Result<Option<PointwisePlan>, CodegenError> {
+    let Op::Conv(geometry) = &node.op else { return Ok(None) };
+    let s = &node.schedule;
+    if s.layout_in == Layout::Plain && s.layout_out == Layout::Plain {
+        return Ok(None);
+    }
+    let channels = node.inputs.first().map_or(0, |&x| g.ty(x).shape.get(1).copied().unwrap_or(0));
+    if geometry.groups != 1 && geometry.groups == channels {
+        return Ok(None); // depthwise: `depthwise_blocked`
+    }
+    if !runs_on(target) {
+        return Err(CodegenError(format!(
+            "blocked convolution '{}': the blocked 1x1 kernel needs x86-64 with AVX2 and FMA (the layout pass keeps other targets plain)",
+            node.name
+        )));
+    }
+    if s.layout_in != blocked8() || s.layout_out != blocked8() {
+        return Err(CodegenError(format!(
+            "blocked convolution '{}': layouts {:?} -> {:?}; the kernel runs Blocked{{8}} -> Blocked{{8}}",
+            node.name, s.layout_in, s.layout_out
+        )));
+    }
+    analyse(g, node)
+        .map(Some)
+        .map_err(|why| CodegenError(format!("blocked convolution '{}': {why}", node.name)))
+}
+
+fn analyse(g: &Graph, node: &Node) -> Result<PointwisePlan, String> {
+    let Op::Conv(geometry) = &node.op else { return Err("not a convolution".into()) };
+    let op_inputs = cnnc_ir::verify::op_input_count(node);
+    let (Some(&x), Some(&w), [y]) = (node.inputs.first(), node.inputs.get(1), node.outputs.as_slice()) else {
+        return Err("needs an input, a weight and one output".into());
+    };
+    let (xt, wt, yt) = (g.ty(x), g.ty(w), g.ty(*y));
+    if [xt, wt, yt].iter().any(|t| t.dtype != DType::F32 || t.rank() != 4) {
+        return Err("needs rank-4 f32 tensors".into());
+    }
+    let (k, m) = (xt.shape[1], yt.shape[1]);
+    if geometry.groups != 1 || wt.shape[2..] != [1, 1] {
+        return Err(format!("only ungrouped 1x1 convolutions (groups {}, kernel {:?})", geometry.groups, &wt.shape[2..]));
+    }
+    if k % BLOCK != 0 || m % BLOCK != 0 || k == 0 || m == 0 {
+        return Err(format!("channels {k} -> {m} must be multiples of {BLOCK}"));
+    }
+    if geometry.pads_begin.iter().chain(&geometry.pads_end).any(|&p| p != 0) {
+        return Err("padded 1x1 convolutions are not supported".into());
+    }
+    let weights = constant_input(g, node, 1).ok_or("the weights must be a constant")?;
+    let bias = if op_inputs > 2 { Some(constant_input(g, node, 2).ok_or("the bias must be a constant")?) } else { None };
+    let (h, w_in) = (xt.shape[2], xt.shape[3]);
+    let (oh, ow) = (yt.shape[2], yt.shape[3]);
+    let (sh, sw) = (geometry.strides[0], geometry.strides[1]);
+    let flat = sh == 1 && sw == 1;
+    let (rows, row_len) = if flat { (1, oh * ow) } else { (oh, ow) };
+    if row_len == 0 || xt.shape[0] == 0 {
+        return Err("empty output".into());
+    }
+    let in_position_step = if flat { BLOCK * 4 } else { sw * BLOCK * 4 };
+    let in_row_step = sh * w_in * BLOCK * 4;
+    if h * w_in * BLOCK * 4 > i32::MAX as usize / 2 || oh * ow * BLOCK * 4 * 2 > i32::MAX as usize {
+        return Err("planes too large for 32-bit displacements".into());
+    }
+    let _ = weights;
+    // The leading steps the machine code applies, the rest after.
+    let mut steps = Vec::new();
+    let mut taken = 0;
+    for step in &node.epilogue {
+        let next: Option<Vec<StoreStep>> = match *step {
+            EpilogueStep::Unary(f) => store_epilogue::unary_store_steps(f)
+                .filter(|s| s.iter().all(|s| matches!(s, StoreStep::Max(_) | StoreStep::Min(_)))),
+            EpilogueStep::Binary { func, operand } => store_epilogue::binary_store_step(func)
+                .filter(|_| node.inputs.get(operand).is_some_and(|&v| g.ty(v).shape == yt.shape))
+                .map(|s| vec![s]),
+        };
+        let Some(next) = next else { break };
+        let mut candidate = steps.clone();
+        candidate.extend(next);
+        if !PointwiseSpec::takes_steps(&candidate) {
+            break;
+        }
+        steps = candidate;
+        taken += 1;
+    }
+    Ok(PointwisePlan {
+        batch: xt.shape[0],
+        in_channels: k,
+        out_channels: m,
+        in_positions: h * w_in,
+        out_positions: oh * ow,
+        rows,
+        row_len,
+        in_row_step,
+        in_position_step,
+        tile_rows: row_len.min(MAX_ROWS),
+        bias,
+        steps,
+        rest: node.epilogue[taken..].to_vec(),
+    })
+}
+
+/// The residual operand the machine code reads (the input of the epilogue's add).
+fn residual_input(node: &Node, plan: &PointwisePlan) -> Option<usize> {
+    if !plan.steps.contains(&StoreStep::AddResidual) {
+        return None;
+    }
+    node.epilogue.iter().find_map(|s| match *s {
+        EpilogueStep::Binary { func: cnnc_ir::BinaryFn::Add, operand } => Some(operand),
+        _ => None,
+    })
+}
+
+/// `(a, b, c, residual)`, all i64, SystemV.
+fn machine_code_signature() -> Signature {
+    let mut sig = Signature::new(CallConv::SystemV);
+    for _ in 0..4 {
+        sig.params.push(AbiParam::new(I64));
+    }
+    sig
+}
+
+/// Whether `node`'s weights are read only through this kernel's packed copy.
+pub fn packs_weights(g: &Graph, node: &Node, target: &TargetSpec) -> bool {
+    matches!(plan(g, node, target), Ok(Some(_)))
+}
+
+/// Defines the node's machine code (one function per panel width), packed weights,
+/// task and kernel; returns the kernel (module node-kernel signature).
+#[allow(clippy::too_many_arguments)]
+pub fn define_node<M: Module>(
+    module: &mut M,
+    g: &Graph,
+    node: &Node,
+    node_index: usize,
+    plan: &PointwisePlan,
+    kernel_sig: &Signature,
+    ctx: &mut Context,
+    fb_ctx: &mut FunctionBuilderContext,
+) -> Result<FuncId, CodegenError> {
+    let what = format!("blocked 1x1 convolution '{}'", node.name);
+    let weights = constant_input(g, node, 1).ok_or_else(|| CodegenError(format!("{what}: the weights are not a constant")))?;
+    let packed = define_bytes(module, &format!("cnnc_w{node_index}_pw8"), plan.pack(&weights))?;
+    let mut code_ids = Vec::new();
+    for blocks in [2, 1] {
+        let needed = if blocks == 2 { plan.full_panels() > 0 } else { plan.has_half_panel() };
+        if !needed {
+            code_ids.push(None);
+            continue;
+        }
+        let code = machine::assemble(&plan.spec(blocks))?;
+        let name = format!("cnnc_k{node_index}_pw8x{blocks}");
+        let id = module
+            .declare_function(&name, Linkage::Local, &machine_code_signature())
+            .map_err(|e| CodegenError(format!("declaring {name}: {e}")))?;
+        module
+            .define_function_bytes(id, crate::microkernel::x86::CODE_ALIGN, &code, &[])
+            .map_err(|e| CodegenError(format!("defining {name}: {e}")))?;
+        code_ids.push(Some(id));
+    }
+    let residual = residual_input(node, plan);
+    let output_slot = node.inputs.len();
+    let tiles = plan.tiles();
+    let macs_per_tile = plan.tile_rows * plan.in_channels * plan.out_channels;
+    let max_tasks = (tiles * macs_per_tile / MIN_TASK_MACS).clamp(1, tiles.max(1));
+
+    let task_name = format!("cnnc_k{node_index}_conv_pw8_task");
+    let task_sig = parallel::task_signature(module);
+    let task = define_local(module, &task_name, &task_sig, ctx, fb_ctx, &format!("task of {what}"), |b, module, params| {
+        let (task_ctx, index) = (params[0], params[1]);
+        let flags = MemFlagsData::trusted().with_readonly().with_can_move();
+        let bufs = b.ins().load(I64, flags, task_ctx, 0);
+        let n_tasks = b.ins().load(I64, flags, task_ctx, 8);
+        let x = b.ins().load(I64, flags, bufs, 0);
+        let y = b.ins().load(I64, flags, bufs, (8 * output_slot) as i32);
+        let r = match residual {
+            Some(i) => b.ins().load(I64, flags, bufs, (8 * i) as i32),
+            None => b.ins().iconst(I64, 0),
+        };
+        let gv = module.declare_data_in_func(packed, b.func);
+        let panels = b.ins().symbol_value(I64, gv);
+        let refs: Vec<_> = code_ids.iter().map(|id| id.map(|id| module.declare_func_in_func(id, b.func))).collect();
+        // Tiles [index·T / tasks, (index+1)·T / tasks).
+        let first = b.ins().imul_imm_s(index, tiles as i64);
+        let first = b.ins().udiv(first, n_tasks);
+        let next = b.ins().iadd_imm_s(index, 1);
+        let end = b.ins().imul_imm_s(next, tiles as i64);
+        let end = b.ins().udiv(end, n_tasks);
+        super::gemm::for_range(b, first, end, |b, t| {
+            emit_tile(b, plan, &refs, t, [x, panels, y, r]);
+        });
+        Ok(())
+    })?;
+
+    let name = format!("cnnc_k{node_index}_conv_pw8");
+    define_local(module, &name, kernel_sig, ctx, fb_ctx, &format!("kernel of {what}"), |b, module, params| {
+        let (host, bufs) = (params[0], params[1]);
+        let task_ref = module.declare_func_in_func(task, b.func);
+        let call_conv = module.isa().default_call_conv();
+        let threads = parallel::emit_host_threads(b, host);
+        let limit = b.ins().iconst(I64, max_tasks as i64);
+        let n_tasks = b.ins().umin(threads, limit);
+        let slot = b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, 16, 3));
+        b.ins().stack_store(I64, bufs, slot, 0);
+        b.ins().stack_store(I64, n_tasks, slot, 8);
+        let task_ctx = b.ins().stack_addr(I64, slot, 0);
+        parallel::emit_dispatch(b, host, threads, n_tasks, task_ref, task_ctx, call_conv);
+        if !plan.rest.is_empty() {
+            let flags = MemFlagsData::trusted().with_readonly().with_can_move();
+            let mut ptrs: Vec<Value> = (0..=node.inputs.len())
+                .map(|i| b.ins().load(I64, flags, bufs, (8 * i) as i32))
+                .collect();
+            let outputs = ptrs.split_off(node.inputs.len());
+            let mut rest_node = node.clone();
+            rest_node.epilogue = plan.rest.clone();
+            let mut k = KernelCtx { b, graph: g, node: &rest_node, inputs: ptrs, outputs };
+            super::elementwise::emit_epilogue(&mut k)?;
+        }
+        Ok(())
+    })
+}
+
+/// One tile `t` (flat over images, rows, tiles of a row): every panel of output
+/// channels over the tile's positions.
+fn emit_tile(
+    b: &mut FunctionBuilder,
+    plan: &PointwisePlan,
+    refs: &[Option<cranelift_codegen::ir::FuncRef>],
+    t: Value,
+    [x, panels, y, r]: [Value; 4],
+) {
+    let coords = super::gemm::unflatten(b, t, &[plan.batch, plan.rows, plan.tiles_per_row()]);
+    let (image, row, tile) = (coords[0], coords[1], coords[2]);
+    // The row's last tile ends at its last position (overlapping the one before).
+    let start = b.ins().imul_imm_s(tile, plan.tile_rows as i64);
+    let last_start = b.ins().iconst(I64, (plan.row_len - plan.tile_rows) as i64);
+    let start = b.ins().umin(start, last_start);
+    let in_image = (plan.in_channels * plan.in_positions * 4) as i64;
+    let out_image = (plan.out_channels * plan.out_positions * 4) as i64;
+    let a = super::gemm::scaled(b, x, image, in_image);
+    let a = super::gemm::scaled(b, a, row, plan.in_row_step as i64);
+    let a = super::gemm::scaled(b, a, start, plan.in_position_step as i64);
+    // Output position (row · row_len + start), 32 bytes each in a block.
+    let c = super::gemm::scaled(b, y, image, out_image);
+    let position = b.ins().imul_imm_s(row, plan.row_len as i64);
+    let position = b.ins().iadd(position, start);
+    let c_offset = b.ins().imul_imm_s(position, (BLOCK * 4) as i64);
+    let c = b.ins().iadd(c, c_offset);
+    let res = b.ins().iadd(r, c_offset);
+    let res = super::gemm::scaled(b, res, image, out_image);
+    let panel_bytes = (plan.panel_floats(2) * 4) as i64;
+    let block_bytes = (plan.out_positions * BLOCK * 4) as i64;
+    if let Some(full) = refs[0] {
+        crate::loops::for_count(b, plan.full_panels(), |b, j| {
+            let bp = super::gemm::scaled(b, panels, j, panel_bytes);
+            let cp = super::gemm::scaled(b, c, j, 2 * block_bytes);
+            let rp = super::gemm::scaled(b, res, j, 2 * block_bytes);
+            b.ins().call(full, &[a, bp, cp, rp]);
+        });
+    }
+    if let Some(half) = refs[1] {
+        let j = plan.full_panels() as i64;
+        let bp = b.ins().iadd_imm_s(panels, j * panel_bytes);
+        let cp = b.ins().iadd_imm_s(c, j * 2 * block_bytes);
+        let rp = b.ins().iadd_imm_s(res, j * 2 * block_bytes);
+        b.ins().call(half, &[a, bp, cp, rp]);
+    }
+}
