@@ -192,6 +192,26 @@ proptest! {
         check_graph(&g, &inputs).map_err(TestCaseError::fail)?;
     }
 
+    /// Two f32 pieces with one element each along the innermost axis: the interleaving
+    /// fast path (strided convolutions' input-gradient phases), vector body and scalar tail.
+    #[test]
+    fn concat_interleaves_pairs(outer in prop::collection::vec(1usize..=9, 1..=4), seed in 1u64..u64::MAX) {
+        let mut rng = Rng(seed);
+        let mut shape = outer.clone();
+        shape.push(1);
+        let mut g = Graph::new("interleave");
+        let mut inputs = Vec::new();
+        let mut vals = Vec::new();
+        for i in 0..2 {
+            let t = random_tensor(&mut rng, DType::F32, &shape, -9.0, 9.0);
+            vals.push(g.add_input(t.ty(), format!("x{i}")));
+            inputs.push(t);
+        }
+        let y = g.push1("concat", Op::Concat { axis: shape.len() - 1 }, &vals).unwrap();
+        g.outputs.push(y);
+        check_graph(&g, &inputs).map_err(TestCaseError::fail)?;
+    }
+
     #[test]
     fn broadcast_to_bigger(shape in shape_strategy(0, 4, 4), dtype in dtype_strategy(), lead in 0usize..3, seed in 1u64..u64::MAX) {
         let mut rng = Rng(seed);

@@ -488,6 +488,11 @@ pub fn emit_concat(k: &mut KernelCtx, axis: usize) -> Result<(), CodegenError> {
     if !k.node.epilogue.is_empty() && concat_applies_epilogue(k.graph, k.node) {
         return emit_concat_with_epilogue(k, axis, &out);
     }
+    if interleaves_pairs(k, axis, &out) {
+        let pairs = out.numel() / 2;
+        interleave_f32_pairs(k.b, pairs, k.outputs[0], k.inputs[0], k.inputs[1]);
+        return Ok(());
+    }
     let out_strides = natural_strides(&out.shape);
     let esize = out.dtype.size();
     let mut offset = 0usize;
@@ -518,6 +523,43 @@ pub fn emit_concat(k: &mut KernelCtx, axis: usize) -> Result<(), CodegenError> {
         ));
     }
     Ok(())
+}
+
+/// Whether the concat zips two f32 tensors element by element: along the innermost axis,
+/// one element from each (the phases of a strided convolution's input gradient, put back
+/// between each other). `copy_nd` would write each piece with stride 2, one scalar at a
+/// time.
+fn interleaves_pairs(k: &KernelCtx, axis: usize, out: &cnnc_ir::TensorType) -> bool {
+    let pieces: Vec<&cnnc_ir::TensorType> = k.node.inputs.iter().map(|&v| k.graph.ty(v)).collect();
+    out.dtype == cnnc_ir::DType::F32
+        && axis + 1 == out.rank()
+        && pieces.len() == 2
+        && pieces.iter().all(|t| t.dtype == out.dtype && t.rank() == out.rank() && t.shape[axis] == 1)
+        && out.numel() >= 2 * LANES
+}
+
+/// `dst[2·i] = a[i]`, `dst[2·i + 1] = b[i]` for `i < pairs` (f32): per four pairs, one
+/// vector load from each source, unpack low and high, two vector stores.
+fn interleave_f32_pairs(b: &mut FunctionBuilder, pairs: usize, dst: Value, a: Value, second: Value) {
+    let quads = pairs / LANES;
+    let flags = readonly_flags();
+    for_count(b, quads, |b, i| {
+        let from_a = advance(b, a, i, (LANES * 4) as i64);
+        let from_b = advance(b, second, i, (LANES * 4) as i64);
+        let to = advance(b, dst, i, (2 * LANES * 4) as i64);
+        let va = b.ins().load(F32X4, flags, from_a, 0);
+        let vb = b.ins().load(F32X4, flags, from_b, 0);
+        let low = shuffle_f32x4(b, va, vb, [0, 4, 1, 5]);
+        let high = shuffle_f32x4(b, va, vb, [2, 6, 3, 7]);
+        b.ins().store(rw_flags(), low, to, 0);
+        b.ins().store(rw_flags(), high, to, (LANES * 4) as i32);
+    });
+    for j in quads * LANES..pairs {
+        for (source, lane) in [(a, 0), (second, 1)] {
+            let v = b.ins().load(F32, flags, source, (j * 4) as i32);
+            b.ins().store(rw_flags(), v, dst, ((2 * j + lane) * 4) as i32);
+        }
+    }
 }
 
 /// Each input is mapped through the epilogue into its block of the output; the epilogue's
