@@ -168,7 +168,8 @@ fn load(bytes: &[u8]) -> Graph {
 /// Runs the pipeline up to (not including) `pass`, then `pass` alone; returns the
 /// graphs before and after it. The verifier runs after every pass.
 fn around_pass(g: Graph, pass: &str) -> (Graph, Graph) {
-    let mut passes = inference_pipeline();
+    // Without blocked layout regions, which have their own tests (choose_layout.rs).
+    let mut passes = cnnc::passes::inference_pipeline_with(&cnnc::passes::PipelineOptions { nchwc: false });
     let at = passes.iter().position(|p| p.name == pass).unwrap_or_else(|| panic!("no pass {pass}"));
     let rest = passes.split_off(at);
     let mut before = g;

@@ -29,6 +29,7 @@ usage:
   export-trained: MODEL.onnx with its initializers replaced by the parameters and BatchNorm running
     statistics of STATE.bin (the raw state buffer of TRAIN.so after training), in inference mode.
   --cpu: host (default), x86-64, x86-64-v2, x86-64-v3, x86-64-v4 (x86_64), generic (aarch64)
+  --no-nchwc (compile, bench, dump, verify): no blocked NCHWc8 regions, every node plain (A/B runs)
 ";
 
 /// Parsed flags: positional arguments plus `--name value` / `--flag` options.
@@ -41,7 +42,7 @@ const VALUED: &[&str] = &[
     "-o", "--target", "--cpu", "--batch", "--header", "--input", "--out", "--threads", "--jobs", "--runs", "--after",
     "--optimizer", "--lr", "--momentum", "--weight-decay", "--freeze", "--train-so", "--state",
 ];
-const SWITCHES: &[&str] = &["--all", "--list-passes", "--full", "--train"];
+const SWITCHES: &[&str] = &["--all", "--list-passes", "--full", "--train", "--no-nchwc"];
 
 impl Args {
     fn parse(raw: &[String]) -> Result<Args, Error> {
@@ -104,6 +105,16 @@ impl Args {
     }
 }
 
+/// `--no-nchwc` (compile, bench, dump, verify): the pipeline without blocked layout
+/// regions, for A/B runs. Set as the environment variable the driver reads, so that
+/// child processes (`verify`'s cases) inherit it.
+fn apply_layout_switch(a: &Args) {
+    if a.flag("--no-nchwc") {
+        // Only the main thread runs at this point: nothing reads the environment concurrently.
+        unsafe { std::env::set_var(driver::NO_NCHWC_VAR, "1") };
+    }
+}
+
 fn usage(msg: &str) -> Error {
     Error::Input(format!("{msg}\n\n{USAGE}"))
 }
@@ -146,7 +157,9 @@ pub fn main(raw: Vec<String>) -> i32 {
 fn compile(a: &Args) -> Result<(), Error> {
     a.only(&[
         "-o", "--target", "--cpu", "--batch", "--header", "--train", "--optimizer", "--lr", "--momentum", "--weight-decay", "--freeze",
+        "--no-nchwc",
     ])?;
+    apply_layout_switch(a);
     if a.flag("--train") {
         return compile_train(a);
     }
@@ -250,7 +263,8 @@ fn verify_train_cmd(a: &Args) -> Result<(), Error> {
 }
 
 fn verify_cmd(a: &Args) -> Result<(), Error> {
-    a.only(&["--jobs", "--cpu", "--target"])?;
+    a.only(&["--jobs", "--cpu", "--target", "--no-nchwc"])?;
+    apply_layout_switch(a);
     if a.positional.is_empty() {
         return Err(usage("verify needs at least one DIR"));
     }
@@ -286,7 +300,8 @@ fn verify_case(a: &Args) -> Result<(), Error> {
 }
 
 fn bench(a: &Args) -> Result<(), Error> {
-    a.only(&["--threads", "--batch", "--runs", "--cpu", "--target", "--train"])?;
+    a.only(&["--threads", "--batch", "--runs", "--cpu", "--target", "--train", "--no-nchwc"])?;
+    apply_layout_switch(a);
     let model = a.one_positional("MODEL.onnx")?;
     let threads = a.number("--threads")?.unwrap_or(1);
     if a.flag("--train") {
@@ -371,7 +386,8 @@ fn random_tensor(dtype: cnnc_ir::DType, shape: &[usize], seed: u64) -> cnnc_ir::
 }
 
 fn dump(a: &Args) -> Result<(), Error> {
-    a.only(&["--after", "--all", "--list-passes", "--batch", "--full", "--cpu", "--target", "--train", "--optimizer", "--freeze"])?;
+    a.only(&["--after", "--all", "--list-passes", "--batch", "--full", "--cpu", "--target", "--train", "--optimizer", "--freeze", "--no-nchwc"])?;
+    apply_layout_switch(a);
     if a.flag("--train") {
         return dump_training(a);
     }

@@ -44,10 +44,22 @@ pub fn load_onnx(path: &Path, batch: Option<usize>) -> Result<Graph, Error> {
     cnnc_onnx::load_model(path, &opts).map_err(|e| Error::Input(format!("{}: {e}", path.display())))
 }
 
-/// Runs the inference pipeline for `target`, calling `observe` after each pass.
+/// Runs the inference pipeline for `target` (with `pipeline_options()`), calling
+/// `observe` after each pass.
 pub fn optimize(g: &mut Graph, target: &passes::TargetDesc, observe: impl FnMut(&str, &Graph)) -> Result<(), Error> {
     let ctx = passes::PassContext { target: target.clone() };
-    passes::run_pipeline(g, &passes::inference_pipeline(), &ctx, observe).map_err(|e| Error::Failed(e.to_string()))
+    let pipeline = passes::inference_pipeline_with(&pipeline_options());
+    passes::run_pipeline(g, &pipeline, &ctx, observe).map_err(|e| Error::Failed(e.to_string()))
+}
+
+/// The environment variable that turns the blocked NCHWc layout off (`1`); the CLI's
+/// `--no-nchwc` sets it, so `verify`'s child processes inherit it.
+pub const NO_NCHWC_VAR: &str = "CNNC_NO_NCHWC";
+
+/// The pipeline switches this process runs with.
+pub fn pipeline_options() -> passes::PipelineOptions {
+    let no_nchwc = std::env::var_os(NO_NCHWC_VAR).is_some_and(|v| v == "1");
+    passes::PipelineOptions { nchwc: !no_nchwc }
 }
 
 /// What `compile_to_shared_object` did, for the one-line summary.

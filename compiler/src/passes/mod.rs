@@ -3,6 +3,7 @@
 
 use cnnc_ir::Graph;
 
+pub mod choose_layout;
 pub mod choose_schedule;
 mod edit;
 pub mod eliminate_dead_code;
@@ -32,17 +33,40 @@ pub struct Pass {
 
 /// The inference pipeline, in order. Batch normalisation folds before fusion (a folded
 /// mul/add costs nothing, a fused one costs a step), fusion before scheduling (the
-/// schedule is chosen for the final node), dead code last.
+/// schedule is chosen for the final node), layouts after fusion (regions are chosen
+/// for the fused nodes) and before scheduling (which leaves blocked nodes alone), dead
+/// code last.
 pub fn inference_pipeline() -> Vec<Pass> {
-    vec![
+    inference_pipeline_with(&PipelineOptions::default())
+}
+
+/// Switches of the inference pipeline.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PipelineOptions {
+    /// Blocked NCHWc regions (`choose_layout`); off for A/B runs (`--no-nchwc`).
+    pub nchwc: bool,
+}
+
+impl Default for PipelineOptions {
+    fn default() -> PipelineOptions {
+        PipelineOptions { nchwc: true }
+    }
+}
+
+/// The inference pipeline with `options`.
+pub fn inference_pipeline_with(options: &PipelineOptions) -> Vec<Pass> {
+    let mut passes = vec![
         fold_constants::PASS,
         merge_reshapes::PASS,
         fold_batchnorm::PASS,
         fuse_epilogue::PASS,
         matmul_as_conv::PASS,
-        choose_schedule::PASS,
-        eliminate_dead_code::PASS,
-    ]
+    ];
+    if options.nchwc {
+        passes.push(choose_layout::PASS);
+    }
+    passes.extend([choose_schedule::PASS, eliminate_dead_code::PASS]);
+    passes
 }
 
 /// A pass failed or left the graph invalid.

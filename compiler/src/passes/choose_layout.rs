@@ -1,0 +1,238 @@
+//! Chooses blocked (NCHWc8) regions: connected sets of nodes that all have a blocked
+//! kernel run on [N, C/8, H, W, 8] values, with `reorder` nodes only where a region's
+//! values meet plain producers or consumers (see `cnnc_ir::verify` for the layout rules
+//! and `Op::Reorder`).
+//!
+//! A node can be blocked when its output is an f32 [N, C, H, W] with C a multiple of 8
+//! and its kernel takes the blocked layout: 1x1 convolutions
+//! (`kernels::conv_blocked`), depthwise convolutions (`kernels::depthwise_blocked`),
+//! global Mean/Sum reductions and pooling (`kernels::pool_blocked`), f32 unary and
+//! binary elementwise ops (with their epilogues). Regions are the connected
+//! components of such nodes along data edges (a value one reads as its data operand,
+//! `verify::is_data_operand`) whose value is not layout-free ([N, C, 1, 1] values
+//! have the same bytes in both layouts and connect nothing). A region is worth its
+//! reorders when it holds a depthwise convolution or at least two convolutions.
+//!
+//! The kernels are AVX2+FMA machine code (blocks of 8, AVX-512 machines included):
+//! targets with narrower vectors keep every node plain. Inference only; the driver
+//! leaves the pass out with `--no-nchwc` (or `CNNC_NO_NCHWC=1`).
+
+use cnnc_codegen::kernels::{conv_blocked, depthwise_blocked, pool_blocked};
+use cnnc_ir::verify::{is_data_operand, is_layout_free};
+use cnnc_ir::{DType, Graph, Layout, Node, Op, Schedule, ValueId};
+
+use super::{Pass, PassContext};
+
+pub const PASS: Pass = Pass {
+    name: "choose-layout",
+    summary: "run connected 1x1/depthwise conv, pooling and elementwise regions in the blocked NCHWc8 layout",
+    run,
+};
+
+/// Channels per block: one AVX2 register of f32.
+pub const BLOCK: usize = 8;
+
+fn blocked() -> Layout {
+    Layout::Blocked { block: BLOCK as u32 }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Pointwise,
+    Depthwise,
+    Other,
+}
+
+/// What kind of blocked node `node` can be, if any.
+fn blockable(g: &Graph, node: &Node) -> Option<Kind> {
+    let [out] = node.outputs[..] else { return None };
+    let ty = g.ty(out);
+    if ty.dtype != DType::F32 || ty.rank() != 4 || ty.shape[1] % BLOCK != 0 || ty.numel() == 0 {
+        return None;
+    }
+    match node.op {
+        Op::Conv(_) if depthwise_blocked::supports_node(g, node) => Some(Kind::Depthwise),
+        Op::Conv(_) if conv_blocked::supports_node(g, node) => Some(Kind::Pointwise),
+        Op::Reduce { .. } if pool_blocked::supports_global_reduce(g, node) => Some(Kind::Other),
+        Op::Pool(_) if pool_blocked::supports_pool(g, node) => Some(Kind::Other),
+        Op::Unary(_) | Op::Binary(_) => {
+            let inputs_f32 = node.inputs.iter().all(|&v| g.ty(v).dtype == DType::F32);
+            inputs_f32.then_some(Kind::Other)
+        }
+        _ => None,
+    }
+}
+
+fn find(parent: &mut [usize], mut i: usize) -> usize {
+    while parent[i] != i {
+        parent[i] = parent[parent[i]];
+        i = parent[i];
+    }
+    i
+}
+
+fn run(g: &mut Graph, ctx: &PassContext) -> Result<(), String> {
+    if ctx.target.vector_width < BLOCK {
+        return Ok(());
+    }
+    let chosen = choose_regions(g);
+    if chosen.iter().any(|&c| c) {
+        rewrite(g, &chosen);
+    }
+    Ok(())
+}
+
+/// Which nodes run blocked.
+fn choose_regions(g: &Graph) -> Vec<bool> {
+    let n = g.nodes.len();
+    let kinds: Vec<Option<Kind>> = g.nodes.iter().map(|node| blockable(g, node)).collect();
+    let producers = g.producers();
+    let mut parent: Vec<usize> = (0..n).collect();
+    for (i, node) in g.nodes.iter().enumerate() {
+        if kinds[i].is_none() {
+            continue;
+        }
+        for (slot, &v) in node.inputs.iter().enumerate() {
+            let Some(p) = producers[v.index()] else { continue };
+            if kinds[p].is_some() && is_data_operand(g, node, slot) && !is_layout_free(g.ty(v)) {
+                let (a, b) = (find(&mut parent, i), find(&mut parent, p));
+                parent[a] = b;
+            }
+        }
+    }
+    // Per region: depthwise convolutions and convolutions.
+    let mut depthwise = vec![0usize; n];
+    let mut convs = vec![0usize; n];
+    for i in 0..n {
+        let Some(kind) = kinds[i] else { continue };
+        let root = find(&mut parent, i);
+        match kind {
+            Kind::Depthwise => {
+                depthwise[root] += 1;
+                convs[root] += 1;
+            }
+            Kind::Pointwise => convs[root] += 1,
+            Kind::Other => {}
+        }
+    }
+    (0..n)
+        .map(|i| {
+            kinds[i].is_some() && {
+                let root = find(&mut parent, i);
+                depthwise[root] > 0 || convs[root] >= 2
+            }
+        })
+        .collect()
+}
+
+/// Sets the chosen nodes' layouts and inserts the reorders their edges need: one per
+/// value and direction, right after the value's producer (graph inputs: first).
+fn rewrite(g: &mut Graph, chosen: &[bool]) {
+    let old_nodes = std::mem::take(&mut g.nodes);
+    let n_values = g.values.len();
+    // The layout each value is produced in.
+    let mut produced_blocked = vec![false; n_values];
+    for (i, node) in old_nodes.iter().enumerate() {
+        if chosen[i] {
+            for &o in &node.outputs {
+                produced_blocked[o.index()] = true;
+            }
+        }
+    }
+    // Which copies each value needs.
+    let mut want_blocked = vec![false; n_values];
+    let mut want_plain = vec![false; n_values];
+    let needs = |v: ValueId, read_blocked: bool, want_blocked: &mut [bool], want_plain: &mut [bool]| {
+        if produced_blocked[v.index()] == read_blocked || is_layout_free(g.ty(v)) {
+            return;
+        }
+        if read_blocked {
+            want_blocked[v.index()] = true;
+        } else {
+            want_plain[v.index()] = true;
+        }
+    };
+    for (i, node) in old_nodes.iter().enumerate() {
+        for (slot, &v) in node.inputs.iter().enumerate() {
+            let read_blocked = chosen[i] && is_data_operand(g, node, slot);
+            needs(v, read_blocked, &mut want_blocked, &mut want_plain);
+        }
+    }
+    for &o in &g.outputs {
+        needs(o, false, &mut want_blocked, &mut want_plain);
+    }
+    // Copies: value -> (blocked copy, plain copy).
+    let mut blocked_copy: Vec<Option<ValueId>> = vec![None; n_values];
+    let mut plain_copy: Vec<Option<ValueId>> = vec![None; n_values];
+    let mut reorders_after: Vec<Vec<Node>> = vec![Vec::new(); old_nodes.len()];
+    let mut reorders_first: Vec<Node> = Vec::new();
+    let producers = {
+        let mut p = vec![None; n_values];
+        for (i, node) in old_nodes.iter().enumerate() {
+            for &o in &node.outputs {
+                p[o.index()] = Some(i);
+            }
+        }
+        p
+    };
+    for v in 0..n_values {
+        for to_blocked in [true, false] {
+            let wanted = if to_blocked { want_blocked[v] } else { want_plain[v] };
+            if !wanted {
+                continue;
+            }
+            let value = ValueId(v as u32);
+            let ty = g.ty(value).clone();
+            let base = match (&g.values[v].name, producers[v]) {
+                (name, _) if !name.is_empty() => name.clone(),
+                (_, Some(p)) => old_nodes[p].name.clone(),
+                _ => format!("%{v}"),
+            };
+            let (suffix, from, to) = if to_blocked {
+                ("to_nchwc8", Layout::Plain, blocked())
+            } else {
+                ("to_nchw", blocked(), Layout::Plain)
+            };
+            let copy = g.add_value(ty, String::new());
+            let node = Node {
+                name: format!("{base}.{suffix}"),
+                op: Op::Reorder,
+                inputs: vec![value],
+                outputs: vec![copy],
+                epilogue: Vec::new(),
+                schedule: Schedule { layout_in: from, layout_out: to, ..Schedule::default() },
+            };
+            if to_blocked {
+                blocked_copy[v] = Some(copy);
+            } else {
+                plain_copy[v] = Some(copy);
+            }
+            match producers[v] {
+                Some(p) => reorders_after[p].push(node),
+                None => reorders_first.push(node),
+            }
+        }
+    }
+    let mut nodes = reorders_first;
+    for (i, mut node) in old_nodes.into_iter().enumerate() {
+        let reads: Vec<bool> = (0..node.inputs.len()).map(|slot| chosen[i] && is_data_operand(g, &node, slot)).collect();
+        for (slot, v) in node.inputs.iter_mut().enumerate() {
+            let copy = if reads[slot] { blocked_copy[v.index()] } else { plain_copy[v.index()] };
+            if let Some(c) = copy {
+                *v = c;
+            }
+        }
+        if chosen[i] {
+            node.schedule.layout_in = blocked();
+            node.schedule.layout_out = blocked();
+        }
+        nodes.push(node);
+        nodes.append(&mut reorders_after[i]);
+    }
+    for o in &mut g.outputs {
+        if let Some(c) = plain_copy[o.index()] {
+            *o = c;
+        }
+    }
+    g.nodes = nodes;
+}
