@@ -5,7 +5,7 @@ use cnnc_ir::Graph;
 
 pub mod choose_layout;
 pub mod choose_schedule;
-mod edit;
+pub(crate) mod edit;
 pub mod eliminate_dead_code;
 pub mod fold_batchnorm;
 pub mod fold_constants;
