@@ -340,7 +340,7 @@ proptest! {
 
 /// Per-layer time of the plain (NCHW) and blocked (NCHWc8) depthwise kernels on the
 /// depthwise layers of MobileNetV2 (3x3, ReLU6) and EfficientNet-B0 (3x3/5x5, SiLU),
-/// batch 1, one thread, one node per library (the blocked one reads and writes blocked
+/// batch 1, one thread (`BENCH_THREADS`), one node per library (the blocked one reads and writes blocked
 /// bytes directly: no reorders are timed). Alternates the two, keeps each one's
 /// minimum. `cargo test --release -p cnnc-codegen --test depthwise_blocked -- --ignored
 /// --nocapture`
@@ -379,6 +379,7 @@ fn bench_model_layers_plain_vs_blocked() {
     ];
     let host = TargetSpec::host();
     let runs: usize = std::env::var("BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let threads: usize = std::env::var("BENCH_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
     println!("model            C   HxW  k s   plain us  blocked us  plain/blocked");
     let (mut total_plain, mut total_blocked) = (0.0, 0.0);
     for (model, c, hw, k, s, act) in layers {
@@ -420,7 +421,7 @@ fn bench_model_layers_plain_vs_blocked() {
             .collect();
         let mut sessions: Vec<_> = sessions
             .iter()
-            .map(|(model, x, y)| (cnnc_runtime::Session::new(model, 1).unwrap(), x, y.clone()))
+            .map(|(model, x, y)| (cnnc_runtime::Session::new(model, threads).unwrap(), x, y.clone()))
             .collect();
         let mut best = [f64::MAX; 2];
         for _ in 0..runs {
