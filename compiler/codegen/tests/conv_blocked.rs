@@ -38,6 +38,8 @@ enum Epilogue {
     Relu6ThenResidual,
     /// Sigmoid: not applied in registers, so the pass after the tiles runs it.
     Sigmoid,
+    /// SiLU (EfficientNet): per tile through the activation functions.
+    Silu,
     /// A per-channel multiply then ReLU: the whole epilogue after the tiles.
     ScaleThenRelu,
 }
@@ -91,6 +93,7 @@ fn build(c: &Case, rng: &mut Rng) -> (Graph, Vec<cnnc_ir::Tensor>) {
                 node.epilogue = vec![relu6.clone(), EpilogueStep::Binary { func: BinaryFn::Add, operand: extra }];
             }
             Epilogue::Sigmoid => node.epilogue = vec![EpilogueStep::Unary(UnaryFn::Relu), EpilogueStep::Unary(UnaryFn::Sigmoid)],
+            Epilogue::Silu => node.epilogue = vec![EpilogueStep::Unary(UnaryFn::Swish { alpha: 1.0 })],
             Epilogue::ScaleThenRelu => {
                 node.inputs.push(scale);
                 node.epilogue = vec![
@@ -118,6 +121,7 @@ fn epilogue_strategy() -> impl Strategy<Value = Epilogue> {
         Epilogue::Residual,
         Epilogue::Relu6ThenResidual,
         Epilogue::Sigmoid,
+        Epilogue::Silu,
         Epilogue::ScaleThenRelu,
     ])
 }
@@ -158,7 +162,7 @@ fn mobilenet_shapes_with_threads() {
         return;
     }
     let target = cnnc_codegen::TargetSpec::host();
-    for (k, m, hw, epilogue) in [(160, 960, 7, Epilogue::Relu6), (960, 160, 7, Epilogue::Residual), (24, 144, 56, Epilogue::Relu6)] {
+    for (k, m, hw, epilogue) in [(160, 960, 7, Epilogue::Relu6), (960, 160, 7, Epilogue::Residual), (24, 144, 56, Epilogue::Relu6), (40, 240, 28, Epilogue::Silu), (16, 96, 13, Epilogue::ScaleThenRelu)] {
         let case = Case { n: 1, k, m, h: hw, w: hw, stride: 1, bias: true, epilogue };
         let (g, inputs) = build(&case, &mut Rng(11));
         let want = cnnc_ir::interp::run(&g, &inputs).unwrap();

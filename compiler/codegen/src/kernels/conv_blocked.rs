@@ -7,26 +7,29 @@
 //! compile time into one panel per 16 output channels (8 for a last odd block),
 //! `[K][16]` then the bias. Stride 1 runs over the flattened positions; other strides
 //! run over output rows (a tile's positions then sit `stride·32` bytes apart in the
-//! input). A row's last tile overlaps the one before it instead of running fewer rows
-//! (49 positions: tiles at 0, 6, ..., 42 and 43), which is harmless: the same values
-//! are stored twice.
+//! input). A row's last tile runs a second machine-code function with fewer rows (49
+//! positions: eight tiles of 6, then one of 1), so no position is written twice.
 //!
 //! The epilogue's leading bias/ReLU/clip/residual-add steps are applied in registers
-//! before the store; any steps from the first other one on (SiLU, sigmoid, a
-//! per-channel multiply...) run afterwards as one in-place pass over the blocked
-//! output (`elementwise::emit_epilogue`). Tasks over position tiles go through the
-//! host's `parallel_for`.
+//! before the store; the steps from the first other one on run per tile through the
+//! AVX2 activation functions (`microkernel::activation`: SiLU, sigmoid...) while the
+//! tile is in cache, over all its channel blocks in one call (rows = blocks, row
+//! stride = a block plane); anything else (a per-channel multiply...) runs afterwards
+//! as one in-place pass over the blocked output (`elementwise::emit_epilogue`). Tasks
+//! over position tiles go through the host's `parallel_for`.
 
 use cnnc_ir::{ConstValue, DType, EpilogueStep, Graph, Layout, Node, Op, Scalar, TensorData};
 use cranelift_codegen::Context;
 use cranelift_codegen::ir::types::I64;
-use cranelift_codegen::ir::{AbiParam, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, Value};
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::{AbiParam, FuncRef, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, Value};
 use cranelift_codegen::isa::CallConv;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_module::{FuncId, Linkage, Module};
 
 use super::{CodegenError, KernelCtx, parallel};
 use crate::microkernel::pointwise_blocked_x86::{self as machine, BLOCK, MAX_ROWS, PointwiseSpec};
+use crate::microkernel::activation::{self, ActivationSpec};
 use crate::microkernel::store_epilogue::{self, StoreStep};
 use crate::module::{define_bytes, define_local};
 use crate::target::TargetSpec;
@@ -62,6 +65,10 @@ impl PointwisePlan {
     fn tiles_per_row(&self) -> usize {
         self.row_len.div_ceil(self.tile_rows)
     }
+    /// Positions of a row's last tile when fewer than `tile_rows` (0: none).
+    fn remainder_rows(&self) -> usize {
+        self.row_len % self.tile_rows
+    }
     fn tiles(&self) -> usize {
         self.batch * self.rows * self.tiles_per_row()
     }
@@ -77,9 +84,9 @@ impl PointwisePlan {
         self.in_channels * width + if self.bias.is_some() { width } else { 0 }
     }
 
-    fn spec(&self, blocks: usize) -> PointwiseSpec {
+    fn spec(&self, rows: usize, blocks: usize) -> PointwiseSpec {
         PointwiseSpec {
-            rows: self.tile_rows,
+            rows,
             blocks,
             k_blocks: self.in_channels / BLOCK,
             a_row_bytes: self.in_position_step as i32,
@@ -289,23 +296,31 @@ pub fn define_node<M: Module>(
     let what = format!("blocked 1x1 convolution '{}'", node.name);
     let weights = constant_input(g, node, 1).ok_or_else(|| CodegenError(format!("{what}: the weights are not a constant")))?;
     let packed = define_bytes(module, &format!("cnnc_w{node_index}_pw8"), plan.pack(&weights))?;
-    let mut code_ids = Vec::new();
-    for blocks in [2, 1] {
-        let needed = if blocks == 2 { plan.full_panels() > 0 } else { plan.has_half_panel() };
-        if !needed {
-            code_ids.push(None);
-            continue;
+    // [full rows, remainder rows] x [two blocks, one block].
+    let mut code_ids = [[None; 2]; 2];
+    for (r, rows) in [plan.tile_rows, plan.remainder_rows()].into_iter().enumerate() {
+        for (v, blocks) in [2, 1].into_iter().enumerate() {
+            let needed = rows > 0 && if blocks == 2 { plan.full_panels() > 0 } else { plan.has_half_panel() };
+            if !needed {
+                continue;
+            }
+            let code = machine::assemble(&plan.spec(rows, blocks))?;
+            let name = format!("cnnc_k{node_index}_pw8_{rows}x{blocks}");
+            let id = module
+                .declare_function(&name, Linkage::Local, &machine_code_signature())
+                .map_err(|e| CodegenError(format!("declaring {name}: {e}")))?;
+            module
+                .define_function_bytes(id, crate::microkernel::x86::CODE_ALIGN, &code, &[])
+                .map_err(|e| CodegenError(format!("defining {name}: {e}")))?;
+            code_ids[r][v] = Some(id);
         }
-        let code = machine::assemble(&plan.spec(blocks))?;
-        let name = format!("cnnc_k{node_index}_pw8x{blocks}");
-        let id = module
-            .declare_function(&name, Linkage::Local, &machine_code_signature())
-            .map_err(|e| CodegenError(format!("declaring {name}: {e}")))?;
-        module
-            .define_function_bytes(id, crate::microkernel::x86::CODE_ALIGN, &code, &[])
-            .map_err(|e| CodegenError(format!("defining {name}: {e}")))?;
-        code_ids.push(Some(id));
     }
+    // The rest of the epilogue per tile when the activation functions take it.
+    let tile_activation = match activation::unary_steps(&plan.rest).and_then(|steps| ActivationSpec::new(false, &steps)) {
+        Some(spec) => Some(activation::define(module, &spec)?),
+        None => None,
+    };
+    let rest_after = if tile_activation.is_some() { Vec::new() } else { plan.rest.clone() };
     let residual = residual_input(node, plan);
     let output_slot = node.inputs.len();
     let tiles = plan.tiles();
@@ -327,7 +342,8 @@ pub fn define_node<M: Module>(
         };
         let gv = module.declare_data_in_func(packed, b.func);
         let panels = b.ins().symbol_value(I64, gv);
-        let refs: Vec<_> = code_ids.iter().map(|id| id.map(|id| module.declare_func_in_func(id, b.func))).collect();
+        let refs = code_ids.map(|row| row.map(|id| id.map(|id| module.declare_func_in_func(id, b.func))));
+        let act = tile_activation.map(|id| module.declare_func_in_func(id, b.func));
         // Tiles [index·T / tasks, (index+1)·T / tasks).
         let first = b.ins().imul_imm_s(index, tiles as i64);
         let first = b.ins().udiv(first, n_tasks);
@@ -335,7 +351,7 @@ pub fn define_node<M: Module>(
         let end = b.ins().imul_imm_s(next, tiles as i64);
         let end = b.ins().udiv(end, n_tasks);
         super::gemm::for_range(b, first, end, |b, t| {
-            emit_tile(b, plan, &refs, t, [x, panels, y, r]);
+            emit_tile(b, plan, &refs, act, t, [x, panels, y, r]);
         });
         Ok(())
     })?;
@@ -353,14 +369,14 @@ pub fn define_node<M: Module>(
         b.ins().stack_store(I64, n_tasks, slot, 8);
         let task_ctx = b.ins().stack_addr(I64, slot, 0);
         parallel::emit_dispatch(b, host, threads, n_tasks, task_ref, task_ctx, call_conv);
-        if !plan.rest.is_empty() {
+        if !rest_after.is_empty() {
             let flags = MemFlagsData::trusted().with_readonly().with_can_move();
             let mut ptrs: Vec<Value> = (0..=node.inputs.len())
                 .map(|i| b.ins().load(I64, flags, bufs, (8 * i) as i32))
                 .collect();
             let outputs = ptrs.split_off(node.inputs.len());
             let mut rest_node = node.clone();
-            rest_node.epilogue = plan.rest.clone();
+            rest_node.epilogue = rest_after.clone();
             let mut k = KernelCtx { b, graph: g, node: &rest_node, inputs: ptrs, outputs };
             super::elementwise::emit_epilogue(&mut k)?;
         }
@@ -369,48 +385,74 @@ pub fn define_node<M: Module>(
 }
 
 /// One tile `t` (flat over images, rows, tiles of a row): every panel of output
-/// channels over the tile's positions.
+/// channels over the tile's positions, then the tile's activation.
 fn emit_tile(
     b: &mut FunctionBuilder,
     plan: &PointwisePlan,
-    refs: &[Option<cranelift_codegen::ir::FuncRef>],
+    refs: &[[Option<FuncRef>; 2]; 2],
+    act: Option<FuncRef>,
     t: Value,
     [x, panels, y, r]: [Value; 4],
 ) {
     let coords = super::gemm::unflatten(b, t, &[plan.batch, plan.rows, plan.tiles_per_row()]);
     let (image, row, tile) = (coords[0], coords[1], coords[2]);
-    // The row's last tile ends at its last position (overlapping the one before).
     let start = b.ins().imul_imm_s(tile, plan.tile_rows as i64);
-    let last_start = b.ins().iconst(I64, (plan.row_len - plan.tile_rows) as i64);
-    let start = b.ins().umin(start, last_start);
     let in_image = (plan.in_channels * plan.in_positions * 4) as i64;
     let out_image = (plan.out_channels * plan.out_positions * 4) as i64;
     let a = super::gemm::scaled(b, x, image, in_image);
     let a = super::gemm::scaled(b, a, row, plan.in_row_step as i64);
     let a = super::gemm::scaled(b, a, start, plan.in_position_step as i64);
     // Output position (row · row_len + start), 32 bytes each in a block.
-    let c = super::gemm::scaled(b, y, image, out_image);
     let position = b.ins().imul_imm_s(row, plan.row_len as i64);
     let position = b.ins().iadd(position, start);
     let c_offset = b.ins().imul_imm_s(position, (BLOCK * 4) as i64);
-    let c = b.ins().iadd(c, c_offset);
+    let image_offset = b.ins().imul_imm_s(image, out_image);
+    let c_offset = b.ins().iadd(c_offset, image_offset);
+    let c = b.ins().iadd(y, c_offset);
     let res = b.ins().iadd(r, c_offset);
-    let res = super::gemm::scaled(b, res, image, out_image);
     let panel_bytes = (plan.panel_floats(2) * 4) as i64;
     let block_bytes = (plan.out_positions * BLOCK * 4) as i64;
-    if let Some(full) = refs[0] {
+    let sig = b.import_signature(machine_code_signature());
+    // The row's last tile runs the remainder functions when the row is not whole tiles.
+    let pick = |b: &mut FunctionBuilder, v: usize| -> Option<Value> {
+        let full = refs[0][v].map(|f| b.ins().func_addr(I64, f))?;
+        match refs[1][v] {
+            Some(rem) if plan.remainder_rows() > 0 => {
+                let rem = b.ins().func_addr(I64, rem);
+                let last = b.ins().icmp_imm_u(IntCC::Equal, tile, (plan.tiles_per_row() - 1) as i64);
+                Some(b.ins().select(last, rem, full))
+            }
+            _ => Some(full),
+        }
+    };
+    if let Some(full) = pick(b, 0) {
         crate::loops::for_count(b, plan.full_panels(), |b, j| {
             let bp = super::gemm::scaled(b, panels, j, panel_bytes);
             let cp = super::gemm::scaled(b, c, j, 2 * block_bytes);
             let rp = super::gemm::scaled(b, res, j, 2 * block_bytes);
-            b.ins().call(full, &[a, bp, cp, rp]);
+            b.ins().call_indirect(sig, full, &[a, bp, cp, rp]);
         });
     }
-    if let Some(half) = refs[1] {
+    if let Some(half) = pick(b, 1) {
         let j = plan.full_panels() as i64;
         let bp = b.ins().iadd_imm_s(panels, j * panel_bytes);
         let cp = b.ins().iadd_imm_s(c, j * 2 * block_bytes);
         let rp = b.ins().iadd_imm_s(res, j * 2 * block_bytes);
-        b.ins().call(half, &[a, bp, cp, rp]);
+        b.ins().call_indirect(sig, half, &[a, bp, cp, rp]);
+    }
+    if let Some(act) = act {
+        // rows = channel blocks (a plane apart), cols = the tile's positions x 8 lanes.
+        let rows_here = if plan.remainder_rows() > 0 {
+            let last = b.ins().icmp_imm_u(IntCC::Equal, tile, (plan.tiles_per_row() - 1) as i64);
+            let rem = b.ins().iconst(I64, (plan.remainder_rows() * BLOCK) as i64);
+            let full = b.ins().iconst(I64, (plan.tile_rows * BLOCK) as i64);
+            b.ins().select(last, rem, full)
+        } else {
+            b.ins().iconst(I64, (plan.tile_rows * BLOCK) as i64)
+        };
+        let blocks = b.ins().iconst(I64, (plan.out_channels / BLOCK) as i64);
+        let stride = b.ins().iconst(I64, block_bytes);
+        let no_bias = b.ins().iconst(I64, 0);
+        b.ins().call(act, &[c, blocks, rows_here, stride, no_bias]);
     }
 }
