@@ -6,6 +6,8 @@
 //! - fold-constants: evaluates only nodes whose inputs are all constants; parameters are
 //!   graph inputs, so nothing trained is folded.
 //! - merge-reshapes: value-preserving; the intermediate reshape stays while backward reads it.
+//! - fold-padded-gradient-sums: value-preserving up to the order of one addition per
+//!   element (see the pass).
 //! - fuse-epilogue: fuses a node into its producer only when the producer's value has no
 //!   other reader and is not a graph output, so a pre-activation value that a gradient rule
 //!   reads (ReLU's mask, BatchNorm's normalised value) keeps its buffer.
@@ -30,6 +32,7 @@ pub fn training_pipeline() -> Vec<Pass> {
         passes::fold_constants::PASS,
         SHARE_COMMON_SUBEXPRESSIONS,
         passes::merge_reshapes::PASS,
+        FOLD_PADDED_GRADIENT_SUMS,
         passes::fuse_epilogue::PASS,
         passes::matmul_as_conv::PASS,
         passes::choose_schedule::PASS,
@@ -92,6 +95,124 @@ fn share_common_subexpressions(g: &mut Graph, _: &PassContext) -> Result<(), Str
         *o = renamed[o.index()];
     }
     Ok(())
+}
+
+/// A strided 1x1 convolution's input gradient (a ResNet downsample) is its one phase
+/// zero-padded to the input's extent, `reshape(pad(c))`; summed with the gradient of a
+/// strided 3x3 convolution over the same input, which interleaves its phases by concats,
+/// the padding writes a tensor of mostly zeros and the sum reads both again. Where the
+/// padded region of `c` is exactly the first concat piece (pads only at the end, every
+/// concat on the way into it single-reader), `c` is added to that piece instead (which
+/// fuse-epilogue then makes the phase convolution's residual epilogue) and the sum
+/// becomes the interleaved tensor. Each element is still the same two terms added.
+pub const FOLD_PADDED_GRADIENT_SUMS: Pass = Pass {
+    name: "fold-padded-gradient-sums",
+    summary: "add a zero-padded gradient into the matching concat piece of the other term instead of summing whole tensors",
+    run: fold_padded_gradient_sums,
+};
+
+/// One sum to fold: the add node, the concat that reads the first piece, that piece,
+/// the unpadded term, and the interleaved term that replaces the sum.
+struct PaddedSum {
+    add: usize,
+    concat: usize,
+    piece: cnnc_ir::ValueId,
+    unpadded: cnnc_ir::ValueId,
+    interleaved: cnnc_ir::ValueId,
+}
+
+fn fold_padded_gradient_sums(g: &mut Graph, _: &PassContext) -> Result<(), String> {
+    while let Some(sum) = find_padded_sum(g) {
+        fold_padded_sum(g, sum);
+    }
+    Ok(())
+}
+
+fn find_padded_sum(g: &Graph) -> Option<PaddedSum> {
+    use cnnc_ir::{BinaryFn, Op, PadMode, Scalar};
+    let producers = g.producers();
+    let users = g.users();
+    let outputs: std::collections::HashSet<cnnc_ir::ValueId> = g.outputs.iter().copied().collect();
+    let only_reader = |v: cnnc_ir::ValueId| users[v.index()].len() == 1 && !outputs.contains(&v);
+    let producer = |v: cnnc_ir::ValueId| producers[v.index()].map(|i| (i, &g.nodes[i]));
+    for (add, node) in g.nodes.iter().enumerate() {
+        if node.op != Op::Binary(BinaryFn::Add) || !node.epilogue.is_empty() || node.inputs.len() != 2 {
+            continue;
+        }
+        for (padded, other) in [(node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0])] {
+            if g.ty(padded) != g.ty(other) || !only_reader(padded) || !only_reader(other) {
+                continue;
+            }
+            let Some((_, Op::Reshape)) = producer(padded).map(|(i, n)| (i, &n.op)) else { continue };
+            let pad_out = producer(padded)?.1.inputs[0];
+            let Some((_, pad)) = producer(pad_out) else { continue };
+            let Op::Pad { begins, mode: PadMode::Constant(Scalar::F32(zero)), .. } = &pad.op else { continue };
+            if *zero != 0.0 || zero.is_sign_negative() || begins.iter().any(|&b| b != 0) || !only_reader(pad_out) || !pad.epilogue.is_empty() {
+                continue;
+            }
+            let unpadded = pad.inputs[0];
+            let Some((_, Op::Reshape)) = producer(other).map(|(i, n)| (i, &n.op)) else { continue };
+            let interleaved_source = producer(other)?.1.inputs[0];
+            if g.ty(interleaved_source) != g.ty(pad_out) {
+                continue;
+            }
+            // Into the first piece of each concat until the unpadded term's shape.
+            let mut current = interleaved_source;
+            let mut innermost = None;
+            while g.ty(current).shape != g.ty(unpadded).shape {
+                let Some((i, concat)) = producer(current) else { break };
+                if !matches!(concat.op, Op::Concat { .. }) || !concat.epilogue.is_empty() || (innermost.is_some() && !only_reader(current)) {
+                    break;
+                }
+                innermost = Some(i);
+                current = concat.inputs[0];
+            }
+            let Some(concat) = innermost else { continue };
+            let defined_before = producers[unpadded.index()].is_none_or(|p| p < concat);
+            if g.ty(current) != g.ty(unpadded) || !only_reader(current) || !defined_before {
+                continue;
+            }
+            return Some(PaddedSum { add, concat, piece: current, unpadded, interleaved: other });
+        }
+    }
+    None
+}
+
+fn fold_padded_sum(g: &mut Graph, sum: PaddedSum) {
+    use cnnc_ir::{BinaryFn, Node, Op};
+    let producers = g.producers();
+    let reshape_of = |g: &Graph, v: cnnc_ir::ValueId| {
+        producers[v.index()].filter(|&i| g.nodes[i].op == Op::Reshape && g.nodes[i].epilogue.is_empty())
+    };
+    let defined_before = |v: cnnc_ir::ValueId, at: usize| producers[v.index()].is_none_or(|p| p < at);
+    // Add before the reshapes to the unit-axis form when both sides have one (the
+    // piece's reshape then reads the sum), so that the sum can become the producing
+    // convolution's epilogue; else add the unit-axis forms right before the concat.
+    let (at, a, b, reader) = match (reshape_of(g, sum.piece), reshape_of(g, sum.unpadded)) {
+        (Some(r), Some(u)) => {
+            let (a, b) = (g.nodes[r].inputs[0], g.nodes[u].inputs[0]);
+            if g.ty(a) == g.ty(b) && defined_before(b, r) { (r, a, b, r) } else { (sum.concat, sum.piece, sum.unpadded, sum.concat) }
+        }
+        _ => (sum.concat, sum.piece, sum.unpadded, sum.concat),
+    };
+    let output = g.add_value(g.ty(a).clone(), "grad.folded_sum");
+    let summed = Node {
+        name: "grad.folded_sum".to_string(),
+        op: Op::Binary(BinaryFn::Add),
+        inputs: vec![a, b],
+        outputs: vec![output],
+        epilogue: vec![],
+        schedule: Default::default(),
+    };
+    for input in g.nodes[reader].inputs.iter_mut().filter(|v| **v == a) {
+        *input = output;
+    }
+    // The sum (after the concat that reads the interleaved term) becomes a reshape of it;
+    // the pad and its reshape are left to dead-code elimination.
+    let add = &mut g.nodes[sum.add];
+    add.op = Op::Reshape;
+    add.inputs = vec![sum.interleaved];
+    g.nodes.insert(at, summed);
 }
 
 /// The weight-gradient correlations of `rules_window::channels_last_weight_gradient`
@@ -216,6 +337,54 @@ mod tests {
         g.outputs = vec![y, grads[0]];
         optimize_training_graph(&mut g, &PassContext { target: passes::TargetDesc::fixed_for_tests() }).unwrap();
         g
+    }
+
+    /// The input gradient of a strided 3x3 convolution and a strided 1x1 convolution
+    /// (a ResNet block with its downsample) reading the same x.
+    fn strided_pair_input_gradient() -> (Graph, Vec<cnnc_ir::Tensor>) {
+        let mut g = Graph::new("f");
+        let x = g.add_input(TensorType::f32(vec![2, 16, 8, 6]), "x");
+        let w3 = g.add_input(TensorType::f32(vec![16, 16, 3, 3]), "w3");
+        let w1 = g.add_input(TensorType::f32(vec![16, 16, 1, 1]), "w1");
+        let strided = |k: usize| ConvGeometry { strides: vec![2, 2], dilations: vec![1, 1], pads_begin: vec![k / 2; 2], pads_end: vec![k / 2; 2], groups: 1 };
+        let y3 = g.push1("conv3", Op::Conv(strided(3)), &[x, w3]).unwrap();
+        let y1 = g.push1("conv1", Op::Conv(strided(1)), &[x, w1]).unwrap();
+        let (s3, s1) = (g.add_input(g.ty(y3).clone(), "seed3"), g.add_input(g.ty(y1).clone(), "seed1"));
+        let grads = crate::train::backward(&mut g, &[(y3, s3), (y1, s1)], &[x]).unwrap();
+        g.outputs = grads;
+        let mut state = 7u64;
+        let inputs = g
+            .inputs
+            .iter()
+            .map(|&v| {
+                let shape = g.ty(v).shape.clone();
+                let n = shape.iter().product();
+                cnnc_ir::Tensor::f32(shape, (0..n).map(|_| {
+                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+                }).collect())
+            })
+            .collect();
+        (g, inputs)
+    }
+
+    #[test]
+    fn padded_downsample_gradient_joins_the_first_phase() {
+        let (g, inputs) = strided_pair_input_gradient();
+        let count = |g: &Graph, f: &dyn Fn(&Op) -> bool| g.nodes.iter().filter(|n| f(&n.op)).count();
+        assert_eq!(count(&g, &|op| matches!(op, Op::Pad { .. })), 1, "the 1x1 gradient is no longer a padded phase");
+        let mut optimized = g.clone();
+        optimize_training_graph(&mut optimized, &PassContext { target: passes::TargetDesc::fixed_for_tests() }).unwrap();
+        assert_eq!(count(&optimized, &|op| matches!(op, Op::Pad { .. })), 0);
+        // The sum is the first phase convolution's residual epilogue.
+        assert!(optimized.nodes.iter().any(|n| matches!(n.op, Op::Conv(_)) && n.epilogue.len() == 1 && n.inputs.len() == 3));
+        let want = cnnc_ir::interp::run(&g, &inputs).unwrap();
+        let got = cnnc_codegen::jit::JitModel::compile(&optimized).unwrap().run(&inputs).unwrap();
+        let (got, want) = (got[0].data.as_f32().unwrap(), want[0].data.as_f32().unwrap());
+        let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+        for (i, (a, b)) in got.iter().zip(want).enumerate() {
+            assert!((a - b).abs() <= 1e-4 * scale, "element {i}: compiled {a}, interpreter {b}");
+        }
     }
 
     fn tile(node: &cnnc_ir::Node, name: &str) -> usize {
