@@ -262,6 +262,17 @@ fn conv_weight_grad_common_shapes() {
         geometry: ConvGeometry { strides: vec![1], dilations: vec![1], pads_begin: vec![0], pads_end: vec![0], groups: 5 },
         seed: 11,
     });
+    // Pointwise with several maps and channels (pointwise_weight_grad.rs): register blocks
+    // of 3x3 and their remainders, planes longer than a chunk, a group axis.
+    for (batch, groups, channels, maps, side) in [(2, 1, 16, 7, 16), (1, 1, 5, 4, 41), (2, 2, 2, 3, 7), (3, 1, 1, 8, 3), (1, 1, 4, 1, 5)] {
+        check_weight_grad(&WeightGradCase {
+            x_shape: vec![batch, groups * channels, side, side],
+            dy_shape: vec![batch, groups * maps, side, side],
+            w_shape: vec![groups * maps, channels, 1, 1],
+            geometry: ConvGeometry { strides: vec![1; 2], dilations: vec![1; 2], pads_begin: vec![0; 2], pads_end: vec![0; 2], groups },
+            seed: side as u64,
+        });
+    }
     // lenet5's first layer: one image channel, six maps, 5x5.
     check_weight_grad(&WeightGradCase {
         x_shape: vec![3, 1, 32, 32],
@@ -276,4 +287,69 @@ fn conv_weight_grad_common_shapes() {
         },
         seed: 9,
     });
+}
+
+/// Throughput of the pointwise path on MobileNet-style shapes (multiply-adds per second);
+/// a benchmark: `cargo test --release -p cnnc-codegen --test window_grad -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn pointwise_weight_grad_throughput() {
+    let _fma = FusedMultiplyAdd::enable(host_has_fma());
+    for (batch, channels, maps, side) in [(64, 64, 16, 16), (64, 16, 64, 16), (16, 16, 96, 112), (16, 24, 144, 56)] {
+        let x_ty = TensorType::f32(vec![batch, channels, side, side]);
+        let dy_ty = TensorType::f32(vec![batch, maps, side, side]);
+        let w_ty = TensorType::f32(vec![maps, channels, 1, 1]);
+        let geometry = ConvGeometry { strides: vec![1; 2], dilations: vec![1; 2], pads_begin: vec![0; 2], pads_end: vec![0; 2], groups: 1 };
+        let kernel = harness::compile(Op::ConvWeightGrad(geometry), &[x_ty.clone(), dy_ty.clone()], Some(vec![w_ty.clone()]), conv_weight_grad::emit)
+            .expect("compiles");
+        let mut buffers: Vec<Vec<f32>> = [x_ty.numel(), dy_ty.numel(), w_ty.numel()].iter().map(|&n| vec![0.5f32; n]).collect();
+        let table: Vec<*mut u8> = buffers.iter_mut().map(|b| b.as_mut_ptr() as *mut u8).collect();
+        kernel.call(&table);
+        let runs = 10;
+        let start = thread_cpu_seconds();
+        for _ in 0..runs {
+            kernel.call(&table);
+        }
+        let seconds = (thread_cpu_seconds() - start) / runs as f64;
+        let macs = (batch * channels * maps * side * side) as f64;
+        eprintln!("x {x_ty} dy {dy_ty}: {:.3} ms, {:.1} GMAC/s", seconds * 1e3, macs / seconds / 1e9);
+        // The matrix form it replaces: [maps, N·P] x [N·P, channels] on kernels/matmul.rs
+        // (its operands' transposes not counted).
+        let (rows, depth) = (maps, batch * side * side);
+        let a_ty = TensorType::f32(vec![rows, depth]);
+        let b_ty = TensorType::f32(vec![depth, channels]);
+        let matmul = harness::compile(Op::MatMul, &[a_ty.clone(), b_ty.clone()], None, cnnc_codegen::kernels::matmul::emit).expect("compiles");
+        let mut buffers: Vec<Vec<f32>> = [a_ty.numel(), b_ty.numel(), rows * channels].iter().map(|&n| vec![0.5f32; n]).collect();
+        let table: Vec<*mut u8> = buffers.iter_mut().map(|b| b.as_mut_ptr() as *mut u8).collect();
+        matmul.call(&table);
+        let start = thread_cpu_seconds();
+        for _ in 0..runs {
+            matmul.call(&table);
+        }
+        let seconds = (thread_cpu_seconds() - start) / runs as f64;
+        eprintln!("  matmul {a_ty} x {b_ty}: {:.3} ms, {:.1} GMAC/s", seconds * 1e3, macs / seconds / 1e9);
+    }
+}
+
+/// CPU time of the calling thread (other jobs on the machine do not count).
+#[cfg(target_os = "linux")]
+fn thread_cpu_seconds() -> f64 {
+    #[repr(C)]
+    struct Timespec {
+        seconds: i64,
+        nanoseconds: i64,
+    }
+    unsafe extern "C" {
+        fn clock_gettime(clock: i32, time: *mut Timespec) -> i32;
+    }
+    const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
+    let mut t = Timespec { seconds: 0, nanoseconds: 0 };
+    // SAFETY: clock_gettime writes one timespec, which `t` is.
+    unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    t.seconds as f64 + t.nanoseconds as f64 * 1e-9
+}
+
+#[cfg(not(target_os = "linux"))]
+fn thread_cpu_seconds() -> f64 {
+    std::time::UNIX_EPOCH.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }

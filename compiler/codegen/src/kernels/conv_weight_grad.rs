@@ -24,6 +24,11 @@ use super::compute::{
 };
 use super::movement::emit_fill;
 use super::compute::{f32_input_gradient_operands, misrouted};
+use pointwise_weight_grad::PointwisePlan;
+
+// A sibling file, declared here: it is this kernel's pointwise path.
+#[path = "pointwise_weight_grad.rs"]
+mod pointwise_weight_grad;
 use super::{CodegenError, KernelCtx};
 
 /// Independent vector accumulators per row (hides the add latency).
@@ -99,6 +104,19 @@ pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
         return Err(fail(format!("{taps} kernel taps (limit {MAX_TAPS}): use the GEMM form")));
     }
     let groups = geometry.groups;
+    let (channels_per_group, maps_per_group) = (x.shape[1] / groups, dy.shape[1] / groups);
+    if pointwise && channels_per_group * maps_per_group > 1 {
+        let plan = PointwisePlan {
+            batch: x.shape[0],
+            groups,
+            channels_per_group,
+            maps_per_group,
+            positions: axes[1].input,
+            fused: crate::math::fused_multiply_add(),
+        };
+        plan.emit(k.b, k.inputs[0], k.inputs[1], k.outputs[0]);
+        return Ok(());
+    }
     let plan = Plan {
         batch: x.shape[0],
         channels: x.shape[1],
