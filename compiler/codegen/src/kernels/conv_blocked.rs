@@ -66,6 +66,11 @@ impl PointwisePlan {
         self.row_len.div_ceil(self.tile_rows)
     }
     /// Positions of a row's last tile when fewer than `tile_rows` (0: none).
+    /// Panels outside the tiles when the weights outweigh the input (MobileNet's and
+    /// EfficientNet's late 1x1 convolutions: 49 positions, up to 1152 x 192 weights).
+    fn panels_outer(&self) -> bool {
+        self.out_channels > self.out_positions
+    }
     fn remainder_rows(&self) -> usize {
         self.row_len % self.tile_rows
     }
@@ -350,9 +355,43 @@ pub fn define_node<M: Module>(
         let next = b.ins().iadd_imm_s(index, 1);
         let end = b.ins().imul_imm_s(next, tiles as i64);
         let end = b.ins().udiv(end, n_tasks);
-        super::gemm::for_range(b, first, end, |b, t| {
-            emit_tile(b, plan, &refs, act, t, [x, panels, y, r]);
-        });
+        let bases = [x, panels, y, r];
+        if plan.panels_outer() {
+            // Weights larger than the input: each panel stays in cache while every tile
+            // of the task streams past it.
+            crate::loops::for_count(b, plan.full_panels(), |b, j| {
+                super::gemm::for_range(b, first, end, |b, t| {
+                    let tile = Tile::at(b, plan, t, bases);
+                    tile.call_panel(b, plan, &refs, 0, j, bases[1]);
+                });
+            });
+            if plan.has_half_panel() {
+                super::gemm::for_range(b, first, end, |b, t| {
+                    let tile = Tile::at(b, plan, t, bases);
+                    let j = b.ins().iconst(I64, plan.full_panels() as i64);
+                    tile.call_panel(b, plan, &refs, 1, j, bases[1]);
+                });
+            }
+            if let Some(act) = act {
+                super::gemm::for_range(b, first, end, |b, t| {
+                    let tile = Tile::at(b, plan, t, bases);
+                    tile.activate(b, plan, act);
+                });
+            }
+        } else {
+            // The tile's input stays in cache while every panel passes.
+            super::gemm::for_range(b, first, end, |b, t| {
+                let tile = Tile::at(b, plan, t, bases);
+                crate::loops::for_count(b, plan.full_panels(), |b, j| tile.call_panel(b, plan, &refs, 0, j, bases[1]));
+                if plan.has_half_panel() {
+                    let j = b.ins().iconst(I64, plan.full_panels() as i64);
+                    tile.call_panel(b, plan, &refs, 1, j, bases[1]);
+                }
+                if let Some(act) = act {
+                    tile.activate(b, plan, act);
+                }
+            });
+        }
         Ok(())
     })?;
 
@@ -384,75 +423,75 @@ pub fn define_node<M: Module>(
     })
 }
 
-/// One tile `t` (flat over images, rows, tiles of a row): every panel of output
-/// channels over the tile's positions, then the tile's activation.
-fn emit_tile(
-    b: &mut FunctionBuilder,
-    plan: &PointwisePlan,
-    refs: &[[Option<FuncRef>; 2]; 2],
-    act: Option<FuncRef>,
-    t: Value,
-    [x, panels, y, r]: [Value; 4],
-) {
-    let coords = super::gemm::unflatten(b, t, &[plan.batch, plan.rows, plan.tiles_per_row()]);
-    let (image, row, tile) = (coords[0], coords[1], coords[2]);
-    let start = b.ins().imul_imm_s(tile, plan.tile_rows as i64);
-    let in_image = (plan.in_channels * plan.in_positions * 4) as i64;
-    let out_image = (plan.out_channels * plan.out_positions * 4) as i64;
-    let a = super::gemm::scaled(b, x, image, in_image);
-    let a = super::gemm::scaled(b, a, row, plan.in_row_step as i64);
-    let a = super::gemm::scaled(b, a, start, plan.in_position_step as i64);
-    // Output position (row · row_len + start), 32 bytes each in a block.
-    let position = b.ins().imul_imm_s(row, plan.row_len as i64);
-    let position = b.ins().iadd(position, start);
-    let c_offset = b.ins().imul_imm_s(position, (BLOCK * 4) as i64);
-    let image_offset = b.ins().imul_imm_s(image, out_image);
-    let c_offset = b.ins().iadd(c_offset, image_offset);
-    let c = b.ins().iadd(y, c_offset);
-    let res = b.ins().iadd(r, c_offset);
-    let panel_bytes = (plan.panel_floats(2) * 4) as i64;
-    let block_bytes = (plan.out_positions * BLOCK * 4) as i64;
-    let sig = b.import_signature(machine_code_signature());
-    // The row's last tile runs the remainder functions when the row is not whole tiles.
-    let pick = |b: &mut FunctionBuilder, v: usize| -> Option<Value> {
-        let full = refs[0][v].map(|f| b.ins().func_addr(I64, f))?;
-        match refs[1][v] {
-            Some(rem) if plan.remainder_rows() > 0 => {
+/// Where tile `t` (flat over images, rows, tiles of a row) reads and writes.
+struct Tile {
+    tile: Value,
+    a: Value,
+    c: Value,
+    residual: Value,
+}
+
+impl Tile {
+    fn at(b: &mut FunctionBuilder, plan: &PointwisePlan, t: Value, [x, _, y, r]: [Value; 4]) -> Tile {
+        let coords = super::gemm::unflatten(b, t, &[plan.batch, plan.rows, plan.tiles_per_row()]);
+        let (image, row, tile) = (coords[0], coords[1], coords[2]);
+        let start = b.ins().imul_imm_s(tile, plan.tile_rows as i64);
+        let in_image = (plan.in_channels * plan.in_positions * 4) as i64;
+        let out_image = (plan.out_channels * plan.out_positions * 4) as i64;
+        let a = super::gemm::scaled(b, x, image, in_image);
+        let a = super::gemm::scaled(b, a, row, plan.in_row_step as i64);
+        let a = super::gemm::scaled(b, a, start, plan.in_position_step as i64);
+        // Output position (row · row_len + start), 32 bytes each in a block.
+        let position = b.ins().imul_imm_s(row, plan.row_len as i64);
+        let position = b.ins().iadd(position, start);
+        let c_offset = b.ins().imul_imm_s(position, (BLOCK * 4) as i64);
+        let image_offset = b.ins().imul_imm_s(image, out_image);
+        let c_offset = b.ins().iadd(c_offset, image_offset);
+        let c = b.ins().iadd(y, c_offset);
+        let residual = b.ins().iadd(r, c_offset);
+        Tile { tile, a, c, residual }
+    }
+
+    /// Whether this is a row's last tile with fewer positions (an i8 condition), if
+    /// rows end in such tiles.
+    fn is_remainder(&self, b: &mut FunctionBuilder, plan: &PointwisePlan) -> Option<Value> {
+        (plan.remainder_rows() > 0).then(|| b.ins().icmp_imm_u(IntCC::Equal, self.tile, (plan.tiles_per_row() - 1) as i64))
+    }
+
+    /// Panel `j` of output channels (`width` 0: two blocks, 1: one block) over the tile.
+    fn call_panel(&self, b: &mut FunctionBuilder, plan: &PointwisePlan, refs: &[[Option<FuncRef>; 2]; 2], width: usize, j: Value, panels: Value) {
+        let Some(full) = refs[0][width] else { return };
+        let full = b.ins().func_addr(I64, full);
+        let code = match (refs[1][width], self.is_remainder(b, plan)) {
+            (Some(rem), Some(last)) => {
                 let rem = b.ins().func_addr(I64, rem);
-                let last = b.ins().icmp_imm_u(IntCC::Equal, tile, (plan.tiles_per_row() - 1) as i64);
-                Some(b.ins().select(last, rem, full))
+                b.ins().select(last, rem, full)
             }
-            _ => Some(full),
-        }
-    };
-    if let Some(full) = pick(b, 0) {
-        crate::loops::for_count(b, plan.full_panels(), |b, j| {
-            let bp = super::gemm::scaled(b, panels, j, panel_bytes);
-            let cp = super::gemm::scaled(b, c, j, 2 * block_bytes);
-            let rp = super::gemm::scaled(b, res, j, 2 * block_bytes);
-            b.ins().call_indirect(sig, full, &[a, bp, cp, rp]);
-        });
+            _ => full,
+        };
+        let panel_bytes = (plan.panel_floats(2) * 4) as i64;
+        let block_bytes = (plan.out_positions * BLOCK * 4) as i64;
+        let bp = super::gemm::scaled(b, panels, j, panel_bytes);
+        let cp = super::gemm::scaled(b, self.c, j, 2 * block_bytes);
+        let rp = super::gemm::scaled(b, self.residual, j, 2 * block_bytes);
+        let sig = b.import_signature(machine_code_signature());
+        b.ins().call_indirect(sig, code, &[self.a, bp, cp, rp]);
     }
-    if let Some(half) = pick(b, 1) {
-        let j = plan.full_panels() as i64;
-        let bp = b.ins().iadd_imm_s(panels, j * panel_bytes);
-        let cp = b.ins().iadd_imm_s(c, j * 2 * block_bytes);
-        let rp = b.ins().iadd_imm_s(res, j * 2 * block_bytes);
-        b.ins().call_indirect(sig, half, &[a, bp, cp, rp]);
-    }
-    if let Some(act) = act {
-        // rows = channel blocks (a plane apart), cols = the tile's positions x 8 lanes.
-        let rows_here = if plan.remainder_rows() > 0 {
-            let last = b.ins().icmp_imm_u(IntCC::Equal, tile, (plan.tiles_per_row() - 1) as i64);
-            let rem = b.ins().iconst(I64, (plan.remainder_rows() * BLOCK) as i64);
-            let full = b.ins().iconst(I64, (plan.tile_rows * BLOCK) as i64);
-            b.ins().select(last, rem, full)
-        } else {
-            b.ins().iconst(I64, (plan.tile_rows * BLOCK) as i64)
+
+    /// The activation function over the tile: rows = channel blocks (a plane apart),
+    /// cols = the tile's positions x 8 lanes.
+    fn activate(&self, b: &mut FunctionBuilder, plan: &PointwisePlan, act: FuncRef) {
+        let full = b.ins().iconst(I64, (plan.tile_rows * BLOCK) as i64);
+        let cols = match self.is_remainder(b, plan) {
+            Some(last) => {
+                let rem = b.ins().iconst(I64, (plan.remainder_rows() * BLOCK) as i64);
+                b.ins().select(last, rem, full)
+            }
+            None => full,
         };
         let blocks = b.ins().iconst(I64, (plan.out_channels / BLOCK) as i64);
-        let stride = b.ins().iconst(I64, block_bytes);
+        let stride = b.ins().iconst(I64, (plan.out_positions * BLOCK * 4) as i64);
         let no_bias = b.ins().iconst(I64, 0);
-        b.ins().call(act, &[c, blocks, rows_here, stride, no_bias]);
+        b.ins().call(act, &[self.c, blocks, cols, stride, no_bias]);
     }
 }
