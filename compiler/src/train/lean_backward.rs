@@ -125,7 +125,9 @@ pub fn fuse_activation_masks(g: &mut Graph) {
 /// Every Reduce (Sum or Mean) over all axes but axis 1 of a rank-3 or rank-4 f32 product
 /// a·b (same shapes, the product read by nothing else) as a 1x1 depthwise
 /// `ConvWeightGrad` [C, 1, 1(, 1)], reshaped to the reduction's [1, C, 1(, 1)] (and scaled
-/// by 1/count for a Mean). The product's node is left for dead-code elimination.
+/// by 1/count for a Mean); a Reduce over the spatial axes only (per image and channel: a
+/// squeeze-excitation scale's gradient) the same with a and b read as one image of N·C
+/// channels. The product's node is left for dead-code elimination.
 pub fn dot_reductions_as_weight_gradients(g: &mut Graph) {
     let producers = g.producers();
     let users = g.users();
@@ -136,7 +138,7 @@ pub fn dot_reductions_as_weight_gradients(g: &mut Graph) {
         }
         v
     };
-    // (reduce node index, a, b, kind)
+    // (reduce node index, a, b, kind, sums per image: over the spatial axes only)
     let mut found = Vec::new();
     for (i, node) in g.nodes.iter().enumerate() {
         let Op::Reduce { kind, axes } = &node.op else { continue };
@@ -147,7 +149,9 @@ pub fn dot_reductions_as_weight_gradients(g: &mut Graph) {
         let ty = g.ty(product);
         let rank = ty.rank();
         let all_but_channels: Vec<usize> = (0..rank).filter(|&a| a != 1).collect();
-        if !(3..=4).contains(&rank) || ty.dtype != DType::F32 || *axes != all_but_channels || ty.numel() == 0 {
+        let spatial: Vec<usize> = (2..rank).collect();
+        let per_image = *axes == spatial;
+        if !(3..=4).contains(&rank) || ty.dtype != DType::F32 || !(*axes == all_but_channels || per_image) || ty.numel() == 0 {
             continue;
         }
         if is_output[product.index()] || users[product.index()].len() != 1 {
@@ -161,15 +165,41 @@ pub fn dot_reductions_as_weight_gradients(g: &mut Graph) {
         if g.ty(a) != ty || g.ty(b) != ty {
             continue;
         }
-        found.push((i, a, b, *kind));
+        found.push((i, a, b, *kind, per_image));
     }
     // Inserting shifts later nodes: go from the last match back.
-    for &(i, a, b, kind) in found.iter().rev() {
+    for &(i, a, b, kind, per_image) in found.iter().rev() {
         let node = g.nodes[i].clone();
-        let shape = g.ty(a).shape.clone();
-        let channels = shape[1];
+        let mut shape = g.ty(a).shape.clone();
         let spatial = shape.len() - 2;
-        let count = shape.iter().product::<usize>() / channels;
+        let count = if per_image {
+            shape[2..].iter().product::<usize>()
+        } else {
+            shape.iter().product::<usize>() / shape[1]
+        };
+        let mut nodes = Vec::new();
+        let (a, b) = if per_image {
+            // Images as channels of one image: [N, C, *s] -> [1, N·C, *s], one group each.
+            shape = [vec![1, shape[0] * shape[1]], shape[2..].to_vec()].concat();
+            let mut as_one_image = |v: ValueId, tag: &str| {
+                let flat = g.add_value(TensorType::f32(shape.clone()), "");
+                nodes.push(Node {
+                    name: format!("{}.{tag}", node.name),
+                    op: Op::Reshape,
+                    inputs: vec![v],
+                    outputs: vec![flat],
+                    epilogue: Vec::new(),
+                    schedule: Default::default(),
+                });
+                flat
+            };
+            let flat_a = as_one_image(a, "images_a");
+            let flat_b = if b == a { flat_a } else { as_one_image(b, "images_b") };
+            (flat_a, flat_b)
+        } else {
+            (a, b)
+        };
+        let channels = shape[1];
         let geometry = ConvGeometry {
             strides: vec![1; spatial],
             dilations: vec![1; spatial],
@@ -189,7 +219,7 @@ pub fn dot_reductions_as_weight_gradients(g: &mut Graph) {
             epilogue: Vec::new(),
             schedule: Default::default(),
         };
-        let mut nodes = vec![plain("dot", Op::ConvWeightGrad(geometry), vec![a, b], dw)];
+        nodes.push(plain("dot", Op::ConvWeightGrad(geometry), vec![a, b], dw));
         match kind {
             ReduceKind::Sum => nodes.push(plain("reshape", Op::Reshape, vec![dw], out)),
             _ => {
@@ -296,12 +326,12 @@ mod tests {
     }
 
     /// Reduce kind over all axes but 1 of a·b (or a·a).
-    fn dot_graph(shape: &[usize], kind: ReduceKind, square: bool) -> Graph {
+    fn dot_graph(shape: &[usize], kind: ReduceKind, square: bool, per_image: bool) -> Graph {
         let mut g = Graph::new("dot");
         let a = g.add_input(TensorType::f32(shape.to_vec()), "a");
         let b = if square { a } else { g.add_input(TensorType::f32(shape.to_vec()), "b") };
         let product = g.push1("product", Op::Binary(BinaryFn::Mul), &[a, b]).unwrap();
-        let axes: Vec<usize> = (0..shape.len()).filter(|&x| x != 1).collect();
+        let axes: Vec<usize> = (0..shape.len()).filter(|&x| x != 1 && !(per_image && x == 0)).collect();
         let out = g.push1("sum", Op::Reduce { kind, axes }, &[product]).unwrap();
         g.outputs = vec![out];
         g
@@ -323,6 +353,7 @@ mod tests {
             shape in prop::collection::vec(1usize..7, 3..5),
             mean in any::<bool>(),
             square in any::<bool>(),
+            per_image in any::<bool>(),
             seed in any::<u64>(),
         ) {
             let count: usize = shape.iter().product();
@@ -330,7 +361,7 @@ mod tests {
             let b = Tensor::f32(shape.clone(), values(count, seed ^ 0x51, 1.0, &[]));
             let inputs = if square { vec![a] } else { vec![a, b] };
             let kind = if mean { ReduceKind::Mean } else { ReduceKind::Sum };
-            let (before, after) = before_and_after(dot_graph(&shape, kind, square), &inputs, dot_reductions_as_weight_gradients);
+            let (before, after) = before_and_after(dot_graph(&shape, kind, square, per_image), &inputs, dot_reductions_as_weight_gradients);
             prop_assert_eq!(&before[0].shape, &after[0].shape);
             for (x, y) in f32s(&before[0]).iter().zip(f32s(&after[0])) {
                 prop_assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "{} vs {}", x, y);
@@ -340,7 +371,7 @@ mod tests {
 
     #[test]
     fn dot_products_read_elsewhere_or_over_other_axes_are_left_alone() {
-        let mut g = dot_graph(&[2, 3, 4, 4], ReduceKind::Sum, false);
+        let mut g = dot_graph(&[2, 3, 4, 4], ReduceKind::Sum, false, false);
         let product = g.nodes[0].outputs[0];
         g.outputs.push(product);
         let original = g.clone();
@@ -350,7 +381,7 @@ mod tests {
         let mut g = Graph::new("dot");
         let a = g.add_input(TensorType::f32(vec![2, 3, 4, 4]), "a");
         let product = g.push1("product", Op::Binary(BinaryFn::Mul), &[a, a]).unwrap();
-        let out = g.push1("sum", Op::Reduce { kind: ReduceKind::Sum, axes: vec![2, 3] }, &[product]).unwrap();
+        let out = g.push1("sum", Op::Reduce { kind: ReduceKind::Sum, axes: vec![0, 2] }, &[product]).unwrap();
         g.outputs = vec![out];
         let original = g.clone();
         dot_reductions_as_weight_gradients(&mut g);
