@@ -153,7 +153,7 @@ fn find_padded_sum(g: &Graph) -> Option<PaddedSum> {
             let unpadded = pad.inputs[0];
             let Some((_, Op::Reshape)) = producer(other).map(|(i, n)| (i, &n.op)) else { continue };
             let interleaved_source = producer(other)?.1.inputs[0];
-            if g.ty(interleaved_source) != g.ty(pad_out) {
+            if g.ty(interleaved_source) != g.ty(pad_out) || !only_reader(interleaved_source) {
                 continue;
             }
             // Into the first piece of each concat until the unpadded term's shape.
@@ -161,7 +161,7 @@ fn find_padded_sum(g: &Graph) -> Option<PaddedSum> {
             let mut innermost = None;
             while g.ty(current).shape != g.ty(unpadded).shape {
                 let Some((i, concat)) = producer(current) else { break };
-                if !matches!(concat.op, Op::Concat { .. }) || !concat.epilogue.is_empty() || (innermost.is_some() && !only_reader(current)) {
+                if !matches!(concat.op, Op::Concat { .. }) || !concat.epilogue.is_empty() || !only_reader(current) {
                     break;
                 }
                 innermost = Some(i);
