@@ -133,6 +133,23 @@ fn a_lone_pointwise_conv_is_not_rewritten() {
     assert_eq!(elided(&g), before);
 }
 
+/// SqueezeNet's fire module: squeeze and expand 1x1 would be a region, but its value
+/// feeds the plain 3x3 expand and the concat reads the 1x1 expand plain: three
+/// reorders for two 1x1 convolutions do not pay.
+#[test]
+fn a_fire_module_is_not_worth_its_reorders() {
+    let mut g = Graph::new("fire");
+    let x = g.add_input(TensorType::f32(vec![1, 32, 8, 8]), "x");
+    let squeeze = conv(&mut g, "squeeze", x, 16, 1, 1, 1, vec![EpilogueStep::Unary(UnaryFn::Relu)]);
+    let e1 = conv(&mut g, "expand1x1", squeeze, 32, 1, 1, 1, vec![EpilogueStep::Unary(UnaryFn::Relu)]);
+    let e3 = conv(&mut g, "expand3x3", squeeze, 32, 3, 1, 1, vec![EpilogueStep::Unary(UnaryFn::Relu)]);
+    let cat = g.push1("concat", Op::Concat { axis: 1 }, &[e1, e3]).unwrap();
+    g.outputs.push(cat);
+    let before = elided(&g);
+    run_pass(&mut g, &ctx());
+    assert_eq!(elided(&g), before);
+}
+
 #[test]
 fn targets_without_avx2_stay_plain() {
     let mut g = mobilenet_like(16, 8, 1);

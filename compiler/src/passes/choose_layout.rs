@@ -11,7 +11,9 @@
 //! components of such nodes along data edges (a value one reads as its data operand,
 //! `verify::is_data_operand`) whose value is not layout-free ([N, C, 1, 1] values
 //! have the same bytes in both layouts and connect nothing). A region is worth its
-//! reorders when it holds a depthwise convolution or at least two convolutions.
+//! reorders when its convolutions gain more than its reorders cost (a depthwise
+//! convolution counts three, a 1x1 one, each reorder one): a lone 1x1 convolution
+//! never is, MobileNet's body is.
 //!
 //! The kernels are AVX2+FMA machine code (blocks of 8, AVX-512 machines included):
 //! targets with narrower vectors keep every node plain. Inference only; the driver
@@ -100,30 +102,63 @@ fn choose_regions(g: &Graph) -> Vec<bool> {
             }
         }
     }
-    // Per region: depthwise convolutions and convolutions.
-    let mut depthwise = vec![0usize; n];
-    let mut convs = vec![0usize; n];
+    // Per region: the weight of its convolutions against its reorders.
+    let mut gain = vec![0usize; n];
     for i in 0..n {
         let Some(kind) = kinds[i] else { continue };
         let root = find(&mut parent, i);
-        match kind {
-            Kind::Depthwise => {
-                depthwise[root] += 1;
-                convs[root] += 1;
+        gain[root] += match kind {
+            Kind::Depthwise => DEPTHWISE_GAIN,
+            Kind::Pointwise => POINTWISE_GAIN,
+            Kind::Other => 0,
+        };
+    }
+    let mut crossings: Vec<std::collections::BTreeSet<(usize, bool)>> = vec![Default::default(); n];
+    let mut root_of = vec![None; n];
+    for i in 0..n {
+        if kinds[i].is_some() {
+            root_of[i] = Some(find(&mut parent, i));
+        }
+    }
+    for (j, node) in g.nodes.iter().enumerate() {
+        for (slot, &v) in node.inputs.iter().enumerate() {
+            if is_layout_free(g.ty(v)) {
+                continue;
             }
-            Kind::Pointwise => convs[root] += 1,
-            Kind::Other => {}
+            let from = producers[v.index()].and_then(|p| root_of[p]);
+            let data = is_data_operand(g, node, slot);
+            let to = root_of[j].filter(|_| data);
+            if from != to {
+                if let Some(r) = to {
+                    crossings[r].insert((v.index(), true));
+                }
+                if let Some(r) = from {
+                    crossings[r].insert((v.index(), false));
+                }
+            }
+        }
+    }
+    for &o in &g.outputs {
+        if let Some(r) = producers[o.index()].and_then(|p| root_of[p])
+            && !is_layout_free(g.ty(o))
+        {
+            crossings[r].insert((o.index(), false));
         }
     }
     (0..n)
-        .map(|i| {
-            kinds[i].is_some() && {
-                let root = find(&mut parent, i);
-                depthwise[root] > 0 || convs[root] >= 2
-            }
-        })
+        .map(|i| root_of[i].is_some_and(|root| gain[root] > crossings[root].len() * REORDER_COST))
         .collect()
 }
+
+/// What a region must gain over its reorders, in passes over an activation: a reorder
+/// is one pass; the blocked depthwise kernel saves several (it is ~3x faster than the
+/// plain one), a 1x1 convolution about one (it reads and writes its activations once
+/// either way, but the blocked one needs no packing). SqueezeNet's fire modules (a
+/// squeeze and an expand 1x1 in a region with three reorders) stay plain; MobileNet's
+/// whole body (52 convolutions, one reorder) does not.
+const DEPTHWISE_GAIN: usize = 3;
+const POINTWISE_GAIN: usize = 1;
+const REORDER_COST: usize = 1;
 
 /// Sets the chosen nodes' layouts and inserts the reorders their edges need: one per
 /// value and direction, right after the value's producer (graph inputs: first).
