@@ -132,34 +132,38 @@ fn reorder_round_trip_on_x86_64_v2() {
     }
 }
 
-/// A blocked value viewed in the wrong layout must not compile silently: an op with
-/// no blocked kernel is a codegen error naming the node.
+/// A node with no blocked kernel must not compile silently: a codegen error naming
+/// the node (a Max reduction; a dense 3x3 convolution).
 #[test]
 fn op_without_blocked_kernel_is_rejected() {
     let mut g = Graph::new("rejected");
     let x = g.add_input(TensorType::f32(vec![1, 8, 4, 4]), "x");
     let b = reorder(&mut g, x, Layout::Plain, blocked(8));
-    let t = g
-        .push_typed(
-            "pool",
-            Op::Pool(cnnc_ir::PoolAttrs {
-                kind: cnnc_ir::PoolKind::Max,
-                kernel: vec![3, 3],
-                strides: vec![1, 1],
-                dilations: vec![1, 1],
-                pads_begin: vec![1, 1],
-                pads_end: vec![1, 1],
-            }),
-            &[b],
-            TensorType::f32(vec![1, 8, 4, 4]),
-        )
-        .unwrap();
+    let m = g.push1("max_over_space", Op::Reduce { kind: cnnc_ir::ReduceKind::Max, axes: vec![2, 3] }, &[b]).unwrap();
     set_layout(&mut g, blocked(8));
-    let y = reorder(&mut g, t, blocked(8), Layout::Plain);
+    g.outputs.push(m);
+    cnnc_ir::verify(&g).unwrap();
+    let e = cnnc_codegen::jit::JitModel::compile(&g).err().expect("a Max reduction has no blocked kernel");
+    assert!(e.to_string().contains("max_over_space"), "{e}");
+
+    let mut g = Graph::new("rejected_conv");
+    let x = g.add_input(TensorType::f32(vec![1, 8, 4, 4]), "x");
+    let w = g.add_constant("w", random_tensor(&mut Rng(1), cnnc_ir::DType::F32, &[8, 8, 3, 3], -1.0, 1.0));
+    let b = reorder(&mut g, x, Layout::Plain, blocked(8));
+    let geometry = cnnc_ir::ConvGeometry {
+        strides: vec![1, 1],
+        dilations: vec![1, 1],
+        pads_begin: vec![1, 1],
+        pads_end: vec![1, 1],
+        groups: 1,
+    };
+    let c = g.push1("dense3x3", Op::Conv(geometry), &[b, w]).unwrap();
+    set_layout(&mut g, blocked(8));
+    let y = reorder(&mut g, c, blocked(8), Layout::Plain);
     g.outputs.push(y);
     cnnc_ir::verify(&g).unwrap();
-    let e = cnnc_codegen::jit::JitModel::compile(&g).err().expect("a max pool has no blocked kernel");
-    assert!(e.to_string().contains("pool"), "{e}");
+    let e = cnnc_codegen::jit::JitModel::compile(&g).err().expect("a dense 3x3 convolution has no blocked kernel");
+    assert!(e.to_string().contains("dense3x3"), "{e}");
 }
 
 #[test]
