@@ -295,6 +295,32 @@ impl MapPlan<'_> {
                     }
                 });
             };
+            if n == vector_chunks * 4 && vector_chunks <= VECTOR_UNROLL {
+                // A short run (the 8 lanes of a blocked layout's channel block, under a
+                // per-channel operand): straight-line vectors, no loop of its own.
+                for u in 0..vector_chunks {
+                    let mut lanes = Vec::with_capacity(self.operands.len());
+                    for (k, o) in self.operands.iter().enumerate() {
+                        lanes.push(match splats[k] {
+                            Some(v) => v,
+                            None => {
+                                let addr = b.ins().iadd_imm_s(bases[k + 1], 4 * u as i64 * self.elem_sizes[k + 1]);
+                                load_lanes(b, o.dtype, o.flags, addr)
+                            }
+                        });
+                    }
+                    match f(b, &lanes) {
+                        Ok(v) => {
+                            let addr = b.ins().iadd_imm_s(bases[0], 4 * u as i64 * self.elem_sizes[0]);
+                            store_lanes(b, self.out_dtype, v, addr);
+                        }
+                        Err(e) => {
+                            err.get_or_insert(e);
+                        }
+                    }
+                }
+                return;
+            }
             let blocks = vector_chunks / VECTOR_UNROLL;
             vector_loop(b, 0, blocks, VECTOR_UNROLL);
             vector_loop(b, blocks * VECTOR_UNROLL, vector_chunks % VECTOR_UNROLL, 1);
