@@ -519,8 +519,13 @@ fn orientation_cost(o: Orientation, channels: usize, positions: usize, depth: us
 
 /// Winograd's shape and tiles per block when the convolution qualifies and is
 /// estimated at least 15% cheaper than im2col (its 16 products at ~16 multiply-adds per
-/// cycle, plus ~12 cycles per tile and channel for the two transforms), or whenever it
-/// qualifies if `forced` (the schedule asked for "winograd").
+/// cycle, plus ~9 cycles per tile and channel for the two transforms), or whenever it
+/// qualifies if `forced` (the schedule asked for "winograd"). The transform charge was
+/// 12 before the deinterleaved window and column-wise input transform
+/// (`gemm::winograd`). Measured with a charge of 6 (`scripts/conv_layers.py`, one
+/// thread, same run): SqueezeNet's 16 -> 64 at 55x55 and GoogLeNet's 16 -> 32 at 28x28
+/// take Winograd and run 19% and 24% faster; GoogLeNet's 16 -> 48 at 14x14 (64 tiles
+/// for 49) too, but 3% slower: 9 keeps the first two and not the last.
 #[allow(clippy::too_many_arguments)]
 fn winograd_shape(
     spatial: &Spatial,
@@ -545,7 +550,7 @@ fn winograd_shape(
     )?;
     let padded_channels = out_channels.div_ceil(mr) * mr;
     let cost = winograd::product_macs(&w, in_channels, padded_channels, nr) / 16
-        + 12 * w.tiles() * (in_channels + out_channels);
+        + 9 * w.tiles() * (in_channels + out_channels);
     if !forced && cost * 100 >= im2col_cost * 85 {
         return None;
     }
