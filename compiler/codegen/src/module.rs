@@ -13,8 +13,9 @@
 //! stack slot. Kernels that split their work (convolutions run as GEMM,
 //! `kernels::conv_gemm`) hand tasks to `host->parallel_for`.
 //!
-//! On x86-64, GEMM tasks run with flush-to-zero and denormals-are-zero and restore
-//! the MXCSR they found (`kernels::parallel`); the rest of `cnnc_infer` leaves it alone.
+//! On x86-64, GEMM tasks and blocked convolution tasks run with flush-to-zero and
+//! denormals-are-zero and restore the MXCSR they found (`kernels::parallel`); the rest of
+//! `cnnc_infer` leaves it alone.
 
 use cnnc_ir::{ConstValue, Graph, Op};
 use cnnc_runtime::abi;
@@ -163,8 +164,17 @@ fn compile_graph_functions<M: Module>(
         .collect();
     let plan = MemoryPlan::with_scratch(g, &scratch).map_err(|e| CodegenError(format!("memory plan: {e}")))?;
     let call_conv = module.isa().default_call_conv();
+    // GEMM tasks and blocked convolutions run with denormals flushed.
+    let blocked_convs = g
+        .nodes
+        .iter()
+        .any(|n| matches!(n.op, cnnc_ir::Op::Conv(_)) && n.schedule.layout_out != cnnc_ir::Layout::Plain);
+    let float_env = if gemm_plans.iter().any(Option::is_some) || blocked_convs {
+        FloatEnv::define(module, target)?
+    } else {
+        None
+    };
     let gemm_env = if gemm_plans.iter().any(Option::is_some) {
-        let float_env = FloatEnv::define(module, target)?;
         let kernel = microkernel::define_gemm_kernel(module, target)?;
         if (kernel.mr, kernel.nr) != gemm_tile {
             return Err(CodegenError(format!(
@@ -265,6 +275,7 @@ fn compile_graph_functions<M: Module>(
                 node,
                 ni,
                 &blocked,
+                float_env,
                 &kernel_sig,
                 &mut ctx,
                 &mut fb_ctx,
@@ -275,7 +286,7 @@ fn compile_graph_functions<M: Module>(
         if let Some(blocked) = kernels::conv_blocked::plan(g, node, target)? {
             kernels::check_node(g, node)
                 .map_err(|e| CodegenError(format!("node '{}' ({}): {e}", node.name, node.op.mnemonic())))?;
-            let id = kernels::conv_blocked::define_node(module, g, node, ni, &blocked, &kernel_sig, &mut ctx, &mut fb_ctx)?;
+            let id = kernels::conv_blocked::define_node(module, g, node, ni, &blocked, float_env, &kernel_sig, &mut ctx, &mut fb_ctx)?;
             kernels_of_nodes[ni] = Some(id);
             continue;
         }

@@ -183,3 +183,49 @@ fn x86_64_v2_is_refused_with_a_reason() {
     let err = cnnc_codegen::compile_object(&g, &target).err().expect("no blocked 1x1 kernel without AVX2");
     assert!(err.to_string().contains("AVX2"), "{err}");
 }
+
+/// Blocked convolution tasks (1x1 and depthwise) run with denormals flushed, as the
+/// GEMM tasks do (a denormal input reads as zero), and leave the caller's MXCSR as
+/// they found it.
+#[cfg(target_arch = "x86_64")]
+#[test]
+#[allow(deprecated)]
+fn denormals_are_flushed_in_blocked_conv_tasks_and_mxcsr_restored() {
+    use cnnc_codegen::JitModel;
+    use cnnc_ir::{Tensor, TensorData};
+    use std::arch::x86_64::_mm_getcsr;
+    if !host_has_avx2() {
+        return;
+    }
+    let c = 8;
+    let pointwise: Vec<f32> = (0..c * c).map(|i| if i / c == i % c { 1.0 } else { 0.0 }).collect();
+    let centre_tap: Vec<f32> = (0..c * 9).map(|i| if i % 9 == 4 { 1.0 } else { 0.0 }).collect();
+    for (groups, kernel, weights) in [(1, 1, pointwise), (c, 3, centre_tap)] {
+        let mut g = Graph::new("denormal");
+        let x = g.add_input(TensorType::f32(vec![1, c, 4, 4]), "x");
+        let w = g.add_constant("w", Tensor::f32([c, c / groups, kernel, kernel], weights));
+        let xb = reorder(&mut g, x, Layout::Plain, B8);
+        let pad = kernel / 2;
+        let geometry = ConvGeometry {
+            strides: vec![1, 1],
+            dilations: vec![1, 1],
+            pads_begin: vec![pad; 2],
+            pads_end: vec![pad; 2],
+            groups,
+        };
+        let y = g.push1("conv", Op::Conv(geometry), &[xb, w]).unwrap();
+        set_layouts(&mut g, B8, B8);
+        let y = reorder(&mut g, y, B8, Layout::Plain);
+        g.outputs.push(y);
+        let model = JitModel::compile(&g).unwrap();
+        let denormal = f32::from_bits(0x0000_1000);
+        assert!(denormal != 0.0 && !denormal.is_normal());
+        // SAFETY: reading MXCSR has no side effects.
+        let before = unsafe { _mm_getcsr() };
+        let out = model.run(&[Tensor::f32([1, c, 4, 4], vec![denormal; c * 16])]).unwrap();
+        let after = unsafe { _mm_getcsr() };
+        assert_eq!(before, after, "MXCSR restored (groups {groups})");
+        assert_eq!(before & 0x8040, 0, "the test thread runs without FTZ/DAZ");
+        assert_eq!(out[0].data, TensorData::F32(vec![0.0; c * 16]), "denormal inputs read as zero (groups {groups})");
+    }
+}

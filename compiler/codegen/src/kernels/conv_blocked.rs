@@ -27,6 +27,7 @@ use cranelift_codegen::isa::CallConv;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_module::{FuncId, Linkage, Module};
 
+use super::parallel::FloatEnv;
 use super::{CodegenError, KernelCtx, parallel};
 use crate::microkernel::pointwise_blocked_x86::{self as machine, BLOCK, MAX_ROWS, PointwiseSpec};
 use crate::microkernel::activation::{self, ActivationSpec};
@@ -294,6 +295,7 @@ pub fn define_node<M: Module>(
     node: &Node,
     node_index: usize,
     plan: &PointwisePlan,
+    float_env: Option<FloatEnv>,
     kernel_sig: &Signature,
     ctx: &mut Context,
     fb_ctx: &mut FunctionBuilderContext,
@@ -336,6 +338,8 @@ pub fn define_node<M: Module>(
     let task_sig = parallel::task_signature(module);
     let task = define_local(module, &task_name, &task_sig, ctx, fb_ctx, &format!("task of {what}"), |b, module, params| {
         let (task_ctx, index) = (params[0], params[1]);
+        // Like the GEMM tasks: denormal activations must not slow the FMA chains down.
+        let saved_fp = float_env.map(|f| f.emit_enter(module, b));
         let flags = MemFlagsData::trusted().with_readonly().with_can_move();
         let bufs = b.ins().load(I64, flags, task_ctx, 0);
         let n_tasks = b.ins().load(I64, flags, task_ctx, 8);
@@ -391,6 +395,9 @@ pub fn define_node<M: Module>(
                     tile.activate(b, plan, act);
                 }
             });
+        }
+        if let (Some(f), Some(saved)) = (float_env, saved_fp) {
+            f.emit_restore(module, b, saved);
         }
         Ok(())
     })?;

@@ -30,6 +30,7 @@ use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_module::{FuncId, Linkage, Module};
 
 use super::compute::window::AxisWindow;
+use super::parallel::FloatEnv;
 use super::{CodegenError, KernelCtx, parallel};
 use crate::microkernel::activation::{self, ActivationSpec};
 use crate::microkernel::depthwise_x86::{self, BLOCK, DepthwiseSpec};
@@ -268,6 +269,7 @@ pub fn define_node<M: Module>(
     node: &Node,
     node_index: usize,
     plan: &BlockedDepthwise,
+    float_env: Option<FloatEnv>,
     kernel_sig: &Signature,
     ctx: &mut Context,
     fb_ctx: &mut FunctionBuilderContext,
@@ -291,6 +293,8 @@ pub fn define_node<M: Module>(
     let task_sig = parallel::task_signature(module);
     let task = define_local(module, &task_name, &task_sig, ctx, fb_ctx, &format!("task of {what}"), |b, module, params| {
         let (task_ctx, index) = (params[0], params[1]);
+        // Like the GEMM tasks: denormal activations must not slow the FMA chains down.
+        let saved_fp = float_env.map(|f| f.emit_enter(module, b));
         let flags = MemFlagsData::trusted().with_readonly().with_can_move();
         let bufs = b.ins().load(I64, flags, task_ctx, 0);
         let chunk = b.ins().urem_imm_u(index, tasks_per_image as i64);
@@ -331,6 +335,9 @@ pub fn define_node<M: Module>(
             _ => {
                 b.ins().call(code_ref, &[x, w, bias, y, count]);
             }
+        }
+        if let (Some(f), Some(saved)) = (float_env, saved_fp) {
+            f.emit_restore(module, b, saved);
         }
         Ok(())
     })?;
