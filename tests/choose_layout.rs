@@ -107,7 +107,8 @@ fn mobilenet_blocks_become_one_region() {
 fn channels_not_a_multiple_of_8_stay_plain() {
     let mut g = mobilenet_like(12, 6, 1);
     // block1 expands 12 -> 24 (blockable), its depthwise too, but its input and output
-    // (12 channels) are not: only the inner pair can be a region.
+    // (12 channels) are not: only the depthwise could be a region, and one depthwise
+    // does not pay for two reorders.
     let before = g.clone();
     run_pass(&mut g, &ctx());
     insta::assert_snapshot!("odd_channels__after", elided(&g));
@@ -119,6 +120,26 @@ fn channels_not_a_multiple_of_8_stay_plain() {
         }
     }
     assert!(g.nodes.len() >= before.nodes.len());
+
+    // A region that pays for its two reorders between 12-channel convolutions: the
+    // 24-channel middle is blocked, the convolutions reading or writing 12 channels not.
+    let mut g = Graph::new("odd_borders");
+    let x = g.add_input(TensorType::f32(vec![1, 12, 6, 6]), "x");
+    let e = conv(&mut g, "expand", x, 24, 1, 1, 1, vec![relu6()]);
+    let d1 = conv(&mut g, "dw1", e, 24, 3, 1, 24, vec![relu6()]);
+    let p = conv(&mut g, "mix", d1, 24, 1, 1, 1, vec![relu6()]);
+    let d2 = conv(&mut g, "dw2", p, 24, 3, 1, 24, vec![relu6()]);
+    let out = conv(&mut g, "project", d2, 12, 1, 1, 1, vec![]);
+    g.outputs.push(out);
+    run_pass(&mut g, &ctx());
+    let blocked: Vec<&str> = g
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op, Op::Conv(_)) && n.schedule.layout_out != Layout::Plain)
+        .map(|n| n.name.as_str())
+        .collect();
+    assert_eq!(blocked, ["dw1", "mix", "dw2"], "{}", elided(&g));
+    assert_eq!(reorders(&g), 2, "{}", elided(&g));
 }
 
 #[test]
