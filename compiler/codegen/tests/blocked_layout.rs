@@ -4,7 +4,7 @@
 
 mod common;
 
-use cnnc_ir::{BinaryFn, EpilogueStep, Graph, Layout, Op, Tensor, TensorType, UnaryFn, ValueId};
+use cnnc_ir::{BinaryFn, EpilogueStep, Graph, Layout, Op, TensorType, UnaryFn, ValueId};
 use common::{Rng, check_graph, random_tensor};
 use proptest::prelude::*;
 

@@ -10,7 +10,7 @@
 use cnnc_ir::{Graph, Node, Op, TensorType};
 use cranelift_codegen::Context;
 use cranelift_codegen::ir::types::I64;
-use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, Value};
+use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Signature, Value};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_module::{FuncId, Module};
 
@@ -222,14 +222,7 @@ pub fn define_node<M: Module>(
     let name = format!("cnnc_k{node_index}_{}_split", node.op.mnemonic());
     define_local(module, &name, kernel_sig, ctx, fb_ctx, &format!("kernel of {what}"), |b, module, params| {
         let (host, bufs) = (params[0], params[1]);
-        let task_ref = module.declare_func_in_func(task, b.func);
-        let call_conv = module.isa().default_call_conv();
-        let threads = parallel::emit_host_threads(b, host);
-        let slot = b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, 8, 3));
-        b.ins().stack_store(I64, bufs, slot, 0);
-        let task_ctx = b.ins().stack_addr(I64, slot, 0);
-        let n_tasks = b.ins().iconst(I64, split.tasks() as i64);
-        parallel::emit_dispatch(b, host, threads, n_tasks, task_ref, task_ctx, call_conv);
+        parallel::emit_dispatch_over_buffers(module, b, host, bufs, task, split.tasks());
         Ok(())
     })
 }

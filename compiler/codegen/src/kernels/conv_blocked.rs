@@ -28,7 +28,7 @@ use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_module::{FuncId, Linkage, Module};
 
 use super::parallel::FloatEnv;
-use super::{CodegenError, KernelCtx, parallel};
+use super::{CodegenError, parallel};
 use crate::microkernel::pointwise_blocked_x86::{self as machine, BLOCK, MAX_ROWS, PointwiseSpec};
 use crate::microkernel::activation::{self, ActivationSpec};
 use crate::microkernel::store_epilogue::{self, StoreStep};
@@ -415,17 +415,7 @@ pub fn define_node<M: Module>(
         b.ins().stack_store(I64, n_tasks, slot, 8);
         let task_ctx = b.ins().stack_addr(I64, slot, 0);
         parallel::emit_dispatch(b, host, threads, n_tasks, task_ref, task_ctx, call_conv);
-        if !rest_after.is_empty() {
-            let flags = MemFlagsData::trusted().with_readonly().with_can_move();
-            let mut ptrs: Vec<Value> = (0..=node.inputs.len())
-                .map(|i| b.ins().load(I64, flags, bufs, (8 * i) as i32))
-                .collect();
-            let outputs = ptrs.split_off(node.inputs.len());
-            let mut rest_node = node.clone();
-            rest_node.epilogue = rest_after.clone();
-            let mut k = KernelCtx { b, graph: g, node: &rest_node, inputs: ptrs, outputs };
-            super::elementwise::emit_epilogue(&mut k)?;
-        }
+        super::elementwise::emit_epilogue_steps_from_buffers(b, g, node, &rest_after, bufs)?;
         Ok(())
     })
 }

@@ -24,14 +24,14 @@ use cnnc_ir::{DType, EpilogueStep, Graph, Layout, Node, Op, TensorData, UnaryFn}
 use cranelift_codegen::Context;
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::I64;
-use cranelift_codegen::ir::{AbiParam, FuncRef, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, Value};
+use cranelift_codegen::ir::{AbiParam, FuncRef, InstBuilder, MemFlagsData, Signature, Value};
 use cranelift_codegen::isa::CallConv;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_module::{FuncId, Linkage, Module};
 
 use super::compute::window::AxisWindow;
 use super::parallel::FloatEnv;
-use super::{CodegenError, KernelCtx, parallel};
+use super::{CodegenError, parallel};
 use crate::microkernel::activation::{self, ActivationSpec};
 use crate::microkernel::depthwise_x86::{self, BLOCK, DepthwiseSpec};
 use crate::module::{define_bytes, define_local};
@@ -345,28 +345,9 @@ pub fn define_node<M: Module>(
     let name = format!("cnnc_k{node_index}_conv_dwc8");
     define_local(module, &name, kernel_sig, ctx, fb_ctx, &format!("kernel of {what}"), |b, module, params| {
         let (host, bufs) = (params[0], params[1]);
-        let task_ref = module.declare_func_in_func(task, b.func);
-        let call_conv = module.isa().default_call_conv();
-        let threads = parallel::emit_host_threads(b, host);
-        let slot = b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, 8, 3));
-        b.ins().stack_store(I64, bufs, slot, 0);
-        let task_ctx = b.ins().stack_addr(I64, slot, 0);
-        let n_tasks = b.ins().iconst(I64, (plan.batch * tasks_per_image) as i64);
-        parallel::emit_dispatch(b, host, threads, n_tasks, task_ref, task_ctx, call_conv);
+        parallel::emit_dispatch_over_buffers(module, b, host, bufs, task, plan.batch * tasks_per_image);
         if plan.epilogue == EpiloguePlan::AfterTasks {
-            let flags = MemFlagsData::trusted().with_readonly().with_can_move();
-            let mut ptrs: Vec<Value> = (0..=node.inputs.len())
-                .map(|i| b.ins().load(I64, flags, bufs, (8 * i) as i32))
-                .collect();
-            let outputs = ptrs.split_off(node.inputs.len());
-            let mut k = KernelCtx {
-                b,
-                graph: g,
-                node,
-                inputs: ptrs,
-                outputs,
-            };
-            super::elementwise::emit_epilogue(&mut k)?;
+            super::elementwise::emit_epilogue_steps_from_buffers(b, g, node, &node.epilogue, bufs)?;
         }
         Ok(())
     })

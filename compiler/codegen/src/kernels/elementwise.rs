@@ -6,10 +6,10 @@
 //! every unary function maps NaN to NaN (PowConst follows C `pow`), Cast saturates
 //! float to int with NaN → 0.
 
-use cnnc_ir::{BinaryFn, DType, EpilogueStep, UnaryFn};
+use cnnc_ir::{BinaryFn, DType, EpilogueStep, Graph, Node, UnaryFn};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{self, I8, I32, I64};
-use cranelift_codegen::ir::{InstBuilder, Value};
+use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Value};
 use cranelift_frontend::FunctionBuilder;
 
 use super::map::{Operand, broadcast_strides, emit_map, readonly_flags, rw_flags};
@@ -203,6 +203,27 @@ pub fn emit_cast(k: &mut KernelCtx, to: DType) -> Result<(), CodegenError> {
     emit_map(k.b, space.shape(), k.outputs[0], to, &[x], from == to, &|b, v| {
         Ok(cast_lane(b, v[0], from, to))
     })
+}
+
+/// Applies `steps` of the node's epilogue to output 0 in place, reading the node's buffer
+/// pointers from `bufs` (the kernel's pointer array: inputs, then the output): for kernels
+/// whose tasks applied the rest of the epilogue in registers.
+pub fn emit_epilogue_steps_from_buffers(
+    b: &mut FunctionBuilder,
+    graph: &Graph,
+    node: &Node,
+    steps: &[EpilogueStep],
+    bufs: Value,
+) -> Result<(), CodegenError> {
+    if steps.is_empty() {
+        return Ok(());
+    }
+    let flags = MemFlagsData::trusted().with_readonly().with_can_move();
+    let mut inputs: Vec<Value> = (0..=node.inputs.len()).map(|i| b.ins().load(I64, flags, bufs, (8 * i) as i32)).collect();
+    let outputs = inputs.split_off(node.inputs.len());
+    let mut rest = node.clone();
+    rest.epilogue = steps.to_vec();
+    emit_epilogue(&mut KernelCtx { b, graph, node: &rest, inputs, outputs })
 }
 
 /// Applies the node's epilogue to output 0 in place, in one pass over the output (for

@@ -25,7 +25,7 @@
 
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{I32, I64};
-use cranelift_codegen::ir::{AbiParam, BlockArg, FuncRef, InstBuilder, MemFlagsData, Signature, Value};
+use cranelift_codegen::ir::{AbiParam, BlockArg, FuncRef, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, Value};
 use cranelift_codegen::isa::CallConv;
 use cranelift_frontend::FunctionBuilder;
 use cranelift_module::{FuncId, Linkage, Module};
@@ -85,6 +85,26 @@ pub fn emit_host_threads(b: &mut FunctionBuilder, host: Value) -> Value {
     b.switch_to_block(done);
     b.seal_block(done);
     threads
+}
+
+/// Runs `task(ctx, i)` for `i in 0..n_tasks` (a compile-time count) where `ctx` points
+/// at the kernel's buffer array `bufs`: the dispatch of tasks that need nothing else.
+pub fn emit_dispatch_over_buffers<M: Module>(
+    module: &mut M,
+    b: &mut FunctionBuilder,
+    host: Value,
+    bufs: Value,
+    task: FuncId,
+    n_tasks: usize,
+) {
+    let task_ref = module.declare_func_in_func(task, b.func);
+    let call_conv = module.isa().default_call_conv();
+    let threads = emit_host_threads(b, host);
+    let slot = b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, 8, 3));
+    b.ins().stack_store(I64, bufs, slot, 0);
+    let task_ctx = b.ins().stack_addr(I64, slot, 0);
+    let n_tasks = b.ins().iconst(I64, n_tasks as i64);
+    emit_dispatch(b, host, threads, n_tasks, task_ref, task_ctx, call_conv);
 }
 
 /// Runs `task(ctx, i)` for `i in 0..n_tasks`: through `host->parallel_for` when
