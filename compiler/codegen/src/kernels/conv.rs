@@ -200,15 +200,7 @@ impl ConvPlan {
         }
         let mut axes = Vec::with_capacity(spatial);
         for i in 0..spatial {
-            let axis = AxisWindow {
-                input: x[2 + i],
-                output: y[2 + i],
-                kernel: w[2 + i],
-                stride: g.strides[i],
-                dilation: g.dilations[i],
-                pad_begin: g.pads_begin[i],
-                pad_end: g.pads_end[i],
-            };
+            let axis = AxisWindow::conv_axis(g, x, w, y, i);
             if axis.kernel == 0 || axis.stride == 0 || axis.dilation == 0 {
                 return Err(format!("axis {i}: zero kernel size, stride or dilation"));
             }

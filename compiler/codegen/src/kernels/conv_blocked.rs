@@ -22,7 +22,7 @@ use cnnc_ir::{ConstValue, DType, EpilogueStep, Graph, Layout, Node, Op, Scalar, 
 use cranelift_codegen::Context;
 use cranelift_codegen::ir::types::I64;
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::{AbiParam, FuncRef, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, Value};
+use cranelift_codegen::ir::{AbiParam, FuncRef, InstBuilder, MemFlagsData, Signature, Value};
 use cranelift_codegen::isa::CallConv;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_module::{FuncId, Linkage, Module};
@@ -341,8 +341,8 @@ pub fn define_node<M: Module>(
         // Like the GEMM tasks: denormal activations must not slow the FMA chains down.
         let saved_fp = float_env.map(|f| f.emit_enter(module, b));
         let flags = MemFlagsData::trusted().with_readonly().with_can_move();
-        let bufs = b.ins().load(I64, flags, task_ctx, 0);
-        let n_tasks = b.ins().load(I64, flags, task_ctx, 8);
+        let bufs = b.ins().load(I64, flags, task_ctx, parallel::TASK_CTX_BUFFERS);
+        let n_tasks = b.ins().load(I64, flags, task_ctx, parallel::TASK_CTX_TASKS);
         let x = b.ins().load(I64, flags, bufs, 0);
         let y = b.ins().load(I64, flags, bufs, (8 * output_slot) as i32);
         let r = match residual {
@@ -405,16 +405,7 @@ pub fn define_node<M: Module>(
     let name = format!("cnnc_k{node_index}_conv_pw8");
     define_local(module, &name, kernel_sig, ctx, fb_ctx, &format!("kernel of {what}"), |b, module, params| {
         let (host, bufs) = (params[0], params[1]);
-        let task_ref = module.declare_func_in_func(task, b.func);
-        let call_conv = module.isa().default_call_conv();
-        let threads = parallel::emit_host_threads(b, host);
-        let limit = b.ins().iconst(I64, max_tasks as i64);
-        let n_tasks = b.ins().umin(threads, limit);
-        let slot = b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, 16, 3));
-        b.ins().stack_store(I64, bufs, slot, 0);
-        b.ins().stack_store(I64, n_tasks, slot, 8);
-        let task_ctx = b.ins().stack_addr(I64, slot, 0);
-        parallel::emit_dispatch(b, host, threads, n_tasks, task_ref, task_ctx, call_conv);
+        parallel::emit_dispatch_up_to(module, b, host, bufs, task, max_tasks);
         super::elementwise::emit_epilogue_steps_from_buffers(b, g, node, &rest_after, bufs)?;
         Ok(())
     })

@@ -332,15 +332,7 @@ impl DepthwisePlan {
         {
             return None;
         }
-        let axis = |a: usize| AxisWindow {
-            input: x.shape[2 + a],
-            output: y.shape[2 + a],
-            kernel: w.shape[2 + a],
-            stride: geometry.strides[a],
-            dilation: geometry.dilations[a],
-            pad_begin: geometry.pads_begin[a],
-            pad_end: geometry.pads_end[a],
-        };
+        let axis = |a: usize| AxisWindow::conv_axis(geometry, &x.shape, &w.shape, &y.shape, a);
         let (rows, cols) = (axis(0), axis(1));
         if [rows, cols]
             .iter()

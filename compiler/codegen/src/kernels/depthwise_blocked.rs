@@ -180,15 +180,7 @@ fn geometry(g: &Graph, node: &Node, target: Option<&TargetSpec>) -> Result<Block
     {
         return Err("needs 2-D geometry".into());
     }
-    let axis = |a: usize| AxisWindow {
-        input: x.shape[2 + a],
-        output: y.shape[2 + a],
-        kernel: w.shape[2 + a],
-        stride: attrs.strides[a],
-        dilation: attrs.dilations[a],
-        pad_begin: attrs.pads_begin[a],
-        pad_end: attrs.pads_end[a],
-    };
+    let axis = |a: usize| AxisWindow::conv_axis(attrs, &x.shape, &w.shape, &y.shape, a);
     let (rows, cols) = (axis(0), axis(1));
     if [rows, cols].iter().any(|a| a.kernel == 0 || a.stride == 0 || a.dilation == 0) {
         return Err("zero kernel, stride or dilation".into());

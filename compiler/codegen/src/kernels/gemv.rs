@@ -24,24 +24,20 @@ use cnnc_ir::{ConstValue, DType, Graph, Layout, Node, Op, Scalar, TensorData};
 use cranelift_codegen::Context;
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4, I64};
-use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, Value};
+use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Signature, Value};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_module::{DataId, FuncId, Module};
 
 use crate::module::define_local;
 
 use super::compute::{counted_loop, load, offset_ptr, store};
-use super::{CodegenError, KernelCtx, parallel};
+use super::{CodegenError, parallel};
 
 /// Rows (M, batches folded in) up to which a constant-B product takes this path. The
 /// register tiles hold at most 4 rows; more rows re-read each panel from cache.
 pub const MAX_ROWS: usize = 64;
 /// Multiply-adds per task below which more tasks do not pay for their dispatch.
 const MIN_TASK_MACS: usize = 1 << 16;
-/// Bytes of the task context: the buffer array and the task count.
-const CTX_BUFFERS: i32 = 0;
-const CTX_TASKS: i32 = 8;
-const CTX_BYTES: u32 = 16;
 const LANES: usize = 4;
 
 /// How one constant-B product runs.
@@ -209,25 +205,8 @@ pub fn define_node<M: Module>(
     let name = format!("cnnc_k{node_index}_matmul_panels");
     define_local(module, &name, kernel_sig, ctx, fb_ctx, &format!("kernel of {what}"), |b, module, params| {
         let (host, bufs) = (params[0], params[1]);
-        let task_ref = module.declare_func_in_func(task, b.func);
-        let call_conv = module.isa().default_call_conv();
-        let threads = parallel::emit_host_threads(b, host);
-        let limit = b.ins().iconst(I64, plan.max_tasks() as i64);
-        let n_tasks = b.ins().umin(threads, limit);
-        let slot = b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, CTX_BYTES, 3));
-        b.ins().stack_store(I64, bufs, slot, CTX_BUFFERS);
-        b.ins().stack_store(I64, n_tasks, slot, CTX_TASKS);
-        let task_ctx = b.ins().stack_addr(I64, slot, 0);
-        parallel::emit_dispatch(b, host, threads, n_tasks, task_ref, task_ctx, call_conv);
-        if !node.epilogue.is_empty() {
-            let flags = MemFlagsData::trusted().with_readonly().with_can_move();
-            let inputs: Vec<Value> = (0..node.inputs.len())
-                .map(|i| b.ins().load(I64, flags, bufs, (8 * i) as i32))
-                .collect();
-            let output = b.ins().load(I64, flags, bufs, (8 * node.inputs.len()) as i32);
-            let mut k = KernelCtx { b, graph: g, node, inputs, outputs: vec![output] };
-            super::elementwise::emit_epilogue(&mut k)?;
-        }
+        parallel::emit_dispatch_up_to(module, b, host, bufs, task, plan.max_tasks());
+        super::elementwise::emit_epilogue_steps_from_buffers(b, g, node, &node.epilogue, bufs)?;
         Ok(())
     })
 }
@@ -245,8 +224,8 @@ fn emit_task<M: Module>(
     index: Value,
 ) {
     let flags = MemFlagsData::trusted().with_readonly().with_can_move();
-    let bufs = b.ins().load(I64, flags, task_ctx, CTX_BUFFERS);
-    let n_tasks = b.ins().load(I64, flags, task_ctx, CTX_TASKS);
+    let bufs = b.ins().load(I64, flags, task_ctx, parallel::TASK_CTX_BUFFERS);
+    let n_tasks = b.ins().load(I64, flags, task_ctx, parallel::TASK_CTX_TASKS);
     let a = b.ins().load(I64, flags, bufs, 0);
     let c = b.ins().load(I64, flags, bufs, (8 * node.inputs.len()) as i32);
     let gv = module.declare_data_in_func(packed, b.func);

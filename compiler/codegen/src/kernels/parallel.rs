@@ -87,6 +87,33 @@ pub fn emit_host_threads(b: &mut FunctionBuilder, host: Value) -> Value {
     threads
 }
 
+/// Where the context of [`emit_dispatch_up_to`] holds the kernel's buffer array and the
+/// number of tasks (which each task needs to find its share of the work).
+pub const TASK_CTX_BUFFERS: i32 = 0;
+pub const TASK_CTX_TASKS: i32 = 8;
+
+/// Runs `task(ctx, i)` for `i in 0..n` with n = min(host threads, `max_tasks`), where
+/// `ctx` holds `bufs` and n at [`TASK_CTX_BUFFERS`] and [`TASK_CTX_TASKS`].
+pub fn emit_dispatch_up_to<M: Module>(
+    module: &mut M,
+    b: &mut FunctionBuilder,
+    host: Value,
+    bufs: Value,
+    task: FuncId,
+    max_tasks: usize,
+) {
+    let task_ref = module.declare_func_in_func(task, b.func);
+    let call_conv = module.isa().default_call_conv();
+    let threads = emit_host_threads(b, host);
+    let limit = b.ins().iconst(I64, max_tasks as i64);
+    let n_tasks = b.ins().umin(threads, limit);
+    let slot = b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, 16, 3));
+    b.ins().stack_store(I64, bufs, slot, TASK_CTX_BUFFERS);
+    b.ins().stack_store(I64, n_tasks, slot, TASK_CTX_TASKS);
+    let task_ctx = b.ins().stack_addr(I64, slot, 0);
+    emit_dispatch(b, host, threads, n_tasks, task_ref, task_ctx, call_conv);
+}
+
 /// Runs `task(ctx, i)` for `i in 0..n_tasks` (a compile-time count) where `ctx` points
 /// at the kernel's buffer array `bufs`: the dispatch of tasks that need nothing else.
 pub fn emit_dispatch_over_buffers<M: Module>(

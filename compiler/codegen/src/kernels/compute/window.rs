@@ -31,6 +31,20 @@ impl AxisWindow {
             })
             .collect()
     }
+
+    /// Spatial axis `a` of a convolution with `geometry` over NC* `input`, `weight` and
+    /// `output` shapes.
+    pub fn conv_axis(geometry: &cnnc_ir::ConvGeometry, input: &[usize], weight: &[usize], output: &[usize], a: usize) -> AxisWindow {
+        AxisWindow {
+            input: input[2 + a],
+            output: output[2 + a],
+            kernel: weight[2 + a],
+            stride: geometry.strides[a],
+            dilation: geometry.dilations[a],
+            pad_begin: geometry.pads_begin[a],
+            pad_end: geometry.pads_end[a],
+        }
+    }
 }
 
 /// Consecutive outputs `[start, start + count)` sharing their tap ranges.
