@@ -10,8 +10,8 @@
 
 use cnnc_ir::{ConvGeometry, DType, Op};
 use cranelift_codegen::ir::{
-    InstBuilder, MemFlagsData, Value,
-    types::{F32, F32X4},
+    FuncRef, InstBuilder, MemFlagsData, StackSlotData, StackSlotKind, Value,
+    types::{F32, F32X4, I64},
 };
 use cranelift_frontend::FunctionBuilder;
 
@@ -23,6 +23,7 @@ use super::compute::{
 };
 use super::compute::misrouted;
 use super::{CodegenError, KernelCtx};
+use crate::microkernel::conv_transpose_x86::{self, TransposedSpec};
 
 const CHANNEL_BLOCK: usize = 4;
 
@@ -57,6 +58,13 @@ pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
     if let Some(&bias) = k.node.inputs.get(2) {
         require_dtype(k, "bias", k.graph.ty(bias), DType::F32)?;
     }
+    if let Some(spec) = TransposedSpec::of_node(k.graph, k.node)
+        && let Some(code) = conv_transpose_x86::import(k.b.func, &spec)
+    {
+        let batch = x.shape[0];
+        emit_gather(k.b, &spec, code, batch, k.inputs[0], k.inputs[1], k.inputs.get(2).copied(), k.outputs[0]);
+        return Ok(());
+    }
     let plan = Plan::new(&x.shape, &w.shape, &y.shape, geometry)
         .map_err(|e| CodegenError(format!("conv_transpose node '{}': {e}", k.node.name)))?;
     let bodies = plan.kernel_size.saturating_mul(6);
@@ -79,6 +87,69 @@ pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
         k.outputs[0],
     );
     Ok(())
+}
+
+/// Stride-1 transposed convolutions on AVX2+FMA (`microkernel::conv_transpose_x86`):
+/// per image, the input is copied into a column-padded buffer on the stack (its pad
+/// columns zeroed once, the copy rewriting only the interior), then the machine code
+/// gathers every output row from it.
+#[allow(clippy::too_many_arguments)]
+fn emit_gather(
+    b: &mut FunctionBuilder,
+    spec: &TransposedSpec,
+    code: FuncRef,
+    batch: usize,
+    x: Value,
+    w: Value,
+    bias: Option<Value>,
+    y: Value,
+) {
+    let padded_bytes = spec.padded_bytes();
+    let slot = b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, padded_bytes as u32, 5));
+    let xp = b.ins().stack_addr(I64, slot, 0);
+    let zero = splat_f32(b, 0.0);
+    let zero_scalar = b.ins().f32const(0.0);
+    let (tail, rest) = tiled_loop(b, padded_bytes / 4, LANES, vec![xp], |b, _, p| {
+        store(b, vector_flags(), zero, p[0], 0);
+        vec![b.ins().iadd_imm_s(p[0], bytes(LANES))]
+    });
+    counted_loop(b, rest, tail, |b, _, p| {
+        store(b, scalar_flags(), zero_scalar, p[0], 0);
+        vec![b.ins().iadd_imm_s(p[0], F32_BYTES)]
+    });
+
+    let shift = spec.padded_shift();
+    let padded_width = spec.padded_width() as isize;
+    let first = shift.max(0) as usize;
+    let end = (spec.in_w as isize).min(padded_width + shift).max(first as isize) as usize;
+    let columns = end - first;
+    let x_image = bytes(spec.in_channels * spec.in_h * spec.in_w);
+    let y_image = bytes(spec.out_channels * spec.out_h * spec.out_w);
+    let bias = bias.unwrap_or_else(|| b.ins().iconst(I64, 0));
+    counted_loop(b, batch, vec![], |b, n, _| {
+        let x_n = index_ptr(b, x, n, x_image);
+        let y_n = index_ptr(b, y, n, y_image);
+        let src = offset_ptr(b, x_n, bytes(first));
+        let dst = offset_ptr(b, xp, (first as isize - shift) as i64 * F32_BYTES);
+        counted_loop(b, spec.in_channels * spec.in_h, vec![src, dst], |b, _, rows| {
+            let (at, rest) = tiled_loop(b, columns, LANES, rows.to_vec(), |b, _, c| {
+                let v = load(b, F32X4, vector_flags(), c[0], 0);
+                store(b, vector_flags(), v, c[1], 0);
+                vec![b.ins().iadd_imm_s(c[0], bytes(LANES)), b.ins().iadd_imm_s(c[1], bytes(LANES))]
+            });
+            counted_loop(b, rest, at, |b, _, c| {
+                let v = load(b, F32, scalar_flags(), c[0], 0);
+                store(b, scalar_flags(), v, c[1], 0);
+                vec![b.ins().iadd_imm_s(c[0], F32_BYTES), b.ins().iadd_imm_s(c[1], F32_BYTES)]
+            });
+            vec![
+                b.ins().iadd_imm_s(rows[0], bytes(spec.in_w)),
+                b.ins().iadd_imm_s(rows[1], bytes(spec.padded_width())),
+            ]
+        });
+        b.ins().call(code, &[xp, w, y_n, bias]);
+        vec![]
+    });
 }
 
 struct Plan {
