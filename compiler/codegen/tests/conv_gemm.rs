@@ -391,6 +391,28 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(32), ..ProptestConfig::default() })]
+
+    /// Winograd with weights known only at run time (training graphs): the node
+    /// transforms them before its tasks; on the host's microkernel, and on the portable
+    /// kernel with two threads.
+    #[test]
+    fn winograd_runtime_weights_match_interpreter(mut p in winograd_problem(), portable in any::<bool>()) {
+        p.runtime_weights = true;
+        let (g, inputs) = p.graph();
+        let want = reference(&g, &inputs);
+        let got = if portable {
+            prop_assume!(!p.steps.iter().any(|s| matches!(s, Step::SpatialBroadcast)));
+            let target = TargetSpec::parse(None, Some("x86-64-v2")).unwrap();
+            run_shared(&g, &target, 2, &inputs)
+        } else {
+            host_jit(&g, &inputs)
+        };
+        check_all(&got.map_err(TestCaseError::fail)?, &want).map_err(TestCaseError::fail)?;
+    }
+}
+
 /// A convolution large enough to split into k-blocks, p-blocks and oc-panel groups:
 /// every thread count gives bitwise the same result (each output element sums its
 /// reduction blocks in the same order whoever computes it), close to the reference;

@@ -9,7 +9,8 @@
 //!   packed at compile time into read-only data; weights known only at run time (graph
 //!   inputs, other nodes' outputs: training graphs, whose weight-gradient convolutions
 //!   take activations as weights) are packed by the node kernel into its scratch
-//!   before the tasks run (`pack::emit_pack_weights`), and never use Winograd.
+//!   before the tasks run (`pack::emit_pack_weights`; Winograd's transform by
+//!   `winograd::emit_pack_weights`).
 //! - 1x1 convolutions without stride or padding read their input as the K x N matrix
 //!   it is: blocks are packed channel row by channel row (`pack::emit_pack_block`).
 //! - `col`: packed at run time (`gemm::pack`) per block of `nc` positions and `kc`
@@ -255,6 +256,9 @@ impl ConvGemmPlan {
     }
     /// Bytes of the packed weights (`pack_weights`' layout, im2col only).
     pub fn packed_weight_bytes(&self) -> usize {
+        if self.winograd.is_some() {
+            return winograd::packed_weight_bytes(self);
+        }
         self.groups * self.panels() * self.depth * self.channel_tile() * 4
     }
 
@@ -414,12 +418,22 @@ pub fn plan(g: &Graph, node: &Node, (mr, nr): (usize, usize)) -> Option<ConvGemm
     let tile_steps = tile_steps(g, node, &y.shape);
     let im2col_cost = orientation_cost(orientation, out_channels, positions, depth, mr, nr);
     let forced = s.kernel == "winograd";
-    // Winograd's transformed weights are made at compile time only.
-    let winograd = if runtime_weights {
-        None
+    // Run-time weights are transformed by the node on every call, once for the batch.
+    let transform_cost = if runtime_weights {
+        winograd::RUNTIME_TRANSFORM_CYCLES_PER_FILTER * in_channels * out_channels / batch.max(1)
     } else {
-        winograd_shape(&spatial, groups, in_channels, out_channels, mr, nr, im2col_cost, forced)
+        0
     };
+    let winograd = winograd_shape(
+        &spatial,
+        groups,
+        in_channels,
+        out_channels,
+        (mr, nr),
+        im2col_cost,
+        transform_cost,
+        forced,
+    );
     let (orientation, nc) = match &winograd {
         Some((_, block)) => (Orientation::ChannelRows, *block),
         None => (orientation, nc),
@@ -532,9 +546,9 @@ fn winograd_shape(
     groups: usize,
     in_channels: usize,
     out_channels: usize,
-    mr: usize,
-    nr: usize,
+    (mr, nr): (usize, usize),
     im2col_cost: usize,
+    transform_cost: usize,
     forced: bool,
 ) -> Option<(WinogradShape, usize)> {
     let w = winograd::shape(
@@ -550,7 +564,8 @@ fn winograd_shape(
     )?;
     let padded_channels = out_channels.div_ceil(mr) * mr;
     let cost = winograd::product_macs(&w, in_channels, padded_channels, nr) / 16
-        + 9 * w.tiles() * (in_channels + out_channels);
+        + 9 * w.tiles() * (in_channels + out_channels)
+        + transform_cost;
     if !forced && cost * 100 >= im2col_cost * 85 {
         return None;
     }
@@ -837,7 +852,11 @@ fn emit_kernel(
     if plan.runtime_weights {
         let weights = b.ins().load(I64, buffer_flags(), bufs, 8);
         let packed = b.ins().iadd_imm_s(scratch, plan.weights_offset() as i64);
-        pack::emit_pack_weights(b, plan, weights, packed);
+        if plan.winograd.is_some() {
+            winograd::emit_pack_weights(b, plan, weights, packed);
+        } else {
+            pack::emit_pack_weights(b, plan, weights, packed);
+        }
     }
 
     // oc-panel groups: chosen per thread count at compile time (`oc_groups_by_threads`).

@@ -26,12 +26,12 @@
 
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4, I8};
-use cranelift_codegen::ir::{InstBuilder, Value};
+use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Value};
 use cranelift_frontend::FunctionBuilder;
 
 use super::{for_range, int, repeat, scaled, unflatten};
 use crate::kernels::CodegenError;
-use crate::kernels::compute::{LANES, scalar_flags, shuffle_f32x4, vector_flags};
+use crate::kernels::compute::{LANES, counted_loop, scalar_flags, shuffle_f32x4, vector_flags};
 use crate::kernels::conv_gemm::{ConvGemmPlan, TaskFrame};
 
 const F32_BYTES: i64 = 4;
@@ -154,7 +154,7 @@ fn m_point_stride(plan: &ConvGemmPlan) -> usize {
     padded_channels(plan) * plan.nc * 4 + 64
 }
 
-/// `U = G g Gᵀ` per filter, in A panels: `[ξ][panel][ic][mr]`, channels past M zero.
+/// `U = G g Gᵀ` per filter, in A panels: `[ξ][panel][ic][mr]` (points `u_point_stride` apart), channels past M zero.
 pub fn pack_weights(plan: &ConvGemmPlan, weights: &[f32]) -> Vec<u8> {
     const G: [[f64; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
     let (c, m, mr, panels) = (plan.in_channels, plan.out_channels, plan.mr, plan.panels());
@@ -176,8 +176,9 @@ pub fn pack_weights(plan: &ConvGemmPlan, weights: &[f32]) -> Vec<u8> {
             }
         }
     }
-    let mut out = Vec::with_capacity(POINTS * panels * c * mr * 4);
+    let mut out = Vec::with_capacity(packed_weight_bytes(plan));
     for xi in 0..POINTS {
+        out.resize(xi * u_point_stride(plan), 0);
         for panel in 0..panels {
             for ic in 0..c {
                 for r in 0..mr {
@@ -193,6 +194,100 @@ pub fn pack_weights(plan: &ConvGemmPlan, weights: &[f32]) -> Vec<u8> {
         }
     }
     out
+}
+
+/// Bytes of the transformed weights (`pack_weights`' layout).
+pub fn packed_weight_bytes(plan: &ConvGemmPlan) -> usize {
+    POINTS * u_point_stride(plan)
+}
+
+/// Bytes from one point's U to the next: its panels, plus one cache line, so that the
+/// 16 points of a filter (written together when the weights are packed at run time)
+/// do not all fall into one L1 set when a point's panels are a multiple of 4 KiB (they
+/// did at 512 channels: the run-time transform took half as long as the products).
+fn u_point_stride(plan: &ConvGemmPlan) -> usize {
+    plan.panels() * plan.in_channels * plan.mr * 4 + 64
+}
+
+/// Cycles to transform and pack one filter at run time (9 loads, ~40 adds, 16 scattered
+/// stores), charged against Winograd's gain when the weights are a graph input.
+pub const RUNTIME_TRANSFORM_CYCLES_PER_FILTER: usize = 24;
+
+/// `pack_weights` at run time, for weights that are a graph input or a node's output
+/// (training graphs: each step's parameters, and the flipped filters of input
+/// gradients): `w` is `[M, C, 3, 3]`, `dst` receives `[ξ][panel][ic][mr]`, the rows of
+/// the last panel past M zeroed (the scratch holds other nodes' data). Scalar, filter by
+/// filter, in f32: a few percent of the products' time at 512 channels.
+pub fn emit_pack_weights(b: &mut FunctionBuilder, plan: &ConvGemmPlan, w: Value, dst: Value) {
+    let (c, m, mr, panels) = (plan.in_channels, plan.out_channels, plan.mr, plan.panels());
+    let panel_bytes = (c * mr) as i64 * F32_BYTES;
+    let point_bytes = u_point_stride(plan) as i64;
+    let filter_bytes = 9 * F32_BYTES;
+    let row_bytes = mr as i64 * F32_BYTES;
+    let store = |b: &mut FunctionBuilder, value: Value, base: Value, offset: i64| match i32::try_from(offset) {
+        Ok(offset) => {
+            b.ins().store(MemFlagsData::trusted(), value, base, offset);
+        }
+        Err(_) => {
+            let at = b.ins().iadd_imm_s(base, offset);
+            b.ins().store(MemFlagsData::trusted(), value, at, 0);
+        }
+    };
+    counted_loop(b, m, vec![w], |b, oc, carried| {
+        let panel = b.ins().udiv_imm_u(oc, mr as i64);
+        let row = b.ins().urem_imm_u(oc, mr as i64);
+        let column = scaled(b, dst, panel, panel_bytes);
+        let column = scaled(b, column, row, F32_BYTES);
+        let after = counted_loop(b, c, vec![carried[0], column], |b, _, at| {
+            let g: Vec<Value> = (0..9)
+                .map(|k| b.ins().load(F32, scalar_flags(), at[0], (k * F32_BYTES) as i32))
+                .collect();
+            let u = filter_transform(b, &g);
+            for (xi, &value) in u.iter().enumerate() {
+                store(b, value, at[1], xi as i64 * point_bytes);
+            }
+            vec![
+                b.ins().iadd_imm_s(at[0], filter_bytes),
+                b.ins().iadd_imm_s(at[1], row_bytes),
+            ]
+        });
+        vec![after[0]]
+    });
+    let padded_rows = panels * mr - m;
+    if padded_rows > 0 {
+        let zero = b.ins().f32const(0.0);
+        let last_panel = b.ins().iadd_imm_s(dst, (panels - 1) as i64 * panel_bytes);
+        counted_loop(b, POINTS, vec![], |b, xi, _| {
+            let point = scaled(b, last_panel, xi, point_bytes);
+            counted_loop(b, c, vec![point], |b, _, at| {
+                for r in mr - padded_rows..mr {
+                    store(b, zero, at[0], r as i64 * F32_BYTES);
+                }
+                vec![b.ins().iadd_imm_s(at[0], row_bytes)]
+            });
+            vec![]
+        });
+    }
+}
+
+/// `U = G g Gᵀ` of one 3x3 filter `g` (row-major), the 16 points ξ = 4·i + j in order.
+/// G's rows are (1, 0, 0), (½, ½, ½), (½, −½, ½), (0, 0, 1).
+fn filter_transform(b: &mut FunctionBuilder, g: &[Value]) -> Vec<Value> {
+    let half = b.ins().f32const(0.5);
+    // [g0, ½(g0 + g1 + g2), ½(g0 − g1 + g2), g2]
+    let by_g = |b: &mut FunctionBuilder, g0: Value, g1: Value, g2: Value| -> [Value; 4] {
+        let outer = b.ins().fadd(g0, g2);
+        let plus = b.ins().fadd(outer, g1);
+        let minus = b.ins().fsub(outer, g1);
+        [g0, b.ins().fmul(plus, half), b.ins().fmul(minus, half), g2]
+    };
+    // Columns first: t[i][s] = Σ_r G[i][r] g[r][s].
+    let columns: Vec<[Value; 4]> = (0..3).map(|s| by_g(b, g[s], g[3 + s], g[6 + s])).collect();
+    let mut u = Vec::with_capacity(POINTS);
+    for i in 0..4 {
+        u.extend(by_g(b, columns[0][i], columns[1][i], columns[2][i]));
+    }
+    u
 }
 
 /// `Bᵀ d B` of a 4x4 patch, element (r, j) of which `load(b, r, j)` returns (F32 or
@@ -360,7 +455,7 @@ pub fn emit(b: &mut FunctionBuilder, f: &TaskFrame, w: &WinogradShape) -> Result
     });
 
     // The 16 products: M_ξ[channel rows of the panel][tiles of the tile panel].
-    let u_point_bytes = plan.panels() as i64 * channels * mr * F32_BYTES;
+    let u_point_bytes = u_point_stride(plan) as i64;
     let u_panel_bytes = channels * mr * F32_BYTES;
     let m_point_bytes = m_point_stride(plan) as i64;
     crate::kernels::compute::counted_loop(b, POINTS, vec![], |b, xi, _| {
