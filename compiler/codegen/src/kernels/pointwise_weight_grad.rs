@@ -4,7 +4,9 @@
 //! p (NCHW planes), so nothing is transposed or packed.
 //!
 //! Register blocks of up to 3 maps x 3 channels: per four positions, 3 + 3 vector loads
-//! feed 9 independent multiply-add chains. Positions are taken in chunks so that the
+//! feed 9 independent multiply-add chains; on AVX2+FMA each block is a call of a machine
+//! code tile (`microkernel::pointwise_weight_grad_x86`: 8 positions per vector, up to 12
+//! sums, blocks sized by `block_sizes`). Positions are taken in chunks so that the
 //! chunk of every plane of the side with fewer planes stays in L1 while the blocks of the
 //! other side pass over it (a chunk's sums go into dw as they complete). Meant for the products with few maps or
 //! channels (a mobile network's 16-32 channel bottlenecks), where the GEMM form packs a
@@ -12,12 +14,13 @@
 
 use cranelift_codegen::ir::{
     InstBuilder, Value,
-    types::{F32, F32X4},
+    types::{F32, F32X4, I64},
 };
 use cranelift_frontend::FunctionBuilder;
 
 use crate::kernels::compute::{F32_BYTES, LANES, counted_loop, index_ptr, load, offset_ptr, scalar_flags, store, tiled_loop, vector_flags};
 use crate::kernels::movement::emit_fill;
+use crate::microkernel::pointwise_weight_grad_x86::{self as machine, TileSpec};
 use cnnc_ir::Scalar;
 
 /// Maps and channels of a register block (9 accumulators + 6 loaded vectors of the 16
@@ -31,6 +34,12 @@ const UNROLL: usize = 1;
 /// Bytes of the inner side's planes per chunk of positions (of a 48 KB L1, with room for
 /// the outer block's planes).
 const INNER_CHUNK_BYTES: usize = 16 * 1024;
+
+/// The same for the machine-code tiles, sized for L2 instead: a chunk of 256 positions
+/// over 16 KB made every plane of both sides a separate 1 KB stream per chunk (MobileNet's
+/// 96 x 16 product: 112 streams, which the prefetchers do not follow, 8.8 GMAC/s); with the
+/// inner side's chunk in L2 each outer plane is one long sequential read.
+const INNER_CHUNK_BYTES_MACHINE_CODE: usize = 192 * 1024;
 
 /// One pointwise weight gradient: [batch, groups · channels, positions] x and
 /// [batch, groups · maps, positions] dy into dw [groups · maps, channels].
@@ -86,13 +95,15 @@ impl PointwisePlan {
         let (cpg, mpg) = (self.channels_per_group, self.maps_per_group);
         let maps_outer = mpg >= cpg;
         let (outer, inner) = if maps_outer { (mpg, cpg) } else { (cpg, mpg) };
-        for (outer_start, outer_size, outer_repeat) in blocks(outer) {
+        let (map_block, channel_block) = self.block_sizes();
+        let (outer_block, inner_block) = if maps_outer { (map_block, channel_block) } else { (channel_block, map_block) };
+        for (outer_start, outer_size, outer_repeat) in blocks(outer, outer_block) {
             counted_loop(b, outer_repeat, vec![], |b, ob, _| {
-                let first_outer = b.ins().imul_imm_s(ob, BLOCK as i64);
+                let first_outer = b.ins().imul_imm_s(ob, outer_block as i64);
                 let first_outer = b.ins().iadd_imm_s(first_outer, outer_start as i64);
-                for &(inner_start, inner_size, inner_repeat) in &blocks(inner) {
+                for &(inner_start, inner_size, inner_repeat) in &blocks(inner, inner_block) {
                     counted_loop(b, inner_repeat, vec![], |b, ib, _| {
-                        let first_inner = b.ins().imul_imm_s(ib, BLOCK as i64);
+                        let first_inner = b.ins().imul_imm_s(ib, inner_block as i64);
                         let first_inner = b.ins().iadd_imm_s(first_inner, inner_start as i64);
                         let ((map0, maps), (channel0, channels)) = if maps_outer {
                             ((first_outer, outer_size), (first_inner, inner_size))
@@ -112,17 +123,48 @@ impl PointwisePlan {
         }
     }
 
+    /// Whether the AVX2+FMA tiles of `microkernel::pointwise_weight_grad_x86` were defined
+    /// for this product (all of them are, or none).
+    fn machine_code(&self) -> bool {
+        machine::tiles_of(self.maps_per_group, self.channels_per_group, self.positions)
+            .iter()
+            .all(machine::defined)
+    }
+
+    /// `(maps, channels)` per register block: the machine code's tiles, else 3 x 3.
+    fn block_sizes(&self) -> (usize, usize) {
+        if self.machine_code() {
+            machine::block_sizes(self.maps_per_group, self.channels_per_group)
+        } else {
+            (BLOCK, BLOCK)
+        }
+    }
+
     /// Positions per chunk: the inner side's planes of a chunk take at most
     /// `INNER_CHUNK_BYTES` (whole vectors, at least 64 positions).
     fn chunk(&self) -> usize {
         let inner = self.channels_per_group.min(self.maps_per_group).max(1);
-        let fit = INNER_CHUNK_BYTES / (inner * F32_BYTES as usize);
+        let budget = if self.machine_code() { INNER_CHUNK_BYTES_MACHINE_CODE } else { INNER_CHUNK_BYTES };
+        let fit = budget / (inner * F32_BYTES as usize);
         (fit - fit % LANES).max(64)
     }
 
     /// The `maps` x `channels` sums over `count` positions, added into dw (rows `cpg` apart).
     #[allow(clippy::too_many_arguments)]
     fn emit_block(&self, b: &mut FunctionBuilder, x: Value, dy: Value, dw: Value, maps: usize, channels: usize, count: usize) {
+        let tile = TileSpec {
+            maps,
+            channels,
+            plane_bytes: self.positions * F32_BYTES as usize,
+            dw_row_bytes: self.channels_per_group * F32_BYTES as usize,
+        };
+        if self.machine_code()
+            && let Some(code) = machine::import(b.func, &tile)
+        {
+            let count = b.ins().iconst(I64, count as i64);
+            b.ins().call(code, &[x, dy, dw, count]);
+            return;
+        }
         let plane = bytes(self.positions);
         let zero = b.ins().f32const(0.0);
         let zeros = b.ins().splat(F32X4, zero);
@@ -190,15 +232,15 @@ impl PointwisePlan {
 }
 
 /// Blocks over `n` items as (first item, block size, how many blocks of that size in a
-/// row): whole blocks of `BLOCK`, then one of the remainder.
-fn blocks(n: usize) -> Vec<(usize, usize, usize)> {
-    let whole = n / BLOCK;
+/// row): whole blocks of `block`, then one of the remainder.
+fn blocks(n: usize, block: usize) -> Vec<(usize, usize, usize)> {
+    let whole = n / block;
     let mut out = Vec::new();
     if whole > 0 {
-        out.push((0, BLOCK, whole));
+        out.push((0, block, whole));
     }
-    if n % BLOCK > 0 {
-        out.push((whole * BLOCK, n % BLOCK, 1));
+    if n % block > 0 {
+        out.push((whole * block, n % block, 1));
     }
     out
 }

@@ -35,6 +35,7 @@ pub mod conv_transpose_x86;
 pub mod depthwise_x86;
 pub mod peak;
 pub mod pointwise_blocked_x86;
+pub mod pointwise_weight_grad_x86;
 pub mod portable;
 pub mod store_epilogue;
 pub mod x86;
