@@ -824,6 +824,70 @@ fn weight_gradient_problem() -> impl Strategy<Value = ConvProblem> {
         )
 }
 
+/// The channels-last weight-gradient correlations of training graphs
+/// (`train/rules_window.rs`): x `[1, N, H, W, C]`, dy as the weight `[M, N, OH, OW, 1]`
+/// (dilated by the forward stride), output `[1, M, k, k, C]` with the input channels
+/// carried through as positions (`gemm::pack_carried` when C is a multiple of the panel
+/// width and the block holds every position); C on and off the panel widths (8 and 16),
+/// kc from a part of one tap's images to several taps.
+fn carried_weight_gradient_problem() -> impl Strategy<Value = ConvProblem> {
+    (
+        (1usize..=5, 1usize..=14, prop_oneof![Just(8usize), Just(16), Just(32), 1usize..=20]),
+        (3usize..=9, 3usize..=9),
+        (1usize..=3, 0usize..=1, 1usize..=2),
+        (1usize..=40, any::<bool>()),
+        any::<u64>(),
+    )
+        .prop_map(|((images, m, c), (h, w), (k, pad, stride), (kc, whole_block), seed)| {
+            // dy of a forward convolution of x by a k x k filter at `stride`.
+            let out = |extent: usize| (extent + 2 * pad).saturating_sub(k) / stride + 1;
+            let (oh, ow) = (out(h), out(w));
+            let positions = k * k * c;
+            ConvProblem {
+                batch: 1,
+                groups: 1,
+                in_per_group: images,
+                out_per_group: m,
+                input: vec![h, w, c],
+                kernel: vec![oh, ow, 1],
+                strides: vec![1, 1, 1],
+                dilations: vec![stride, stride, 1],
+                pads_begin: vec![pad, pad, 0],
+                pads_end: vec![pad, pad, 0],
+                bias: false,
+                steps: vec![],
+                blocking: Some((kc, if whole_block { positions } else { 16 })),
+                family: "gemm",
+                runtime_weights: true,
+                seed,
+            }
+        })
+        .prop_filter("the dilated dy must fit the padded input", |p| {
+            p.input.iter().zip(&p.kernel).zip(&p.dilations).zip(&p.pads_begin).all(|(((&i, &k), &d), &pad)| {
+                (k - 1) * d + 1 <= i + 2 * pad
+            })
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(48), ..ProptestConfig::default() })]
+
+    /// Channels-last weight gradients on the host's microkernel, and on the portable
+    /// kernel with two threads.
+    #[test]
+    fn carried_weight_gradients_match_interpreter(p in carried_weight_gradient_problem(), portable in any::<bool>()) {
+        let (g, inputs) = p.graph();
+        let want = reference(&g, &inputs);
+        let got = if portable {
+            let target = TargetSpec::parse(None, Some("x86-64-v2")).unwrap();
+            run_shared(&g, &target, 2, &inputs)
+        } else {
+            host_jit(&g, &inputs)
+        };
+        check_all(&got.map_err(TestCaseError::fail)?, &want).map_err(TestCaseError::fail)?;
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: cases(32), ..ProptestConfig::default() })]
 

@@ -14,6 +14,7 @@ use cranelift_codegen::ir::{InstBuilder, Value};
 use cranelift_frontend::FunctionBuilder;
 
 use super::pack::{emit_pack_block, emit_pack_ragged_panel};
+use super::pack_carried;
 use super::tile::emit_merge;
 use super::{for_range, int, scaled};
 use crate::kernels::CodegenError;
@@ -40,6 +41,7 @@ pub fn emit(b: &mut FunctionBuilder, f: &TaskFrame) -> Result<(), CodegenError> 
     let tmp_tile = b.ins().iadd_imm_s(packed, (plan.kc * plan.nc * 4) as i64);
     let pack_shape = f.pack_shape(plan.nr);
     let epilogue = &f.epilogue;
+    let carried = pack_carried::applies(&pack_shape, plan.nc >= plan.positions);
     let mut failure: Option<CodegenError> = None;
     crate::kernels::compute::counted_loop(b, k_blocks, vec![], |b, kb, _| {
         let k0 = b.ins().imul_imm_s(kb, kc);
@@ -65,7 +67,9 @@ pub fn emit(b: &mut FunctionBuilder, f: &TaskFrame) -> Result<(), CodegenError> 
             let first_row = b.ins().imul_imm_s(k0, in_plane_bytes);
             b.ins().iadd(f.x_group, first_row)
         });
-        if in_place.is_none() {
+        if in_place.is_none() && carried {
+            pack_carried::emit_pack_block(b, &pack_shape, f.x_group, k0, kcb, packed, panel_bytes);
+        } else if in_place.is_none() {
             emit_pack_block(
                 b,
                 &pack_shape,

@@ -6,6 +6,7 @@
 
 pub mod channel_rows;
 pub mod pack;
+pub mod pack_carried;
 pub mod pack_rows;
 pub mod position_rows;
 pub mod tile;
