@@ -377,6 +377,8 @@ pub fn is_data_operand(g: &Graph, node: &Node, i: usize) -> bool {
     let same_shape_as_output = || node.inputs.get(i).is_some_and(|&v| g.ty(v).shape == g.ty(out).shape);
     let by_op = match node.op {
         Op::Conv(_) | Op::Pool(_) | Op::Reduce { .. } | Op::Reorder => i == 0,
+        // Its pieces: a blocked channel concat is per image the blocks of each piece in turn.
+        Op::Concat { .. } => i < op_input_count(node),
         Op::Unary(_) | Op::Binary(_) | Op::Where | Op::Cast { .. } => i < op_input_count(node) && same_shape_as_output(),
         _ => false,
     };

@@ -19,7 +19,7 @@
 //! targets with narrower vectors keep every node plain. Inference only; the driver
 //! leaves the pass out with `--no-nchwc` (or `CNNC_NO_NCHWC=1`).
 
-use cnnc_codegen::kernels::{conv_blocked, depthwise_blocked, pool_blocked};
+use cnnc_codegen::kernels::{conv_blocked, depthwise_blocked, movement, pool_blocked};
 use cnnc_ir::verify::{is_data_operand, is_layout_free};
 use cnnc_ir::{DType, Graph, Layout, Node, Op, Schedule, ValueId};
 
@@ -42,6 +42,8 @@ fn blocked() -> Layout {
 enum Kind {
     Pointwise,
     Depthwise,
+    /// A KxK (or padded) ungrouped convolution on the direct kernel.
+    Direct,
     Other,
 }
 
@@ -54,15 +56,25 @@ fn blockable(g: &Graph, node: &Node) -> Option<Kind> {
     }
     match node.op {
         Op::Conv(_) if depthwise_blocked::supports_node(g, node) => Some(Kind::Depthwise),
-        Op::Conv(_) if conv_blocked::supports_node(g, node) => Some(Kind::Pointwise),
+        Op::Conv(_) if conv_blocked::is_pointwise(g, node) => Some(Kind::Pointwise),
+        Op::Conv(_) if !conv_blocked::is_pointwise(g, node) && conv_blocked::supports_node(g, node) => Some(Kind::Direct),
+        Op::Concat { .. } if movement::supports_blocked_concat(g, node) && node.epilogue.is_empty() => Some(Kind::Other),
         Op::Reduce { .. } if pool_blocked::supports_global_reduce(g, node) => Some(Kind::Other),
-        Op::Pool(_) if pool_blocked::supports_pool(g, node) => Some(Kind::Other),
+        // A pool right after a plain producer runs plain: the reorder after it moves
+        // a quarter of the bytes (SqueezeNet's and ResNet's stems).
+        Op::Pool(_) if pool_blocked::supports_pool(g, node) && produced_blockable(g, node) => Some(Kind::Other),
         Op::Unary(_) | Op::Binary(_) => {
             let inputs_f32 = node.inputs.iter().all(|&v| g.ty(v).dtype == DType::F32);
             inputs_f32.then_some(Kind::Other)
         }
         _ => None,
     }
+}
+
+/// Whether the node's data input comes from a node that could run blocked.
+fn produced_blockable(g: &Graph, node: &Node) -> bool {
+    let Some(&x) = node.inputs.first() else { return false };
+    g.nodes.iter().find(|p| p.outputs.contains(&x)).is_some_and(|p| !matches!(p.op, Op::Pool(_)) && blockable(g, p).is_some())
 }
 
 fn find(parent: &mut [usize], mut i: usize) -> usize {
@@ -110,6 +122,7 @@ fn choose_regions(g: &Graph) -> Vec<bool> {
         gain[root] += match kind {
             Kind::Depthwise => DEPTHWISE_GAIN,
             Kind::Pointwise => POINTWISE_GAIN,
+            Kind::Direct => DIRECT_GAIN,
             Kind::Other => 0,
         };
     }
@@ -162,6 +175,7 @@ fn choose_regions(g: &Graph) -> Vec<bool> {
 /// blocked.
 const DEPTHWISE_GAIN: usize = 3;
 const POINTWISE_GAIN: usize = 1;
+const DIRECT_GAIN: usize = 3;
 const REORDER_COST: usize = 3;
 
 /// Sets the chosen nodes' layouts and inserts the reorders their edges need: one per

@@ -130,7 +130,7 @@ fn blocked8() -> Layout {
     Layout::Blocked { block: BLOCK as u32 }
 }
 
-fn constant_input(g: &Graph, node: &Node, i: usize) -> Option<Vec<f32>> {
+pub(crate) fn constant_input(g: &Graph, node: &Node, i: usize) -> Option<Vec<f32>> {
     let v = *node.inputs.get(i)?;
     let n = g.ty(v).numel();
     let producer = g.nodes.iter().find(|m| m.outputs.contains(&v))?;
@@ -151,7 +151,19 @@ pub fn runs_on(target: &TargetSpec) -> bool {
 /// weights and bias, geometry), whatever its schedule says now: what the layout pass
 /// asks before putting a convolution into a blocked region.
 pub fn supports_node(g: &Graph, node: &Node) -> bool {
+    analyse(g, node).is_ok() || super::conv_direct_blocked::supports_node(g, node)
+}
+
+/// Whether `node` would run as a blocked 1x1 convolution (not the direct KxK kernel).
+pub fn is_pointwise(g: &Graph, node: &Node) -> bool {
     analyse(g, node).is_ok()
+}
+
+/// A blocked convolution: 1x1 here, KxK (or padded) through `conv_direct_blocked`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum BlockedConvPlan {
+    Pointwise(PointwisePlan),
+    Direct(super::conv_direct_blocked::DirectPlan),
 }
 
 /// [`supports_node`] on a target that runs the machine code.
@@ -161,7 +173,7 @@ pub fn supports(g: &Graph, node: &Node, target: &TargetSpec) -> bool {
 
 /// The plan when `node` is a convolution with a blocked schedule that is not depthwise
 /// (None: someone else's node); an error when it is one this kernel cannot run.
-pub fn plan(g: &Graph, node: &Node, target: &TargetSpec) -> Result<Option<PointwisePlan>, CodegenError> {
+pub fn plan(g: &Graph, node: &Node, target: &TargetSpec) -> Result<Option<BlockedConvPlan>, CodegenError> {
     let Op::Conv(geometry) = &node.op else { return Ok(None) };
     let s = &node.schedule;
     if s.layout_in == Layout::Plain && s.layout_out == Layout::Plain {
@@ -183,9 +195,16 @@ pub fn plan(g: &Graph, node: &Node, target: &TargetSpec) -> Result<Option<Pointw
             node.name, s.layout_in, s.layout_out
         )));
     }
-    analyse(g, node)
-        .map(Some)
-        .map_err(|why| CodegenError(format!("blocked convolution '{}': {why}", node.name)))
+    match analyse(g, node) {
+        Ok(plan) => Ok(Some(BlockedConvPlan::Pointwise(plan))),
+        Err(pointwise_why) => match super::conv_direct_blocked::analyse(g, node) {
+            Ok(plan) => Ok(Some(BlockedConvPlan::Direct(plan))),
+            Err(direct_why) => Err(CodegenError(format!(
+                "blocked convolution '{}': not a 1x1 one ({pointwise_why}) nor a direct one ({direct_why})",
+                node.name
+            ))),
+        },
+    }
 }
 
 fn analyse(g: &Graph, node: &Node) -> Result<PointwisePlan, String> {
@@ -290,6 +309,28 @@ pub fn packs_weights(g: &Graph, node: &Node, target: &TargetSpec) -> bool {
 /// task and kernel; returns the kernel (module node-kernel signature).
 #[allow(clippy::too_many_arguments)]
 pub fn define_node<M: Module>(
+    module: &mut M,
+    g: &Graph,
+    node: &Node,
+    node_index: usize,
+    plan: &BlockedConvPlan,
+    float_env: Option<FloatEnv>,
+    kernel_sig: &Signature,
+    ctx: &mut Context,
+    fb_ctx: &mut FunctionBuilderContext,
+) -> Result<FuncId, CodegenError> {
+    match plan {
+        BlockedConvPlan::Pointwise(plan) => {
+            define_pointwise(module, g, node, node_index, plan, float_env, kernel_sig, ctx, fb_ctx)
+        }
+        BlockedConvPlan::Direct(plan) => {
+            super::conv_direct_blocked::define_node(module, g, node, node_index, plan, float_env, kernel_sig, ctx, fb_ctx)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn define_pointwise<M: Module>(
     module: &mut M,
     g: &Graph,
     node: &Node,

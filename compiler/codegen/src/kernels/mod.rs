@@ -20,6 +20,7 @@ pub mod channel_split;
 pub mod compute;
 pub mod conv;
 pub mod conv_blocked;
+pub mod conv_direct_blocked;
 pub mod conv_gemm;
 pub mod conv_transpose;
 pub mod conv_weight_grad;
@@ -143,6 +144,7 @@ pub fn blocked_kernel_exists(g: &Graph, node: &Node) -> bool {
         Op::Reorder | Op::Unary(_) | Op::Binary(_) | Op::Where | Op::Cast { .. } => true,
         Op::Reduce { .. } => pool_blocked::supports_global_reduce(g, node),
         Op::Pool(_) => pool_blocked::supports_pool(g, node),
+        Op::Concat { .. } => movement::supports_blocked_concat(g, node),
         _ => false,
     }
 }

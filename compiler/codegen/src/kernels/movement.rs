@@ -477,7 +477,30 @@ pub fn emit_broadcast(k: &mut KernelCtx) -> Result<(), CodegenError> {
 pub fn concat_applies_epilogue(g: &cnnc_ir::Graph, node: &cnnc_ir::Node) -> bool {
     let Op::Concat { axis } = node.op else { return false };
     let out = g.ty(node.outputs[0]);
-    axis < out.rank() && out.shape[..axis].iter().all(|&d| d == 1)
+    // Blocked: the copy, then the in-place epilogue pass reads per-channel operands by block.
+    let plain = node.schedule.layout_out == cnnc_ir::Layout::Plain;
+    plain && axis < out.rank() && out.shape[..axis].iter().all(|&d| d == 1)
+}
+
+/// Whether a concat runs on blocked (NCHWc) values: along channels, every piece a whole
+/// number of blocks, so each image's output is each piece's bytes in turn -- the plain
+/// copy writes exactly that.
+pub fn supports_blocked_concat(g: &cnnc_ir::Graph, node: &cnnc_ir::Node) -> bool {
+    // Plain: whether it could run blocked by 8 (what the layout pass asks).
+    let block = match node.schedule.layout_out {
+        cnnc_ir::Layout::Blocked { block } => block as usize,
+        cnnc_ir::Layout::Plain => 8,
+    };
+    blocked_concat_fits(g, node, block)
+}
+
+fn blocked_concat_fits(g: &cnnc_ir::Graph, node: &cnnc_ir::Node, block: usize) -> bool {
+    let Op::Concat { axis: 1 } = node.op else { return false };
+    let op_inputs = cnnc_ir::verify::op_input_count(node);
+    node.inputs[..op_inputs].iter().chain(&node.outputs).all(|&v| {
+        let t = g.ty(v);
+        t.dtype == cnnc_ir::DType::F32 && t.rank() == 4 && block > 0 && t.shape[1] % block == 0
+    })
 }
 
 pub fn emit_concat(k: &mut KernelCtx, axis: usize) -> Result<(), CodegenError> {

@@ -31,6 +31,7 @@ use crate::kernels::CodegenError;
 use crate::target::TargetSpec;
 
 pub mod activation;
+pub mod conv_direct_x86;
 pub mod conv_transpose_x86;
 pub mod depthwise_x86;
 pub mod peak;
