@@ -23,6 +23,7 @@ use super::compute::{
 };
 use super::compute::misrouted;
 use super::{CodegenError, KernelCtx};
+use super::conv_transpose_depthwise::StridedDepthwise;
 use crate::microkernel::conv_transpose_x86::{self, TransposedSpec};
 
 const CHANNEL_BLOCK: usize = 4;
@@ -57,6 +58,10 @@ pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
     require_dtype(k, "output", y, DType::F32)?;
     if let Some(&bias) = k.node.inputs.get(2) {
         require_dtype(k, "bias", k.graph.ty(bias), DType::F32)?;
+    }
+    if let Some(plan) = StridedDepthwise::of_node(k.graph, k.node) {
+        plan.emit(k.b, k.inputs[0], k.inputs[1], k.inputs.get(2).copied(), k.outputs[0]);
+        return Ok(());
     }
     if let Some(spec) = TransposedSpec::of_node(k.graph, k.node)
         && let Some(code) = conv_transpose_x86::import(k.b.func, &spec)

@@ -23,6 +23,7 @@ pub mod conv_blocked;
 pub mod conv_direct_blocked;
 pub mod conv_gemm;
 pub mod conv_transpose;
+pub mod conv_transpose_depthwise;
 pub mod conv_weight_grad;
 pub mod depthwise;
 pub mod depthwise_blocked;
