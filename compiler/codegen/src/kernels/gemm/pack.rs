@@ -19,8 +19,8 @@
 //! here as a single flat axis, so every quad but those past the end is regular.
 
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::types::{F32, F32X4, I8};
-use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Value};
+use cranelift_codegen::ir::types::{F32, F32X4, F64X2, I8};
+use cranelift_codegen::ir::{Endianness, InstBuilder, MemFlagsData, Value};
 use cranelift_frontend::FunctionBuilder;
 
 use super::{below, int, repeat, scaled, unflatten};
@@ -544,7 +544,8 @@ pub fn emit_pack_ragged_panel(
 /// (`ConvGemmPlan::packed_weight_bytes`) in the layout `ConvGemmPlan::pack_weights` gives
 /// constant weights: `[group][panel][kk][channel_tile]`, `kk = tap · C/g + ic`, channels
 /// past the group's last zero. Source rows (one output channel, one input channel: its
-/// taps) are read in order. Whole panels of a width that is a multiple of 4 go 4 taps x
+/// taps) are read in order. Whole panels of a width that is a multiple of 4 (or 4q + 2,
+/// the last two channels then as pairs of one 8-byte store per tap) go 4 taps x
 /// 4 channels at a time (a 4x4 transpose in registers, so each store writes 4 channels
 /// of one `kk`: the scattered single-float stores otherwise dominate, as in
 /// weight-gradient convolutions with thousands of taps); other channels one by one.
@@ -562,7 +563,9 @@ pub fn emit_pack_weights(b: &mut FunctionBuilder, plan: &ConvGemmPlan, w: Value,
     let row_bytes = (channels * taps) as i64 * F32_BYTES;
     // (Immediate offsets reach `width` rows down.)
     let offsets_fit = width as i64 * row_bytes <= i64::from(i32::MAX);
-    let vector_panels = if width.is_multiple_of(LANES) && taps >= LANES && offsets_fit {
+    // A width of 4q + 2 (the AVX2 kernel's 6 rows) takes its last two channels as pairs.
+    let pair_row = (width % LANES == 2).then_some(width - 2);
+    let vector_panels = if (width.is_multiple_of(LANES) || pair_row.is_some()) && taps >= LANES && offsets_fit {
         out_channels / width
     } else {
         0
@@ -587,6 +590,25 @@ pub fn emit_pack_weights(b: &mut FunctionBuilder, plan: &ConvGemmPlan, w: Value,
                         for (t, by_channel) in transpose4(b, &rows).into_iter().enumerate() {
                             let offset = (t as i64 * tap_bytes + (quad * LANES) as i64 * F32_BYTES) as i32;
                             b.ins().store(vector_flags(), by_channel, at[1], offset);
+                        }
+                    }
+                    if let Some(r) = pair_row {
+                        let load_row = |b: &mut FunctionBuilder, r: usize| {
+                            b.ins().load(F32X4, vector_flags(), at[0], (r as i64 * row_bytes) as i32)
+                        };
+                        let (first, second) = (load_row(b, r), load_row(b, r + 1));
+                        // (first[t], second[t]) for taps t = 0, 1 and then 2, 3.
+                        let low = shuffle_f32x4(b, first, second, [0, 4, 1, 5]);
+                        let high = shuffle_f32x4(b, first, second, [2, 6, 3, 7]);
+                        let flags = MemFlagsData::new().with_endianness(Endianness::Little);
+                        for (half, v) in [low, high].into_iter().enumerate() {
+                            let pairs = b.ins().bitcast(F64X2, flags, v);
+                            for lane in 0..2 {
+                                let pair = b.ins().extractlane(pairs, lane as u8);
+                                let t = 2 * half + lane;
+                                let offset = (t as i64 * tap_bytes + r as i64 * F32_BYTES) as i32;
+                                b.ins().store(MemFlagsData::trusted(), pair, at[1], offset);
+                            }
                         }
                     }
                     vec![
