@@ -219,10 +219,11 @@ pub const RUNTIME_TRANSFORM_CYCLES_PER_FILTER: usize = 24;
 /// the last panel past M zeroed (the scratch holds other nodes' data). Scalar, filter by
 /// filter, in f32: a few percent of the products' time at 512 channels.
 pub fn emit_pack_weights(b: &mut FunctionBuilder, plan: &ConvGemmPlan, w: Value, dst: Value) {
-    let (c, m, mr, panels) = (plan.in_channels, plan.out_channels, plan.mr, plan.panels());
+    let (c, m, mr) = (plan.in_channels, plan.out_channels, plan.mr);
     let panel_bytes = (c * mr) as i64 * F32_BYTES;
     let point_bytes = u_point_stride(plan) as i64;
     let filter_bytes = 9 * F32_BYTES;
+    let channel_filters_bytes = c as i64 * filter_bytes;
     let row_bytes = mr as i64 * F32_BYTES;
     let store = |b: &mut FunctionBuilder, value: Value, base: Value, offset: i64| match i32::try_from(offset) {
         Ok(offset) => {
@@ -233,40 +234,49 @@ pub fn emit_pack_weights(b: &mut FunctionBuilder, plan: &ConvGemmPlan, w: Value,
             b.ins().store(MemFlagsData::trusted(), value, at, 0);
         }
     };
-    counted_loop(b, m, vec![w], |b, oc, carried| {
-        let panel = b.ins().udiv_imm_u(oc, mr as i64);
-        let row = b.ins().urem_imm_u(oc, mr as i64);
-        let column = scaled(b, dst, panel, panel_bytes);
-        let column = scaled(b, column, row, F32_BYTES);
-        let after = counted_loop(b, c, vec![carried[0], column], |b, _, at| {
-            let g: Vec<Value> = (0..9)
-                .map(|k| b.ins().load(F32, scalar_flags(), at[0], (k * F32_BYTES) as i32))
-                .collect();
-            let u = filter_transform(b, &g);
-            for (xi, &value) in u.iter().enumerate() {
-                store(b, value, at[1], xi as i64 * point_bytes);
+    // Panel by panel, input channel by input channel, the panel's `mr` filters together:
+    // each point then gets `mr` consecutive floats, one line written whole after
+    // another (output channel by output channel, every store went to a line of its own
+    // and the panel's 16 point columns did not stay in L1).
+    let emit_panel = |b: &mut FunctionBuilder, src: Value, panel_dst: Value, rows: usize| {
+        counted_loop(b, c, vec![src, panel_dst], |b, _, at| {
+            for r in 0..mr {
+                if r < rows {
+                    let g: Vec<Value> = (0..9)
+                        .map(|k| {
+                            let offset = r as i64 * channel_filters_bytes + k * F32_BYTES;
+                            b.ins().load(F32, scalar_flags(), at[0], offset as i32)
+                        })
+                        .collect();
+                    let u = filter_transform(b, &g);
+                    for (xi, &value) in u.iter().enumerate() {
+                        store(b, value, at[1], xi as i64 * point_bytes + r as i64 * F32_BYTES);
+                    }
+                } else {
+                    let zero = b.ins().f32const(0.0);
+                    for xi in 0..POINTS {
+                        store(b, zero, at[1], xi as i64 * point_bytes + r as i64 * F32_BYTES);
+                    }
+                }
             }
             vec![
                 b.ins().iadd_imm_s(at[0], filter_bytes),
                 b.ins().iadd_imm_s(at[1], row_bytes),
             ]
         });
-        vec![after[0]]
+    };
+    let full_panels = m / mr;
+    counted_loop(b, full_panels, vec![], |b, panel, _| {
+        let src = scaled(b, w, panel, mr as i64 * channel_filters_bytes);
+        let panel_dst = scaled(b, dst, panel, panel_bytes);
+        emit_panel(b, src, panel_dst, mr);
+        vec![]
     });
-    let padded_rows = panels * mr - m;
-    if padded_rows > 0 {
-        let zero = b.ins().f32const(0.0);
-        let last_panel = b.ins().iadd_imm_s(dst, (panels - 1) as i64 * panel_bytes);
-        counted_loop(b, POINTS, vec![], |b, xi, _| {
-            let point = scaled(b, last_panel, xi, point_bytes);
-            counted_loop(b, c, vec![point], |b, _, at| {
-                for r in mr - padded_rows..mr {
-                    store(b, zero, at[0], r as i64 * F32_BYTES);
-                }
-                vec![b.ins().iadd_imm_s(at[0], row_bytes)]
-            });
-            vec![]
-        });
+    let rows_left = m % mr;
+    if rows_left > 0 {
+        let src = b.ins().iadd_imm_s(w, (full_panels * mr) as i64 * channel_filters_bytes);
+        let panel_dst = b.ins().iadd_imm_s(dst, full_panels as i64 * panel_bytes);
+        emit_panel(b, src, panel_dst, rows_left);
     }
 }
 
