@@ -236,3 +236,111 @@ proptest! {
         }
     }
 }
+
+/// SqueezeNet's fire module: squeeze 1x1, expand 1x1 and 3x3 (padding 1), concat.
+fn fire(g: &mut Graph, name: &str, x: ValueId, squeeze: usize, expand: usize) -> ValueId {
+    let relu = || vec![EpilogueStep::Unary(UnaryFn::Relu)];
+    let s = conv(g, &format!("{name}.squeeze"), x, squeeze, 1, 1, 1, relu());
+    let e1 = conv(g, &format!("{name}.expand1x1"), s, expand, 1, 1, 1, relu());
+    let e3 = conv(g, &format!("{name}.expand3x3"), s, expand, 3, 1, 1, relu());
+    g.push1(&format!("{name}.concat"), Op::Concat { axis: 1 }, &[e1, e3]).unwrap()
+}
+
+/// A SqueezeNet-like body: max pool, three fire modules, a 1x1 classifier, global
+/// average pooling.
+fn squeezenet_like(channels: usize, hw: usize, squeeze: usize, expand: usize, classes: usize) -> Graph {
+    let mut g = Graph::new("squeezenet_like");
+    let x = g.add_input(TensorType::f32(vec![1, channels, hw, hw]), "x");
+    let pooled_hw = (hw - 3) / 2 + 1;
+    let attrs = cnnc_ir::PoolAttrs {
+        kind: cnnc_ir::PoolKind::Max,
+        kernel: vec![3, 3],
+        strides: vec![2, 2],
+        dilations: vec![1, 1],
+        pads_begin: vec![0, 0],
+        pads_end: vec![0, 0],
+    };
+    let pooled = g
+        .push_typed("pool", Op::Pool(attrs), &[x], TensorType::f32(vec![1, channels, pooled_hw, pooled_hw]))
+        .unwrap();
+    let mut y = pooled;
+    for i in 0..3 {
+        y = fire(&mut g, &format!("fire{i}"), y, squeeze, expand);
+    }
+    let logits = conv(&mut g, "classifier", y, classes, 1, 1, 1, vec![EpilogueStep::Unary(UnaryFn::Relu)]);
+    let gap = g.push1("gap", Op::Reduce { kind: ReduceKind::Mean, axes: vec![2, 3] }, &[logits]).unwrap();
+    g.outputs.push(gap);
+    cnnc_ir::verify(&g).unwrap();
+    g
+}
+
+#[test]
+fn squeezenet_fire_modules_become_one_region() {
+    let mut g = squeezenet_like(32, 15, 16, 32, 16);
+    run_pass(&mut g, &ctx());
+    insta::assert_snapshot!("squeezenet_like__after", elided(&g));
+    // One reorder in (the pool reads the plain input and stays plain), the GAP's
+    // [1, C, 1, 1] output is the same bytes in both layouts.
+    assert_eq!(reorders(&g), 1, "{}", elided(&g));
+    let concats_blocked = g.nodes.iter().filter(|n| matches!(n.op, Op::Concat { .. }) && n.schedule.layout_in != Layout::Plain).count();
+    assert_eq!(concats_blocked, 3, "{}", elided(&g));
+    let pool = g.nodes.iter().find(|n| matches!(n.op, Op::Pool(_))).unwrap();
+    assert_eq!(pool.schedule.layout_in, Layout::Plain);
+}
+
+/// 3x3 convolutions over many channels run as Winograd on the plain path, which beats
+/// the direct kernel (ResNet-18): a ResNet-like stack stays plain.
+#[test]
+fn wide_winograd_convolutions_stay_plain() {
+    let mut g = Graph::new("resnet_like");
+    let x = g.add_input(TensorType::f32(vec![1, 128, 14, 14]), "x");
+    let relu = || vec![EpilogueStep::Unary(UnaryFn::Relu)];
+    let a = conv(&mut g, "conv1", x, 128, 3, 1, 1, relu());
+    let b = conv(&mut g, "conv2", a, 128, 3, 1, 1, relu());
+    let c = conv(&mut g, "project", b, 64, 1, 1, 1, relu());
+    let gap = g.push1("gap", Op::Reduce { kind: ReduceKind::Mean, axes: vec![2, 3] }, &[c]).unwrap();
+    g.outputs.push(gap);
+    let before = elided(&g);
+    run_pass(&mut g, &ctx());
+    assert_eq!(elided(&g), before);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(16), ..ProptestConfig::default() })]
+
+    /// SqueezeNet-like bodies through the whole pipeline (direct 3x3 convolutions and
+    /// channel concats in the blocked region) against the interpreter.
+    #[test]
+    fn compiled_fire_modules_match_the_interpreter(
+        channels in prop::sample::select(vec![8usize, 16, 24]),
+        hw in 5usize..20,
+        squeeze in prop::sample::select(vec![8usize, 16]),
+        expand in prop::sample::select(vec![8usize, 16, 24, 32]),
+        seed in 1u64..u64::MAX,
+    ) {
+        if !host_runs_blocked() {
+            return Ok(());
+        }
+        let g = squeezenet_like(channels, hw, squeeze, expand, 16);
+        let mut rng = seed;
+        let input: Vec<f32> = (0..channels * hw * hw)
+            .map(|_| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                (rng >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+            })
+            .collect();
+        let x = Tensor::f32(vec![1, channels, hw, hw], input);
+        let want = cnnc_ir::interp::run(&g, std::slice::from_ref(&x)).unwrap();
+        let mut optimised = g.clone();
+        let target = TargetDesc::from_target(&cnnc_codegen::TargetSpec::host());
+        cnnc::driver::optimize(&mut optimised, &target, |_, _| {}).unwrap();
+        prop_assert!(blocked_nodes(&optimised) > 0, "{}", elided(&optimised));
+        let model = cnnc_codegen::JitModel::compile(&optimised).map_err(|e| TestCaseError::fail(format!("{e}\n{}", elided(&optimised))))?;
+        let got = model.run(&[x]).unwrap();
+        for (a, b) in got.iter().zip(&want) {
+            cnnc::compare::compare(a, b).map_err(|e| TestCaseError::fail(format!("{e}\n{}", elided(&optimised))))?;
+        }
+    }
+}

@@ -19,7 +19,7 @@
 //! targets with narrower vectors keep every node plain. Inference only; the driver
 //! leaves the pass out with `--no-nchwc` (or `CNNC_NO_NCHWC=1`).
 
-use cnnc_codegen::kernels::{conv_blocked, depthwise_blocked, movement, pool_blocked};
+use cnnc_codegen::kernels::{conv_blocked, conv_gemm, depthwise_blocked, movement, pool_blocked};
 use cnnc_ir::verify::{is_data_operand, is_layout_free};
 use cnnc_ir::{DType, Graph, Layout, Node, Op, Schedule, ValueId};
 
@@ -44,6 +44,10 @@ enum Kind {
     Depthwise,
     /// A KxK (or padded) ungrouped convolution on the direct kernel.
     Direct,
+    /// One the plain path runs as Winograd F(2x2, 3x3), with few input channels.
+    DirectForWinogradFewChannels,
+    /// One the plain path runs as Winograd, with more input channels.
+    DirectForWinograd,
     Other,
 }
 
@@ -57,8 +61,20 @@ fn blockable(g: &Graph, node: &Node) -> Option<Kind> {
     match node.op {
         Op::Conv(_) if depthwise_blocked::supports_node(g, node) => Some(Kind::Depthwise),
         Op::Conv(_) if conv_blocked::is_pointwise(g, node) => Some(Kind::Pointwise),
-        Op::Conv(_) if !conv_blocked::is_pointwise(g, node) && conv_blocked::supports_node(g, node) => Some(Kind::Direct),
-        Op::Concat { .. } if movement::supports_blocked_concat(g, node) && node.epilogue.is_empty() => Some(Kind::Other),
+        Op::Conv(_) if !conv_blocked::is_pointwise(g, node) && conv_blocked::supports_node(g, node) => {
+            if !plain_runs_winograd(g, node) {
+                Some(Kind::Direct)
+            } else if g.ty(node.inputs[0]).shape[1] <= WINOGRAD_FEW_CHANNELS {
+                Some(Kind::DirectForWinogradFewChannels)
+            } else {
+                Some(Kind::DirectForWinograd)
+            }
+        }
+        // ShuffleNet's concats feed a channel shuffle (reshape, transpose), which reads
+        // them plain anyway: blocked, their regions ran no faster.
+        Op::Concat { .. } if movement::supports_blocked_concat(g, node) && node.epilogue.is_empty() && !shuffled(g, out) => {
+            Some(Kind::Other)
+        }
         Op::Reduce { .. } if pool_blocked::supports_global_reduce(g, node) => Some(Kind::Other),
         // A pool right after a plain producer runs plain: the reorder after it moves
         // a quarter of the bytes (SqueezeNet's and ResNet's stems).
@@ -69,6 +85,17 @@ fn blockable(g: &Graph, node: &Node) -> Option<Kind> {
         }
         _ => None,
     }
+}
+
+/// Whether the plain GEMM path would run the convolution as Winograd F(2x2, 3x3).
+fn plain_runs_winograd(g: &Graph, node: &Node) -> bool {
+    let (mr, nr) = (6, 16);
+    conv_gemm::plan(g, node, (mr, nr)).is_some_and(|plan| plan.winograd.is_some())
+}
+
+/// Whether a reshape or transpose reads `v`.
+fn shuffled(g: &Graph, v: ValueId) -> bool {
+    g.nodes.iter().any(|n| n.inputs.contains(&v) && matches!(n.op, Op::Reshape | Op::Transpose { .. }))
 }
 
 /// Whether the node's data input comes from a node that could run blocked.
@@ -115,7 +142,7 @@ fn choose_regions(g: &Graph) -> Vec<bool> {
         }
     }
     // Per region: the weight of its convolutions against its reorders.
-    let mut gain = vec![0usize; n];
+    let mut gain = vec![0isize; n];
     for i in 0..n {
         let Some(kind) = kinds[i] else { continue };
         let root = find(&mut parent, i);
@@ -123,6 +150,8 @@ fn choose_regions(g: &Graph) -> Vec<bool> {
             Kind::Depthwise => DEPTHWISE_GAIN,
             Kind::Pointwise => POINTWISE_GAIN,
             Kind::Direct => DIRECT_GAIN,
+            Kind::DirectForWinogradFewChannels => WINOGRAD_FEW_CHANNELS_GAIN,
+            Kind::DirectForWinograd => WINOGRAD_GAIN,
             Kind::Other => 0,
         };
     }
@@ -159,7 +188,7 @@ fn choose_regions(g: &Graph) -> Vec<bool> {
         }
     }
     (0..n)
-        .map(|i| root_of[i].is_some_and(|root| gain[root] > crossings[root].len() * REORDER_COST))
+        .map(|i| root_of[i].is_some_and(|root| gain[root] > (crossings[root].len() * REORDER_COST) as isize))
         .collect()
 }
 
@@ -173,10 +202,21 @@ fn choose_regions(g: &Graph) -> Vec<bool> {
 /// ResNet-50's (36 against 33 reorders) ran 5-10% and 0% faster plain; SqueezeNet's fire
 /// modules ~20%. MobileNet-v2's and EfficientNet-B0's bodies (one reorder each) stay
 /// blocked.
-const DEPTHWISE_GAIN: usize = 3;
-const POINTWISE_GAIN: usize = 1;
-const DIRECT_GAIN: usize = 3;
+const DEPTHWISE_GAIN: isize = 3;
+const POINTWISE_GAIN: isize = 1;
 const REORDER_COST: usize = 3;
+/// A KxK convolution on the direct kernel (`kernels::conv_direct_blocked`, ~90% of the
+/// FMA peak) against im2col + GEMM: no im2col pass.
+const DIRECT_GAIN: isize = 3;
+/// A 3x3 stride-1 convolution the plain path runs as Winograd F(2x2, 3x3) (2.25x fewer
+/// multiply-adds) loses by running direct, the more the more input channels it has (the
+/// transforms' cost per channel is amortised over more products). Measured (one thread,
+/// same run, all of a model's eligible nodes blocked against none): SqueezeNet-1.1 (3x3
+/// expands over 16-64 channels, 17 1x1 convolutions) 4% faster blocked; ResNet-18
+/// (64-512 channels) 34%, ResNet-50 12% and GoogLeNet 18% slower.
+const WINOGRAD_FEW_CHANNELS: usize = 64;
+const WINOGRAD_FEW_CHANNELS_GAIN: isize = -1;
+const WINOGRAD_GAIN: isize = -4;
 
 /// Sets the chosen nodes' layouts and inserts the reorders their edges need: one per
 /// value and direction, right after the value's producer (graph inputs: first).
