@@ -6,6 +6,12 @@
 //! (`compute::window`), so the taps a window visits are compile-time constants: no
 //! bounds tests, the tap walk unrolled as compares and blends of a value and its byte
 //! offset, four windows at a time.
+//!
+//! 2x2 windows of stride 2 that tile the input exactly (LeNet's and most CNNs' max
+//! pooling) take `Pairs` instead: windows do not overlap, so each dx element is written
+//! once (no zeroing pass, no scatter): per output row and 4 windows, two rows of 8 inputs
+//! are split into the windows' four taps (even/odd lanes), the first maximum is found as a
+//! one-hot mask, and dy or 0 goes to each tap, interleaved back and stored.
 
 use cnnc_ir::{Op, Scalar};
 use cranelift_codegen::ir::{
@@ -18,7 +24,7 @@ use cranelift_frontend::FunctionBuilder;
 use super::compute::window::{AxisWindow, Segment};
 use super::compute::{
     F32_BYTES, LANES, counted_loop, index_ptr, load, load_f32x4_strided, offset_ptr,
-    scalar_flags, store, tiled_loop, vector_flags,
+    scalar_flags, shuffle_f32x4, store, tiled_loop, vector_flags,
 };
 use super::movement::emit_fill;
 use super::compute::{f32_input_gradient_operands, misrouted};
@@ -38,6 +44,10 @@ pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
         return Err(fail(format!(
             "input {x}, gradient {dy} and output {dx} must be one- or two-dimensional maps of one shape"
         )));
+    }
+    if let Some(plan) = Pairs::of(attrs, &x.shape, &dy.shape) {
+        plan.emit(k.b, k.inputs[0], k.inputs[1], k.outputs[0]);
+        return Ok(());
     }
     let mut axes = AxisWindow::pool_axes(attrs, &x.shape, &dy.shape);
     if spatial == 1 {
@@ -199,5 +209,148 @@ impl PoolGradPlan {
             let sum = b.ins().fadd(old, g);
             store(b, scalar_flags(), sum, target, lane_bytes);
         }
+    }
+}
+
+/// Max pooling 2x2, stride 2, no padding or dilation, input exactly twice the output.
+struct Pairs {
+    planes: usize,
+    out_h: usize,
+    out_w: usize,
+}
+
+/// Which of a window's four taps is its first maximum, row-major (the interpreter's
+/// order): a later tap wins when it is greater or NaN, unless the best so far is NaN.
+fn first_maximum(b: &mut FunctionBuilder, taps: [Value; 4]) -> [Value; 4] {
+    let vector = b.func.dfg.value_type(taps[0]) == F32X4;
+    let flags = MemFlagsData::new();
+    let mut best = taps[0];
+    let mut wins_so_far: Vec<Value> = Vec::new();
+    for &v in &taps[1..] {
+        let greater_or_nan = b.ins().fcmp(FloatCC::UnorderedOrGreaterThan, v, best);
+        let best_is_number = b.ins().fcmp(FloatCC::Ordered, best, best);
+        let wins = b.ins().band(greater_or_nan, best_is_number);
+        best = if vector {
+            let mask = b.ins().bitcast(F32X4, flags, wins);
+            b.ins().bitselect(mask, v, best)
+        } else {
+            b.ins().select(wins, v, best)
+        };
+        wins_so_far.push(wins);
+    }
+    // Tap t is the winner when it won its step and no later tap did.
+    let mut winner = Vec::with_capacity(4);
+    for t in 0..4 {
+        let mut is = if t == 0 { None } else { Some(wins_so_far[t - 1]) };
+        for later in wins_so_far.iter().skip(t) {
+            // Scalar compares give 0 or 1 (bnot would leave 1 nonzero); vector lanes all ones or zeros.
+            let lost_later = if vector { b.ins().bnot(*later) } else { b.ins().bxor_imm_u(*later, 1) };
+            is = Some(match is {
+                Some(w) => b.ins().band(w, lost_later),
+                None => lost_later,
+            });
+        }
+        winner.push(is.expect("tap 3 won its own step"));
+    }
+    [winner[0], winner[1], winner[2], winner[3]]
+}
+
+impl Pairs {
+    fn of(attrs: &cnnc_ir::PoolAttrs, x: &[usize], dy: &[usize]) -> Option<Pairs> {
+        let two = |v: &[usize]| v == [2, 2];
+        let zero = |v: &[usize]| v == [0, 0];
+        let one = |v: &[usize]| v == [1, 1];
+        let exact = x.len() == 4 && dy.len() == 4 && x[..2] == dy[..2] && x[2] == 2 * dy[2] && x[3] == 2 * dy[3];
+        (two(&attrs.kernel) && two(&attrs.strides) && one(&attrs.dilations) && zero(&attrs.pads_begin) && zero(&attrs.pads_end) && exact)
+            .then(|| Pairs { planes: x[0] * x[1], out_h: dy[2], out_w: dy[3] })
+    }
+
+    /// Four windows from `xc` (their outputs in dy at `dyc`, their taps in dx at `dxc`);
+    /// `below`: the bytes from one input row to the next.
+    fn emit_vector_group(b: &mut FunctionBuilder, xc: Value, dyc: Value, dxc: Value, below: i64) {
+        let t0 = load(b, F32X4, vector_flags(), xc, 0);
+        let t1 = load(b, F32X4, vector_flags(), xc, bytes(LANES));
+        let u0 = load(b, F32X4, vector_flags(), xc, below);
+        let u1 = load(b, F32X4, vector_flags(), xc, below + bytes(LANES));
+        let taps = [
+            shuffle_f32x4(b, t0, t1, [0, 2, 4, 6]),
+            shuffle_f32x4(b, t0, t1, [1, 3, 5, 7]),
+            shuffle_f32x4(b, u0, u1, [0, 2, 4, 6]),
+            shuffle_f32x4(b, u0, u1, [1, 3, 5, 7]),
+        ];
+        let winner = first_maximum(b, taps);
+        // 0 + dy, as the interpreter's accumulation into a zeroed dx gives it.
+        let zero = super::compute::splat_f32(b, 0.0);
+        let g = load(b, F32X4, vector_flags(), dyc, 0);
+        let g = b.ins().fadd(zero, g);
+        let flags = MemFlagsData::new();
+        let out: Vec<Value> = winner
+            .iter()
+            .map(|&w| {
+                let mask = b.ins().bitcast(F32X4, flags, w);
+                b.ins().bitselect(mask, g, zero)
+            })
+            .collect();
+        let stores = [
+            (shuffle_f32x4(b, out[0], out[1], [0, 4, 1, 5]), 0),
+            (shuffle_f32x4(b, out[0], out[1], [2, 6, 3, 7]), bytes(LANES)),
+            (shuffle_f32x4(b, out[2], out[3], [0, 4, 1, 5]), below),
+            (shuffle_f32x4(b, out[2], out[3], [2, 6, 3, 7]), below + bytes(LANES)),
+        ];
+        for (v, offset) in stores {
+            store(b, vector_flags(), v, dxc, offset);
+        }
+    }
+
+    fn emit(&self, b: &mut FunctionBuilder, x: Value, dy: Value, dx: Value) {
+        let in_w = 2 * self.out_w;
+        let rows = self.planes * self.out_h;
+        counted_loop(b, rows, vec![x, dy, dx], |b, _, at| {
+            let (x_row, dy_row, dx_row) = (at[0], at[1], at[2]);
+            let below = bytes(in_w);
+            let (cursors, rest) = tiled_loop(b, self.out_w, LANES, vec![x_row, dy_row, dx_row], |b, _, c| {
+                Self::emit_vector_group(b, c[0], c[1], c[2], below);
+                vec![
+                    b.ins().iadd_imm_s(c[0], bytes(2 * LANES)),
+                    b.ins().iadd_imm_s(c[1], bytes(LANES)),
+                    b.ins().iadd_imm_s(c[2], bytes(2 * LANES)),
+                ]
+            });
+            // A remainder of windows: the last four windows again (the overlap is written
+            // twice with the same values), where the row has four.
+            let rest = if rest > 0 && self.out_w >= LANES {
+                let back = (LANES - rest) as i64;
+                let xc = b.ins().iadd_imm_s(cursors[0], -bytes(2) * back);
+                let dyc = b.ins().iadd_imm_s(cursors[1], -bytes(1) * back);
+                let dxc = b.ins().iadd_imm_s(cursors[2], -bytes(2) * back);
+                Self::emit_vector_group(b, xc, dyc, dxc, below);
+                0
+            } else {
+                rest
+            };
+            counted_loop(b, rest, cursors, |b, _, c| {
+                let (xc, dyc, dxc) = (c[0], c[1], c[2]);
+                let offsets = [0, bytes(1), below, below + bytes(1)];
+                let taps = offsets.map(|o| load(b, F32, scalar_flags(), xc, o));
+                let winner = first_maximum(b, taps);
+                let zero = b.ins().f32const(0.0);
+                let g = load(b, F32, scalar_flags(), dyc, 0);
+                let g = b.ins().fadd(zero, g);
+                for (w, o) in winner.into_iter().zip(offsets) {
+                    let v = b.ins().select(w, g, zero);
+                    store(b, scalar_flags(), v, dxc, o);
+                }
+                vec![
+                    b.ins().iadd_imm_s(xc, bytes(2)),
+                    b.ins().iadd_imm_s(dyc, bytes(1)),
+                    b.ins().iadd_imm_s(dxc, bytes(2)),
+                ]
+            });
+            vec![
+                b.ins().iadd_imm_s(x_row, 2 * below),
+                b.ins().iadd_imm_s(dy_row, bytes(self.out_w)),
+                b.ins().iadd_imm_s(dx_row, 2 * below),
+            ]
+        });
     }
 }
