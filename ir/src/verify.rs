@@ -399,7 +399,8 @@ fn layout_text(l: Layout) -> String {
 /// Layout rules: Blocked{b} only on rank-4 f32 values whose channel count is a
 /// multiple of b > 0; data operands (`is_data_operand`) are in the node's `layout_in`,
 /// every other operand Plain, unless the value is layout-free; only a Reorder changes
-/// the layout (its `layout_in` and `layout_out` differ); graph outputs are not Blocked
+/// the layout (its `layout_in` and `layout_out` differ), and a convolution from Plain to
+/// Blocked (a stem, without binary epilogue operands); graph outputs are not Blocked
 /// unless layout-free. Skips what the other checks already reported (ids out of range).
 fn check_layouts(c: &mut Checker) {
     let g = c.g;
@@ -432,6 +433,12 @@ fn check_layouts(c: &mut Checker) {
         if matches!(node.op, Op::Reorder) {
             if s.layout_in == s.layout_out {
                 c.report(here(), format!("reorder from {} to the same layout", layout_text(s.layout_in)));
+            }
+        } else if matches!(node.op, Op::Conv(_)) && s.layout_in == Layout::Plain && matches!(s.layout_out, Layout::Blocked { .. }) {
+            // A stem convolution reads its few input channels plain and writes blocked
+            // (a direct kernel's output tiles are blocks whatever it reads).
+            if node.epilogue.iter().any(|e| matches!(e, EpilogueStep::Binary { .. })) {
+                c.report(here(), "a convolution from plain to blocked takes no binary epilogue operands".to_string());
             }
         } else if s.layout_in != s.layout_out {
             c.report(

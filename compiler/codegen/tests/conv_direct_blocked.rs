@@ -230,3 +230,107 @@ fn model_shapes_with_threads() {
         }
     }
 }
+
+/// A stem: a plain input of at most 8 channels, a blocked output (no reorder between).
+fn build_stem(c: &Case, rng: &mut Rng) -> Option<(Graph, Vec<cnnc_ir::Tensor>)> {
+    let (oh, ow) = (c.out(0)?, c.out(1)?);
+    let mut g = Graph::new("stem");
+    let x = g.add_input(TensorType::f32(vec![c.n, c.k, c.h, c.w]), "x");
+    let w = g.add_constant("w", random_tensor(rng, DType::F32, &[c.m, c.k, c.kernel[0], c.kernel[1]], -1.0, 1.0));
+    let bias = g.add_constant("b", random_tensor(rng, DType::F32, &[c.m], -1.0, 1.0));
+    let geometry = ConvGeometry {
+        strides: c.stride.to_vec(),
+        dilations: c.dilation.to_vec(),
+        pads_begin: c.pads_begin.to_vec(),
+        pads_end: c.pads_end.to_vec(),
+        groups: 1,
+    };
+    let inputs: Vec<ValueId> = if c.bias { vec![x, w, bias] } else { vec![x, w] };
+    let y = g.push1("stem", Op::Conv(geometry), &inputs).ok()?;
+    set_layouts(&mut g, Layout::Plain, B8);
+    g.nodes.last_mut().unwrap().epilogue = match c.epilogue {
+        Epilogue::Relu => vec![EpilogueStep::Unary(UnaryFn::Relu)],
+        Epilogue::Relu6 => vec![EpilogueStep::Unary(UnaryFn::Clip { min: 0.0, max: 6.0 })],
+        _ => vec![],
+    };
+    let out = reorder(&mut g, y, B8, Layout::Plain);
+    g.outputs.push(out);
+    cnnc_ir::verify(&g).unwrap_or_else(|e| panic!("{e}\n{}", cnnc_ir::print(&g)));
+    let inputs = vec![random_tensor(rng, DType::F32, &[c.n, c.k, c.h, c.w], -2.0, 2.0)];
+    let _ = (oh, ow);
+    Some((g, inputs))
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn plain_input_stem_matches_interpreter(
+        n in 1usize..3,
+        k in 1usize..9,
+        m_blocks in 1usize..6,
+        h in 3usize..20,
+        w in 3usize..24,
+        kernel in (1usize..8, 1usize..8),
+        stride in (1usize..3, 1usize..3),
+        pads in (0usize..4, 0usize..4, 0usize..4, 0usize..4),
+        bias in any::<bool>(),
+        epilogue in prop::sample::select(vec![Epilogue::None, Epilogue::Relu, Epilogue::Relu6]),
+        seed in 1u64..u64::MAX,
+    ) {
+        if !host_has_avx2() {
+            return Ok(());
+        }
+        let case = Case {
+            n,
+            k,
+            m: 8 * m_blocks,
+            h,
+            w,
+            kernel: [kernel.0, kernel.1],
+            stride: [stride.0, stride.1],
+            dilation: [1, 1],
+            pads_begin: [pads.0, pads.1],
+            pads_end: [pads.2, pads.3],
+            bias,
+            epilogue,
+        };
+        let Some((g, inputs)) = build_stem(&case, &mut Rng(seed)) else { return Ok(()) };
+        let node = g.nodes.iter().find(|n| matches!(n.op, Op::Conv(_))).unwrap();
+        if !cnnc_codegen::kernels::conv_direct_blocked::supports_plain_input(&g, node) {
+            return Ok(());
+        }
+        check_graph(&g, &inputs).map_err(|e| TestCaseError::fail(format!("{e}\n{case:?}")))?;
+    }
+}
+
+/// SqueezeNet's and MobileNet's stems (3 channels, 3x3 stride 2) with two threads.
+#[test]
+fn stems_with_threads() {
+    if !host_has_avx2() {
+        return;
+    }
+    let target = cnnc_codegen::TargetSpec::host();
+    for (m, hw, pad) in [(64, 224, 0), (32, 224, 1)] {
+        let case = Case {
+            n: 1,
+            k: 3,
+            m,
+            h: hw,
+            w: hw,
+            kernel: [3, 3],
+            stride: [2, 2],
+            dilation: [1, 1],
+            pads_begin: [pad; 2],
+            pads_end: [pad; 2],
+            bias: true,
+            epilogue: Epilogue::Relu,
+        };
+        let (g, inputs) = build_stem(&case, &mut Rng(3)).unwrap();
+        let want = cnnc_ir::interp::run(&g, &inputs).unwrap();
+        for threads in [1, 2] {
+            let got = common::run_shared_library("conv_direct_blocked", &g, &target, threads, &inputs).unwrap();
+            common::check_close(&got[0], &want[0]).unwrap_or_else(|e| panic!("{case:?}, {threads} threads: {e}"));
+        }
+    }
+}

@@ -19,7 +19,7 @@
 //! targets with narrower vectors keep every node plain. Inference only; the driver
 //! leaves the pass out with `--no-nchwc` (or `CNNC_NO_NCHWC=1`).
 
-use cnnc_codegen::kernels::{conv_blocked, conv_gemm, depthwise_blocked, movement, pool_blocked};
+use cnnc_codegen::kernels::{conv_blocked, conv_direct_blocked, conv_gemm, depthwise_blocked, movement, pool_blocked};
 use cnnc_ir::verify::{is_data_operand, is_layout_free};
 use cnnc_ir::{DType, Graph, Layout, Node, Op, Schedule, ValueId};
 
@@ -44,6 +44,9 @@ enum Kind {
     Depthwise,
     /// A KxK (or padded) ungrouped convolution on the direct kernel.
     Direct,
+    /// A convolution reading a plain input of at most 8 channels (a stem) and writing
+    /// blocked: no reorder at the region's start.
+    Stem,
     /// One the plain path runs as Winograd F(2x2, 3x3), with few input channels.
     DirectForWinogradFewChannels,
     /// One the plain path runs as Winograd, with more input channels.
@@ -70,6 +73,7 @@ fn blockable(g: &Graph, node: &Node) -> Option<Kind> {
                 Some(Kind::DirectForWinograd)
             }
         }
+        Op::Conv(_) if g.ty(node.inputs[0]).shape[1] % BLOCK != 0 && stem_fits(g, node) => Some(Kind::Stem),
         // ShuffleNet's concats feed a channel shuffle (reshape, transpose), which reads
         // them plain anyway: blocked, their regions ran no faster.
         Op::Concat { .. } if movement::supports_blocked_concat(g, node) && node.epilogue.is_empty() && !shuffled(g, out) => {
@@ -91,6 +95,14 @@ fn blockable(g: &Graph, node: &Node) -> Option<Kind> {
 fn plain_runs_winograd(g: &Graph, node: &Node) -> bool {
     let (mr, nr) = (6, 16);
     conv_gemm::plan(g, node, (mr, nr)).is_some_and(|plan| plan.winograd.is_some())
+}
+
+/// Whether `node` can read its few plain channels and write blocked
+/// (`conv_direct_blocked::supports_plain_input`), with no binary epilogue operand (the
+/// verifier's rule for layout-changing convolutions), not better off as Winograd.
+fn stem_fits(g: &Graph, node: &Node) -> bool {
+    let binary = node.epilogue.iter().any(|e| matches!(e, cnnc_ir::EpilogueStep::Binary { .. }));
+    !binary && conv_direct_blocked::supports_plain_input(g, node) && !plain_runs_winograd(g, node)
 }
 
 /// Whether a reshape or transpose reads `v`.
@@ -118,7 +130,8 @@ fn run(g: &mut Graph, ctx: &PassContext) -> Result<(), String> {
     }
     let chosen = choose_regions(g);
     if chosen.iter().any(|&c| c) {
-        rewrite(g, &chosen);
+        let stems: Vec<bool> = g.nodes.iter().map(|node| blockable(g, node) == Some(Kind::Stem)).collect();
+        rewrite(g, &chosen, &stems);
     }
     Ok(())
 }
@@ -150,6 +163,7 @@ fn choose_regions(g: &Graph) -> Vec<bool> {
             Kind::Depthwise => DEPTHWISE_GAIN,
             Kind::Pointwise => POINTWISE_GAIN,
             Kind::Direct => DIRECT_GAIN,
+            Kind::Stem => STEM_GAIN,
             Kind::DirectForWinogradFewChannels => WINOGRAD_FEW_CHANNELS_GAIN,
             Kind::DirectForWinograd => WINOGRAD_GAIN,
             Kind::Other => 0,
@@ -168,7 +182,7 @@ fn choose_regions(g: &Graph) -> Vec<bool> {
                 continue;
             }
             let from = producers[v.index()].and_then(|p| root_of[p]);
-            let data = is_data_operand(g, node, slot);
+            let data = is_data_operand(g, node, slot) && kinds[j] != Some(Kind::Stem);
             let to = root_of[j].filter(|_| data);
             if from != to {
                 if let Some(r) = to {
@@ -208,6 +222,8 @@ const REORDER_COST: usize = 3;
 /// A KxK convolution on the direct kernel (`kernels::conv_direct_blocked`, ~90% of the
 /// FMA peak) against im2col + GEMM: no im2col pass.
 const DIRECT_GAIN: isize = 3;
+/// A stem on the direct kernel: no im2col pass, and no reorder after it.
+const STEM_GAIN: isize = 3;
 /// A 3x3 stride-1 convolution the plain path runs as Winograd F(2x2, 3x3) (2.25x fewer
 /// multiply-adds) loses by running direct, the more the more input channels it has (the
 /// transforms' cost per channel is amortised over more products). Measured (one thread,
@@ -216,11 +232,12 @@ const DIRECT_GAIN: isize = 3;
 /// (64-512 channels) 34%, ResNet-50 12% and GoogLeNet 18% slower.
 const WINOGRAD_FEW_CHANNELS: usize = 64;
 const WINOGRAD_FEW_CHANNELS_GAIN: isize = -1;
-const WINOGRAD_GAIN: isize = -4;
+const WINOGRAD_GAIN: isize = -6;
 
 /// Sets the chosen nodes' layouts and inserts the reorders their edges need: one per
 /// value and direction, right after the value's producer (graph inputs: first).
-fn rewrite(g: &mut Graph, chosen: &[bool]) {
+/// A chosen stem reads its input plain.
+fn rewrite(g: &mut Graph, chosen: &[bool], stems: &[bool]) {
     let old_nodes = std::mem::take(&mut g.nodes);
     let n_values = g.values.len();
     // The layout each value is produced in.
@@ -247,7 +264,7 @@ fn rewrite(g: &mut Graph, chosen: &[bool]) {
     };
     for (i, node) in old_nodes.iter().enumerate() {
         for (slot, &v) in node.inputs.iter().enumerate() {
-            let read_blocked = chosen[i] && is_data_operand(g, node, slot);
+            let read_blocked = chosen[i] && !stems[i] && is_data_operand(g, node, slot);
             needs(v, read_blocked, &mut want_blocked, &mut want_plain);
         }
     }
@@ -308,7 +325,8 @@ fn rewrite(g: &mut Graph, chosen: &[bool]) {
     }
     let mut nodes = reorders_first;
     for (i, mut node) in old_nodes.into_iter().enumerate() {
-        let reads: Vec<bool> = (0..node.inputs.len()).map(|slot| chosen[i] && is_data_operand(g, &node, slot)).collect();
+        let reads: Vec<bool> =
+            (0..node.inputs.len()).map(|slot| chosen[i] && !stems[i] && is_data_operand(g, &node, slot)).collect();
         for (slot, v) in node.inputs.iter_mut().enumerate() {
             let copy = if reads[slot] { blocked_copy[v.index()] } else { plain_copy[v.index()] };
             if let Some(c) = copy {
@@ -316,7 +334,7 @@ fn rewrite(g: &mut Graph, chosen: &[bool]) {
             }
         }
         if chosen[i] {
-            node.schedule.layout_in = blocked();
+            node.schedule.layout_in = if stems[i] { Layout::Plain } else { blocked() };
             node.schedule.layout_out = blocked();
         }
         nodes.push(node);

@@ -189,6 +189,12 @@ pub fn plan(g: &Graph, node: &Node, target: &TargetSpec) -> Result<Option<Blocke
             node.name
         )));
     }
+    if s.layout_in == Layout::Plain && s.layout_out == blocked8() {
+        // A stem: plain input of few channels, blocked output.
+        return super::conv_direct_blocked::analyse(g, node, true)
+            .map(|plan| Some(BlockedConvPlan::Direct(plan)))
+            .map_err(|why| CodegenError(format!("blocked convolution '{}' from a plain input: {why}", node.name)));
+    }
     if s.layout_in != blocked8() || s.layout_out != blocked8() {
         return Err(CodegenError(format!(
             "blocked convolution '{}': layouts {:?} -> {:?}; the kernel runs Blocked{{8}} -> Blocked{{8}}",
@@ -197,7 +203,7 @@ pub fn plan(g: &Graph, node: &Node, target: &TargetSpec) -> Result<Option<Blocke
     }
     match analyse(g, node) {
         Ok(plan) => Ok(Some(BlockedConvPlan::Pointwise(plan))),
-        Err(pointwise_why) => match super::conv_direct_blocked::analyse(g, node) {
+        Err(pointwise_why) => match super::conv_direct_blocked::analyse(g, node, false) {
             Ok(plan) => Ok(Some(BlockedConvPlan::Direct(plan))),
             Err(direct_why) => Err(CodegenError(format!(
                 "blocked convolution '{}': not a 1x1 one ({pointwise_why}) nor a direct one ({direct_why})",

@@ -48,6 +48,9 @@ struct Piece {
 /// How one blocked direct convolution runs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DirectPlan {
+    /// The input is plain NCHW with at most 8 channels (a stem), read as one block whose
+    /// lanes are the channel planes; the output is blocked all the same.
+    plain_input: bool,
     batch: usize,
     in_channels: usize,
     out_channels: usize,
@@ -71,7 +74,15 @@ pub struct DirectPlan {
 
 impl DirectPlan {
     fn k_blocks(&self) -> usize {
-        self.in_channels / BLOCK
+        if self.plain_input { 1 } else { self.in_channels / BLOCK }
+    }
+    /// Input channels per block.
+    fn lanes(&self) -> usize {
+        if self.plain_input { self.in_channels } else { BLOCK }
+    }
+    /// Input bytes per position (of one block).
+    fn in_position_bytes(&self) -> usize {
+        if self.plain_input { 4 } else { BLOCK * 4 }
     }
     fn full_panels(&self) -> usize {
         self.out_channels / (2 * BLOCK)
@@ -81,13 +92,13 @@ impl DirectPlan {
     }
     /// Bytes of one kernel row of a panel `blocks` output blocks wide.
     fn kernel_row_bytes(&self, blocks: usize) -> usize {
-        self.k_blocks() * self.kernel[1] * BLOCK * blocks * BLOCK * 4
+        self.k_blocks() * self.kernel[1] * self.lanes() * blocks * BLOCK * 4
     }
     fn panel_bytes(&self, blocks: usize) -> usize {
         self.kernel[0] * self.kernel_row_bytes(blocks)
     }
     fn in_plane_bytes(&self) -> usize {
-        self.in_h * self.in_w * BLOCK * 4
+        self.in_h * self.in_w * self.in_position_bytes()
     }
     fn out_plane_bytes(&self) -> usize {
         self.out_h * self.out_w * BLOCK * 4
@@ -98,12 +109,14 @@ impl DirectPlan {
             rows,
             blocks,
             k_blocks: self.k_blocks(),
+            lanes: self.lanes(),
+            a_lane_bytes: if self.plain_input { (self.in_h * self.in_w * 4) as i32 } else { 4 },
             kernel_w: self.kernel[1],
             columns,
-            a_position_bytes: (self.strides[1] * BLOCK * 4) as i32,
-            a_tap_bytes: (self.dilations[1] * BLOCK * 4) as i32,
+            a_position_bytes: (self.strides[1] * self.in_position_bytes()) as i32,
+            a_tap_bytes: (self.dilations[1] * self.in_position_bytes()) as i32,
             a_block_bytes: self.in_plane_bytes() as i32,
-            a_row_bytes: (self.dilations[0] * self.in_w * BLOCK * 4) as i32,
+            a_row_bytes: (self.dilations[0] * self.in_w * self.in_position_bytes()) as i32,
             c_block_bytes: self.out_plane_bytes() as i32,
             bias: self.bias.is_some(),
             steps: self.steps.clone(),
@@ -120,10 +133,10 @@ impl DirectPlan {
         while m0 < m {
             let width = (m - m0).min(2 * BLOCK);
             for ky in 0..kh {
-                for kb in 0..k / BLOCK {
+                for kb in 0..self.k_blocks() {
                     for kx in 0..kw {
-                        for lane in 0..BLOCK {
-                            let c = kb * BLOCK + lane;
+                        for lane in 0..self.lanes() {
+                            let c = kb * self.lanes() + lane;
                             for j in 0..width {
                                 let w = self.weights[(((m0 + j) * k + c) * kh + ky) * kw + kx];
                                 out.extend_from_slice(&w.to_le_bytes());
@@ -144,7 +157,7 @@ impl DirectPlan {
         for (oy, &(first, count)) in self.kernel_rows.iter().enumerate() {
             let in_row = oy * self.strides[0] + first * self.dilations[0] - self.pads_begin[0];
             let entries = [
-                (in_row * self.in_w * BLOCK * 4) as i64,
+                (in_row * self.in_w * self.in_position_bytes()) as i64,
                 (first * self.kernel_row_bytes(2)) as i64,
                 (first * self.kernel_row_bytes(1)) as i64,
                 count as i64,
@@ -170,10 +183,16 @@ fn valid_taps(o: usize, stride: usize, pad: usize, dilation: usize, kernel: usiz
 
 /// Whether this kernel runs `node` once its layouts are Blocked{8}.
 pub fn supports_node(g: &Graph, node: &Node) -> bool {
-    analyse(g, node).is_ok()
+    analyse(g, node, false).is_ok()
 }
 
-pub(crate) fn analyse(g: &Graph, node: &Node) -> Result<DirectPlan, String> {
+/// Whether this kernel runs `node` reading its input plain (at most 8 channels) and
+/// writing Blocked{8}: a network's stem, without a reorder after it.
+pub fn supports_plain_input(g: &Graph, node: &Node) -> bool {
+    analyse(g, node, true).is_ok()
+}
+
+pub(crate) fn analyse(g: &Graph, node: &Node, plain_input: bool) -> Result<DirectPlan, String> {
     let Op::Conv(geometry) = &node.op else { return Err("not a convolution".into()) };
     let op_inputs = cnnc_ir::verify::op_input_count(node);
     let (Some(&x), Some(&w), [y]) = (node.inputs.first(), node.inputs.get(1), node.outputs.as_slice()) else {
@@ -187,7 +206,10 @@ pub(crate) fn analyse(g: &Graph, node: &Node) -> Result<DirectPlan, String> {
     if geometry.groups != 1 {
         return Err(format!("only ungrouped convolutions (groups {})", geometry.groups));
     }
-    if k % BLOCK != 0 || m % BLOCK != 0 || k == 0 || m == 0 {
+    if plain_input && (k > BLOCK || m % BLOCK != 0 || k == 0 || m == 0) {
+        return Err(format!("channels {k} -> {m}: a plain input has at most {BLOCK}, the output a multiple of {BLOCK}"));
+    }
+    if !plain_input && (k % BLOCK != 0 || m % BLOCK != 0 || k == 0 || m == 0) {
         return Err(format!("channels {k} -> {m} must be multiples of {BLOCK}"));
     }
     let weights = super::conv_blocked::constant_input(g, node, 1).ok_or("the weights must be a constant")?;
@@ -258,7 +280,12 @@ pub(crate) fn analyse(g: &Graph, node: &Node) -> Result<DirectPlan, String> {
         steps = candidate;
         taken += 1;
     }
+    if plain_input && taken < node.epilogue.len() {
+        // The pass after the tiles runs over one layout; this node has two.
+        return Err("a plain-input convolution applies its whole epilogue in registers".into());
+    }
     Ok(DirectPlan {
+        plain_input,
         batch: xt.shape[0],
         in_channels: k,
         out_channels: m,
@@ -448,8 +475,8 @@ struct Row {
 impl Row {
     /// Every panel of output channels over the tile starting at output column `x`.
     fn call_panels(&self, b: &mut FunctionBuilder, plan: &DirectPlan, code: [Option<FuncRef>; 2], x: Value) {
-        let a = super::gemm::scaled(b, self.a, x, (plan.strides[1] * BLOCK * 4) as i64);
-        let a = b.ins().iadd_imm_s(a, -((plan.pads_begin[1] * BLOCK * 4) as i64));
+        let a = super::gemm::scaled(b, self.a, x, (plan.strides[1] * plan.in_position_bytes()) as i64);
+        let a = b.ins().iadd_imm_s(a, -((plan.pads_begin[1] * plan.in_position_bytes()) as i64));
         let c = super::gemm::scaled(b, self.c, x, (BLOCK * 4) as i64);
         let residual = super::gemm::scaled(b, self.residual, x, (BLOCK * 4) as i64);
         let pair_bytes = (2 * plan.out_plane_bytes()) as i64;

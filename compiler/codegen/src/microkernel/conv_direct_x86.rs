@@ -11,7 +11,9 @@
 //!   column of the tile's first position's kernel column 0 (it may lie left of the
 //!   image: a border function only reads its valid columns). Position `i`, kernel
 //!   column `kx`, lane `l` of block `kb` in kernel row `r` at
-//!   `a + r·a_row_bytes + kb·a_block_bytes + i·a_position_bytes + kx·a_tap_bytes + 4l`;
+//!   `a + r·a_row_bytes + kb·a_block_bytes + i·a_position_bytes + kx·a_tap_bytes + l·a_lane_bytes`
+//!   (a blocked input: lanes 4 bytes apart; a plain one, a stem's few channels: one
+//!   block whose lanes are the channel planes);
 //! - `b`: the packed weights of the first kernel row the call runs: for each kernel row,
 //!   input block, kernel column (all `kernel_w` of them, also those the function
 //!   skips) and lane, `8·blocks` weights;
@@ -44,6 +46,10 @@ pub struct DirectSpec {
     pub blocks: usize,
     /// Input channel blocks (at least 1).
     pub k_blocks: usize,
+    /// Input channels per block (8 blocked; a plain input's channels, up to 8, as one
+    /// block) and the bytes between them (4 blocked, a plane plain).
+    pub lanes: usize,
+    pub a_lane_bytes: i32,
     /// Kernel columns packed per kernel row.
     pub kernel_w: usize,
     /// Per position, the kernel columns this function runs (all for interior
@@ -104,7 +110,13 @@ fn asm_error(e: IcedError) -> CodegenError {
 pub fn assemble(spec: &DirectSpec) -> Result<Vec<u8>, CodegenError> {
     let columns_ok = spec.columns.len() == spec.rows
         && spec.columns.iter().all(|c| !c.is_empty() && c.iter().all(|&x| x < spec.kernel_w));
-    if spec.rows == 0 || spec.rows > MAX_ROWS || !(1..=2).contains(&spec.blocks) || spec.k_blocks == 0 || !columns_ok {
+    if spec.rows == 0
+        || spec.rows > MAX_ROWS
+        || !(1..=2).contains(&spec.blocks)
+        || spec.k_blocks == 0
+        || !(1..=BLOCK).contains(&spec.lanes)
+        || !columns_ok
+    {
         return Err(CodegenError(format!(
             "internal: blocked direct tile of {} rows x {} blocks over {} input blocks, columns {:?} of {}",
             spec.rows, spec.blocks, spec.k_blocks, spec.columns, spec.kernel_w
@@ -129,7 +141,8 @@ fn emit(asm: &mut CodeAssembler, s: &DirectSpec) -> Result<(), IcedError> {
     let scratch = |i: usize| YMM[blocks + i % 2];
     let acc = |i: usize, v: usize| YMM[blocks + 2 + i * blocks + v];
     let nr_bytes = (blocks * BLOCK * 4) as i32;
-    let block_weight_bytes = s.kernel_w as i32 * BLOCK as i32 * nr_bytes;
+    let lanes = s.lanes;
+    let block_weight_bytes = s.kernel_w as i32 * lanes as i32 * nr_bytes;
 
     for i in 0..rows {
         for v in 0..blocks {
@@ -151,13 +164,13 @@ fn emit(asm: &mut CodeAssembler, s: &DirectSpec) -> Result<(), IcedError> {
         if positions.is_empty() {
             return Ok(());
         }
-        for lane in 0..BLOCK {
-            let weights = (disp_kx * BLOCK + lane) as i32 * nr_bytes;
+        for lane in 0..lanes {
+            let weights = (disp_kx * lanes + lane) as i32 * nr_bytes;
             for v in 0..blocks {
                 asm.vmovups(b_vec(v), ymmword_ptr(B + (weights + v as i32 * 32)))?;
             }
             for &i in &positions {
-                let at = i as i32 * s.a_position_bytes + disp_kx as i32 * s.a_tap_bytes + lane as i32 * 4;
+                let at = i as i32 * s.a_position_bytes + disp_kx as i32 * s.a_tap_bytes + lane as i32 * s.a_lane_bytes;
                 asm.vbroadcastss(scratch(i), dword_ptr(A + at))?;
                 for v in 0..blocks {
                     asm.vfmadd231ps(acc(i, v), scratch(i), b_vec(v))?;
@@ -172,7 +185,7 @@ fn emit(asm: &mut CodeAssembler, s: &DirectSpec) -> Result<(), IcedError> {
         asm.set_label(&mut columns)?;
         column_code(asm, 0, 0)?;
         asm.add(A, s.a_tap_bytes)?;
-        asm.add(B, BLOCK as i32 * nr_bytes)?;
+        asm.add(B, lanes as i32 * nr_bytes)?;
         asm.dec(COLUMN_TRIPS)?;
         asm.jnz(columns)?;
         // Back to kernel column 0 (B is at the next block's weights already).
