@@ -209,9 +209,10 @@ fn u_point_stride(plan: &ConvGemmPlan) -> usize {
     plan.panels() * plan.in_channels * plan.mr * 4 + 64
 }
 
-/// Cycles to transform and pack one filter at run time (9 loads, ~40 adds, 16 scattered
-/// stores), charged against Winograd's gain when the weights are a graph input.
-pub const RUNTIME_TRANSFORM_CYCLES_PER_FILTER: usize = 24;
+/// Cycles to transform and pack one filter at run time, charged against Winograd's gain
+/// when the weights are a graph input: ~35 measured (512 -> 512 channels at 7x7, batch
+/// 16: the transform was 6.3% of the node's perf samples, ~2.3 ms for 262144 filters).
+pub const RUNTIME_TRANSFORM_CYCLES_PER_FILTER: usize = 36;
 
 /// `pack_weights` at run time, for weights that are a graph input or a node's output
 /// (training graphs: each step's parameters, and the flipped filters of input
