@@ -27,6 +27,7 @@ pub mod conv_transpose_depthwise;
 pub mod conv_weight_grad;
 pub mod depthwise;
 pub mod depthwise_blocked;
+pub mod depthwise_weight_grad;
 pub mod elementwise;
 pub mod gather;
 pub mod gemm;
@@ -205,6 +206,7 @@ fn emit_op(k: &mut KernelCtx, tables: &[Value]) -> Result<(), CodegenError> {
         Op::Pool(_) if k.node.schedule.layout_in != cnnc_ir::Layout::Plain => pool_blocked::emit_pool(k),
         Op::Pool(_) => pool::emit(k),
         Op::PoolGrad(_) => pool_grad::emit(k),
+        Op::ConvWeightGrad(_) if depthwise_weight_grad::handles(k.graph, k.node) => depthwise_weight_grad::emit(k),
         Op::ConvWeightGrad(_) => conv_weight_grad::emit(k),
         Op::RandomUniform { .. } => random::emit(k),
         Op::Reduce { .. } => reduce::emit_reduce(k),
