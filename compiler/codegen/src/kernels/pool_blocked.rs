@@ -19,11 +19,12 @@
 
 use cnnc_ir::{DType, EpilogueStep, Graph, Layout, Node, Op, PoolAttrs, PoolKind, ReduceKind};
 use cranelift_codegen::ir::types::F32X4;
-use cranelift_codegen::ir::{InstBuilder, Value};
+use cranelift_codegen::ir::condcodes::FloatCC;
+use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Value};
 use cranelift_frontend::FunctionBuilder;
 
 use super::compute::window::{AxisWindow, Segment};
-use super::compute::{counted_loop, float_minmax_nan, load, splat_f32, store, vector_flags, weight};
+use super::compute::{counted_loop, float_max, float_minmax_nan, load, splat_f32, store, vector_flags, weight};
 use super::{CodegenError, KernelCtx};
 
 /// Channels per block.
@@ -231,6 +232,28 @@ pub fn emit_pool(k: &mut KernelCtx) -> Result<(), CodegenError> {
     Ok(())
 }
 
+/// The maximum of `taps` (f32x4), NaN when any is: one `maxps` per tap, and whether any
+/// tap is NaN from one unordered compare per pair of taps (the NaN-propagating max per
+/// tap costs four or five instructions; the pool's windows have up to 9 taps).
+fn window_max(b: &mut FunctionBuilder, taps: &[Value]) -> Value {
+    let Some((&first, rest)) = taps.split_first() else {
+        return splat_f32(b, f32::NEG_INFINITY);
+    };
+    let max = rest.iter().fold(first, |m, &x| float_max(b, x, m));
+    let mut any_nan: Option<Value> = None;
+    for pair in taps.chunks(2) {
+        let (x, y) = (pair[0], *pair.get(1).unwrap_or(&pair[0]));
+        let unordered = b.ins().fcmp(FloatCC::Unordered, x, y);
+        any_nan = Some(match any_nan {
+            Some(a) => b.ins().bor(a, unordered),
+            None => unordered,
+        });
+    }
+    let mask = b.ins().bitcast(F32X4, MemFlagsData::new(), any_nan.unwrap_or(max));
+    let nan = splat_f32(b, f32::NAN);
+    b.ins().bitselect(mask, nan, max)
+}
+
 /// Four channels of one output position: the window's taps inside the input, reduced.
 #[allow(clippy::too_many_arguments)]
 fn window_value(
@@ -246,6 +269,16 @@ fn window_value(
 ) -> Value {
     let flags = weight(vector_flags());
     let vector = (BLOCK * 4) as i64;
+    if kind == PoolKind::Max {
+        let mut taps = Vec::new();
+        for r in rs.tap_begin..rs.tap_end {
+            for c in cs.tap_begin..cs.tap_end {
+                let at = (r * rows.dilation) as i64 * in_row + (c * cols.dilation) as i64 * vector + lane_bytes;
+                taps.push(load(b, F32X4, flags, origin, at));
+            }
+        }
+        return window_max(b, &taps);
+    }
     let mut acc: Option<Value> = None;
     for r in rs.tap_begin..rs.tap_end {
         for c in cs.tap_begin..cs.tap_end {
