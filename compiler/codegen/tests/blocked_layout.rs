@@ -133,7 +133,7 @@ fn reorder_round_trip_on_x86_64_v2() {
 }
 
 /// A node with no blocked kernel must not compile silently: a codegen error naming
-/// the node (a Max reduction; a dense 3x3 convolution).
+/// the node (a Max reduction; a grouped, not depthwise, 3x3 convolution).
 #[test]
 fn op_without_blocked_kernel_is_rejected() {
     let mut g = Graph::new("rejected");
@@ -148,22 +148,22 @@ fn op_without_blocked_kernel_is_rejected() {
 
     let mut g = Graph::new("rejected_conv");
     let x = g.add_input(TensorType::f32(vec![1, 8, 4, 4]), "x");
-    let w = g.add_constant("w", random_tensor(&mut Rng(1), cnnc_ir::DType::F32, &[8, 8, 3, 3], -1.0, 1.0));
+    let w = g.add_constant("w", random_tensor(&mut Rng(1), cnnc_ir::DType::F32, &[8, 4, 3, 3], -1.0, 1.0));
     let b = reorder(&mut g, x, Layout::Plain, blocked(8));
     let geometry = cnnc_ir::ConvGeometry {
         strides: vec![1, 1],
         dilations: vec![1, 1],
         pads_begin: vec![1, 1],
         pads_end: vec![1, 1],
-        groups: 1,
+        groups: 2,
     };
-    let c = g.push1("dense3x3", Op::Conv(geometry), &[b, w]).unwrap();
+    let c = g.push1("grouped3x3", Op::Conv(geometry), &[b, w]).unwrap();
     set_layout(&mut g, blocked(8));
     let y = reorder(&mut g, c, blocked(8), Layout::Plain);
     g.outputs.push(y);
     cnnc_ir::verify(&g).unwrap();
-    let e = cnnc_codegen::jit::JitModel::compile(&g).err().expect("a dense 3x3 convolution has no blocked kernel");
-    assert!(e.to_string().contains("dense3x3"), "{e}");
+    let e = cnnc_codegen::jit::JitModel::compile(&g).err().expect("a grouped (not depthwise) convolution has no blocked kernel");
+    assert!(e.to_string().contains("grouped3x3"), "{e}");
 }
 
 #[test]
