@@ -12,13 +12,14 @@
 //! time per 16 output channels (8 for a last odd block): kernel row, input block, kernel
 //! column, lane, then the 16 weights. The leading bias/ReLU/clip/residual steps of the
 //! epilogue are applied in registers; the rest runs as one pass over the output. Tasks
-//! over (image, output row) go through the host's `parallel_for`.
+//! over (image, output row, panel of 16 channels) go through the host's `parallel_for`.
 
 use std::collections::BTreeMap;
 
 use cnnc_ir::{DType, EpilogueStep, Graph, Node, Op};
 use cranelift_codegen::Context;
 use cranelift_codegen::ir::types::I64;
+use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{AbiParam, FuncRef, InstBuilder, MemFlagsData, Signature, Value};
 use cranelift_codegen::isa::CallConv;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
@@ -376,8 +377,11 @@ pub fn define_node<M: Module>(
     }
     let residual = residual_input(node, plan);
     let output_slot = node.inputs.len();
-    let units = plan.batch * plan.out_h;
-    let macs_per_unit = plan.out_w * plan.out_channels * plan.in_channels * plan.kernel[0] * plan.kernel[1];
+    // Units: (image, output row, panel), so two threads share even 13-row maps evenly;
+    // a panel's weights stay in L1 across the row's tiles.
+    let panel_count = plan.full_panels() + usize::from(plan.has_half_panel());
+    let units = plan.batch * plan.out_h * panel_count;
+    let macs_per_unit = plan.out_w * 2 * BLOCK * plan.in_channels * plan.kernel[0] * plan.kernel[1];
     let max_tasks = (units * macs_per_unit / MIN_TASK_MACS).clamp(1, units.max(1));
 
     let task_name = format!("cnnc_k{node_index}_conv_direct8_task");
@@ -411,8 +415,8 @@ pub fn define_node<M: Module>(
         let end = b.ins().imul_imm_s(next, units as i64);
         let end = b.ins().udiv(end, n_tasks);
         super::gemm::for_range(b, first, end, |b, unit| {
-            let coords = super::gemm::unflatten(b, unit, &[plan.batch, plan.out_h]);
-            let (image, oy) = (coords[0], coords[1]);
+            let coords = super::gemm::unflatten(b, unit, &[plan.batch, plan.out_h, panel_count]);
+            let (image, oy, panel) = (coords[0], coords[1], coords[2]);
             let entry = super::gemm::scaled(b, rows_table, oy, 32);
             let a_offset = b.ins().load(I64, flags, entry, 0);
             let b_offsets = [b.ins().load(I64, flags, entry, 8), b.ins().load(I64, flags, entry, 16)];
@@ -432,12 +436,12 @@ pub fn define_node<M: Module>(
                 let code = [code(2), code(1)];
                 if piece.tiles == 1 {
                     let at = b.ins().iconst(I64, piece.x as i64);
-                    row.call_panels(b, plan, code, at);
+                    row.call_panel(b, plan, code, at, panel);
                 } else {
                     crate::loops::for_count(b, piece.tiles, |b, t| {
                         let at = b.ins().imul_imm_s(t, piece.positions as i64);
                         let at = b.ins().iadd_imm_s(at, piece.x as i64);
-                        row.call_panels(b, plan, code, at);
+                        row.call_panel(b, plan, code, at, panel);
                     });
                 }
             }
@@ -473,33 +477,35 @@ struct Row {
 }
 
 impl Row {
-    /// Every panel of output channels over the tile starting at output column `x`.
-    fn call_panels(&self, b: &mut FunctionBuilder, plan: &DirectPlan, code: [Option<FuncRef>; 2], x: Value) {
+    /// Panel `panel` of output channels (16 channels; the last 8 when the channels are an
+    /// odd number of blocks) over the tile starting at output column `x`.
+    fn call_panel(&self, b: &mut FunctionBuilder, plan: &DirectPlan, code: [Option<FuncRef>; 2], x: Value, panel: Value) {
         let a = super::gemm::scaled(b, self.a, x, (plan.strides[1] * plan.in_position_bytes()) as i64);
         let a = b.ins().iadd_imm_s(a, -((plan.pads_begin[1] * plan.in_position_bytes()) as i64));
         let c = super::gemm::scaled(b, self.c, x, (BLOCK * 4) as i64);
         let residual = super::gemm::scaled(b, self.residual, x, (BLOCK * 4) as i64);
         let pair_bytes = (2 * plan.out_plane_bytes()) as i64;
-        if let Some(full) = code[0] {
-            let full = b.ins().func_addr(I64, full);
-            let weights = b.ins().iadd(self.panels, self.b_offsets[0]);
-            crate::loops::for_count(b, plan.full_panels(), |b, j| {
-                let w = super::gemm::scaled(b, weights, j, plan.panel_bytes(2) as i64);
-                let cj = super::gemm::scaled(b, c, j, pair_bytes);
-                let rj = super::gemm::scaled(b, residual, j, pair_bytes);
-                let bias = super::gemm::scaled(b, self.bias, j, (2 * BLOCK * 4) as i64);
-                b.ins().call_indirect(self.sig, full, &[a, w, cj, rj, self.kernel_rows, bias]);
-            });
-        }
-        if let Some(half) = code[1] {
-            let half = b.ins().func_addr(I64, half);
-            let j = plan.full_panels();
-            let weights = b.ins().iadd_imm_s(self.panels, (j * plan.panel_bytes(2)) as i64);
-            let w = b.ins().iadd(weights, self.b_offsets[1]);
-            let cj = b.ins().iadd_imm_s(c, j as i64 * pair_bytes);
-            let rj = b.ins().iadd_imm_s(residual, j as i64 * pair_bytes);
-            let bias = b.ins().iadd_imm_s(self.bias, (j * 2 * BLOCK * 4) as i64);
-            b.ins().call_indirect(self.sig, half, &[a, w, cj, rj, self.kernel_rows, bias]);
-        }
+        let cj = super::gemm::scaled(b, c, panel, pair_bytes);
+        let rj = super::gemm::scaled(b, residual, panel, pair_bytes);
+        let bias = super::gemm::scaled(b, self.bias, panel, (2 * BLOCK * 4) as i64);
+        // Panel j < full panels starts at j 16-wide panels; the 8-wide one after them all.
+        let full_weights = super::gemm::scaled(b, self.panels, panel, plan.panel_bytes(2) as i64);
+        let full_weights = b.ins().iadd(full_weights, self.b_offsets[0]);
+        let (code, weights) = match code {
+            [Some(full), None] => (b.ins().func_addr(I64, full), full_weights),
+            [None, Some(half)] => {
+                let w = b.ins().iadd(self.panels, self.b_offsets[1]);
+                (b.ins().func_addr(I64, half), w)
+            }
+            [Some(full), Some(half)] => {
+                let half_weights = b.ins().iadd_imm_s(self.panels, (plan.full_panels() * plan.panel_bytes(2)) as i64);
+                let half_weights = b.ins().iadd(half_weights, self.b_offsets[1]);
+                let is_half = b.ins().icmp_imm_u(IntCC::Equal, panel, plan.full_panels() as i64);
+                let (full, half) = (b.ins().func_addr(I64, full), b.ins().func_addr(I64, half));
+                (b.ins().select(is_half, half, full), b.ins().select(is_half, half_weights, full_weights))
+            }
+            [None, None] => return,
+        };
+        b.ins().call_indirect(self.sig, code, &[a, weights, cj, rj, self.kernel_rows, bias]);
     }
 }
