@@ -35,15 +35,15 @@
 #![allow(clippy::excessive_precision)]
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 
 use cnnc_ir::{EpilogueStep, Graph, UnaryFn};
-use cranelift_codegen::ir::{self, AbiParam, FuncRef, Function, Signature, types};
+use cranelift_codegen::ir::{AbiParam, FuncRef, Function, Signature, types};
 use cranelift_codegen::isa::CallConv;
 use cranelift_module::{FuncId, FuncOrDataId, Linkage, Module};
 use iced_x86::code_asm::*;
 
 use super::GemmKernelKind;
+use super::registry::{FunctionTable, InstalledTable, import_local, lookup};
 use crate::kernels::CodegenError;
 use crate::target::TargetSpec;
 
@@ -123,18 +123,13 @@ pub fn activation_signature() -> Signature {
     sig
 }
 
-struct Registry {
-    functions: HashMap<String, FuncId>,
-}
-
 thread_local! {
-    static REGISTRY: RefCell<Option<Registry>> = const { RefCell::new(None) };
+    static REGISTRY: RefCell<Option<FunctionTable>> = const { RefCell::new(None) };
 }
 
-/// While alive, [`import`] on this thread finds the functions defined for the graph;
-/// dropping it restores the previous registry (none outside `compile_graph`).
+/// While alive, [`import`] on this thread finds the functions defined for the graph.
 pub struct ActivationFunctions {
-    previous: Option<Registry>,
+    _installed: InstalledTable,
 }
 
 impl ActivationFunctions {
@@ -147,7 +142,7 @@ impl ActivationFunctions {
         target: &TargetSpec,
         g: &Graph,
     ) -> Result<ActivationFunctions, CodegenError> {
-        let mut functions = HashMap::new();
+        let mut table = FunctionTable::default();
         if available(target) {
             for node in &g.nodes {
                 let Some(steps) = unary_steps(&node.epilogue) else {
@@ -157,24 +152,11 @@ impl ActivationFunctions {
                     let Some(spec) = ActivationSpec::new(bias, &steps) else {
                         continue;
                     };
-                    let name = spec.symbol();
-                    if functions.contains_key(&name) {
-                        continue;
-                    }
-                    let id = define(module, &spec)?;
-                    functions.insert(name, id);
+                    table.define(module, spec.symbol(), &activation_signature(), || assemble_avx2(&spec))?;
                 }
             }
         }
-        let previous = REGISTRY.with(|r| r.replace(Some(Registry { functions })));
-        Ok(ActivationFunctions { previous })
-    }
-}
-
-impl Drop for ActivationFunctions {
-    fn drop(&mut self) {
-        let previous = self.previous.take();
-        REGISTRY.with(|r| *r.borrow_mut() = previous);
+        Ok(ActivationFunctions { _installed: table.install(&REGISTRY) })
     }
 }
 
@@ -209,23 +191,8 @@ pub fn define<M: Module>(module: &mut M, spec: &ActivationSpec) -> Result<FuncId
 /// A reference to the function of `spec` in `func`, when one was defined for the
 /// graph being compiled on this thread.
 pub fn import(func: &mut Function, spec: &ActivationSpec) -> Option<FuncRef> {
-    let id = REGISTRY.with(|r| {
-        r.borrow()
-            .as_ref()
-            .and_then(|r| r.functions.get(&spec.symbol()).copied())
-    })?;
-    // What `Module::declare_func_in_func` does, for a local (colocated) function.
-    let signature = func.import_signature(activation_signature());
-    let name = func.declare_imported_user_function(ir::UserExternalName {
-        namespace: 0,
-        index: id.as_u32(),
-    });
-    Some(func.import_function(ir::ExtFuncData {
-        name: ir::ExternalName::user(name),
-        signature,
-        colocated: true,
-        patchable: false,
-    }))
+    let id = lookup(&REGISTRY, &spec.symbol())?;
+    Some(import_local(func, id, activation_signature()))
 }
 
 fn asm_error(e: IcedError) -> CodegenError {

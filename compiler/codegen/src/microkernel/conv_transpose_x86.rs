@@ -22,15 +22,15 @@
 //!   `vzeroupper`.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 
 use cnnc_ir::{DType, Graph, Layout, Node, Op};
-use cranelift_codegen::ir::{self, AbiParam, FuncRef, Function, Signature, types};
+use cranelift_codegen::ir::{AbiParam, FuncRef, Function, Signature, types};
 use cranelift_codegen::isa::CallConv;
-use cranelift_module::{FuncId, Linkage, Module};
+use cranelift_module::Module;
 use iced_x86::code_asm::*;
 
 use super::activation::available;
+use super::registry::{FunctionTable, InstalledTable, import_local, lookup};
 use crate::kernels::CodegenError;
 use crate::target::TargetSpec;
 
@@ -200,18 +200,13 @@ pub fn signature() -> Signature {
     sig
 }
 
-struct Registry {
-    functions: HashMap<String, FuncId>,
-}
-
 thread_local! {
-    static REGISTRY: RefCell<Option<Registry>> = const { RefCell::new(None) };
+    static REGISTRY: RefCell<Option<FunctionTable>> = const { RefCell::new(None) };
 }
 
-/// While alive, [`import`] on this thread finds the functions defined for the graph;
-/// dropping it restores the previous registry.
+/// While alive, [`import`] on this thread finds the functions defined for the graph.
 pub struct TransposedConvFunctions {
-    previous: Option<Registry>,
+    _installed: InstalledTable,
 }
 
 impl TransposedConvFunctions {
@@ -222,50 +217,24 @@ impl TransposedConvFunctions {
         target: &TargetSpec,
         g: &Graph,
     ) -> Result<TransposedConvFunctions, CodegenError> {
-        let mut functions = HashMap::new();
+        let mut table = FunctionTable::default();
         if available(target) {
             for node in &g.nodes {
                 let Some(spec) = TransposedSpec::of_node(g, node) else {
                     continue;
                 };
-                let name = spec.symbol();
-                if functions.contains_key(&name) {
-                    continue;
-                }
-                let code = assemble(&spec)?;
-                let id = module
-                    .declare_function(&name, Linkage::Local, &signature())
-                    .map_err(|e| CodegenError(format!("declaring {name}: {e}")))?;
-                module
-                    .define_function_bytes(id, super::x86::CODE_ALIGN, &code, &[])
-                    .map_err(|e| CodegenError(format!("defining {name}: {e}")))?;
-                functions.insert(name, id);
+                table.define(module, spec.symbol(), &signature(), || assemble(&spec))?;
             }
         }
-        let previous = REGISTRY.with(|r| r.replace(Some(Registry { functions })));
-        Ok(TransposedConvFunctions { previous })
-    }
-}
-
-impl Drop for TransposedConvFunctions {
-    fn drop(&mut self) {
-        let previous = self.previous.take();
-        REGISTRY.with(|r| *r.borrow_mut() = previous);
+        Ok(TransposedConvFunctions { _installed: table.install(&REGISTRY) })
     }
 }
 
 /// A reference to the function of `spec` in `func`, when one was defined for the graph
 /// being compiled on this thread.
 pub fn import(func: &mut Function, spec: &TransposedSpec) -> Option<FuncRef> {
-    let id = REGISTRY.with(|r| r.borrow().as_ref().and_then(|r| r.functions.get(&spec.symbol()).copied()))?;
-    let signature = func.import_signature(signature());
-    let name = func.declare_imported_user_function(ir::UserExternalName { namespace: 0, index: id.as_u32() });
-    Some(func.import_function(ir::ExtFuncData {
-        name: ir::ExternalName::user(name),
-        signature,
-        colocated: true,
-        patchable: false,
-    }))
+    let id = lookup(&REGISTRY, &spec.symbol())?;
+    Some(import_local(func, id, signature()))
 }
 
 fn asm_error(e: IcedError) -> CodegenError {

@@ -38,6 +38,7 @@ pub mod peak;
 pub mod pointwise_blocked_x86;
 pub mod pointwise_weight_grad_x86;
 pub mod portable;
+pub mod registry;
 pub mod store_epilogue;
 pub mod x86;
 

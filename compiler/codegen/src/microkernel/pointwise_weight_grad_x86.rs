@@ -18,15 +18,15 @@
 //!   rdi, r8, r9 and ymm0-ymm15, never the stack; ends with `vzeroupper`.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 
 use cnnc_ir::{DType, Graph, Node, Op};
-use cranelift_codegen::ir::{self, AbiParam, FuncRef, Function, Signature, types};
+use cranelift_codegen::ir::{AbiParam, FuncRef, Function, Signature, types};
 use cranelift_codegen::isa::CallConv;
-use cranelift_module::{FuncId, Linkage, Module};
+use cranelift_module::Module;
 use iced_x86::code_asm::*;
 
 use super::activation::available;
+use super::registry::{FunctionTable, InstalledTable, import_local, lookup};
 use crate::kernels::CodegenError;
 use crate::target::TargetSpec;
 
@@ -134,17 +134,13 @@ pub fn signature() -> Signature {
     sig
 }
 
-struct Registry {
-    functions: HashMap<String, FuncId>,
-}
-
 thread_local! {
-    static REGISTRY: RefCell<Option<Registry>> = const { RefCell::new(None) };
+    static REGISTRY: RefCell<Option<FunctionTable>> = const { RefCell::new(None) };
 }
 
 /// While alive, [`import`] on this thread finds the tiles defined for the graph.
 pub struct PointwiseWeightGradFunctions {
-    previous: Option<Registry>,
+    _installed: InstalledTable,
 }
 
 impl PointwiseWeightGradFunctions {
@@ -155,7 +151,7 @@ impl PointwiseWeightGradFunctions {
         target: &TargetSpec,
         g: &Graph,
     ) -> Result<PointwiseWeightGradFunctions, CodegenError> {
-        let mut functions = HashMap::new();
+        let mut table = FunctionTable::default();
         if available(target) {
             for node in &g.nodes {
                 let Some((_, _, cpg, mpg, positions)) = pointwise_of_node(g, node) else { continue };
@@ -163,50 +159,24 @@ impl PointwiseWeightGradFunctions {
                     continue;
                 }
                 for spec in tiles_of(mpg, cpg, positions) {
-                    let name = spec.symbol();
-                    if functions.contains_key(&name) {
-                        continue;
-                    }
-                    let code = assemble(&spec)?;
-                    let id = module
-                        .declare_function(&name, Linkage::Local, &signature())
-                        .map_err(|e| CodegenError(format!("declaring {name}: {e}")))?;
-                    module
-                        .define_function_bytes(id, super::x86::CODE_ALIGN, &code, &[])
-                        .map_err(|e| CodegenError(format!("defining {name}: {e}")))?;
-                    functions.insert(name, id);
+                    table.define(module, spec.symbol(), &signature(), || assemble(&spec))?;
                 }
             }
         }
-        let previous = REGISTRY.with(|r| r.replace(Some(Registry { functions })));
-        Ok(PointwiseWeightGradFunctions { previous })
-    }
-}
-
-impl Drop for PointwiseWeightGradFunctions {
-    fn drop(&mut self) {
-        let previous = self.previous.take();
-        REGISTRY.with(|r| *r.borrow_mut() = previous);
+        Ok(PointwiseWeightGradFunctions { _installed: table.install(&REGISTRY) })
     }
 }
 
 /// Whether tiles were defined for this spec's shape on this thread (all of a node's are,
 /// or none).
 pub fn defined(spec: &TileSpec) -> bool {
-    REGISTRY.with(|r| r.borrow().as_ref().is_some_and(|r| r.functions.contains_key(&spec.symbol())))
+    lookup(&REGISTRY, &spec.symbol()).is_some()
 }
 
 /// A reference to the tile function of `spec` in `func`, when one was defined.
 pub fn import(func: &mut Function, spec: &TileSpec) -> Option<FuncRef> {
-    let id = REGISTRY.with(|r| r.borrow().as_ref().and_then(|r| r.functions.get(&spec.symbol()).copied()))?;
-    let signature = func.import_signature(signature());
-    let name = func.declare_imported_user_function(ir::UserExternalName { namespace: 0, index: id.as_u32() });
-    Some(func.import_function(ir::ExtFuncData {
-        name: ir::ExternalName::user(name),
-        signature,
-        colocated: true,
-        patchable: false,
-    }))
+    let id = lookup(&REGISTRY, &spec.symbol())?;
+    Some(import_local(func, id, signature()))
 }
 
 fn asm_error(e: IcedError) -> CodegenError {
