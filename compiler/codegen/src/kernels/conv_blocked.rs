@@ -22,8 +22,7 @@ use cnnc_ir::{ConstValue, DType, EpilogueStep, Graph, Layout, Node, Op, Scalar, 
 use cranelift_codegen::Context;
 use cranelift_codegen::ir::types::I64;
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::{AbiParam, FuncRef, InstBuilder, MemFlagsData, Signature, Value};
-use cranelift_codegen::isa::CallConv;
+use cranelift_codegen::ir::{FuncRef, InstBuilder, MemFlagsData, Signature, Value};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_module::{FuncId, Linkage, Module};
 
@@ -286,24 +285,9 @@ fn analyse(g: &Graph, node: &Node) -> Result<PointwisePlan, String> {
     })
 }
 
-/// The residual operand the machine code reads (the input of the epilogue's add).
-fn residual_input(node: &Node, plan: &PointwisePlan) -> Option<usize> {
-    if !plan.steps.contains(&StoreStep::AddResidual) {
-        return None;
-    }
-    node.epilogue.iter().find_map(|s| match *s {
-        EpilogueStep::Binary { func: cnnc_ir::BinaryFn::Add, operand } => Some(operand),
-        _ => None,
-    })
-}
-
 /// `(a, b, c, residual)`, all i64, SystemV.
 fn machine_code_signature() -> Signature {
-    let mut sig = Signature::new(CallConv::SystemV);
-    for _ in 0..4 {
-        sig.params.push(AbiParam::new(I64));
-    }
-    sig
+    crate::microkernel::registry::sysv_i64_signature(4)
 }
 
 /// Whether `node`'s weights are read only through this kernel's packed copy.
@@ -375,7 +359,7 @@ fn define_pointwise<M: Module>(
         None => None,
     };
     let rest_after = if tile_activation.is_some() { Vec::new() } else { plan.rest.clone() };
-    let residual = residual_input(node, plan);
+    let residual = store_epilogue::residual_operand(&node.epilogue, &plan.steps);
     let output_slot = node.inputs.len();
     let tiles = plan.tiles();
     let macs_per_tile = plan.tile_rows * plan.in_channels * plan.out_channels;

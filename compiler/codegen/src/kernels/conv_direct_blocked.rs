@@ -20,8 +20,7 @@ use cnnc_ir::{DType, EpilogueStep, Graph, Node, Op};
 use cranelift_codegen::Context;
 use cranelift_codegen::ir::types::I64;
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::{AbiParam, FuncRef, InstBuilder, MemFlagsData, Signature, Value};
-use cranelift_codegen::isa::CallConv;
+use cranelift_codegen::ir::{FuncRef, InstBuilder, MemFlagsData, Signature, Value};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_module::{FuncId, Linkage, Module};
 
@@ -307,24 +306,9 @@ pub(crate) fn analyse(g: &Graph, node: &Node, plain_input: bool) -> Result<Direc
     })
 }
 
-/// The residual operand the machine code reads (the input of the epilogue's add).
-fn residual_input(node: &Node, plan: &DirectPlan) -> Option<usize> {
-    if !plan.steps.contains(&StoreStep::AddResidual) {
-        return None;
-    }
-    node.epilogue.iter().find_map(|s| match *s {
-        EpilogueStep::Binary { func: cnnc_ir::BinaryFn::Add, operand } => Some(operand),
-        _ => None,
-    })
-}
-
 /// `(a, b, c, residual, kernel_rows, bias)`, all i64, SystemV.
 fn machine_code_signature() -> Signature {
-    let mut sig = Signature::new(CallConv::SystemV);
-    for _ in 0..6 {
-        sig.params.push(AbiParam::new(I64));
-    }
-    sig
+    crate::microkernel::registry::sysv_i64_signature(6)
 }
 
 /// Defines the node's machine code (one function per piece shape and panel width),
@@ -375,7 +359,7 @@ pub fn define_node<M: Module>(
             codes.insert(key, id);
         }
     }
-    let residual = residual_input(node, plan);
+    let residual = store_epilogue::residual_operand(&node.epilogue, &plan.steps);
     let output_slot = node.inputs.len();
     // Units: (image, output row, panel), so two threads share even 13-row maps evenly;
     // a panel's weights stay in L1 across the row's tiles.

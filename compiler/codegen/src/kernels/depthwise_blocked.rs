@@ -24,8 +24,7 @@ use cnnc_ir::{DType, EpilogueStep, Graph, Layout, Node, Op, TensorData, UnaryFn}
 use cranelift_codegen::Context;
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::I64;
-use cranelift_codegen::ir::{AbiParam, FuncRef, InstBuilder, MemFlagsData, Signature, Value};
-use cranelift_codegen::isa::CallConv;
+use cranelift_codegen::ir::{FuncRef, InstBuilder, MemFlagsData, Signature, Value};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_module::{FuncId, Linkage, Module};
 
@@ -244,11 +243,7 @@ fn geometry(g: &Graph, node: &Node, target: Option<&TargetSpec>) -> Result<Block
 
 /// The machine code's signature: `(x, w, bias, y, blocks)`, all i64, SystemV.
 fn machine_code_signature() -> Signature {
-    let mut sig = Signature::new(CallConv::SystemV);
-    for _ in 0..5 {
-        sig.params.push(AbiParam::new(I64));
-    }
-    sig
+    crate::microkernel::registry::sysv_i64_signature(5)
 }
 
 /// Defines the node's machine code, weights, task and kernel; returns the kernel

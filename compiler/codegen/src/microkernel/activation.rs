@@ -37,8 +37,7 @@
 use std::cell::RefCell;
 
 use cnnc_ir::{EpilogueStep, Graph, UnaryFn};
-use cranelift_codegen::ir::{AbiParam, FuncRef, Function, Signature, types};
-use cranelift_codegen::isa::CallConv;
+use cranelift_codegen::ir::{FuncRef, Function, Signature};
 use cranelift_module::{FuncId, FuncOrDataId, Linkage, Module};
 use iced_x86::code_asm::*;
 
@@ -116,11 +115,7 @@ pub fn available(target: &TargetSpec) -> bool {
 
 /// `(tile, rows, cols, row_stride_bytes, bias)`, all i64, SystemV.
 pub fn activation_signature() -> Signature {
-    let mut sig = Signature::new(CallConv::SystemV);
-    for _ in 0..5 {
-        sig.params.push(AbiParam::new(types::I64));
-    }
-    sig
+    super::registry::sysv_i64_signature(5)
 }
 
 thread_local! {

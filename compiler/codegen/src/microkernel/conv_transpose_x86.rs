@@ -24,8 +24,7 @@
 use std::cell::RefCell;
 
 use cnnc_ir::{DType, Graph, Layout, Node, Op};
-use cranelift_codegen::ir::{AbiParam, FuncRef, Function, Signature, types};
-use cranelift_codegen::isa::CallConv;
+use cranelift_codegen::ir::{FuncRef, Function, Signature};
 use cranelift_module::Module;
 use iced_x86::code_asm::*;
 
@@ -193,11 +192,7 @@ impl TransposedSpec {
 
 /// `(xp, w, y, bias)`, all i64, SystemV.
 pub fn signature() -> Signature {
-    let mut sig = Signature::new(CallConv::SystemV);
-    for _ in 0..4 {
-        sig.params.push(AbiParam::new(types::I64));
-    }
-    sig
+    super::registry::sysv_i64_signature(4)
 }
 
 thread_local! {

@@ -12,7 +12,8 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::thread::LocalKey;
 
-use cranelift_codegen::ir::{self, FuncRef, Function, Signature};
+use cranelift_codegen::ir::{self, AbiParam, FuncRef, Function, Signature, types};
+use cranelift_codegen::isa::CallConv;
 use cranelift_module::{FuncId, Linkage, Module};
 
 use crate::kernels::CodegenError;
@@ -87,4 +88,12 @@ pub fn import_local(func: &mut Function, id: FuncId, signature: Signature) -> Fu
         colocated: true,
         patchable: false,
     })
+}
+
+/// The signature every machine-code function here has: `params` pointer-sized
+/// integers, SystemV, no result.
+pub fn sysv_i64_signature(params: usize) -> Signature {
+    let mut sig = Signature::new(CallConv::SystemV);
+    sig.params.extend((0..params).map(|_| AbiParam::new(types::I64)));
+    sig
 }

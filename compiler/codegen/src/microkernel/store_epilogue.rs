@@ -17,7 +17,7 @@
 //!   the first source (a NaN value stays NaN), leaky ReLU by compare and blend, so the
 //!   results agree bit for bit.
 
-use cnnc_ir::{BinaryFn, UnaryFn};
+use cnnc_ir::{BinaryFn, EpilogueStep, UnaryFn};
 use iced_x86::code_asm::*;
 
 use super::x86::{self, AssembledKernel};
@@ -297,4 +297,16 @@ mod tests {
             }
         }
     }
+}
+
+/// The operand a node's machine code reads for its residual add (the epilogue's Add
+/// operand), when `steps` has one.
+pub fn residual_operand(epilogue: &[EpilogueStep], steps: &[StoreStep]) -> Option<usize> {
+    if !steps.contains(&StoreStep::AddResidual) {
+        return None;
+    }
+    epilogue.iter().find_map(|s| match *s {
+        EpilogueStep::Binary { func: BinaryFn::Add, operand } => Some(operand),
+        _ => None,
+    })
 }
