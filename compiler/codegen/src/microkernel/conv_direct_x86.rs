@@ -27,6 +27,7 @@
 
 use iced_x86::code_asm::*;
 
+use super::pointwise_blocked_x86::{BlockedTileStore, emit_tile_store, step_constants};
 use super::store_epilogue::StoreStep;
 use crate::kernels::CodegenError;
 
@@ -65,31 +66,16 @@ pub struct DirectSpec {
     pub steps: Vec<StoreStep>,
 }
 
-fn constants(steps: &[StoreStep]) -> Vec<u32> {
-    let mut bits = Vec::new();
-    for step in steps {
-        if let StoreStep::Max(v) | StoreStep::Min(v) = *step
-            && !bits.contains(&v.to_bits())
-        {
-            bits.push(v.to_bits());
-        }
-    }
-    bits
-}
-
 /// Whether the machine code applies `steps` (Max/Min within the free registers, at
 /// most one residual add).
 pub fn takes_steps(steps: &[StoreStep]) -> bool {
     steps.iter().all(|s| matches!(s, StoreStep::Max(_) | StoreStep::Min(_) | StoreStep::AddResidual))
         && steps.iter().filter(|s| **s == StoreStep::AddResidual).count() <= 1
-        && constants(steps).len() <= MAX_CONSTANTS
+        && step_constants(steps).len() <= MAX_CONSTANTS
 }
 
 const YMM: [AsmRegisterYmm; 16] = [
     ymm0, ymm1, ymm2, ymm3, ymm4, ymm5, ymm6, ymm7, ymm8, ymm9, ymm10, ymm11, ymm12, ymm13, ymm14, ymm15,
-];
-const XMM: [AsmRegisterXmm; 16] = [
-    xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7, xmm8, xmm9, xmm10, xmm11, xmm12, xmm13, xmm14, xmm15,
 ];
 
 const A: AsmRegister64 = rdi;
@@ -207,37 +193,17 @@ fn emit(asm: &mut CodeAssembler, s: &DirectSpec) -> Result<(), IcedError> {
     asm.dec(KERNEL_ROWS)?;
     asm.jnz(row_loop)?;
 
-    let constants = constants(&s.steps);
-    let constant_reg = |at: usize| YMM[at];
-    for (at, &bits) in constants.iter().enumerate() {
-        asm.mov(SCRATCH, bits)?;
-        asm.vmovd(XMM[at], SCRATCH)?;
-        asm.vbroadcastss(constant_reg(at), XMM[at])?;
-    }
-    let constant = |v: f32| constant_reg(constants.iter().position(|&b| b == v.to_bits()).unwrap_or(0));
-    let bias_reg = YMM[blocks + 1];
-    let at = |base: AsmRegister64, i: usize, v: usize| ymmword_ptr(base + (v as i32 * s.c_block_bytes + i as i32 * 32));
-    for v in 0..blocks {
-        if s.bias {
-            asm.vmovups(bias_reg, ymmword_ptr(BIAS + v as i32 * 32))?;
-        }
-        for i in 0..rows {
-            let y = acc(i, v);
-            if s.bias {
-                asm.vaddps(y, y, bias_reg)?;
-            }
-            for step in &s.steps {
-                match *step {
-                    // The constant first: a NaN y stays NaN (as the tile pass).
-                    StoreStep::Max(c) => asm.vmaxps(y, constant(c), y)?,
-                    StoreStep::Min(c) => asm.vminps(y, constant(c), y)?,
-                    StoreStep::AddResidual => asm.vaddps(y, y, at(RESIDUAL, i, v))?,
-                    StoreStep::LeakyRelu(_) => {}
-                }
-            }
-            asm.vmovups(at(C, i, v), y)?;
-        }
-    }
-    asm.vzeroupper()?;
-    asm.ret()
+    emit_tile_store(
+        asm,
+        &BlockedTileStore {
+            rows,
+            blocks,
+            bias: s.bias.then_some(BIAS),
+            steps: &s.steps,
+            c: C,
+            residual: RESIDUAL,
+            c_block_bytes: s.c_block_bytes,
+            scratch: SCRATCH,
+        },
+    )
 }

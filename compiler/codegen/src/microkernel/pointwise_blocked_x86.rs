@@ -49,20 +49,25 @@ pub struct PointwiseSpec {
     pub steps: Vec<StoreStep>,
 }
 
+/// The distinct Max/Min constants of `steps` (f32 bits, in order of first use).
+pub fn step_constants(steps: &[StoreStep]) -> Vec<u32> {
+    let mut bits = Vec::new();
+    for step in steps {
+        if let StoreStep::Max(v) | StoreStep::Min(v) = *step
+            && !bits.contains(&v.to_bits())
+        {
+            bits.push(v.to_bits());
+        }
+    }
+    bits
+}
+
 /// At most this many distinct constants (registers free after the k loop).
 pub const MAX_CONSTANTS: usize = 2;
 
 impl PointwiseSpec {
     fn constants(&self) -> Vec<u32> {
-        let mut bits = Vec::new();
-        for step in &self.steps {
-            if let StoreStep::Max(v) | StoreStep::Min(v) = *step
-                && !bits.contains(&v.to_bits())
-            {
-                bits.push(v.to_bits());
-            }
-        }
-        bits
+        step_constants(&self.steps)
     }
 
     /// Whether the machine code can apply `steps` (Max/Min within the free registers,
@@ -155,36 +160,75 @@ fn emit(asm: &mut CodeAssembler, s: &PointwiseSpec) -> Result<(), IcedError> {
     asm.dec(TRIPS)?;
     asm.jnz(k_loop)?;
 
-    // B now points at the bias. Free registers: the B vectors and broadcast scratch.
-    let constants = s.constants();
+    // B now points at the bias.
+    emit_tile_store(
+        asm,
+        &BlockedTileStore {
+            rows,
+            blocks,
+            bias: s.bias.then_some(B),
+            steps: &s.steps,
+            c: C,
+            residual: RESIDUAL,
+            c_block_bytes: s.c_block_bytes,
+            scratch: SCRATCH,
+        },
+    )
+}
+
+/// The end of a blocked tile function: what [`emit_tile_store`] finishes.
+pub struct BlockedTileStore<'a> {
+    pub rows: usize,
+    /// Output channel blocks (1 or 2).
+    pub blocks: usize,
+    /// Block `v`'s 8 biases at `bias + 32·v`.
+    pub bias: Option<AsmRegister64>,
+    /// Max, Min and at most one AddResidual, in order.
+    pub steps: &'a [StoreStep],
+    /// Row `i`, block `v` at `c + v·c_block_bytes + 32·i` (the residual at the same
+    /// offsets from `residual`).
+    pub c: AsmRegister64,
+    pub residual: AsmRegister64,
+    pub c_block_bytes: i32,
+    pub scratch: AsmRegister32,
+}
+
+/// Adds the bias to the accumulators (row `i`, block `v` in
+/// `ymm[blocks + 2 + i·blocks + v]`), applies the steps, stores, and returns. Uses the
+/// registers below the accumulators, free once the reduction is done: the steps'
+/// constants from ymm0, the bias in `ymm[blocks + 1]`.
+pub fn emit_tile_store(asm: &mut CodeAssembler, t: &BlockedTileStore) -> Result<(), IcedError> {
+    let blocks = t.blocks;
+    let acc = |i: usize, v: usize| YMM[blocks + 2 + i * blocks + v];
+    let constants = step_constants(t.steps);
     let constant_reg = |at: usize| YMM[at];
     for (at, &bits) in constants.iter().enumerate() {
-        asm.mov(SCRATCH, bits)?;
-        asm.vmovd(CONSTANT_LOW[at], SCRATCH)?;
+        asm.mov(t.scratch, bits)?;
+        asm.vmovd(CONSTANT_LOW[at], t.scratch)?;
         asm.vbroadcastss(constant_reg(at), CONSTANT_LOW[at])?;
     }
     let constant = |v: f32| constant_reg(constants.iter().position(|&b| b == v.to_bits()).unwrap_or(0));
     let bias_reg = YMM[blocks + 1];
-    let at = |base: AsmRegister64, i: usize, v: usize| ymmword_ptr(base + (v as i32 * s.c_block_bytes + i as i32 * 32));
+    let at = |base: AsmRegister64, i: usize, v: usize| ymmword_ptr(base + (v as i32 * t.c_block_bytes + i as i32 * 32));
     for v in 0..blocks {
-        if s.bias {
-            asm.vmovups(bias_reg, ymmword_ptr(B + v as i32 * 32))?;
+        if let Some(bias) = t.bias {
+            asm.vmovups(bias_reg, ymmword_ptr(bias + v as i32 * 32))?;
         }
-        for i in 0..rows {
+        for i in 0..t.rows {
             let y = acc(i, v);
-            if s.bias {
+            if t.bias.is_some() {
                 asm.vaddps(y, y, bias_reg)?;
             }
-            for step in &s.steps {
+            for step in t.steps {
                 match *step {
                     // The constant first: a NaN y stays NaN (as the tile pass).
                     StoreStep::Max(c) => asm.vmaxps(y, constant(c), y)?,
                     StoreStep::Min(c) => asm.vminps(y, constant(c), y)?,
-                    StoreStep::AddResidual => asm.vaddps(y, y, at(RESIDUAL, i, v))?,
+                    StoreStep::AddResidual => asm.vaddps(y, y, at(t.residual, i, v))?,
                     StoreStep::LeakyRelu(_) => {}
                 }
             }
-            asm.vmovups(at(C, i, v), y)?;
+            asm.vmovups(at(t.c, i, v), y)?;
         }
     }
     asm.vzeroupper()?;
