@@ -372,8 +372,7 @@ fn define_pointwise<M: Module>(
         // Like the GEMM tasks: denormal activations must not slow the FMA chains down.
         let saved_fp = float_env.map(|f| f.emit_enter(module, b));
         let flags = MemFlagsData::trusted().with_readonly().with_can_move();
-        let bufs = b.ins().load(I64, flags, task_ctx, parallel::TASK_CTX_BUFFERS);
-        let n_tasks = b.ins().load(I64, flags, task_ctx, parallel::TASK_CTX_TASKS);
+        let parallel::TaskShare { bufs, first, end } = parallel::emit_task_share(b, task_ctx, index, tiles);
         let x = b.ins().load(I64, flags, bufs, 0);
         let y = b.ins().load(I64, flags, bufs, (8 * output_slot) as i32);
         let r = match residual {
@@ -384,12 +383,6 @@ fn define_pointwise<M: Module>(
         let panels = b.ins().symbol_value(I64, gv);
         let refs = code_ids.map(|row| row.map(|id| id.map(|id| module.declare_func_in_func(id, b.func))));
         let act = tile_activation.map(|id| module.declare_func_in_func(id, b.func));
-        // Tiles [index·T / tasks, (index+1)·T / tasks).
-        let first = b.ins().imul_imm_s(index, tiles as i64);
-        let first = b.ins().udiv(first, n_tasks);
-        let next = b.ins().iadd_imm_s(index, 1);
-        let end = b.ins().imul_imm_s(next, tiles as i64);
-        let end = b.ins().udiv(end, n_tasks);
         let bases = [x, panels, y, r];
         if plan.panels_outer() {
             // Weights larger than the input: each panel stays in cache while every tile

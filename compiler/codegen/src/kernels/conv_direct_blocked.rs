@@ -375,8 +375,7 @@ pub fn define_node<M: Module>(
         // Like the GEMM tasks: denormal activations must not slow the FMA chains down.
         let saved_fp = float_env.map(|f| f.emit_enter(module, b));
         let flags = MemFlagsData::trusted().with_readonly().with_can_move();
-        let bufs = b.ins().load(I64, flags, task_ctx, parallel::TASK_CTX_BUFFERS);
-        let n_tasks = b.ins().load(I64, flags, task_ctx, parallel::TASK_CTX_TASKS);
+        let parallel::TaskShare { bufs, first, end } = parallel::emit_task_share(b, task_ctx, index, units);
         let x = b.ins().load(I64, flags, bufs, 0);
         let y = b.ins().load(I64, flags, bufs, (8 * output_slot) as i32);
         let r = match residual {
@@ -392,12 +391,6 @@ pub fn define_node<M: Module>(
         let refs: BTreeMap<(usize, Vec<Vec<usize>>, usize), FuncRef> =
             codes.iter().map(|(key, &id)| (key.clone(), module.declare_func_in_func(id, b.func))).collect();
         let sig = b.import_signature(machine_code_signature());
-        // Units [index·U / tasks, (index+1)·U / tasks).
-        let first = b.ins().imul_imm_s(index, units as i64);
-        let first = b.ins().udiv(first, n_tasks);
-        let next = b.ins().iadd_imm_s(index, 1);
-        let end = b.ins().imul_imm_s(next, units as i64);
-        let end = b.ins().udiv(end, n_tasks);
         super::gemm::for_range(b, first, end, |b, unit| {
             let coords = super::gemm::unflatten(b, unit, &[plan.batch, plan.out_h, panel_count]);
             let (image, oy, panel) = (coords[0], coords[1], coords[2]);

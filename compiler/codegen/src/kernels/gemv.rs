@@ -224,20 +224,13 @@ fn emit_task<M: Module>(
     index: Value,
 ) {
     let flags = MemFlagsData::trusted().with_readonly().with_can_move();
-    let bufs = b.ins().load(I64, flags, task_ctx, parallel::TASK_CTX_BUFFERS);
-    let n_tasks = b.ins().load(I64, flags, task_ctx, parallel::TASK_CTX_TASKS);
+    // Panels [first, end): this task's share.
+    let parallel::TaskShare { bufs, first, end } = parallel::emit_task_share(b, task_ctx, index, plan.panels());
     let a = b.ins().load(I64, flags, bufs, 0);
     let c = b.ins().load(I64, flags, bufs, (8 * node.inputs.len()) as i32);
     let gv = module.declare_data_in_func(packed, b.func);
     let panels_base = b.ins().symbol_value(I64, gv);
 
-    // Panels [index·P / T, (index+1)·P / T).
-    let panels = plan.panels() as i64;
-    let first = b.ins().imul_imm_s(index, panels);
-    let first = b.ins().udiv(first, n_tasks);
-    let next = b.ins().iadd_imm_s(index, 1);
-    let end = b.ins().imul_imm_s(next, panels);
-    let end = b.ins().udiv(end, n_tasks);
 
     let tile = Tile {
         plan,

@@ -114,6 +114,27 @@ pub fn emit_dispatch_up_to<M: Module>(
     emit_dispatch(b, host, threads, n_tasks, task_ref, task_ctx, call_conv);
 }
 
+/// What a task of [`emit_dispatch_up_to`] reads from its context: the kernel's buffer
+/// array and its share `[first, end)` of `units` work items, `[index·units / n,
+/// (index+1)·units / n)` for n tasks (shares differ by at most one item).
+pub struct TaskShare {
+    pub bufs: Value,
+    pub first: Value,
+    pub end: Value,
+}
+
+pub fn emit_task_share(b: &mut FunctionBuilder, task_ctx: Value, index: Value, units: usize) -> TaskShare {
+    let flags = MemFlagsData::trusted().with_readonly().with_can_move();
+    let bufs = b.ins().load(I64, flags, task_ctx, TASK_CTX_BUFFERS);
+    let n_tasks = b.ins().load(I64, flags, task_ctx, TASK_CTX_TASKS);
+    let first = b.ins().imul_imm_s(index, units as i64);
+    let first = b.ins().udiv(first, n_tasks);
+    let next = b.ins().iadd_imm_s(index, 1);
+    let end = b.ins().imul_imm_s(next, units as i64);
+    let end = b.ins().udiv(end, n_tasks);
+    TaskShare { bufs, first, end }
+}
+
 /// Runs `task(ctx, i)` for `i in 0..n_tasks` (a compile-time count) where `ctx` points
 /// at the kernel's buffer array `bufs`: the dispatch of tasks that need nothing else.
 pub fn emit_dispatch_over_buffers<M: Module>(
