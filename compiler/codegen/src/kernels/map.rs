@@ -261,6 +261,37 @@ impl MapPlan<'_> {
                     splats[k] = Some(splat_lanes(b, o.dtype, o.flags, bases[k + 1]));
                 }
             }
+            // The vector whose first lane is element `elem`.
+            let mut vector_at = |b: &mut FunctionBuilder, elem: Value| {
+                let mut lanes = Vec::with_capacity(self.operands.len());
+                for (k, o) in self.operands.iter().enumerate() {
+                    lanes.push(match splats[k] {
+                        Some(v) => v,
+                        None => {
+                            let addr = advance(b, bases[k + 1], elem, self.elem_sizes[k + 1]);
+                            load_lanes(b, o.dtype, o.flags, addr)
+                        }
+                    });
+                }
+                match f(b, &lanes) {
+                    Ok(v) => {
+                        let addr = advance(b, bases[0], elem, self.elem_sizes[0]);
+                        store_lanes(b, self.out_dtype, v, addr);
+                    }
+                    Err(e) => {
+                        err.get_or_insert(e);
+                    }
+                }
+            };
+            if n == vector_chunks * 4 && vector_chunks <= VECTOR_UNROLL {
+                // A short run (the 8 lanes of a blocked layout's channel block, under a
+                // per-channel operand): straight-line vectors, no loop of its own.
+                for u in 0..vector_chunks {
+                    let elem = b.ins().iconst(I64, 4 * u as i64);
+                    vector_at(b, elem);
+                }
+                return;
+            }
             // `count` vectors from vector `first` on, each loop iteration doing `unroll`
             // of them: Cranelift rematerialises constants in every block that uses them,
             // so the element function's constants (a dozen per exp) are loaded once per
@@ -273,54 +304,10 @@ impl MapPlan<'_> {
                     let block_elem = b.ins().iadd_imm_s(block_elem, 4 * first as i64);
                     for u in 0..unroll {
                         let elem = b.ins().iadd_imm_s(block_elem, 4 * u as i64);
-                        let mut lanes = Vec::with_capacity(self.operands.len());
-                        for (k, o) in self.operands.iter().enumerate() {
-                            lanes.push(match splats[k] {
-                                Some(v) => v,
-                                None => {
-                                    let addr = advance(b, bases[k + 1], elem, self.elem_sizes[k + 1]);
-                                    load_lanes(b, o.dtype, o.flags, addr)
-                                }
-                            });
-                        }
-                        match f(b, &lanes) {
-                            Ok(v) => {
-                                let addr = advance(b, bases[0], elem, self.elem_sizes[0]);
-                                store_lanes(b, self.out_dtype, v, addr);
-                            }
-                            Err(e) => {
-                                err.get_or_insert(e);
-                            }
-                        }
+                        vector_at(b, elem);
                     }
                 });
             };
-            if n == vector_chunks * 4 && vector_chunks <= VECTOR_UNROLL {
-                // A short run (the 8 lanes of a blocked layout's channel block, under a
-                // per-channel operand): straight-line vectors, no loop of its own.
-                for u in 0..vector_chunks {
-                    let mut lanes = Vec::with_capacity(self.operands.len());
-                    for (k, o) in self.operands.iter().enumerate() {
-                        lanes.push(match splats[k] {
-                            Some(v) => v,
-                            None => {
-                                let addr = b.ins().iadd_imm_s(bases[k + 1], 4 * u as i64 * self.elem_sizes[k + 1]);
-                                load_lanes(b, o.dtype, o.flags, addr)
-                            }
-                        });
-                    }
-                    match f(b, &lanes) {
-                        Ok(v) => {
-                            let addr = b.ins().iadd_imm_s(bases[0], 4 * u as i64 * self.elem_sizes[0]);
-                            store_lanes(b, self.out_dtype, v, addr);
-                        }
-                        Err(e) => {
-                            err.get_or_insert(e);
-                        }
-                    }
-                }
-                return;
-            }
             let blocks = vector_chunks / VECTOR_UNROLL;
             vector_loop(b, 0, blocks, VECTOR_UNROLL);
             vector_loop(b, blocks * VECTOR_UNROLL, vector_chunks % VECTOR_UNROLL, 1);
