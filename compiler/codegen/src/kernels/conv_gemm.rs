@@ -416,7 +416,8 @@ pub fn plan(g: &Graph, node: &Node, (mr, nr): (usize, usize)) -> Option<ConvGemm
     };
     let (kc, nc) = blocking(s, depth, positions, mr, nr, position_tile);
     let tile_steps = tile_steps(g, node, &y.shape);
-    let im2col_cost = orientation_cost(orientation, out_channels, positions, depth, mr, nr);
+    let im2col_cost = orientation_cost(orientation, out_channels, positions, depth, mr, nr)
+        + runtime_weights_im2col_packing_cost(runtime_weights, depth, positions);
     let forced = s.kernel == "winograd";
     // Run-time weights are transformed by the node on every call, once for the batch.
     let transform_cost = if runtime_weights {
@@ -529,6 +530,20 @@ fn orientation_cost(o: Orientation, channels: usize, positions: usize, depth: us
         Orientation::ChannelRows => padded(channels, positions) * depth / 16,
         Orientation::PositionRows => padded(positions, channels) * depth / 16 + 2 * channels * positions,
     }
+}
+
+/// Cycles charged to im2col for packing its `depth` x `positions` columns, when the
+/// weights are computed at run time (training graphs). `orientation_cost` counts only
+/// multiply-adds, so with few output channels (each packed value feeding 16-18 of
+/// them) it underrates im2col against Winograd, whose transforms are charged: a 16 -> 16
+/// 3x3 conv at 32x32 (resnet_tiny's first stage, forward and input gradient) ran ~1.9x
+/// faster as Winograd than on im2col, which the model without this charge kept (perf,
+/// the node's share of a training step at batch 64, one thread, same run). A quarter
+/// cycle per packed value flips it. Graphs with constant weights (inference) keep the
+/// old model: the one measured layer near the boundary, GoogLeNet's 16 -> 48 at 14x14,
+/// ran 3% slower as Winograd and this charge would flip it too.
+fn runtime_weights_im2col_packing_cost(runtime_weights: bool, depth: usize, positions: usize) -> usize {
+    if runtime_weights { depth * positions / 4 } else { 0 }
 }
 
 /// Winograd's shape and tiles per block when the convolution qualifies and is
@@ -1235,5 +1250,30 @@ mod tests {
             let p = plan(&g, conv_node(&g), (6, 16)).unwrap();
             assert_eq!(p.tile_steps.is_some(), per_tile, "operand {shape:?}");
         }
+    }
+
+    #[test]
+    fn few_channel_training_convs_take_winograd_where_inference_ones_do_not() {
+        // resnet_tiny's first stage at batch 64: 16 -> 16 channels, 3x3, 32x32.
+        let training = {
+            let mut g = Graph::new("t");
+            let x = g.add_input(TensorType::f32([64, 16, 32, 32]), "x");
+            let w = g.add_input(TensorType::f32([16, 16, 3, 3]), "w");
+            let geometry = ConvGeometry {
+                strides: vec![1, 1],
+                dilations: vec![1, 1],
+                pads_begin: vec![1, 1],
+                pads_end: vec![1, 1],
+                groups: 1,
+            };
+            let y = g.push1("conv", Op::Conv(geometry), &[x, w]).unwrap();
+            g.outputs.push(y);
+            g
+        };
+        let p = plan(&training, conv_node(&training), (6, 16)).unwrap();
+        assert!(p.runtime_weights && p.winograd.is_some());
+        // GoogLeNet's 16 -> 48 at 14x14 with constant weights stays on im2col.
+        let g = conv_graph(16, 48, 14, 3, 1);
+        assert!(plan(&g, conv_node(&g), (6, 16)).unwrap().winograd.is_none());
     }
 }
