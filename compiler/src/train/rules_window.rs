@@ -40,7 +40,10 @@ pub fn grad_conv(b: &mut Builder, geometry: &ConvGeometry, node: &Node, gy: Valu
                 Some(dw) => Some(dw),
                 None => match channels_last_weight_gradient(b, geometry, x, gy, &x_shape, &w_shape, &y_shape)? {
                     Some(dw) => Some(dw),
-                    None => tap_weight_gradient(b, geometry, x, gy, &x_shape, &w_shape, &y_shape)?,
+                    None => match few_channel_weight_gradient(b, geometry, x, gy, &x_shape, &w_shape, &y_shape)? {
+                        Some(dw) => Some(dw),
+                        None => tap_weight_gradient(b, geometry, x, gy, &x_shape, &w_shape, &y_shape)?,
+                    },
                 },
             },
         };
@@ -508,6 +511,35 @@ fn channels_last_weight_gradient(
     let rows = b.reshape(cut, &[outputs, taps, channels])?;
     let dw = b.transpose(rows, vec![0, 2, 1])?;
     b.reshape(dw, w_shape).map(Some)
+}
+
+/// The weight gradient of an ungrouped, unpadded 2-D convolution with fewer input channels
+/// than `channels_last_weight_gradient` takes, as one `ConvWeightGrad` node, where the
+/// AVX2 kernel of `microkernel::conv_weight_grad_x86` takes its shape: x is read in place
+/// at every tap (a compile-time displacement), dy transposed channels-last one image at a
+/// time on the stack. LeNet-5's 6 -> 16 5x5 layer: its matrix form (25 slices of a
+/// transposed x, a concat, a [150, 6400] x [6400, 16] product) took ~25% of the step.
+/// Padded convolutions (ResNet and MobileNet stems) keep the matrix form.
+fn few_channel_weight_gradient(
+    b: &mut Builder,
+    geometry: &ConvGeometry,
+    x: ValueId,
+    gy: ValueId,
+    x_shape: &[usize],
+    w_shape: &[usize],
+    y_shape: &[usize],
+) -> Result<Option<ValueId>, String> {
+    use cnnc_codegen::microkernel::conv_weight_grad_x86::WeightGradSpec;
+    let f32_operands = b.g.ty(x).dtype == cnnc_ir::DType::F32 && b.g.ty(gy).dtype == cnnc_ir::DType::F32;
+    let padded = geometry.pads_end.iter().any(|&p| p != 0);
+    if !f32_operands || padded || x_shape[1] >= MIN_CHANNELS_LAST_GRADIENT_CHANNELS {
+        return Ok(None);
+    }
+    if WeightGradSpec::from_shapes(geometry, x_shape, y_shape, w_shape).is_none() {
+        return Ok(None);
+    }
+    let dw = TensorType::new(cnnc_ir::DType::F32, w_shape.to_vec());
+    b.push_typed(Op::ConvWeightGrad(geometry.clone()), &[x, gy], dw).map(Some)
 }
 
 /// Above this many bytes of tap-stacked input (kernel taps x the input read at each),

@@ -12,8 +12,8 @@
 
 use cnnc_ir::{Op, Scalar};
 use cranelift_codegen::ir::{
-    InstBuilder, Value,
-    types::{F32, F32X4},
+    FuncRef, InstBuilder, StackSlotData, StackSlotKind, Value,
+    types::{F32, F32X4, I64},
 };
 use cranelift_frontend::FunctionBuilder;
 
@@ -30,6 +30,7 @@ use pointwise_weight_grad::PointwisePlan;
 #[path = "pointwise_weight_grad.rs"]
 mod pointwise_weight_grad;
 use super::{CodegenError, KernelCtx};
+use crate::microkernel::conv_weight_grad_x86::{self, WeightGradSpec};
 
 /// Independent vector accumulators per row (hides the add latency).
 const ACCUMULATORS: usize = 4;
@@ -71,7 +72,9 @@ pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
     let Op::ConvWeightGrad(geometry) = &k.node.op else {
         return Err(misrouted(k, "conv_weight_grad"));
     };
-    let (x, dy, dw) = f32_input_gradient_operands(k)?;
+    f32_input_gradient_operands(k)?;
+    // Field borrows, so that `k.b` stays free for the machine-code path.
+    let (x, dy, dw) = (k.graph.ty(k.node.inputs[0]), k.graph.ty(k.node.inputs[1]), k.graph.ty(k.node.outputs[0]));
     let fail = |msg: String| CodegenError(format!("conv_weight_grad node '{}': {msg}", k.node.name));
     let spatial = x.rank().saturating_sub(2);
     if !(1..=2).contains(&spatial) || dy.rank() != x.rank() || dw.rank() != x.rank() {
@@ -117,6 +120,12 @@ pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
         plan.emit(k.b, k.inputs[0], k.inputs[1], k.outputs[0]);
         return Ok(());
     }
+    if let Some(spec) = WeightGradSpec::of_node(k.graph, k.node)
+        && let Some(code) = conv_weight_grad_x86::import(k.b.func, &spec)
+    {
+        emit_machine_code(k.b, &spec, code, x.shape[0], k.inputs[0], k.inputs[1], k.outputs[0]);
+        return Ok(());
+    }
     let plan = Plan {
         batch: x.shape[0],
         channels: x.shape[1],
@@ -132,6 +141,60 @@ pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
     };
     plan.emit(k.b, k.inputs[0], k.inputs[1], k.outputs[0]);
     Ok(())
+}
+
+/// Ungrouped unpadded 2-D weight gradients on AVX2+FMA (`microkernel::conv_weight_grad_x86`):
+/// per image, dy is transposed channels-last into a stack buffer (maps padded to whole
+/// vectors, the pad lanes zeroed once), then the machine code adds the image's products
+/// into running sums dwᵀ [taps, padded maps] on the stack, written out as dw at the end.
+#[allow(clippy::too_many_arguments)]
+fn emit_machine_code(b: &mut FunctionBuilder, spec: &WeightGradSpec, code: FuncRef, batch: usize, x: Value, dy: Value, dw: Value) {
+    let scratch = spec.scratch_bytes();
+    let slot = b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, scratch as u32, 5));
+    let dy_t = b.ins().stack_addr(I64, slot, 0);
+    let zero = b.ins().f32const(0.0);
+    let zeros = b.ins().splat(F32X4, zero);
+    let (tail, rest) = tiled_loop(b, scratch / 4, LANES, vec![dy_t], |b, _, p| {
+        store(b, vector_flags(), zeros, p[0], 0);
+        vec![b.ins().iadd_imm_s(p[0], bytes(LANES))]
+    });
+    counted_loop(b, rest, tail, |b, _, p| {
+        store(b, scalar_flags(), zero, p[0], 0);
+        vec![b.ins().iadd_imm_s(p[0], F32_BYTES)]
+    });
+    let dw_t = offset_ptr(b, dy_t, spec.dy_t_bytes() as i64);
+    let (maps, positions, taps, padded) = (spec.maps, spec.positions(), spec.taps(), spec.padded_maps());
+    let x_image = bytes(spec.channels * spec.in_h * spec.in_w);
+    counted_loop(b, batch, vec![], |b, n, _| {
+        let x_n = index_ptr(b, x, n, x_image);
+        let dy_n = index_ptr(b, dy, n, bytes(maps * positions));
+        counted_loop(b, maps, vec![dy_n, dy_t], |b, _, plane| {
+            let (at, rest) = tiled_loop(b, positions, LANES, plane.to_vec(), |b, _, c| {
+                let v = load(b, F32X4, vector_flags(), c[0], 0);
+                for lane in 0..LANES {
+                    let e = b.ins().extractlane(v, lane as u8);
+                    store(b, scalar_flags(), e, c[1], bytes(lane * padded));
+                }
+                vec![b.ins().iadd_imm_s(c[0], bytes(LANES)), b.ins().iadd_imm_s(c[1], bytes(LANES * padded))]
+            });
+            counted_loop(b, rest, at, |b, _, c| {
+                let e = load(b, F32, scalar_flags(), c[0], 0);
+                store(b, scalar_flags(), e, c[1], 0);
+                vec![b.ins().iadd_imm_s(c[0], F32_BYTES), b.ins().iadd_imm_s(c[1], bytes(padded))]
+            });
+            vec![b.ins().iadd_imm_s(plane[0], bytes(positions)), b.ins().iadd_imm_s(plane[1], F32_BYTES)]
+        });
+        b.ins().call(code, &[x_n, dy_t, dw_t]);
+        vec![]
+    });
+    counted_loop(b, maps, vec![dw, dw_t], |b, _, map| {
+        counted_loop(b, taps, map.to_vec(), |b, _, c| {
+            let e = load(b, F32, scalar_flags(), c[1], 0);
+            store(b, scalar_flags(), e, c[0], 0);
+            vec![b.ins().iadd_imm_s(c[0], F32_BYTES), b.ins().iadd_imm_s(c[1], bytes(padded))]
+        });
+        vec![b.ins().iadd_imm_s(map[0], bytes(taps)), b.ins().iadd_imm_s(map[1], F32_BYTES)]
+    });
 }
 
 struct Plan {
