@@ -11,6 +11,12 @@
 //!   1x1 depthwise convolution (dw[c] = Σ_n Σ_o a[n, c, o]·b[n, c, o]), which streams a
 //!   and b once and writes nothing of activation size.
 //!
+//! - normalised values never stored: x̂ = (x − mean)/σ per channel is read only by products
+//!   with per-channel factors (BatchNorm's γ·x̂, the input gradient's x̂·(−Σ(g·x̂)/m)) and by
+//!   the per-channel sum Σ g·x̂; each reads the centred x − mean instead, the factor (or the
+//!   sum) times 1/σ, so the pass writing x̂ goes and no x̂ buffer lives from the forward to
+//!   the backward pass (see `read_centered_instead_of_normalized`).
+//!
 //! Run on the fused graph before the optimisation pipeline; the nodes left without
 //! readers go in dead-code elimination.
 
@@ -20,6 +26,7 @@ use cnnc_ir::{BinaryFn, ConstValue, ConvGeometry, DType, EpilogueStep, Graph, No
 pub fn lighten_backward(g: &mut Graph) {
     fuse_activation_masks(g);
     dot_reductions_as_weight_gradients(g);
+    read_centered_instead_of_normalized(g);
 }
 
 /// The f32 value of a splat constant, if a `Constant` node defines `v` as one.
@@ -233,6 +240,147 @@ pub fn dot_reductions_as_weight_gradients(g: &mut Graph) {
     }
 }
 
+/// Whether `shape` broadcast against a tensor of `full` shape (same dtype) varies along
+/// axis 1 only: every axis but the channels' is 1 after aligning the shapes at the right.
+fn per_channel(shape: &[usize], full: &[usize]) -> bool {
+    if shape.len() > full.len() || full.len() < 2 {
+        return false;
+    }
+    let lead = full.len() - shape.len();
+    shape.iter().enumerate().all(|(i, &d)| d == 1 || (i + lead == 1 && d == full[1]))
+}
+
+/// How a reader of x̂ reads x − mean instead.
+enum CenteredReader {
+    /// `x̂ · factor` (either order) becomes `(x − mean) · (factor · 1/σ)`.
+    Product { node: usize, factor: ValueId },
+    /// A 1x1 depthwise `ConvWeightGrad` (Σ a·x̂ per channel) becomes
+    /// `ConvWeightGrad(a, x − mean) · 1/σ`.
+    ChannelSum { node: usize },
+}
+
+/// Every x̂ = Div(x − mean, σ) with σ per channel (BatchNorm in training) whose readers are
+/// all per-channel products or per-channel sums (`CenteredReader`): the readers take the
+/// centred value and 1/σ folded into their per-channel operand, so x̂ is never computed.
+/// Rounding differs from dividing by σ by an ulp or so per element.
+pub fn read_centered_instead_of_normalized(g: &mut Graph) {
+    let users = g.users();
+    let mut is_output = vec![false; g.values.len()];
+    for &o in &g.outputs {
+        is_output[o.index()] = true;
+    }
+    // (div node index, centred value, σ, readers)
+    let mut found: Vec<(usize, ValueId, ValueId, Vec<CenteredReader>)> = Vec::new();
+    for (i, node) in g.nodes.iter().enumerate() {
+        if node.op != Op::Binary(BinaryFn::Div) || !node.epilogue.is_empty() || node.inputs.len() != 2 {
+            continue;
+        }
+        let (centered, sigma) = (node.inputs[0], node.inputs[1]);
+        let normalized = node.outputs[0];
+        let full = g.ty(normalized);
+        if full.dtype != DType::F32 || g.ty(centered) != full || g.ty(sigma).rank() != full.rank() || full.numel() == 0 {
+            continue;
+        }
+        if !per_channel(&g.ty(sigma).shape, &full.shape) || is_output[normalized.index()] || users[normalized.index()].is_empty() {
+            continue;
+        }
+        let channels = full.shape[1];
+        // Readers left dead by the rewrites above (a product whose sum became a
+        // ConvWeightGrad) keep reading x̂ until dead-code elimination removes both.
+        let live = |u: &usize| g.nodes[*u].outputs.iter().any(|o| is_output[o.index()] || !users[o.index()].is_empty());
+        let readers: Option<Vec<CenteredReader>> = users[normalized.index()]
+            .iter()
+            .filter(|u| live(u))
+            .map(|&u| {
+                let reader = &g.nodes[u];
+                if !reader.epilogue.is_empty() || reader.inputs.len() != 2 {
+                    return None;
+                }
+                let other = if reader.inputs[0] == normalized { reader.inputs[1] } else { reader.inputs[0] };
+                if other == normalized {
+                    return None;
+                }
+                match &reader.op {
+                    Op::Binary(BinaryFn::Mul) => {
+                        let factor = g.ty(other);
+                        (factor.dtype == DType::F32 && per_channel(&factor.shape, &full.shape) && g.ty(reader.outputs[0]) == full)
+                            .then_some(CenteredReader::Product { node: u, factor: other })
+                    }
+                    Op::ConvWeightGrad(geometry) => {
+                        let out = &g.ty(reader.outputs[0]).shape;
+                        let one_by_one = out.len() == full.rank() && out[0] == channels && out[1..].iter().all(|&d| d == 1);
+                        let plain = geometry.groups == channels
+                            && geometry.strides.iter().all(|&s| s == 1)
+                            && geometry.dilations.iter().all(|&d| d == 1)
+                            && geometry.pads_begin.iter().chain(&geometry.pads_end).all(|&p| p == 0);
+                        (one_by_one && plain && g.ty(other) == full).then_some(CenteredReader::ChannelSum { node: u })
+                    }
+                    _ => None,
+                }
+            })
+            .collect();
+        if let Some(readers) = readers {
+            found.push((i, centered, sigma, readers));
+        }
+    }
+    if found.is_empty() {
+        return;
+    }
+    // New nodes go right before (factors) or right after (sums) the node they serve, and
+    // 1/σ right after the Div, which every reader of x̂ follows.
+    let mut before: Vec<Vec<Node>> = vec![Vec::new(); g.nodes.len()];
+    let mut after: Vec<Vec<Node>> = vec![Vec::new(); g.nodes.len()];
+    let plain = |name: String, op: Op, inputs: Vec<ValueId>, output: ValueId| Node {
+        name,
+        op,
+        inputs,
+        outputs: vec![output],
+        epilogue: Vec::new(),
+        schedule: Default::default(),
+    };
+    for (div, centered, sigma, readers) in found {
+        let div_name = g.nodes[div].name.clone();
+        let normalized = g.nodes[div].outputs[0];
+        let inverse = g.add_value(g.ty(sigma).clone(), "");
+        after[div].push(plain(format!("{div_name}.inverse"), Op::Unary(UnaryFn::Reciprocal), vec![sigma], inverse));
+        for reader in readers {
+            match reader {
+                CenteredReader::Product { node, factor } => {
+                    let shape = cnnc_ir::broadcast_shapes(&g.ty(factor).shape, &g.ty(inverse).shape)
+                        .expect("per-channel shapes of one rank broadcast");
+                    let folded = g.add_value(TensorType::f32(shape), "");
+                    let name = format!("{}.factor", g.nodes[node].name);
+                    before[node].push(plain(name, Op::Binary(BinaryFn::Mul), vec![factor, inverse], folded));
+                    let reader = &mut g.nodes[node];
+                    reader.inputs = if reader.inputs[0] == normalized { vec![centered, folded] } else { vec![folded, centered] };
+                }
+                CenteredReader::ChannelSum { node } => {
+                    let sum = g.nodes[node].outputs[0];
+                    let sum_ty = g.ty(sum).clone();
+                    let centered_sum = g.add_value(sum_ty.clone(), "");
+                    let inverse_as_sum = g.add_value(sum_ty, "");
+                    let name = g.nodes[node].name.clone();
+                    let reader = &mut g.nodes[node];
+                    for input in &mut reader.inputs {
+                        if *input == normalized {
+                            *input = centered;
+                        }
+                    }
+                    reader.outputs = vec![centered_sum];
+                    after[node].push(plain(format!("{name}.inverse"), Op::Reshape, vec![inverse], inverse_as_sum));
+                    after[node].push(plain(format!("{name}.scaled"), Op::Binary(BinaryFn::Mul), vec![centered_sum, inverse_as_sum], sum));
+                }
+            }
+        }
+    }
+    let old = std::mem::take(&mut g.nodes);
+    for ((node, before), after) in old.into_iter().zip(before).zip(after) {
+        g.nodes.extend(before);
+        g.nodes.push(node);
+        g.nodes.extend(after);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -385,6 +533,78 @@ mod tests {
         g.outputs = vec![out];
         let original = g.clone();
         dot_reductions_as_weight_gradients(&mut g);
+        assert_eq!(g, original);
+    }
+
+    /// BatchNorm's normalisation x̂ = (x − mean)/σ over [N, C, H, W] and its readers as the
+    /// fused step has them: γ·x̂ + β, Σ g·x̂ (as a product and a sum), x̂·k with k per channel.
+    /// `extra_reader`: x̂ is also a graph output (the rewrite must then leave it alone).
+    fn normalization_graph(shape: &[usize], extra_reader: bool) -> Graph {
+        let mut g = Graph::new("normalization");
+        let channels = shape[1];
+        let x = g.add_input(TensorType::f32(shape.to_vec()), "x");
+        let grad = g.add_input(TensorType::f32(shape.to_vec()), "g");
+        let gamma = g.add_input(TensorType::f32(vec![channels, 1, 1]), "gamma");
+        let k = g.add_input(TensorType::f32(vec![1, channels, 1, 1]), "k");
+        let axes = vec![0, 2, 3];
+        let mean = g.push1("mean", Op::Reduce { kind: ReduceKind::Mean, axes: axes.clone() }, &[x]).unwrap();
+        let centered = g.push1("centered", Op::Binary(BinaryFn::Sub), &[x, mean]).unwrap();
+        let square = g.push1("square", Op::Binary(BinaryFn::Mul), &[centered, centered]).unwrap();
+        let var = g.push1("var", Op::Reduce { kind: ReduceKind::Mean, axes: axes.clone() }, &[square]).unwrap();
+        let shifted = g.push1("eps", Op::Unary(UnaryFn::Affine { scale: 1.0, shift: 1e-5 }), &[var]).unwrap();
+        let sigma = g.push1("sigma", Op::Unary(UnaryFn::Sqrt), &[shifted]).unwrap();
+        let normalized = g.push1("normalized", Op::Binary(BinaryFn::Div), &[centered, sigma]).unwrap();
+        let scaled = g.push1("scaled", Op::Binary(BinaryFn::Mul), &[normalized, gamma]).unwrap();
+        let weighted = g.push1("weighted", Op::Binary(BinaryFn::Mul), &[grad, normalized]).unwrap();
+        let sum = g.push1("sum", Op::Reduce { kind: ReduceKind::Sum, axes }, &[weighted]).unwrap();
+        let projected = g.push1("projected", Op::Binary(BinaryFn::Mul), &[k, normalized]).unwrap();
+        g.outputs = vec![scaled, sum, projected];
+        if extra_reader {
+            g.outputs.push(normalized);
+        }
+        g
+    }
+
+    fn lighten_normalization(g: &mut Graph) {
+        dot_reductions_as_weight_gradients(g);
+        let before = g.nodes.len();
+        read_centered_instead_of_normalized(g);
+        assert!(g.nodes.len() > before, "x̂'s readers were not rewritten");
+        g.remove_dead();
+        assert!(!g.nodes.iter().any(|n| n.op == Op::Binary(BinaryFn::Div) && g.ty(n.outputs[0]).numel() > 1 && n.name == "normalized"));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+        #[test]
+        fn normalized_readers_match_on_the_centred_value(
+            shape in prop::collection::vec(1usize..6, 4..5),
+            seed in any::<u64>(),
+        ) {
+            let count: usize = shape.iter().product();
+            let channels = shape[1];
+            let inputs = [
+                Tensor::f32(shape.clone(), values(count, seed, 3.0, &[])),
+                Tensor::f32(shape.clone(), values(count, seed ^ 0x77, 1.0, &[])),
+                Tensor::f32(vec![channels, 1, 1], values(channels, seed ^ 0x15, 2.0, &[0.0])),
+                Tensor::f32(vec![1, channels, 1, 1], values(channels, seed ^ 0x33, 2.0, &[])),
+            ];
+            let (before, after) = before_and_after(normalization_graph(&shape, false), &inputs, lighten_normalization);
+            for (b, a) in before.iter().zip(&after) {
+                prop_assert_eq!(&b.shape, &a.shape);
+                for (x, y) in f32s(b).iter().zip(f32s(a)) {
+                    prop_assert!((x - y).abs() <= 2e-5 * (1.0 + x.abs()) * (1.0 + count as f32).sqrt(), "{} vs {}", x, y);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_normalized_value_read_otherwise_is_kept() {
+        let mut g = normalization_graph(&[2, 3, 4, 4], true);
+        dot_reductions_as_weight_gradients(&mut g);
+        let original = g.clone();
+        read_centered_instead_of_normalized(&mut g);
         assert_eq!(g, original);
     }
 }

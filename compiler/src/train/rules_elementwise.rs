@@ -310,10 +310,10 @@ pub fn grad_standardize(b: &mut Builder, s: &Standardize, gy: ValueId) -> Result
 /// `grad_standardize` when the output gradient is g·γ with γ constant along the axes
 /// (BatchNorm's scale: γ·x̂ + β): mean(g·γ) = γ·Σg/m and mean(g·γ·x̂) = γ·Σ(g·x̂)/m, and
 /// Σg and Σ(g·x̂) are the sums the scale's and the shift's gradients take already (the
-/// same nodes, merged by share-common-subexpressions). So
-/// dx = (g·γ − γ·Σg/m − x̂·(γ·Σ(g·x̂)/m)) / σ takes two passes over the activations --
-/// x̂ times a per-channel scalar, then one chain that fusion makes a single pass -- where
-/// the general form takes five, and gy = g·γ is never stored. None for other gradients.
+/// same nodes, merged by share-common-subexpressions). With γ factored out,
+/// dx = ((x̂·(−Σ(g·x̂)/m) − Σg/m) + g)·(γ/σ): one chain that epilogue fusion makes a single
+/// pass over x̂ and g (its per-channel operands are made before its first node), where the
+/// general form takes five, and gy = g·γ is never stored. None for other gradients.
 fn grad_scaled_standardize(b: &mut Builder, s: &Standardize, gy: ValueId) -> Result<Option<ValueId>, String> {
     let Some(product) = b.g.nodes.iter().rev().find(|n| n.outputs.contains(&gy)) else {
         return Ok(None);
@@ -338,15 +338,11 @@ fn grad_scaled_standardize(b: &mut Builder, s: &Standardize, gy: ValueId) -> Res
     let sum_g = b.push(Op::Reduce { kind: ReduceKind::Sum, axes: s.axes.clone() }, &[g])?;
     let weighted = b.binary(BinaryFn::Mul, g, s.normalized)?;
     let sum_gx = b.push(Op::Reduce { kind: ReduceKind::Sum, axes: s.axes.clone() }, &[weighted])?;
-    let gamma_per_count = b.scale(gamma, 1.0 / count as f32)?;
-    let mean_scaled_g = b.binary(BinaryFn::Mul, sum_g, gamma_per_count)?;
-    let mean_scaled_gx = b.binary(BinaryFn::Mul, sum_gx, gamma_per_count)?;
-    let projected = b.binary(BinaryFn::Mul, s.normalized, mean_scaled_gx)?;
-    // γ·g made again, after every operand of the chain (epilogue fusion only appends
-    // operands defined before the chain's first node), with the operands in the other
-    // order so that share-common-subexpressions keeps it apart from gy, which dies.
-    let scaled = b.binary(BinaryFn::Mul, gamma, g)?;
-    let centered = b.binary(BinaryFn::Sub, scaled, mean_scaled_g)?;
-    let residual = b.binary(BinaryFn::Sub, centered, projected)?;
-    b.binary(BinaryFn::Div, residual, s.std).map(Some)
+    let minus_mean_g = b.scale(sum_g, -1.0 / count as f32)?;
+    let minus_mean_gx = b.scale(sum_gx, -1.0 / count as f32)?;
+    let gain = b.binary(BinaryFn::Div, gamma, s.std)?;
+    let projected = b.binary(BinaryFn::Mul, s.normalized, minus_mean_gx)?;
+    let centered = b.binary(BinaryFn::Add, projected, minus_mean_g)?;
+    let residual = b.binary(BinaryFn::Add, centered, g)?;
+    b.binary(BinaryFn::Mul, residual, gain).map(Some)
 }
