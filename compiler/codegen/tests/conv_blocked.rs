@@ -154,7 +154,51 @@ proptest! {
     }
 }
 
-/// MobileNet-v2 shapes: 49 positions (8 tiles of 6 and one overlapping), 160 -> 960
+proptest! {
+    #![proptest_config(ProptestConfig { cases: common::cases(16), ..ProptestConfig::default() })]
+
+    /// More output channels than positions and over 256 input channels: the weights are
+    /// walked in slices of the reduction (partial sums stored in the output between
+    /// them), unless a residual add forbids it; balanced tiles of a few positions.
+    #[test]
+    fn blocked_pointwise_sliced_reduction_matches_interpreter(
+        n in 1usize..3,
+        k_blocks in 33usize..70,
+        m_blocks in 1usize..6,
+        h in 1usize..5,
+        w in 1usize..8,
+        stride in 1usize..3,
+        bias in any::<bool>(),
+        epilogue in epilogue_strategy(),
+        seed in 1u64..u64::MAX,
+    ) {
+        if !host_has_avx2() {
+            return Ok(());
+        }
+        let case = Case { n, k: 8 * k_blocks, m: 8 * m_blocks, h, w, stride, bias, epilogue };
+        let (g, inputs) = build(&case, &mut Rng(seed));
+        check_graph(&g, &inputs).map_err(|e| TestCaseError::fail(format!("{e}\n{}", cnnc_ir::print_with(&g, &cnnc_ir::PrintOptions { elide_constant_data: true }))))?;
+    }
+}
+
+/// SqueezeNet-1.1's classifier: 512 -> 1000 channels over 13 x 13 positions (two slices
+/// of the reduction, 24 tiles of 6 positions and 5 of 5), through one and two threads.
+#[test]
+fn squeezenet_classifier_with_threads() {
+    if !host_has_avx2() {
+        return;
+    }
+    let target = cnnc_codegen::TargetSpec::host();
+    let case = Case { n: 1, k: 512, m: 1000, h: 13, w: 13, stride: 1, bias: true, epilogue: Epilogue::Relu };
+    let (g, inputs) = build(&case, &mut Rng(3));
+    let want = cnnc_ir::interp::run(&g, &inputs).unwrap();
+    for threads in [1, 2] {
+        let got = common::run_shared_library("conv_blocked", &g, &target, threads, &inputs).unwrap();
+        common::check_close(&got[0], &want[0]).unwrap_or_else(|e| panic!("{threads} threads: {e}"));
+    }
+}
+
+/// MobileNet-v2 shapes: 49 positions (balanced tiles: 4 of 6 and 5 of 5), 160 -> 960
 /// and 960 -> 160 channels, through a two-thread session of a linked library.
 #[test]
 fn mobilenet_shapes_with_threads() {

@@ -7,8 +7,11 @@
 //! compile time into one panel per 16 output channels (8 for a last odd block),
 //! `[K][16]` then the bias. Stride 1 runs over the flattened positions; other strides
 //! run over output rows (a tile's positions then sit `stride·32` bytes apart in the
-//! input). A row's last tile runs a second machine-code function with fewer rows (49
-//! positions: eight tiles of 6, then one of 1), so no position is written twice.
+//! input). A row is cut into tiles of balanced sizes, at most six (49 positions: 4 x 6
+//! and 5 x 5), each size its own machine-code function. When the panels run outside
+//! the tiles (more output channels than positions) and a panel holds more than 16 KB
+//! of weights, the reduction runs in slices that accumulate in the output, so a slice
+//! stays in L1 while the input streams past it.
 //!
 //! The epilogue's leading bias/ReLU/clip/residual-add steps are applied in registers
 //! before the store; the steps from the first other one on run per tile through the
@@ -53,7 +56,9 @@ pub struct PointwisePlan {
     in_row_step: usize,
     /// Input bytes between a row's consecutive positions.
     in_position_step: usize,
-    tile_rows: usize,
+    /// Input blocks per slice of the reduction (all of them unless a panel's weights
+    /// would not stay in L1 while the tiles stream past).
+    slice_blocks: usize,
     bias: Option<Vec<f32>>,
     steps: Vec<StoreStep>,
     /// Epilogue steps left for a pass over the output (from the first one the machine
@@ -61,18 +66,54 @@ pub struct PointwisePlan {
     rest: Vec<EpilogueStep>,
 }
 
+/// One slice of the reduction: input blocks `first..first + blocks`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Slice {
+    first: usize,
+    blocks: usize,
+    accumulate: bool,
+    finish: bool,
+}
+
+/// Bytes of a panel's weights a slice of the reduction reads at most: with a tile's
+/// streamed input (up to 6 positions x the slice's channels), well inside the 32-48 KB
+/// L1 (a whole 512 x 16 panel, 32 KB, was evicted by the input it met: SqueezeNet's
+/// 512 -> 1000 classifier ran at ~85% of the FMA peak).
+const SLICE_WEIGHT_BYTES: usize = 16 << 10;
+
 impl PointwisePlan {
+    /// Tiles per row: balanced sizes of at most MAX_ROWS (169 positions: 24 x 6 and
+    /// 5 x 5, not 28 x 6 and a single position at a sixth of the speed).
     fn tiles_per_row(&self) -> usize {
-        self.row_len.div_ceil(self.tile_rows)
+        self.row_len.div_ceil(MAX_ROWS)
     }
-    /// Positions of a row's last tile when fewer than `tile_rows` (0: none).
+    /// Positions of the row's first tiles (the long ones) and how many they are.
+    fn long_tile(&self) -> (usize, usize) {
+        let tiles = self.tiles_per_row();
+        let rows = self.row_len.div_ceil(tiles);
+        let count = if self.row_len % tiles == 0 { tiles } else { self.row_len % tiles };
+        (rows, count)
+    }
+    /// Positions of the row's other tiles (0: all tiles are long).
+    fn short_rows(&self) -> usize {
+        if self.row_len % self.tiles_per_row() == 0 { 0 } else { self.row_len / self.tiles_per_row() }
+    }
     /// Panels outside the tiles when the weights outweigh the input (MobileNet's and
     /// EfficientNet's late 1x1 convolutions: 49 positions, up to 1152 x 192 weights).
     fn panels_outer(&self) -> bool {
         self.out_channels > self.out_positions
     }
-    fn remainder_rows(&self) -> usize {
-        self.row_len % self.tile_rows
+    fn k_blocks(&self) -> usize {
+        self.in_channels / BLOCK
+    }
+    /// The reduction's slices, in order.
+    fn slices(&self) -> Vec<Slice> {
+        let total = self.k_blocks();
+        let count = total.div_ceil(self.slice_blocks);
+        let per = total.div_ceil(count);
+        (0..count)
+            .map(|i| Slice { first: i * per, blocks: per.min(total - i * per), accumulate: i > 0, finish: i + 1 == count })
+            .collect()
     }
     fn tiles(&self) -> usize {
         self.batch * self.rows * self.tiles_per_row()
@@ -89,16 +130,18 @@ impl PointwisePlan {
         self.in_channels * width + if self.bias.is_some() { width } else { 0 }
     }
 
-    fn spec(&self, rows: usize, blocks: usize) -> PointwiseSpec {
+    fn spec(&self, rows: usize, blocks: usize, slice: Slice) -> PointwiseSpec {
         PointwiseSpec {
             rows,
             blocks,
-            k_blocks: self.in_channels / BLOCK,
+            k_blocks: slice.blocks,
             a_row_bytes: self.in_position_step as i32,
             a_block_bytes: (self.in_positions * BLOCK * 4) as i32,
             c_block_bytes: (self.out_positions * BLOCK * 4) as i32,
             bias: self.bias.is_some(),
             steps: self.steps.clone(),
+            accumulate: slice.accumulate,
+            finish: slice.finish,
         }
     }
 
@@ -268,7 +311,7 @@ fn analyse(g: &Graph, node: &Node) -> Result<PointwisePlan, String> {
         steps = candidate;
         taken += 1;
     }
-    Ok(PointwisePlan {
+    let mut plan = PointwisePlan {
         batch: xt.shape[0],
         in_channels: k,
         out_channels: m,
@@ -278,11 +321,17 @@ fn analyse(g: &Graph, node: &Node) -> Result<PointwisePlan, String> {
         row_len,
         in_row_step,
         in_position_step,
-        tile_rows: row_len.min(MAX_ROWS),
+        slice_blocks: k / BLOCK,
         bias,
         steps,
         rest: node.epilogue[taken..].to_vec(),
-    })
+    };
+    // Slices store partial sums in the output: not when a residual operand may share
+    // its buffer (the last slice reads it).
+    if plan.panels_outer() && !plan.steps.contains(&StoreStep::AddResidual) {
+        plan.slice_blocks = (SLICE_WEIGHT_BYTES / (2 * BLOCK * BLOCK * 4)).max(1);
+    }
+    Ok(plan)
 }
 
 /// `(a, b, c, residual)`, all i64, SystemV.
@@ -334,23 +383,29 @@ fn define_pointwise<M: Module>(
     let what = format!("blocked 1x1 convolution '{}'", node.name);
     let weights = constant_input(g, node, 1).ok_or_else(|| CodegenError(format!("{what}: the weights are not a constant")))?;
     let packed = define_bytes(module, &format!("cnnc_w{node_index}_pw8"), plan.pack(&weights))?;
-    // [full rows, remainder rows] x [two blocks, one block].
-    let mut code_ids = [[None; 2]; 2];
-    for (r, rows) in [plan.tile_rows, plan.remainder_rows()].into_iter().enumerate() {
-        for (v, blocks) in [2, 1].into_iter().enumerate() {
-            let needed = rows > 0 && if blocks == 2 { plan.full_panels() > 0 } else { plan.has_half_panel() };
-            if !needed {
-                continue;
+    // Per slice of the reduction: [long tiles, short tiles] x [two blocks, one block].
+    let slices = plan.slices();
+    let mut code_ids = vec![[[None; 2]; 2]; slices.len()];
+    for (s, slice) in slices.iter().enumerate() {
+        for (r, rows) in [plan.long_tile().0, plan.short_rows()].into_iter().enumerate() {
+            for (v, blocks) in [2, 1].into_iter().enumerate() {
+                let needed = rows > 0 && if blocks == 2 { plan.full_panels() > 0 } else { plan.has_half_panel() };
+                if !needed {
+                    continue;
+                }
+                let code = machine::assemble(&plan.spec(rows, blocks, *slice))?;
+                let name = match slices.len() {
+                    1 => format!("cnnc_k{node_index}_pw8_{rows}x{blocks}"),
+                    _ => format!("cnnc_k{node_index}_pw8_{rows}x{blocks}_s{s}"),
+                };
+                let id = module
+                    .declare_function(&name, Linkage::Local, &machine_code_signature())
+                    .map_err(|e| CodegenError(format!("declaring {name}: {e}")))?;
+                module
+                    .define_function_bytes(id, crate::microkernel::x86::CODE_ALIGN, &code, &[])
+                    .map_err(|e| CodegenError(format!("defining {name}: {e}")))?;
+                code_ids[s][r][v] = Some(id);
             }
-            let code = machine::assemble(&plan.spec(rows, blocks))?;
-            let name = format!("cnnc_k{node_index}_pw8_{rows}x{blocks}");
-            let id = module
-                .declare_function(&name, Linkage::Local, &machine_code_signature())
-                .map_err(|e| CodegenError(format!("declaring {name}: {e}")))?;
-            module
-                .define_function_bytes(id, crate::microkernel::x86::CODE_ALIGN, &code, &[])
-                .map_err(|e| CodegenError(format!("defining {name}: {e}")))?;
-            code_ids[r][v] = Some(id);
         }
     }
     // The rest of the epilogue per tile when the activation functions take it.
@@ -362,7 +417,7 @@ fn define_pointwise<M: Module>(
     let residual = store_epilogue::residual_operand(&node.epilogue, &plan.steps);
     let output_slot = node.inputs.len();
     let tiles = plan.tiles();
-    let macs_per_tile = plan.tile_rows * plan.in_channels * plan.out_channels;
+    let macs_per_tile = plan.long_tile().0 * plan.in_channels * plan.out_channels;
     let max_tasks = (tiles * macs_per_tile / MIN_TASK_MACS).clamp(1, tiles.max(1));
 
     let task_name = format!("cnnc_k{node_index}_conv_pw8_task");
@@ -381,24 +436,31 @@ fn define_pointwise<M: Module>(
         };
         let gv = module.declare_data_in_func(packed, b.func);
         let panels = b.ins().symbol_value(I64, gv);
-        let refs = code_ids.map(|row| row.map(|id| id.map(|id| module.declare_func_in_func(id, b.func))));
+        let refs: Vec<[[Option<FuncRef>; 2]; 2]> = code_ids
+            .iter()
+            .map(|slice| slice.map(|row| row.map(|id| id.map(|id| module.declare_func_in_func(id, b.func)))))
+            .collect();
         let act = tile_activation.map(|id| module.declare_func_in_func(id, b.func));
         let bases = [x, panels, y, r];
         if plan.panels_outer() {
-            // Weights larger than the input: each panel stays in cache while every tile
-            // of the task streams past it.
+            // Weights larger than the input: each panel (slice) stays in cache while
+            // every tile of the task streams past it.
             crate::loops::for_count(b, plan.full_panels(), |b, j| {
-                super::gemm::for_range(b, first, end, |b, t| {
-                    let tile = Tile::at(b, plan, t, bases);
-                    tile.call_panel(b, plan, &refs, 0, j, bases[1]);
-                });
+                for (slice, refs) in slices.iter().zip(&refs) {
+                    super::gemm::for_range(b, first, end, |b, t| {
+                        let tile = Tile::at(b, plan, t, bases);
+                        tile.call_panel(b, plan, refs, *slice, 0, j, bases[1]);
+                    });
+                }
             });
             if plan.has_half_panel() {
-                super::gemm::for_range(b, first, end, |b, t| {
-                    let tile = Tile::at(b, plan, t, bases);
-                    let j = b.ins().iconst(I64, plan.full_panels() as i64);
-                    tile.call_panel(b, plan, &refs, 1, j, bases[1]);
-                });
+                for (slice, refs) in slices.iter().zip(&refs) {
+                    super::gemm::for_range(b, first, end, |b, t| {
+                        let tile = Tile::at(b, plan, t, bases);
+                        let j = b.ins().iconst(I64, plan.full_panels() as i64);
+                        tile.call_panel(b, plan, refs, *slice, 1, j, bases[1]);
+                    });
+                }
             }
             if let Some(act) = act {
                 super::gemm::for_range(b, first, end, |b, t| {
@@ -407,13 +469,15 @@ fn define_pointwise<M: Module>(
                 });
             }
         } else {
-            // The tile's input stays in cache while every panel passes.
+            // The tile's input stays in cache while every panel passes (one slice:
+            // tiles are small).
+            let (slice, refs) = (slices[0], &refs[0]);
             super::gemm::for_range(b, first, end, |b, t| {
                 let tile = Tile::at(b, plan, t, bases);
-                crate::loops::for_count(b, plan.full_panels(), |b, j| tile.call_panel(b, plan, &refs, 0, j, bases[1]));
+                crate::loops::for_count(b, plan.full_panels(), |b, j| tile.call_panel(b, plan, refs, slice, 0, j, bases[1]));
                 if plan.has_half_panel() {
                     let j = b.ins().iconst(I64, plan.full_panels() as i64);
-                    tile.call_panel(b, plan, &refs, 1, j, bases[1]);
+                    tile.call_panel(b, plan, refs, slice, 1, j, bases[1]);
                 }
                 if let Some(act) = act {
                     tile.activate(b, plan, act);
@@ -447,7 +511,17 @@ impl Tile {
     fn at(b: &mut FunctionBuilder, plan: &PointwisePlan, t: Value, [x, _, y, r]: [Value; 4]) -> Tile {
         let coords = super::gemm::unflatten(b, t, &[plan.batch, plan.rows, plan.tiles_per_row()]);
         let (image, row, tile) = (coords[0], coords[1], coords[2]);
-        let start = b.ins().imul_imm_s(tile, plan.tile_rows as i64);
+        // The long tiles first: tile t starts at t·short + min(t, long tiles).
+        let tiles = plan.tiles_per_row();
+        let start = b.ins().imul_imm_s(tile, (plan.row_len / tiles) as i64);
+        let start = match plan.row_len % tiles {
+            0 => start,
+            long => {
+                let long = b.ins().iconst(I64, long as i64);
+                let before = b.ins().umin(tile, long);
+                b.ins().iadd(start, before)
+            }
+        };
         let in_image = (plan.in_channels * plan.in_positions * 4) as i64;
         let out_image = (plan.out_channels * plan.out_positions * 4) as i64;
         let a = super::gemm::scaled(b, x, image, in_image);
@@ -464,42 +538,55 @@ impl Tile {
         Tile { tile, a, c, residual }
     }
 
-    /// Whether this is a row's last tile with fewer positions (an i8 condition), if
-    /// rows end in such tiles.
-    fn is_remainder(&self, b: &mut FunctionBuilder, plan: &PointwisePlan) -> Option<Value> {
-        (plan.remainder_rows() > 0).then(|| b.ins().icmp_imm_u(IntCC::Equal, self.tile, (plan.tiles_per_row() - 1) as i64))
+    /// Whether this is one of a row's short tiles (an i8 condition), if rows have them.
+    fn is_short(&self, b: &mut FunctionBuilder, plan: &PointwisePlan) -> Option<Value> {
+        (plan.short_rows() > 0).then(|| b.ins().icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, self.tile, plan.long_tile().1 as i64))
     }
 
-    /// Panel `j` of output channels (`width` 0: two blocks, 1: one block) over the tile.
-    fn call_panel(&self, b: &mut FunctionBuilder, plan: &PointwisePlan, refs: &[[Option<FuncRef>; 2]; 2], width: usize, j: Value, panels: Value) {
-        let Some(full) = refs[0][width] else { return };
-        let full = b.ins().func_addr(I64, full);
-        let code = match (refs[1][width], self.is_remainder(b, plan)) {
-            (Some(rem), Some(last)) => {
-                let rem = b.ins().func_addr(I64, rem);
-                b.ins().select(last, rem, full)
+    /// Panel `j` of output channels (`width` 0: two blocks, 1: one block) over the tile,
+    /// one slice of the reduction (`refs`: its functions).
+    #[allow(clippy::too_many_arguments)]
+    fn call_panel(
+        &self,
+        b: &mut FunctionBuilder,
+        plan: &PointwisePlan,
+        refs: &[[Option<FuncRef>; 2]; 2],
+        slice: Slice,
+        width: usize,
+        j: Value,
+        panels: Value,
+    ) {
+        let Some(long) = refs[0][width] else { return };
+        let long = b.ins().func_addr(I64, long);
+        let code = match (refs[1][width], self.is_short(b, plan)) {
+            (Some(short), Some(is_short)) => {
+                let short = b.ins().func_addr(I64, short);
+                b.ins().select(is_short, short, long)
             }
-            _ => full,
+            _ => long,
         };
         let panel_bytes = (plan.panel_floats(2) * 4) as i64;
         let block_bytes = (plan.out_positions * BLOCK * 4) as i64;
         let bp = super::gemm::scaled(b, panels, j, panel_bytes);
+        // The slice's first weights in a panel of 2 (or 1) blocks.
+        let bp = b.ins().iadd_imm_s(bp, (slice.first * BLOCK * (2 - width) * BLOCK * 4) as i64);
+        let a = b.ins().iadd_imm_s(self.a, (slice.first * plan.in_positions * BLOCK * 4) as i64);
         let cp = super::gemm::scaled(b, self.c, j, 2 * block_bytes);
         let rp = super::gemm::scaled(b, self.residual, j, 2 * block_bytes);
         let sig = b.import_signature(machine_code_signature());
-        b.ins().call_indirect(sig, code, &[self.a, bp, cp, rp]);
+        b.ins().call_indirect(sig, code, &[a, bp, cp, rp]);
     }
 
     /// The activation function over the tile: rows = channel blocks (a plane apart),
     /// cols = the tile's positions x 8 lanes.
     fn activate(&self, b: &mut FunctionBuilder, plan: &PointwisePlan, act: FuncRef) {
-        let full = b.ins().iconst(I64, (plan.tile_rows * BLOCK) as i64);
-        let cols = match self.is_remainder(b, plan) {
-            Some(last) => {
-                let rem = b.ins().iconst(I64, (plan.remainder_rows() * BLOCK) as i64);
-                b.ins().select(last, rem, full)
+        let long = b.ins().iconst(I64, (plan.long_tile().0 * BLOCK) as i64);
+        let cols = match self.is_short(b, plan) {
+            Some(is_short) => {
+                let short = b.ins().iconst(I64, (plan.short_rows() * BLOCK) as i64);
+                b.ins().select(is_short, short, long)
             }
-            None => full,
+            None => long,
         };
         let blocks = b.ins().iconst(I64, (plan.out_channels / BLOCK) as i64);
         let stride = b.ins().iconst(I64, (plan.out_positions * BLOCK * 4) as i64);

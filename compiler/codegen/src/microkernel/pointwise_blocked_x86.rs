@@ -15,6 +15,9 @@
 //!   `c + v·c_block_bytes + i·32`;
 //! - `y[i][j] = bias[j] + Σ_kk A[i][kk]·B[kk][j]`, then the steps in order, where a
 //!   residual add reads `residual` at the offsets of `c`;
+//! - a slice of a longer reduction (weights too large to stay in L1 whole) may start
+//!   from the partial sums at `c` instead of zero (`accumulate`) and, unless it is the
+//!   last slice (`finish`), store its sums without the bias and steps;
 //! - any alignment; touches rax, rcx, rdx, rsi, rdi, ymm0-ymm15; ends with `vzeroupper`.
 //!
 //! All sizes are compile-time constants of the function (one per convolution): the
@@ -47,6 +50,11 @@ pub struct PointwiseSpec {
     pub bias: bool,
     /// Applied before the store: Max, Min and at most one AddResidual.
     pub steps: Vec<StoreStep>,
+    /// The sums start from the values at `c` (a later slice of the reduction).
+    pub accumulate: bool,
+    /// The bias and steps apply (the reduction's last slice); otherwise the partial sums
+    /// are stored as they are.
+    pub finish: bool,
 }
 
 /// The distinct Max/Min constants of `steps` (f32 bits, in order of first use).
@@ -82,6 +90,8 @@ impl PointwiseSpec {
             c_block_bytes: 0,
             bias: false,
             steps: steps.to_vec(),
+            accumulate: false,
+            finish: true,
         };
         steps.iter().all(|s| matches!(s, StoreStep::Max(_) | StoreStep::Min(_) | StoreStep::AddResidual))
             && steps.iter().filter(|s| **s == StoreStep::AddResidual).count() <= 1
@@ -138,7 +148,11 @@ fn emit(asm: &mut CodeAssembler, s: &PointwiseSpec) -> Result<(), IcedError> {
 
     for i in 0..rows {
         for v in 0..blocks {
-            asm.vxorps(acc(i, v), acc(i, v), acc(i, v))?;
+            if s.accumulate {
+                asm.vmovups(acc(i, v), ymmword_ptr(C + (v as i32 * s.c_block_bytes + i as i32 * 32)))?;
+            } else {
+                asm.vxorps(acc(i, v), acc(i, v), acc(i, v))?;
+            }
         }
     }
     asm.mov(TRIPS, s.k_blocks as u64)?;
@@ -160,14 +174,14 @@ fn emit(asm: &mut CodeAssembler, s: &PointwiseSpec) -> Result<(), IcedError> {
     asm.dec(TRIPS)?;
     asm.jnz(k_loop)?;
 
-    // B now points at the bias.
+    // B now points at the bias (after the last slice).
     emit_tile_store(
         asm,
         &BlockedTileStore {
             rows,
             blocks,
-            bias: s.bias.then_some(B),
-            steps: &s.steps,
+            bias: (s.bias && s.finish).then_some(B),
+            steps: if s.finish { &s.steps } else { &[] },
             c: C,
             residual: RESIDUAL,
             c_block_bytes: s.c_block_bytes,
