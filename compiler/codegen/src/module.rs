@@ -158,6 +158,7 @@ fn compile_graph_functions<M: Module>(
     let _transposed_convs = microkernel::conv_transpose_x86::TransposedConvFunctions::define_for_graph(module, target, g)?;
     let _pointwise_weight_grads = microkernel::pointwise_weight_grad_x86::PointwiseWeightGradFunctions::define_for_graph(module, target, g)?;
     let _weight_grads = microkernel::conv_weight_grad_x86::WeightGradFunctions::define_for_graph(module, target, g)?;
+    let _row_convs = microkernel::conv_rows_x86::RowConvFunctions::define_for_graph(module, target, g)?;
     let gemm_tile = GemmKernelKind::for_target(target).tile(target);
     let gemm_plans: Vec<Option<ConvGemmPlan>> = g.nodes.iter().map(|n| conv_gemm::plan(g, n, gemm_tile)).collect();
     let gemv_plans: Vec<Option<GemvPlan>> = g.nodes.iter().map(|n| gemv::plan(g, n)).collect();

@@ -15,7 +15,7 @@
 use cnnc_ir::{ConvGeometry, DType, Op};
 use cranelift_codegen::ir::{
     InstBuilder, MemFlagsData, Value,
-    types::{F32, F32X4},
+    types::{F32, F32X4, I64},
 };
 use cranelift_frontend::FunctionBuilder;
 
@@ -27,6 +27,7 @@ use super::compute::{
 };
 use super::compute::misrouted;
 use super::{CodegenError, KernelCtx};
+use crate::microkernel::conv_rows_x86::{self, RowConvSpec};
 
 /// Output channels computed together: each tap's input vectors are reused this often.
 const CHANNEL_BLOCK: usize = 4;
@@ -64,6 +65,21 @@ pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
     require_dtype(k, "output", y_ty, DType::F32)?;
     if let Some(&bias) = k.node.inputs.get(2) {
         require_dtype(k, "bias", k.graph.ty(bias), DType::F32)?;
+    }
+    if let Some(spec) = RowConvSpec::of_node(k.graph, k.node)
+        && let Some(code) = conv_rows_x86::import(k.b.func, &spec)
+    {
+        let (x_image, y_image) = (x_ty.shape[1..].iter().product::<usize>(), y_ty.shape[1..].iter().product::<usize>());
+        let batch = x_ty.shape[0];
+        let bias = k.inputs.get(2).copied().unwrap_or_else(|| k.b.ins().iconst(I64, 0));
+        let (x, w, y) = (k.inputs[0], k.inputs[1], k.outputs[0]);
+        counted_loop(k.b, batch, vec![], |b, n, _| {
+            let x_n = index_ptr(b, x, n, ConvPlan::bytes(x_image));
+            let y_n = index_ptr(b, y, n, ConvPlan::bytes(y_image));
+            b.ins().call(code, &[x_n, w, y_n, bias]);
+            vec![]
+        });
+        return Ok(());
     }
     let plan = ConvPlan::new(&x_ty.shape, &w_ty.shape, &y_ty.shape, geometry)
         .map_err(|e| CodegenError(format!("conv node '{}': {e}", k.node.name)))?;

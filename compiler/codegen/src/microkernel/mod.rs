@@ -32,6 +32,7 @@ use crate::target::TargetSpec;
 
 pub mod activation;
 pub mod conv_direct_x86;
+pub mod conv_rows_x86;
 pub mod conv_transpose_x86;
 pub mod conv_weight_grad_x86;
 pub mod depthwise_x86;
