@@ -910,3 +910,59 @@ proptest! {
         check_all(&got, &want).map_err(TestCaseError::fail)?;
     }
 }
+
+/// Channels-last weight gradients of stride-1 convolutions on the no-im2col path
+/// (`gemm::weight_grad_rows`, forced by the schedule): C a multiple of 16, dy's channels
+/// on and off the 6-row panels, dy widths on and off multiples of 4, pads before and
+/// after, filters 1x1 to 4x4.
+fn weight_grad_rows_problem() -> impl Strategy<Value = ConvProblem> {
+    (
+        (1usize..=5, 1usize..=20, prop_oneof![Just(16usize), Just(32), Just(48)]),
+        (1usize..=11, 1usize..=11),
+        (1usize..=4, 1usize..=4, 0usize..=2, 0usize..=2, 0usize..=2, 0usize..=2),
+        any::<u64>(),
+    )
+        .prop_filter_map("dy must have at least one pixel", |((images, m, c), (h, w), (fh, fw, pt, pb, pl, pr), seed)| {
+            let dy_h = (h + pt + pb).checked_sub(fh)? + 1;
+            let dy_w = (w + pl + pr).checked_sub(fw)? + 1;
+            Some(ConvProblem {
+                batch: 1,
+                groups: 1,
+                in_per_group: images,
+                out_per_group: m,
+                input: vec![h, w, c],
+                kernel: vec![dy_h, dy_w, 1],
+                strides: vec![1, 1, 1],
+                dilations: vec![1, 1, 1],
+                pads_begin: vec![pt, pl, 0],
+                pads_end: vec![pb, pr, 0],
+                bias: false,
+                steps: vec![],
+                blocking: None,
+                family: "weight_grad_rows",
+                runtime_weights: true,
+                seed,
+            })
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(48), ..ProptestConfig::default() })]
+
+    /// On the host's microkernel, one thread (JIT) or through a `.so` with 1-3 threads
+    /// (tasks take shares of the images; the node sums their accumulators).
+    #[test]
+    fn weight_grad_rows_match_interpreter(p in weight_grad_rows_problem(), threads in 0usize..=3) {
+        let (g, inputs) = p.graph();
+        let node = g.nodes.iter().find(|n| matches!(n.op, Op::Conv(_))).unwrap();
+        let plan = cnnc_codegen::kernels::conv_gemm::plan(&g, node, (6, 16)).unwrap();
+        prop_assert!(plan.weight_grad_rows.is_some(), "the schedule forces the path: {:?}", p);
+        let want = reference(&g, &inputs);
+        let got = if threads == 0 {
+            host_jit(&g, &inputs)
+        } else {
+            run_shared(&g, &TargetSpec::host(), threads, &inputs)
+        };
+        check_all(&got.map_err(TestCaseError::fail)?, &want).map_err(TestCaseError::fail)?;
+    }
+}

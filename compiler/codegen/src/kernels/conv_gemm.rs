@@ -53,6 +53,7 @@ use crate::module::define_local;
 
 use super::gemm::pack::{self, PackShape};
 use super::gemm::tile::{TileEpilogue, TileOperand, TileStep};
+use super::gemm::weight_grad_rows::{self, WeightGradRows};
 use super::gemm::winograd::{self, WinogradShape};
 use super::gemm::{channel_rows, int, position_rows, scaled};
 use super::parallel::{self, FloatEnv, MAX_SLOTS, SLOT_FLAGS_BYTES};
@@ -147,6 +148,11 @@ pub struct ConvGemmPlan {
     /// go to the strided-B microkernel (`STRIDED_B_KERNEL`) straight from the input
     /// rows; only a last panel past the positions is packed (zero-filled).
     pub in_place_b: bool,
+    /// Set for the channels-last weight-gradient correlations of stride-1 convolutions
+    /// that run without im2col (`gemm::weight_grad_rows`): when estimated cheaper, or
+    /// whenever they qualify if the schedule asks for kernel "weight_grad_rows". The
+    /// rest of the plan is then unused.
+    pub weight_grad_rows: Option<WeightGradRows>,
 }
 
 impl ConvGemmPlan {
@@ -243,6 +249,9 @@ impl ConvGemmPlan {
         bytes.div_ceil(64) * 64
     }
     pub fn scratch_bytes(&self) -> usize {
+        if let Some(rows) = &self.weight_grad_rows {
+            return rows.scratch_bytes();
+        }
         let packed_weights = if self.runtime_weights {
             self.packed_weight_bytes()
         } else {
@@ -347,7 +356,7 @@ pub fn plan(g: &Graph, node: &Node, (mr, nr): (usize, usize)) -> Option<ConvGemm
     }
     let depthwise = groups > 1 && groups == in_total && groups == out_total;
     let wanted = match s.kernel.as_str() {
-        "gemm" | "winograd" => true,
+        "gemm" | "winograd" | "weight_grad_rows" => true,
         // Unscheduled graphs (tests, tools): grouped convolutions with a few channels
         // per group fill a register tile too thinly.
         "" => !depthwise && (groups == 1 || (out_channels >= mr && in_channels >= 4)),
@@ -448,6 +457,28 @@ pub fn plan(g: &Graph, node: &Node, (mr, nr): (usize, usize)) -> Option<ConvGemm
     if let Some(w) = &mut winograd {
         w.set_block(nc);
     }
+    let weight_grad_rows = if runtime_weights
+        && (mr, nr) == (6, 16)
+        && batch == 1
+        && groups == 1
+        && !has_bias
+        && node.epilogue.is_empty()
+    {
+        let im2col_macs = out_channels.div_ceil(mr) * mr * positions.div_ceil(nr) * nr * depth;
+        WeightGradRows::new(
+            &spatial.input,
+            &spatial.kernel,
+            &spatial.output,
+            &spatial.strides,
+            &spatial.dilations,
+            &spatial.pads,
+            in_channels,
+            out_channels,
+        )
+        .filter(|rows| s.kernel == "weight_grad_rows" || rows.cheaper_than_im2col(im2col_macs, depth * positions))
+    } else {
+        None
+    };
     let in_place_b = pointwise
         && winograd.is_none()
         && orientation == Orientation::ChannelRows
@@ -474,6 +505,7 @@ pub fn plan(g: &Graph, node: &Node, (mr, nr): (usize, usize)) -> Option<ConvGemm
         weight: node.inputs[1],
         runtime_weights,
         in_place_b,
+        weight_grad_rows,
     })
 }
 
@@ -751,6 +783,9 @@ pub fn define_node<M: Module>(
         )?)
     };
 
+    if let Some(rows) = &plan.weight_grad_rows {
+        return define_weight_grad_rows(module, env, node, node_index, rows, kernel_sig, ctx, fb_ctx);
+    }
     let x86_avx2 = (plan.mr, plan.nr) == (6, 16);
     let strided_b = if plan.in_place_b {
         Some(kernel_variant(
@@ -810,6 +845,55 @@ pub fn define_node<M: Module>(
         let task_ref = module.declare_func_in_func(task, b.func);
         let call_conv = module.isa().default_call_conv();
         emit_kernel(b, g, node, plan, params[0], params[1], task_ref, call_conv)
+    })
+}
+
+/// The node kernel and task of a weight gradient without im2col (`gemm::weight_grad_rows`).
+#[allow(clippy::too_many_arguments)]
+fn define_weight_grad_rows<M: Module>(
+    module: &mut M,
+    env: &GemmEnv,
+    node: &Node,
+    node_index: usize,
+    rows: &WeightGradRows,
+    kernel_sig: &Signature,
+    ctx: &mut Context,
+    fb_ctx: &mut FunctionBuilderContext,
+) -> Result<FuncId, CodegenError> {
+    let strided_b = kernel_variant(
+        module,
+        STRIDED_B_KERNEL,
+        crate::microkernel::x86::assemble_avx2_gemm_strided_b,
+    )?;
+    let n_inputs = node.inputs.len();
+    let scratch_index = n_inputs + node.outputs.len();
+    let task_sig = parallel::task_signature(module);
+    let task_name = format!("cnnc_k{node_index}_conv_weight_grad_rows_task");
+    let what = format!("weight-gradient task of conv '{}'", node.name);
+    let task = define_local(module, &task_name, &task_sig, ctx, fb_ctx, &what, |b, module, params| {
+        let saved_fp = env.float_env.map(|f| f.emit_enter(module, b));
+        let kernel = module.declare_func_in_func(strided_b, b.func);
+        let share = parallel::emit_task_share(b, params[0], params[1], rows.images);
+        let buffer = |b: &mut FunctionBuilder, i: usize| b.ins().load(I64, buffer_flags(), share.bufs, (8 * i) as i32);
+        let (x, dy, scratch) = (buffer(b, 0), buffer(b, 1), buffer(b, scratch_index));
+        weight_grad_rows::emit_task(b, rows, kernel, x, dy, scratch, params[1], share.first, share.end);
+        if let (Some(f), Some(saved)) = (env.float_env, saved_fp) {
+            f.emit_restore(module, b, saved);
+        }
+        Ok(())
+    })?;
+    let name = format!("cnnc_k{node_index}_conv_weight_grad_rows");
+    let what = format!("kernel of conv '{}' (weight gradient rows)", node.name);
+    define_local(module, &name, kernel_sig, ctx, fb_ctx, &what, |b, module, params| {
+        let (host, bufs) = (params[0], params[1]);
+        parallel::emit_dispatch_up_to(module, b, host, bufs, task, weight_grad_rows::MAX_TASKS);
+        let threads = parallel::emit_host_threads(b, host);
+        let limit = int(b, weight_grad_rows::MAX_TASKS as i64);
+        let tasks = b.ins().umin(threads, limit);
+        let scratch = b.ins().load(I64, buffer_flags(), bufs, (8 * scratch_index) as i32);
+        let out = b.ins().load(I64, buffer_flags(), bufs, (8 * n_inputs) as i32);
+        weight_grad_rows::emit_sum(b, rows, scratch, tasks, out);
+        Ok(())
     })
 }
 

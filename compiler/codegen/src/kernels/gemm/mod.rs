@@ -10,6 +10,7 @@ pub mod pack_carried;
 pub mod pack_rows;
 pub mod position_rows;
 pub mod tile;
+pub mod weight_grad_rows;
 pub mod winograd;
 
 use cranelift_codegen::ir::condcodes::IntCC;
