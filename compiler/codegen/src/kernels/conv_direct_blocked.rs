@@ -12,7 +12,9 @@
 //! time per 16 output channels (8 for a last odd block): kernel row, input block, kernel
 //! column, lane, then the 16 weights. The leading bias/ReLU/clip/residual steps of the
 //! epilogue are applied in registers; the rest runs as one pass over the output. Tasks
-//! over (image, output row, panel of 16 channels) go through the host's `parallel_for`.
+//! over (image, output row, panel of 16 channels) go through the host's `parallel_for`;
+//! the panel is the outer coordinate when the weights outgrow L1 (each panel then runs
+//! every row while its weights are in cache).
 
 use std::collections::BTreeMap;
 
@@ -32,6 +34,8 @@ use crate::module::{define_bytes, define_local};
 
 /// Multiply-adds below which a task is not worth its dispatch (~1 µs).
 const MIN_TASK_MACS: usize = 1 << 16;
+/// Weights below this size stay in L1 (32 KB) beside a row's input.
+const WEIGHTS_IN_L1_BYTES: usize = 16 << 10;
 /// Kinds of tiles along a row (each its own function) beyond which the convolution
 /// stays plain: only huge paddings reach it.
 const MAX_PIECES: usize = 12;
@@ -96,6 +100,11 @@ impl DirectPlan {
     }
     fn panel_bytes(&self, blocks: usize) -> usize {
         self.kernel[0] * self.kernel_row_bytes(blocks)
+    }
+    /// Whether units run panel by panel (all rows of a panel, then the next), not row
+    /// by row: when all the weights together would not stay in L1.
+    fn panels_outer(&self) -> bool {
+        self.out_channels * self.in_channels * self.kernel[0] * self.kernel[1] * 4 > WEIGHTS_IN_L1_BYTES
     }
     fn in_plane_bytes(&self) -> usize {
         self.in_h * self.in_w * self.in_position_bytes()
@@ -361,9 +370,12 @@ pub fn define_node<M: Module>(
     }
     let residual = store_epilogue::residual_operand(&node.epilogue, &plan.steps);
     let output_slot = node.inputs.len();
-    // Units: (image, output row, panel), so two threads share even 13-row maps evenly;
-    // a panel's weights stay in L1 across the row's tiles.
+    // Units: (image, output row, panel), so two threads share even 13-row maps evenly.
+    // When the weights do not fit in L1 together, the panel is the outer coordinate:
+    // a panel's weights then stay in cache over every row, not only one row's tiles
+    // (SqueezeNet's 3x3 expands: 9-36 KB panels of 16 channels, 8-16 panels).
     let panel_count = plan.full_panels() + usize::from(plan.has_half_panel());
+    let panels_outer = plan.panels_outer();
     let units = plan.batch * plan.out_h * panel_count;
     let macs_per_unit = plan.out_w * 2 * BLOCK * plan.in_channels * plan.kernel[0] * plan.kernel[1];
     let max_tasks = (units * macs_per_unit / MIN_TASK_MACS).clamp(1, units.max(1));
@@ -392,8 +404,13 @@ pub fn define_node<M: Module>(
             codes.iter().map(|(key, &id)| (key.clone(), module.declare_func_in_func(id, b.func))).collect();
         let sig = b.import_signature(machine_code_signature());
         super::gemm::for_range(b, first, end, |b, unit| {
-            let coords = super::gemm::unflatten(b, unit, &[plan.batch, plan.out_h, panel_count]);
-            let (image, oy, panel) = (coords[0], coords[1], coords[2]);
+            let (image, oy, panel) = if panels_outer {
+                let coords = super::gemm::unflatten(b, unit, &[panel_count, plan.batch, plan.out_h]);
+                (coords[1], coords[2], coords[0])
+            } else {
+                let coords = super::gemm::unflatten(b, unit, &[plan.batch, plan.out_h, panel_count]);
+                (coords[0], coords[1], coords[2])
+            };
             let entry = super::gemm::scaled(b, rows_table, oy, 32);
             let a_offset = b.ins().load(I64, flags, entry, 0);
             let b_offsets = [b.ins().load(I64, flags, entry, 8), b.ins().load(I64, flags, entry, 16)];
