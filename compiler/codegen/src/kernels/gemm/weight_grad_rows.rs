@@ -171,12 +171,16 @@ impl WeightGradRows {
     }
 
     /// Whether this path is estimated cheaper than im2col (`im2col_macs` padded
-    /// multiply-adds, `packed_values` values packed into its B panels). Both run the
-    /// same microkernel loop, so the estimate is multiply-adds plus packing at
-    /// `PACKED_VALUE_MACS` each (this path packs only dy, once per image).
+    /// multiply-adds, `packed_values` values packed into its B panels): multiply-adds
+    /// plus packing at `PACKED_VALUE_MACS` each (this path packs only dy, once per
+    /// image), this path's multiply-adds charged 1/8 more: B rows strided through L2
+    /// instead of packed panels in L1. Measured (perf, resnet18's training step at batch
+    /// 16, one thread, against the start of the session): the 128-channel gradients at
+    /// 28x28 ~8% slower on this path (kept on im2col by the 1/8), the 64-channel ones at
+    /// 56x56 ~6% faster.
     pub fn cheaper_than_im2col(&self, im2col_macs: usize, packed_values: usize) -> bool {
         let packed_dy = self.images * self.panels() * MR * self.reduction();
-        let rows = self.padded_macs() + packed_dy * PACKED_VALUE_MACS;
+        let rows = self.padded_macs() * 9 / 8 + packed_dy * PACKED_VALUE_MACS;
         let im2col = im2col_macs + packed_values * PACKED_VALUE_MACS;
         rows < im2col
     }
@@ -431,5 +435,20 @@ mod tests {
         // Strided (dilated) correlations and channel counts off the panel width do not apply.
         assert!(WeightGradRows::new(&[32, 32, 16], &[16, 16, 1], &[3, 3, 16], &[1; 3], &[2, 2, 1], &[1, 1, 0], 64, 16).is_none());
         assert!(WeightGradRows::new(&[32, 32, 8], &[32, 32, 1], &[3, 3, 8], &[1; 3], &[1; 3], &[1, 1, 0], 64, 16).is_none());
+    }
+
+    /// im2col's cost as `conv_gemm::plan` gives it: channel rows, padded.
+    fn cheaper(h: usize, c: usize, m: usize, images: usize) -> bool {
+        let p = WeightGradRows::new(&[h, h, c], &[h, h, 1], &[3, 3, c], &[1; 3], &[1; 3], &[1, 1, 0], images, m).unwrap();
+        let (positions, depth) = (9 * c, images * h * h);
+        p.cheaper_than_im2col(m.div_ceil(6) * 6 * positions.div_ceil(16) * 16 * depth, positions * depth)
+    }
+
+    #[test]
+    fn the_estimate_takes_few_channels_and_leaves_many() {
+        assert!(cheaper(32, 16, 16, 64), "resnet_tiny, 16 channels at 32x32");
+        assert!(cheaper(56, 64, 64, 16), "resnet18, 64 channels at 56x56");
+        assert!(!cheaper(8, 64, 64, 64), "resnet_tiny, 64 channels at 8x8");
+        assert!(!cheaper(28, 128, 128, 16), "resnet18, 128 channels at 28x28");
     }
 }
