@@ -100,3 +100,56 @@ fn mobile_network_shapes() {
         check(&Case { batch: 2, channels: 3, input: [input, input], kernel: [k, k], pads_begin: [p, p], pads_end: [p, p], seed: input as u64 });
     }
 }
+
+/// 1x1 stride-1 depthwise weight gradients (`ChannelDot`): per-channel Σ x·dy over the
+/// batch, planes read as four quarters side by side plus a tail.
+fn check_channel_dot(batch: usize, channels: usize, spatial: &[usize], seed: u64) {
+    let shape = [vec![batch, channels], spatial.to_vec()].concat();
+    let w_shape = [vec![channels, 1], vec![1; spatial.len()]].concat();
+    let x = random_f32(&shape, seed, false);
+    let dy = random_f32(&shape, seed ^ 0x5a, false);
+    let n = spatial.len();
+    let op = Op::ConvWeightGrad(ConvGeometry {
+        strides: vec![1; n],
+        dilations: vec![1; n],
+        pads_begin: vec![0; n],
+        pads_end: vec![0; n],
+        groups: channels,
+    });
+    let declared = vec![TensorType::f32(w_shape.clone())];
+    let mut g = Graph::new("dot");
+    let xv = g.add_input(TensorType::f32(shape.clone()), "x");
+    let dyv = g.add_input(TensorType::f32(shape.clone()), "dy");
+    g.push_typed("dw", op.clone(), &[xv, dyv], TensorType::f32(w_shape)).unwrap();
+    let plane: usize = spatial.iter().product();
+    assert_eq!(depthwise_weight_grad::handles(&g, &g.nodes[0]), plane >= 16, "{shape:?}");
+    if plane < 16 {
+        return;
+    }
+    let want = cnnc_ir::interp::eval(&op, &[&x, &dy], &declared, &[]).expect("interpreter");
+    for pair in [[&x, &dy], [&x, &x]] {
+        let want = if std::ptr::eq(pair[1], &x) { cnnc_ir::interp::eval(&op, &pair, &declared, &[]).expect("interpreter") } else { want.clone() };
+        let got = harness::run(op.clone(), &pair, Some(declared.clone()), depthwise_weight_grad::emit).unwrap_or_else(|e| panic!("{shape:?}: {e}"));
+        assert_close(&got[0], &want[0], &format!("channel dot {shape:?}"));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #[test]
+    fn channel_dot_products_match_the_interpreter(
+        batch in 1usize..4,
+        channels in 1usize..6,
+        spatial in prop::collection::vec(1usize..12, 1..3),
+        seed in any::<u64>(),
+    ) {
+        check_channel_dot(batch, channels, &spatial, seed);
+    }
+}
+
+#[test]
+fn channel_dot_mobile_shapes() {
+    for side in [112, 28, 14, 7, 4] {
+        check_channel_dot(2, 3, &[side, side], side as u64);
+    }
+}
