@@ -68,8 +68,8 @@ struct ColumnTile {
 
 impl RowConvSpec {
     /// The spec of an f32, plain-layout, ungrouped, unpadded 2-D convolution scheduled on
-    /// the direct kernel, with column stride 1 and at most [`MAX_CHANNELS`] input
-    /// channels; None for anything else.
+    /// the direct kernel, with column stride 1, a kernel larger than 1x1 and at most
+    /// [`MAX_CHANNELS`] input channels; None for anything else.
     pub fn of_node(g: &Graph, node: &Node) -> Option<RowConvSpec> {
         let Op::Conv(geometry) = &node.op else { return None };
         let s = &node.schedule;
@@ -116,7 +116,8 @@ impl RowConvSpec {
     fn valid(&self) -> bool {
         let s = self;
         let sizes = [s.channels, s.maps, s.in_h, s.in_w, s.out_h, s.out_w, s.k_h, s.k_w, s.stride_h, s.dilation_h, s.dilation_w];
-        if sizes.contains(&0) || s.channels > MAX_CHANNELS {
+        // 1x1 kernels (plain matrix products) stay on the f32x4 kernel: not measured here.
+        if sizes.contains(&0) || s.channels > MAX_CHANNELS || s.k_h * s.k_w == 1 {
             return false;
         }
         let inside = (s.out_h - 1) * s.stride_h + (s.k_h - 1) * s.dilation_h < s.in_h

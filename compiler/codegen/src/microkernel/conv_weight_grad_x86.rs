@@ -115,6 +115,11 @@ impl WeightGradSpec {
             dilation_h: geometry.dilations[0],
             dilation_w: geometry.dilations[1],
         };
+        // `kernels::conv_weight_grad`'s pointwise path takes these first.
+        let pointwise = spec.k_h * spec.k_w == 1 && spec.stride_h == 1 && spec.stride_w == 1 && x[2..] == dy[2..];
+        if pointwise && spec.channels * spec.maps > 1 {
+            return None;
+        }
         spec.valid().then_some(spec)
     }
 
