@@ -23,7 +23,7 @@ use super::compute::{
     scalar_flags, store, vector_flags,
 };
 use super::movement::emit_fill;
-use super::compute::{f32_input_gradient_operands, misrouted};
+use super::compute::{f32_input_gradient_operands, misrouted, shuffle_f32x4};
 use pointwise_weight_grad::PointwisePlan;
 
 // A sibling file, declared here: it is this kernel's pointwise path.
@@ -145,7 +145,7 @@ pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
 
 /// Ungrouped unpadded 2-D weight gradients on AVX2+FMA (`microkernel::conv_weight_grad_x86`):
 /// per image, dy is transposed channels-last into a stack buffer (maps padded to whole
-/// vectors, the pad lanes zeroed once), then the machine code adds the image's products
+/// vectors, the pad lanes zero), then the machine code adds the image's products
 /// into running sums dwᵀ [taps, padded maps] on the stack, written out as dw at the end.
 #[allow(clippy::too_many_arguments)]
 fn emit_machine_code(b: &mut FunctionBuilder, spec: &WeightGradSpec, code: FuncRef, batch: usize, x: Value, dy: Value, dw: Value) {
@@ -168,22 +168,39 @@ fn emit_machine_code(b: &mut FunctionBuilder, spec: &WeightGradSpec, code: FuncR
     counted_loop(b, batch, vec![], |b, n, _| {
         let x_n = index_ptr(b, x, n, x_image);
         let dy_n = index_ptr(b, dy, n, bytes(maps * positions));
-        counted_loop(b, maps, vec![dy_n, dy_t], |b, _, plane| {
-            let (at, rest) = tiled_loop(b, positions, LANES, plane.to_vec(), |b, _, c| {
-                let v = load(b, F32X4, vector_flags(), c[0], 0);
-                for lane in 0..LANES {
-                    let e = b.ins().extractlane(v, lane as u8);
-                    store(b, scalar_flags(), e, c[1], bytes(lane * padded));
+        // Groups of 4 maps by 4x4 register transposes (maps past the last read as zeros,
+        // into pad lanes); positions past the last multiple of 4 one at a time.
+        for first in (0..maps).step_by(LANES) {
+            let count = (maps - first).min(LANES);
+            let src = offset_ptr(b, dy_n, bytes(first * positions));
+            let dst = offset_ptr(b, dy_t, bytes(first));
+            let (at, rest) = tiled_loop(b, positions, LANES, vec![src, dst], |b, _, c| {
+                let rows: Vec<Value> = (0..LANES)
+                    .map(|i| if i < count { load(b, F32X4, vector_flags(), c[0], bytes(i * positions)) } else { zeros })
+                    .collect();
+                let low01 = shuffle_f32x4(b, rows[0], rows[1], [0, 4, 1, 5]);
+                let high01 = shuffle_f32x4(b, rows[0], rows[1], [2, 6, 3, 7]);
+                let low23 = shuffle_f32x4(b, rows[2], rows[3], [0, 4, 1, 5]);
+                let high23 = shuffle_f32x4(b, rows[2], rows[3], [2, 6, 3, 7]);
+                let columns = [
+                    shuffle_f32x4(b, low01, low23, [0, 1, 4, 5]),
+                    shuffle_f32x4(b, low01, low23, [2, 3, 6, 7]),
+                    shuffle_f32x4(b, high01, high23, [0, 1, 4, 5]),
+                    shuffle_f32x4(b, high01, high23, [2, 3, 6, 7]),
+                ];
+                for (j, column) in columns.into_iter().enumerate() {
+                    store(b, vector_flags(), column, c[1], bytes(j * padded));
                 }
                 vec![b.ins().iadd_imm_s(c[0], bytes(LANES)), b.ins().iadd_imm_s(c[1], bytes(LANES * padded))]
             });
             counted_loop(b, rest, at, |b, _, c| {
-                let e = load(b, F32, scalar_flags(), c[0], 0);
-                store(b, scalar_flags(), e, c[1], 0);
+                for i in 0..count {
+                    let e = load(b, F32, scalar_flags(), c[0], bytes(i * positions));
+                    store(b, scalar_flags(), e, c[1], bytes(i));
+                }
                 vec![b.ins().iadd_imm_s(c[0], F32_BYTES), b.ins().iadd_imm_s(c[1], bytes(padded))]
             });
-            vec![b.ins().iadd_imm_s(plane[0], bytes(positions)), b.ins().iadd_imm_s(plane[1], F32_BYTES)]
-        });
+        }
         b.ins().call(code, &[x_n, dy_t, dw_t]);
         vec![]
     });
