@@ -206,6 +206,9 @@ pub fn is_pointwise(g: &Graph, node: &Node) -> bool {
 pub enum BlockedConvPlan {
     Pointwise(PointwisePlan),
     Direct(super::conv_direct_blocked::DirectPlan),
+    /// A blocked max pool (`pool_blocked::define_max_pool`): a machine-code kernel
+    /// without weights, defined through the same module hook as the convolutions.
+    MaxPool(super::pool_blocked::MaxPoolPlan),
 }
 
 /// [`supports_node`] on a target that runs the machine code.
@@ -216,6 +219,9 @@ pub fn supports(g: &Graph, node: &Node, target: &TargetSpec) -> bool {
 /// The plan when `node` is a convolution with a blocked schedule that is not depthwise
 /// (None: someone else's node); an error when it is one this kernel cannot run.
 pub fn plan(g: &Graph, node: &Node, target: &TargetSpec) -> Result<Option<BlockedConvPlan>, CodegenError> {
+    if let Op::Pool(_) = node.op {
+        return Ok(super::pool_blocked::max_pool_plan(g, node, target).map(BlockedConvPlan::MaxPool));
+    }
     let Op::Conv(geometry) = &node.op else { return Ok(None) };
     let s = &node.schedule;
     if s.layout_in == Layout::Plain && s.layout_out == Layout::Plain {
@@ -341,7 +347,7 @@ fn machine_code_signature() -> Signature {
 
 /// Whether `node`'s weights are read only through this kernel's packed copy.
 pub fn packs_weights(g: &Graph, node: &Node, target: &TargetSpec) -> bool {
-    matches!(plan(g, node, target), Ok(Some(_)))
+    matches!(plan(g, node, target), Ok(Some(BlockedConvPlan::Pointwise(_) | BlockedConvPlan::Direct(_))))
 }
 
 /// Defines the node's machine code (one function per panel width), packed weights,
@@ -365,6 +371,7 @@ pub fn define_node<M: Module>(
         BlockedConvPlan::Direct(plan) => {
             super::conv_direct_blocked::define_node(module, g, node, node_index, plan, float_env, kernel_sig, ctx, fb_ctx)
         }
+        BlockedConvPlan::MaxPool(plan) => super::pool_blocked::define_max_pool(module, node, node_index, plan, kernel_sig, ctx, fb_ctx),
     }
 }
 

@@ -15,7 +15,9 @@
 //! all-padding window is -inf; Avg divides by the divisor of `PoolKind::Avg` (NaN
 //! when it is 0), as the interpreter does.
 //!
-//! Portable Cranelift code (f32x4 pairs): no target requirement.
+//! Portable Cranelift code (f32x4 pairs): no target requirement. On x86-64 with AVX2 a
+//! max pool without an epilogue runs machine code instead ([`define_max_pool`], reached
+//! through `conv_blocked::plan`): the same segments, one ymm per tap.
 
 use cnnc_ir::{DType, EpilogueStep, Graph, Layout, Node, Op, PoolAttrs, PoolKind, ReduceKind};
 use cranelift_codegen::ir::types::F32X4;
@@ -304,4 +306,197 @@ fn window_value(
             b.ins().fdiv(sum, d)
         }
     }
+}
+
+/// Max pooling on x86-64 with AVX2: the same segments as [`emit_pool`], each run of
+/// output positions a machine-code function over whole 8-channel blocks (one ymm per
+/// tap, not two f32x4 halves: half the instructions of the portable code, which
+/// SqueezeNet's 55x55 and 27x27 pools spent their time executing).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MaxPoolPlan {
+    planes: usize,
+    rows: AxisWindow,
+    cols: AxisWindow,
+}
+
+/// The machine-code plan when `node` is a blocked max pool without an epilogue on a
+/// target with AVX2 (others run [`emit_pool`]).
+pub fn max_pool_plan(g: &Graph, node: &Node, target: &crate::target::TargetSpec) -> Option<MaxPoolPlan> {
+    let blocked = Layout::Blocked { block: BLOCK as u32 };
+    if node.schedule.layout_in != blocked || node.schedule.layout_out != blocked || !node.epilogue.is_empty() {
+        return None;
+    }
+    if !super::conv_blocked::runs_on(target) || node.inputs.len() != 1 {
+        return None;
+    }
+    let (attrs, planes, rows, cols) = pool_geometry(g, node).ok()?;
+    if attrs.kind != PoolKind::Max {
+        return None;
+    }
+    // 32-bit displacements for every tap.
+    let in_row = cols.input * BLOCK * 4;
+    let reach = (rows.kernel * rows.dilation + 1) * in_row + (cols.kernel * cols.dilation + 1) * BLOCK * 4;
+    (reach < i32::MAX as usize / 2).then_some(MaxPoolPlan { planes, rows, cols })
+}
+
+mod max_x86 {
+    use iced_x86::code_asm::*;
+
+    use crate::kernels::CodegenError;
+
+    fn asm_error(e: IcedError) -> CodegenError {
+        CodegenError(format!("assembling the blocked max pool: {e}"))
+    }
+
+    /// `run(x, y, count)`, SystemV: for `count` >= 1 output positions, 8 channels each
+    /// at `y + 32·i`, the maximum of the taps at `x + x_step·i + taps[t]` (NaN when any
+    /// tap is NaN; -inf without taps). Touches rdi, rsi, rdx, rax, ymm0-ymm4, ymm15;
+    /// ends with `vzeroupper`.
+    pub fn assemble(taps: &[i32], x_step: i32) -> Result<Vec<u8>, CodegenError> {
+        let mut asm = CodeAssembler::new(64).map_err(asm_error)?;
+        emit(&mut asm, taps, x_step).map_err(asm_error)?;
+        let result = asm.assemble_options(0, iced_x86::BlockEncoderOptions::NONE).map_err(asm_error)?;
+        Ok(result.inner.code_buffer)
+    }
+
+    fn emit(asm: &mut CodeAssembler, taps: &[i32], x_step: i32) -> Result<(), IcedError> {
+        let (x, y, count) = (rdi, rsi, rdx);
+        let (max, unordered, nan) = (ymm0, ymm1, ymm15);
+        let fill = if taps.is_empty() { f32::NEG_INFINITY } else { f32::NAN };
+        asm.mov(eax, fill.to_bits())?;
+        asm.vmovd(xmm15, eax)?;
+        asm.vbroadcastss(nan, xmm15)?;
+        let mut lp = asm.create_label();
+        asm.set_label(&mut lp)?;
+        match taps {
+            [] => asm.vmovaps(max, nan)?,
+            [only] => {
+                asm.vmovups(max, ymmword_ptr(x + *only))?;
+            }
+            [first, second, rest @ ..] => {
+                asm.vmovups(max, ymmword_ptr(x + *first))?;
+                asm.vmovups(ymm2, ymmword_ptr(x + *second))?;
+                asm.vcmpunordps(unordered, max, ymm2)?;
+                asm.vmaxps(max, ymm2, max)?;
+                for pair in rest.chunks(2) {
+                    asm.vmovups(ymm2, ymmword_ptr(x + pair[0]))?;
+                    match pair.get(1) {
+                        Some(&b) => {
+                            asm.vmovups(ymm3, ymmword_ptr(x + b))?;
+                            asm.vcmpunordps(ymm4, ymm2, ymm3)?;
+                            asm.vmaxps(max, ymm3, max)?;
+                        }
+                        None => asm.vcmpunordps(ymm4, ymm2, ymm2)?,
+                    }
+                    asm.vorps(unordered, unordered, ymm4)?;
+                    asm.vmaxps(max, ymm2, max)?;
+                }
+                // NaN where any tap was.
+                asm.vblendvps(max, max, nan, unordered)?;
+            }
+        }
+        asm.vmovups(ymmword_ptr(y), max)?;
+        asm.add(x, x_step)?;
+        asm.add(y, 32)?;
+        asm.dec(count)?;
+        asm.jnz(lp)?;
+        asm.vzeroupper()?;
+        asm.ret()
+    }
+}
+
+/// Defines the machine code (one function per pair of row and column segment kinds),
+/// the task and the kernel of a [`MaxPoolPlan`]; returns the kernel.
+#[allow(clippy::too_many_arguments)]
+pub fn define_max_pool<M: cranelift_module::Module>(
+    module: &mut M,
+    node: &Node,
+    node_index: usize,
+    plan: &MaxPoolPlan,
+    kernel_sig: &cranelift_codegen::ir::Signature,
+    ctx: &mut cranelift_codegen::Context,
+    fb_ctx: &mut cranelift_frontend::FunctionBuilderContext,
+) -> Result<cranelift_module::FuncId, CodegenError> {
+    use cranelift_codegen::ir::types::I64;
+    use cranelift_module::Linkage;
+    use std::collections::BTreeMap;
+
+    let what = format!("blocked max pool '{}'", node.name);
+    let (rows, cols) = (plan.rows, plan.cols);
+    let vector = BLOCK * 4;
+    let in_row = (cols.input * vector) as i64;
+    let out_row = (cols.output * vector) as i64;
+    let in_plane = rows.input as i64 * in_row;
+    let out_plane = rows.output as i64 * out_row;
+    let (row_segments, col_segments) = (rows.segments(), cols.segments());
+    let signature = crate::microkernel::registry::sysv_i64_signature(3);
+    // One function per (row taps, column taps).
+    let mut codes: BTreeMap<(usize, usize, usize, usize), cranelift_module::FuncId> = BTreeMap::new();
+    for rs in &row_segments {
+        for cs in &col_segments {
+            let key = (rs.tap_begin, rs.tap_end, cs.tap_begin, cs.tap_end);
+            if codes.contains_key(&key) {
+                continue;
+            }
+            let mut taps = Vec::new();
+            for r in rs.tap_begin..rs.tap_end {
+                for c in cs.tap_begin..cs.tap_end {
+                    taps.push(((r * rows.dilation) as i64 * in_row + (c * cols.dilation * vector) as i64) as i32);
+                }
+            }
+            let code = max_x86::assemble(&taps, (cols.stride * vector) as i32)?;
+            let name = format!("cnnc_k{node_index}_maxpool8_{}", codes.len());
+            let id = module
+                .declare_function(&name, Linkage::Local, &signature)
+                .map_err(|e| CodegenError(format!("declaring {name}: {e}")))?;
+            module
+                .define_function_bytes(id, crate::microkernel::x86::CODE_ALIGN, &code, &[])
+                .map_err(|e| CodegenError(format!("defining {name}: {e}")))?;
+            codes.insert(key, id);
+        }
+    }
+    let output_slot = node.inputs.len();
+    let units = plan.planes;
+    // A plane's pool is ~10-100 µs: worth a task each.
+    let max_tasks = units.max(1);
+    let task_name = format!("cnnc_k{node_index}_maxpool8_task");
+    let task_sig = super::parallel::task_signature(module);
+    let task = crate::module::define_local(module, &task_name, &task_sig, ctx, fb_ctx, &format!("task of {what}"), |b, module, params| {
+        let (task_ctx, index) = (params[0], params[1]);
+        let flags = MemFlagsData::trusted().with_readonly().with_can_move();
+        let super::parallel::TaskShare { bufs, first, end } = super::parallel::emit_task_share(b, task_ctx, index, units);
+        let x = b.ins().load(I64, flags, bufs, 0);
+        let y = b.ins().load(I64, flags, bufs, (8 * output_slot) as i32);
+        let refs: BTreeMap<(usize, usize, usize, usize), cranelift_codegen::ir::FuncRef> =
+            codes.iter().map(|(key, &id)| (*key, module.declare_func_in_func(id, b.func))).collect();
+        let sig = b.import_signature(signature.clone());
+        super::gemm::for_range(b, first, end, |b, plane| {
+            let plane_in = super::gemm::scaled(b, x, plane, in_plane);
+            let plane_out = super::gemm::scaled(b, y, plane, out_plane);
+            for rs in &row_segments {
+                crate::loops::for_count(b, rs.count, |b, r| {
+                    let oy = b.ins().iadd_imm_s(r, rs.start as i64);
+                    // Window origins may lie in the padding (never read there).
+                    let x_row = super::gemm::scaled(b, plane_in, oy, rows.stride as i64 * in_row);
+                    let x_row = b.ins().iadd_imm_s(x_row, -(rows.pad_begin as i64) * in_row);
+                    let y_row = super::gemm::scaled(b, plane_out, oy, out_row);
+                    for cs in &col_segments {
+                        let code = refs[&(rs.tap_begin, rs.tap_end, cs.tap_begin, cs.tap_end)];
+                        let x_at = b.ins().iadd_imm_s(x_row, cols.origin(cs.start) * vector as i64);
+                        let y_at = b.ins().iadd_imm_s(y_row, (cs.start * vector) as i64);
+                        let count = b.ins().iconst(I64, cs.count as i64);
+                        let code = b.ins().func_addr(I64, code);
+                        b.ins().call_indirect(sig, code, &[x_at, y_at, count]);
+                    }
+                });
+            }
+        });
+        Ok(())
+    })?;
+    let name = format!("cnnc_k{node_index}_maxpool8");
+    crate::module::define_local(module, &name, kernel_sig, ctx, fb_ctx, &format!("kernel of {what}"), |b, module, params| {
+        let (host, bufs) = (params[0], params[1]);
+        super::parallel::emit_dispatch_up_to(module, b, host, bufs, task, max_tasks);
+        Ok(())
+    })
 }
