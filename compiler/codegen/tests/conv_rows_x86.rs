@@ -2,14 +2,14 @@
 //! through a whole-graph JIT where the module defines the AVX2+FMA row function of
 //! `microkernel::conv_rows_x86` (when the host has it), against the interpreter: random
 //! batches, channels, maps (map blocks of one- and two-vector tiles), row widths (masked
-//! tails), kernels, row strides, dilations, with and without bias; through a `.so` with 1
+//! tails), kernels, row strides, dilations, with and without bias and a ReLU epilogue; through a `.so` with 1
 //! and 2 threads; and LeNet's two layers.
 
 mod common;
 
 use cnnc_codegen::microkernel::conv_rows_x86::RowConvSpec;
 use cnnc_codegen::{JitModel, TargetSpec};
-use cnnc_ir::{ConvGeometry, DType, Graph, Op, Tensor, TensorType, interp};
+use cnnc_ir::{ConvGeometry, DType, EpilogueStep, Graph, Op, Tensor, TensorType, UnaryFn, interp};
 use common::{Rng, cases, check_close, random_tensor};
 use proptest::prelude::*;
 
@@ -23,6 +23,8 @@ struct Problem {
     stride_h: usize,
     dilations: [usize; 2],
     bias: bool,
+    /// A ReLU epilogue, applied by the machine code in registers.
+    relu: bool,
     seed: u64,
 }
 
@@ -57,6 +59,9 @@ impl Problem {
         };
         let y = g.push_typed("y", Op::Conv(geometry), &operands, TensorType::f32(y_shape)).unwrap();
         g.nodes[0].schedule.kernel = "direct".to_string();
+        if self.relu {
+            g.nodes[0].epilogue = vec![EpilogueStep::Unary(UnaryFn::Relu)];
+        }
         g.outputs.push(y);
         (g, inputs)
     }
@@ -64,15 +69,15 @@ impl Problem {
 
 fn problem() -> impl Strategy<Value = Problem> {
     (
-        (1usize..4, 1usize..9, 1usize..34, any::<bool>()),
+        (1usize..4, 1usize..9, 1usize..34, any::<bool>(), any::<bool>()),
         ([1usize..6, 1usize..6], 1usize..4, [1usize..3, 1usize..3]),
         ([0usize..12, 0usize..40], any::<u64>()),
     )
-        .prop_map(|((batch, channels, maps, bias), (kernel, stride_h, dilations), (extra, seed))| {
+        .prop_map(|((batch, channels, maps, bias, relu), (kernel, stride_h, dilations), (extra, seed))| {
             // 1x1 kernels are left to the f32x4 kernel.
             let kernel = if kernel == [1, 1] { [1, 2] } else { kernel };
             let input = [0, 1].map(|a| (kernel[a] - 1) * dilations[a] + 1 + extra[a]);
-            Problem { batch, channels, maps, input, kernel, stride_h, dilations, bias, seed }
+            Problem { batch, channels, maps, input, kernel, stride_h, dilations, bias, relu, seed }
         })
 }
 
@@ -115,11 +120,12 @@ proptest! {
 }
 
 /// LeNet-5's c1 (1 -> 6, 28 columns: a 16-column tile and a 12-column one with a masked
-/// tail) and c2 (6 -> 16, 10 columns: maps in blocks of 6, 5, 5), with bias.
+/// tail) and c2 (6 -> 16, 10 columns: maps in blocks of 6, 5, 5), with bias, with and
+/// without ReLU.
 #[test]
 fn lenet_layers() {
-    let c1 = Problem { batch: 2, channels: 1, maps: 6, input: [32, 32], kernel: [5, 5], stride_h: 1, dilations: [1, 1], bias: true, seed: 3 };
-    let c2 = Problem { batch: 2, channels: 6, maps: 16, input: [14, 14], kernel: [5, 5], stride_h: 1, dilations: [1, 1], bias: true, seed: 4 };
+    let c1 = Problem { batch: 2, channels: 1, maps: 6, input: [32, 32], kernel: [5, 5], stride_h: 1, dilations: [1, 1], bias: true, relu: true, seed: 3 };
+    let c2 = Problem { batch: 2, channels: 6, maps: 16, input: [14, 14], kernel: [5, 5], stride_h: 1, dilations: [1, 1], bias: true, relu: false, seed: 4 };
     for p in [c1, c2] {
         check_host(&p).unwrap();
     }

@@ -133,7 +133,7 @@ fn applies_own_epilogue(g: &Graph, node: &Node) -> bool {
     match node.op {
         Op::Unary(_) | Op::Binary(_) => true,
         Op::Concat { .. } => movement::concat_applies_epilogue(g, node),
-        Op::Conv(_) => depthwise::handles(g, node),
+        Op::Conv(_) => depthwise::handles(g, node) || crate::microkernel::conv_rows_x86::applies_epilogue(g, node),
         _ => false,
     }
 }

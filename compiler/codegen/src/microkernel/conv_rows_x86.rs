@@ -16,7 +16,8 @@
 //! - `w`: the weights `[maps, channels, k_h, k_w]`;
 //! - `y`: the image's output `[maps, out_h, out_w]`, every element written once;
 //! - `bias`: `maps` floats when the spec has a bias, else ignored;
-//! - `y[m][oy][ox] = bias[m] + Σ_c Σ_ky Σ_kx x[c][oy·s_h + ky·d_h][ox + kx·d_w]·w[m][c][ky][kx]`
+//! - `y[m][oy][ox] = bias[m] + Σ_c Σ_ky Σ_kx x[c][oy·s_h + ky·d_h][ox + kx·d_w]·w[m][c][ky][kx]`,
+//!   then max(·, 0) when the spec has `relu`
 //!   (column stride 1, no padding: every tap reads inside x; the last vector of a row
 //!   loads and stores only its real lanes, so nothing past x or y is touched);
 //! - any alignment; touches rax, rcx, rdx, rsi, rdi, r8-r11 and ymm0-ymm15, never the
@@ -24,7 +25,7 @@
 
 use std::cell::RefCell;
 
-use cnnc_ir::{DType, Graph, Layout, Node, Op};
+use cnnc_ir::{DType, EpilogueStep, Graph, Layout, Node, Op, UnaryFn};
 use cranelift_codegen::ir::{FuncRef, Function, Signature};
 use cranelift_module::Module;
 use iced_x86::code_asm::*;
@@ -56,6 +57,9 @@ pub struct RowConvSpec {
     pub dilation_h: usize,
     pub dilation_w: usize,
     pub bias: bool,
+    /// The node's epilogue is exactly ReLU, applied in registers before the store
+    /// (any other epilogue runs as the in-place pass after the kernel).
+    pub relu: bool,
 }
 
 /// Output columns `[first, first + 8·vectors)`, the last vector holding `tail` real lanes.
@@ -109,6 +113,7 @@ impl RowConvSpec {
             dilation_h: geometry.dilations[0],
             dilation_w: geometry.dilations[1],
             bias: op_inputs == 3,
+            relu: node.epilogue == [EpilogueStep::Unary(UnaryFn::Relu)],
         };
         spec.valid().then_some(spec)
     }
@@ -166,7 +171,7 @@ impl RowConvSpec {
     pub fn symbol(&self) -> String {
         let s = self;
         format!(
-            "cnnc_conv_rows_avx2_c{}_m{}_{}x{}_to_{}x{}_k{}x{}_s{}_d{}x{}{}",
+            "cnnc_conv_rows_avx2_c{}_m{}_{}x{}_to_{}x{}_k{}x{}_s{}_d{}x{}{}{}",
             s.channels,
             s.maps,
             s.in_h,
@@ -178,9 +183,16 @@ impl RowConvSpec {
             s.stride_h,
             s.dilation_h,
             s.dilation_w,
-            if s.bias { "_bias" } else { "" }
+            if s.bias { "_bias" } else { "" },
+            if s.relu { "_relu" } else { "" }
         )
     }
+}
+
+/// Whether `node` runs on a row function defined for this thread's graph that applies the
+/// node's whole epilogue (ReLU) itself (`kernels::applies_own_epilogue`).
+pub fn applies_epilogue(g: &Graph, node: &Node) -> bool {
+    RowConvSpec::of_node(g, node).is_some_and(|spec| spec.relu && lookup(&REGISTRY, &spec.symbol()).is_some())
 }
 
 /// `(x, w, y, bias)`, all i64, SystemV.
@@ -336,6 +348,14 @@ fn emit_tile_rows(
     asm.dec(C_LEFT)?;
     asm.jnz(channel_loop)?;
 
+    if s.relu {
+        asm.vxorps(broadcast, broadcast, broadcast)?;
+        for m in 0..maps {
+            for v in 0..vectors {
+                asm.vmaxps(acc(m, v), acc(m, v), broadcast)?;
+            }
+        }
+    }
     asm.imul_3(SCRATCH, OY, (s.out_w * 4) as i32)?;
     asm.add(SCRATCH, Y)?;
     for m in 0..maps {
@@ -371,6 +391,7 @@ mod tests {
             dilation_h: 1,
             dilation_w: 1,
             bias: true,
+            relu: true,
         }
     }
 
