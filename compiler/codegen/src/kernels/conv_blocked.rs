@@ -80,6 +80,12 @@ struct Slice {
 /// L1 (a whole 512 x 16 panel, 32 KB, was evicted by the input it met: SqueezeNet's
 /// 512 -> 1000 classifier ran at ~85% of the FMA peak).
 const SLICE_WEIGHT_BYTES: usize = 16 << 10;
+/// Inputs from this size on are prefetched ahead of the tiles (beyond a 1 MB L2 with
+/// the output and weights beside them).
+const PREFETCH_INPUT_BYTES: usize = 512 << 10;
+/// Tiles the prefetches run ahead (measured on SqueezeNet's squeezes: 1 no gain, 2
+/// ~10% fewer samples, 4 ~5%).
+const PREFETCH_TILES: usize = 2;
 
 impl PointwisePlan {
     /// Tiles per row: balanced sizes of at most MAX_ROWS (169 positions: 24 x 6 and
@@ -102,6 +108,16 @@ impl PointwisePlan {
     /// EfficientNet's late 1x1 convolutions: 49 positions, up to 1152 x 192 weights).
     fn panels_outer(&self) -> bool {
         self.out_channels > self.out_positions
+    }
+    /// The input bytes the prefetches run ahead of a tile of `rows` positions: two
+    /// tiles, when the tiles are the outer loop and the input outgrows L2 (SqueezeNet's
+    /// 55x55 squeezes: 8-16 planes of 97 KB, each a stream).
+    fn prefetch_ahead(&self, rows: usize) -> i32 {
+        let input_bytes = self.in_channels * self.in_positions * 4;
+        if self.panels_outer() || input_bytes < PREFETCH_INPUT_BYTES {
+            return 0;
+        }
+        (PREFETCH_TILES * rows * self.in_position_step) as i32
     }
     fn k_blocks(&self) -> usize {
         self.in_channels / BLOCK
@@ -142,6 +158,7 @@ impl PointwisePlan {
             steps: self.steps.clone(),
             accumulate: slice.accumulate,
             finish: slice.finish,
+            prefetch_ahead: self.prefetch_ahead(rows),
         }
     }
 

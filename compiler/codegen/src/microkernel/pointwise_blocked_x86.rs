@@ -55,6 +55,9 @@ pub struct PointwiseSpec {
     /// The bias and steps apply (the reduction's last slice); otherwise the partial sums
     /// are stored as they are.
     pub finish: bool,
+    /// Bytes past each input block's tile rows to prefetch (0: none): the tiles that
+    /// follow, when they stream from beyond L2 (one stream per input block).
+    pub prefetch_ahead: i32,
 }
 
 /// The distinct Max/Min constants of `steps` (f32 bits, in order of first use).
@@ -92,6 +95,7 @@ impl PointwiseSpec {
             steps: steps.to_vec(),
             accumulate: false,
             finish: true,
+            prefetch_ahead: 0,
         };
         steps.iter().all(|s| matches!(s, StoreStep::Max(_) | StoreStep::Min(_) | StoreStep::AddResidual))
             && steps.iter().filter(|s| **s == StoreStep::AddResidual).count() <= 1
@@ -167,6 +171,12 @@ fn emit(asm: &mut CodeAssembler, s: &PointwiseSpec) -> Result<(), IcedError> {
             for v in 0..blocks {
                 asm.vfmadd231ps(acc(i, v), scratch(i), b_vec(v))?;
             }
+        }
+    }
+    if s.prefetch_ahead > 0 {
+        let span = (rows - 1) as i32 * s.a_row_bytes + 32;
+        for line in (0..span).step_by(64) {
+            asm.prefetcht0(byte_ptr(A + (s.prefetch_ahead + line)))?;
         }
     }
     asm.add(A, s.a_block_bytes)?;
