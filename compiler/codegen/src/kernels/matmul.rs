@@ -79,6 +79,8 @@ pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
         m,
         n,
         k: kk,
+        lda: kk,
+        accumulate: false,
         elem,
         b_scalar: input_flags(k, 1, scalar_flags()),
         b_vector: input_flags(k, 1, vector_flags()),
@@ -161,12 +163,27 @@ fn emit_batches(
     });
 }
 
+/// Bytes of B one block of the reduction reads (f32): it stays in L1/L2 while every
+/// row block of A passes over it.
+const B_BLOCK_BYTES: usize = 64 * 1024;
+
+/// B sizes above which the reduction is cut into blocks when A has more than one row
+/// block: unblocked, every row block streams all of B from memory again. Training's
+/// weight gradients over stacked taps (resnet_tiny's stem: 27 x 65536 x 16, B 4 MiB)
+/// read B seven times.
+const BLOCKED_B_MIN_BYTES: usize = 256 * 1024;
+
 /// One row-major GEMM of compile-time size.
 #[derive(Clone, Copy)]
 struct Gemm {
     m: usize,
     n: usize,
+    /// Reduction depth of this product.
     k: usize,
+    /// Elements per row of A (the whole reduction when `k` is one block of it).
+    lda: usize,
+    /// Adds to C instead of overwriting it.
+    accumulate: bool,
     elem: Type,
     /// Load flags for B (movable when immutable during the call).
     b_scalar: MemFlagsData,
@@ -216,18 +233,42 @@ impl Gemm {
         vec![Cols::Vectors(vectors), Cols::Vectors(1), Cols::Scalars(1)]
     }
 
+    /// The reduction in blocks of `B_BLOCK_BYTES` of B (f32, B over `BLOCKED_B_MIN_BYTES`,
+    /// several row blocks), each block over every row block of A, C accumulated.
     fn emit(&self, b: &mut FunctionBuilder, a: Value, w: Value, c: Value) {
+        let b_bytes = self.k * self.n * self.elem.bytes() as usize;
+        if self.elem != F32 || self.accumulate || b_bytes <= BLOCKED_B_MIN_BYTES || self.m <= self.rows() {
+            self.emit_block(b, a, w, c);
+            return;
+        }
+        let kc = (B_BLOCK_BYTES / (self.n * 4)).max(LANES) / LANES * LANES;
+        let size = self.size();
+        let mut k0 = 0;
+        while k0 < self.k {
+            let block = Gemm {
+                k: kc.min(self.k - k0),
+                accumulate: k0 > 0,
+                ..*self
+            };
+            let a_block = offset_ptr(b, a, k0 as i64 * size);
+            let b_block = offset_ptr(b, w, (k0 * self.n) as i64 * size);
+            block.emit_block(b, a_block, b_block, c);
+            k0 += block.k;
+        }
+    }
+
+    fn emit_block(&self, b: &mut FunctionBuilder, a: Value, w: Value, c: Value) {
         let size = self.size();
         let rows = self.rows();
         let (_, rest) = tiled_loop(b, self.m, rows, vec![], |b, i, _| {
-            let a_rows = index_ptr(b, a, i, rows as i64 * self.k as i64 * size);
+            let a_rows = index_ptr(b, a, i, rows as i64 * self.lda as i64 * size);
             let c_rows = index_ptr(b, c, i, rows as i64 * self.n as i64 * size);
             self.emit_row_block(b, rows, a_rows, w, c_rows);
             vec![]
         });
         if rest > 0 {
             let first = (self.m - rest) as i64;
-            let a_rows = offset_ptr(b, a, first * self.k as i64 * size);
+            let a_rows = offset_ptr(b, a, first * self.lda as i64 * size);
             let c_rows = offset_ptr(b, c, first * self.n as i64 * size);
             self.emit_row_block(b, rest, a_rows, w, c_rows);
         }
@@ -276,10 +317,29 @@ impl Gemm {
             Cols::Scalars(_) if self.elem == F32 => b.ins().f32const(0.0),
             Cols::Scalars(_) => b.ins().iconst(self.elem, 0),
         };
-        let mut carried = vec![a, w];
-        carried.extend(std::iter::repeat_n(zero, rows * per_row));
-        let a_row = self.k as i64 * size;
+        let a_row = self.lda as i64 * size;
         let b_row = self.n as i64 * size;
+        let c_offset = |r: usize, j: usize| {
+            r as i64 * b_row
+                + match cols {
+                    Cols::Vectors(_) => (j * LANES) as i64 * size,
+                    Cols::Scalars(_) => j as i64 * size,
+                }
+        };
+        let (c_type, c_flags) = match cols {
+            Cols::Vectors(_) => (F32X4, vector_flags()),
+            Cols::Scalars(_) => (self.elem, scalar_flags()),
+        };
+        let mut carried = vec![a, w];
+        for r in 0..rows {
+            for j in 0..per_row {
+                carried.push(if self.accumulate {
+                    load(b, c_type, c_flags, c, c_offset(r, j))
+                } else {
+                    zero
+                });
+            }
+        }
         let done = counted_loop(b, self.k, carried, |b, _, p| {
             let (ak, bk) = (p[0], p[1]);
             let mut accs = p[2..].to_vec();
@@ -307,17 +367,7 @@ impl Gemm {
         });
         for r in 0..rows {
             for j in 0..per_row {
-                let offset = r as i64 * b_row
-                    + match cols {
-                        Cols::Vectors(_) => (j * LANES) as i64 * size,
-                        Cols::Scalars(_) => j as i64 * size,
-                    };
-                let flags = if matches!(cols, Cols::Vectors(_)) {
-                    vector_flags()
-                } else {
-                    scalar_flags()
-                };
-                store(b, flags, done[2 + r * per_row + j], c, offset);
+                store(b, c_flags, done[2 + r * per_row + j], c, c_offset(r, j));
             }
         }
     }
