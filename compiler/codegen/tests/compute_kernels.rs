@@ -739,6 +739,10 @@ fn reduce_common_shapes() {
         check_reduce(&[4, 0, 5], &[1], kind, DType::F32, 6);
         check_reduce(&[4, 0, 5], &[1], kind, DType::I64, 6);
         check_reduce(&[1, 1, 1], &[0, 2], kind, DType::I32, 7);
+        // Runs of 8192+ elements read as four quarters side by side, with a tail.
+        check_reduce(&[2, 3, 91, 91], &[0, 2, 3], kind, DType::F32, 8);
+        check_reduce(&[2, 8192 + 16 * 5 + 7], &[1], kind, DType::F32, 9);
+        check_reduce(&[2, 3, 8192], &[2], kind, DType::I32, 10);
     }
 }
 

@@ -8,13 +8,6 @@
 //! contiguous, unaligned 4-wide load at column ox + ⌊(kx − p)/2⌋ of the even or odd half,
 //! and rows outside x are zero rows: per tap row and output row, one load of dy feeds
 //! `k_w` multiply-adds into per-tap accumulators, with no bounds tests.
-//!
-//! Also the 1x1 stride-1 depthwise weight gradient, dw[c] = Σ_n Σ_s x[n, c, s]·dy[n, c, s]
-//! (BatchNorm's per-channel sums of products in training, `ChannelDot`): one multiply-add
-//! per element, bound by how fast memory streams x and dy in; each plane is read as four
-//! quarters side by side, so four streams per operand are in flight where
-//! `conv_weight_grad.rs`'s row of four neighbouring vectors kept one (16x96x112x112: best
-//! of 6, 10.40 vs 11.67 ms, same run).
 
 use cnnc_ir::{DType, Graph, Layout, Node, Op, Scalar};
 use cranelift_codegen::ir::{
@@ -253,116 +246,12 @@ impl StridedDepthwiseWeightGrad {
     }
 }
 
-/// Streams (quarters of a plane) a channel dot product reads side by side.
-const STREAMS: usize = 4;
-
-/// A 1x1, stride-1, unpadded depthwise weight gradient: one dot product per channel over
-/// every image's plane.
-#[derive(Clone, Debug)]
-pub struct ChannelDot {
-    images: usize,
-    channels: usize,
-    plane: usize,
-}
-
-impl ChannelDot {
-    pub fn of_node(g: &Graph, node: &Node) -> Option<ChannelDot> {
-        let Op::ConvWeightGrad(geometry) = &node.op else { return None };
-        if node.inputs.len() != 2 || node.outputs.len() != 1 || !node.epilogue.is_empty() {
-            return None;
-        }
-        if node.schedule.layout_in != Layout::Plain || node.schedule.layout_out != Layout::Plain {
-            return None;
-        }
-        let (x, dy, dw) = (g.ty(node.inputs[0]), g.ty(node.inputs[1]), g.ty(node.outputs[0]));
-        if [x.dtype, dy.dtype, dw.dtype] != [DType::F32; 3] || x != dy || x.rank() < 3 || dw.rank() != x.rank() {
-            return None;
-        }
-        let channels = x.shape[1];
-        let one_by_one = dw.shape[0] == channels && dw.shape[1..].iter().all(|&d| d == 1);
-        let plain = geometry.groups == channels
-            && geometry.strides.iter().all(|&s| s == 1)
-            && geometry.dilations.iter().all(|&d| d == 1)
-            && geometry.pads_begin.iter().chain(&geometry.pads_end).all(|&p| p == 0);
-        let plane: usize = x.shape[2..].iter().product();
-        // Planes shorter than one vector per stream gain nothing from streaming.
-        if !one_by_one || !plain || x.numel() == 0 || plane < STREAMS * LANES {
-            return None;
-        }
-        Some(ChannelDot { images: x.shape[0], channels, plane })
-    }
-
-    pub fn emit(&self, k: &mut KernelCtx) -> Result<(), CodegenError> {
-        let (b, x, dy, dw) = (&mut *k.b, k.inputs[0], k.inputs[1], k.outputs[0]);
-        let plane_bytes = self.plane as i64 * F32_BYTES;
-        let image_bytes = self.channels as i64 * plane_bytes;
-        let steps = self.plane / (STREAMS * LANES);
-        let quarter = (steps * LANES) as i64 * F32_BYTES;
-        let tail_start = STREAMS as i64 * quarter;
-        let tail = self.plane - STREAMS * steps * LANES;
-        counted_loop(b, self.channels, vec![x, dy, dw], |b, _, c| {
-            let zero = splat_f32(b, 0.0);
-            let scalar_zero = b.ins().f32const(0.0);
-            // Carried: x and dy at the channel's plane of the image, STREAMS vector sums,
-            // one scalar sum.
-            let mut carried = vec![c[0], c[1]];
-            carried.extend(std::iter::repeat_n(zero, STREAMS));
-            carried.push(scalar_zero);
-            let sums = counted_loop(b, self.images, carried, |b, _, image| {
-                let mut cursors = vec![image[0], image[1]];
-                cursors.extend_from_slice(&image[2..2 + STREAMS]);
-                let streamed = counted_loop(b, steps, cursors, |b, _, v| {
-                    let mut next = vec![b.ins().iadd_imm_s(v[0], LANES as i64 * F32_BYTES), b.ins().iadd_imm_s(v[1], LANES as i64 * F32_BYTES)];
-                    for s in 0..STREAMS {
-                        let at = s as i64 * quarter;
-                        let a = load(b, F32X4, vector_flags(), v[0], at);
-                        let d = load(b, F32X4, vector_flags(), v[1], at);
-                        let product = b.ins().fmul(a, d);
-                        next.push(b.ins().fadd(v[2 + s], product));
-                    }
-                    next
-                });
-                // The plane's last elements (fewer than STREAMS vectors), after the quarters.
-                let mut scalar = image[2 + STREAMS];
-                for e in 0..tail {
-                    let at = tail_start + e as i64 * F32_BYTES;
-                    let a = load(b, F32, scalar_flags(), image[0], at);
-                    let d = load(b, F32, scalar_flags(), image[1], at);
-                    let product = b.ins().fmul(a, d);
-                    scalar = b.ins().fadd(scalar, product);
-                }
-                let mut next = vec![b.ins().iadd_imm_s(image[0], image_bytes), b.ins().iadd_imm_s(image[1], image_bytes)];
-                next.extend_from_slice(&streamed[2..]);
-                next.push(scalar);
-                next
-            });
-            let mut partial = sums[2..2 + STREAMS].to_vec();
-            while partial.len() > 1 {
-                let half = partial.len() / 2;
-                partial = (0..half).map(|i| b.ins().fadd(partial[i], partial[i + half])).collect();
-            }
-            let joined = partial[0];
-            let mut total = sums[2 + STREAMS];
-            for lane in 0..LANES {
-                let e = b.ins().extractlane(joined, lane as u8);
-                total = b.ins().fadd(total, e);
-            }
-            store(b, scalar_flags(), total, c[2], 0);
-            vec![b.ins().iadd_imm_s(c[0], plane_bytes), b.ins().iadd_imm_s(c[1], plane_bytes), b.ins().iadd_imm_s(c[2], F32_BYTES)]
-        });
-        Ok(())
-    }
-}
-
 /// Whether `depthwise_weight_grad` takes the node (else `conv_weight_grad`).
 pub fn handles(g: &Graph, node: &Node) -> bool {
-    StridedDepthwiseWeightGrad::of_node(g, node).is_some() || ChannelDot::of_node(g, node).is_some()
+    StridedDepthwiseWeightGrad::of_node(g, node).is_some()
 }
 
 pub fn emit(k: &mut KernelCtx) -> Result<(), CodegenError> {
-    if let Some(plan) = ChannelDot::of_node(k.graph, k.node) {
-        return plan.emit(k);
-    }
     match StridedDepthwiseWeightGrad::of_node(k.graph, k.node) {
         Some(plan) => plan.emit(k),
         None => Err(super::compute::misrouted(k, "depthwise_weight_grad")),

@@ -5,8 +5,8 @@
 //! [kept, reduced, kept]. When the innermost merged axis is kept, tiles of
 //! consecutive outputs are vectorised across it (f32x4) and the reduced axes loop
 //! around them; when it is reduced, each output accumulates the contiguous run in
-//! four (short runs: two) f32x4 accumulators, one per quarter of the run, and folds
-//! them at the end. i32/i64 run the same loops with
+//! four (short runs: two) f32x4 accumulators (runs of 8192+ elements: one per
+//! quarter of the run) and folds them at the end. i32/i64 run the same loops with
 //! scalar lanes. Semantics follow `ir/src/interp/reduce.rs`: Max/Min propagate NaN,
 //! an empty Mean is NaN (integers: 0), integer arithmetic wraps.
 //!
@@ -53,6 +53,13 @@ struct Axis {
 
 /// Vector accumulators of a long reduced innermost run.
 const WIDE_ACCUMULATORS: usize = 4;
+
+/// Reduced runs from this many elements are read as four quarters side by side, one per
+/// accumulator: one stream of loads from memory leaves it idle between the prefetcher's
+/// requests, four keep more in flight. Per-channel sums over 16xCxHxW, best of 5, same
+/// run: 112x112 planes 6.15 vs 8.19 ms (four neighbouring vectors); 56x56 2.53 vs 2.31,
+/// 28x28 and 16x16 no difference, so shorter runs keep neighbouring vectors.
+const MIN_STREAMED_RUN: usize = 8192;
 
 pub fn emit_reduce(k: &mut KernelCtx) -> Result<(), CodegenError> {
     let Op::Reduce { kind, axes } = &k.node.op else {
@@ -378,11 +385,9 @@ impl ReducePlan {
             .map(|_| self.identity(b, self.vector_type()))
             .collect();
         init.push(self.identity(b, self.elem));
-        // Four accumulators read four quarters of the run side by side: one stream of
-        // loads leaves memory idle between the prefetcher's requests, four keep more in
-        // flight (a per-channel sum over 16x96x112x112: best of 6, 5.45 vs 6.75 ms with four
-        // neighbouring vectors, same run).
-        let streams = if vectors == WIDE_ACCUMULATORS { inner.extent / (WIDE_ACCUMULATORS * lanes) } else { 0 };
+        // Runs of MIN_STREAMED_RUN+ elements: the four accumulators read four quarters of
+        // the run side by side (see the constant).
+        let streams = if vectors == WIDE_ACCUMULATORS && inner.extent >= MIN_STREAMED_RUN { inner.extent / (WIDE_ACCUMULATORS * lanes) } else { 0 };
         let accs = self.reduce_loops(b, outer, x, init, &mut |b, p, accs| {
             let mut cursors = vec![p];
             cursors.extend(accs);
