@@ -90,6 +90,10 @@ proptest! {
 
     #[test]
     fn weight_gradient_matches_the_interpreter(p in problem()) {
+        // 1x1 stride-1 gradients over more than one channel pair belong to
+        // `kernels::conv_weight_grad`'s pointwise path, not to this kernel.
+        let pointwise = p.kernel == [1, 1] && p.strides == [1, 1] && p.channels * p.maps > 1;
+        prop_assume!(!pointwise);
         prop_assert!(check_host(&p).is_ok(), "{:?}: {}", p, check_host(&p).unwrap_err());
     }
 }
