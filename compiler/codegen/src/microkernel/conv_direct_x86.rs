@@ -30,6 +30,7 @@ use iced_x86::code_asm::*;
 use super::pointwise_blocked_x86::{BlockedTileStore, emit_tile_store, step_constants};
 use super::store_epilogue::StoreStep;
 use crate::kernels::CodegenError;
+use super::x86::YMM;
 
 /// Channels per block (one ymm register of f32).
 pub const BLOCK: usize = 8;
@@ -73,10 +74,6 @@ pub fn takes_steps(steps: &[StoreStep]) -> bool {
         && steps.iter().filter(|s| **s == StoreStep::AddResidual).count() <= 1
         && step_constants(steps).len() <= MAX_CONSTANTS
 }
-
-const YMM: [AsmRegisterYmm; 16] = [
-    ymm0, ymm1, ymm2, ymm3, ymm4, ymm5, ymm6, ymm7, ymm8, ymm9, ymm10, ymm11, ymm12, ymm13, ymm14, ymm15,
-];
 
 const A: AsmRegister64 = rdi;
 const B: AsmRegister64 = rsi;

@@ -34,6 +34,7 @@ use super::activation::available;
 use super::registry::{FunctionTable, InstalledTable, import_local, lookup};
 use crate::kernels::CodegenError;
 use crate::target::TargetSpec;
+use super::x86::YMM;
 
 const LANES: usize = 8;
 const ACCUMULATORS: usize = 12;
@@ -215,10 +216,7 @@ impl RowConvFunctions {
     pub fn define_for_graph<M: Module>(module: &mut M, target: &TargetSpec, g: &Graph) -> Result<RowConvFunctions, CodegenError> {
         let mut table = FunctionTable::default();
         if available(target) {
-            for node in &g.nodes {
-                let Some(spec) = RowConvSpec::of_node(g, node) else { continue };
-                table.define(module, spec.symbol(), &signature(), || assemble(&spec))?;
-            }
+            table.define_for_nodes(module, g, &signature(), RowConvSpec::of_node, RowConvSpec::symbol, assemble)?;
         }
         Ok(RowConvFunctions { _installed: table.install(&REGISTRY) })
     }
@@ -234,10 +232,6 @@ pub fn import(func: &mut Function, spec: &RowConvSpec) -> Option<FuncRef> {
 fn asm_error(e: IcedError) -> CodegenError {
     CodegenError(format!("assembling the row convolution kernel: {e}"))
 }
-
-const YMM: [AsmRegisterYmm; 16] = [
-    ymm0, ymm1, ymm2, ymm3, ymm4, ymm5, ymm6, ymm7, ymm8, ymm9, ymm10, ymm11, ymm12, ymm13, ymm14, ymm15,
-];
 
 const X: AsmRegister64 = rdi;
 const W: AsmRegister64 = rsi;

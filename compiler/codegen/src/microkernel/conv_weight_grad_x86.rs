@@ -34,6 +34,7 @@ use super::activation::available;
 use super::registry::{FunctionTable, InstalledTable, import_local, lookup};
 use crate::kernels::CodegenError;
 use crate::target::TargetSpec;
+use super::x86::YMM;
 
 const LANES: usize = 8;
 const ACCUMULATORS: usize = 12;
@@ -231,10 +232,7 @@ impl WeightGradFunctions {
     pub fn define_for_graph<M: Module>(module: &mut M, target: &TargetSpec, g: &Graph) -> Result<WeightGradFunctions, CodegenError> {
         let mut table = FunctionTable::default();
         if available(target) {
-            for node in &g.nodes {
-                let Some(spec) = WeightGradSpec::of_node(g, node) else { continue };
-                table.define(module, spec.symbol(), &signature(), || assemble(&spec))?;
-            }
+            table.define_for_nodes(module, g, &signature(), WeightGradSpec::of_node, WeightGradSpec::symbol, assemble)?;
         }
         Ok(WeightGradFunctions { _installed: table.install(&REGISTRY) })
     }
@@ -250,10 +248,6 @@ pub fn import(func: &mut Function, spec: &WeightGradSpec) -> Option<FuncRef> {
 fn asm_error(e: IcedError) -> CodegenError {
     CodegenError(format!("assembling the convolution weight-gradient kernel: {e}"))
 }
-
-const YMM: [AsmRegisterYmm; 16] = [
-    ymm0, ymm1, ymm2, ymm3, ymm4, ymm5, ymm6, ymm7, ymm8, ymm9, ymm10, ymm11, ymm12, ymm13, ymm14, ymm15,
-];
 
 const X: AsmRegister64 = rdi;
 const DY_T: AsmRegister64 = rsi;

@@ -28,6 +28,7 @@ use iced_x86::code_asm::*;
 
 use super::store_epilogue::StoreStep;
 use crate::kernels::CodegenError;
+use super::x86::YMM;
 
 /// Channels per block (one ymm register of f32).
 pub const BLOCK: usize = 8;
@@ -107,9 +108,6 @@ impl PointwiseSpec {
     }
 }
 
-const YMM: [AsmRegisterYmm; 16] = [
-    ymm0, ymm1, ymm2, ymm3, ymm4, ymm5, ymm6, ymm7, ymm8, ymm9, ymm10, ymm11, ymm12, ymm13, ymm14, ymm15,
-];
 const CONSTANT_LOW: [AsmRegisterXmm; 16] = [
     xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7, xmm8, xmm9, xmm10, xmm11, xmm12, xmm13, xmm14, xmm15,
 ];

@@ -28,6 +28,7 @@ use super::activation::available;
 use super::registry::{FunctionTable, InstalledTable, import_local, lookup};
 use crate::kernels::CodegenError;
 use crate::target::TargetSpec;
+use super::x86::YMM;
 
 const LANES: usize = 8;
 /// Accumulators of a tile; with 3 held vectors and one streamed, all 16 ymm registers.
@@ -178,9 +179,6 @@ fn asm_error(e: IcedError) -> CodegenError {
     CodegenError(format!("assembling the pointwise weight-gradient tile: {e}"))
 }
 
-const YMM: [AsmRegisterYmm; 16] = [
-    ymm0, ymm1, ymm2, ymm3, ymm4, ymm5, ymm6, ymm7, ymm8, ymm9, ymm10, ymm11, ymm12, ymm13, ymm14, ymm15,
-];
 const XMM: [AsmRegisterXmm; 16] = [
     xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7, xmm8, xmm9, xmm10, xmm11, xmm12, xmm13, xmm14, xmm15,
 ];

@@ -12,6 +12,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::thread::LocalKey;
 
+use cnnc_ir::{Graph, Node};
 use cranelift_codegen::ir::{self, AbiParam, FuncRef, Function, Signature, types};
 use cranelift_codegen::isa::CallConv;
 use cranelift_module::{FuncId, Linkage, Module};
@@ -49,6 +50,25 @@ impl FunctionTable {
             .map_err(|e| CodegenError(format!("defining {name}: {e}")))?;
         self.functions.insert(name, id);
         Ok(id)
+    }
+
+    /// Defines the function of every node of `g` that `spec_of` takes (one per distinct
+    /// symbol): the families whose functions follow from single nodes.
+    pub fn define_for_nodes<M: Module, S>(
+        &mut self,
+        module: &mut M,
+        g: &Graph,
+        signature: &Signature,
+        spec_of: impl Fn(&Graph, &Node) -> Option<S>,
+        symbol: impl Fn(&S) -> String,
+        assemble: impl Fn(&S) -> Result<Vec<u8>, CodegenError>,
+    ) -> Result<(), CodegenError> {
+        for node in &g.nodes {
+            if let Some(spec) = spec_of(g, node) {
+                self.define(module, symbol(&spec), signature, || assemble(&spec))?;
+            }
+        }
+        Ok(())
     }
 
     /// Makes the table what [`lookup`] on `key` finds on this thread until the guard

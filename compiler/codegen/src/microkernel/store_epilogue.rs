@@ -20,7 +20,7 @@
 use cnnc_ir::{BinaryFn, EpilogueStep, UnaryFn};
 use iced_x86::code_asm::*;
 
-use super::x86::{self, AssembledKernel};
+use super::x86::{self, AssembledKernel, YMM};
 use crate::kernels::CodegenError;
 
 /// One step applied to the accumulators.
@@ -142,9 +142,6 @@ const SCRATCH: AsmRegister32 = eax;
 fn accumulator(row: usize, v: usize) -> AsmRegisterYmm {
     YMM[4 + row * 2 + v]
 }
-const YMM: [AsmRegisterYmm; 16] = [
-    ymm0, ymm1, ymm2, ymm3, ymm4, ymm5, ymm6, ymm7, ymm8, ymm9, ymm10, ymm11, ymm12, ymm13, ymm14, ymm15,
-];
 /// Free vector registers during the store: the row's bias, two constants, one temporary.
 const BIAS_VECTOR: AsmRegisterYmm = ymm0;
 const CONSTANT_VECTORS: [AsmRegisterYmm; MAX_CONSTANTS] = [ymm1, ymm2];
