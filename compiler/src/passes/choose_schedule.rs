@@ -55,7 +55,7 @@ fn run(g: &mut Graph, ctx: &PassContext) -> Result<(), String> {
             reduction: w.shape[1..].iter().product(),
             positions: y.shape[2..].iter().product(),
         };
-        let rows = few_channel_rows(geometry, &x.shape, &w.shape, &ctx.target);
+        let rows = few_channel_rows(geometry, &x.shape, &w.shape, &y.shape, &ctx.target);
         g.nodes[i].schedule = conv_schedule(&shape, &ctx.target);
         if rows {
             g.nodes[i].schedule.kernel = "direct".to_string();
@@ -64,20 +64,14 @@ fn run(g: &mut Graph, ctx: &PassContext) -> Result<(), String> {
     Ok(())
 }
 
-/// Ungrouped, unpadded 2-D convolutions (not 1x1: those are plain matrix products) with at
-/// most `conv_rows_x86::MAX_CHANNELS` input channels and column stride 1 run on the direct kernel, which on AVX2+ targets is the
-/// machine code of `microkernel::conv_rows_x86` (output rows as maps x column-vector
+/// Convolutions that `microkernel::conv_rows_x86` takes (ungrouped, unpadded, column
+/// stride 1, not 1x1, few input channels: its `RowConvSpec::from_shapes`) run on the direct
+/// kernel, which on AVX2+ targets is that machine code (output rows as maps x column-vector
 /// register tiles, x read in place): LeNet-5's 6 -> 16 5x5 layer measured ~2x faster there
 /// than on the GEMM path, whose im2col packs a 150-deep reduction for 16 channels.
-fn few_channel_rows(geometry: &cnnc_ir::ConvGeometry, x: &[usize], w: &[usize], target: &TargetDesc) -> bool {
+fn few_channel_rows(geometry: &cnnc_ir::ConvGeometry, x: &[usize], w: &[usize], y: &[usize], target: &TargetDesc) -> bool {
     target.vector_width >= 8
-        && geometry.groups == 1
-        && x.len() == 4
-        && w.len() == 4
-        && w[2] * w[3] > 1
-        && x[1] <= cnnc_codegen::microkernel::conv_rows_x86::MAX_CHANNELS
-        && geometry.strides.get(1) == Some(&1)
-        && geometry.pads_begin.iter().chain(&geometry.pads_end).all(|&p| p == 0)
+        && cnnc_codegen::microkernel::conv_rows_x86::RowConvSpec::from_shapes(geometry, x, w, y).is_some()
 }
 
 /// The numbers a schedule choice depends on.

@@ -25,7 +25,7 @@
 
 use std::cell::RefCell;
 
-use cnnc_ir::{DType, EpilogueStep, Graph, Layout, Node, Op, UnaryFn};
+use cnnc_ir::{ConvGeometry, DType, EpilogueStep, Graph, Layout, Node, Op, UnaryFn};
 use cranelift_codegen::ir::{FuncRef, Function, Signature};
 use cranelift_module::Module;
 use iced_x86::code_asm::*;
@@ -92,29 +92,46 @@ impl RowConvSpec {
         if op_inputs == 3 && g.ty(node.inputs[2]).dtype != DType::F32 {
             return None;
         }
+        let spec = Self::from_shapes(geometry, &x.shape, &w.shape, &y.shape)?;
+        Some(RowConvSpec {
+            bias: op_inputs == 3,
+            relu: node.epilogue == [EpilogueStep::Unary(UnaryFn::Relu)],
+            ..spec
+        })
+    }
+
+    /// The spec (without bias or ReLU) of an ungrouped, unpadded 2-D convolution of x
+    /// [N, C, H, W] by w [M, C, KH, KW] into y [N, M, OH, OW] that this kernel takes:
+    /// column stride 1, a kernel larger than 1x1, at most [`MAX_CHANNELS`] input
+    /// channels; None otherwise. `choose-schedule` asks it before scheduling a
+    /// convolution on the direct kernel.
+    pub fn from_shapes(geometry: &ConvGeometry, x: &[usize], w: &[usize], y: &[usize]) -> Option<RowConvSpec> {
+        if x.len() != 4 || w.len() != 4 || y.len() != 4 {
+            return None;
+        }
         if geometry.groups != 1 || geometry.strides.len() != 2 || geometry.strides[1] != 1 {
             return None;
         }
         if geometry.pads_begin.iter().chain(&geometry.pads_end).any(|&p| p != 0) {
             return None;
         }
-        if x.shape[1] != w.shape[1] || y.shape[1] != w.shape[0] || y.shape[0] != x.shape[0] {
+        if x[1] != w[1] || y[1] != w[0] || y[0] != x[0] {
             return None;
         }
         let spec = RowConvSpec {
-            channels: x.shape[1],
-            maps: w.shape[0],
-            in_h: x.shape[2],
-            in_w: x.shape[3],
-            out_h: y.shape[2],
-            out_w: y.shape[3],
-            k_h: w.shape[2],
-            k_w: w.shape[3],
+            channels: x[1],
+            maps: w[0],
+            in_h: x[2],
+            in_w: x[3],
+            out_h: y[2],
+            out_w: y[3],
+            k_h: w[2],
+            k_w: w[3],
             stride_h: geometry.strides[0],
             dilation_h: geometry.dilations[0],
             dilation_w: geometry.dilations[1],
-            bias: op_inputs == 3,
-            relu: node.epilogue == [EpilogueStep::Unary(UnaryFn::Relu)],
+            bias: false,
+            relu: false,
         };
         spec.valid().then_some(spec)
     }
