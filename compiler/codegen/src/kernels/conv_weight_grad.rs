@@ -23,7 +23,7 @@ use super::compute::{
     scalar_flags, store, vector_flags,
 };
 use super::movement::emit_fill;
-use super::compute::{f32_input_gradient_operands, misrouted, shuffle_f32x4};
+use super::compute::{f32_input_gradient_operands, misrouted, transpose4};
 use pointwise_weight_grad::PointwisePlan;
 
 // A sibling file, declared here: it is this kernel's pointwise path.
@@ -178,16 +178,7 @@ fn emit_machine_code(b: &mut FunctionBuilder, spec: &WeightGradSpec, code: FuncR
                 let rows: Vec<Value> = (0..LANES)
                     .map(|i| if i < count { load(b, F32X4, vector_flags(), c[0], bytes(i * positions)) } else { zeros })
                     .collect();
-                let low01 = shuffle_f32x4(b, rows[0], rows[1], [0, 4, 1, 5]);
-                let high01 = shuffle_f32x4(b, rows[0], rows[1], [2, 6, 3, 7]);
-                let low23 = shuffle_f32x4(b, rows[2], rows[3], [0, 4, 1, 5]);
-                let high23 = shuffle_f32x4(b, rows[2], rows[3], [2, 6, 3, 7]);
-                let columns = [
-                    shuffle_f32x4(b, low01, low23, [0, 1, 4, 5]),
-                    shuffle_f32x4(b, low01, low23, [2, 3, 6, 7]),
-                    shuffle_f32x4(b, high01, high23, [0, 1, 4, 5]),
-                    shuffle_f32x4(b, high01, high23, [2, 3, 6, 7]),
-                ];
+                let columns = transpose4(b, &rows);
                 for (j, column) in columns.into_iter().enumerate() {
                     store(b, vector_flags(), column, c[1], bytes(j * padded));
                 }

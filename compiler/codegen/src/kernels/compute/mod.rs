@@ -323,6 +323,21 @@ pub fn shuffle_f32x4(b: &mut FunctionBuilder, x: Value, y: Value, lanes: [u8; 4]
     b.ins().bitcast(F32X4, flags, s)
 }
 
+/// The 4x4 transpose of four f32x4 rows: result `t` holds lane `t` of each row, in row
+/// order.
+pub fn transpose4(b: &mut FunctionBuilder, rows: &[Value]) -> [Value; 4] {
+    let low_ab = shuffle_f32x4(b, rows[0], rows[1], [0, 4, 1, 5]);
+    let high_ab = shuffle_f32x4(b, rows[0], rows[1], [2, 6, 3, 7]);
+    let low_cd = shuffle_f32x4(b, rows[2], rows[3], [0, 4, 1, 5]);
+    let high_cd = shuffle_f32x4(b, rows[2], rows[3], [2, 6, 3, 7]);
+    [
+        shuffle_f32x4(b, low_ab, low_cd, [0, 1, 4, 5]),
+        shuffle_f32x4(b, low_ab, low_cd, [2, 3, 6, 7]),
+        shuffle_f32x4(b, high_ab, high_cd, [0, 1, 4, 5]),
+        shuffle_f32x4(b, high_ab, high_cd, [2, 3, 6, 7]),
+    ]
+}
+
 /// Stores the 4 lanes of an f32x4 at `ptr + byte_offset + e·stride·4`.
 pub fn store_f32x4_strided(
     b: &mut FunctionBuilder,

@@ -24,7 +24,9 @@ use cranelift_codegen::ir::{Endianness, InstBuilder, MemFlagsData, Value};
 use cranelift_frontend::FunctionBuilder;
 
 use super::{below, int, repeat, scaled, unflatten};
-use crate::kernels::compute::{LANES, counted_loop, load_f32x4_strided, scalar_flags, shuffle_f32x4, vector_flags};
+use crate::kernels::compute::{
+    LANES, counted_loop, load_f32x4_strided, scalar_flags, shuffle_f32x4, transpose4, vector_flags,
+};
 use crate::kernels::conv_gemm::{ConvGemmPlan, Spatial};
 
 const F32_BYTES: i64 = 4;
@@ -678,17 +680,3 @@ fn scaled_const(b: &mut FunctionBuilder, ptr: Value, bytes: i64) -> Value {
     }
 }
 
-/// The 4x4 transpose of four f32x4 rows: result `t` holds lane `t` of each row, in row
-/// order.
-pub(super) fn transpose4(b: &mut FunctionBuilder, rows: &[Value]) -> [Value; 4] {
-    let low_ab = shuffle_f32x4(b, rows[0], rows[1], [0, 4, 1, 5]);
-    let high_ab = shuffle_f32x4(b, rows[0], rows[1], [2, 6, 3, 7]);
-    let low_cd = shuffle_f32x4(b, rows[2], rows[3], [0, 4, 1, 5]);
-    let high_cd = shuffle_f32x4(b, rows[2], rows[3], [2, 6, 3, 7]);
-    [
-        shuffle_f32x4(b, low_ab, low_cd, [0, 1, 4, 5]),
-        shuffle_f32x4(b, low_ab, low_cd, [2, 3, 6, 7]),
-        shuffle_f32x4(b, high_ab, high_cd, [0, 1, 4, 5]),
-        shuffle_f32x4(b, high_ab, high_cd, [2, 3, 6, 7]),
-    ]
-}

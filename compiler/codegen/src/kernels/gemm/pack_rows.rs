@@ -14,9 +14,8 @@ use cranelift_codegen::ir::types::{F32, F32X4};
 use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Value};
 use cranelift_frontend::FunctionBuilder;
 
-use super::pack::transpose4;
 use super::scaled;
-use crate::kernels::compute::{LANES, counted_loop, scalar_flags, vector_flags};
+use crate::kernels::compute::{LANES, counted_loop, scalar_flags, transpose4, vector_flags};
 use crate::kernels::conv_gemm::ConvGemmPlan;
 
 const F32_BYTES: i64 = 4;

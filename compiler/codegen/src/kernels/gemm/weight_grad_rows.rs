@@ -26,7 +26,7 @@ use cranelift_codegen::ir::{FuncRef, InstBuilder, MemFlagsData, Value};
 use cranelift_frontend::FunctionBuilder;
 
 use super::{int, scaled};
-use crate::kernels::compute::{LANES, counted_loop, shuffle_f32x4, vector_flags};
+use crate::kernels::compute::{LANES, counted_loop, shuffle_f32x4, transpose4, vector_flags};
 
 const F32_BYTES: i64 = 4;
 /// The microkernel's tile: rows of dy (output channels) x input channels.
@@ -332,16 +332,7 @@ fn pack_panel(b: &mut FunctionBuilder, p: &WeightGradRows, src: Value, dst: Valu
                     }
                 })
                 .collect();
-            let lo01 = shuffle_f32x4(b, r[0], r[1], [0, 4, 1, 5]);
-            let hi01 = shuffle_f32x4(b, r[0], r[1], [2, 6, 3, 7]);
-            let lo23 = shuffle_f32x4(b, r[2], r[3], [0, 4, 1, 5]);
-            let hi23 = shuffle_f32x4(b, r[2], r[3], [2, 6, 3, 7]);
-            let columns = [
-                shuffle_f32x4(b, lo01, lo23, [0, 1, 4, 5]),
-                shuffle_f32x4(b, lo01, lo23, [2, 3, 6, 7]),
-                shuffle_f32x4(b, hi01, hi23, [0, 1, 4, 5]),
-                shuffle_f32x4(b, hi01, hi23, [2, 3, 6, 7]),
-            ];
+            let columns = transpose4(b, &r[..4]);
             let pairs = [
                 shuffle_f32x4(b, r[4], r[5], [0, 4, 1, 5]),
                 shuffle_f32x4(b, r[4], r[5], [2, 6, 3, 7]),
